@@ -1,0 +1,24 @@
+//! SecureSMART-rs: a security architecture for Byzantine-fault-tolerant replication.
+//!
+//! This facade re-exports the layers; the `securesmart` binary (CLI) lives beside it.
+//! - [`transport`]: authenticated QUIC channels, rate limits, address validation, blocklists.
+//! - [`membership`]: trust center, membership epochs, MLS group key (in progress).
+//! - [`consensus`]: PBFT ordering engine (in progress).
+//!
+//! ```
+//! use securesmart::transport::{Class, NodeId};
+//! let id = NodeId::from_spki(b"a key");
+//! assert_eq!(Class::from_tag(Class::Bulk.tag()), Ok(Class::Bulk));
+//! assert_eq!(id.to_hex().len(), 64);
+//! ```
+
+#![cfg_attr(
+    test,
+    allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)
+)]
+
+pub use securesmart_consensus as consensus;
+pub use securesmart_membership as membership;
+pub use securesmart_transport as transport;
+
+pub mod demo;

@@ -1,0 +1,61 @@
+//! Fuzz bodies shared by the `fuzz/` targets and the corpus-replay test, so both run the same
+//! oracle. Not part of the stable API.
+
+// Panicking is this module's job: a failed oracle is the fuzzer's finding.
+#![allow(clippy::expect_used)]
+
+use bytes::BytesMut;
+
+use crate::frame::{FrameDecoder, encode_frame};
+
+/// Feeds `data` to a [`FrameDecoder`] in pieces whose sizes come from the input, and checks that
+/// every frame returned re-encodes to exactly the bytes consumed (round trip), that no frame
+/// exceeds the limit, and that the buffered remainder is bounded.
+///
+/// # Panics
+/// When an oracle fails: that is the finding.
+pub fn frame_decode(data: &[u8]) {
+    let Some((&knobs, rest)) = data.split_first() else {
+        return;
+    };
+    let max = 1 + usize::from(knobs & 0x3f) * 17;
+    let step = 1 + usize::from(knobs >> 6) * 7;
+    let mut decoder = FrameDecoder::new(max);
+    let mut reencoded = BytesMut::new();
+    let mut consumed = 0usize;
+    for piece in rest.chunks(step) {
+        decoder.push(piece);
+        consumed += piece.len();
+        loop {
+            match decoder.next_frame() {
+                Ok(Some(frame)) => {
+                    assert!(frame.len() <= max, "frame over the limit");
+                    encode_frame(&mut reencoded, &frame, max).expect("re-encode within limit");
+                }
+                Ok(None) => break,
+                Err(_) => return,
+            }
+        }
+        assert!(decoder.buffered() <= consumed);
+        assert!(decoder.buffered() <= max + crate::FRAME_HEADER_BYTES + step);
+    }
+    let done = reencoded.len();
+    assert_eq!(
+        &reencoded[..],
+        rest.get(..done).expect("prefix"),
+        "round trip"
+    );
+    assert_eq!(
+        done + decoder.buffered() + pending_header(rest, done, &decoder),
+        rest.len()
+    );
+}
+
+/// Bytes of a length prefix already taken off the buffer for the frame in progress.
+fn pending_header(rest: &[u8], done: usize, decoder: &FrameDecoder) -> usize {
+    if rest.len() - done > decoder.buffered() {
+        crate::FRAME_HEADER_BYTES
+    } else {
+        0
+    }
+}

@@ -1,0 +1,346 @@
+//! Node identities: [`NodeId`], [`Role`] and the [`Identity`] (certificate chain and private key) a
+//! node presents in its TLS handshakes.
+//!
+//! The role travels in the certificate as a URI subject alternative name, exactly one of
+//! [`ROLE_URI_REPLICA`] or [`ROLE_URI_CLIENT`], next to the usual TLS extended key usages
+//! (a replica certificate carries serverAuth and clientAuth, a client certificate clientAuth).
+//! URI SANs are shown by `openssl x509 -text` and need no private object identifier.
+
+use std::fmt;
+use std::path::Path;
+use std::str::FromStr;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use x509_parser::extensions::GeneralName;
+use x509_parser::prelude::{FromDer, X509Certificate};
+use zeroize::Zeroizing;
+
+use crate::error::IdentityError;
+
+/// URI SAN naming a certificate of role [`Role::Replica`].
+pub const ROLE_URI_REPLICA: &str = "urn:securesmart:role:replica";
+/// URI SAN naming a certificate of role [`Role::Client`].
+pub const ROLE_URI_CLIENT: &str = "urn:securesmart:role:client";
+
+/// A node's identity: BLAKE3 of its certificate's DER-encoded SubjectPublicKeyInfo.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct NodeId([u8; 32]);
+
+impl NodeId {
+    /// Length of a node id in bytes.
+    pub const LEN: usize = 32;
+
+    /// The id of a SubjectPublicKeyInfo (DER).
+    pub fn from_spki(spki_der: &[u8]) -> Self {
+        Self(*blake3::hash(spki_der).as_bytes())
+    }
+
+    /// The id of the key in a DER certificate.
+    ///
+    /// # Errors
+    /// [`IdentityError::Certificate`] when the certificate does not parse.
+    pub fn from_certificate(cert: &CertificateDer<'_>) -> Result<Self, IdentityError> {
+        Ok(CertInfo::parse(cert)?.id)
+    }
+
+    /// Wraps raw bytes (for decoders of ids carried in messages).
+    pub const fn from_bytes(bytes: [u8; 32]) -> Self {
+        Self(bytes)
+    }
+
+    /// The raw bytes.
+    pub const fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+
+    /// Full lower-case hex (64 characters).
+    pub fn to_hex(&self) -> String {
+        self.0.iter().map(|b| format!("{b:02x}")).collect()
+    }
+}
+
+impl fmt::Display for NodeId {
+    /// The first 8 bytes in hex: enough to tell nodes apart in logs.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for b in self.0.iter().take(8) {
+            write!(f, "{b:02x}")?;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for NodeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "NodeId({self})")
+    }
+}
+
+impl FromStr for NodeId {
+    type Err = IdentityError;
+
+    /// Parses the 64-character hex form of [`NodeId::to_hex`].
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let s = s.as_bytes();
+        if s.len() != 64 {
+            return Err(IdentityError::BadNodeId);
+        }
+        let mut out = [0u8; 32];
+        for (byte, pair) in out.iter_mut().zip(s.chunks_exact(2)) {
+            let hex = std::str::from_utf8(pair).map_err(|_| IdentityError::BadNodeId)?;
+            *byte = u8::from_str_radix(hex, 16).map_err(|_| IdentityError::BadNodeId)?;
+        }
+        Ok(Self(out))
+    }
+}
+
+/// What a node may do, as its certificate says.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Role {
+    /// Takes part in agreement; may connect on the replica plane.
+    Replica,
+    /// Sends requests; may connect only to the client plane.
+    Client,
+}
+
+impl Role {
+    /// The URI SAN that names this role.
+    pub const fn uri(self) -> &'static str {
+        match self {
+            Role::Replica => ROLE_URI_REPLICA,
+            Role::Client => ROLE_URI_CLIENT,
+        }
+    }
+
+    fn from_uri(uri: &str) -> Option<Self> {
+        match uri {
+            ROLE_URI_REPLICA => Some(Role::Replica),
+            ROLE_URI_CLIENT => Some(Role::Client),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Role::Replica => "replica",
+            Role::Client => "client",
+        })
+    }
+}
+
+/// The facts the transport reads from a certificate (parsed, not yet chain-verified).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CertInfo {
+    /// BLAKE3 of the SubjectPublicKeyInfo.
+    pub id: NodeId,
+    /// The role named in the SAN.
+    pub role: Role,
+    /// The serial number, big-endian, without leading zeros.
+    pub serial: Vec<u8>,
+}
+
+impl CertInfo {
+    /// Parses a DER certificate: the whole buffer must be one certificate carrying exactly one
+    /// role URI.
+    ///
+    /// # Errors
+    /// [`IdentityError::Certificate`] on bad DER or trailing bytes, [`IdentityError::NoRole`] or
+    /// [`IdentityError::AmbiguousRole`] when the role SAN is missing or repeated.
+    pub fn parse(cert: &CertificateDer<'_>) -> Result<Self, IdentityError> {
+        let (rest, x509) = X509Certificate::from_der(cert.as_ref())
+            .map_err(|e| IdentityError::Certificate(e.to_string()))?;
+        if !rest.is_empty() {
+            return Err(IdentityError::Certificate("trailing bytes".into()));
+        }
+        let id = NodeId::from_spki(x509.tbs_certificate.subject_pki.raw);
+        let mut role = None;
+        let san = x509
+            .subject_alternative_name()
+            .map_err(|e| IdentityError::Certificate(e.to_string()))?;
+        if let Some(san) = san {
+            for name in &san.value.general_names {
+                if let GeneralName::URI(uri) = name
+                    && let Some(r) = Role::from_uri(uri)
+                {
+                    if role.is_some() {
+                        return Err(IdentityError::AmbiguousRole);
+                    }
+                    role = Some(r);
+                }
+            }
+        }
+        let role = role.ok_or(IdentityError::NoRole)?;
+        Ok(Self {
+            id,
+            role,
+            serial: x509.tbs_certificate.raw_serial().to_vec(),
+        })
+    }
+}
+
+/// A node's certificate chain (leaf first) and private key, as presented in TLS handshakes.
+///
+/// The private key (PKCS#8 DER) is zeroized when the identity is dropped and never printed:
+/// `Debug` shows only the node id and role. (rustls keeps its own parsed copy inside a TLS
+/// configuration; ring zeroizes that one.)
+pub struct Identity {
+    chain: Vec<CertificateDer<'static>>,
+    key: Zeroizing<Vec<u8>>,
+    info: CertInfo,
+}
+
+impl Identity {
+    /// Builds an identity from a DER chain (leaf first) and a PKCS#8 key.
+    ///
+    /// # Errors
+    /// [`IdentityError::EmptyChain`], or a parse error of the leaf certificate.
+    pub fn new(
+        chain: Vec<CertificateDer<'static>>,
+        key: PrivateKeyDer<'static>,
+    ) -> Result<Self, IdentityError> {
+        let leaf = chain.first().ok_or(IdentityError::EmptyChain)?;
+        let info = CertInfo::parse(leaf)?;
+        let key = match key {
+            PrivateKeyDer::Pkcs8(k) => Zeroizing::new(k.secret_pkcs8_der().to_vec()),
+            _ => return Err(IdentityError::Pem("the private key must be PKCS#8".into())),
+        };
+        Ok(Self { chain, key, info })
+    }
+
+    /// Builds an identity from PEM text: one or more certificates (leaf first) and one private key.
+    ///
+    /// # Errors
+    /// [`IdentityError::Pem`] when the PEM does not hold what it should, or a certificate error.
+    pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Self, IdentityError> {
+        let chain = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| IdentityError::Pem(e.to_string()))?;
+        let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
+            .map_err(|e| IdentityError::Pem(e.to_string()))?;
+        Self::new(chain, key)
+    }
+
+    /// Reads an identity from PEM files.
+    ///
+    /// # Errors
+    /// [`IdentityError::Io`] when a file cannot be read, otherwise as [`Identity::from_pem`].
+    pub fn from_pem_files(cert: &Path, key: &Path) -> Result<Self, IdentityError> {
+        let read = |p: &Path| {
+            std::fs::read_to_string(p).map_err(|e| IdentityError::Io(p.display().to_string(), e))
+        };
+        Self::from_pem(&read(cert)?, &read(key)?)
+    }
+
+    /// This node's id.
+    pub fn id(&self) -> NodeId {
+        self.info.id
+    }
+
+    /// This node's role.
+    pub fn role(&self) -> Role {
+        self.info.role
+    }
+
+    /// The certificate chain, leaf first.
+    pub fn chain(&self) -> &[CertificateDer<'static>] {
+        &self.chain
+    }
+
+    /// A copy of the private key for a TLS configuration. Handle with care: it is a secret.
+    pub fn private_key(&self) -> PrivateKeyDer<'static> {
+        PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.key.to_vec()))
+    }
+
+    /// The certificate chain as PEM (leaf first).
+    pub fn chain_pem(&self) -> String {
+        self.chain
+            .iter()
+            .map(|c| crate::pki::pem_encode("CERTIFICATE", c.as_ref()))
+            .collect()
+    }
+
+    /// Writes the chain (PEM) to `cert` and the key (PKCS#8 PEM, as `openssl pkey` reads it) to
+    /// `key`, the key file with mode 0600 from its creation.
+    ///
+    /// # Errors
+    /// The I/O error of the failing write.
+    pub fn write_pem_files(&self, cert: &Path, key: &Path) -> std::io::Result<()> {
+        std::fs::write(cert, self.chain_pem())?;
+        let pem = Zeroizing::new(crate::pki::pem_encode("PRIVATE KEY", &self.key));
+        let mut options = std::fs::OpenOptions::new();
+        options.write(true).create(true).truncate(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+        let mut file = options.open(key)?;
+        std::io::Write::write_all(&mut file, pem.as_bytes())?;
+        file.sync_all()
+    }
+}
+
+impl Clone for Identity {
+    fn clone(&self) -> Self {
+        Self {
+            chain: self.chain.clone(),
+            key: self.key.clone(),
+            info: self.info.clone(),
+        }
+    }
+}
+
+impl fmt::Debug for Identity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Identity")
+            .field("id", &self.info.id)
+            .field("role", &self.info.role)
+            .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_id_hex_round_trip() {
+        let id = NodeId::from_spki(b"some key");
+        let back: NodeId = id.to_hex().parse().unwrap();
+        assert_eq!(id, back);
+        assert_eq!(id.to_string().len(), 16);
+        assert!("zz".parse::<NodeId>().is_err());
+        assert!("g".repeat(64).parse::<NodeId>().is_err());
+    }
+
+    #[test]
+    fn pem_files_round_trip_with_a_private_key_file() {
+        let ca = crate::pki::DevCa::new("ca").unwrap();
+        let id = ca.issue_role("n", Role::Replica).unwrap();
+        let dir = std::env::temp_dir().join(format!("ss-id-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (c, k) = (dir.join("node.pem"), dir.join("node.key"));
+        id.write_pem_files(&c, &k).unwrap();
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            assert_eq!(
+                std::fs::metadata(&k).unwrap().permissions().mode() & 0o777,
+                0o600
+            );
+        }
+        let back = Identity::from_pem_files(&c, &k).unwrap();
+        assert_eq!(back.id(), id.id());
+        assert_eq!(
+            back.private_key().secret_der(),
+            id.private_key().secret_der()
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn garbage_certificate_is_an_error() {
+        let bad = CertificateDer::from(vec![0x30, 0x03, 0x01, 0x01]);
+        assert!(CertInfo::parse(&bad).is_err());
+    }
+}

@@ -1,0 +1,1137 @@
+//! A [`Plane`]: one QUIC endpoint with its connections, queues, limits and trust state.
+//!
+//! Three kinds share this code: the replica plane ([`Plane::replica`]), a replica's client plane
+//! ([`Plane::client_listener`]) and a client ([`Plane::client`]). See the crate doc for the
+//! connection rules and the drop and back-pressure policy.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use quinn::{Connection, Incoming, VarInt};
+use rustls::pki_types::{CertificateDer, UnixTime};
+use tokio::sync::{mpsc, watch};
+use tracing::Instrument;
+
+use crate::close_code;
+use crate::config::{Limits, RetryPolicy};
+use crate::error::{DropReason, PeerError, Refusal, SendError, TransportError};
+use crate::frame::{Class, FrameDecoder, frame_header};
+use crate::identity::{CertInfo, Identity, NodeId};
+use crate::stats::{PlaneStats, StatsSnapshot};
+use crate::trust::{PeerVerifier, PlaneKind, TrustConfig, TrustHandle, TrustState};
+
+/// TLS server name sent when dialling; peers are identified by node id, not by this name.
+const SERVER_NAME: &str = "securesmart";
+/// Largest chunk read from a stream at once.
+const READ_CHUNK_BYTES: usize = 64 * 1024;
+/// A writer coalesces queued messages up to this many bytes per write.
+const WRITE_BATCH_BYTES: usize = 256 * 1024;
+/// Messages up to this size are copied into one coalesced buffer; larger ones are sent as is.
+const COPY_THRESHOLD_BYTES: usize = 4 * 1024;
+/// How often idle rate-limiter state is pruned.
+const HOUSEKEEPING_INTERVAL: Duration = Duration::from_secs(30);
+/// How often a connection's RTT is sampled into the histogram.
+const RTT_SAMPLE_INTERVAL: Duration = Duration::from_secs(1);
+/// How long [`Plane::shutdown`] waits for connections to close cleanly.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
+
+/// What a plane needs: who it is, where it listens, whom it trusts, and its limits.
+#[derive(Clone, Debug)]
+pub struct PlaneConfig {
+    /// This node's certificate chain and key.
+    pub identity: Identity,
+    /// Local UDP address (port 0 picks one).
+    pub listen: SocketAddr,
+    /// CA, CRLs, peer set and blocklists.
+    pub trust: TrustConfig,
+    /// Caps and budgets.
+    pub limits: Limits,
+}
+
+impl PlaneConfig {
+    /// A configuration with [`Limits::production`].
+    pub fn new(identity: Identity, listen: SocketAddr, trust: TrustConfig) -> Self {
+        Self {
+            identity,
+            listen,
+            trust,
+            limits: Limits::production(),
+        }
+    }
+
+    /// Replaces the limits (builder style).
+    #[must_use]
+    pub fn with_limits(mut self, limits: Limits) -> Self {
+        self.limits = limits;
+        self
+    }
+}
+
+/// A received message.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Message {
+    /// The authenticated sender.
+    pub from: NodeId,
+    /// The class (stream) it arrived on.
+    pub class: Class,
+    /// The payload, as received (no copy after the frame decoder).
+    pub payload: Bytes,
+}
+
+/// The inbound side of a plane: messages from all peers, consensus first.
+#[derive(Debug)]
+pub struct Inbox {
+    consensus: mpsc::Receiver<Message>,
+    bulk: mpsc::Receiver<Message>,
+}
+
+impl Inbox {
+    /// The next message; consensus messages are preferred over bulk ones when both wait.
+    /// `None` once the plane has shut down and both queues are drained.
+    pub async fn recv(&mut self) -> Option<Message> {
+        tokio::select! {
+            biased;
+            Some(m) = self.consensus.recv() => Some(m),
+            Some(m) = self.bulk.recv() => Some(m),
+            else => None,
+        }
+    }
+
+    /// A message if one is waiting, consensus first.
+    pub fn try_recv(&mut self) -> Option<Message> {
+        self.consensus
+            .try_recv()
+            .ok()
+            .or_else(|| self.bulk.try_recv().ok())
+    }
+}
+
+/// One QUIC endpoint with its connections (see the module doc). Cheap to clone; the plane
+/// shuts down when [`Plane::shutdown`] is called or the last clone is dropped.
+#[derive(Clone, Debug)]
+pub struct Plane {
+    handle: Arc<Handle>,
+}
+
+#[derive(Debug)]
+struct Handle {
+    shared: Arc<Shared>,
+}
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        self.shared.stop();
+    }
+}
+
+struct PeerLink {
+    id: NodeId,
+    consensus: mpsc::Sender<Bytes>,
+    bulk: mpsc::Sender<Bytes>,
+    conn: watch::Sender<Option<Connection>>,
+}
+
+impl PeerLink {
+    fn queue(&self, class: Class) -> &mpsc::Sender<Bytes> {
+        match class {
+            Class::Consensus => &self.consensus,
+            Class::Bulk => &self.bulk,
+        }
+    }
+
+    fn live(&self) -> Option<Connection> {
+        self.conn
+            .borrow()
+            .as_ref()
+            .filter(|c| c.close_reason().is_none())
+            .cloned()
+    }
+}
+
+struct Shared {
+    kind: PlaneKind,
+    identity: Identity,
+    endpoint: quinn::Endpoint,
+    trust: TrustHandle,
+    limits: Limits,
+    stats: Arc<PlaneStats>,
+    transport: Arc<quinn::TransportConfig>,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+    links: RwLock<HashMap<NodeId, Arc<PeerLink>>>,
+    inbound_consensus: mpsc::Sender<Message>,
+    inbound_bulk: mpsc::Sender<Message>,
+    handshake_limiter: DefaultKeyedRateLimiter<IpAddr>,
+    message_limiter: DefaultKeyedRateLimiter<NodeId>,
+    byte_limiter: DefaultKeyedRateLimiter<NodeId>,
+    inbound_slots: Mutex<HashMap<IpAddr, usize>>,
+    inbound_total: AtomicUsize,
+    pending_handshakes: AtomicUsize,
+    shutdown: watch::Sender<bool>,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Plane")
+            .field("kind", &self.kind)
+            .field("id", &self.identity.id())
+            .finish_non_exhaustive()
+    }
+}
+
+fn nonzero(v: u32) -> NonZeroU32 {
+    NonZeroU32::new(v).unwrap_or(NonZeroU32::MIN)
+}
+
+fn quota(per_sec: u32, burst: u32) -> Quota {
+    Quota::per_second(nonzero(per_sec)).allow_burst(nonzero(burst))
+}
+
+fn transport_config(limits: &Limits) -> Result<quinn::TransportConfig, TransportError> {
+    let mut t = quinn::TransportConfig::default();
+    t.max_concurrent_uni_streams(VarInt::from_u32(limits.max_incoming_streams))
+        .max_concurrent_bidi_streams(VarInt::from_u32(0))
+        .max_idle_timeout(Some(
+            quinn::IdleTimeout::try_from(limits.idle_timeout)
+                .map_err(|_| TransportError::Config("idle_timeout too large".into()))?,
+        ))
+        .keep_alive_interval(Some(limits.keep_alive))
+        .stream_receive_window(VarInt::from_u32(limits.stream_window_bytes))
+        .receive_window(VarInt::from_u32(limits.connection_window_bytes))
+        .send_window(u64::from(limits.connection_window_bytes))
+        .datagram_receive_buffer_size(None);
+    Ok(t)
+}
+
+/// A UDP socket with the configured buffer sizes. `SO_REUSEADDR` is deliberately left off: UDP
+/// has no TIME_WAIT to wait out, and on Linux the option would let another process bind the same
+/// port and receive this node's datagrams.
+fn bind_socket(addr: SocketAddr, buffer: usize) -> std::io::Result<std::net::UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    if addr.is_ipv6() {
+        // Dual stack where the OS allows it; not fatal where it does not.
+        let _ = socket.set_only_v6(false);
+    }
+    // The kernel may cap these (net.core.rmem_max); smaller buffers still work.
+    if let Err(e) = socket.set_recv_buffer_size(buffer) {
+        tracing::debug!(%e, "receive buffer size not applied");
+    }
+    if let Err(e) = socket.set_send_buffer_size(buffer) {
+        tracing::debug!(%e, "send buffer size not applied");
+    }
+    socket.bind(&addr.into())?;
+    Ok(socket.into())
+}
+
+impl Plane {
+    /// Starts a replica-plane endpoint: accepts replicas of the peer set and dials those with a
+    /// larger node id.
+    ///
+    /// # Errors
+    /// [`TransportError`] for an invalid configuration, an identity whose role is not replica,
+    /// or a socket that cannot be bound.
+    pub async fn replica(config: PlaneConfig) -> Result<(Plane, Inbox), TransportError> {
+        Self::build(PlaneKind::Replica, config)
+    }
+
+    /// Starts a replica's client-plane endpoint (own port and ALPN): accepts any client whose
+    /// certificate the CA vouches for (role client, not revoked, not blocked); never dials.
+    ///
+    /// # Errors
+    /// As [`Plane::replica`].
+    pub async fn client_listener(config: PlaneConfig) -> Result<(Plane, Inbox), TransportError> {
+        Self::build(PlaneKind::ClientListener, config)
+    }
+
+    /// Starts a client: dials the client planes of the replicas in the peer set; never accepts.
+    ///
+    /// # Errors
+    /// As [`Plane::replica`], with an identity of role client.
+    pub async fn client(config: PlaneConfig) -> Result<(Plane, Inbox), TransportError> {
+        Self::build(PlaneKind::Client, config)
+    }
+
+    fn build(kind: PlaneKind, config: PlaneConfig) -> Result<(Plane, Inbox), TransportError> {
+        let PlaneConfig {
+            identity,
+            listen,
+            trust,
+            limits,
+        } = config;
+        limits.validate()?;
+        if identity.role() != kind.own_role() {
+            return Err(TransportError::Config(format!(
+                "an identity of role {} cannot run a {} plane",
+                identity.role(),
+                kind.as_str()
+            )));
+        }
+        let trust = TrustHandle::new(TrustState::new(trust)?);
+        let stats = Arc::new(PlaneStats::new(kind.as_str()));
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let transport = Arc::new(transport_config(&limits)?);
+        let server_config = if kind.we_accept() {
+            let verifier = Arc::new(PeerVerifier::new(
+                trust.clone(),
+                kind,
+                None,
+                Arc::clone(&stats),
+            ));
+            let mut tls = rustls::ServerConfig::builder_with_provider(Arc::clone(&provider))
+                .with_protocol_versions(&[&rustls::version::TLS13])?
+                .with_client_cert_verifier(verifier)
+                .with_single_cert(identity.chain().to_vec(), identity.private_key())?;
+            tls.alpn_protocols = vec![kind.alpn().to_vec()];
+            let quic = QuicServerConfig::try_from(Arc::new(tls))
+                .map_err(|e| TransportError::Config(e.to_string()))?;
+            let mut server = quinn::ServerConfig::with_crypto(Arc::new(quic));
+            server
+                .transport_config(Arc::clone(&transport))
+                .migration(false)
+                .max_incoming(limits.max_connections.saturating_mul(2));
+            Some(server)
+        } else {
+            None
+        };
+        let socket = bind_socket(listen, limits.socket_buffer_bytes)?;
+        let endpoint = quinn::Endpoint::new(
+            quinn::EndpointConfig::default(),
+            server_config,
+            socket,
+            Arc::new(quinn::TokioRuntime),
+        )?;
+        let (inbound_consensus, consensus) = mpsc::channel(limits.inbound_queue);
+        let (inbound_bulk, bulk) = mpsc::channel(limits.inbound_queue);
+        let shared = Arc::new(Shared {
+            kind,
+            identity,
+            endpoint,
+            trust,
+            handshake_limiter: RateLimiter::keyed(quota(
+                limits.handshakes_per_ip_per_sec,
+                limits.handshake_burst_per_ip,
+            )),
+            message_limiter: RateLimiter::keyed(quota(
+                limits.peer_messages_per_sec,
+                limits.peer_message_burst,
+            )),
+            byte_limiter: RateLimiter::keyed(quota(
+                limits.peer_bytes_per_sec,
+                limits.peer_byte_burst,
+            )),
+            limits,
+            stats,
+            transport,
+            provider,
+            links: RwLock::new(HashMap::new()),
+            inbound_consensus,
+            inbound_bulk,
+            inbound_slots: Mutex::new(HashMap::new()),
+            inbound_total: AtomicUsize::new(0),
+            pending_handshakes: AtomicUsize::new(0),
+            shutdown: watch::Sender::new(false),
+        });
+        shared.reconcile();
+        if kind.we_accept() {
+            tokio::spawn(Arc::clone(&shared).accept_loop());
+        }
+        tokio::spawn(Arc::clone(&shared).housekeeping());
+        tracing::info!(
+            plane = kind.as_str(),
+            id = %shared.identity.id(),
+            addr = ?shared.endpoint.local_addr().ok(),
+            "plane started"
+        );
+        let plane = Plane {
+            handle: Arc::new(Handle { shared }),
+        };
+        Ok((plane, Inbox { consensus, bulk }))
+    }
+
+    fn shared(&self) -> &Arc<Shared> {
+        &self.handle.shared
+    }
+
+    /// This node's id.
+    pub fn id(&self) -> NodeId {
+        self.shared().identity.id()
+    }
+
+    /// The bound UDP address.
+    ///
+    /// # Errors
+    /// The socket's error if the address cannot be read.
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.shared().endpoint.local_addr()
+    }
+
+    /// Queues `msg` for `to` without waiting. When the queue for that peer and class is full the
+    /// message is dropped and counted ([`DropReason::QueueFull`]): a slow or silent peer never
+    /// blocks the caller nor grows memory.
+    ///
+    /// # Errors
+    /// [`SendError`] saying why the message was not queued.
+    pub fn try_send(&self, to: NodeId, class: Class, msg: Bytes) -> Result<(), SendError> {
+        let shared = self.shared();
+        let link = shared.link_for_send(to, msg.len())?;
+        link.queue(class).try_send(msg).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => {
+                shared.stats.dropped(DropReason::QueueFull, 1);
+                SendError::QueueFull
+            }
+            mpsc::error::TrySendError::Closed(_) => SendError::Closed,
+        })
+    }
+
+    /// Queues `msg` for `to`, waiting while the queue is full (back-pressure for bulk senders).
+    ///
+    /// # Errors
+    /// [`SendError`] saying why the message was not queued.
+    pub async fn send(&self, to: NodeId, class: Class, msg: Bytes) -> Result<(), SendError> {
+        let link = self.shared().link_for_send(to, msg.len())?;
+        link.queue(class)
+            .send(msg)
+            .await
+            .map_err(|_| SendError::Closed)
+    }
+
+    /// Queues `msg` for every known peer with [`Plane::try_send`] semantics; returns how many
+    /// queues took it.
+    pub fn broadcast(&self, class: Class, msg: &Bytes) -> usize {
+        let peers: Vec<NodeId> = self
+            .shared()
+            .links_snapshot()
+            .iter()
+            .map(|l| l.id)
+            .collect();
+        peers
+            .into_iter()
+            .filter(|p| self.try_send(*p, class, msg.clone()).is_ok())
+            .count()
+    }
+
+    /// Peers with a live connection now.
+    pub fn connected_peers(&self) -> Vec<NodeId> {
+        let mut v: Vec<NodeId> = self
+            .shared()
+            .links_snapshot()
+            .iter()
+            .filter(|l| l.live().is_some())
+            .map(|l| l.id)
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// Waits until at least `n` peers are connected or `timeout` passes; returns whether they are.
+    pub async fn wait_connected(&self, n: usize, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if self.connected_peers().len() >= n {
+                return true;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// The current trust configuration.
+    pub fn trust(&self) -> TrustConfig {
+        self.shared().trust.current().config().clone()
+    }
+
+    /// Replaces the trust state (CAs, CRLs, peer set, blocklists) atomically. The next handshake
+    /// sees the new state; live connections that no longer qualify are closed (returned count);
+    /// new peers get a queue and, where this side dials, a dialler.
+    ///
+    /// # Errors
+    /// [`TransportError::Trust`] when the new configuration is invalid; the old one stays.
+    pub fn update_trust(&self, trust: TrustConfig) -> Result<usize, TransportError> {
+        let shared = self.shared();
+        shared.trust.replace(TrustState::new(trust)?);
+        Ok(shared.reconcile())
+    }
+
+    /// A copy of the counters.
+    pub fn stats(&self) -> StatsSnapshot {
+        self.shared().stats.snapshot()
+    }
+
+    /// Closes every connection (code [`close_code::SHUTDOWN`]) and stops all tasks, waiting a
+    /// short grace period for the close to reach the peers.
+    pub async fn shutdown(&self) {
+        let shared = self.shared();
+        shared.stop();
+        let _ = tokio::time::timeout(SHUTDOWN_GRACE, shared.endpoint.wait_idle()).await;
+    }
+}
+
+/// Releases an inbound connection slot when dropped.
+struct SlotGuard {
+    shared: Arc<Shared>,
+    ip: IpAddr,
+}
+
+impl Drop for SlotGuard {
+    fn drop(&mut self) {
+        self.shared.inbound_total.fetch_sub(1, Relaxed);
+        if let Ok(mut slots) = self.shared.inbound_slots.lock()
+            && let Some(n) = slots.get_mut(&self.ip)
+        {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                slots.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// Decrements the pending-handshake count when dropped.
+struct PendingGuard(Arc<Shared>);
+
+impl Drop for PendingGuard {
+    fn drop(&mut self) {
+        self.0.pending_handshakes.fetch_sub(1, Relaxed);
+    }
+}
+
+impl Shared {
+    fn stop(&self) {
+        self.shutdown.send_replace(true);
+        self.endpoint
+            .close(VarInt::from_u32(close_code::SHUTDOWN), b"shutdown");
+    }
+
+    fn is_stopping(&self) -> bool {
+        *self.shutdown.borrow()
+    }
+
+    fn links_snapshot(&self) -> Vec<Arc<PeerLink>> {
+        match self.links.read() {
+            Ok(l) => l.values().cloned().collect(),
+            Err(p) => p.into_inner().values().cloned().collect(),
+        }
+    }
+
+    fn link(&self, id: &NodeId) -> Option<Arc<PeerLink>> {
+        match self.links.read() {
+            Ok(l) => l.get(id).cloned(),
+            Err(p) => p.into_inner().get(id).cloned(),
+        }
+    }
+
+    fn link_for_send(&self, to: NodeId, len: usize) -> Result<Arc<PeerLink>, SendError> {
+        if self.is_stopping() {
+            return Err(SendError::Closed);
+        }
+        let max = self.limits.max_frame_bytes;
+        if len > max {
+            self.stats.dropped(DropReason::TooLarge, 1);
+            return Err(SendError::TooLarge { len, max });
+        }
+        self.link(&to).ok_or_else(|| {
+            self.stats.dropped(DropReason::UnknownPeer, 1);
+            SendError::UnknownPeer
+        })
+    }
+
+    /// The link for `id`, created (with its two writer tasks) if absent.
+    fn ensure_link(self: &Arc<Self>, id: NodeId) -> Arc<PeerLink> {
+        let mut links = match self.links.write() {
+            Ok(l) => l,
+            Err(p) => p.into_inner(),
+        };
+        if let Some(l) = links.get(&id) {
+            return Arc::clone(l);
+        }
+        let (consensus, consensus_rx) = mpsc::channel(self.limits.consensus_queue);
+        let (bulk, bulk_rx) = mpsc::channel(self.limits.bulk_queue);
+        let (conn, conn_rx) = watch::channel(None);
+        let link = Arc::new(PeerLink {
+            id,
+            consensus,
+            bulk,
+            conn,
+        });
+        links.insert(id, Arc::clone(&link));
+        drop(links);
+        let span = tracing::info_span!("peer", plane = self.kind.as_str(), peer = %id);
+        for (class, rx) in [(Class::Consensus, consensus_rx), (Class::Bulk, bulk_rx)] {
+            tokio::spawn(
+                Arc::clone(self)
+                    .write_loop(class, rx, conn_rx.clone())
+                    .instrument(span.clone()),
+            );
+        }
+        if self.dials(id) {
+            tokio::spawn(Arc::clone(self).dial_loop(id).instrument(span));
+        }
+        link
+    }
+
+    fn remove_link(&self, id: &NodeId) -> Option<Arc<PeerLink>> {
+        match self.links.write() {
+            Ok(mut l) => l.remove(id),
+            Err(p) => p.into_inner().remove(id),
+        }
+    }
+
+    /// Whether this side dials `peer`: clients dial every replica; on the replica plane the
+    /// smaller node id dials, so both sides agree on one connection per pair.
+    fn dials(&self, peer: NodeId) -> bool {
+        match self.kind {
+            PlaneKind::Replica => self.identity.id() < peer,
+            PlaneKind::Client => true,
+            PlaneKind::ClientListener => false,
+        }
+    }
+
+    /// Brings links and live connections in line with the current trust state; returns how many
+    /// connections were closed.
+    fn reconcile(self: &Arc<Self>) -> usize {
+        let trust = self.trust.current();
+        let cfg = trust.config();
+        if self.kind.needs_peer_set() {
+            for id in cfg.peers.keys() {
+                if *id != self.identity.id() {
+                    self.ensure_link(*id);
+                }
+            }
+        }
+        let mut closed = 0;
+        let now = UnixTime::now();
+        for link in self.links_snapshot() {
+            let in_set = !self.kind.needs_peer_set() || cfg.peers.contains_key(&link.id);
+            let verdict = match link.live() {
+                Some(conn) => {
+                    let ip = conn.remote_address().ip().to_canonical();
+                    if cfg.blocked_ips.contains(&ip) {
+                        Err(Refusal::BlockedIp)
+                    } else {
+                        match peer_chain(&conn) {
+                            Some(chain) => trust
+                                .check_peer(
+                                    self.kind,
+                                    &self.provider.signature_verification_algorithms,
+                                    &chain,
+                                    now,
+                                )
+                                .map(|_| ()),
+                            None => Err(Refusal::BadCertificate),
+                        }
+                    }
+                    .map_err(|r| (r, Some(conn)))
+                }
+                None if in_set => Ok(()),
+                None => Err((Refusal::NotInPeerSet, None)),
+            };
+            if let Err((reason, conn)) = verdict {
+                if let Some(conn) = conn {
+                    self.stats.refused(reason);
+                    tracing::warn!(plane = self.kind.as_str(), peer = %link.id, %reason, "closing connection after trust update");
+                    conn.close(
+                        VarInt::from_u32(close_code::NOT_ADMITTED),
+                        reason.as_str().as_bytes(),
+                    );
+                    closed += 1;
+                }
+                if !in_set {
+                    self.remove_link(&link.id);
+                }
+            }
+        }
+        closed
+    }
+
+    async fn housekeeping(self: Arc<Self>) {
+        let mut shutdown = self.shutdown.subscribe();
+        let mut tick = tokio::time::interval(HOUSEKEEPING_INTERVAL);
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                _ = tick.tick() => {
+                    self.handshake_limiter.retain_recent();
+                    self.message_limiter.retain_recent();
+                    self.byte_limiter.retain_recent();
+                }
+            }
+        }
+    }
+
+    async fn accept_loop(self: Arc<Self>) {
+        let mut shutdown = self.shutdown.subscribe();
+        loop {
+            let incoming = tokio::select! {
+                _ = shutdown.changed() => return,
+                i = self.endpoint.accept() => match i {
+                    Some(i) => i,
+                    None => return,
+                },
+            };
+            self.admit(incoming);
+        }
+    }
+
+    fn needs_retry(&self) -> bool {
+        match self.limits.retry {
+            RetryPolicy::Never => false,
+            RetryPolicy::Always => true,
+            RetryPolicy::WhenPendingExceeds(n) => self.pending_handshakes.load(Relaxed) >= n,
+        }
+    }
+
+    /// Admission of a new connection attempt, cheapest checks first: IP blocklist, address
+    /// validation (so the rate limit counts only validated sources), handshake rate per IP,
+    /// connection caps; the certificate checks run in the handshake itself.
+    fn admit(self: &Arc<Self>, incoming: Incoming) {
+        let ip = incoming.remote_address().ip().to_canonical();
+        let refuse = |reason: Refusal, incoming: Incoming| {
+            self.stats.refused(reason);
+            tracing::debug!(plane = self.kind.as_str(), %ip, %reason, "connection attempt refused");
+            match reason {
+                // Say nothing to a blocked source.
+                Refusal::BlockedIp => incoming.ignore(),
+                _ => incoming.refuse(),
+            }
+        };
+        if self.trust.current().config().blocked_ips.contains(&ip) {
+            return refuse(Refusal::BlockedIp, incoming);
+        }
+        if self.needs_retry() && !incoming.remote_address_validated() && incoming.may_retry() {
+            match incoming.retry() {
+                Ok(()) => self.stats.retry_sent(),
+                Err(e) => e.into_incoming().ignore(),
+            }
+            return;
+        }
+        if self.handshake_limiter.check_key(&ip).is_err() {
+            return refuse(Refusal::HandshakeRate, incoming);
+        }
+        let slot = match self.reserve_slot(ip) {
+            Ok(s) => s,
+            Err(reason) => return refuse(reason, incoming),
+        };
+        let connecting = match incoming.accept() {
+            Ok(c) => c,
+            Err(e) => {
+                self.stats.refused(Refusal::HandshakeFailed);
+                tracing::debug!(%ip, %e, "accept failed");
+                return;
+            }
+        };
+        self.pending_handshakes.fetch_add(1, Relaxed);
+        let pending = PendingGuard(Arc::clone(self));
+        let shared = Arc::clone(self);
+        tokio::spawn(async move {
+            let result = connecting.await;
+            drop(pending);
+            match result {
+                Ok(conn) => shared.run_connection(conn, false, Some(slot)).await,
+                Err(e) => shared.handshake_failed(&e, ip),
+            }
+        });
+    }
+
+    fn handshake_failed(&self, e: &quinn::ConnectionError, ip: IpAddr) {
+        // A refusal by our own verifier was counted with its reason there; count the rest.
+        if !matches!(e, quinn::ConnectionError::TransportError(_)) {
+            self.stats.refused(Refusal::HandshakeFailed);
+        }
+        tracing::debug!(plane = self.kind.as_str(), %ip, %e, "handshake failed");
+    }
+
+    fn reserve_slot(self: &Arc<Self>, ip: IpAddr) -> Result<SlotGuard, Refusal> {
+        let mut slots = match self.inbound_slots.lock() {
+            Ok(s) => s,
+            Err(p) => p.into_inner(),
+        };
+        if self.inbound_total.load(Relaxed) >= self.limits.max_connections {
+            return Err(Refusal::TooManyConnections);
+        }
+        let n = slots.entry(ip).or_insert(0);
+        if *n >= self.limits.max_connections_per_ip {
+            return Err(Refusal::TooManyConnectionsFromIp);
+        }
+        *n += 1;
+        self.inbound_total.fetch_add(1, Relaxed);
+        Ok(SlotGuard {
+            shared: Arc::clone(self),
+            ip,
+        })
+    }
+
+    fn client_config(&self, expected: NodeId) -> Result<quinn::ClientConfig, TransportError> {
+        let verifier = Arc::new(PeerVerifier::new(
+            self.trust.clone(),
+            self.kind,
+            Some(expected),
+            Arc::clone(&self.stats),
+        ));
+        let mut tls = rustls::ClientConfig::builder_with_provider(Arc::clone(&self.provider))
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .dangerous()
+            .with_custom_certificate_verifier(verifier)
+            .with_client_auth_cert(self.identity.chain().to_vec(), self.identity.private_key())?;
+        tls.alpn_protocols = vec![self.kind.alpn().to_vec()];
+        let quic = QuicClientConfig::try_from(Arc::new(tls))
+            .map_err(|e| TransportError::Config(e.to_string()))?;
+        let mut config = quinn::ClientConfig::new(Arc::new(quic));
+        config.transport_config(Arc::clone(&self.transport));
+        Ok(config)
+    }
+
+    /// Dials `peer` until it is removed or the plane stops, with exponential back-off and jitter.
+    async fn dial_loop(self: Arc<Self>, peer: NodeId) {
+        let mut delay = self.limits.reconnect_min;
+        let mut shutdown = self.shutdown.subscribe();
+        loop {
+            if self.is_stopping() || self.link(&peer).is_none() {
+                return;
+            }
+            let Some(addr) = self.trust.current().config().peers.get(&peer).copied() else {
+                return;
+            };
+            match self.dial(peer, addr).await {
+                Ok(conn) => {
+                    delay = self.limits.reconnect_min;
+                    self.run_connection(conn, true, None).await;
+                }
+                Err(e) => tracing::debug!(%addr, %e, "dial failed"),
+            }
+            let jitter = delay.mul_f64(rand::random::<f64>() * 0.5);
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                () = tokio::time::sleep(delay + jitter) => {}
+            }
+            delay = (delay * 2).min(self.limits.reconnect_max);
+        }
+    }
+
+    async fn dial(&self, peer: NodeId, addr: SocketAddr) -> Result<Connection, String> {
+        let config = self.client_config(peer).map_err(|e| e.to_string())?;
+        let connecting = self
+            .endpoint
+            .connect_with(config, addr, SERVER_NAME)
+            .map_err(|e| e.to_string())?;
+        connecting.await.map_err(|e| e.to_string())
+    }
+
+    /// Admits an established connection and serves it until it closes.
+    async fn run_connection(
+        self: &Arc<Self>,
+        conn: Connection,
+        dialled: bool,
+        slot: Option<SlotGuard>,
+    ) {
+        let remote = conn.remote_address();
+        let admitted = match peer_chain(&conn) {
+            None => Err(Refusal::BadCertificate),
+            Some(chain) => self
+                .trust
+                .current()
+                .check_peer(
+                    self.kind,
+                    &self.provider.signature_verification_algorithms,
+                    &chain,
+                    UnixTime::now(),
+                )
+                .and_then(|info| {
+                    if self.kind == PlaneKind::Replica && !dialled && info.id > self.identity.id() {
+                        Err(Refusal::WrongDialer)
+                    } else {
+                        Ok(info)
+                    }
+                }),
+        };
+        let info = match admitted {
+            Ok(info) => info,
+            Err(reason) => {
+                self.stats.refused(reason);
+                tracing::warn!(plane = self.kind.as_str(), %remote, %reason, "connection refused after handshake");
+                let code = match reason {
+                    Refusal::WrongDialer => close_code::WRONG_DIALER,
+                    _ => close_code::NOT_ADMITTED,
+                };
+                conn.close(VarInt::from_u32(code), reason.as_str().as_bytes());
+                return;
+            }
+        };
+        let link = match self.kind {
+            PlaneKind::ClientListener => self.ensure_link(info.id),
+            _ => match self.link(&info.id) {
+                Some(l) => l,
+                None => {
+                    self.stats.refused(Refusal::NotInPeerSet);
+                    conn.close(
+                        VarInt::from_u32(close_code::NOT_ADMITTED),
+                        b"not_in_peer_set",
+                    );
+                    return;
+                }
+            },
+        };
+        self.stats.accepted();
+        let span = tracing::info_span!("conn", plane = self.kind.as_str(), peer = %info.id, %remote, dialled);
+        self.serve(conn, link, info).instrument(span).await;
+        drop(slot);
+    }
+
+    async fn serve(self: &Arc<Self>, conn: Connection, link: Arc<PeerLink>, info: CertInfo) {
+        // Newest connection wins: it comes from the same dialler (the peer reconnected), so the
+        // older one is stale.
+        if let Some(old) = link.conn.send_replace(Some(conn.clone()))
+            && old.stable_id() != conn.stable_id()
+        {
+            old.close(VarInt::from_u32(close_code::REPLACED), b"replaced");
+        }
+        self.stats.connections.increment(1.0);
+        tracing::info!("connected");
+        let mut shutdown = self.shutdown.subscribe();
+        let mut rtt = tokio::time::interval(RTT_SAMPLE_INTERVAL);
+        let mut readers = tokio::task::JoinSet::new();
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => break,
+                reason = conn.closed() => {
+                    tracing::info!(%reason, "disconnected");
+                    break;
+                }
+                stream = conn.accept_uni() => match stream {
+                    Ok(recv) => {
+                        let shared = Arc::clone(self);
+                        let conn = conn.clone();
+                        readers.spawn(async move {
+                            if let Err(e) = shared.read_stream(info.id, recv).await {
+                                shared.peer_misbehaved(&conn, info.id, &e);
+                            }
+                        }.in_current_span());
+                    }
+                    Err(_) => break,
+                },
+                _ = rtt.tick() => self.stats.rtt.record(conn.rtt().as_secs_f64()),
+                Some(_) = readers.join_next(), if !readers.is_empty() => {}
+            }
+        }
+        readers.abort_all();
+        self.stats.connections.decrement(1.0);
+        link.conn.send_if_modified(|current| {
+            if current.as_ref().map(Connection::stable_id) == Some(conn.stable_id()) {
+                *current = None;
+                true
+            } else {
+                false
+            }
+        });
+        if self.kind == PlaneKind::ClientListener && link.live().is_none() {
+            // Clients come and go: drop the departed client's queues.
+            self.remove_link(&info.id);
+        }
+    }
+
+    fn peer_misbehaved(&self, conn: &Connection, peer: NodeId, e: &PeerError) {
+        self.stats.peer_error(e);
+        tracing::warn!(plane = self.kind.as_str(), %peer, error = %e, "peer violated the protocol; closing its connection");
+        conn.close(VarInt::from_u32(e.code()), e.as_str().as_bytes());
+    }
+
+    fn inbound(&self, class: Class) -> &mpsc::Sender<Message> {
+        match class {
+            Class::Consensus => &self.inbound_consensus,
+            Class::Bulk => &self.inbound_bulk,
+        }
+    }
+
+    /// Reads one stream: a class tag, then frames, delivered in order.
+    async fn read_stream(
+        &self,
+        peer: NodeId,
+        mut recv: quinn::RecvStream,
+    ) -> Result<(), PeerError> {
+        let mut tag = [0u8; 1];
+        if recv.read_exact(&mut tag).await.is_err() {
+            return Ok(());
+        }
+        let [tag] = tag;
+        let class = Class::from_tag(tag)?;
+        let mut decoder = FrameDecoder::new(self.limits.max_frame_bytes);
+        let mut frames = Vec::new();
+        loop {
+            match recv.read_chunk(READ_CHUNK_BYTES, true).await {
+                Ok(Some(chunk)) => {
+                    decoder.push(&chunk.bytes);
+                    while let Some(frame) = decoder.next_frame()? {
+                        frames.push(frame);
+                    }
+                    if !frames.is_empty() && !self.deliver(peer, class, &mut frames).await {
+                        return Ok(());
+                    }
+                }
+                Ok(None) => return decoder.finish().map_err(PeerError::from),
+                // The stream or connection went away; the connection task notices.
+                Err(_) => return Ok(()),
+            }
+        }
+    }
+
+    /// Applies the peer's budgets and queues the frames; `false` once the inbox is gone.
+    async fn deliver(&self, peer: NodeId, class: Class, frames: &mut Vec<Bytes>) -> bool {
+        let count = frames.len();
+        let bytes: usize = frames.iter().map(Bytes::len).sum();
+        self.stats.frames_in(class, count as u64, bytes as u64);
+        let fits = |limiter: &DefaultKeyedRateLimiter<NodeId>, n: usize| {
+            n == 0
+                || NonZeroU32::new(u32::try_from(n).unwrap_or(u32::MAX))
+                    .is_some_and(|n| matches!(limiter.check_key_n(&peer, n), Ok(Ok(()))))
+        };
+        // Fast path: the whole chunk fits both budgets.
+        let all_fit = fits(&self.message_limiter, count) && fits(&self.byte_limiter, bytes);
+        let tx = self.inbound(class);
+        for payload in frames.drain(..) {
+            if !all_fit {
+                if !fits(&self.message_limiter, 1) {
+                    self.stats.dropped(DropReason::RateLimitMessages, 1);
+                    continue;
+                }
+                if !fits(&self.byte_limiter, payload.len()) {
+                    self.stats.dropped(DropReason::RateLimitBytes, 1);
+                    continue;
+                }
+            }
+            let msg = Message {
+                from: peer,
+                class,
+                payload,
+            };
+            // Waiting here is the back-pressure: QUIC flow control then slows the sender.
+            if tx.send(msg).await.is_err() {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Drains one class's queue for one peer onto that class's stream of the current connection.
+    async fn write_loop(
+        self: Arc<Self>,
+        class: Class,
+        mut rx: mpsc::Receiver<Bytes>,
+        mut conn_rx: watch::Receiver<Option<Connection>>,
+    ) {
+        let mut shutdown = self.shutdown.subscribe();
+        let mut batch: Vec<Bytes> = Vec::new();
+        let mut stream: Option<(usize, quinn::SendStream)> = None;
+        let mut failed: Option<usize> = None;
+        loop {
+            if batch.is_empty() {
+                tokio::select! {
+                    biased;
+                    _ = shutdown.changed() => return,
+                    m = rx.recv() => match m {
+                        Some(m) => batch.push(m),
+                        None => return,
+                    },
+                }
+                let mut size: usize = batch.iter().map(Bytes::len).sum();
+                while size < WRITE_BATCH_BYTES {
+                    match rx.try_recv() {
+                        Ok(m) => {
+                            size += m.len();
+                            batch.push(m);
+                        }
+                        Err(_) => break,
+                    }
+                }
+            }
+            let conn = loop {
+                let current = conn_rx.borrow_and_update().clone();
+                if let Some(c) = current
+                    && Some(c.stable_id()) != failed
+                {
+                    break c;
+                }
+                tokio::select! {
+                    _ = shutdown.changed() => return,
+                    r = conn_rx.changed() => if r.is_err() { return },
+                }
+            };
+            if stream.as_ref().map(|(id, _)| *id) != Some(conn.stable_id()) {
+                match open_stream(&conn, class).await {
+                    Ok(s) => stream = Some((conn.stable_id(), s)),
+                    Err(_) => {
+                        failed = Some(conn.stable_id());
+                        stream = None;
+                        continue;
+                    }
+                }
+            }
+            let Some((_, send)) = stream.as_mut() else {
+                continue;
+            };
+            let frames = batch.len() as u64;
+            let bytes: u64 = batch.iter().map(|b| b.len() as u64).sum();
+            let mut chunks = encode_batch(&batch, self.limits.max_frame_bytes);
+            batch.clear();
+            if send.write_all_chunks(&mut chunks).await.is_ok() {
+                self.stats.frames_out(class, frames, bytes);
+            } else {
+                self.stats.dropped(DropReason::ConnectionLost, frames);
+                failed = Some(conn.stable_id());
+                stream = None;
+            }
+        }
+    }
+}
+
+async fn open_stream(
+    conn: &Connection,
+    class: Class,
+) -> Result<quinn::SendStream, quinn::WriteError> {
+    let mut s = conn.open_uni().await?;
+    // Only fails on a stream that is already closed; the write below then fails too.
+    let _ = s.set_priority(class.priority());
+    s.write_all(&[class.tag()]).await?;
+    Ok(s)
+}
+
+/// Frames a batch: small messages are copied into one buffer, large ones go out as they are.
+/// Sizes were checked when queued, so `frame_header` cannot fail here; stay total anyway.
+fn encode_batch(batch: &[Bytes], max_frame_bytes: usize) -> Vec<Bytes> {
+    let mut out = Vec::new();
+    let mut small = BytesMut::new();
+    for m in batch {
+        let Ok(header) = frame_header(m.len(), max_frame_bytes) else {
+            continue;
+        };
+        if m.len() <= COPY_THRESHOLD_BYTES {
+            small.put_slice(&header);
+            small.put_slice(m);
+        } else {
+            if !small.is_empty() {
+                out.push(small.split().freeze());
+            }
+            out.push(Bytes::copy_from_slice(&header));
+            out.push(m.clone());
+        }
+    }
+    if !small.is_empty() {
+        out.push(small.freeze());
+    }
+    out
+}
+
+/// The peer's certificate chain as rustls verified it.
+fn peer_chain(conn: &Connection) -> Option<Vec<CertificateDer<'static>>> {
+    conn.peer_identity()?
+        .downcast::<Vec<CertificateDer<'static>>>()
+        .ok()
+        .map(|b| *b)
+}

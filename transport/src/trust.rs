@@ -1,0 +1,511 @@
+//! Trust state and certificate verification.
+//!
+//! A plane's [`TrustConfig`] (CA certificates, CRLs, peer set, blocklists) is validated into a
+//! [`TrustState`] and kept behind one swappable handle. Both the server-side (client certificate)
+//! and client-side (server certificate) verifiers read the current state on every handshake, so an
+//! update applies to the very next handshake; the plane also re-checks its live connections
+//! against the new state and closes those that no longer qualify.
+//!
+//! Order of checks (cheapest first): parse, node-id blocklist, role, peer set (and expected
+//! node id when dialling), then the chain signature, validity period, extended key usage and
+//! revocation through rustls-webpki.
+
+use std::collections::{BTreeMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, RwLock};
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::WebPkiSupportedAlgorithms;
+use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, ServerName, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, SignatureScheme};
+use webpki::{
+    CertRevocationList, EndEntityCert, ExpirationPolicy, KeyUsage, OwnedCertRevocationList,
+    RevocationCheckDepth, RevocationOptionsBuilder, UnknownStatusPolicy,
+};
+
+use crate::error::{Refusal, TransportError};
+use crate::identity::{CertInfo, NodeId, Role};
+use crate::stats::PlaneStats;
+
+/// What a plane trusts. Build one, hand it to the plane, replace it at runtime with
+/// `Plane::update_trust`.
+#[derive(Clone, Debug, Default)]
+pub struct TrustConfig {
+    /// CA certificates (DER) that peer chains must lead to.
+    pub ca_certs: Vec<CertificateDer<'static>>,
+    /// Current CRLs (DER). With at least one CRL, a certificate whose revocation status no CRL
+    /// covers is refused; with none, revocation is not checked.
+    pub crls: Vec<CertificateRevocationListDer<'static>>,
+    /// Peer set with replica-plane (or, for clients, client-plane) addresses. On the replica
+    /// plane only these peers are accepted; a client dials exactly these replicas. The client
+    /// plane of a replica accepts any client the CA vouches for and ignores this set.
+    pub peers: BTreeMap<NodeId, SocketAddr>,
+    /// Node ids refused whatever their certificate says.
+    pub blocked_ids: HashSet<NodeId>,
+    /// Source IPs ignored before any handshake state is kept.
+    pub blocked_ips: HashSet<IpAddr>,
+    /// Refuse certificates when a CRL's next-update time has passed (fail closed). Default on
+    /// through [`TrustConfig::new`].
+    pub enforce_crl_expiry: bool,
+}
+
+impl TrustConfig {
+    /// Trust in `ca_cert` with no CRL, no peers and empty blocklists; CRL expiry enforced.
+    pub fn new(ca_cert: CertificateDer<'static>) -> Self {
+        Self {
+            ca_certs: vec![ca_cert],
+            enforce_crl_expiry: true,
+            ..Self::default()
+        }
+    }
+
+    /// Adds a peer (builder style).
+    #[must_use]
+    pub fn with_peer(mut self, id: NodeId, addr: SocketAddr) -> Self {
+        self.peers.insert(id, addr);
+        self
+    }
+}
+
+/// A validated [`TrustConfig`] with parsed trust anchors and CRLs.
+#[derive(Debug)]
+pub struct TrustState {
+    config: TrustConfig,
+    anchors: Vec<rustls::pki_types::TrustAnchor<'static>>,
+    crls: Vec<CertRevocationList<'static>>,
+}
+
+impl TrustState {
+    /// Parses and checks a configuration.
+    ///
+    /// # Errors
+    /// [`TransportError::Trust`] when there is no CA, or a CA certificate or CRL does not parse.
+    pub fn new(config: TrustConfig) -> Result<Self, TransportError> {
+        if config.ca_certs.is_empty() {
+            return Err(TransportError::Trust("no CA certificate".into()));
+        }
+        let anchors = config
+            .ca_certs
+            .iter()
+            .map(|c| {
+                webpki::anchor_from_trusted_cert(c)
+                    .map(|a| a.to_owned())
+                    .map_err(|e| TransportError::Trust(format!("CA certificate: {e}")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let crls = config
+            .crls
+            .iter()
+            .map(|c| {
+                OwnedCertRevocationList::from_der(c.as_ref())
+                    .map(CertRevocationList::from)
+                    .map_err(|e| TransportError::Trust(format!("CRL: {e}")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Self {
+            config,
+            anchors,
+            crls,
+        })
+    }
+
+    /// The configuration this state was built from.
+    pub fn config(&self) -> &TrustConfig {
+        &self.config
+    }
+
+    /// Verifies a chain (leaf first) against the CAs and CRLs for `usage` at `now`.
+    fn verify_chain(
+        &self,
+        algs: &WebPkiSupportedAlgorithms,
+        leaf: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+        usage: KeyUsage,
+    ) -> Result<(), Refusal> {
+        let cert = EndEntityCert::try_from(leaf).map_err(|_| Refusal::BadCertificate)?;
+        let crl_refs: Vec<&CertRevocationList<'_>> = self.crls.iter().collect();
+        let revocation = if crl_refs.is_empty() {
+            None
+        } else {
+            let builder = RevocationOptionsBuilder::new(&crl_refs)
+                .map_err(|_| Refusal::RevocationUnknown)?
+                .with_depth(RevocationCheckDepth::EndEntity)
+                .with_status_policy(UnknownStatusPolicy::Deny);
+            let builder = if self.config.enforce_crl_expiry {
+                builder.with_expiration_policy(ExpirationPolicy::Enforce)
+            } else {
+                builder.with_expiration_policy(ExpirationPolicy::Ignore)
+            };
+            Some(builder.build())
+        };
+        cert.verify_for_usage(
+            algs.all,
+            &self.anchors,
+            intermediates,
+            now,
+            usage,
+            revocation,
+            None,
+        )
+        .map(|_| ())
+        .map_err(refusal_of)
+    }
+
+    /// Whether `info` may hold a connection on `plane` under this state (without the chain check).
+    pub(crate) fn admits(&self, plane: PlaneKind, info: &CertInfo) -> Result<(), Refusal> {
+        if self.config.blocked_ids.contains(&info.id) {
+            return Err(Refusal::BlockedNodeId);
+        }
+        if info.role != plane.peer_role() {
+            return Err(Refusal::WrongRole);
+        }
+        if plane.needs_peer_set() && !self.config.peers.contains_key(&info.id) {
+            return Err(Refusal::NotInPeerSet);
+        }
+        Ok(())
+    }
+
+    /// The full check of a peer's chain for `plane`: what the verifiers run in the handshake and
+    /// what a trust update re-runs on live connections.
+    pub(crate) fn check_peer(
+        &self,
+        plane: PlaneKind,
+        algs: &WebPkiSupportedAlgorithms,
+        chain: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<CertInfo, Refusal> {
+        let (leaf, intermediates) = chain.split_first().ok_or(Refusal::BadCertificate)?;
+        let info = CertInfo::parse(leaf).map_err(|_| Refusal::BadCertificate)?;
+        self.admits(plane, &info)?;
+        // The peer authenticates as a TLS client when it dialled us, as a server otherwise.
+        let usage = if plane.we_accept() {
+            KeyUsage::client_auth()
+        } else {
+            KeyUsage::server_auth()
+        };
+        self.verify_chain(algs, leaf, intermediates, now, usage)?;
+        Ok(info)
+    }
+}
+
+fn refusal_of(e: webpki::Error) -> Refusal {
+    use webpki::Error as E;
+    match e {
+        E::UnknownIssuer
+        | E::InvalidSignatureForPublicKey
+        | E::UnsupportedSignatureAlgorithmContext(_) => Refusal::UnknownCa,
+        E::CertExpired { .. } => Refusal::Expired,
+        E::CertNotValidYet { .. } => Refusal::NotYetValid,
+        E::CertRevoked => Refusal::Revoked,
+        E::UnknownRevocationStatus | E::CrlExpired { .. } => Refusal::RevocationUnknown,
+        E::RequiredEkuNotFoundContext(_) => Refusal::WrongRole,
+        _ => Refusal::BadCertificate,
+    }
+}
+
+fn rustls_error_of(r: Refusal) -> rustls::Error {
+    let e = match r {
+        Refusal::UnknownCa => CertificateError::UnknownIssuer,
+        Refusal::Expired => CertificateError::Expired,
+        Refusal::NotYetValid => CertificateError::NotValidYet,
+        Refusal::Revoked => CertificateError::Revoked,
+        Refusal::RevocationUnknown => CertificateError::UnknownRevocationStatus,
+        Refusal::BadCertificate => CertificateError::BadEncoding,
+        _ => CertificateError::ApplicationVerificationFailure,
+    };
+    rustls::Error::InvalidCertificate(e)
+}
+
+/// The three kinds of plane (see `Plane`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum PlaneKind {
+    /// Replica-to-replica: accepts and dials replicas of the peer set.
+    Replica,
+    /// A replica's client plane: accepts clients, never dials.
+    ClientListener,
+    /// A client: dials the replicas' client planes, never accepts.
+    Client,
+}
+
+impl PlaneKind {
+    pub(crate) const fn peer_role(self) -> Role {
+        match self {
+            PlaneKind::Replica | PlaneKind::Client => Role::Replica,
+            PlaneKind::ClientListener => Role::Client,
+        }
+    }
+
+    pub(crate) const fn own_role(self) -> Role {
+        match self {
+            PlaneKind::Replica | PlaneKind::ClientListener => Role::Replica,
+            PlaneKind::Client => Role::Client,
+        }
+    }
+
+    pub(crate) const fn needs_peer_set(self) -> bool {
+        !matches!(self, PlaneKind::ClientListener)
+    }
+
+    pub(crate) const fn we_accept(self) -> bool {
+        !matches!(self, PlaneKind::Client)
+    }
+
+    pub(crate) const fn alpn(self) -> &'static [u8] {
+        match self {
+            PlaneKind::Replica => crate::ALPN_REPLICA,
+            PlaneKind::ClientListener | PlaneKind::Client => crate::ALPN_CLIENT,
+        }
+    }
+
+    pub(crate) const fn as_str(self) -> &'static str {
+        match self {
+            PlaneKind::Replica => "replica",
+            PlaneKind::ClientListener => "client_listener",
+            PlaneKind::Client => "client",
+        }
+    }
+}
+
+/// The swappable handle every verifier of a plane reads.
+#[derive(Clone, Debug)]
+pub(crate) struct TrustHandle(Arc<RwLock<Arc<TrustState>>>);
+
+impl TrustHandle {
+    pub(crate) fn new(state: TrustState) -> Self {
+        Self(Arc::new(RwLock::new(Arc::new(state))))
+    }
+
+    pub(crate) fn current(&self) -> Arc<TrustState> {
+        match self.0.read() {
+            Ok(g) => Arc::clone(&g),
+            // A writer cannot panic while holding the lock (it only assigns), but stay total.
+            Err(poisoned) => Arc::clone(&poisoned.into_inner()),
+        }
+    }
+
+    pub(crate) fn replace(&self, state: TrustState) {
+        let state = Arc::new(state);
+        match self.0.write() {
+            Ok(mut g) => *g = state,
+            Err(poisoned) => *poisoned.into_inner() = state,
+        }
+    }
+}
+
+/// Verifies the peer's certificate in both TLS roles against the current [`TrustState`].
+#[derive(Debug)]
+pub(crate) struct PeerVerifier {
+    trust: TrustHandle,
+    plane: PlaneKind,
+    /// When dialling: the node id we meant to reach.
+    expected: Option<NodeId>,
+    algs: WebPkiSupportedAlgorithms,
+    stats: Arc<PlaneStats>,
+}
+
+impl PeerVerifier {
+    pub(crate) fn new(
+        trust: TrustHandle,
+        plane: PlaneKind,
+        expected: Option<NodeId>,
+        stats: Arc<PlaneStats>,
+    ) -> Self {
+        Self {
+            trust,
+            plane,
+            expected,
+            algs: rustls::crypto::ring::default_provider().signature_verification_algorithms,
+            stats,
+        }
+    }
+
+    fn check(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<(), rustls::Error> {
+        let result = (|| {
+            let leaf = CertInfo::parse(end_entity).map_err(|_| Refusal::BadCertificate)?;
+            if let Some(expected) = self.expected
+                && leaf.id != expected
+            {
+                return Err(Refusal::UnexpectedPeer);
+            }
+            let mut chain = Vec::with_capacity(1 + intermediates.len());
+            chain.push(end_entity.clone());
+            chain.extend(intermediates.iter().cloned());
+            self.trust
+                .current()
+                .check_peer(self.plane, &self.algs, &chain, now)
+        })();
+        match result {
+            Ok(_) => Ok(()),
+            Err(reason) => {
+                self.stats.refused(reason);
+                let id = NodeId::from_certificate(end_entity).ok();
+                tracing::warn!(plane = self.plane.as_str(), peer = ?id, %reason, "certificate refused");
+                Err(rustls_error_of(reason))
+            }
+        }
+    }
+}
+
+impl ClientCertVerifier for PeerVerifier {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        self.check(end_entity, intermediates, now)
+            .map(|()| ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        // Both planes are TLS 1.3 only.
+        Err(rustls::Error::PeerIncompatible(
+            rustls::PeerIncompatible::Tls12NotOffered,
+        ))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algs)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algs.supported_schemes()
+    }
+}
+
+impl ServerCertVerifier for PeerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        // The server is identified by node id (checked against `expected`), not by DNS name.
+        self.check(end_entity, intermediates, now)
+            .map(|()| ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Err(rustls::Error::PeerIncompatible(
+            rustls::PeerIncompatible::Tls12NotOffered,
+        ))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algs)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algs.supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pki::{CertRequest, DevCa};
+
+    fn now() -> UnixTime {
+        UnixTime::now()
+    }
+
+    #[test]
+    fn refusals_by_reason_next_to_the_accepted_case() {
+        let mut ca = DevCa::new("ca").unwrap();
+        let other_ca = DevCa::new("other").unwrap();
+        let good = ca.issue_role("good", Role::Replica).unwrap();
+        let outsider = ca.issue_role("outsider", Role::Replica).unwrap();
+        let client = ca.issue_role("client", Role::Client).unwrap();
+        let foreign = other_ca.issue_role("foreign", Role::Replica).unwrap();
+        let expired = ca
+            .issue(&CertRequest::new("old", Role::Replica).expired())
+            .unwrap();
+        let addr: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let mut cfg = TrustConfig::new(ca.certificate());
+        for id in [good.id(), client.id(), foreign.id(), expired.id()] {
+            cfg.peers.insert(id, addr);
+        }
+        let algs = rustls::crypto::ring::default_provider().signature_verification_algorithms;
+        let state = TrustState::new(cfg.clone()).unwrap();
+        let check = |s: &TrustState, who: &crate::Identity| {
+            s.check_peer(PlaneKind::Replica, &algs, who.chain(), now())
+                .map(|i| i.id)
+        };
+        assert_eq!(check(&state, &good), Ok(good.id()));
+        assert_eq!(check(&state, &outsider), Err(Refusal::NotInPeerSet));
+        assert_eq!(check(&state, &client), Err(Refusal::WrongRole));
+        assert_eq!(check(&state, &foreign), Err(Refusal::UnknownCa));
+        assert_eq!(check(&state, &expired), Err(Refusal::Expired));
+
+        cfg.crls = vec![ca.crl(&[&good.chain()[0]]).unwrap()];
+        let revoked = TrustState::new(cfg.clone()).unwrap();
+        assert_eq!(check(&revoked, &good), Err(Refusal::Revoked));
+
+        cfg.crls = vec![ca.crl(&[]).unwrap()];
+        cfg.blocked_ids.insert(good.id());
+        let blocked = TrustState::new(cfg).unwrap();
+        assert_eq!(check(&blocked, &good), Err(Refusal::BlockedNodeId));
+    }
+
+    #[test]
+    fn a_crl_from_another_ca_leaves_status_unknown() {
+        let ca = DevCa::new("ca").unwrap();
+        let mut other = DevCa::new("other").unwrap();
+        let good = ca.issue_role("good", Role::Replica).unwrap();
+        let mut cfg = TrustConfig::new(ca.certificate());
+        cfg.peers.insert(good.id(), "127.0.0.1:1".parse().unwrap());
+        cfg.crls = vec![other.crl(&[]).unwrap()];
+        let algs = rustls::crypto::ring::default_provider().signature_verification_algorithms;
+        let state = TrustState::new(cfg).unwrap();
+        assert_eq!(
+            state
+                .check_peer(PlaneKind::Replica, &algs, good.chain(), now())
+                .map(|i| i.id),
+            Err(Refusal::RevocationUnknown)
+        );
+    }
+
+    #[test]
+    fn bad_trust_inputs_are_errors() {
+        assert!(TrustState::new(TrustConfig::default()).is_err());
+        let mut cfg = TrustConfig::new(CertificateDer::from(vec![1, 2, 3]));
+        assert!(TrustState::new(cfg.clone()).is_err());
+        let ca = DevCa::new("ca").unwrap();
+        cfg.ca_certs = vec![ca.certificate()];
+        cfg.crls = vec![CertificateRevocationListDer::from(vec![0x30, 0])];
+        assert!(TrustState::new(cfg).is_err());
+    }
+}
