@@ -24,7 +24,10 @@
 //!   and the other accepts (a connection dialled by the larger id is refused as
 //!   [`Refusal::WrongDialer`]), so simultaneous dials cannot happen and both sides agree. A new
 //!   connection from the same dialler replaces the old one (the peer restarted). The dialler
-//!   reconnects with exponential back-off and jitter.
+//!   reconnects with exponential back-off and jitter. Because TLS 1.3 completes the dialler's
+//!   handshake before the acceptor has checked the dialler's certificate, the acceptor confirms
+//!   admission on a one-byte stream and the dialler treats the connection as live only then, so
+//!   nothing is sent into a connection the other side refuses.
 //! - **Messages.** [`Plane::try_send`], [`Plane::send`], [`Plane::broadcast`], and an [`Inbox`]
 //!   of [`Message`]s. Each [`Class`] has its own unidirectional QUIC stream per connection,
 //!   consensus at a higher stream priority than bulk, so bulk transfers never delay consensus;

@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::num::NonZeroU32;
-use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -31,8 +31,12 @@ use crate::trust::{PeerVerifier, PlaneKind, TrustConfig, TrustHandle, TrustState
 const SERVER_NAME: &str = "securesmart";
 /// Largest chunk read from a stream at once.
 const READ_CHUNK_BYTES: usize = 64 * 1024;
-/// A writer coalesces queued messages up to this many bytes per write.
-const WRITE_BATCH_BYTES: usize = 256 * 1024;
+/// A writer takes up to this many queued consensus messages per write.
+const WRITE_BATCH_CONSENSUS: usize = 1024;
+/// Below this many messages per write, a writer yields once before draining its queue again.
+const SMALL_BATCH: u64 = 32;
+/// A writer takes up to this many queued bulk messages per write.
+const WRITE_BATCH_BULK: usize = 16;
 /// Messages up to this size are copied into one coalesced buffer; larger ones are sent as is.
 const COPY_THRESHOLD_BYTES: usize = 4 * 1024;
 /// How often idle rate-limiter state is pruned.
@@ -85,16 +89,20 @@ pub struct Message {
     pub payload: Bytes,
 }
 
-/// The inbound side of a plane: messages from all peers, consensus first.
+/// The inbound side of a plane: messages from all peers, consensus first (bulk waits while
+/// consensus messages are queued).
 #[derive(Debug)]
 pub struct Inbox {
     consensus: mpsc::Receiver<Message>,
     bulk: mpsc::Receiver<Message>,
+    consensus_done: bool,
+    bulk_done: bool,
 }
 
 impl Inbox {
     /// The next message; consensus messages are preferred over bulk ones when both wait.
-    /// `None` once the plane has shut down and both queues are drained.
+    /// `None` once the plane has shut down (or every clone was dropped) and both queues are
+    /// drained.
     pub async fn recv(&mut self) -> Option<Message> {
         tokio::select! {
             biased;
@@ -102,6 +110,37 @@ impl Inbox {
             Some(m) = self.bulk.recv() => Some(m),
             else => None,
         }
+    }
+
+    /// Waits for messages and appends up to `limit` of them to `buf`, all of one class,
+    /// consensus first; returns how many (0 once the plane has shut down and the queues are
+    /// drained, or when `limit` is 0). The fast way to drain a busy inbox.
+    pub async fn recv_many(&mut self, buf: &mut Vec<Message>, limit: usize) -> usize {
+        if limit == 0 {
+            return 0;
+        }
+        std::future::poll_fn(|cx| {
+            use std::task::Poll;
+            for (rx, done) in [
+                (&mut self.consensus, &mut self.consensus_done),
+                (&mut self.bulk, &mut self.bulk_done),
+            ] {
+                if *done {
+                    continue;
+                }
+                match rx.poll_recv_many(cx, buf, limit) {
+                    Poll::Ready(0) => *done = true,
+                    Poll::Ready(k) => return Poll::Ready(k),
+                    Poll::Pending => {}
+                }
+            }
+            if self.consensus_done && self.bulk_done {
+                Poll::Ready(0)
+            } else {
+                Poll::Pending
+            }
+        })
+        .await
     }
 
     /// A message if one is waiting, consensus first.
@@ -165,8 +204,8 @@ struct Shared {
     transport: Arc<quinn::TransportConfig>,
     provider: Arc<rustls::crypto::CryptoProvider>,
     links: RwLock<HashMap<NodeId, Arc<PeerLink>>>,
-    inbound_consensus: mpsc::Sender<Message>,
-    inbound_bulk: mpsc::Sender<Message>,
+    /// Inbound queues (consensus, bulk); taken on shutdown so the [`Inbox`] ends once drained.
+    inbound: Mutex<Option<(mpsc::Sender<Message>, mpsc::Sender<Message>)>>,
     handshake_limiter: DefaultKeyedRateLimiter<IpAddr>,
     message_limiter: DefaultKeyedRateLimiter<NodeId>,
     byte_limiter: DefaultKeyedRateLimiter<NodeId>,
@@ -174,6 +213,8 @@ struct Shared {
     inbound_total: AtomicUsize,
     pending_handshakes: AtomicUsize,
     shutdown: watch::Sender<bool>,
+    /// Set with `shutdown`; read on every send (cheaper than the watch).
+    stopping: AtomicBool,
 }
 
 impl std::fmt::Debug for Shared {
@@ -331,12 +372,12 @@ impl Plane {
             transport,
             provider,
             links: RwLock::new(HashMap::new()),
-            inbound_consensus,
-            inbound_bulk,
+            inbound: Mutex::new(Some((inbound_consensus, inbound_bulk))),
             inbound_slots: Mutex::new(HashMap::new()),
             inbound_total: AtomicUsize::new(0),
             pending_handshakes: AtomicUsize::new(0),
             shutdown: watch::Sender::new(false),
+            stopping: AtomicBool::new(false),
         });
         shared.reconcile();
         if kind.we_accept() {
@@ -352,7 +393,15 @@ impl Plane {
         let plane = Plane {
             handle: Arc::new(Handle { shared }),
         };
-        Ok((plane, Inbox { consensus, bulk }))
+        Ok((
+            plane,
+            Inbox {
+                consensus,
+                bulk,
+                consensus_done: false,
+                bulk_done: false,
+            },
+        ))
     }
 
     fn shared(&self) -> &Arc<Shared> {
@@ -428,6 +477,11 @@ impl Plane {
             .collect();
         v.sort();
         v
+    }
+
+    /// Connections the endpoint holds, including handshakes in progress and closing ones.
+    pub fn open_connections(&self) -> usize {
+        self.shared().endpoint.open_connections()
     }
 
     /// Waits until at least `n` peers are connected or `timeout` passes; returns whether they are.
@@ -506,13 +560,18 @@ impl Drop for PendingGuard {
 
 impl Shared {
     fn stop(&self) {
+        self.stopping.store(true, Relaxed);
         self.shutdown.send_replace(true);
+        match self.inbound.lock() {
+            Ok(mut g) => *g = None,
+            Err(p) => *p.into_inner() = None,
+        }
         self.endpoint
             .close(VarInt::from_u32(close_code::SHUTDOWN), b"shutdown");
     }
 
     fn is_stopping(&self) -> bool {
-        *self.shutdown.borrow()
+        self.stopping.load(Relaxed)
     }
 
     fn links_snapshot(&self) -> Vec<Arc<PeerLink>> {
@@ -608,48 +667,44 @@ impl Shared {
             }
         }
         let mut closed = 0;
-        let now = UnixTime::now();
         for link in self.links_snapshot() {
             let in_set = !self.kind.needs_peer_set() || cfg.peers.contains_key(&link.id);
-            let verdict = match link.live() {
-                Some(conn) => {
-                    let ip = conn.remote_address().ip().to_canonical();
-                    if cfg.blocked_ips.contains(&ip) {
-                        Err(Refusal::BlockedIp)
-                    } else {
-                        match peer_chain(&conn) {
-                            Some(chain) => trust
-                                .check_peer(
-                                    self.kind,
-                                    &self.provider.signature_verification_algorithms,
-                                    &chain,
-                                    now,
-                                )
-                                .map(|_| ()),
-                            None => Err(Refusal::BadCertificate),
-                        }
-                    }
-                    .map_err(|r| (r, Some(conn)))
-                }
-                None if in_set => Ok(()),
-                None => Err((Refusal::NotInPeerSet, None)),
-            };
-            if let Err((reason, conn)) = verdict {
-                if let Some(conn) = conn {
-                    self.stats.refused(reason);
-                    tracing::warn!(plane = self.kind.as_str(), peer = %link.id, %reason, "closing connection after trust update");
-                    conn.close(
-                        VarInt::from_u32(close_code::NOT_ADMITTED),
-                        reason.as_str().as_bytes(),
-                    );
-                    closed += 1;
-                }
-                if !in_set {
-                    self.remove_link(&link.id);
-                }
+            if let Some(conn) = link.live()
+                && let Err(reason) = self.verdict(&trust, &conn)
+            {
+                self.refuse_live(&conn, link.id, reason);
+                closed += 1;
+            }
+            if !in_set {
+                self.remove_link(&link.id);
             }
         }
         closed
+    }
+
+    /// Whether `conn` may stay open under `trust`: source IP, then the peer's certificate chain.
+    fn verdict(&self, trust: &TrustState, conn: &Connection) -> Result<CertInfo, Refusal> {
+        let ip = conn.remote_address().ip().to_canonical();
+        if trust.config().blocked_ips.contains(&ip) {
+            return Err(Refusal::BlockedIp);
+        }
+        let chain = peer_chain(conn).ok_or(Refusal::BadCertificate)?;
+        trust.check_peer(
+            self.kind,
+            &self.provider.signature_verification_algorithms,
+            &chain,
+            UnixTime::now(),
+        )
+    }
+
+    /// Counts, logs and closes a connection that is no longer admitted.
+    fn refuse_live(&self, conn: &Connection, peer: NodeId, reason: Refusal) {
+        self.stats.refused(reason);
+        tracing::warn!(plane = self.kind.as_str(), %peer, %reason, "closing a connection that is no longer admitted");
+        conn.close(
+            VarInt::from_u32(close_code::NOT_ADMITTED),
+            reason.as_str().as_bytes(),
+        );
     }
 
     async fn housekeeping(self: Arc<Self>) {
@@ -833,25 +888,13 @@ impl Shared {
         slot: Option<SlotGuard>,
     ) {
         let remote = conn.remote_address();
-        let admitted = match peer_chain(&conn) {
-            None => Err(Refusal::BadCertificate),
-            Some(chain) => self
-                .trust
-                .current()
-                .check_peer(
-                    self.kind,
-                    &self.provider.signature_verification_algorithms,
-                    &chain,
-                    UnixTime::now(),
-                )
-                .and_then(|info| {
-                    if self.kind == PlaneKind::Replica && !dialled && info.id > self.identity.id() {
-                        Err(Refusal::WrongDialer)
-                    } else {
-                        Ok(info)
-                    }
-                }),
-        };
+        let admitted = self.verdict(&self.trust.current(), &conn).and_then(|info| {
+            if self.kind == PlaneKind::Replica && !dialled && info.id > self.identity.id() {
+                Err(Refusal::WrongDialer)
+            } else {
+                Ok(info)
+            }
+        });
         let info = match admitted {
             Ok(info) => info,
             Err(reason) => {
@@ -879,6 +922,25 @@ impl Shared {
                 }
             },
         };
+        // TLS 1.3 lets the dialler finish its handshake before the acceptor has checked the
+        // dialler's certificate. The acceptor therefore confirms admission on a one-byte stream,
+        // opened before any data stream, and the dialler goes live only after reading it: nothing
+        // is written into a connection the other side refuses.
+        let confirmed = if dialled {
+            tokio::time::timeout(self.limits.idle_timeout, await_admission(&conn))
+                .await
+                .unwrap_or(Err(AdmissionError::Timeout))
+        } else {
+            announce_admission(&conn).await
+        };
+        if let Err(e) = confirmed {
+            tracing::debug!(plane = self.kind.as_str(), %remote, ?e, "admission not confirmed");
+            if dialled && !matches!(e, AdmissionError::Closed) {
+                self.stats.refused(Refusal::HandshakeFailed);
+            }
+            conn.close(VarInt::from_u32(close_code::PROTOCOL), b"admission");
+            return;
+        }
         self.stats.accepted();
         let span = tracing::info_span!("conn", plane = self.kind.as_str(), peer = %info.id, %remote, dialled);
         self.serve(conn, link, info).instrument(span).await;
@@ -892,6 +954,12 @@ impl Shared {
             && old.stable_id() != conn.stable_id()
         {
             old.close(VarInt::from_u32(close_code::REPLACED), b"replaced");
+        }
+        // A trust update may have run between the admission check and the install above. The
+        // update swaps the state and then scans installed connections; we install and then read
+        // the state: whichever runs second sees the other, so a revoked peer cannot slip through.
+        if let Err(reason) = self.verdict(&self.trust.current(), &conn) {
+            self.refuse_live(&conn, info.id, reason);
         }
         self.stats.connections.increment(1.0);
         tracing::info!("connected");
@@ -943,11 +1011,16 @@ impl Shared {
         conn.close(VarInt::from_u32(e.code()), e.as_str().as_bytes());
     }
 
-    fn inbound(&self, class: Class) -> &mpsc::Sender<Message> {
-        match class {
-            Class::Consensus => &self.inbound_consensus,
-            Class::Bulk => &self.inbound_bulk,
-        }
+    /// The inbound queue of `class`, until shutdown.
+    fn inbound(&self, class: Class) -> Option<mpsc::Sender<Message>> {
+        let guard = match self.inbound.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        guard.as_ref().map(|(consensus, bulk)| match class {
+            Class::Consensus => consensus.clone(),
+            Class::Bulk => bulk.clone(),
+        })
     }
 
     /// Reads one stream: a class tag, then frames, delivered in order.
@@ -994,27 +1067,39 @@ impl Shared {
         };
         // Fast path: the whole chunk fits both budgets.
         let all_fit = fits(&self.message_limiter, count) && fits(&self.byte_limiter, bytes);
-        let tx = self.inbound(class);
-        for payload in frames.drain(..) {
-            if !all_fit {
+        if !all_fit {
+            frames.retain(|payload| {
                 if !fits(&self.message_limiter, 1) {
                     self.stats.dropped(DropReason::RateLimitMessages, 1);
-                    continue;
-                }
-                if !fits(&self.byte_limiter, payload.len()) {
+                    false
+                } else if !fits(&self.byte_limiter, payload.len()) {
                     self.stats.dropped(DropReason::RateLimitBytes, 1);
-                    continue;
+                    false
+                } else {
+                    true
                 }
-            }
-            let msg = Message {
-                from: peer,
-                class,
-                payload,
-            };
-            // Waiting here is the back-pressure: QUIC flow control then slows the sender.
-            if tx.send(msg).await.is_err() {
+            });
+        }
+        // One reservation per batch instead of one per message (fewer wake-ups). Waiting for
+        // room is the back-pressure: QUIC flow control then slows the sender.
+        let Some(tx) = self.inbound(class) else {
+            return false;
+        };
+        let mut remaining = frames.len();
+        let mut payloads = frames.drain(..);
+        while remaining > 0 {
+            let n = remaining.min(tx.max_capacity());
+            let Ok(permits) = tx.reserve_many(n).await else {
                 return false;
+            };
+            for (permit, payload) in permits.zip(payloads.by_ref()) {
+                permit.send(Message {
+                    from: peer,
+                    class,
+                    payload,
+                });
             }
+            remaining -= n;
         }
         true
     }
@@ -1032,23 +1117,15 @@ impl Shared {
         let mut failed: Option<usize> = None;
         loop {
             if batch.is_empty() {
+                let limit = match class {
+                    Class::Consensus => WRITE_BATCH_CONSENSUS,
+                    Class::Bulk => WRITE_BATCH_BULK,
+                };
                 tokio::select! {
                     biased;
                     _ = shutdown.changed() => return,
-                    m = rx.recv() => match m {
-                        Some(m) => batch.push(m),
-                        None => return,
-                    },
-                }
-                let mut size: usize = batch.iter().map(Bytes::len).sum();
-                while size < WRITE_BATCH_BYTES {
-                    match rx.try_recv() {
-                        Ok(m) => {
-                            size += m.len();
-                            batch.push(m);
-                        }
-                        Err(_) => break,
-                    }
+                    // One wake-up and one permit release for everything queued.
+                    n = rx.recv_many(&mut batch, limit) => if n == 0 { return },
                 }
             }
             let conn = loop {
@@ -1082,12 +1159,55 @@ impl Shared {
             batch.clear();
             if send.write_all_chunks(&mut chunks).await.is_ok() {
                 self.stats.frames_out(class, frames, bytes);
+                if frames < SMALL_BATCH {
+                    // Let the producers run before draining again: the next batch is larger
+                    // and the writer is not parked and woken once per message.
+                    tokio::task::yield_now().await;
+                }
             } else {
                 self.stats.dropped(DropReason::ConnectionLost, frames);
                 failed = Some(conn.stable_id());
                 stream = None;
             }
         }
+    }
+}
+
+/// Tag of the one-byte stream by which an acceptor confirms admission (not a message class).
+const ADMITTED_TAG: u8 = 0xad;
+
+/// Why a dialled connection did not become live.
+#[derive(Debug)]
+enum AdmissionError {
+    /// The acceptor closed the connection (it refused us).
+    Closed,
+    /// The acceptor sent something other than the admission stream.
+    Protocol,
+    /// No confirmation within the idle timeout.
+    Timeout,
+}
+
+async fn announce_admission(conn: &Connection) -> Result<(), AdmissionError> {
+    let mut s = conn.open_uni().await.map_err(|_| AdmissionError::Closed)?;
+    s.write_all(&[ADMITTED_TAG])
+        .await
+        .map_err(|_| AdmissionError::Closed)?;
+    s.finish().map_err(|_| AdmissionError::Closed)
+}
+
+async fn await_admission(conn: &Connection) -> Result<(), AdmissionError> {
+    let mut s = conn
+        .accept_uni()
+        .await
+        .map_err(|_| AdmissionError::Closed)?;
+    let mut tag = [0u8; 1];
+    s.read_exact(&mut tag)
+        .await
+        .map_err(|_| AdmissionError::Protocol)?;
+    if tag == [ADMITTED_TAG] {
+        Ok(())
+    } else {
+        Err(AdmissionError::Protocol)
     }
 }
 
