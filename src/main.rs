@@ -4,6 +4,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod ca_cli;
+
 /// SecureSMART-rs: secure BFT replication.
 #[derive(Debug, Parser)]
 #[command(version, about)]
@@ -17,6 +19,13 @@ enum Command {
     /// Run a local secure cluster under load on loopback, with embedded defaults, and print a
     /// summary. Needs no set-up files.
     Demo(securesmart::demo::DemoArgs),
+    /// The trust center: CA directory, enrollment tokens, signing, revocation, CRLs.
+    Ca {
+        #[command(subcommand)]
+        command: ca_cli::CaCommand,
+    },
+    /// Make an Ed25519 key (mode 0600) and a CSR for a node.
+    Keygen(ca_cli::KeygenArgs),
 }
 
 fn main() -> ExitCode {
@@ -39,7 +48,11 @@ fn main() -> ExitCode {
         }
     };
     let result = match cli.command {
-        Command::Demo(args) => runtime.block_on(securesmart::demo::run(args)),
+        Command::Demo(args) => runtime
+            .block_on(securesmart::demo::run(args))
+            .map_err(|e| e.to_string()),
+        Command::Ca { command } => ca_cli::run(command),
+        Command::Keygen(args) => ca_cli::keygen(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -270,13 +270,7 @@ impl Identity {
     pub fn write_pem_files(&self, cert: &Path, key: &Path) -> std::io::Result<()> {
         std::fs::write(cert, self.chain_pem())?;
         let pem = Zeroizing::new(crate::pki::pem_encode("PRIVATE KEY", &self.key));
-        let mut options = std::fs::OpenOptions::new();
-        options.write(true).create(true).truncate(true);
-        #[cfg(unix)]
-        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-        let mut file = options.open(key)?;
-        std::io::Write::write_all(&mut file, pem.as_bytes())?;
-        file.sync_all()
+        crate::pki::write_secret_file(key, pem.as_bytes())
     }
 }
 

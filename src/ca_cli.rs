@@ -1,0 +1,207 @@
+//! `securesmart ca ...` and `securesmart keygen`: the trust center on the command line.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::{Args, Subcommand};
+use rustls::pki_types::CertificateSigningRequestDer;
+use rustls::pki_types::pem::PemObject;
+use securesmart_membership::{Reason, RevokeTarget, RoleName, TrustCenter, key_and_csr};
+use securesmart_transport::pki::{pem_encode, write_secret_file};
+
+/// A CLI failure: one line for the user.
+pub(crate) type CliResult = Result<(), String>;
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum CaCommand {
+    /// Create a CA (key and certificate) and its state in a directory.
+    Init {
+        /// CA directory.
+        #[arg(long)]
+        dir: PathBuf,
+        /// CA name (certificate common name).
+        #[arg(long, default_value = "SecureSMART CA")]
+        name: String,
+    },
+    /// Create a one-time enrollment token; prints it (shown only once).
+    Token {
+        /// CA directory.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Role the token grants: replica or client.
+        #[arg(long)]
+        role: RoleName,
+        /// A DNS name or IP the node may claim (repeat for several).
+        #[arg(long = "name", required = true)]
+        names: Vec<String>,
+        /// How long the token stays valid (e.g. 30m, 1h, 2d).
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        ttl: Duration,
+    },
+    /// Sign a CSR under a token.
+    Sign {
+        /// CA directory.
+        #[arg(long)]
+        dir: PathBuf,
+        /// CSR file (PEM or DER).
+        #[arg(long)]
+        csr: PathBuf,
+        /// Enrollment token.
+        #[arg(long)]
+        token: String,
+        /// Where to write the certificate (PEM).
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Revoke a certificate by serial or by certificate file.
+    Revoke {
+        /// CA directory.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Serial number (hex).
+        #[arg(long, conflicts_with = "cert", required_unless_present = "cert")]
+        serial: Option<String>,
+        /// Certificate file (PEM or DER).
+        #[arg(long)]
+        cert: Option<PathBuf>,
+        /// unspecified, key-compromise, affiliation-changed, superseded, cessation-of-operation.
+        #[arg(long, default_value = "unspecified")]
+        reason: Reason,
+    },
+    /// Issue a CRL: PEM at --out, DER beside it (.der).
+    Crl {
+        /// CA directory.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Output file (PEM).
+        #[arg(long)]
+        out: PathBuf,
+        /// Validity (next update), e.g. 7d.
+        #[arg(long, default_value = "7d", value_parser = humantime::parse_duration)]
+        validity: Duration,
+    },
+    /// List issued certificates.
+    List {
+        /// CA directory.
+        #[arg(long)]
+        dir: PathBuf,
+    },
+}
+
+/// `securesmart keygen`.
+#[derive(Debug, Args)]
+pub(crate) struct KeygenArgs {
+    /// Output directory: writes node.key (mode 0600) and node.csr.
+    #[arg(long)]
+    out: PathBuf,
+    /// A DNS name or IP for the CSR (repeat for several).
+    #[arg(long = "name", required = true)]
+    names: Vec<String>,
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, String> {
+    std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+fn write(path: &Path, data: &[u8]) -> CliResult {
+    std::fs::write(path, data).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+pub(crate) fn keygen(args: &KeygenArgs) -> CliResult {
+    std::fs::create_dir_all(&args.out).map_err(|e| format!("{}: {e}", args.out.display()))?;
+    let (key, csr) = key_and_csr(&args.names).map_err(|e| e.to_string())?;
+    let key_path = args.out.join("node.key");
+    let csr_path = args.out.join("node.csr");
+    write_secret_file(&key_path, key.as_bytes())
+        .map_err(|e| format!("{}: {e}", key_path.display()))?;
+    write(&csr_path, csr.as_bytes())?;
+    println!("{}\n{}", key_path.display(), csr_path.display());
+    Ok(())
+}
+
+pub(crate) fn run(cmd: CaCommand) -> CliResult {
+    let open = |dir: &Path| TrustCenter::open(dir).map_err(|e| e.to_string());
+    match cmd {
+        CaCommand::Init { dir, name } => {
+            TrustCenter::init(&dir, &name).map_err(|e| e.to_string())?;
+            println!("{}", dir.join("ca.pem").display());
+        }
+        CaCommand::Token {
+            dir,
+            role,
+            names,
+            ttl,
+        } => {
+            let token = open(&dir)?
+                .create_token(role, &names, ttl)
+                .map_err(|e| e.to_string())?;
+            println!("{}", token.as_str());
+        }
+        CaCommand::Sign {
+            dir,
+            csr,
+            token,
+            out,
+        } => {
+            let mut ca = open(&dir)?;
+            let bytes = read(&csr)?;
+            let csr = CertificateSigningRequestDer::from_pem_slice(&bytes)
+                .unwrap_or_else(|_| CertificateSigningRequestDer::from(bytes));
+            let issued = ca.sign_csr(&csr, &token).map_err(|e| e.to_string())?;
+            write(&out, issued.pem().as_bytes())?;
+            println!(
+                "serial {} node {} role {:?} -> {}",
+                issued.record.serial,
+                issued.record.node_id,
+                issued.record.role,
+                out.display()
+            );
+        }
+        CaCommand::Revoke {
+            dir,
+            serial,
+            cert,
+            reason,
+        } => {
+            let mut ca = open(&dir)?;
+            let record = match (serial, cert) {
+                (Some(s), _) => ca.revoke(&RevokeTarget::Serial(s), reason),
+                (None, Some(c)) => ca.revoke_certificate(&read(&c)?, reason),
+                (None, None) => return Err("give --serial or --cert".into()),
+            }
+            .map_err(|e| e.to_string())?;
+            println!("revoked serial {} node {}", record.serial, record.node_id);
+        }
+        CaCommand::Crl { dir, out, validity } => {
+            let crl = open(&dir)?.crl(validity).map_err(|e| e.to_string())?;
+            write(&out, pem_encode("X509 CRL", crl.as_ref()).as_bytes())?;
+            let der = out.with_extension("der");
+            write(&der, crl.as_ref())?;
+            println!("{}\n{}", out.display(), der.display());
+        }
+        CaCommand::List { dir } => {
+            let ca = open(&dir)?;
+            println!(
+                "{:<34} {:<8} {:<10} {:<18} names",
+                "serial", "role", "status", "node"
+            );
+            for c in ca.certificates() {
+                let status = if c.revoked.is_some() {
+                    "revoked"
+                } else {
+                    "valid"
+                };
+                let node = c.node_id.get(..16).unwrap_or(&c.node_id);
+                println!(
+                    "{:<34} {:<8} {:<10} {:<18} {}",
+                    c.serial,
+                    format!("{:?}", c.role).to_lowercase(),
+                    status,
+                    node,
+                    c.names.join(",")
+                );
+            }
+        }
+    }
+    Ok(())
+}

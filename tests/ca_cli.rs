@@ -1,0 +1,151 @@
+//! The `securesmart ca` and `keygen` commands end to end, checked with openssl.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn bin(args: &[&str], cwd: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_securesmart"))
+        .args(args)
+        .current_dir(cwd)
+        .output()
+        .unwrap()
+}
+
+fn ok(args: &[&str], cwd: &Path) -> String {
+    let out = bin(args, cwd);
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn tree(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            if e.path().is_dir() {
+                stack.push(e.path());
+            } else {
+                out.push((e.path(), std::fs::read(e.path()).unwrap()));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+fn openssl_verify(cwd: &Path, cert: &str) -> bool {
+    Command::new("openssl")
+        .args([
+            "verify",
+            "-CAfile",
+            "ca/ca.pem",
+            "-crl_check",
+            "-CRLfile",
+            "crl.pem",
+            cert,
+        ])
+        .current_dir(cwd)
+        .output()
+        .expect("openssl is installed (.ci/run installs it)")
+        .status
+        .success()
+}
+
+#[test]
+fn init_token_keygen_sign_revoke_crl_list() {
+    let work = std::env::temp_dir().join(format!("ss-cli-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&work);
+    std::fs::create_dir_all(&work).unwrap();
+    ok(&["ca", "init", "--dir", "ca", "--name", "Test CA"], &work);
+    assert!(
+        !bin(&["ca", "init", "--dir", "ca"], &work).status.success(),
+        "init twice is refused"
+    );
+
+    for node in ["n1", "n2"] {
+        let token = ok(
+            &[
+                "ca", "token", "--dir", "ca", "--role", "replica", "--name", node, "--ttl", "10m",
+            ],
+            &work,
+        );
+        let token = token.trim();
+        assert_eq!(token.len(), 64);
+        ok(&["keygen", "--out", node, "--name", node], &work);
+        let sign = [
+            "ca",
+            "sign",
+            "--dir",
+            "ca",
+            "--csr",
+            &format!("{node}/node.csr"),
+            "--token",
+            token,
+            "--out",
+            &format!("{node}/node.pem"),
+        ];
+        ok(&sign, &work);
+        // The same token again: one clear line, non-zero exit, nothing changed in the CA.
+        let before = tree(&work.join("ca"));
+        let again = bin(&sign, &work);
+        assert!(!again.status.success());
+        let err = String::from_utf8(again.stderr).unwrap();
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(err.contains("already used"), "{err}");
+        assert_eq!(tree(&work.join("ca")), before);
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        for key in ["ca/ca.key", "n1/node.key"] {
+            assert_eq!(
+                std::fs::metadata(work.join(key))
+                    .unwrap()
+                    .permissions()
+                    .mode()
+                    & 0o777,
+                0o600,
+                "{key}"
+            );
+        }
+    }
+    ok(
+        &[
+            "ca",
+            "revoke",
+            "--dir",
+            "ca",
+            "--cert",
+            "n2/node.pem",
+            "--reason",
+            "key-compromise",
+        ],
+        &work,
+    );
+    ok(&["ca", "crl", "--dir", "ca", "--out", "crl.pem"], &work);
+    assert!(work.join("crl.der").exists());
+    assert!(
+        openssl_verify(&work, "n1/node.pem"),
+        "a good certificate verifies"
+    );
+    assert!(
+        !openssl_verify(&work, "n2/node.pem"),
+        "a revoked certificate fails"
+    );
+    let list = ok(&["ca", "list", "--dir", "ca"], &work);
+    assert_eq!(list.lines().filter(|l| l.contains("revoked")).count(), 1);
+    assert_eq!(list.lines().filter(|l| l.contains("valid")).count(), 1);
+    // The issued files make a transport identity.
+    let id = securesmart::transport::Identity::from_pem_files(
+        &work.join("n1/node.pem"),
+        &work.join("n1/node.key"),
+    )
+    .unwrap();
+    assert_eq!(id.role(), securesmart::transport::Role::Replica);
+    std::fs::remove_dir_all(&work).unwrap();
+}
