@@ -80,12 +80,44 @@ pub(crate) enum CaCommand {
         #[arg(long, default_value = "7d", value_parser = humantime::parse_duration)]
         validity: Duration,
     },
+    /// Serve network enrollment over QUIC until interrupted (prints the bound address).
+    Serve {
+        /// CA directory.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Address to listen on, e.g. 127.0.0.1:7400 (port 0 picks one).
+        #[arg(long)]
+        listen: std::net::SocketAddr,
+        /// Extra DNS name or IP nodes dial (the listen IP and loopback are always included).
+        #[arg(long = "name")]
+        names: Vec<String>,
+    },
     /// List issued certificates.
     List {
         /// CA directory.
         #[arg(long)]
         dir: PathBuf,
     },
+}
+
+/// `securesmart enroll`.
+#[derive(Debug, Args)]
+pub(crate) struct EnrollArgs {
+    /// Address of the trust center's enrollment endpoint (`ca serve`).
+    #[arg(long)]
+    ca: std::net::SocketAddr,
+    /// The CA certificate (PEM), obtained out of band.
+    #[arg(long)]
+    ca_cert: PathBuf,
+    /// Enrollment token.
+    #[arg(long)]
+    token: String,
+    /// Output directory: node.key (mode 0600), node.pem, ca.pem.
+    #[arg(long)]
+    out: PathBuf,
+    /// Names to request (default: the names the token allows).
+    #[arg(long = "name")]
+    names: Vec<String>,
 }
 
 /// `securesmart keygen`.
@@ -119,7 +151,54 @@ pub(crate) fn keygen(args: &KeygenArgs) -> CliResult {
     Ok(())
 }
 
-pub(crate) fn run(cmd: CaCommand) -> CliResult {
+pub(crate) async fn enroll(args: &EnrollArgs) -> CliResult {
+    let ca_pem = read(&args.ca_cert)?;
+    let ca_cert = rustls::pki_types::CertificateDer::from_pem_slice(&ca_pem)
+        .map_err(|e| format!("{}: {e}", args.ca_cert.display()))?;
+    let enrolled = securesmart_membership::enroll(args.ca, &ca_cert, &args.token, &args.names)
+        .await
+        .map_err(|e| e.to_string())?;
+    std::fs::create_dir_all(&args.out).map_err(|e| format!("{}: {e}", args.out.display()))?;
+    let key_path = args.out.join("node.key");
+    write_secret_file(&key_path, enrolled.key_pem.as_bytes())
+        .map_err(|e| format!("{}: {e}", key_path.display()))?;
+    write(
+        &args.out.join("node.pem"),
+        enrolled.certificate_pem.as_bytes(),
+    )?;
+    write(
+        &args.out.join("ca.pem"),
+        pem_encode("CERTIFICATE", enrolled.ca_certificate.as_ref()).as_bytes(),
+    )?;
+    println!(
+        "enrolled node {} as {} -> {}",
+        enrolled.identity.id().to_hex(),
+        enrolled.identity.role(),
+        args.out.display()
+    );
+    Ok(())
+}
+
+async fn serve(dir: &Path, listen: std::net::SocketAddr, names: &[String]) -> CliResult {
+    let ca = TrustCenter::open(dir).map_err(|e| e.to_string())?;
+    let server = securesmart_membership::EnrollmentServer::start(
+        ca,
+        listen,
+        names,
+        securesmart_membership::enrollment::EnrollLimits::default(),
+    )
+    .await
+    .map_err(|e| e.to_string())?;
+    let addr = server.local_addr().map_err(|e| e.to_string())?;
+    println!("listening on {addr}");
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+    tokio::signal::ctrl_c().await.map_err(|e| e.to_string())?;
+    server.shutdown().await;
+    Ok(())
+}
+
+pub(crate) async fn run(cmd: CaCommand) -> CliResult {
     let open = |dir: &Path| TrustCenter::open(dir).map_err(|e| e.to_string());
     match cmd {
         CaCommand::Init { dir, name } => {
@@ -179,6 +258,7 @@ pub(crate) fn run(cmd: CaCommand) -> CliResult {
             write(&der, crl.as_ref())?;
             println!("{}\n{}", out.display(), der.display());
         }
+        CaCommand::Serve { dir, listen, names } => serve(&dir, listen, &names).await?,
         CaCommand::List { dir } => {
             let ca = open(&dir)?;
             println!(

@@ -26,6 +26,8 @@ enum Command {
     },
     /// Make an Ed25519 key (mode 0600) and a CSR for a node.
     Keygen(ca_cli::KeygenArgs),
+    /// Get a certificate from a trust center over the network (`ca serve`) with a token.
+    Enroll(ca_cli::EnrollArgs),
 }
 
 fn main() -> ExitCode {
@@ -51,7 +53,8 @@ fn main() -> ExitCode {
         Command::Demo(args) => runtime
             .block_on(securesmart::demo::run(args))
             .map_err(|e| e.to_string()),
-        Command::Ca { command } => ca_cli::run(command),
+        Command::Ca { command } => runtime.block_on(ca_cli::run(command)),
+        Command::Enroll(args) => runtime.block_on(ca_cli::enroll(&args)),
         Command::Keygen(args) => ca_cli::keygen(&args),
     };
     match result {

@@ -149,3 +149,94 @@ fn init_token_keygen_sign_revoke_crl_list() {
     assert_eq!(id.role(), securesmart::transport::Role::Replica);
     std::fs::remove_dir_all(&work).unwrap();
 }
+
+#[test]
+fn serve_and_enroll_over_the_network() {
+    use std::io::{BufRead, BufReader};
+    let work = std::env::temp_dir().join(format!("ss-cli-net-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&work);
+    std::fs::create_dir_all(&work).unwrap();
+    ok(&["ca", "init", "--dir", "ca"], &work);
+    let token = ok(
+        &[
+            "ca", "token", "--dir", "ca", "--role", "client", "--name", "c1",
+        ],
+        &work,
+    );
+    let mut server = Command::new(env!("CARGO_BIN_EXE_securesmart"))
+        .args(["ca", "serve", "--dir", "ca", "--listen", "127.0.0.1:0"])
+        .current_dir(&work)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(server.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr = line
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap()
+        .to_owned();
+    let out = bin(
+        &[
+            "enroll",
+            "--ca",
+            &addr,
+            "--ca-cert",
+            "ca/ca.pem",
+            "--token",
+            token.trim(),
+            "--out",
+            "c1",
+        ],
+        &work,
+    );
+    let again = bin(
+        &[
+            "enroll",
+            "--ca",
+            &addr,
+            "--ca-cert",
+            "ca/ca.pem",
+            "--token",
+            token.trim(),
+            "--out",
+            "c1b",
+        ],
+        &work,
+    );
+    server.kill().unwrap();
+    let _ = server.wait();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!again.status.success(), "a token enrolls once");
+    let id = securesmart::transport::Identity::from_pem_files(
+        &work.join("c1/node.pem"),
+        &work.join("c1/node.key"),
+    )
+    .unwrap();
+    assert_eq!(id.role(), securesmart::transport::Role::Client);
+    assert_eq!(
+        std::fs::read(work.join("c1/ca.pem")).unwrap(),
+        std::fs::read(work.join("ca/ca.pem")).unwrap()
+    );
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(
+            std::fs::metadata(work.join("c1/node.key"))
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o777,
+            0o600
+        );
+    }
+    let list = ok(&["ca", "list", "--dir", "ca"], &work);
+    assert!(list.contains("c1"), "{list}");
+    std::fs::remove_dir_all(&work).unwrap();
+}

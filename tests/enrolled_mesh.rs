@@ -1,12 +1,15 @@
-//! Nodes enrolled at the trust center (token + CSR) form a transport mesh; after a revocation and
-//! a CRL update the revoked node's connections are closed and refused.
+//! Nodes enrolled at the trust center (two by token + CSR file, one over the network) form a
+//! transport mesh; after a revocation of the network-enrolled node and a CRL update its
+//! connections are closed and refused.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
 use std::time::Duration;
 
 use rustls::pki_types::pem::PemObject;
 use securesmart::membership::trust_center::DEFAULT_CRL_VALIDITY;
-use securesmart::membership::{Reason, RevokeTarget, RoleName, TrustCenter, key_and_csr};
+use securesmart::membership::{
+    EnrollmentServer, Reason, RevokeTarget, RoleName, TrustCenter, enroll, key_and_csr,
+};
 use securesmart::transport::{Identity, Limits, Plane, PlaneConfig, Refusal, TrustConfig};
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -17,7 +20,7 @@ async fn enrolled_nodes_mesh_and_a_revoked_one_is_cut_off() {
     let _ = std::fs::remove_dir_all(&dir);
     let mut ca = TrustCenter::init(&dir, "cluster CA").unwrap();
     let mut identities = Vec::new();
-    for i in 0..3 {
+    for i in 0..2 {
         let name = format!("replica{i}");
         let token = ca
             .create_token(
@@ -32,6 +35,28 @@ async fn enrolled_nodes_mesh_and_a_revoked_one_is_cut_off() {
         let issued = ca.sign_csr(&csr, &token).unwrap();
         identities.push(Identity::from_pem(&issued.pem(), &key).unwrap());
     }
+    // The third node was never configured by hand: it enrolls over the network.
+    let token = ca
+        .create_token(
+            RoleName::Replica,
+            &["replica2".into()],
+            Duration::from_secs(600),
+        )
+        .unwrap();
+    let ca_cert = ca.ca_certificate();
+    let server = EnrollmentServer::start(
+        TrustCenter::open(&dir).unwrap(),
+        "127.0.0.1:0".parse().unwrap(),
+        &[],
+        Default::default(),
+    )
+    .await
+    .unwrap();
+    let enrolled = enroll(server.local_addr().unwrap(), &ca_cert, &token, &[])
+        .await
+        .unwrap();
+    server.shutdown().await;
+    identities.push(enrolled.identity);
     let local = "127.0.0.1:0".parse().unwrap();
     let mut planes = Vec::new();
     for id in &identities {

@@ -1,5 +1,11 @@
-//! Trust center (RA/CA with CSR enrollment and revocation lists), and later membership epochs and
-//! the MLS group key.
+//! Trust center (RA/CA with CSR enrollment and revocation lists), network enrollment, and
+//! membership epochs; the MLS group key is to come.
+//!
+//! - [`TrustCenter`] (module [`trust_center`]): the RA/CA over a durable directory.
+//! - [`EnrollmentServer`] and [`enroll`] (module [`enrollment`]): the same over QUIC, for nodes
+//!   never configured by hand.
+//! - [`Membership`] and [`MembershipCommand`] (module [`epoch`]): the agreed member set and the
+//!   ordered commands that change it, applied deterministically at every replica.
 //!
 //! The [`TrustCenter`] is a registration and certification authority with durable, crash-safe
 //! state in one directory. It signs a node's CSR only under a one-time enrollment token bound to
@@ -30,10 +36,18 @@
     allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)
 )]
 
+pub mod enrollment;
+pub mod epoch;
+#[doc(hidden)]
+pub mod fuzzing;
 mod store;
 pub mod trust_center;
+mod wire;
 
+pub use enrollment::{EnrollError, Enrolled, EnrollmentServer, enroll};
+pub use epoch::{Applied, CommandRefusal, MIN_REPLICAS, Member, Membership, MembershipCommand};
 pub use trust_center::{
     EnrollmentRefusal, Issued, IssuedRecord, Reason, RevokeTarget, RoleName, TrustCenter,
-    TrustCenterError, key_and_csr,
+    TrustCenterError, check_csr, key_and_csr,
 };
+pub use wire::WireError;

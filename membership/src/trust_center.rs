@@ -414,6 +414,45 @@ impl TrustCenter {
         })
     }
 
+    /// Runs a state change under an exclusive lock on the CA directory, on the state as it is on
+    /// disk: several processes (`ca serve`, `ca revoke`, ...) may work on one directory, and none
+    /// may overwrite another's change with a stale copy.
+    fn locked<T>(
+        &mut self,
+        op: impl FnOnce(&mut Self) -> Result<T, TrustCenterError>,
+    ) -> Result<T, TrustCenterError> {
+        let lock_path = self.dir.join("lock");
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|e| TrustCenterError::Io {
+                path: lock_path.display().to_string(),
+                source: e,
+            })?;
+        lock.lock().map_err(|e| TrustCenterError::Io {
+            path: lock_path.display().to_string(),
+            source: e,
+        })?;
+        self.state = Self::load_state(&self.dir)?;
+        let out = op(self);
+        let _ = lock.unlock();
+        out
+    }
+
+    fn load_state(dir: &Path) -> Result<State, TrustCenterError> {
+        let state: State = serde_json::from_slice(&store::read(&dir.join("state.json"))?)
+            .map_err(|e| TrustCenterError::State(format!("state.json: {e}")))?;
+        if state.version != STATE_VERSION {
+            return Err(TrustCenterError::State(format!(
+                "state version {}",
+                state.version
+            )));
+        }
+        Ok(state)
+    }
+
     fn save(&mut self) -> Result<(), TrustCenterError> {
         let json = serde_json::to_vec_pretty(&self.state)
             .map_err(|e| TrustCenterError::State(e.to_string()))?;
@@ -444,7 +483,7 @@ impl TrustCenter {
         pki::pem_encode("CERTIFICATE", self.ca_cert.as_ref())
     }
 
-    /// The index of issued certificates.
+    /// The index of issued certificates, as of the last operation or [`TrustCenter::open`].
     pub fn certificates(&self) -> &[IssuedRecord] {
         &self.state.certificates
     }
@@ -455,6 +494,15 @@ impl TrustCenter {
     /// # Errors
     /// [`TrustCenterError::Invalid`] without names; I/O errors.
     pub fn create_token(
+        &mut self,
+        role: RoleName,
+        names: &[String],
+        ttl: Duration,
+    ) -> Result<Zeroizing<String>, TrustCenterError> {
+        self.locked(|tc| tc.create_token_locked(role, names, ttl))
+    }
+
+    fn create_token_locked(
         &mut self,
         role: RoleName,
         names: &[String],
@@ -506,6 +554,14 @@ impl TrustCenter {
         csr: &CertificateSigningRequestDer<'_>,
         token: &str,
     ) -> Result<Issued, TrustCenterError> {
+        self.locked(|tc| tc.sign_csr_locked(csr, token))
+    }
+
+    fn sign_csr_locked(
+        &mut self,
+        csr: &CertificateSigningRequestDer<'_>,
+        token: &str,
+    ) -> Result<Issued, TrustCenterError> {
         // Cheapest first: the token, then parsing and the CSR signature.
         let t = self.find_token(token)?;
         let record = self
@@ -520,37 +576,10 @@ impl TrustCenter {
         if record.expires_at <= now_unix() {
             return Err(EnrollmentRefusal::TokenExpired.into());
         }
-        let request = CertificateSigningRequestParams::from_der(csr)
-            .map_err(|e| EnrollmentRefusal::CsrInvalid(e.to_string()))?;
-        if request.public_key.algorithm() != &PKCS_ED25519 {
-            return Err(EnrollmentRefusal::KeyNotEd25519.into());
-        }
-        let asks_ca = matches!(request.params.is_ca, rcgen::IsCa::Ca(_))
-            || request.params.key_usages.iter().any(|k| {
-                matches!(
-                    k,
-                    rcgen::KeyUsagePurpose::KeyCertSign | rcgen::KeyUsagePurpose::CrlSign
-                )
-            });
-        if asks_ca {
-            return Err(EnrollmentRefusal::AsksForCa.into());
-        }
-        let mut sans = Vec::new();
-        for san in &request.params.subject_alt_names {
-            let name = match san {
-                rcgen::SanType::DnsName(d) => SanName::Dns(d.as_str().to_owned()),
-                rcgen::SanType::IpAddress(ip) => SanName::Ip(*ip),
-                _ => return Err(EnrollmentRefusal::UnsupportedSan.into()),
-            };
-            if !record.names.iter().any(|allowed| allows(allowed, &name)) {
-                return Err(EnrollmentRefusal::NameNotAllowed(name.to_string()).into());
-            }
-            sans.push(name);
-        }
+        let (public_key, sans) = check_csr(csr, &record.names)?;
         let Some(first) = sans.first() else {
             return Err(EnrollmentRefusal::NoNames.into());
         };
-
         let serial = self.fresh_serial();
         let now = OffsetDateTime::now_utc();
         let validity = time::Duration::try_from(DEFAULT_CERT_VALIDITY).map_err(pki_err)?;
@@ -564,7 +593,7 @@ impl TrustCenter {
         };
         let signed = CertificateSigningRequestParams {
             params: pki::node_params(&profile).map_err(pki_err)?,
-            public_key: request.public_key,
+            public_key,
         }
         .signed_by(&self.issuer)
         .map_err(pki_err)?;
@@ -617,6 +646,14 @@ impl TrustCenter {
     /// # Errors
     /// [`TrustCenterError::UnknownCertificate`], [`TrustCenterError::AlreadyRevoked`]; I/O errors.
     pub fn revoke(
+        &mut self,
+        target: &RevokeTarget,
+        reason: Reason,
+    ) -> Result<IssuedRecord, TrustCenterError> {
+        self.locked(|tc| tc.revoke_locked(target, reason))
+    }
+
+    fn revoke_locked(
         &mut self,
         target: &RevokeTarget,
         reason: Reason,
@@ -676,6 +713,13 @@ impl TrustCenter {
         &mut self,
         validity: Duration,
     ) -> Result<CertificateRevocationListDer<'static>, TrustCenterError> {
+        self.locked(|tc| tc.crl_locked(validity))
+    }
+
+    fn crl_locked(
+        &mut self,
+        validity: Duration,
+    ) -> Result<CertificateRevocationListDer<'static>, TrustCenterError> {
         let number = self.commit(|s| {
             s.crl_number += 1;
             Ok(s.crl_number)
@@ -699,10 +743,90 @@ impl TrustCenter {
         Ok(crl.der().clone())
     }
 
+    /// An ephemeral certificate and key for the CA's own enrollment endpoint (serverAuth only,
+    /// no role, so no plane accepts it), valid for `validity`. Not recorded in the index: it
+    /// lives in memory for one run of `ca serve` and authorizes nothing but that service.
+    ///
+    /// # Errors
+    /// Generation errors, or a name that is not a valid SAN.
+    pub fn service_certificate(
+        &self,
+        names: &[String],
+        validity: Duration,
+    ) -> Result<(CertificateDer<'static>, Zeroizing<Vec<u8>>), TrustCenterError> {
+        let (key, der) = pki::generate_ed25519().map_err(pki_err)?;
+        let now = OffsetDateTime::now_utc();
+        let profile = NodeProfile {
+            common_name: "securesmart enrollment".into(),
+            sans: names.iter().map(|n| san_of(n)).collect(),
+            role: None,
+            not_before: now - time::Duration::MINUTE,
+            not_after: now + time::Duration::try_from(validity).map_err(pki_err)?,
+            serial: pki::random_serial(),
+        };
+        let cert = pki::node_params(&profile)
+            .and_then(|p| Ok(p.signed_by(&key, &self.issuer)?))
+            .map_err(pki_err)?;
+        Ok((cert.der().clone(), der))
+    }
+
     #[cfg(test)]
     pub(crate) fn inject(&mut self, faults: Faults) {
         self.faults = faults;
     }
+}
+
+/// The admission policy on a CSR, without the token bookkeeping (pure, fuzzed): the signature
+/// verifies, the key is Ed25519, no CA rights are asked for, and every name is in `allowed`. A
+/// CSR without names gets all of `allowed` (the node need not know them: `securesmart enroll`
+/// sends none). Returns the key to certify and the names.
+///
+/// # Errors
+/// The [`EnrollmentRefusal`] that applies first.
+pub fn check_csr(
+    csr: &CertificateSigningRequestDer<'_>,
+    allowed: &[String],
+) -> Result<(rcgen::PublicKey, Vec<SanName>), EnrollmentRefusal> {
+    let request = CertificateSigningRequestParams::from_der(csr)
+        .map_err(|e| EnrollmentRefusal::CsrInvalid(e.to_string()))?;
+    if request.public_key.algorithm() != &PKCS_ED25519 {
+        return Err(EnrollmentRefusal::KeyNotEd25519);
+    }
+    let asks_ca = matches!(request.params.is_ca, rcgen::IsCa::Ca(_))
+        || request.params.key_usages.iter().any(|k| {
+            matches!(
+                k,
+                rcgen::KeyUsagePurpose::KeyCertSign | rcgen::KeyUsagePurpose::CrlSign
+            )
+        });
+    if asks_ca {
+        return Err(EnrollmentRefusal::AsksForCa);
+    }
+    let mut sans = Vec::new();
+    for san in &request.params.subject_alt_names {
+        let name = match san {
+            rcgen::SanType::DnsName(d) => SanName::Dns(d.as_str().to_owned()),
+            rcgen::SanType::IpAddress(ip) => SanName::Ip(*ip),
+            _ => return Err(EnrollmentRefusal::UnsupportedSan),
+        };
+        if !allowed.iter().any(|a| allows(a, &name)) {
+            return Err(EnrollmentRefusal::NameNotAllowed(name.to_string()));
+        }
+        sans.push(name);
+    }
+    if sans.is_empty() {
+        sans = allowed.iter().map(|a| san_of(a)).collect();
+    }
+    if sans.is_empty() {
+        return Err(EnrollmentRefusal::NoNames);
+    }
+    Ok((request.public_key, sans))
+}
+
+/// A token name as a SAN: an IP if it parses as one, a DNS name otherwise.
+fn san_of(name: &str) -> SanName {
+    name.parse::<IpAddr>()
+        .map_or_else(|_| SanName::Dns(name.to_owned()), SanName::Ip)
 }
 
 /// Whether the token entry `allowed` covers `name` (exact DNS name or IP).
@@ -884,12 +1008,6 @@ mod tests {
                 &token,
                 EnrollmentRefusal::UnsupportedSan,
             ),
-            (
-                "no names",
-                csr_with(|p| p.subject_alt_names.clear(), &PKCS_ED25519),
-                &token,
-                EnrollmentRefusal::NoNames,
-            ),
         ];
         let before = snapshot(&dir.0);
         for (what, csr, tok, expected) in cases {
@@ -902,6 +1020,11 @@ mod tests {
             }
             assert_eq!(snapshot(&dir.0), before, "{what}: the directory changed");
         }
+        // A CSR without names is accepted and gets the token's names.
+        let nameless = csr_with(|p| p.subject_alt_names.clear(), &PKCS_ED25519);
+        let t2 = ca.create_token(RoleName::Client, &names, HOUR).unwrap();
+        let issued = ca.sign_csr(&nameless, &t2).unwrap();
+        assert_eq!(issued.record.names, names);
         // The accepted case, then the token is spent.
         let issued = ca.sign_csr(&good, &token).unwrap();
         assert_eq!(issued.record.role, RoleName::Replica);
@@ -961,6 +1084,33 @@ mod tests {
                 .count();
             assert_eq!(leftovers, 0);
         }
+    }
+
+    #[test]
+    fn two_handles_on_one_directory_do_not_lose_each_others_changes() {
+        let dir = TempDir::new("two");
+        let mut server = TrustCenter::init(&dir.0, "ca").unwrap();
+        let mut admin = TrustCenter::open(&dir.0).unwrap();
+        let t1 = admin
+            .create_token(RoleName::Replica, &["a".into()], HOUR)
+            .unwrap();
+        let (_k, csr) = key_and_csr(&["a".into()]).unwrap();
+        let first = server.sign_csr(&csr_der(&csr), &t1).unwrap();
+        admin
+            .revoke(
+                &RevokeTarget::Serial(first.record.serial.clone()),
+                Reason::KeyCompromise,
+            )
+            .unwrap();
+        // The server's next change must not resurrect the revoked certificate.
+        let t2 = admin
+            .create_token(RoleName::Replica, &["b".into()], HOUR)
+            .unwrap();
+        let (_k, csr) = key_and_csr(&["b".into()]).unwrap();
+        server.sign_csr(&csr_der(&csr), &t2).unwrap();
+        let fresh = TrustCenter::open(&dir.0).unwrap();
+        assert_eq!(fresh.certificates().len(), 2);
+        assert!(fresh.certificates()[0].revoked.is_some());
     }
 
     #[test]

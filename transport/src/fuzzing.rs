@@ -59,3 +59,26 @@ fn pending_header(rest: &[u8], done: usize, decoder: &FrameDecoder) -> usize {
         0
     }
 }
+
+/// Builds a trust state with an arbitrary CRL and checks a valid replica against it: no panic,
+/// and a CRL not signed by our CA (a fuzzer cannot forge one) never vouches for the node: with
+/// a CRL loaded, unknown revocation status is refused.
+pub fn crl(data: &[u8]) {
+    use std::sync::OnceLock;
+    static FIXTURE: OnceLock<(crate::pki::DevCa, crate::Identity)> = OnceLock::new();
+    let (ca, node) = FIXTURE.get_or_init(|| {
+        let ca = crate::pki::DevCa::new("fuzz CA").expect("CA");
+        let node = ca.issue_role("node", crate::Role::Replica).expect("cert");
+        (ca, node)
+    });
+    let mut cfg = crate::TrustConfig::new(ca.certificate());
+    cfg.peers
+        .insert(node.id(), std::net::SocketAddr::from(([127, 0, 0, 1], 1)));
+    cfg.crls = vec![rustls::pki_types::CertificateRevocationListDer::from(
+        data.to_vec(),
+    )];
+    if let Ok(state) = crate::TrustState::new(cfg) {
+        let verdict = state.verify_replica(node.chain(), rustls::pki_types::UnixTime::now());
+        assert!(verdict.is_err(), "a fuzzed CRL cannot vouch for our node");
+    }
+}

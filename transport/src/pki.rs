@@ -198,7 +198,8 @@ pub struct NodeProfile {
     pub common_name: String,
     /// DNS and IP SANs.
     pub sans: Vec<SanName>,
-    /// Role URI SAN; `None` only to make invalid certificates in tests.
+    /// Role URI SAN. `None` makes a service certificate (serverAuth only, no role), which no
+    /// plane accepts as a peer: the trust center's enrollment endpoint uses one.
     pub role: Option<Role>,
     /// Validity start.
     pub not_before: OffsetDateTime,
@@ -210,7 +211,8 @@ pub struct NodeProfile {
 
 /// Certificate parameters of a node: Ed25519 end entity (basic constraints CA:false), key usage
 /// digitalSignature, EKU clientAuth (and serverAuth for replicas, which also accept
-/// connections), the SANs and the role URI SAN, an authority key identifier.
+/// connections; serverAuth alone for a service certificate without role), the SANs and the role
+/// URI SAN, an authority key identifier.
 ///
 /// # Errors
 /// [`PkiError::Rcgen`] when a name is not a valid SAN.
@@ -225,16 +227,18 @@ pub fn node_params(profile: &NodeProfile) -> Result<CertificateParams, PkiError>
             SanName::Ip(ip) => SanType::IpAddress(*ip),
         });
     }
-    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    params.extended_key_usages = match profile.role {
+        Some(Role::Client) => vec![ExtendedKeyUsagePurpose::ClientAuth],
+        Some(_) => vec![
+            ExtendedKeyUsagePurpose::ClientAuth,
+            ExtendedKeyUsagePurpose::ServerAuth,
+        ],
+        None => vec![ExtendedKeyUsagePurpose::ServerAuth],
+    };
     if let Some(role) = profile.role {
         params
             .subject_alt_names
             .push(SanType::URI(role.uri().try_into()?));
-        if role == Role::Replica {
-            params
-                .extended_key_usages
-                .push(ExtendedKeyUsagePurpose::ServerAuth);
-        }
     }
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     params.is_ca = IsCa::ExplicitNoCa;

@@ -153,6 +153,20 @@ impl TrustState {
         .map_err(refusal_of)
     }
 
+    /// Checks a replica's chain (leaf first) exactly as the replica plane does in a handshake:
+    /// blocklist, role, peer set, then CA, validity at `now`, key usage and the CRLs.
+    ///
+    /// # Errors
+    /// The [`Refusal`] the replica plane would give.
+    pub fn verify_replica(
+        &self,
+        chain: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<CertInfo, Refusal> {
+        let algs = rustls::crypto::ring::default_provider().signature_verification_algorithms;
+        self.check_peer(PlaneKind::Replica, &algs, chain, now)
+    }
+
     /// Whether `info` may hold a connection on `plane` under this state (without the chain check).
     pub(crate) fn admits(&self, plane: PlaneKind, info: &CertInfo) -> Result<(), Refusal> {
         if self.config.blocked_ids.contains(&info.id) {
@@ -199,7 +213,22 @@ fn refusal_of(e: webpki::Error) -> Refusal {
         E::CertExpired { .. } => Refusal::Expired,
         E::CertNotValidYet { .. } => Refusal::NotYetValid,
         E::CertRevoked => Refusal::Revoked,
-        E::UnknownRevocationStatus | E::CrlExpired { .. } => Refusal::RevocationUnknown,
+        // No CRL we hold can vouch for the status: unknown issuer, expired, or a CRL that
+        // names our CA but whose signature or form does not hold up (a forgery must not turn
+        // into a generic certificate error).
+        E::UnknownRevocationStatus
+        | E::CrlExpired { .. }
+        | E::InvalidCrlSignatureForPublicKey
+        | E::IssuerNotCrlSigner
+        | E::InvalidCrlNumber
+        | E::UnsupportedCrlVersion
+        | E::UnsupportedDeltaCrl
+        | E::UnsupportedIndirectCrl
+        | E::UnsupportedCrlIssuingDistributionPoint
+        | E::UnsupportedRevocationReason
+        | E::UnsupportedRevocationReasonsPartitioning
+        | E::UnsupportedCrlSignatureAlgorithmContext(_)
+        | E::UnsupportedCrlSignatureAlgorithmForPublicKeyContext(_) => Refusal::RevocationUnknown,
         E::RequiredEkuNotFoundContext(_) => Refusal::WrongRole,
         _ => Refusal::BadCertificate,
     }
@@ -504,6 +533,23 @@ mod tests {
             state
                 .check_peer(PlaneKind::Replica, &algs, good.chain(), now())
                 .map(|i| i.id),
+            Err(Refusal::RevocationUnknown)
+        );
+    }
+
+    #[test]
+    fn a_forged_crl_under_our_ca_name_leaves_status_unknown() {
+        // Same CA name, other key: webpki takes the CRL as authoritative by name, then its
+        // signature fails. That must read as "status unknown", not as some other error.
+        let ca = DevCa::new("same name").unwrap();
+        let mut forger = DevCa::new("same name").unwrap();
+        let good = ca.issue_role("good", Role::Replica).unwrap();
+        let mut cfg = TrustConfig::new(ca.certificate());
+        cfg.peers.insert(good.id(), "127.0.0.1:1".parse().unwrap());
+        cfg.crls = vec![forger.crl(&[&good.chain()[0]]).unwrap()];
+        let state = TrustState::new(cfg).unwrap();
+        assert_eq!(
+            state.verify_replica(good.chain(), now()).map(|i| i.id),
             Err(Refusal::RevocationUnknown)
         );
     }

@@ -1,0 +1,560 @@
+//! Network enrollment: `ca serve` accepts enrollment requests over QUIC, `enroll` is the node
+//! side. This is the dynamic key distribution of the design: a node that was never configured by
+//! hand gets its identity from the trust center.
+//!
+//! TLS is server-authenticated only (the node has no certificate yet): the node checks the
+//! endpoint's certificate against the CA certificate it was given and the address it dialled;
+//! the enrollment token authorizes the request. The endpoint's certificate is ephemeral, issued
+//! by the CA at start for the names it serves.
+//!
+//! On the wire (ALPN [`ALPN_ENROLL`]), one bidirectional stream per connection:
+//! request `version=1 u8 | token (u32 len, <= 256) | CSR DER (u32 len, <= 8 KiB)`;
+//! response `version=1 u8 | tag u8 | ...`: tag 0 `certificate | CA certificate` (u32 len each,
+//! <= 16 KiB), tag 1 `reason (u32 len, <= 1 KiB UTF-8)`.
+//!
+//! Anti-DoS, cheapest first: stateless address validation (a QUIC Retry for every new source),
+//! a per-source-IP request rate (governor, keyed), a cap on concurrent requests, a size limit on
+//! the request and a time limit on each connection.
+
+use std::net::{IpAddr, SocketAddr};
+use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, CertificateSigningRequestDer, PrivateKeyDer, ServerName};
+use securesmart_transport::{Identity, NodeId};
+use zeroize::Zeroizing;
+
+use crate::trust_center::{TrustCenter, TrustCenterError, key_and_csr};
+use crate::wire::{Reader, WireError, Writer};
+
+/// ALPN of the enrollment endpoint.
+pub const ALPN_ENROLL: &[u8] = b"securesmart-enroll/1";
+/// Protocol version.
+const VERSION: u8 = 1;
+/// Largest token accepted.
+pub const MAX_TOKEN_BYTES: usize = 256;
+/// Largest CSR accepted.
+pub const MAX_CSR_BYTES: usize = 8 * 1024;
+/// Largest certificate in a response.
+pub const MAX_CERT_BYTES: usize = 16 * 1024;
+/// Largest refusal reason.
+pub const MAX_REASON_BYTES: usize = 1024;
+/// Largest request on the wire.
+const MAX_REQUEST_BYTES: usize = 1 + 4 + MAX_TOKEN_BYTES + 4 + MAX_CSR_BYTES;
+/// Largest response on the wire.
+const MAX_RESPONSE_BYTES: usize = 2 + 8 + 2 * MAX_CERT_BYTES;
+/// How long one enrollment connection may take.
+const CONNECTION_DEADLINE: Duration = Duration::from_secs(10);
+/// Validity of the endpoint's ephemeral certificate.
+const SERVICE_CERT_VALIDITY: Duration = Duration::from_secs(24 * 3600);
+
+/// Errors of enrollment.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum EnrollError {
+    /// The trust center failed or refused.
+    #[error(transparent)]
+    TrustCenter(#[from] TrustCenterError),
+    /// A message did not decode.
+    #[error("bad message: {0}")]
+    Wire(#[from] WireError),
+    /// The CA refused the request (its reason).
+    #[error("refused by the trust center: {0}")]
+    Refused(String),
+    /// TLS or QUIC setup failed.
+    #[error("connection setup: {0}")]
+    Setup(String),
+    /// The connection failed or timed out.
+    #[error("connection: {0}")]
+    Connection(String),
+    /// The certificate returned is not for our key or does not parse.
+    #[error("the certificate returned does not match the request: {0}")]
+    Mismatch(String),
+}
+
+/// An enrollment request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EnrollRequest {
+    /// The enrollment token.
+    pub token: String,
+    /// The CSR (DER).
+    pub csr: Vec<u8>,
+}
+
+impl EnrollRequest {
+    /// Encodes the request.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut w = Writer::default();
+        w.u8(VERSION).bytes(self.token.as_bytes()).bytes(&self.csr);
+        w.buf
+    }
+
+    /// Decodes a request; the whole buffer must be one request within the limits.
+    ///
+    /// # Errors
+    /// [`WireError`] saying what is wrong.
+    pub fn decode(buf: &[u8]) -> Result<Self, WireError> {
+        let mut r = Reader::new(buf);
+        let version = r.u8()?;
+        if version != VERSION {
+            return Err(WireError::Unknown {
+                what: "version",
+                value: version.into(),
+            });
+        }
+        let token = r.string("token", MAX_TOKEN_BYTES)?;
+        let csr = r.bytes("csr", MAX_CSR_BYTES)?.to_vec();
+        r.finish()?;
+        Ok(Self { token, csr })
+    }
+}
+
+/// An enrollment response.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum EnrollResponse {
+    /// The certificate and the CA certificate (DER).
+    Issued {
+        /// The node's certificate.
+        certificate: Vec<u8>,
+        /// The CA certificate.
+        ca_certificate: Vec<u8>,
+    },
+    /// Refused, with the reason.
+    Refused(String),
+}
+
+impl EnrollResponse {
+    /// Encodes the response.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut w = Writer::default();
+        w.u8(VERSION);
+        match self {
+            EnrollResponse::Issued {
+                certificate,
+                ca_certificate,
+            } => {
+                w.u8(0).bytes(certificate).bytes(ca_certificate);
+            }
+            EnrollResponse::Refused(reason) => {
+                let cut = reason
+                    .get(..MAX_REASON_BYTES.min(reason.len()))
+                    .unwrap_or("refused");
+                w.u8(1).bytes(cut.as_bytes());
+            }
+        }
+        w.buf
+    }
+
+    /// Decodes a response; the whole buffer must be one response within the limits.
+    ///
+    /// # Errors
+    /// [`WireError`] saying what is wrong.
+    pub fn decode(buf: &[u8]) -> Result<Self, WireError> {
+        let mut r = Reader::new(buf);
+        let version = r.u8()?;
+        if version != VERSION {
+            return Err(WireError::Unknown {
+                what: "version",
+                value: version.into(),
+            });
+        }
+        let out = match r.u8()? {
+            0 => EnrollResponse::Issued {
+                certificate: r.bytes("certificate", MAX_CERT_BYTES)?.to_vec(),
+                ca_certificate: r.bytes("CA certificate", MAX_CERT_BYTES)?.to_vec(),
+            },
+            1 => EnrollResponse::Refused(r.string("reason", MAX_REASON_BYTES)?),
+            tag => {
+                return Err(WireError::Unknown {
+                    what: "response tag",
+                    value: tag.into(),
+                });
+            }
+        };
+        r.finish()?;
+        Ok(out)
+    }
+}
+
+/// Limits of the enrollment endpoint.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct EnrollLimits {
+    /// Requests per second per source IP (sustained).
+    pub requests_per_ip_per_sec: u32,
+    /// Request burst per source IP.
+    pub request_burst_per_ip: u32,
+    /// Requests in progress at once.
+    pub max_in_flight: usize,
+}
+
+impl Default for EnrollLimits {
+    fn default() -> Self {
+        Self {
+            requests_per_ip_per_sec: 2,
+            request_burst_per_ip: 10,
+            max_in_flight: 32,
+        }
+    }
+}
+
+fn setup_err(e: impl std::fmt::Display) -> EnrollError {
+    EnrollError::Setup(e.to_string())
+}
+
+/// The running enrollment endpoint.
+#[derive(Debug)]
+pub struct EnrollmentServer {
+    endpoint: quinn::Endpoint,
+    task: tokio::task::JoinHandle<()>,
+}
+
+struct ServerState {
+    ca: Mutex<TrustCenter>,
+    limiter: DefaultKeyedRateLimiter<IpAddr>,
+    in_flight: AtomicUsize,
+    limits: EnrollLimits,
+}
+
+impl EnrollmentServer {
+    /// Starts serving enrollment for `ca` on `listen`. The endpoint's certificate names
+    /// `names` (DNS names or IPs the nodes dial; the listen IP and loopback are always added).
+    ///
+    /// # Errors
+    /// Setup errors (certificate, TLS, socket).
+    pub async fn start(
+        ca: TrustCenter,
+        listen: SocketAddr,
+        names: &[String],
+        limits: EnrollLimits,
+    ) -> Result<Self, EnrollError> {
+        let mut all: Vec<String> = names.to_vec();
+        let mut defaults: Vec<String> =
+            ["127.0.0.1", "::1", "localhost"].map(String::from).to_vec();
+        if !listen.ip().is_unspecified() {
+            defaults.push(listen.ip().to_string());
+        }
+        for n in defaults {
+            if !all.contains(&n) {
+                all.push(n);
+            }
+        }
+        let (cert, key) = ca.service_certificate(&all, SERVICE_CERT_VALIDITY)?;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(setup_err)?
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![cert],
+                PrivateKeyDer::try_from(key.to_vec()).map_err(setup_err)?,
+            )
+            .map_err(setup_err)?;
+        tls.alpn_protocols = vec![ALPN_ENROLL.to_vec()];
+        let quic = QuicServerConfig::try_from(Arc::new(tls)).map_err(setup_err)?;
+        let mut server = quinn::ServerConfig::with_crypto(Arc::new(quic));
+        let mut transport = quinn::TransportConfig::default();
+        transport
+            .max_concurrent_bidi_streams(1u32.into())
+            .max_concurrent_uni_streams(0u32.into())
+            .max_idle_timeout(Some(CONNECTION_DEADLINE.try_into().map_err(setup_err)?));
+        server.transport_config(Arc::new(transport));
+        let endpoint = quinn::Endpoint::server(server, listen).map_err(setup_err)?;
+        let quota = Quota::per_second(
+            NonZeroU32::new(limits.requests_per_ip_per_sec).unwrap_or(NonZeroU32::MIN),
+        )
+        .allow_burst(NonZeroU32::new(limits.request_burst_per_ip).unwrap_or(NonZeroU32::MIN));
+        let state = Arc::new(ServerState {
+            ca: Mutex::new(ca),
+            limiter: RateLimiter::keyed(quota),
+            in_flight: AtomicUsize::new(0),
+            limits,
+        });
+        let ep = endpoint.clone();
+        let task = tokio::spawn(async move {
+            while let Some(incoming) = ep.accept().await {
+                admit(&state, incoming);
+            }
+        });
+        tracing::info!(addr = ?endpoint.local_addr().ok(), "enrollment endpoint started");
+        Ok(Self { endpoint, task })
+    }
+
+    /// The bound address.
+    ///
+    /// # Errors
+    /// The socket's error.
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.endpoint.local_addr()
+    }
+
+    /// Stops accepting and closes connections.
+    pub async fn shutdown(self) {
+        self.endpoint.close(0u32.into(), b"shutdown");
+        self.task.abort();
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
+    }
+}
+
+fn count(outcome: &'static str) {
+    metrics::counter!("securesmart_enroll_requests_total", "outcome" => outcome).increment(1);
+}
+
+/// Releases an in-flight slot when dropped.
+struct Slot(Arc<ServerState>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Relaxed);
+    }
+}
+
+fn admit(state: &Arc<ServerState>, incoming: quinn::Incoming) {
+    let ip = incoming.remote_address().ip().to_canonical();
+    if !incoming.remote_address_validated() && incoming.may_retry() {
+        if let Err(e) = incoming.retry() {
+            e.into_incoming().ignore();
+        }
+        return;
+    }
+    if state.limiter.check_key(&ip).is_err() {
+        count("rate_limited");
+        tracing::debug!(%ip, "enrollment rate limit");
+        incoming.refuse();
+        return;
+    }
+    if state.in_flight.fetch_add(1, Relaxed) >= state.limits.max_in_flight {
+        state.in_flight.fetch_sub(1, Relaxed);
+        count("busy");
+        incoming.refuse();
+        return;
+    }
+    let slot = Slot(Arc::clone(state));
+    let state = Arc::clone(state);
+    tokio::spawn(async move {
+        let _slot = slot;
+        match tokio::time::timeout(CONNECTION_DEADLINE, serve(&state, incoming)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                count("error");
+                tracing::warn!(%ip, error = %e, "enrollment failed");
+            }
+            Err(_) => {
+                count("timeout");
+                tracing::debug!(%ip, "enrollment timed out");
+            }
+        }
+    });
+}
+
+async fn serve(state: &Arc<ServerState>, incoming: quinn::Incoming) -> Result<(), EnrollError> {
+    let conn = incoming
+        .accept()
+        .map_err(|e| EnrollError::Connection(e.to_string()))?
+        .await
+        .map_err(|e| EnrollError::Connection(e.to_string()))?;
+    let (mut send, mut recv) = conn
+        .accept_bi()
+        .await
+        .map_err(|e| EnrollError::Connection(e.to_string()))?;
+    let request = recv
+        .read_to_end(MAX_REQUEST_BYTES)
+        .await
+        .map_err(|e| EnrollError::Connection(e.to_string()))?;
+    let request = EnrollRequest::decode(&request)?;
+    let state2 = Arc::clone(state);
+    // Signing writes and fsyncs files: keep it off the async workers.
+    let outcome = tokio::task::spawn_blocking(move || {
+        let mut ca = match state2.ca.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        let csr = CertificateSigningRequestDer::from(request.csr);
+        ca.sign_csr(&csr, &request.token)
+            .map(|issued| (issued.certificate.to_vec(), ca.ca_certificate().to_vec()))
+    })
+    .await
+    .map_err(|e| EnrollError::Connection(e.to_string()))?;
+    let response = match outcome {
+        Ok((certificate, ca_certificate)) => {
+            count("issued");
+            EnrollResponse::Issued {
+                certificate,
+                ca_certificate,
+            }
+        }
+        Err(TrustCenterError::Refused(r)) => {
+            count("refused");
+            tracing::info!(ip = %conn.remote_address().ip(), reason = %r, "enrollment refused");
+            EnrollResponse::Refused(r.to_string())
+        }
+        Err(e) => {
+            count("failed");
+            tracing::error!(error = %e, "enrollment failed at the CA");
+            EnrollResponse::Refused("internal error".into())
+        }
+    };
+    send.write_all(&response.encode())
+        .await
+        .map_err(|e| EnrollError::Connection(e.to_string()))?;
+    let _ = send.finish();
+    // Wait for the node to read the answer and close.
+    let _ = tokio::time::timeout(Duration::from_secs(2), conn.closed()).await;
+    Ok(())
+}
+
+/// A node's identity obtained by enrollment.
+pub struct Enrolled {
+    /// The identity (certificate and key) for the transport.
+    pub identity: Identity,
+    /// The certificate (PEM).
+    pub certificate_pem: String,
+    /// The private key (PKCS#8 PEM).
+    pub key_pem: Zeroizing<String>,
+    /// The CA certificate the trust center returned.
+    pub ca_certificate: CertificateDer<'static>,
+}
+
+impl std::fmt::Debug for Enrolled {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Enrolled")
+            .field("identity", &self.identity)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Enrolls at the trust center at `ca_addr`: makes a key and a CSR (naming `names`, or none to
+/// get the token's names), sends it with `token`, checks the endpoint against `ca_cert` and the
+/// certificate returned against our key.
+///
+/// # Errors
+/// [`EnrollError::Refused`] with the CA's reason; connection, decoding and mismatch errors.
+pub async fn enroll(
+    ca_addr: SocketAddr,
+    ca_cert: &CertificateDer<'static>,
+    token: &str,
+    names: &[String],
+) -> Result<Enrolled, EnrollError> {
+    let (key_pem, csr_pem) = key_and_csr(names)?;
+    let csr =
+        CertificateSigningRequestDer::from_pem_slice(csr_pem.as_bytes()).map_err(setup_err)?;
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca_cert.clone()).map_err(setup_err)?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(setup_err)?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![ALPN_ENROLL.to_vec()];
+    let quic = QuicClientConfig::try_from(Arc::new(tls)).map_err(setup_err)?;
+    let local: SocketAddr = if ca_addr.is_ipv6() {
+        "[::]:0"
+    } else {
+        "0.0.0.0:0"
+    }
+    .parse()
+    .map_err(setup_err)?;
+    let mut endpoint = quinn::Endpoint::client(local).map_err(setup_err)?;
+    endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(quic)));
+    let server_name = ServerName::IpAddress(ca_addr.ip().into())
+        .to_str()
+        .into_owned();
+    let exchange = async {
+        let conn = endpoint
+            .connect(ca_addr, &server_name)
+            .map_err(|e| EnrollError::Connection(e.to_string()))?
+            .await
+            .map_err(|e| EnrollError::Connection(e.to_string()))?;
+        let (mut send, mut recv) = conn
+            .open_bi()
+            .await
+            .map_err(|e| EnrollError::Connection(e.to_string()))?;
+        let request = EnrollRequest {
+            token: token.to_owned(),
+            csr: csr.to_vec(),
+        };
+        send.write_all(&request.encode())
+            .await
+            .map_err(|e| EnrollError::Connection(e.to_string()))?;
+        let _ = send.finish();
+        let response = recv
+            .read_to_end(MAX_RESPONSE_BYTES)
+            .await
+            .map_err(|e| EnrollError::Connection(e.to_string()))?;
+        conn.close(0u32.into(), b"done");
+        Ok::<_, EnrollError>(EnrollResponse::decode(&response)?)
+    };
+    let response = tokio::time::timeout(CONNECTION_DEADLINE, exchange)
+        .await
+        .map_err(|_| EnrollError::Connection("timed out".into()))??;
+    endpoint.wait_idle().await;
+    let (certificate, ca_certificate) = match response {
+        EnrollResponse::Issued {
+            certificate,
+            ca_certificate,
+        } => (certificate, ca_certificate),
+        EnrollResponse::Refused(reason) => return Err(EnrollError::Refused(reason)),
+    };
+    let certificate = CertificateDer::from(certificate);
+    let certificate_pem =
+        securesmart_transport::pki::pem_encode("CERTIFICATE", certificate.as_ref());
+    let identity = Identity::from_pem(&certificate_pem, &key_pem)
+        .map_err(|e| EnrollError::Mismatch(e.to_string()))?;
+    // The certificate must certify the key we generated.
+    let ours =
+        rcgen::KeyPair::from_pem(&key_pem).map_err(|e| EnrollError::Mismatch(e.to_string()))?;
+    let our_id = NodeId::from_spki(&rcgen::PublicKeyData::subject_public_key_info(&ours));
+    if identity.id() != our_id {
+        return Err(EnrollError::Mismatch("certificate for another key".into()));
+    }
+    Ok(Enrolled {
+        identity,
+        certificate_pem,
+        key_pem,
+        ca_certificate: CertificateDer::from(ca_certificate),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_round_trip_and_bad_ones_are_errors() {
+        let req = EnrollRequest {
+            token: "ab".repeat(32),
+            csr: vec![1, 2, 3],
+        };
+        assert_eq!(EnrollRequest::decode(&req.encode()), Ok(req.clone()));
+        let mut bad = req.encode();
+        bad.push(0);
+        assert_eq!(EnrollRequest::decode(&bad), Err(WireError::Trailing(1)));
+        let mut wrong_version = req.encode();
+        wrong_version[0] = 9;
+        assert!(EnrollRequest::decode(&wrong_version).is_err());
+        let too_long = EnrollRequest {
+            token: "x".repeat(MAX_TOKEN_BYTES + 1),
+            csr: vec![],
+        };
+        assert!(matches!(
+            EnrollRequest::decode(&too_long.encode()),
+            Err(WireError::TooLong { .. })
+        ));
+        for resp in [
+            EnrollResponse::Issued {
+                certificate: vec![9; 10],
+                ca_certificate: vec![8; 4],
+            },
+            EnrollResponse::Refused("no".into()),
+        ] {
+            assert_eq!(EnrollResponse::decode(&resp.encode()), Ok(resp));
+        }
+        assert!(EnrollResponse::decode(&[VERSION, 7]).is_err());
+    }
+}

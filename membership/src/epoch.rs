@@ -1,0 +1,732 @@
+//! Membership epochs and the commands that change them.
+//!
+//! A [`Membership`] is the agreed view of the system at one epoch: its members (node id ->
+//! certificate, replica-plane and client-plane addresses, role), the current CRL, and the
+//! derived fault threshold `f = (n - 1) / 3` over the `n` replicas and quorum `2f + 1`.
+//!
+//! Changes are [`MembershipCommand`]s carried by the ordering layer as ordinary requests. Every
+//! replica runs [`Membership::apply`] on each command at the same log position; `apply` depends
+//! only on the current membership, the command and the `now` time recorded in the log entry (not
+//! on a local clock), so all correct replicas reach the same epoch and the same members.
+//! A refused command changes nothing and does not advance the epoch.
+//!
+//! Validation: an `AddNode` certificate must chain to the CA, not be revoked by the current CRL,
+//! name role replica, and not belong to a member already; `RemoveNode` must name a member and may
+//! never leave fewer than [`MIN_REPLICAS`] replicas; `UpdateCrl` must carry a CRL signed by the CA
+//! with a CRL number above the current one, and removes every member it revokes (keeping at
+//! least [`MIN_REPLICAS`], or the update is refused).
+//!
+//! Encoding (version 1): `version u8 | tag u8 | fields`, integers big-endian, byte strings with a
+//! u32 length; limits [`MAX_CERT_BYTES`], [`MAX_KEY_PACKAGE_BYTES`], [`MAX_CRL_BYTES`]; the
+//! decoder must consume the whole input.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, UnixTime};
+use securesmart_transport::{CertInfo, NodeId, Role, TrustConfig, TrustState};
+
+use crate::wire::{Reader, WireError, Writer};
+
+/// The fewest replicas a membership may have (n = 3f + 1 with f >= 1).
+pub const MIN_REPLICAS: usize = 4;
+/// Largest certificate in a command.
+pub const MAX_CERT_BYTES: usize = 16 * 1024;
+/// Largest MLS key package in a command.
+pub const MAX_KEY_PACKAGE_BYTES: usize = 64 * 1024;
+/// Largest CRL in a command.
+pub const MAX_CRL_BYTES: usize = 1024 * 1024;
+/// Encoding version.
+const VERSION: u8 = 1;
+
+/// One member of the system.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Member {
+    /// Its certificate (DER).
+    pub certificate: CertificateDer<'static>,
+    /// Replica-plane address.
+    pub replica_addr: SocketAddr,
+    /// Client-plane address.
+    pub client_addr: SocketAddr,
+    /// Its role (from the certificate).
+    pub role: Role,
+    /// Its MLS key package as submitted (used by the group-key layer).
+    pub key_package: Vec<u8>,
+}
+
+/// A change of membership, as ordered by the ordering layer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum MembershipCommand {
+    /// Admit a replica.
+    AddNode {
+        /// Its certificate (DER).
+        certificate: Vec<u8>,
+        /// Its MLS key package.
+        key_package: Vec<u8>,
+        /// Replica-plane address.
+        replica_addr: SocketAddr,
+        /// Client-plane address.
+        client_addr: SocketAddr,
+    },
+    /// Remove a member.
+    RemoveNode {
+        /// Its node id.
+        id: NodeId,
+    },
+    /// Replace the CRL.
+    UpdateCrl {
+        /// The CRL (DER).
+        crl: Vec<u8>,
+    },
+}
+
+/// Why a command was refused (identically at every correct replica).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum CommandRefusal {
+    /// The certificate does not parse or names no role.
+    #[error("bad certificate: {0}")]
+    BadCertificate(String),
+    /// The certificate does not verify against the CA and current CRL.
+    #[error("certificate refused: {0}")]
+    CertificateRefused(String),
+    /// Only replicas join the membership.
+    #[error("the certificate's role is not replica")]
+    NotReplica,
+    /// The node is a member already.
+    #[error("already a member")]
+    AlreadyMember,
+    /// No such member.
+    #[error("not a member")]
+    NotMember,
+    /// The change would leave fewer than the minimum replicas.
+    #[error("would leave {0} replicas, fewer than the minimum of {MIN_REPLICAS}")]
+    TooFewReplicas(usize),
+    /// The CRL does not parse or is not signed by the CA.
+    #[error("bad CRL: {0}")]
+    BadCrl(String),
+    /// The CRL is not newer than the current one.
+    #[error("CRL number {new} is not above the current {current}")]
+    StaleCrl {
+        /// The command's CRL number.
+        new: u64,
+        /// The current CRL number.
+        current: u64,
+    },
+}
+
+/// The agreed membership at one epoch.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Membership {
+    epoch: u64,
+    ca: CertificateDer<'static>,
+    members: BTreeMap<NodeId, Member>,
+    crl: Option<(u64, CertificateRevocationListDer<'static>)>,
+}
+
+/// What an applied command changed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Applied {
+    /// A replica joined.
+    Added(NodeId),
+    /// A member left.
+    Removed(NodeId),
+    /// The CRL changed; these members were revoked and removed.
+    CrlUpdated {
+        /// Members removed because the CRL revokes them.
+        removed: Vec<NodeId>,
+    },
+}
+
+impl Membership {
+    /// The genesis membership: epoch 0 with `members`, checked like `AddNode` each, with at
+    /// least [`MIN_REPLICAS`] replicas.
+    ///
+    /// # Errors
+    /// The first [`CommandRefusal`] that applies.
+    pub fn genesis(
+        ca: CertificateDer<'static>,
+        members: Vec<Member>,
+        now: UnixTime,
+    ) -> Result<Self, CommandRefusal> {
+        let mut m = Self {
+            epoch: 0,
+            ca,
+            members: BTreeMap::new(),
+            crl: None,
+        };
+        for member in members {
+            let id = m.admit(&member.certificate, now)?;
+            m.members.insert(id, member);
+        }
+        if m.replicas() < MIN_REPLICAS {
+            return Err(CommandRefusal::TooFewReplicas(m.replicas()));
+        }
+        Ok(m)
+    }
+
+    /// The epoch number (advances by one per applied command).
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// The members.
+    pub fn members(&self) -> &BTreeMap<NodeId, Member> {
+        &self.members
+    }
+
+    /// Number of replicas n.
+    pub fn replicas(&self) -> usize {
+        self.members
+            .values()
+            .filter(|m| m.role == Role::Replica)
+            .count()
+    }
+
+    /// Faults tolerated: f = (n - 1) / 3.
+    pub fn f(&self) -> usize {
+        self.replicas().saturating_sub(1) / 3
+    }
+
+    /// Quorum size 2f + 1.
+    pub fn quorum(&self) -> usize {
+        2 * self.f() + 1
+    }
+
+    /// Replies a client needs: f + 1.
+    pub fn reply_quorum(&self) -> usize {
+        self.f() + 1
+    }
+
+    /// The current CRL (number and DER), if any.
+    pub fn crl(&self) -> Option<&(u64, CertificateRevocationListDer<'static>)> {
+        self.crl.as_ref()
+    }
+
+    /// The transport trust configuration this membership implies for the replica plane: the
+    /// CA, the CRL, and the replicas with their replica-plane addresses.
+    pub fn replica_trust(&self) -> TrustConfig {
+        let mut t = TrustConfig::new(self.ca.clone());
+        t.crls = self.crl.iter().map(|(_, c)| c.clone()).collect();
+        for (id, m) in &self.members {
+            if m.role == Role::Replica {
+                t.peers.insert(*id, m.replica_addr);
+            }
+        }
+        t
+    }
+
+    /// A trust state of the CA, the current CRL and all members.
+    fn member_trust(&self) -> Result<TrustState, CommandRefusal> {
+        let mut trust = TrustConfig::new(self.ca.clone());
+        trust.crls = self.crl.iter().map(|(_, c)| c.clone()).collect();
+        trust.peers = self
+            .members
+            .keys()
+            .map(|id| (*id, SocketAddr::from((Ipv6Addr::LOCALHOST, 0))))
+            .collect();
+        TrustState::new(trust).map_err(|e| CommandRefusal::BadCrl(e.to_string()))
+    }
+
+    /// Checks a certificate against the CA and the current CRL, as a replica's.
+    fn admit(&self, cert: &[u8], now: UnixTime) -> Result<NodeId, CommandRefusal> {
+        let der = CertificateDer::from(cert.to_vec());
+        let info =
+            CertInfo::parse(&der).map_err(|e| CommandRefusal::BadCertificate(e.to_string()))?;
+        if info.role != Role::Replica {
+            return Err(CommandRefusal::NotReplica);
+        }
+        if self.members.contains_key(&info.id) {
+            return Err(CommandRefusal::AlreadyMember);
+        }
+        let mut trust = TrustConfig::new(self.ca.clone());
+        trust.crls = self.crl.iter().map(|(_, c)| c.clone()).collect();
+        trust
+            .peers
+            .insert(info.id, SocketAddr::from((Ipv4Addr::LOCALHOST, 0)));
+        let state = TrustState::new(trust)
+            .map_err(|e| CommandRefusal::CertificateRefused(e.to_string()))?;
+        state
+            .verify_replica(&[der], now)
+            .map_err(|r| CommandRefusal::CertificateRefused(r.to_string()))?;
+        Ok(info.id)
+    }
+
+    /// Applies an ordered command: the same result at every correct replica for the same
+    /// membership, command and log time `now`. On success the epoch advances by one.
+    ///
+    /// # Errors
+    /// [`CommandRefusal`]; the membership is then unchanged.
+    pub fn apply(
+        &mut self,
+        command: &MembershipCommand,
+        now: UnixTime,
+    ) -> Result<Applied, CommandRefusal> {
+        let applied = match command {
+            MembershipCommand::AddNode {
+                certificate,
+                key_package,
+                replica_addr,
+                client_addr,
+            } => {
+                let id = self.admit(certificate, now)?;
+                self.members.insert(
+                    id,
+                    Member {
+                        certificate: CertificateDer::from(certificate.clone()),
+                        replica_addr: *replica_addr,
+                        client_addr: *client_addr,
+                        role: Role::Replica,
+                        key_package: key_package.clone(),
+                    },
+                );
+                Applied::Added(id)
+            }
+            MembershipCommand::RemoveNode { id } => {
+                let member = self.members.get(id).ok_or(CommandRefusal::NotMember)?;
+                if member.role == Role::Replica && self.replicas() <= MIN_REPLICAS {
+                    return Err(CommandRefusal::TooFewReplicas(self.replicas() - 1));
+                }
+                self.members.remove(id);
+                Applied::Removed(*id)
+            }
+            MembershipCommand::UpdateCrl { crl } => {
+                let der = CertificateRevocationListDer::from(crl.clone());
+                let number = crl_number(&der)?;
+                let current = self.crl.as_ref().map_or(0, |(n, _)| *n);
+                if number <= current {
+                    return Err(CommandRefusal::StaleCrl {
+                        new: number,
+                        current,
+                    });
+                }
+                let mut next = self.clone();
+                next.crl = Some((number, der));
+                let (old_state, new_state) = (self.member_trust()?, next.member_trust()?);
+                // Members the new CRL revokes leave. Any other change of a member's verdict
+                // (a CRL from another issuer, a forged signature, one expired at `now`) means
+                // the CRL is not one our CA issued for now: refuse it rather than cut everyone
+                // off.
+                let mut revoked = Vec::new();
+                for (id, m) in self.members.iter().filter(|(_, m)| m.role == Role::Replica) {
+                    let chain = [m.certificate.clone()];
+                    match new_state.verify_replica(&chain, now).map(|_| ()) {
+                        Err(securesmart_transport::Refusal::Revoked) => revoked.push(*id),
+                        verdict if verdict != old_state.verify_replica(&chain, now).map(|_| ()) => {
+                            return Err(CommandRefusal::BadCrl(
+                                "not a current CRL of our CA".into(),
+                            ));
+                        }
+                        _ => {}
+                    }
+                }
+                let remaining = self.replicas() - revoked.len();
+                if remaining < MIN_REPLICAS {
+                    return Err(CommandRefusal::TooFewReplicas(remaining));
+                }
+                for id in &revoked {
+                    next.members.remove(id);
+                }
+                *self = next;
+                Applied::CrlUpdated { removed: revoked }
+            }
+        };
+        self.epoch += 1;
+        Ok(applied)
+    }
+}
+
+/// The CRL number of a CRL (strict parse; the signature is checked against members' chains).
+fn crl_number(der: &CertificateRevocationListDer<'_>) -> Result<u64, CommandRefusal> {
+    use x509_parser::prelude::FromDer;
+    let (rest, crl) =
+        x509_parser::revocation_list::CertificateRevocationList::from_der(der.as_ref())
+            .map_err(|e| CommandRefusal::BadCrl(e.to_string()))?;
+    if !rest.is_empty() {
+        return Err(CommandRefusal::BadCrl("trailing bytes".into()));
+    }
+    let n = crl
+        .crl_number()
+        .ok_or_else(|| CommandRefusal::BadCrl("no CRL number".into()))?;
+    u64::try_from(n.clone()).map_err(|_| CommandRefusal::BadCrl("CRL number too large".into()))
+}
+
+fn put_addr(w: &mut Writer, addr: &SocketAddr) {
+    match addr.ip() {
+        IpAddr::V4(ip) => {
+            w.u8(4).raw(&ip.octets());
+        }
+        IpAddr::V6(ip) => {
+            w.u8(6).raw(&ip.octets());
+        }
+    }
+    w.raw(&addr.port().to_be_bytes());
+}
+
+fn get_addr(r: &mut Reader<'_>) -> Result<SocketAddr, WireError> {
+    let ip = match r.u8()? {
+        4 => IpAddr::from(r.array::<4>()?),
+        6 => IpAddr::from(r.array::<16>()?),
+        other => {
+            return Err(WireError::Unknown {
+                what: "address family",
+                value: other.into(),
+            });
+        }
+    };
+    Ok(SocketAddr::new(ip, u16::from_be_bytes(r.array()?)))
+}
+
+impl MembershipCommand {
+    /// Encodes the command (version 1).
+    pub fn encode(&self) -> Vec<u8> {
+        let mut w = Writer::default();
+        w.u8(VERSION);
+        match self {
+            MembershipCommand::AddNode {
+                certificate,
+                key_package,
+                replica_addr,
+                client_addr,
+            } => {
+                w.u8(1).bytes(certificate).bytes(key_package);
+                put_addr(&mut w, replica_addr);
+                put_addr(&mut w, client_addr);
+            }
+            MembershipCommand::RemoveNode { id } => {
+                w.u8(2).raw(id.as_bytes());
+            }
+            MembershipCommand::UpdateCrl { crl } => {
+                w.u8(3).bytes(crl);
+            }
+        }
+        w.buf
+    }
+
+    /// Decodes a command; the whole input must be one command within the limits.
+    ///
+    /// # Errors
+    /// [`WireError`] saying what is wrong.
+    pub fn decode(buf: &[u8]) -> Result<Self, WireError> {
+        let mut r = Reader::new(buf);
+        let version = r.u8()?;
+        if version != VERSION {
+            return Err(WireError::Unknown {
+                what: "version",
+                value: version.into(),
+            });
+        }
+        let cmd = match r.u8()? {
+            1 => MembershipCommand::AddNode {
+                certificate: r.bytes("certificate", MAX_CERT_BYTES)?.to_vec(),
+                key_package: r.bytes("key package", MAX_KEY_PACKAGE_BYTES)?.to_vec(),
+                replica_addr: get_addr(&mut r)?,
+                client_addr: get_addr(&mut r)?,
+            },
+            2 => MembershipCommand::RemoveNode {
+                id: NodeId::from_bytes(r.array()?),
+            },
+            3 => MembershipCommand::UpdateCrl {
+                crl: r.bytes("crl", MAX_CRL_BYTES)?.to_vec(),
+            },
+            tag => {
+                return Err(WireError::Unknown {
+                    what: "command",
+                    value: tag.into(),
+                });
+            }
+        };
+        r.finish()?;
+        Ok(cmd)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::trust_center::{Reason, RevokeTarget, RoleName, TrustCenter, key_and_csr};
+    use rustls::pki_types::pem::PemObject;
+    use std::time::Duration;
+
+    struct Fixture {
+        ca: TrustCenter,
+        dir: std::path::PathBuf,
+    }
+
+    impl Drop for Fixture {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    fn fixture() -> Fixture {
+        let dir = std::env::temp_dir().join(format!("ss-epoch-{:016x}", rand::random::<u64>()));
+        Fixture {
+            ca: TrustCenter::init(&dir, "epoch CA").unwrap(),
+            dir,
+        }
+    }
+
+    fn issue(ca: &mut TrustCenter, name: &str, role: RoleName) -> Vec<u8> {
+        let token = ca
+            .create_token(role, &[name.into()], Duration::from_secs(600))
+            .unwrap();
+        let (_k, csr) = key_and_csr(&[name.into()]).unwrap();
+        let csr = rustls::pki_types::CertificateSigningRequestDer::from_pem_slice(csr.as_bytes())
+            .unwrap();
+        ca.sign_csr(&csr, &token).unwrap().certificate.to_vec()
+    }
+
+    fn member(cert: Vec<u8>, port: u16) -> Member {
+        Member {
+            certificate: CertificateDer::from(cert),
+            replica_addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            client_addr: SocketAddr::from(([127, 0, 0, 1], port + 1000)),
+            role: Role::Replica,
+            key_package: vec![port as u8],
+        }
+    }
+
+    fn add(cert: Vec<u8>, port: u16) -> MembershipCommand {
+        MembershipCommand::AddNode {
+            certificate: cert,
+            key_package: vec![1, 2, 3],
+            replica_addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            client_addr: SocketAddr::from(([127, 0, 0, 1], port + 1000)),
+        }
+    }
+
+    fn genesis(fx: &mut Fixture, n: u16) -> Membership {
+        let members = (0..n)
+            .map(|i| {
+                member(
+                    issue(&mut fx.ca, &format!("r{i}"), RoleName::Replica),
+                    7000 + i,
+                )
+            })
+            .collect();
+        Membership::genesis(fx.ca.ca_certificate(), members, UnixTime::now()).unwrap()
+    }
+
+    #[test]
+    fn quorum_arithmetic_follows_n() {
+        let mut fx = fixture();
+        let mut m = genesis(&mut fx, 4);
+        assert_eq!(
+            (m.replicas(), m.f(), m.quorum(), m.reply_quorum()),
+            (4, 1, 3, 2)
+        );
+        for i in 0..3 {
+            let cert = issue(&mut fx.ca, &format!("x{i}"), RoleName::Replica);
+            m.apply(&add(cert, 7100 + i), UnixTime::now()).unwrap();
+        }
+        assert_eq!((m.replicas(), m.f(), m.quorum(), m.epoch()), (7, 2, 5, 3));
+        let three: Vec<Member> = (0..3)
+            .map(|i| {
+                member(
+                    issue(&mut fx.ca, &format!("s{i}"), RoleName::Replica),
+                    7200 + i,
+                )
+            })
+            .collect();
+        assert_eq!(
+            Membership::genesis(fx.ca.ca_certificate(), three, UnixTime::now()),
+            Err(CommandRefusal::TooFewReplicas(3))
+        );
+    }
+
+    #[test]
+    fn add_and_remove_are_validated_and_refusals_change_nothing() {
+        let mut fx = fixture();
+        let mut m = genesis(&mut fx, 4);
+        let now = UnixTime::now();
+        let newcomer = issue(&mut fx.ca, "new", RoleName::Replica);
+        let client = issue(&mut fx.ca, "client", RoleName::Client);
+        let mut other = fixture();
+        let foreign = issue(&mut other.ca, "foreign", RoleName::Replica);
+        let before = m.clone();
+        for (cmd, expected) in [
+            (add(vec![1, 2, 3], 1), "bad certificate"),
+            (add(client, 1), "not replica"),
+            (add(foreign, 1), "certificate refused"),
+            (
+                add(
+                    before
+                        .members()
+                        .values()
+                        .next()
+                        .unwrap()
+                        .certificate
+                        .to_vec(),
+                    1,
+                ),
+                "already a member",
+            ),
+            (
+                MembershipCommand::RemoveNode {
+                    id: NodeId::from_bytes([7; 32]),
+                },
+                "not a member",
+            ),
+            (
+                MembershipCommand::RemoveNode {
+                    id: *before.members().keys().next().unwrap(),
+                },
+                "fewer than the minimum",
+            ),
+        ] {
+            let err = m.apply(&cmd, now).unwrap_err().to_string();
+            assert!(err.to_lowercase().contains(expected), "{err} vs {expected}");
+            assert_eq!(m, before, "a refused command changes nothing");
+        }
+        let Applied::Added(id) = m.apply(&add(newcomer, 7300), now).unwrap() else {
+            panic!()
+        };
+        assert_eq!((m.epoch(), m.replicas()), (1, 5));
+        assert_eq!(
+            m.replica_trust().peers.get(&id),
+            Some(&SocketAddr::from(([127, 0, 0, 1], 7300)))
+        );
+        assert_eq!(
+            m.apply(&MembershipCommand::RemoveNode { id }, now),
+            Ok(Applied::Removed(id))
+        );
+        assert_eq!((m.epoch(), m.replicas()), (2, 4));
+    }
+
+    #[test]
+    fn crl_updates_remove_revoked_members_and_refuse_stale_or_foreign_crls() {
+        let mut fx = fixture();
+        let mut m = genesis(&mut fx, 5);
+        let now = UnixTime::now();
+        let victim = *m.members().keys().nth(2).unwrap();
+        fx.ca
+            .revoke(&RevokeTarget::NodeId(victim), Reason::KeyCompromise)
+            .unwrap();
+        let crl = fx.ca.crl(Duration::from_secs(3600)).unwrap().to_vec();
+        let mut other = fixture();
+        let foreign = other.ca.crl(Duration::from_secs(3600)).unwrap().to_vec();
+        let before = m.clone();
+        let err = m
+            .apply(
+                &MembershipCommand::UpdateCrl {
+                    crl: foreign.clone(),
+                },
+                now,
+            )
+            .unwrap_err();
+        assert!(matches!(err, CommandRefusal::BadCrl(_)), "{err}");
+        assert_eq!(m, before);
+        assert_eq!(
+            m.apply(&MembershipCommand::UpdateCrl { crl: crl.clone() }, now),
+            Ok(Applied::CrlUpdated {
+                removed: vec![victim]
+            })
+        );
+        assert_eq!((m.epoch(), m.replicas()), (1, 4));
+        assert!(matches!(
+            m.apply(&MembershipCommand::UpdateCrl { crl }, now),
+            Err(CommandRefusal::StaleCrl { .. })
+        ));
+        // A revoked certificate cannot rejoin.
+        let victim_cert = before.members()[&victim].certificate.to_vec();
+        assert!(matches!(
+            m.apply(&add(victim_cert, 1), now),
+            Err(CommandRefusal::CertificateRefused(_))
+        ));
+        // A CRL that would leave fewer than four replicas is refused.
+        let two: Vec<NodeId> = m.members().keys().take(1).copied().collect();
+        fx.ca
+            .revoke(&RevokeTarget::NodeId(two[0]), Reason::Superseded)
+            .unwrap();
+        let crl2 = fx.ca.crl(Duration::from_secs(3600)).unwrap().to_vec();
+        assert_eq!(
+            m.apply(&MembershipCommand::UpdateCrl { crl: crl2 }, now),
+            Err(CommandRefusal::TooFewReplicas(3))
+        );
+    }
+
+    #[test]
+    fn replicas_applying_the_same_log_agree() {
+        let mut fx = fixture();
+        let genesis = genesis(&mut fx, 4);
+        let mut log = Vec::new();
+        for i in 0..3 {
+            log.push(add(
+                issue(&mut fx.ca, &format!("j{i}"), RoleName::Replica),
+                7400 + i,
+            ));
+        }
+        log.push(add(vec![0; 10], 1)); // refused everywhere alike
+        log.push(MembershipCommand::RemoveNode {
+            id: *genesis.members().keys().next().unwrap(),
+        });
+        let now = UnixTime::now();
+        let run = |log: &[MembershipCommand]| {
+            let mut m = genesis.clone();
+            let outcomes: Vec<bool> = log
+                .iter()
+                .map(|c| {
+                    m.apply(&MembershipCommand::decode(&c.encode()).unwrap(), now)
+                        .is_ok()
+                })
+                .collect();
+            (m, outcomes)
+        };
+        let (a, oa) = run(&log);
+        let (b, ob) = run(&log);
+        assert_eq!(a, b);
+        assert_eq!(oa, ob);
+        assert_eq!(oa, vec![true, true, true, false, true]);
+        assert_eq!(a.epoch(), 4);
+    }
+
+    #[test]
+    fn command_encoding_round_trips_and_rejects_malformed_input() {
+        let cmds = [
+            add(vec![1; 40], 9),
+            MembershipCommand::AddNode {
+                certificate: vec![],
+                key_package: vec![5; 3],
+                replica_addr: "[::1]:5".parse().unwrap(),
+                client_addr: "[2001:db8::1]:6".parse().unwrap(),
+            },
+            MembershipCommand::RemoveNode {
+                id: NodeId::from_bytes([3; 32]),
+            },
+            MembershipCommand::UpdateCrl { crl: vec![9; 100] },
+        ];
+        for c in &cmds {
+            let bytes = c.encode();
+            assert_eq!(MembershipCommand::decode(&bytes).as_ref(), Ok(c));
+            for cut in 0..bytes.len() {
+                assert!(
+                    MembershipCommand::decode(&bytes[..cut]).is_err(),
+                    "truncated at {cut}"
+                );
+            }
+            let mut long = bytes.clone();
+            long.push(0);
+            assert_eq!(
+                MembershipCommand::decode(&long),
+                Err(WireError::Trailing(1))
+            );
+        }
+        assert!(
+            MembershipCommand::decode(&[2, 1]).is_err(),
+            "unknown version"
+        );
+        assert!(
+            MembershipCommand::decode(&[1, 9]).is_err(),
+            "unknown command"
+        );
+        let mut huge = vec![1, 3];
+        huge.extend_from_slice(&u32::MAX.to_be_bytes());
+        assert!(matches!(
+            MembershipCommand::decode(&huge),
+            Err(WireError::TooLong { .. })
+        ));
+    }
+}
