@@ -5,6 +5,8 @@
 //! - `state.json`: the index of issued certificates (serial, node id, names, role, validity,
 //!   revocation), the CRL number, and the enrollment tokens (only their hashes).
 //! - `certs/<serial>.pem`: every issued certificate.
+//! - `lock`: held exclusively during each change, so several processes (`ca serve` and
+//!   `ca revoke`, say) can share the directory; each change starts from the state on disk.
 //!
 //! Every change is written atomically (see `store`). Issuing writes the certificate file and
 //! then the index, in which the token is marked used together with the new entry; a certificate
@@ -363,6 +365,9 @@ impl TrustCenter {
         let key_pem = Zeroizing::new(key.serialize_pem());
         store::write_atomic(&key_path, key_pem.as_bytes(), 0o600, &mut faults)?;
         store::write_atomic(&cert_path, cert.pem().as_bytes(), 0o644, &mut faults)?;
+        // The lock file exists from the start, so that no later operation (not even a refused
+        // one) adds a file to the directory.
+        store::write_atomic(&dir.join("lock"), b"", 0o600, &mut faults)?;
         let state = State {
             version: STATE_VERSION,
             crl_number: 0,
@@ -911,6 +916,11 @@ mod tests {
     fn every_refusal_has_its_reason_and_changes_nothing() {
         let dir = TempDir::new("refusals");
         let mut ca = TrustCenter::init(&dir.0, "ca").unwrap();
+        // Even the very first operation, refused, adds nothing to a fresh directory.
+        let fresh = snapshot(&dir.0);
+        let (_k, csr) = key_and_csr(&["node1".into()]).unwrap();
+        assert!(ca.sign_csr(&csr_der(&csr), "00").is_err());
+        assert_eq!(snapshot(&dir.0), fresh);
         let names = vec!["node1".to_string(), "127.0.0.1".to_string()];
         let token = ca.create_token(RoleName::Replica, &names, HOUR).unwrap();
         let expired = ca
