@@ -17,6 +17,8 @@ const TARGETS: &[(&str, Body)] = &[
     ("membership_command", membership::membership_command),
     ("enroll_request", membership::enroll_request),
     ("csr", membership::csr),
+    ("mls_message", membership::mls_message),
+    ("sealed_open", membership::sealed_open),
 ];
 
 fn root() -> &'static Path {
@@ -54,4 +56,36 @@ fn every_fuzz_target_has_a_replayed_corpus() {
             "fuzz target {name} has no replay"
         );
     }
+}
+
+/// Writes seed inputs made from real MLS messages into `fuzz/corpus/{mls_message,sealed_open}`.
+/// A tool, not a check: `cargo test --test fuzz_corpus -- --ignored write_group_seeds`.
+#[test]
+#[ignore]
+fn write_group_seeds() {
+    use securesmart::membership::{GroupConfig, GroupMember};
+    use securesmart::transport::{Role, pki::DevCa};
+    use std::time::Duration;
+    let ca = DevCa::new("seed CA").unwrap();
+    let a_id = ca.issue_role("a", Role::Replica).unwrap();
+    let b_id = ca.issue_role("b", Role::Replica).unwrap();
+    let mut a = GroupMember::new(&a_id, GroupConfig::default()).unwrap();
+    let mut b = GroupMember::new(&b_id, GroupConfig::default()).unwrap();
+    a.create(Duration::ZERO).unwrap();
+    let kp = b.key_package().unwrap();
+    let add = a.propose_add(&kp, &b_id.chain()[0]).unwrap();
+    let update = a.propose_update().unwrap();
+    let sealed = a.seal(b"ctx", b"seed payload").unwrap();
+    let write = |target: &str, name: &str, data: &[u8]| {
+        let dir = root().join("fuzz/corpus").join(target);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join(name), data).unwrap();
+    };
+    write("mls_message", "add_commit", &add.commit);
+    write("mls_message", "welcome", add.welcome.as_deref().unwrap());
+    write("mls_message", "update_commit", &update.commit);
+    write("mls_message", "key_package", &kp);
+    write("sealed_open", "sealed", &sealed);
+    write("sealed_open", "short", &sealed[..20]);
+    write("sealed_open", "empty", b"");
 }

@@ -1,0 +1,1139 @@
+//! The group key: one MLS (RFC 9420, TreeKEM) group of the replicas, with the ordering layer as
+//! MLS's delivery service, and sealing of confidential payloads under a key derived from it.
+//!
+//! # Contract
+//! - Each member's MLS credential is a basic credential whose identity is its [`NodeId`], and
+//!   its MLS signature key is the Ed25519 key of its certificate: the same key signs TLS
+//!   handshakes and MLS messages. A key package is accepted for an `AddNode` only if both match
+//!   the certificate in the command ([`GroupMember::check_key_package`]).
+//! - Commits take effect only through [`GroupMember::apply_commit`], called with the commits in
+//!   the order the ordering layer delivers them. Every member applies the same commits in the
+//!   same order; a commit made for another epoch (stale, replayed, or the loser of two competing
+//!   commits) is refused by every member alike, and so is one from a non-member or with a bad
+//!   signature. A member's own commit is merged only when it comes back in that order.
+//! - After each epoch change the payload key is `BLAKE3-derive_key(PAYLOAD_KEY_CONTEXT,
+//!   MLS-Exporter(EXPORTER_LABEL, "", 32))`; payloads are sealed with AES-256-GCM-SIV and a
+//!   random nonce. A sealed payload names its epoch and sender; the AAD binds the domain tag,
+//!   epoch, sender and a caller-given context (e.g. view and sequence number). The keys of the
+//!   last `keep_epochs` epochs stay usable for in-flight messages; older ones are erased
+//!   (zeroized). Sealing gives confidentiality to the group; the sender's authenticity comes
+//!   from the authenticated channel and the consensus signatures, not from the shared key.
+//! - [`RotationPolicy`] says when to commit an Update (by age of the epoch or by the number of
+//!   payloads sealed in it) for forward secrecy and post-compromise security.
+//! - With a state file, the member's MLS state (the openmls storage) and its key ring are
+//!   written atomically (mode 0600) after every change, so a restarted member is still a member.
+//!
+//! Sealed format: `version=1 u8 | epoch u64 | sender [32] | nonce [12] | ciphertext+tag`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::RwLock;
+use std::time::Duration;
+
+use aes_gcm_siv::aead::{Aead, KeyInit, Payload};
+use aes_gcm_siv::{Aes256GcmSiv, Nonce};
+use openmls::prelude::tls_codec::{Deserialize as _, Serialize as _};
+use openmls::prelude::{
+    BasicCredential, Ciphersuite, CredentialWithKey, GroupId, KeyPackage, KeyPackageIn,
+    LeafNodeIndex, LeafNodeParameters, MlsGroup, MlsGroupCreateConfig, MlsGroupJoinConfig,
+    MlsMessageBodyIn, MlsMessageIn, ProcessedMessageContent, ProtocolVersion, StagedWelcome,
+};
+use openmls_basic_credential::SignatureKeyPair;
+use openmls_memory_storage::MemoryStorage;
+use openmls_rust_crypto::RustCrypto;
+use openmls_traits::OpenMlsProvider;
+use openmls_traits::types::SignatureScheme;
+use rustls::pki_types::CertificateDer;
+use securesmart_transport::{Identity, NodeId};
+use x509_parser::prelude::{FromDer, X509Certificate};
+use zeroize::Zeroizing;
+
+use crate::store::{self, Faults};
+use crate::wire::{Reader, WireError, Writer};
+
+/// The MLS ciphersuite of the group.
+pub const CIPHERSUITE: Ciphersuite = Ciphersuite::MLS_128_DHKEMX25519_AES128GCM_SHA256_Ed25519;
+/// MLS exporter label of the payload key.
+pub const EXPORTER_LABEL: &str = "securesmart payload key";
+/// BLAKE3 `derive_key` context of the payload key (versioned).
+pub const PAYLOAD_KEY_CONTEXT: &str = "securesmart 2026-11-24 payload key v1";
+/// Domain tag at the start of every sealed payload's AAD.
+pub const SEALED_AAD_TAG: &[u8] = b"securesmart sealed payload v1";
+/// Sealed-payload format version.
+const SEALED_VERSION: u8 = 1;
+/// Bytes before the ciphertext.
+const SEALED_HEADER: usize = 1 + 8 + 32 + 12;
+/// Largest MLS message accepted by [`GroupMember::apply_commit`] and friends.
+pub const MAX_MLS_MESSAGE_BYTES: usize = 1024 * 1024;
+/// State-file format version.
+const STATE_VERSION: u8 = 1;
+/// Largest state file read back.
+const MAX_STATE_BYTES: usize = 256 * 1024 * 1024;
+
+/// Errors of the group layer. Those caused by a peer's input are distinct from local ones.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum GroupError {
+    /// The identity's key is not an Ed25519 key this layer can use.
+    #[error("the node key is not a usable Ed25519 key")]
+    BadNodeKey,
+    /// An MLS operation failed locally.
+    #[error("MLS: {0}")]
+    Mls(String),
+    /// An MLS message (commit, welcome, key package) is malformed or does not verify.
+    #[error("invalid MLS message: {0}")]
+    InvalidMessage(String),
+    /// A commit was refused: made for another epoch, by a non-member, or not verifying.
+    #[error("commit refused: {0}")]
+    CommitRefused(String),
+    /// A key package's credential or key does not match the certificate.
+    #[error("key package does not match the certificate: {0}")]
+    KeyPackageMismatch(String),
+    /// The operation needs a group and this member has none (not joined, or removed).
+    #[error("not a member of the group")]
+    NotMember,
+    /// No member with that node id.
+    #[error("no member {0}")]
+    UnknownMember(NodeId),
+    /// A sealed payload names an epoch whose key this member does not hold.
+    #[error("no key for epoch {0}")]
+    UnknownEpoch(u64),
+    /// A sealed payload is malformed.
+    #[error("malformed sealed payload")]
+    Malformed,
+    /// A sealed payload does not authenticate (tampered ciphertext, nonce, epoch, sender or
+    /// context).
+    #[error("sealed payload does not authenticate")]
+    Tampered,
+    /// The state file could not be written or read.
+    #[error("state: {0}")]
+    State(String),
+}
+
+fn mls_err(e: impl std::fmt::Debug) -> GroupError {
+    GroupError::Mls(format!("{e:?}"))
+}
+
+/// When to rotate the group key with an Update commit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RotationPolicy {
+    /// Rotate once the epoch is this old.
+    pub max_age: Duration,
+    /// Rotate once this many payloads were sealed in the epoch.
+    pub max_sealed: u64,
+}
+
+impl Default for RotationPolicy {
+    fn default() -> Self {
+        Self {
+            max_age: Duration::from_secs(600),
+            max_sealed: 1_000_000,
+        }
+    }
+}
+
+/// Configuration of a member.
+#[derive(Clone, Debug)]
+pub struct GroupConfig {
+    /// Epoch keys kept for in-flight payloads, the current one included (at least 1).
+    pub keep_epochs: usize,
+    /// Key rotation.
+    pub rotation: RotationPolicy,
+    /// Where the member's state is persisted (none: memory only).
+    pub state_file: Option<PathBuf>,
+}
+
+impl Default for GroupConfig {
+    fn default() -> Self {
+        Self {
+            keep_epochs: 3,
+            rotation: RotationPolicy::default(),
+            state_file: None,
+        }
+    }
+}
+
+/// The openmls provider of one member: crypto from RustCrypto, storage in memory that we
+/// persist ourselves.
+#[derive(Default)]
+struct Provider {
+    crypto: RustCrypto,
+    storage: MemoryStorage,
+}
+
+impl OpenMlsProvider for Provider {
+    type CryptoProvider = RustCrypto;
+    type RandProvider = RustCrypto;
+    type StorageProvider = MemoryStorage;
+
+    fn storage(&self) -> &MemoryStorage {
+        &self.storage
+    }
+
+    fn crypto(&self) -> &RustCrypto {
+        &self.crypto
+    }
+
+    fn rand(&self) -> &RustCrypto {
+        &self.crypto
+    }
+}
+
+/// A payload opened by [`GroupMember::open`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Opened {
+    /// The epoch it was sealed in.
+    pub epoch: u64,
+    /// The sender it names.
+    pub sender: NodeId,
+    /// The plaintext.
+    pub plaintext: Vec<u8>,
+}
+
+/// A commit built by this member, to be ordered; the Welcome goes to the joiner once the commit
+/// has been applied.
+#[derive(Clone, Debug)]
+pub struct Proposal {
+    /// The commit (an MLS message), to submit to the ordering layer.
+    pub commit: Vec<u8>,
+    /// For an Add: the Welcome (an MLS message) for the new member.
+    pub welcome: Option<Vec<u8>>,
+}
+
+/// What applying an ordered commit did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum CommitOutcome {
+    /// The group moved to this epoch.
+    Advanced(u64),
+    /// The commit removed this member: it holds no key of the new epoch.
+    Removed,
+}
+
+/// Extracts the Ed25519 seed from a PKCS#8 document (RFC 8410 v1, or v2 as ring writes it):
+/// `30 len 02 01 ver 30 05 06 03 2b 65 70 04 22 04 20 <seed>`.
+fn ed25519_seed(pkcs8: &[u8]) -> Option<Zeroizing<Vec<u8>>> {
+    const MIDDLE: [u8; 11] = [
+        0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22, 0x04, 0x20,
+    ];
+    if pkcs8.first() != Some(&0x30) || pkcs8.get(2..4) != Some(&[0x02, 0x01]) {
+        return None;
+    }
+    if pkcs8.get(5..16) != Some(&MIDDLE[..]) {
+        return None;
+    }
+    pkcs8.get(16..48).map(|s| Zeroizing::new(s.to_vec()))
+}
+
+/// The raw Ed25519 public key in a certificate, if it is one.
+fn ed25519_public(cert: &CertificateDer<'_>) -> Option<Vec<u8>> {
+    let (_, x509) = X509Certificate::from_der(cert.as_ref()).ok()?;
+    let spki = &x509.tbs_certificate.subject_pki;
+    (spki.algorithm.algorithm.to_id_string() == "1.3.101.112")
+        .then(|| spki.subject_public_key.data.to_vec())
+        .filter(|k| k.len() == 32)
+}
+
+/// One member of the replicas' MLS group (see the module doc).
+pub struct GroupMember {
+    id: NodeId,
+    provider: Provider,
+    signer: SignatureKeyPair,
+    credential: CredentialWithKey,
+    group: Option<MlsGroup>,
+    keys: BTreeMap<u64, Zeroizing<[u8; 32]>>,
+    pending: Option<Vec<u8>>,
+    sealed_in_epoch: u64,
+    epoch_started: Duration,
+    config: GroupConfig,
+    faults: Faults,
+}
+
+impl std::fmt::Debug for GroupMember {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GroupMember")
+            .field("id", &self.id)
+            .field("epoch", &self.epoch())
+            .finish_non_exhaustive()
+    }
+}
+
+impl GroupMember {
+    /// A member for `identity` that is not in a group yet. With `config.state_file` set and
+    /// present, the member's state is restored from it (a restart).
+    ///
+    /// # Errors
+    /// [`GroupError::BadNodeKey`] when the identity's key is not Ed25519; state errors.
+    pub fn new(identity: &Identity, config: GroupConfig) -> Result<Self, GroupError> {
+        let key = identity.private_key();
+        let seed = ed25519_seed(key.secret_der()).ok_or(GroupError::BadNodeKey)?;
+        let leaf = identity.chain().first().ok_or(GroupError::BadNodeKey)?;
+        let public = ed25519_public(leaf).ok_or(GroupError::BadNodeKey)?;
+        let signer =
+            SignatureKeyPair::from_raw(SignatureScheme::ED25519, seed.to_vec(), public.clone());
+        let credential = CredentialWithKey {
+            credential: BasicCredential::new(identity.id().as_bytes().to_vec()).into(),
+            signature_key: public.into(),
+        };
+        let mut member = Self {
+            id: identity.id(),
+            provider: Provider::default(),
+            signer,
+            credential,
+            group: None,
+            keys: BTreeMap::new(),
+            pending: None,
+            sealed_in_epoch: 0,
+            epoch_started: Duration::ZERO,
+            config,
+            faults: Faults::default(),
+        };
+        if member.config.keep_epochs == 0 {
+            member.config.keep_epochs = 1;
+        }
+        if let Some(path) = member.config.state_file.clone()
+            && path.exists()
+        {
+            member.restore(&path)?;
+        }
+        Ok(member)
+    }
+
+    /// This member's node id.
+    pub fn id(&self) -> NodeId {
+        self.id
+    }
+
+    /// The current epoch, if in a group.
+    pub fn epoch(&self) -> Option<u64> {
+        self.group.as_ref().map(|g| g.epoch().as_u64())
+    }
+
+    /// Node ids of the group's members, in leaf order.
+    pub fn members(&self) -> Vec<NodeId> {
+        self.group
+            .as_ref()
+            .map(|g| {
+                g.members()
+                    .filter_map(|m| member_id(&m.credential))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Creates the group with this member alone (the first replica does this at genesis).
+    ///
+    /// # Errors
+    /// MLS and state errors.
+    pub fn create(&mut self, now: Duration) -> Result<(), GroupError> {
+        let config = MlsGroupCreateConfig::builder()
+            .ciphersuite(CIPHERSUITE)
+            .use_ratchet_tree_extension(true)
+            .build();
+        let group = MlsGroup::new_with_group_id(
+            &self.provider,
+            &self.signer,
+            &config,
+            GroupId::from_slice(b"securesmart replicas"),
+            self.credential.clone(),
+        )
+        .map_err(mls_err)?;
+        self.group = Some(group);
+        self.entered_epoch(now)
+    }
+
+    /// A fresh key package (an MLS message) for joining, bound to this member's credential.
+    ///
+    /// # Errors
+    /// MLS and state errors.
+    pub fn key_package(&mut self) -> Result<Vec<u8>, GroupError> {
+        let bundle = KeyPackage::builder()
+            .build(
+                CIPHERSUITE,
+                &self.provider,
+                &self.signer,
+                self.credential.clone(),
+            )
+            .map_err(mls_err)?;
+        let bytes = bundle
+            .key_package()
+            .tls_serialize_detached()
+            .map_err(mls_err)?;
+        self.persist()?;
+        Ok(bytes)
+    }
+
+    /// Checks that `key_package` verifies and is bound to `certificate`: its credential names
+    /// the certificate's node id and its signature key is the certificate's key.
+    ///
+    /// # Errors
+    /// [`GroupError::InvalidMessage`] or [`GroupError::KeyPackageMismatch`].
+    pub fn check_key_package(
+        &self,
+        key_package: &[u8],
+        certificate: &CertificateDer<'_>,
+    ) -> Result<KeyPackage, GroupError> {
+        if key_package.len() > MAX_MLS_MESSAGE_BYTES {
+            return Err(GroupError::InvalidMessage("too large".into()));
+        }
+        let kp = KeyPackageIn::tls_deserialize_exact(key_package)
+            .map_err(|e| GroupError::InvalidMessage(e.to_string()))?
+            .validate(self.provider.crypto(), ProtocolVersion::Mls10)
+            .map_err(|e| GroupError::InvalidMessage(format!("{e:?}")))?;
+        if kp.ciphersuite() != CIPHERSUITE {
+            return Err(GroupError::KeyPackageMismatch("ciphersuite".into()));
+        }
+        let expected = NodeId::from_certificate(certificate)
+            .map_err(|e| GroupError::KeyPackageMismatch(e.to_string()))?;
+        let leaf = kp.leaf_node();
+        if member_id(leaf.credential()) != Some(expected) {
+            return Err(GroupError::KeyPackageMismatch(
+                "credential names another node".into(),
+            ));
+        }
+        let key = ed25519_public(certificate).ok_or_else(|| {
+            GroupError::KeyPackageMismatch("certificate key is not Ed25519".into())
+        })?;
+        if leaf.signature_key().as_slice() != key.as_slice() {
+            return Err(GroupError::KeyPackageMismatch(
+                "signature key is not the certificate's".into(),
+            ));
+        }
+        Ok(kp)
+    }
+
+    /// Builds an Add commit for the node holding `certificate`, after checking its key package.
+    ///
+    /// # Errors
+    /// Key package, MLS and state errors.
+    pub fn propose_add(
+        &mut self,
+        key_package: &[u8],
+        certificate: &CertificateDer<'_>,
+    ) -> Result<Proposal, GroupError> {
+        self.propose_add_many(&[(key_package, certificate)])
+    }
+
+    /// Builds one Add commit for several nodes (e.g. the replicas of a genesis), after checking
+    /// each key package against its certificate; one Welcome serves them all.
+    ///
+    /// # Errors
+    /// Key package, MLS and state errors.
+    pub fn propose_add_many(
+        &mut self,
+        joiners: &[(&[u8], &CertificateDer<'_>)],
+    ) -> Result<Proposal, GroupError> {
+        let kps = joiners
+            .iter()
+            .map(|(kp, cert)| self.check_key_package(kp, cert))
+            .collect::<Result<Vec<_>, _>>()?;
+        self.drop_pending()?;
+        let (provider, signer) = (&self.provider, &self.signer);
+        let group = self.group.as_mut().ok_or(GroupError::NotMember)?;
+        let (commit, welcome, _) = group.add_members(provider, signer, &kps).map_err(mls_err)?;
+        let commit = commit.tls_serialize_detached().map_err(mls_err)?;
+        let welcome = welcome.tls_serialize_detached().map_err(mls_err)?;
+        self.pending = Some(commit.clone());
+        self.persist()?;
+        Ok(Proposal {
+            commit,
+            welcome: Some(welcome),
+        })
+    }
+
+    /// Builds a Remove commit for member `id`.
+    ///
+    /// # Errors
+    /// [`GroupError::UnknownMember`], MLS and state errors.
+    pub fn propose_remove(&mut self, id: NodeId) -> Result<Proposal, GroupError> {
+        let index: LeafNodeIndex = self
+            .group
+            .as_ref()
+            .ok_or(GroupError::NotMember)?
+            .members()
+            .find(|m| member_id(&m.credential) == Some(id))
+            .map(|m| m.index)
+            .ok_or(GroupError::UnknownMember(id))?;
+        self.drop_pending()?;
+        let (provider, signer) = (&self.provider, &self.signer);
+        let group = self.group.as_mut().ok_or(GroupError::NotMember)?;
+        let (commit, _, _) = group
+            .remove_members(provider, signer, &[index])
+            .map_err(mls_err)?;
+        let commit = commit.tls_serialize_detached().map_err(mls_err)?;
+        self.pending = Some(commit.clone());
+        self.persist()?;
+        Ok(Proposal {
+            commit,
+            welcome: None,
+        })
+    }
+
+    /// Builds an Update commit (fresh leaf keys: forward secrecy and post-compromise security).
+    ///
+    /// # Errors
+    /// MLS and state errors.
+    pub fn propose_update(&mut self) -> Result<Proposal, GroupError> {
+        self.drop_pending()?;
+        let (provider, signer) = (&self.provider, &self.signer);
+        let group = self.group.as_mut().ok_or(GroupError::NotMember)?;
+        let bundle = group
+            .self_update(provider, signer, LeafNodeParameters::default())
+            .map_err(mls_err)?;
+        let commit = bundle
+            .into_commit()
+            .tls_serialize_detached()
+            .map_err(mls_err)?;
+        self.pending = Some(commit.clone());
+        self.persist()?;
+        Ok(Proposal {
+            commit,
+            welcome: None,
+        })
+    }
+
+    /// Forgets a commit of ours that was not (or not yet) ordered.
+    fn drop_pending(&mut self) -> Result<(), GroupError> {
+        if self.pending.take().is_some()
+            && let Some(group) = self.group.as_mut()
+        {
+            group
+                .clear_pending_commit(self.provider.storage())
+                .map_err(mls_err)?;
+        }
+        Ok(())
+    }
+
+    /// Applies the next commit in the order the ordering layer gave (see the module doc).
+    /// `now` is the caller's clock, used only for the rotation policy.
+    ///
+    /// # Errors
+    /// [`GroupError::CommitRefused`] (nothing changed), malformed input, MLS and state errors.
+    pub fn apply_commit(
+        &mut self,
+        commit: &[u8],
+        now: Duration,
+    ) -> Result<CommitOutcome, GroupError> {
+        if commit.len() > MAX_MLS_MESSAGE_BYTES {
+            return Err(GroupError::InvalidMessage("too large".into()));
+        }
+        if self.group.is_none() {
+            return Err(GroupError::NotMember);
+        }
+        if self.pending.as_deref() == Some(commit) {
+            // Our own commit came back first in the order: merge it.
+            self.pending = None;
+            let group = self.group.as_mut().ok_or(GroupError::NotMember)?;
+            group
+                .merge_pending_commit(&self.provider)
+                .map_err(mls_err)?;
+        } else {
+            let message = MlsMessageIn::tls_deserialize_exact(commit)
+                .map_err(|e| GroupError::InvalidMessage(e.to_string()))?
+                .try_into_protocol_message()
+                .map_err(|e| GroupError::InvalidMessage(format!("{e:?}")))?;
+            let provider = &self.provider;
+            let group = self.group.as_mut().ok_or(GroupError::NotMember)?;
+            let processed = group
+                .process_message(provider, message)
+                .map_err(|e| GroupError::CommitRefused(format!("{e:?}")))?;
+            let ProcessedMessageContent::StagedCommitMessage(staged) = processed.into_content()
+            else {
+                return Err(GroupError::CommitRefused("not a commit".into()));
+            };
+            // This commit wins the epoch: a commit of ours for it is void. (A refused commit
+            // above left ours in place: it may still come in the order.)
+            if self.pending.take().is_some() {
+                group
+                    .clear_pending_commit(provider.storage())
+                    .map_err(mls_err)?;
+            }
+            group
+                .merge_staged_commit(provider, *staged)
+                .map_err(mls_err)?;
+        }
+        let active = self.group.as_ref().is_some_and(MlsGroup::is_active);
+        if !active {
+            // Removed: the new epoch's secrets were never ours; forget the group.
+            self.group = None;
+            self.persist()?;
+            return Ok(CommitOutcome::Removed);
+        }
+        self.entered_epoch(now)?;
+        Ok(CommitOutcome::Advanced(self.epoch().unwrap_or_default()))
+    }
+
+    /// Joins the group from a Welcome (after the Add commit that produced it was ordered).
+    ///
+    /// # Errors
+    /// Malformed input, MLS and state errors.
+    pub fn join(&mut self, welcome: &[u8], now: Duration) -> Result<(), GroupError> {
+        if welcome.len() > MAX_MLS_MESSAGE_BYTES {
+            return Err(GroupError::InvalidMessage("too large".into()));
+        }
+        let MlsMessageBodyIn::Welcome(welcome) = MlsMessageIn::tls_deserialize_exact(welcome)
+            .map_err(|e| GroupError::InvalidMessage(e.to_string()))?
+            .extract()
+        else {
+            return Err(GroupError::InvalidMessage("not a Welcome".into()));
+        };
+        let config = MlsGroupJoinConfig::builder()
+            .use_ratchet_tree_extension(true)
+            .build();
+        let group = StagedWelcome::new_from_welcome(&self.provider, &config, welcome, None)
+            .map_err(|e| GroupError::InvalidMessage(format!("{e:?}")))?
+            .into_group(&self.provider)
+            .map_err(mls_err)?;
+        self.group = Some(group);
+        self.entered_epoch(now)
+    }
+
+    /// Derives the new epoch's payload key, erases keys older than the window, persists.
+    fn entered_epoch(&mut self, now: Duration) -> Result<(), GroupError> {
+        let group = self.group.as_ref().ok_or(GroupError::NotMember)?;
+        let epoch = group.epoch().as_u64();
+        let exporter = Zeroizing::new(
+            group
+                .export_secret(self.provider.crypto(), EXPORTER_LABEL, &[], 32)
+                .map_err(mls_err)?,
+        );
+        self.keys.insert(
+            epoch,
+            Zeroizing::new(blake3::derive_key(PAYLOAD_KEY_CONTEXT, &exporter)),
+        );
+        while self.keys.len() > self.config.keep_epochs {
+            // Dropping a Zeroizing key erases it.
+            self.keys.pop_first();
+        }
+        self.sealed_in_epoch = 0;
+        self.epoch_started = now;
+        self.persist()
+    }
+
+    /// Whether the rotation policy asks for an Update commit now.
+    pub fn needs_rotation(&self, now: Duration) -> bool {
+        self.group.is_some()
+            && (now.saturating_sub(self.epoch_started) >= self.config.rotation.max_age
+                || self.sealed_in_epoch >= self.config.rotation.max_sealed)
+    }
+
+    /// Epochs whose keys this member holds.
+    pub fn key_epochs(&self) -> Vec<u64> {
+        self.keys.keys().copied().collect()
+    }
+
+    /// Seals `plaintext` under the current epoch's key, binding `context`.
+    ///
+    /// # Errors
+    /// [`GroupError::NotMember`] without a group.
+    pub fn seal(&mut self, context: &[u8], plaintext: &[u8]) -> Result<Vec<u8>, GroupError> {
+        let epoch = self.epoch().ok_or(GroupError::NotMember)?;
+        let key = self
+            .keys
+            .get(&epoch)
+            .ok_or(GroupError::UnknownEpoch(epoch))?;
+        let nonce: [u8; 12] = rand::random();
+        let aad = aad(epoch, &self.id, context);
+        let cipher = Aes256GcmSiv::new_from_slice(key.as_ref()).map_err(mls_err)?;
+        let ciphertext = cipher
+            .encrypt(
+                &Nonce::from(nonce),
+                Payload {
+                    msg: plaintext,
+                    aad: &aad,
+                },
+            )
+            .map_err(|_| GroupError::Mls("seal".into()))?;
+        let mut w = Writer::default();
+        w.u8(SEALED_VERSION)
+            .raw(&epoch.to_be_bytes())
+            .raw(self.id.as_bytes())
+            .raw(&nonce)
+            .raw(&ciphertext);
+        self.sealed_in_epoch += 1;
+        Ok(w.buf)
+    }
+
+    /// Opens a sealed payload with the key of the epoch it names, checking `context`.
+    ///
+    /// # Errors
+    /// [`GroupError::Malformed`], [`GroupError::UnknownEpoch`] (e.g. a removed member and a new
+    /// epoch, or an epoch older than the window), [`GroupError::Tampered`].
+    pub fn open(&self, sealed: &[u8], context: &[u8]) -> Result<Opened, GroupError> {
+        let Sealed {
+            epoch,
+            sender,
+            nonce,
+            ciphertext,
+        } = parse_sealed(sealed)?;
+        let key = self
+            .keys
+            .get(&epoch)
+            .ok_or(GroupError::UnknownEpoch(epoch))?;
+        let cipher = Aes256GcmSiv::new_from_slice(key.as_ref()).map_err(mls_err)?;
+        let plaintext = cipher
+            .decrypt(
+                &Nonce::from(nonce),
+                Payload {
+                    msg: ciphertext,
+                    aad: &aad(epoch, &sender, context),
+                },
+            )
+            .map_err(|_| GroupError::Tampered)?;
+        Ok(Opened {
+            epoch,
+            sender,
+            plaintext,
+        })
+    }
+
+    /// Writes the state file (if configured) atomically, mode 0600.
+    fn persist(&mut self) -> Result<(), GroupError> {
+        let Some(path) = self.config.state_file.clone() else {
+            return Ok(());
+        };
+        let mut w = Writer::default();
+        w.u8(STATE_VERSION);
+        let group_id = self
+            .group
+            .as_ref()
+            .map(|g| g.group_id().as_slice().to_vec())
+            .unwrap_or_default();
+        w.bytes(&group_id);
+        w.raw(&(self.keys.len() as u32).to_be_bytes());
+        for (epoch, key) in &self.keys {
+            w.raw(&epoch.to_be_bytes()).raw(key.as_ref());
+        }
+        let values = self
+            .provider
+            .storage
+            .values
+            .read()
+            .map_err(|_| GroupError::State("storage lock".into()))?;
+        let mut entries: Vec<(&Vec<u8>, &Vec<u8>)> = values.iter().collect();
+        entries.sort();
+        w.raw(&(entries.len() as u32).to_be_bytes());
+        for (k, v) in entries {
+            w.bytes(k).bytes(v);
+        }
+        drop(values);
+        let bytes = Zeroizing::new(w.buf);
+        store::write_atomic(&path, &bytes, 0o600, &mut self.faults)
+            .map_err(|e| GroupError::State(e.to_string()))
+    }
+
+    fn restore(&mut self, path: &Path) -> Result<(), GroupError> {
+        let bytes = Zeroizing::new(
+            std::fs::read(path)
+                .map_err(|e| GroupError::State(format!("{}: {e}", path.display())))?,
+        );
+        if bytes.len() > MAX_STATE_BYTES {
+            return Err(GroupError::State("state file too large".into()));
+        }
+        let state = |e: WireError| GroupError::State(format!("{}: {e}", path.display()));
+        let mut r = Reader::new(&bytes);
+        if r.u8().map_err(state)? != STATE_VERSION {
+            return Err(GroupError::State("unknown state version".into()));
+        }
+        let group_id = r.bytes("group id", 1024).map_err(state)?.to_vec();
+        let n_keys = r.u32().map_err(state)?;
+        let mut keys = BTreeMap::new();
+        for _ in 0..n_keys.min(1024) {
+            let epoch = u64::from_be_bytes(r.array().map_err(state)?);
+            keys.insert(epoch, Zeroizing::new(r.array::<32>().map_err(state)?));
+        }
+        let n = r.u32().map_err(state)?;
+        let mut values = HashMap::new();
+        for _ in 0..n {
+            let k = r.bytes("key", MAX_STATE_BYTES).map_err(state)?.to_vec();
+            let v = r.bytes("value", MAX_STATE_BYTES).map_err(state)?.to_vec();
+            values.insert(k, v);
+        }
+        r.finish().map_err(state)?;
+        self.provider.storage = MemoryStorage {
+            values: RwLock::new(values),
+        };
+        self.keys = keys;
+        self.group = if group_id.is_empty() {
+            None
+        } else {
+            MlsGroup::load(self.provider.storage(), &GroupId::from_slice(&group_id))
+                .map_err(mls_err)?
+        };
+        Ok(())
+    }
+}
+
+/// The node id a credential names, if it is one of ours.
+fn member_id(credential: &openmls::prelude::Credential) -> Option<NodeId> {
+    let basic = BasicCredential::try_from(credential.clone()).ok()?;
+    let bytes: [u8; 32] = basic.identity().try_into().ok()?;
+    Some(NodeId::from_bytes(bytes))
+}
+
+fn aad(epoch: u64, sender: &NodeId, context: &[u8]) -> Vec<u8> {
+    let mut w = Writer::default();
+    w.raw(SEALED_AAD_TAG)
+        .raw(&epoch.to_be_bytes())
+        .raw(sender.as_bytes())
+        .bytes(context);
+    w.buf
+}
+
+/// The parts of a sealed payload.
+struct Sealed<'a> {
+    epoch: u64,
+    sender: NodeId,
+    nonce: [u8; 12],
+    ciphertext: &'a [u8],
+}
+
+/// Splits a sealed payload into its parts (the ciphertext holds at least a tag).
+fn parse_sealed(sealed: &[u8]) -> Result<Sealed<'_>, GroupError> {
+    if sealed.len() < SEALED_HEADER + 16 {
+        return Err(GroupError::Malformed);
+    }
+    let mut r = Reader::new(sealed);
+    let malformed = |_| GroupError::Malformed;
+    if r.u8().map_err(malformed)? != SEALED_VERSION {
+        return Err(GroupError::Malformed);
+    }
+    let epoch = u64::from_be_bytes(r.array().map_err(malformed)?);
+    let sender = NodeId::from_bytes(r.array().map_err(malformed)?);
+    let nonce: [u8; 12] = r.array().map_err(malformed)?;
+    let ciphertext = sealed.get(SEALED_HEADER..).ok_or(GroupError::Malformed)?;
+    Ok(Sealed {
+        epoch,
+        sender,
+        nonce,
+        ciphertext,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use securesmart_transport::Role;
+    use securesmart_transport::pki::DevCa;
+
+    const T0: Duration = Duration::ZERO;
+
+    struct Node {
+        identity: Identity,
+        member: GroupMember,
+    }
+
+    fn node(ca: &DevCa, name: &str, config: GroupConfig) -> Node {
+        let identity = ca.issue_role(name, Role::Replica).unwrap();
+        let member = GroupMember::new(&identity, config).unwrap();
+        Node { identity, member }
+    }
+
+    fn cert(n: &Node) -> CertificateDer<'static> {
+        n.identity.chain()[0].clone()
+    }
+
+    /// The ordering layer: every node still in the group applies `commit`, in one order.
+    fn order(nodes: &mut [&mut Node], commit: &[u8]) -> Vec<Result<CommitOutcome, String>> {
+        nodes
+            .iter_mut()
+            .filter(|n| n.member.epoch().is_some())
+            .map(|n| n.member.apply_commit(commit, T0).map_err(|e| e.to_string()))
+            .collect()
+    }
+
+    /// A group of `n` replicas built by Adds from the first one.
+    fn group(ca: &DevCa, n: usize) -> Vec<Node> {
+        let mut nodes: Vec<Node> = (0..n)
+            .map(|i| node(ca, &format!("r{i}"), GroupConfig::default()))
+            .collect();
+        nodes[0].member.create(T0).unwrap();
+        for i in 1..n {
+            let kp = nodes[i].member.key_package().unwrap();
+            let c = cert(&nodes[i]);
+            let p = nodes[0].member.propose_add(&kp, &c).unwrap();
+            let (done, rest) = nodes.split_at_mut(i);
+            let mut members: Vec<&mut Node> = done.iter_mut().collect();
+            assert!(order(&mut members, &p.commit).iter().all(|r| r.is_ok()));
+            rest[0].member.join(&p.welcome.unwrap(), T0).unwrap();
+        }
+        nodes
+    }
+
+    fn all(nodes: &mut [Node]) -> Vec<&mut Node> {
+        nodes.iter_mut().collect()
+    }
+
+    #[test]
+    fn four_members_derive_the_same_key() {
+        let ca = DevCa::new("mls ca").unwrap();
+        let mut nodes = group(&ca, 4);
+        let epochs: Vec<_> = nodes.iter().map(|n| n.member.epoch()).collect();
+        assert!(epochs.iter().all(|e| *e == Some(3)), "{epochs:?}");
+        assert_eq!(nodes[2].member.members().len(), 4);
+        for i in 0..4 {
+            let sealed = nodes[i]
+                .member
+                .seal(b"view 1 seq 7", b"confidential request")
+                .unwrap();
+            for n in &nodes {
+                let opened = n.member.open(&sealed, b"view 1 seq 7").unwrap();
+                assert_eq!(opened.plaintext, b"confidential request");
+                assert_eq!((opened.epoch, opened.sender), (3, nodes[i].identity.id()));
+            }
+        }
+    }
+
+    #[test]
+    fn a_removed_member_cannot_open_the_new_epoch() {
+        let ca = DevCa::new("mls ca").unwrap();
+        let mut nodes = group(&ca, 5);
+        let old = nodes[4].member.seal(b"ctx", b"before").unwrap();
+        let fifth = nodes[4].identity.id();
+        let p = nodes[1].member.propose_remove(fifth).unwrap();
+        let outcomes = order(&mut all(&mut nodes), &p.commit);
+        assert_eq!(
+            outcomes
+                .iter()
+                .filter(|o| **o == Ok(CommitOutcome::Removed))
+                .count(),
+            1
+        );
+        assert_eq!(nodes[4].member.epoch(), None);
+        let sealed = nodes[0].member.seal(b"ctx", b"after").unwrap();
+        assert!(matches!(
+            nodes[4].member.open(&sealed, b"ctx"),
+            Err(GroupError::UnknownEpoch(5))
+        ));
+        for n in &nodes[..4] {
+            assert_eq!(n.member.open(&sealed, b"ctx").unwrap().plaintext, b"after");
+            assert_eq!(
+                n.member.open(&old, b"ctx").unwrap().plaintext,
+                b"before",
+                "in-flight payloads of the last epochs"
+            );
+            assert!(!n.member.members().contains(&fifth));
+        }
+        assert!(matches!(
+            nodes[4].member.seal(b"ctx", b"x"),
+            Err(GroupError::NotMember)
+        ));
+    }
+
+    #[test]
+    fn tampered_payloads_are_refused() {
+        let ca = DevCa::new("mls ca").unwrap();
+        let mut nodes = group(&ca, 4);
+        let sealed = nodes[0].member.seal(b"view 2", b"secret").unwrap();
+        let reader = &nodes[1].member;
+        assert!(reader.open(&sealed, b"view 2").is_ok());
+        assert!(
+            matches!(reader.open(&sealed, b"view 3"), Err(GroupError::Tampered)),
+            "context"
+        );
+        let flip = |at: usize| {
+            let mut s = sealed.clone();
+            s[at] ^= 1;
+            reader.open(&s, b"view 2")
+        };
+        assert!(
+            matches!(flip(sealed.len() - 1), Err(GroupError::Tampered)),
+            "ciphertext"
+        );
+        assert!(
+            matches!(flip(1 + 8 + 32), Err(GroupError::Tampered)),
+            "nonce"
+        );
+        assert!(matches!(flip(1 + 8), Err(GroupError::Tampered)), "sender");
+        // Epoch 3 -> 2: that key is still in the window, so the AAD check refuses it.
+        assert!(
+            matches!(
+                flip(8),
+                Err(GroupError::Tampered | GroupError::UnknownEpoch(_))
+            ),
+            "epoch"
+        );
+        assert!(
+            matches!(flip(1), Err(GroupError::UnknownEpoch(_))),
+            "far epoch"
+        );
+        assert!(matches!(flip(0), Err(GroupError::Malformed)), "version");
+        assert!(matches!(
+            reader.open(&sealed[..20], b"view 2"),
+            Err(GroupError::Malformed)
+        ));
+    }
+
+    #[test]
+    fn replayed_and_losing_commits_are_refused_by_every_member() {
+        let ca = DevCa::new("mls ca").unwrap();
+        let mut nodes = group(&ca, 4);
+        let a = nodes[0].member.propose_update().unwrap();
+        let b = nodes[1].member.propose_update().unwrap();
+        // Both were made for epoch 3; the order puts a first.
+        assert!(
+            order(&mut all(&mut nodes), &a.commit)
+                .iter()
+                .all(|r| r == &Ok(CommitOutcome::Advanced(4)))
+        );
+        let second = order(&mut all(&mut nodes), &b.commit);
+        assert_eq!(second.len(), 4);
+        assert!(
+            second
+                .iter()
+                .all(|r| r.as_ref().is_err_and(|e| e.contains("commit refused"))),
+            "{second:?}"
+        );
+        let replay = order(&mut all(&mut nodes), &a.commit);
+        assert!(
+            replay.iter().all(Result::is_err),
+            "a replayed commit is refused"
+        );
+        assert!(nodes.iter().all(|n| n.member.epoch() == Some(4)));
+        let sealed = nodes[1].member.seal(b"", b"still agreed").unwrap();
+        assert!(nodes.iter().all(|n| n.member.open(&sealed, b"").is_ok()));
+    }
+
+    #[test]
+    fn commits_from_outsiders_or_with_bad_signatures_are_refused() {
+        let ca = DevCa::new("mls ca").unwrap();
+        let mut nodes = group(&ca, 4);
+        let good = nodes[2].member.propose_update().unwrap();
+        let mut forged = good.commit.clone();
+        let last = forged.len() - 1;
+        forged[last] ^= 0x55; // inside the signature or tag
+        assert!(
+            order(&mut all(&mut nodes), &forged)
+                .iter()
+                .all(Result::is_err)
+        );
+        // An outsider with its own group of the same id.
+        let mut outsider = node(&ca, "mallory", GroupConfig::default());
+        outsider.member.create(T0).unwrap();
+        let evil = outsider.member.propose_update().unwrap();
+        assert!(
+            order(&mut all(&mut nodes), &evil.commit)
+                .iter()
+                .all(Result::is_err)
+        );
+        assert!(
+            order(&mut all(&mut nodes), &[1, 2, 3])
+                .iter()
+                .all(Result::is_err),
+            "garbage"
+        );
+        assert!(nodes.iter().all(|n| n.member.epoch() == Some(3)));
+        // The genuine commit, ordered after all that, still applies everywhere.
+        assert!(
+            order(&mut all(&mut nodes), &good.commit)
+                .iter()
+                .all(Result::is_ok)
+        );
+    }
+
+    #[test]
+    fn a_key_package_must_match_the_certificate() {
+        let ca = DevCa::new("mls ca").unwrap();
+        let mut nodes = group(&ca, 1);
+        let mut c = node(&ca, "c", GroupConfig::default());
+        let d = node(&ca, "d", GroupConfig::default());
+        let kp = c.member.key_package().unwrap();
+        assert!(matches!(
+            nodes[0].member.check_key_package(&kp, &cert(&d)),
+            Err(GroupError::KeyPackageMismatch(_))
+        ));
+        assert!(matches!(
+            nodes[0].member.check_key_package(&kp[1..], &cert(&c)),
+            Err(GroupError::InvalidMessage(_))
+        ));
+        assert!(nodes[0].member.check_key_package(&kp, &cert(&c)).is_ok());
+        assert!(matches!(
+            nodes[0].member.propose_add(&kp, &cert(&d)),
+            Err(GroupError::KeyPackageMismatch(_))
+        ));
+    }
+
+    #[test]
+    fn a_restarted_member_opens_current_payloads_and_follows_commits() {
+        let ca = DevCa::new("mls ca").unwrap();
+        let mut nodes = group(&ca, 3);
+        let dir = std::env::temp_dir().join(format!("ss-mls-{:016x}", rand::random::<u64>()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let config = GroupConfig {
+            state_file: Some(dir.join("mls.state")),
+            ..GroupConfig::default()
+        };
+        let mut d = node(&ca, "durable", config.clone());
+        let kp = d.member.key_package().unwrap();
+        let p = nodes[0].member.propose_add(&kp, &cert(&d)).unwrap();
+        order(&mut all(&mut nodes), &p.commit);
+        d.member.join(&p.welcome.unwrap(), T0).unwrap();
+        nodes.push(d);
+        let before = nodes[0]
+            .member
+            .seal(b"c", b"sealed before the restart")
+            .unwrap();
+        // Restart: a new process with the same identity and state file.
+        let identity = nodes[3].identity.clone();
+        nodes[3].member = GroupMember::new(&identity, config.clone()).unwrap();
+        assert_eq!(nodes[3].member.epoch(), Some(3));
+        assert_eq!(
+            nodes[3].member.open(&before, b"c").unwrap().plaintext,
+            b"sealed before the restart"
+        );
+        let u = nodes[1].member.propose_update().unwrap();
+        assert!(
+            order(&mut all(&mut nodes), &u.commit)
+                .iter()
+                .all(Result::is_ok)
+        );
+        let after = nodes[3].member.seal(b"c", b"after").unwrap();
+        assert!(nodes[0].member.open(&after, b"c").is_ok());
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(dir.join("mls.state"))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn rotation_policy_and_key_window() {
+        let ca = DevCa::new("mls ca").unwrap();
+        let config = GroupConfig {
+            keep_epochs: 2,
+            rotation: RotationPolicy {
+                max_age: Duration::from_secs(60),
+                max_sealed: 3,
+            },
+            state_file: None,
+        };
+        let mut a = node(&ca, "a", config);
+        a.member.create(T0).unwrap();
+        assert!(!a.member.needs_rotation(Duration::from_secs(59)));
+        assert!(a.member.needs_rotation(Duration::from_secs(60)), "by age");
+        let first = a.member.seal(b"", b"epoch 0").unwrap();
+        a.member.seal(b"", b"x").unwrap();
+        a.member.seal(b"", b"x").unwrap();
+        assert!(a.member.needs_rotation(Duration::from_secs(1)), "by count");
+        for step in 1..=2u64 {
+            let u = a.member.propose_update().unwrap();
+            assert_eq!(
+                a.member
+                    .apply_commit(&u.commit, Duration::from_secs(100))
+                    .unwrap(),
+                CommitOutcome::Advanced(step)
+            );
+        }
+        assert!(!a.member.needs_rotation(Duration::from_secs(101)));
+        assert_eq!(a.member.key_epochs(), vec![1, 2]);
+        assert!(
+            matches!(a.member.open(&first, b""), Err(GroupError::UnknownEpoch(0))),
+            "erased after the window"
+        );
+    }
+}
