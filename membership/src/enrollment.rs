@@ -100,13 +100,7 @@ impl EnrollRequest {
     /// [`WireError`] saying what is wrong.
     pub fn decode(buf: &[u8]) -> Result<Self, WireError> {
         let mut r = Reader::new(buf);
-        let version = r.u8()?;
-        if version != VERSION {
-            return Err(WireError::Unknown {
-                what: "version",
-                value: version.into(),
-            });
-        }
+        r.version(VERSION)?;
         let token = r.string("token", MAX_TOKEN_BYTES)?;
         let csr = r.bytes("csr", MAX_CSR_BYTES)?.to_vec();
         r.finish()?;
@@ -156,13 +150,7 @@ impl EnrollResponse {
     /// [`WireError`] saying what is wrong.
     pub fn decode(buf: &[u8]) -> Result<Self, WireError> {
         let mut r = Reader::new(buf);
-        let version = r.u8()?;
-        if version != VERSION {
-            return Err(WireError::Unknown {
-                what: "version",
-                value: version.into(),
-            });
-        }
+        r.version(VERSION)?;
         let out = match r.u8()? {
             0 => EnrollResponse::Issued {
                 certificate: r.bytes("certificate", MAX_CERT_BYTES)?.to_vec(),

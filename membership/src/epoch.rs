@@ -21,7 +21,7 @@
 //! decoder must consume the whole input.
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 
 use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, UnixTime};
 use securesmart_transport::{CertInfo, NodeId, Role, TrustConfig, TrustState};
@@ -218,16 +218,21 @@ impl Membership {
         t
     }
 
-    /// A trust state of the CA, the current CRL and all members.
-    fn member_trust(&self) -> Result<TrustState, CommandRefusal> {
+    /// A trust state of the CA and the current CRL, with `peers` as the peer set.
+    fn trust_with(
+        &self,
+        peers: impl IntoIterator<Item = NodeId>,
+    ) -> Result<TrustState, CommandRefusal> {
         let mut trust = TrustConfig::new(self.ca.clone());
         trust.crls = self.crl.iter().map(|(_, c)| c.clone()).collect();
-        trust.peers = self
-            .members
-            .keys()
-            .map(|id| (*id, SocketAddr::from((Ipv6Addr::LOCALHOST, 0))))
-            .collect();
+        let nowhere = SocketAddr::from((Ipv6Addr::LOCALHOST, 0));
+        trust.peers = peers.into_iter().map(|id| (id, nowhere)).collect();
         TrustState::new(trust).map_err(|e| CommandRefusal::BadCrl(e.to_string()))
+    }
+
+    /// A trust state of the CA, the current CRL and all members.
+    fn member_trust(&self) -> Result<TrustState, CommandRefusal> {
+        self.trust_with(self.members.keys().copied())
     }
 
     /// Checks a certificate against the CA and the current CRL, as a replica's.
@@ -241,12 +246,8 @@ impl Membership {
         if self.members.contains_key(&info.id) {
             return Err(CommandRefusal::AlreadyMember);
         }
-        let mut trust = TrustConfig::new(self.ca.clone());
-        trust.crls = self.crl.iter().map(|(_, c)| c.clone()).collect();
-        trust
-            .peers
-            .insert(info.id, SocketAddr::from((Ipv4Addr::LOCALHOST, 0)));
-        let state = TrustState::new(trust)
+        let state = self
+            .trust_with([info.id])
             .map_err(|e| CommandRefusal::CertificateRefused(e.to_string()))?;
         state
             .verify_replica(&[der], now)
@@ -411,13 +412,7 @@ impl MembershipCommand {
     /// [`WireError`] saying what is wrong.
     pub fn decode(buf: &[u8]) -> Result<Self, WireError> {
         let mut r = Reader::new(buf);
-        let version = r.u8()?;
-        if version != VERSION {
-            return Err(WireError::Unknown {
-                what: "version",
-                value: version.into(),
-            });
-        }
+        r.version(VERSION)?;
         let cmd = match r.u8()? {
             1 => MembershipCommand::AddNode {
                 certificate: r.bytes("certificate", MAX_CERT_BYTES)?.to_vec(),

@@ -732,9 +732,7 @@ impl GroupMember {
         }
         let state = |e: WireError| GroupError::State(format!("{}: {e}", path.display()));
         let mut r = Reader::new(&bytes);
-        if r.u8().map_err(state)? != STATE_VERSION {
-            return Err(GroupError::State("unknown state version".into()));
-        }
+        r.version(STATE_VERSION).map_err(state)?;
         let group_id = r.bytes("group id", 1024).map_err(state)?.to_vec();
         let n_keys = r.u32().map_err(state)?;
         let mut keys = BTreeMap::new();
@@ -795,9 +793,7 @@ fn parse_sealed(sealed: &[u8]) -> Result<Sealed<'_>, GroupError> {
     }
     let mut r = Reader::new(sealed);
     let malformed = |_| GroupError::Malformed;
-    if r.u8().map_err(malformed)? != SEALED_VERSION {
-        return Err(GroupError::Malformed);
-    }
+    r.version(SEALED_VERSION).map_err(malformed)?;
     let epoch = u64::from_be_bytes(r.array().map_err(malformed)?);
     let sender = NodeId::from_bytes(r.array().map_err(malformed)?);
     let nonce: [u8; 12] = r.array().map_err(malformed)?;

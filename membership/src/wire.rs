@@ -71,6 +71,17 @@ impl<'a> Reader<'a> {
         Ok(out)
     }
 
+    /// A version byte, which must be `expected`.
+    pub(crate) fn version(&mut self, expected: u8) -> Result<(), WireError> {
+        match self.u8()? {
+            v if v == expected => Ok(()),
+            v => Err(WireError::Unknown {
+                what: "version",
+                value: v.into(),
+            }),
+        }
+    }
+
     /// A byte string with a u32 length prefix of at most `max`.
     pub(crate) fn bytes(&mut self, what: &'static str, max: usize) -> Result<&'a [u8], WireError> {
         let len = self.u32()? as usize;
