@@ -44,8 +44,7 @@ use openmls_rust_crypto::RustCrypto;
 use openmls_traits::OpenMlsProvider;
 use openmls_traits::types::SignatureScheme;
 use rustls::pki_types::CertificateDer;
-use securesmart_transport::{Identity, NodeId};
-use x509_parser::prelude::{FromDer, X509Certificate};
+use securesmart_transport::{Identity, NodeId, ed25519_public_key};
 use zeroize::Zeroizing;
 
 use crate::store::{self, Faults};
@@ -210,30 +209,6 @@ pub enum CommitOutcome {
     Removed,
 }
 
-/// Extracts the Ed25519 seed from a PKCS#8 document (RFC 8410 v1, or v2 as ring writes it):
-/// `30 len 02 01 ver 30 05 06 03 2b 65 70 04 22 04 20 <seed>`.
-fn ed25519_seed(pkcs8: &[u8]) -> Option<Zeroizing<Vec<u8>>> {
-    const MIDDLE: [u8; 11] = [
-        0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22, 0x04, 0x20,
-    ];
-    if pkcs8.first() != Some(&0x30) || pkcs8.get(2..4) != Some(&[0x02, 0x01]) {
-        return None;
-    }
-    if pkcs8.get(5..16) != Some(&MIDDLE[..]) {
-        return None;
-    }
-    pkcs8.get(16..48).map(|s| Zeroizing::new(s.to_vec()))
-}
-
-/// The raw Ed25519 public key in a certificate, if it is one.
-fn ed25519_public(cert: &CertificateDer<'_>) -> Option<Vec<u8>> {
-    let (_, x509) = X509Certificate::from_der(cert.as_ref()).ok()?;
-    let spki = &x509.tbs_certificate.subject_pki;
-    (spki.algorithm.algorithm.to_id_string() == "1.3.101.112")
-        .then(|| spki.subject_public_key.data.to_vec())
-        .filter(|k| k.len() == 32)
-}
-
 /// One member of the replicas' MLS group (see the module doc).
 pub struct GroupMember {
     id: NodeId,
@@ -265,10 +240,11 @@ impl GroupMember {
     /// # Errors
     /// [`GroupError::BadNodeKey`] when the identity's key is not Ed25519; state errors.
     pub fn new(identity: &Identity, config: GroupConfig) -> Result<Self, GroupError> {
-        let key = identity.private_key();
-        let seed = ed25519_seed(key.secret_der()).ok_or(GroupError::BadNodeKey)?;
-        let leaf = identity.chain().first().ok_or(GroupError::BadNodeKey)?;
-        let public = ed25519_public(leaf).ok_or(GroupError::BadNodeKey)?;
+        let seed = identity.ed25519_seed().ok_or(GroupError::BadNodeKey)?;
+        let public = identity
+            .ed25519_public()
+            .ok_or(GroupError::BadNodeKey)?
+            .to_vec();
         let signer =
             SignatureKeyPair::from_raw(SignatureScheme::ED25519, seed.to_vec(), public.clone());
         let credential = CredentialWithKey {
@@ -391,7 +367,7 @@ impl GroupMember {
                 "credential names another node".into(),
             ));
         }
-        let key = ed25519_public(certificate).ok_or_else(|| {
+        let key = ed25519_public_key(certificate).ok_or_else(|| {
             GroupError::KeyPackageMismatch("certificate key is not Ed25519".into())
         })?;
         if leaf.signature_key().as_slice() != key.as_slice() {

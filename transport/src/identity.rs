@@ -254,6 +254,29 @@ impl Identity {
         PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.key.to_vec()))
     }
 
+    /// The 32-byte Ed25519 seed of the private key, if it is an Ed25519 PKCS#8 key (RFC 8410
+    /// version 1, or version 2 as ring writes it: `30 len 02 01 ver 30 05 06 03 2b 65 70 04 22
+    /// 04 20 <seed> ...`). For layers that sign with the node key outside TLS (MLS, consensus).
+    pub fn ed25519_seed(&self) -> Option<Zeroizing<[u8; 32]>> {
+        const MIDDLE: [u8; 11] = [
+            0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22, 0x04, 0x20,
+        ];
+        let k = self.key.as_slice();
+        if k.first() != Some(&0x30) || k.get(2..4) != Some(&[0x02, 0x01]) {
+            return None;
+        }
+        if k.get(5..16) != Some(&MIDDLE[..]) {
+            return None;
+        }
+        let seed: [u8; 32] = k.get(16..48)?.try_into().ok()?;
+        Some(Zeroizing::new(seed))
+    }
+
+    /// The raw 32-byte Ed25519 public key of the leaf certificate, if it is one.
+    pub fn ed25519_public(&self) -> Option<[u8; 32]> {
+        ed25519_public_key(self.chain.first()?)
+    }
+
     /// The certificate chain as PEM (leaf first).
     pub fn chain_pem(&self) -> String {
         self.chain
@@ -272,6 +295,16 @@ impl Identity {
         let pem = Zeroizing::new(crate::pki::pem_encode("PRIVATE KEY", &self.key));
         crate::pki::write_secret_file(key, pem.as_bytes())
     }
+}
+
+/// The raw 32-byte Ed25519 public key in a certificate, if the certificate holds one.
+pub fn ed25519_public_key(cert: &CertificateDer<'_>) -> Option<[u8; 32]> {
+    let (_, x509) = X509Certificate::from_der(cert.as_ref()).ok()?;
+    let spki = &x509.tbs_certificate.subject_pki;
+    if spki.algorithm.algorithm.to_id_string() != "1.3.101.112" {
+        return None;
+    }
+    spki.subject_public_key.data.as_ref().try_into().ok()
 }
 
 impl Clone for Identity {
@@ -325,6 +358,8 @@ mod tests {
         }
         let back = Identity::from_pem_files(&c, &k).unwrap();
         assert_eq!(back.id(), id.id());
+        assert!(back.ed25519_seed().is_some());
+        assert_eq!(back.ed25519_public(), id.ed25519_public());
         assert_eq!(
             back.private_key().secret_der(),
             id.private_key().secret_der()

@@ -95,7 +95,9 @@ pub use error::{
 pub use frame::{
     Class, FRAME_HEADER_BYTES, FrameDecoder, MAX_FRAME_BYTES_LIMIT, encode_frame, frame_header,
 };
-pub use identity::{CertInfo, Identity, NodeId, ROLE_URI_CLIENT, ROLE_URI_REPLICA, Role};
+pub use identity::{
+    CertInfo, Identity, NodeId, ROLE_URI_CLIENT, ROLE_URI_REPLICA, Role, ed25519_public_key,
+};
 pub use plane::{Inbox, Message, Plane, PlaneConfig};
 pub use stats::StatsSnapshot;
 pub use trust::{TrustConfig, TrustState};
