@@ -26,7 +26,7 @@ use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, UnixTime};
 use securesmart_transport::{CertInfo, NodeId, Role, TrustConfig, TrustState};
 
-use crate::wire::{Reader, WireError, Writer};
+use securesmart_transport::wire::{Reader, WireError, Writer};
 
 /// The fewest replicas a membership may have (n = 3f + 1 with f >= 1).
 pub const MIN_REPLICAS: usize = 4;

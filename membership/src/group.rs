@@ -48,7 +48,7 @@ use securesmart_transport::{Identity, NodeId, ed25519_public_key};
 use zeroize::Zeroizing;
 
 use crate::store::{self, Faults};
-use crate::wire::{Reader, WireError, Writer};
+use securesmart_transport::wire::{Reader, WireError, Writer};
 
 /// The MLS ciphersuite of the group.
 pub const CIPHERSUITE: Ciphersuite = Ciphersuite::MLS_128_DHKEMX25519_AES128GCM_SHA256_Ed25519;

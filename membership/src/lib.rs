@@ -43,15 +43,14 @@ pub mod fuzzing;
 pub mod group;
 mod store;
 pub mod trust_center;
-mod wire;
 
 pub use enrollment::{EnrollError, Enrolled, EnrollmentServer, enroll};
 pub use epoch::{Applied, CommandRefusal, MIN_REPLICAS, Member, Membership, MembershipCommand};
 pub use group::{
     CommitOutcome, GroupConfig, GroupError, GroupMember, Opened, Proposal, RotationPolicy,
 };
+pub use securesmart_transport::wire::WireError;
 pub use trust_center::{
     EnrollmentRefusal, Issued, IssuedRecord, Reason, RevokeTarget, RoleName, TrustCenter,
     TrustCenterError, check_csr, key_and_csr,
 };
-pub use wire::WireError;

@@ -84,6 +84,7 @@ pub mod pki;
 mod plane;
 mod stats;
 mod trust;
+pub mod wire;
 
 #[doc(hidden)]
 pub mod fuzzing;

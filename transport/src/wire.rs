@@ -1,6 +1,7 @@
 //! A small binary codec for messages from untrusted peers: big-endian integers and
 //! length-prefixed byte strings, every length checked against an explicit limit, and a decoder
-//! that must consume the whole buffer.
+//! that must consume the whole buffer. The membership commands, the enrollment protocol and the
+//! consensus messages are all written with it.
 
 /// A decoding failure. Input from a peer never panics; it gets one of these.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -37,12 +38,13 @@ pub enum WireError {
 
 /// Reads fields off a buffer.
 #[derive(Debug)]
-pub(crate) struct Reader<'a> {
+pub struct Reader<'a> {
     buf: &'a [u8],
 }
 
 impl<'a> Reader<'a> {
-    pub(crate) fn new(buf: &'a [u8]) -> Self {
+    /// A reader over `buf`.
+    pub fn new(buf: &'a [u8]) -> Self {
         Self { buf }
     }
 
@@ -55,16 +57,28 @@ impl<'a> Reader<'a> {
         Ok(head)
     }
 
-    pub(crate) fn u8(&mut self) -> Result<u8, WireError> {
+    /// One byte.
+    ///
+    /// # Errors
+    /// [`WireError::Truncated`].
+    pub fn u8(&mut self) -> Result<u8, WireError> {
         let [b] = self.array::<1>()?;
         Ok(b)
     }
 
-    pub(crate) fn u32(&mut self) -> Result<u32, WireError> {
+    /// A big-endian u32.
+    ///
+    /// # Errors
+    /// [`WireError::Truncated`].
+    pub fn u32(&mut self) -> Result<u32, WireError> {
         Ok(u32::from_be_bytes(self.array()?))
     }
 
-    pub(crate) fn array<const N: usize>(&mut self) -> Result<[u8; N], WireError> {
+    /// `N` raw bytes.
+    ///
+    /// # Errors
+    /// [`WireError::Truncated`].
+    pub fn array<const N: usize>(&mut self) -> Result<[u8; N], WireError> {
         let bytes = self.take(N)?;
         let mut out = [0u8; N];
         out.copy_from_slice(bytes);
@@ -72,7 +86,10 @@ impl<'a> Reader<'a> {
     }
 
     /// A version byte, which must be `expected`.
-    pub(crate) fn version(&mut self, expected: u8) -> Result<(), WireError> {
+    ///
+    /// # Errors
+    /// [`WireError::Truncated`], [`WireError::Unknown`].
+    pub fn version(&mut self, expected: u8) -> Result<(), WireError> {
         match self.u8()? {
             v if v == expected => Ok(()),
             v => Err(WireError::Unknown {
@@ -83,7 +100,10 @@ impl<'a> Reader<'a> {
     }
 
     /// A byte string with a u32 length prefix of at most `max`.
-    pub(crate) fn bytes(&mut self, what: &'static str, max: usize) -> Result<&'a [u8], WireError> {
+    ///
+    /// # Errors
+    /// [`WireError::Truncated`], [`WireError::TooLong`].
+    pub fn bytes(&mut self, what: &'static str, max: usize) -> Result<&'a [u8], WireError> {
         let len = self.u32()? as usize;
         if len > max {
             return Err(WireError::TooLong { what, len, max });
@@ -92,13 +112,19 @@ impl<'a> Reader<'a> {
     }
 
     /// A UTF-8 string with a u32 length prefix of at most `max` bytes.
-    pub(crate) fn string(&mut self, what: &'static str, max: usize) -> Result<String, WireError> {
+    ///
+    /// # Errors
+    /// As [`Reader::bytes`], and [`WireError::Invalid`] for bad UTF-8.
+    pub fn string(&mut self, what: &'static str, max: usize) -> Result<String, WireError> {
         let b = self.bytes(what, max)?;
         String::from_utf8(b.to_vec()).map_err(|_| WireError::Invalid(what))
     }
 
     /// Ends decoding: the whole buffer must have been consumed.
-    pub(crate) fn finish(self) -> Result<(), WireError> {
+    ///
+    /// # Errors
+    /// [`WireError::Trailing`].
+    pub fn finish(self) -> Result<(), WireError> {
         if self.buf.is_empty() {
             Ok(())
         } else {
@@ -109,28 +135,32 @@ impl<'a> Reader<'a> {
 
 /// Writes fields to a buffer.
 #[derive(Debug, Default)]
-pub(crate) struct Writer {
-    pub(crate) buf: Vec<u8>,
+pub struct Writer {
+    /// The bytes written so far.
+    pub buf: Vec<u8>,
 }
 
 impl Writer {
-    pub(crate) fn u8(&mut self, v: u8) -> &mut Self {
+    /// One byte.
+    pub fn u8(&mut self, v: u8) -> &mut Self {
         self.buf.push(v);
         self
     }
 
-    pub(crate) fn u32(&mut self, v: u32) -> &mut Self {
+    /// A big-endian u32.
+    pub fn u32(&mut self, v: u32) -> &mut Self {
         self.buf.extend_from_slice(&v.to_be_bytes());
         self
     }
 
-    pub(crate) fn raw(&mut self, v: &[u8]) -> &mut Self {
+    /// Raw bytes, no prefix.
+    pub fn raw(&mut self, v: &[u8]) -> &mut Self {
         self.buf.extend_from_slice(v);
         self
     }
 
     /// A byte string with a u32 length prefix (callers keep lengths within their limits).
-    pub(crate) fn bytes(&mut self, v: &[u8]) -> &mut Self {
+    pub fn bytes(&mut self, v: &[u8]) -> &mut Self {
         self.u32(u32::try_from(v.len()).unwrap_or(u32::MAX));
         self.raw(v)
     }
