@@ -4,6 +4,7 @@
 
 use std::path::Path;
 
+use securesmart::consensus::fuzzing as consensus;
 use securesmart::membership::fuzzing as membership;
 use securesmart::transport::fuzzing as transport;
 
@@ -19,6 +20,7 @@ const TARGETS: &[(&str, Body)] = &[
     ("csr", membership::csr),
     ("mls_message", membership::mls_message),
     ("sealed_open", membership::sealed_open),
+    ("consensus_message", consensus::consensus_message),
 ];
 
 fn root() -> &'static Path {
@@ -58,11 +60,12 @@ fn every_fuzz_target_has_a_replayed_corpus() {
     }
 }
 
-/// Writes seed inputs made from real MLS messages into `fuzz/corpus/{mls_message,sealed_open}`.
-/// A tool, not a check: `cargo test --test fuzz_corpus -- --ignored write_group_seeds`.
+/// Writes seed inputs made from real messages into `fuzz/corpus/{mls_message,sealed_open,
+/// consensus_message}`. A tool, not a check: `cargo test --test fuzz_corpus -- --ignored
+/// write_seeds`.
 #[test]
 #[ignore]
-fn write_group_seeds() {
+fn write_seeds() {
     use securesmart::membership::{GroupConfig, GroupMember};
     use securesmart::transport::{Role, pki::DevCa};
     use std::time::Duration;
@@ -88,4 +91,38 @@ fn write_group_seeds() {
     write("sealed_open", "sealed", &sealed);
     write("sealed_open", "short", &sealed[..20]);
     write("sealed_open", "empty", b"");
+
+    use securesmart::consensus::message::{Digest, Message, Request, Signer, batch_digest};
+    let signer = Signer::new(&a_id).unwrap();
+    let batch = vec![Request {
+        client: b_id.id(),
+        number: 1,
+        payload: bytes::Bytes::from_static(b"put k v"),
+    }];
+    let pp = Message::PrePrepare {
+        view: 0,
+        seq: 1,
+        digest: batch_digest(&batch),
+        batch,
+    };
+    write(
+        "consensus_message",
+        "pre_prepare",
+        &signer.sign(pp).encode(),
+    );
+    let prepare = Message::Prepare {
+        view: 0,
+        seq: 1,
+        digest: Digest([1; 32]),
+    };
+    write(
+        "consensus_message",
+        "prepare",
+        &signer.sign(prepare).encode(),
+    );
+    let cp = Message::Checkpoint {
+        seq: 100,
+        state: Digest([2; 32]),
+    };
+    write("consensus_message", "checkpoint", &signer.sign(cp).encode());
 }
