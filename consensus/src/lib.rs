@@ -10,8 +10,12 @@
 //!   `consensus_message` fuzz target checks that decoding is canonical and that nothing decoded
 //!   from fuzzed bytes passes verification.
 //!
-//! The engine (normal case, checkpoints, view change, state transfer), the `Ordering`,
-//! `StateMachine` and network traits, the async driver and the simulator are still to come.
+//! - [`replica::Replica`] is the sans-IO PBFT core, so far the normal case: batching,
+//!   pre-prepare, prepare, commit, watermarks and in-order execution (see its module doc).
+//!
+//! Still to come: checkpoints and garbage collection, view change, state transfer, request
+//! deduplication and reply cache, the `Ordering`, `StateMachine` and network traits, the async
+//! driver, and the Byzantine simulator.
 //!
 //! ```
 //! use securesmart_consensus::message::{KeyRing, Message, Signer, Digest};
@@ -35,3 +39,4 @@
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod message;
+pub mod replica;
