@@ -317,6 +317,11 @@ pub enum VerifyError {
 pub struct Verified(Signed);
 
 impl Verified {
+    /// A message this replica has just signed with its own key.
+    pub(crate) fn own(signed: Signed) -> Self {
+        Self(signed)
+    }
+
     /// The verified message.
     pub fn signed(&self) -> &Signed {
         &self.0

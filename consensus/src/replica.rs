@@ -14,8 +14,15 @@
 //! *committed* with `2f + 1` matching commits, and batches are executed strictly in sequence
 //! order.
 //!
-//! Not yet here (see the consensus issue): checkpoints and garbage collection, view change,
-//! state transfer, request deduplication and the reply cache.
+//! Checkpoints: after executing every `checkpoint_interval`-th sequence number the core asks
+//! the driver for the application's state digest ([`Output::CheckpointDue`],
+//! [`Replica::handle_checkpoint_state`]), then signs and broadcasts it. With `2f + 1` matching
+//! checkpoints (and the sequence number executed here) the checkpoint is stable: its signed
+//! certificate is kept, the low watermark moves up to it, and older log slots and checkpoint
+//! messages are dropped, so memory stays bounded by the window.
+//!
+//! Not yet here (see the consensus issue): view change, state transfer, request deduplication
+//! and the reply cache.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::time::Duration;
@@ -33,8 +40,10 @@ pub struct Config {
     pub max_batch: usize,
     /// How long the primary holds a non-full batch.
     pub batch_delay: Duration,
-    /// Sequence numbers accepted above the low watermark.
+    /// Sequence numbers accepted above the low watermark (PBFT's L; typically 2K).
     pub window: Seq,
+    /// A checkpoint every this many sequence numbers (PBFT's K).
+    pub checkpoint_interval: Seq,
 }
 
 impl Config {
@@ -69,6 +78,12 @@ pub enum Output {
         /// The requests, in order.
         batch: Vec<Request>,
     },
+    /// `seq` is a checkpoint: after executing it, report the application state's digest with
+    /// [`Replica::handle_checkpoint_state`].
+    CheckpointDue {
+        /// Sequence number.
+        seq: Seq,
+    },
 }
 
 /// Why an input was ignored. The caller counts these (they are the sender's doing).
@@ -90,9 +105,6 @@ pub enum Ignored {
     /// A second, different pre-prepare for a slot (equivocation).
     #[error("conflicting pre-prepare")]
     Conflicting,
-    /// A kind of message this core does not handle yet.
-    #[error("not handled")]
-    Unhandled,
 }
 
 #[derive(Debug, Default)]
@@ -117,6 +129,14 @@ pub struct Replica {
     pending: VecDeque<Request>,
     oldest_pending: Option<Duration>,
     slots: BTreeMap<Seq, Slot>,
+    /// Checkpoint messages above the low watermark, by sequence number and sender.
+    checkpoints: BTreeMap<Seq, BTreeMap<NodeId, Verified>>,
+    /// The certificate (2f+1 matching checkpoints) of the last stable checkpoint.
+    stable: Vec<Verified>,
+    /// Messages up to one window beyond the current one, replayed when the window moves (the
+    /// others may reach a stable checkpoint a little before us). Bounded by `future_cap`.
+    future: BTreeMap<Seq, Vec<Verified>>,
+    future_len: usize,
     outputs: VecDeque<Output>,
 }
 
@@ -133,8 +153,47 @@ impl Replica {
             pending: VecDeque::new(),
             oldest_pending: None,
             slots: BTreeMap::new(),
+            checkpoints: BTreeMap::new(),
+            stable: Vec::new(),
+            future: BTreeMap::new(),
+            future_len: 0,
             outputs: VecDeque::new(),
         }
+    }
+
+    /// The low watermark: the last stable checkpoint.
+    pub fn low_watermark(&self) -> Seq {
+        self.low
+    }
+
+    /// The certificate of the last stable checkpoint (2f+1 signed, matching checkpoints), which
+    /// proves the state at the low watermark to third parties.
+    pub fn stable_certificate(&self) -> &[Verified] {
+        &self.stable
+    }
+
+    /// Log slots held (bounded by the window once checkpoints are stable).
+    pub fn slots_held(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// Messages held for the next window.
+    pub fn held_for_next_window(&self) -> usize {
+        self.future_len
+    }
+
+    /// The application's state digest after executing checkpoint `seq` (see
+    /// [`Output::CheckpointDue`]): signed and broadcast as this replica's checkpoint.
+    pub fn handle_checkpoint_state(&mut self, seq: Seq, state: Digest) {
+        if seq <= self.low || seq > self.executed {
+            return;
+        }
+        let signed = self.signer.sign(Message::Checkpoint { seq, state });
+        // Our own message: signed just now by our own key, so it is verified by construction.
+        let (me, own) = (self.id(), Verified::own(signed.clone()));
+        self.checkpoints.entry(seq).or_default().insert(me, own);
+        self.outputs.push_back(Output::Broadcast(signed));
+        self.try_stabilize(seq);
     }
 
     /// This replica's id.
@@ -220,11 +279,33 @@ impl Replica {
         }
     }
 
+    /// Messages held for the next window at most: three per replica per sequence number.
+    fn future_cap(&self) -> usize {
+        (self.config.window as usize)
+            .saturating_mul(self.config.replicas.len())
+            .saturating_mul(3)
+    }
+
     /// A verified message from another replica.
     ///
     /// # Errors
     /// [`Ignored`] saying why the message had no effect.
     pub fn handle_message(&mut self, message: Verified) -> Result<(), Ignored> {
+        let seq = match message.message() {
+            Message::PrePrepare { seq, .. }
+            | Message::Prepare { seq, .. }
+            | Message::Commit { seq, .. }
+            | Message::Checkpoint { seq, .. } => *seq,
+        };
+        let top = self.low.saturating_add(self.config.window);
+        if seq > top && seq <= top.saturating_add(self.config.window) {
+            if self.future_len >= self.future_cap() {
+                return Err(Ignored::OutOfWindow);
+            }
+            self.future_len += 1;
+            self.future.entry(seq).or_default().push(message);
+            return Ok(());
+        }
         let sender = message.sender();
         match message.message().clone() {
             Message::PrePrepare {
@@ -235,7 +316,17 @@ impl Replica {
             } => self.on_pre_prepare(sender, view, seq, digest, batch),
             Message::Prepare { view, seq, digest } => self.on_prepare(sender, view, seq, digest),
             Message::Commit { view, seq, digest } => self.on_commit(sender, view, seq, digest),
-            _ => Err(Ignored::Unhandled),
+            Message::Checkpoint { seq, .. } => {
+                if !self.in_window(seq) {
+                    return Err(Ignored::OutOfWindow);
+                }
+                self.checkpoints
+                    .entry(seq)
+                    .or_default()
+                    .insert(sender, message);
+                self.try_stabilize(seq);
+                Ok(())
+            }
         }
     }
 
@@ -358,6 +449,52 @@ impl Replica {
                 digest: *digest,
                 batch: batch.clone(),
             });
+            if self
+                .executed
+                .is_multiple_of(self.config.checkpoint_interval.max(1))
+            {
+                self.outputs
+                    .push_back(Output::CheckpointDue { seq: self.executed });
+            }
+        }
+    }
+
+    /// A checkpoint is stable with 2f+1 matching messages and once this replica has executed
+    /// it (a replica behind it will need state transfer, still to come): the low watermark
+    /// moves up, and log slots and checkpoint messages at or below it are dropped.
+    fn try_stabilize(&mut self, seq: Seq) {
+        if seq > self.executed {
+            return;
+        }
+        let Some(at) = self.checkpoints.get(&seq) else {
+            return;
+        };
+        let mut by_state: BTreeMap<Digest, Vec<&Verified>> = BTreeMap::new();
+        for v in at.values() {
+            if let Message::Checkpoint { state, .. } = v.message() {
+                by_state.entry(*state).or_default().push(v);
+            }
+        }
+        let quorum = self.quorum();
+        let Some(cert) = by_state.into_values().find(|v| v.len() >= quorum) else {
+            return;
+        };
+        self.stable = cert.into_iter().cloned().collect();
+        self.low = seq;
+        self.slots.retain(|s, _| *s > seq);
+        self.checkpoints.retain(|s, _| *s > seq);
+        if self.is_primary() && !self.pending.is_empty() {
+            // The window moved: propose what it held back.
+            self.propose();
+        }
+        // Replay held messages that the new window admits (in sequence order).
+        let top = self.low.saturating_add(self.config.window);
+        let ready: Vec<Seq> = self.future.range(..=top).map(|(s, _)| *s).collect();
+        for s in ready {
+            for m in self.future.remove(&s).unwrap_or_default() {
+                self.future_len = self.future_len.saturating_sub(1);
+                let _ = self.handle_message(m);
+            }
         }
     }
 }
@@ -392,6 +529,7 @@ mod tests {
             max_batch: 4,
             batch_delay: Duration::from_millis(5),
             window: 64,
+            checkpoint_interval: 2,
         }
     }
 
@@ -449,6 +587,16 @@ mod tests {
                         }
                     }
                     Output::Execute { seq, digest, .. } => self.log[from].push((seq, digest)),
+                    Output::CheckpointDue { seq } => {
+                        // The "application state": a hash of the executed log.
+                        let mut h = blake3::Hasher::new();
+                        for (s, d) in &self.log[from] {
+                            h.update(&s.to_be_bytes());
+                            h.update(&d.0);
+                        }
+                        let state = Digest(*h.finalize().as_bytes());
+                        self.replicas[from].handle_checkpoint_state(seq, state);
+                    }
                 }
             }
         }
@@ -571,6 +719,40 @@ mod tests {
     }
 
     #[test]
+    fn stable_checkpoints_move_the_window_and_bound_the_log() {
+        for seed in 0..seeds() {
+            let mut net = Net::new(4, seed);
+            for r in &mut net.replicas {
+                r.config.window = 4; // only four sequence numbers above the low watermark
+            }
+            for i in 0..40 {
+                net.submit(1, i); // ten batches of four
+            }
+            net.run(100_000);
+            eprintln!("checkpoint seed {seed}");
+            assert_safe(&net, &[0, 1, 2, 3]);
+            for (i, r) in net.replicas.iter().enumerate() {
+                assert_eq!(net.log[i].len(), 10, "ten batches need the window to move");
+                assert_eq!(r.low_watermark(), 10);
+                assert!(
+                    r.slots_held() <= 4,
+                    "slots above the last stable checkpoint only"
+                );
+                let cert = r.stable_certificate();
+                assert!(cert.len() >= 3, "2f+1 signed checkpoints prove the state");
+                let states: std::collections::BTreeSet<_> = cert
+                    .iter()
+                    .map(|v| match v.message() {
+                        Message::Checkpoint { seq, state } => (*seq, *state),
+                        _ => panic!("not a checkpoint"),
+                    })
+                    .collect();
+                assert_eq!(states.len(), 1, "the certificate's checkpoints match");
+            }
+        }
+    }
+
+    #[test]
     fn the_same_seed_gives_the_same_trace() {
         let run = |seed| {
             let mut net = Net::new(4, seed);
@@ -627,13 +809,26 @@ mod tests {
             r.handle_message(verify(
                 Message::Prepare {
                     view: 0,
-                    seq: 65,
+                    seq: 129,
                     digest: d
                 },
                 1
             )),
             Err(Ignored::OutOfWindow)
         );
+        // Just above the window: held for the next one (the others may be ahead of us).
+        assert_eq!(
+            r.handle_message(verify(
+                Message::Prepare {
+                    view: 0,
+                    seq: 65,
+                    digest: d
+                },
+                1
+            )),
+            Ok(())
+        );
+        assert_eq!(r.held_for_next_window(), 1);
         assert_eq!(
             r.handle_message(verify(
                 Message::Prepare {
