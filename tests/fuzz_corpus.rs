@@ -21,6 +21,7 @@ const TARGETS: &[(&str, Body)] = &[
     ("mls_message", membership::mls_message),
     ("sealed_open", membership::sealed_open),
     ("consensus_message", consensus::consensus_message),
+    ("replica_ops", consensus::replica_ops),
 ];
 
 fn root() -> &'static Path {

@@ -1,7 +1,7 @@
 //! Fuzz bodies shared by the `fuzz/` targets and the corpus-replay test. Not a stable API.
 
 // Panicking is this module's job: a failed oracle is the fuzzer's finding.
-#![allow(clippy::expect_used)]
+#![allow(clippy::expect_used, clippy::indexing_slicing)]
 
 use crate::message::{KeyRing, Limits, Signed};
 
@@ -24,5 +24,112 @@ pub fn consensus_message(data: &[u8]) {
     RING.with(|ring| {
         assert!(ring.verify(signed.clone()).is_err());
         assert!(ring.verify_batch(vec![signed]).iter().all(Result::is_err));
+    });
+}
+
+thread_local! {
+    /// Four replica identities whose keys the fuzzer "holds" (it plays Byzantine replicas).
+    static GROUP: (Vec<crate::message::Signer>, KeyRing, Vec<securesmart_transport::NodeId>) = {
+        let ca = securesmart_transport::pki::DevCa::new("fuzz group CA").expect("CA");
+        let ids: Vec<_> = (0..4)
+            .map(|i| ca.issue_role(&format!("r{i}"), securesmart_transport::Role::Replica).expect("id"))
+            .collect();
+        let ring = KeyRing::new(ids.iter().map(|i| (i.id(), i.ed25519_public().expect("key"))));
+        let signers = ids.iter().map(|i| crate::message::Signer::new(i).expect("signer")).collect();
+        (signers, ring, ids.iter().map(|i| i.id()).collect())
+    };
+}
+
+/// Feeds a sequence of operations, four bytes each, to a backup replica core: client requests,
+/// ticks, and pre-prepares, prepares, commits and checkpoints signed by any of the four
+/// replicas (the fuzzer may play all of them, so it can also equivocate). Oracles, independent
+/// of the core: execution is gap-free and in order, never two batches at one sequence number,
+/// the low watermark never passes execution, and held state stays within its bounds.
+pub fn replica_ops(data: &[u8]) {
+    use crate::message::{Digest, Message, Request, batch_digest};
+    use crate::replica::{Config, Output, Replica};
+    use std::time::Duration;
+    GROUP.with(|(signers, ring, ids)| {
+        let config = Config {
+            replicas: ids.clone(),
+            max_batch: 2,
+            batch_delay: Duration::from_millis(1),
+            window: 8,
+            checkpoint_interval: 2,
+        };
+        let me = 1usize;
+        let mut replica = Replica::new(config, crate::message::Signer::new_from(&signers[me]));
+        let batches: Vec<Vec<Request>> = (0..3u64)
+            .map(|k| {
+                (0..k)
+                    .map(|i| Request {
+                        client: ids[0],
+                        number: i,
+                        payload: bytes::Bytes::from(vec![k as u8; 3]),
+                    })
+                    .collect()
+            })
+            .collect();
+        let mut executed: Vec<(u64, Digest)> = Vec::new();
+        let mut now = Duration::ZERO;
+        for op in data.chunks_exact(4) {
+            let [kind, a, b, c] = [op[0], op[1], op[2], op[3]];
+            let sender = usize::from(a % 4);
+            let view = u64::from(b % 2);
+            let seq = u64::from(c % 20);
+            let batch = batches[usize::from(b / 2 % 3)].clone();
+            let digest = batch_digest(&batch);
+            let message = match kind % 6 {
+                0 => {
+                    replica.handle_request(
+                        batch.first().cloned().unwrap_or(Request {
+                            client: ids[2],
+                            number: u64::from(c),
+                            payload: bytes::Bytes::new(),
+                        }),
+                        now,
+                    );
+                    None
+                }
+                1 => Some(Message::PrePrepare {
+                    view,
+                    seq,
+                    digest,
+                    batch,
+                }),
+                2 => Some(Message::Prepare { view, seq, digest }),
+                3 => Some(Message::Commit { view, seq, digest }),
+                4 => Some(Message::Checkpoint {
+                    seq,
+                    state: Digest([a; 32]),
+                }),
+                _ => {
+                    now += Duration::from_millis(u64::from(c));
+                    replica.handle_tick(now);
+                    None
+                }
+            };
+            if let Some(m) = message {
+                let verified = ring
+                    .verify(signers[sender].sign(m))
+                    .expect("signed by a member");
+                let _ = replica.handle_message(verified);
+            }
+            while let Some(out) = replica.poll_output() {
+                match out {
+                    Output::Execute { seq, digest, .. } => {
+                        assert_eq!(seq, executed.len() as u64 + 1, "gap-free, in order");
+                        executed.push((seq, digest));
+                    }
+                    Output::CheckpointDue { seq } => {
+                        replica.handle_checkpoint_state(seq, Digest([seq as u8; 32]));
+                    }
+                    _ => {}
+                }
+            }
+            assert!(replica.low_watermark() <= replica.executed());
+            assert!(replica.slots_held() <= 2 * 8 + 20);
+            assert!(replica.held_for_next_window() <= 8 * 4 * 3);
+        }
     });
 }

@@ -8,10 +8,18 @@
 //!   digest. The engine will take `Verified` messages only.
 //! - Decoding takes explicit [`message::Limits`] and never panics on untrusted input; the
 //!   `consensus_message` fuzz target checks that decoding is canonical and that nothing decoded
-//!   from fuzzed bytes passes verification.
+//!   from fuzzed bytes passes verification, and `replica_ops` drives a replica core with
+//!   sequences of validly signed, possibly Byzantine messages.
 //!
-//! - [`replica::Replica`] is the sans-IO PBFT core, so far the normal case: batching,
-//!   pre-prepare, prepare, commit, watermarks and in-order execution (see its module doc).
+//! - [`replica::Replica`] is the sans-IO PBFT core, so far the normal case (batching,
+//!   pre-prepare, prepare, commit, watermarks, in-order execution) and checkpoints with log
+//!   garbage collection (see its module doc).
+//!
+//! # Deviations from PBFT (so far)
+//! - Signatures instead of MAC authenticators, so that certificates can be forwarded.
+//! - Messages up to one window above the current one are held (capped) and replayed when the
+//!   window moves, instead of being dropped and left to retransmission.
+//! - Backups do not hold client requests yet (they will, with the view-change timers).
 //!
 //! Still to come: checkpoints and garbage collection, view change, state transfer, request
 //! deduplication and reply cache, the `Ordering`, `StateMachine` and network traits, the async

@@ -362,6 +362,15 @@ impl Signer {
         })
     }
 
+    /// Another signer with the same key (for harnesses that run one node's core while also
+    /// signing as it).
+    pub fn new_from(other: &Signer) -> Self {
+        Self {
+            id: other.id,
+            key: other.key.clone(),
+        }
+    }
+
     /// This signer's node id.
     pub fn id(&self) -> NodeId {
         self.id
