@@ -21,8 +21,12 @@
 //! certificate is kept, the low watermark moves up to it, and older log slots and checkpoint
 //! messages are dropped, so memory stays bounded by the window.
 //!
-//! Not yet here (see the consensus issue): view change, state transfer, request deduplication
-//! and the reply cache.
+//! Requests execute at most once: request numbers grow per client, and a request whose number
+//! is at or below the client's last executed one is a duplicate (a retransmission, or a
+//! request a faulty primary proposed twice); the primary does not batch it, and execution drops
+//! it in sequence order at every replica alike.
+//!
+//! Not yet here (see the consensus issue): view change, state transfer, and the reply cache.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::time::Duration;
@@ -69,7 +73,9 @@ pub enum Output {
     /// Send to every other replica.
     Broadcast(Signed),
     /// Execute this batch: it is committed at `seq`, and every lower sequence number was
-    /// executed before.
+    /// executed before. Requests already executed (same client, request number at or below
+    /// the client's last executed one) are left out, identically at every replica; `digest` is
+    /// the agreed batch's.
     Execute {
         /// Sequence number.
         seq: Seq,
@@ -137,6 +143,9 @@ pub struct Replica {
     /// others may reach a stable checkpoint a little before us). Bounded by `future_cap`.
     future: BTreeMap<Seq, Vec<Verified>>,
     future_len: usize,
+    /// The highest request number executed per client (at-most-once execution). Part of the
+    /// replicated state: every replica updates it in sequence order.
+    last_executed: BTreeMap<NodeId, u64>,
     outputs: VecDeque<Output>,
 }
 
@@ -157,6 +166,7 @@ impl Replica {
             stable: Vec::new(),
             future: BTreeMap::new(),
             future_len: 0,
+            last_executed: BTreeMap::new(),
             outputs: VecDeque::new(),
         }
     }
@@ -234,6 +244,18 @@ impl Replica {
     /// accumulates here unboundedly meanwhile).
     pub fn handle_request(&mut self, request: Request, now: Duration) {
         if !self.is_primary() {
+            return;
+        }
+        // A retransmission of something executed or already waiting takes no slot.
+        let done = self
+            .last_executed
+            .get(&request.client)
+            .is_some_and(|n| request.number <= *n);
+        let waiting = self
+            .pending
+            .iter()
+            .any(|p| p.client == request.client && p.number == request.number);
+        if done || waiting {
             return;
         }
         if self.pending.is_empty() {
@@ -444,10 +466,23 @@ impl Replica {
             }
             slot.executed = true;
             self.executed += 1;
+            // At most once per (client, number): every replica filters the agreed batch the
+            // same way, in sequence order, so they all execute the same requests.
+            let mut fresh = Vec::with_capacity(batch.len());
+            for r in batch {
+                if self
+                    .last_executed
+                    .get(&r.client)
+                    .is_none_or(|n| r.number > *n)
+                {
+                    self.last_executed.insert(r.client, r.number);
+                    fresh.push(r.clone());
+                }
+            }
             self.outputs.push_back(Output::Execute {
                 seq: self.executed,
                 digest: *digest,
-                batch: batch.clone(),
+                batch: fresh,
             });
             if self
                 .executed
@@ -516,6 +551,7 @@ mod tests {
         ring: KeyRing,
         queue: Vec<(usize, Vec<u8>)>,
         log: Vec<Vec<(Seq, Digest)>>,
+        requests: Vec<Vec<(NodeId, u64)>>,
         rng: StdRng,
         now: Duration,
         /// Replicas whose outgoing pre-prepares are rewritten per receiver (equivocation).
@@ -550,6 +586,7 @@ mod tests {
                 ring,
                 queue: Vec::new(),
                 log: vec![Vec::new(); n],
+                requests: vec![Vec::new(); n],
                 rng: StdRng::seed_from_u64(seed),
                 now: Duration::ZERO,
                 equivocator: None,
@@ -586,7 +623,10 @@ mod tests {
                             self.queue.push((to, msg.encode()));
                         }
                     }
-                    Output::Execute { seq, digest, .. } => self.log[from].push((seq, digest)),
+                    Output::Execute { seq, digest, batch } => {
+                        self.log[from].push((seq, digest));
+                        self.requests[from].extend(batch.iter().map(|r| (r.client, r.number)));
+                    }
                     Output::CheckpointDue { seq } => {
                         // The "application state": a hash of the executed log.
                         let mut h = blake3::Hasher::new();
@@ -750,6 +790,42 @@ mod tests {
                 assert_eq!(states.len(), 1, "the certificate's checkpoints match");
             }
         }
+    }
+
+    #[test]
+    fn a_request_executes_at_most_once() {
+        let mut net = Net::new(4, 3);
+        for _ in 0..3 {
+            net.submit(7, 1); // the same request, retransmitted
+        }
+        net.submit(7, 2);
+        net.run(20_000);
+        net.submit(7, 1); // long after it executed
+        net.submit(7, 2);
+        net.run(20_000);
+        // A faulty primary proposing an executed request again: execution drops it.
+        let primary = 0;
+        let again = vec![Request {
+            client: NodeId::from_bytes([7; 32]),
+            number: 2,
+            payload: Bytes::new(),
+        }];
+        let pp = Message::PrePrepare {
+            view: 0,
+            seq: 2,
+            digest: batch_digest(&again),
+            batch: again,
+        };
+        let signed = net.signers[primary].sign(pp);
+        for to in 1..4 {
+            net.queue.push((to, signed.encode()));
+        }
+        net.run(20_000);
+        let client = NodeId::from_bytes([7; 32]);
+        for (i, reqs) in net.requests.iter().enumerate() {
+            assert_eq!(reqs, &vec![(client, 1), (client, 2)], "replica {i}");
+        }
+        assert_safe(&net, &[0, 1, 2, 3]);
     }
 
     #[test]
