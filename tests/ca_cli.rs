@@ -178,34 +178,24 @@ fn serve_and_enroll_over_the_network() {
         .strip_prefix("listening on ")
         .unwrap()
         .to_owned();
-    let out = bin(
-        &[
-            "enroll",
-            "--ca",
-            &addr,
-            "--ca-cert",
-            "ca/ca.pem",
-            "--token",
-            token.trim(),
-            "--out",
-            "c1",
-        ],
-        &work,
-    );
-    let again = bin(
-        &[
-            "enroll",
-            "--ca",
-            &addr,
-            "--ca-cert",
-            "ca/ca.pem",
-            "--token",
-            token.trim(),
-            "--out",
-            "c1b",
-        ],
-        &work,
-    );
+    let enroll = |out: &str| {
+        bin(
+            &[
+                "enroll",
+                "--ca",
+                &addr,
+                "--ca-cert",
+                "ca/ca.pem",
+                "--token",
+                token.trim(),
+                "--out",
+                out,
+            ],
+            &work,
+        )
+    };
+    let out = enroll("c1");
+    let again = enroll("c1b");
     server.kill().unwrap();
     let _ = server.wait();
     assert!(

@@ -870,61 +870,28 @@ mod tests {
         );
         let verify = |m: Message, from: usize| net.ring.verify(net.signers[from].sign(m)).unwrap();
         let d = Digest([1; 32]);
+        let prepare = |view, seq| Message::Prepare {
+            view,
+            seq,
+            digest: d,
+        };
         assert_eq!(
-            r.handle_message(verify(
-                Message::Prepare {
-                    view: 1,
-                    seq: 1,
-                    digest: d
-                },
-                1
-            )),
+            r.handle_message(verify(prepare(1, 1), 1)),
             Err(Ignored::WrongView)
         );
         assert_eq!(
-            r.handle_message(verify(
-                Message::Prepare {
-                    view: 0,
-                    seq: 129,
-                    digest: d
-                },
-                1
-            )),
+            r.handle_message(verify(prepare(0, 129), 1)),
             Err(Ignored::OutOfWindow)
         );
         // Just above the window: held for the next one (the others may be ahead of us).
-        assert_eq!(
-            r.handle_message(verify(
-                Message::Prepare {
-                    view: 0,
-                    seq: 65,
-                    digest: d
-                },
-                1
-            )),
-            Ok(())
-        );
+        assert_eq!(r.handle_message(verify(prepare(0, 65), 1)), Ok(()));
         assert_eq!(r.held_for_next_window(), 1);
         assert_eq!(
-            r.handle_message(verify(
-                Message::Prepare {
-                    view: 0,
-                    seq: 0,
-                    digest: d
-                },
-                1
-            )),
+            r.handle_message(verify(prepare(0, 0), 1)),
             Err(Ignored::OutOfWindow)
         );
         assert_eq!(
-            r.handle_message(verify(
-                Message::Prepare {
-                    view: 0,
-                    seq: 1,
-                    digest: d
-                },
-                0
-            )),
+            r.handle_message(verify(prepare(0, 1), 0)),
             Err(Ignored::PrepareFromPrimary)
         );
         let batch = vec![];
