@@ -119,11 +119,47 @@ fn write_seeds() {
     write(
         "consensus_message",
         "prepare",
-        &signer.sign(prepare).encode(),
+        &signer.sign(prepare.clone()).encode(),
     );
     let cp = Message::Checkpoint {
         seq: 100,
         state: Digest([2; 32]),
     };
-    write("consensus_message", "checkpoint", &signer.sign(cp).encode());
+    let cp = signer.sign(cp);
+    write("consensus_message", "checkpoint", &cp.encode());
+    let prepared = securesmart::consensus::message::Certificate {
+        proposal: signer.sign(pp_again()),
+        votes: vec![signer.sign(prepare)],
+    };
+    let vc = signer.sign(Message::ViewChange {
+        view: 1,
+        stable: 100,
+        checkpoint: vec![cp.clone()],
+        prepared: vec![prepared],
+    });
+    write("consensus_message", "view_change", &vc.encode());
+    let nv = signer.sign(Message::NewView {
+        view: 1,
+        view_changes: vec![vc],
+        pre_prepares: vec![signer.sign(pp_again())],
+    });
+    write("consensus_message", "new_view", &nv.encode());
+    let fetch = signer.sign(Message::FetchState { seq: 100 });
+    write("consensus_message", "fetch_state", &fetch.encode());
+    let state = signer.sign(Message::State {
+        checkpoint: vec![cp],
+        snapshot: bytes::Bytes::from_static(b"snapshot"),
+        committed: vec![],
+    });
+    write("consensus_message", "state", &state.encode());
+}
+
+fn pp_again() -> securesmart::consensus::message::Message {
+    use securesmart::consensus::message::{Message, batch_digest};
+    Message::PrePrepare {
+        view: 0,
+        seq: 101,
+        digest: batch_digest(&[]),
+        batch: vec![],
+    }
 }

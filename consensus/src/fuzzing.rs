@@ -41,7 +41,8 @@ thread_local! {
 }
 
 /// Feeds a sequence of operations, four bytes each, to a backup replica core: client requests,
-/// ticks, and pre-prepares, prepares, commits and checkpoints signed by any of the four
+/// ticks (which fire view changes), and pre-prepares, prepares, commits, checkpoints and view
+/// changes signed by any of the four
 /// replicas (the fuzzer may play all of them, so it can also equivocate). Oracles, independent
 /// of the core: execution is gap-free and in order, never two batches at one sequence number,
 /// the low watermark never passes execution, and held state stays within its bounds.
@@ -50,13 +51,13 @@ pub fn replica_ops(data: &[u8]) {
     use crate::replica::{Config, Output, Replica};
     use std::time::Duration;
     GROUP.with(|(signers, ring, ids)| {
-        let config = Config {
-            replicas: ids.clone(),
-            max_batch: 2,
-            batch_delay: Duration::from_millis(1),
-            window: 8,
-            checkpoint_interval: 2,
-        };
+        let mut config = Config::new(ids.clone());
+        config.max_batch = 2;
+        config.batch_delay = Duration::from_millis(1);
+        config.window = 8;
+        config.checkpoint_interval = 2;
+        config.view_change_timeout = Duration::from_millis(20);
+        config.max_pending = 16;
         let me = 1usize;
         let mut replica = Replica::new(config, crate::message::Signer::new_from(&signers[me]));
         let batches: Vec<Vec<Request>> = (0..3u64)
@@ -79,9 +80,9 @@ pub fn replica_ops(data: &[u8]) {
             let seq = u64::from(c % 20);
             let batch = batches[usize::from(b / 2 % 3)].clone();
             let digest = batch_digest(&batch);
-            let message = match kind % 6 {
+            let message = match kind % 7 {
                 0 => {
-                    replica.handle_request(
+                    let _ = replica.handle_request(
                         batch.first().cloned().unwrap_or(Request {
                             client: ids[2],
                             number: u64::from(c),
@@ -103,6 +104,12 @@ pub fn replica_ops(data: &[u8]) {
                     seq,
                     state: Digest([a; 32]),
                 }),
+                5 => Some(Message::ViewChange {
+                    view: u64::from(b % 4),
+                    stable: 0,
+                    checkpoint: Vec::new(),
+                    prepared: Vec::new(),
+                }),
                 _ => {
                     now += Duration::from_millis(u64::from(c));
                     replica.handle_tick(now);
@@ -122,14 +129,14 @@ pub fn replica_ops(data: &[u8]) {
                         executed.push((seq, digest));
                     }
                     Output::CheckpointDue { seq } => {
-                        replica.handle_checkpoint_state(seq, Digest([seq as u8; 32]));
+                        replica.handle_checkpoint_state(seq, bytes::Bytes::from(vec![seq as u8]));
                     }
                     _ => {}
                 }
             }
-            assert!(replica.low_watermark() <= replica.executed());
+            assert!(replica.low_watermark() <= replica.executed() || replica.is_fetching());
             assert!(replica.slots_held() <= 2 * 8 + 20);
-            assert!(replica.held_for_next_window() <= 8 * 4 * 3);
+            assert!(replica.held_for_next_window() <= 2 * 8 * 4 * 3);
         }
     });
 }

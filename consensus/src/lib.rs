@@ -1,41 +1,77 @@
-//! The PBFT ordering engine (in progress): so far the consensus messages, their canonical
-//! encoding, and their domain-separated Ed25519 signatures with single and batch verification.
+//! The PBFT ordering engine of SecureSMART-rs: a sans-IO replica core, an async driver, a
+//! deterministic Byzantine simulator, and the traits that make the engine interchangeable.
 //!
-//! # Contract so far
-//! - [`message::Signed`] is what travels; [`message::KeyRing`] turns it into a
-//!   [`message::Verified`] only if the sender is a member, the signature verifies (strict
-//!   Ed25519 over a BLAKE3 digest with a per-kind context) and a pre-prepare's batch matches its
-//!   digest. The engine will take `Verified` messages only.
-//! - Decoding takes explicit [`message::Limits`] and never panics on untrusted input; the
-//!   `consensus_message` fuzz target checks that decoding is canonical and that nothing decoded
-//!   from fuzzed bytes passes verification, and `replica_ops` drives a replica core with
-//!   sequences of validly signed, possibly Byzantine messages.
+//! # Contract
+//! - [`replica::Replica`] is the core: a deterministic state machine that performs no I/O,
+//!   reads no clock and draws no randomness (events in, outputs out; it imports neither tokio
+//!   nor quinn). Its module doc is the protocol description: normal case, checkpoints, view
+//!   change, state transfer, at-most-once execution, reconfiguration.
+//! - [`message`]: every message is signed with the sender's Ed25519 key over a BLAKE3 digest
+//!   with a per-kind context; a [`message::Verified`] is made only by [`message::KeyRing`],
+//!   which checks the sender, pre-prepare digests and every signature, nested ones included
+//!   (batch-verified). Decoding takes explicit [`message::Limits`] and never panics.
+//! - [`service`]: [`service::StateMachine`] is what an application implements (execute,
+//!   snapshot, restore); [`service::Ordering`] is what any engine offers (submit, a stream of
+//!   ordered events, snapshots, reconfiguration); [`service::Executor`] runs batches with the
+//!   reply cache, and [`service::serve`] connects the two. Another engine that implements
+//!   `Ordering` runs the same application unchanged.
+//! - [`driver`]: [`driver::Network`] is the small trait through which consensus reaches the
+//!   other replicas (the transport glue in the root package implements it; this crate never
+//!   names the transport's connections); [`driver::Pbft`] runs the core on tokio over it, with
+//!   the timers the core asks for, and counts every dropped message by reason.
+//! - [`sim`]: the seeded simulator (network delay, reordering, loss, duplication, partitions,
+//!   crashes and restarts, Byzantine replicas, Twins) with safety and liveness oracles.
 //!
-//! - [`replica::Replica`] is the sans-IO PBFT core, so far the normal case (batching,
-//!   pre-prepare, prepare, commit, watermarks, in-order execution) and checkpoints with log
-//!   garbage collection (see its module doc).
+//! Untrusted input (anything decoded from the network) gets a typed error and is dropped and
+//! counted: [`message::VerifyError`] for a bad signature, non-member or mismatched digest,
+//! [`replica::Ignored`] for a wrong view, a sequence number outside the watermarks, a
+//! malformed certificate, a full queue. Fuzz targets: `consensus_message` (decoding) and
+//! `replica_ops` (sequences of signed, possibly Byzantine messages fed to a core).
 //!
-//! # Deviations from PBFT (so far)
-//! - Signatures instead of MAC authenticators, so that certificates can be forwarded.
-//! - Messages up to one window above the current one are held (capped) and replayed when the
-//!   window moves, instead of being dropped and left to retransmission.
-//! - Backups do not hold client requests yet (they will, with the view-change timers).
-//!
-//! Still to come: checkpoints and garbage collection, view change, state transfer, request
-//! deduplication and reply cache, the `Ordering`, `StateMachine` and network traits, the async
-//! driver, and the Byzantine simulator.
+//! # Deviations from PBFT (Castro and Liskov, OSDI 1999 / TOCS 2002)
+//! - Signatures instead of MAC authenticators, so that certificates can be forwarded and
+//!   checked by third parties (view change, state transfer).
+//! - Messages up to one window above the current one, or for a later view, are held (capped)
+//!   and replayed when the window moves or the view starts, instead of being dropped.
+//! - The new primary's pre-prepares travel inside its new-view message; backups recompute
+//!   them from the view changes and refuse a new view whose pre-prepares differ.
+//! - A committed certificate (pre-prepare and 2f+1 commits) suffices to execute a slot, so
+//!   state transfer can ship the batches after the checkpoint with their proof.
+//! - State transfer ships the whole snapshot (no partition tree of digests); snapshots are
+//!   bounded by [`message::Limits::max_snapshot_bytes`] and the transport's frame size.
+//! - A view change carries whole batches in its prepared certificates (no separate fetch of
+//!   batches by digest), so it is as large as the prepared batches above the checkpoint.
+//! - Reconfiguration: a group change executed at `s` applies above `s + window` (rounded up to
+//!   a checkpoint); view changes use the group after the replica's low watermark, so a view
+//!   change that straddles a group change may need a second one.
+//! - A replica restarted without its memory can sign a prepare that contradicts one it sent
+//!   before the crash; until the durable log of the node exists, count a restarted replica as
+//!   one of the f faulty ones (the simulator does).
 //!
 //! ```
-//! use securesmart_consensus::message::{KeyRing, Message, Signer, Digest};
+//! use securesmart_consensus::message::{Digest, KeyRing, Message, Signer};
+//! use securesmart_consensus::replica::{Config, Replica};
+//! use securesmart_consensus::service::{Executor, StateMachine};
+//! use securesmart_consensus::sim::{Chain, Scenario, Sim};
 //! use securesmart_transport::{pki::DevCa, Role};
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! // Signed messages verify only through a key ring of members.
 //! let ca = DevCa::new("doc CA")?;
 //! let node = ca.issue_role("r0", Role::Replica)?;
 //! let signer = Signer::new(&node).ok_or("not Ed25519")?;
 //! let ring = KeyRing::new([(node.id(), node.ed25519_public().ok_or("no key")?)]);
 //! let signed = signer.sign(Message::Prepare { view: 0, seq: 1, digest: Digest([7; 32]) });
-//! let verified = ring.verify(signed)?;
-//! assert_eq!(verified.sender(), node.id());
+//! assert_eq!(ring.verify(signed)?.sender(), node.id());
+//!
+//! // A core is created from the group's configuration and this replica's signer.
+//! let replica = Replica::new(Config::new(vec![node.id()]), signer);
+//! assert_eq!(replica.executed(), 0);
+//!
+//! // Four replicas, one of them an equivocating primary, over a simulated network.
+//! let mut scenario = Scenario::new(42, 4);
+//! scenario.faults.push((0, securesmart_consensus::sim::Fault::Equivocate));
+//! Sim::new(scenario)?.run().check()?;
+//! # let _ = Executor::new(Chain::default()).app().snapshot();
 //! # Ok(()) }
 //! ```
 
@@ -44,7 +80,11 @@
     allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)
 )]
 
+pub mod driver;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod message;
 pub mod replica;
+pub mod service;
+pub mod sim;
+pub mod view_change;

@@ -41,6 +41,53 @@ pub mod domain {
     pub const COMMIT: &str = "securesmart 2026-11-24 consensus commit v1";
     /// Signed checkpoint.
     pub const CHECKPOINT: &str = "securesmart 2026-11-24 consensus checkpoint v1";
+    /// Signed view change.
+    pub const VIEW_CHANGE: &str = "securesmart 2026-11-24 consensus view-change v1";
+    /// Signed new view.
+    pub const NEW_VIEW: &str = "securesmart 2026-11-24 consensus new-view v1";
+    /// Signed state-transfer request.
+    pub const FETCH_STATE: &str = "securesmart 2026-11-24 consensus fetch-state v1";
+    /// Signed state-transfer reply.
+    pub const STATE: &str = "securesmart 2026-11-24 consensus state v1";
+    /// Digest of a replica state snapshot (the value a checkpoint signs).
+    pub const STATE_DIGEST: &str = "securesmart 2026-11-24 consensus state digest v1";
+}
+
+/// A BLAKE3 hasher in `derive_key` mode for `context`, from a precomputed state (deriving the
+/// context key costs a hash of its own, on every message otherwise). Gives exactly what
+/// `blake3::Hasher::new_derive_key(context)` gives.
+pub(crate) fn hasher(context: &'static str) -> blake3::Hasher {
+    use std::sync::LazyLock;
+    static HASHERS: LazyLock<Vec<(&'static str, blake3::Hasher)>> = LazyLock::new(|| {
+        [
+            domain::REQUEST,
+            domain::BATCH,
+            domain::PRE_PREPARE,
+            domain::PREPARE,
+            domain::COMMIT,
+            domain::CHECKPOINT,
+            domain::VIEW_CHANGE,
+            domain::NEW_VIEW,
+            domain::FETCH_STATE,
+            domain::STATE,
+            domain::STATE_DIGEST,
+        ]
+        .into_iter()
+        .map(|c| (c, blake3::Hasher::new_derive_key(c)))
+        .collect()
+    });
+    HASHERS
+        .iter()
+        .find(|(c, _)| *c == context)
+        .map(|(_, h)| h.clone())
+        .unwrap_or_else(|| blake3::Hasher::new_derive_key(context))
+}
+
+/// `blake3::derive_key(context, input)`, from a precomputed state.
+fn derive(context: &'static str, input: &[u8]) -> [u8; 32] {
+    let mut h = hasher(context);
+    h.update(input);
+    *h.finalize().as_bytes()
 }
 
 /// A BLAKE3 digest.
@@ -76,20 +123,38 @@ impl Request {
 
     /// The request's digest.
     pub fn digest(&self) -> Digest {
-        let mut w = Writer::default();
-        self.encode_into(&mut w);
-        Digest(blake3::derive_key(domain::REQUEST, &w.buf))
+        // The bytes of `encode_into`, hashed without a copy.
+        let mut h = hasher(domain::REQUEST);
+        h.update(self.client.as_bytes());
+        h.update(&self.number.to_be_bytes());
+        h.update(
+            &u32::try_from(self.payload.len())
+                .unwrap_or(u32::MAX)
+                .to_be_bytes(),
+        );
+        h.update(&self.payload);
+        Digest(*h.finalize().as_bytes())
     }
 }
 
 /// The digest of a batch: over the digests of its requests, in order.
 pub fn batch_digest(batch: &[Request]) -> Digest {
-    let mut h = blake3::Hasher::new_derive_key(domain::BATCH);
+    let mut h = hasher(domain::BATCH);
     h.update(&(batch.len() as u64).to_be_bytes());
     for r in batch {
         h.update(&r.digest().0);
     }
     Digest(*h.finalize().as_bytes())
+}
+
+/// A certificate: a signed pre-prepare and the signed votes (prepares or commits) that match it.
+/// Which quorum it needs is checked by the replica, which knows the group.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Certificate {
+    /// The pre-prepare.
+    pub proposal: Signed,
+    /// Matching prepares (a prepared certificate) or commits (a committed certificate).
+    pub votes: Vec<Signed>,
 }
 
 /// A consensus message (the signed part and, for a pre-prepare, the batch).
@@ -132,6 +197,41 @@ pub enum Message {
         /// Digest of the state (snapshot).
         state: Digest,
     },
+    /// The sender moves to `view` and reports what it knows.
+    ViewChange {
+        /// The new view.
+        view: View,
+        /// The sender's last stable checkpoint.
+        stable: Seq,
+        /// Its certificate (2f+1 signed checkpoints; empty for the genesis state at 0).
+        checkpoint: Vec<Signed>,
+        /// The highest-view prepared certificate of each slot above `stable`.
+        prepared: Vec<Certificate>,
+    },
+    /// The primary of `view` starts it.
+    NewView {
+        /// The view.
+        view: View,
+        /// The 2f+1 (or more) view changes it is built from.
+        view_changes: Vec<Signed>,
+        /// Pre-prepares for `view` that re-propose what the view changes carry (null batches in
+        /// the gaps); every replica recomputes and checks them.
+        pre_prepares: Vec<Signed>,
+    },
+    /// The sender needs the state at checkpoint `seq` or later.
+    FetchState {
+        /// Sequence number.
+        seq: Seq,
+    },
+    /// A stable checkpoint's state and the committed batches after it.
+    State {
+        /// The checkpoint's certificate (2f+1 matching signed checkpoints).
+        checkpoint: Vec<Signed>,
+        /// The snapshot, which must hash to the certified state digest.
+        snapshot: Bytes,
+        /// Committed certificates of the batches after the checkpoint, in order.
+        committed: Vec<Certificate>,
+    },
 }
 
 impl Message {
@@ -141,7 +241,81 @@ impl Message {
             Message::Prepare { .. } => 2,
             Message::Commit { .. } => 3,
             Message::Checkpoint { .. } => 4,
+            Message::ViewChange { .. } => 5,
+            Message::NewView { .. } => 6,
+            Message::FetchState { .. } => 7,
+            Message::State { .. } => 8,
         }
+    }
+
+    /// The sequence number a message is about, for the slot-level kinds.
+    pub fn seq(&self) -> Option<Seq> {
+        match self {
+            Message::PrePrepare { seq, .. }
+            | Message::Prepare { seq, .. }
+            | Message::Commit { seq, .. }
+            | Message::Checkpoint { seq, .. } => Some(*seq),
+            _ => None,
+        }
+    }
+
+    /// The view of a pre-prepare, prepare or commit.
+    pub fn view(&self) -> Option<View> {
+        match self {
+            Message::PrePrepare { view, .. }
+            | Message::Prepare { view, .. }
+            | Message::Commit { view, .. } => Some(*view),
+            _ => None,
+        }
+    }
+
+    /// The batch digest of a pre-prepare, prepare or commit.
+    pub fn digest(&self) -> Option<Digest> {
+        match self {
+            Message::PrePrepare { digest, .. }
+            | Message::Prepare { digest, .. }
+            | Message::Commit { digest, .. } => Some(*digest),
+            _ => None,
+        }
+    }
+
+    /// The signed messages carried inside this one (certificates).
+    fn nested(&self) -> Vec<&Signed> {
+        let mut out = Vec::new();
+        match self {
+            Message::ViewChange {
+                checkpoint,
+                prepared,
+                ..
+            } => {
+                out.extend(checkpoint);
+                for c in prepared {
+                    out.push(&c.proposal);
+                    out.extend(&c.votes);
+                }
+            }
+            Message::NewView {
+                view_changes,
+                pre_prepares,
+                ..
+            } => {
+                out.extend(view_changes);
+                out.extend(pre_prepares);
+            }
+            Message::State {
+                checkpoint,
+                committed,
+                ..
+            } => {
+                out.extend(checkpoint);
+                for c in committed {
+                    out.push(&c.proposal);
+                    out.extend(&c.votes);
+                }
+            }
+            _ => {}
+        }
+        out
     }
 
     fn context(&self) -> &'static str {
@@ -150,6 +324,10 @@ impl Message {
             Message::Prepare { .. } => domain::PREPARE,
             Message::Commit { .. } => domain::COMMIT,
             Message::Checkpoint { .. } => domain::CHECKPOINT,
+            Message::ViewChange { .. } => domain::VIEW_CHANGE,
+            Message::NewView { .. } => domain::NEW_VIEW,
+            Message::FetchState { .. } => domain::FETCH_STATE,
+            Message::State { .. } => domain::STATE,
         }
     }
 
@@ -168,6 +346,37 @@ impl Message {
             Message::Checkpoint { seq, state } => {
                 w.raw(&seq.to_be_bytes()).raw(&state.0);
             }
+            Message::ViewChange {
+                view,
+                stable,
+                checkpoint,
+                prepared,
+            } => {
+                w.raw(&view.to_be_bytes()).raw(&stable.to_be_bytes());
+                write_list(w, checkpoint);
+                write_certs(w, prepared);
+            }
+            Message::NewView {
+                view,
+                view_changes,
+                pre_prepares,
+            } => {
+                w.raw(&view.to_be_bytes());
+                write_list(w, view_changes);
+                write_list(w, pre_prepares);
+            }
+            Message::FetchState { seq } => {
+                w.raw(&seq.to_be_bytes());
+            }
+            Message::State {
+                checkpoint,
+                snapshot,
+                committed,
+            } => {
+                write_list(w, checkpoint);
+                w.bytes(snapshot);
+                write_certs(w, committed);
+            }
         }
     }
 
@@ -176,7 +385,26 @@ impl Message {
         let mut w = Writer::default();
         w.raw(sender.as_bytes());
         self.header(&mut w);
-        blake3::derive_key(self.context(), &w.buf)
+        derive(self.context(), &w.buf)
+    }
+}
+
+fn count(n: usize) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
+}
+
+fn write_list(w: &mut Writer, list: &[Signed]) {
+    w.u32(count(list.len()));
+    for s in list {
+        w.bytes(&s.encode());
+    }
+}
+
+fn write_certs(w: &mut Writer, certs: &[Certificate]) {
+    w.u32(count(certs.len()));
+    for c in certs {
+        w.bytes(&c.proposal.encode());
+        write_list(w, &c.votes);
     }
 }
 
@@ -187,6 +415,11 @@ pub struct Limits {
     pub max_batch: usize,
     /// Bytes per request payload.
     pub max_request_bytes: usize,
+    /// Entries per list inside a message (signatures in a certificate, certificates in a view
+    /// change, view changes in a new view, ...).
+    pub max_list: usize,
+    /// Bytes of a state snapshot.
+    pub max_snapshot_bytes: usize,
 }
 
 impl Default for Limits {
@@ -194,8 +427,54 @@ impl Default for Limits {
         Self {
             max_batch: 1024,
             max_request_bytes: 1024 * 1024,
+            max_list: 4096,
+            max_snapshot_bytes: 256 * 1024 * 1024,
         }
     }
+}
+
+const TOP_LEVEL: &[u8] = &[1, 2, 3, 4, 5, 6, 7, 8];
+
+fn read_list(
+    r: &mut Reader<'_>,
+    limits: &Limits,
+    allowed: &[u8],
+) -> Result<Vec<Signed>, WireError> {
+    let n = read_count(r, limits)?;
+    let mut out = Vec::with_capacity(n.min(64));
+    for _ in 0..n {
+        let inner = r.bytes("nested message", usize::MAX)?;
+        out.push(Signed::decode_kinds(inner, limits, allowed)?);
+    }
+    Ok(out)
+}
+
+fn read_count(r: &mut Reader<'_>, limits: &Limits) -> Result<usize, WireError> {
+    let n = r.u32()? as usize;
+    if n > limits.max_list {
+        return Err(WireError::TooLong {
+            what: "list",
+            len: n,
+            max: limits.max_list,
+        });
+    }
+    Ok(n)
+}
+
+fn read_certs(
+    r: &mut Reader<'_>,
+    limits: &Limits,
+    votes: &[u8],
+) -> Result<Vec<Certificate>, WireError> {
+    let n = read_count(r, limits)?;
+    let mut out = Vec::with_capacity(n.min(64));
+    for _ in 0..n {
+        let inner = r.bytes("nested message", usize::MAX)?;
+        let proposal = Signed::decode_kinds(inner, limits, &[1])?;
+        let votes = read_list(r, limits, votes)?;
+        out.push(Certificate { proposal, votes });
+    }
+    Ok(out)
 }
 
 /// A message with its sender and signature, as received (not yet verified).
@@ -234,11 +513,23 @@ impl Signed {
     /// # Errors
     /// [`WireError`] saying what is wrong.
     pub fn decode(buf: &[u8], limits: &Limits) -> Result<Self, WireError> {
+        Self::decode_kinds(buf, limits, TOP_LEVEL)
+    }
+
+    /// Decodes a message whose kind tag is one of `allowed` (nested messages allow fewer kinds,
+    /// which also bounds the nesting depth at two).
+    fn decode_kinds(buf: &[u8], limits: &Limits, allowed: &[u8]) -> Result<Self, WireError> {
         let mut r = Reader::new(buf);
         r.version(VERSION)?;
         let sender = NodeId::from_bytes(r.array()?);
         let signature = r.array()?;
         let tag = r.u8()?;
+        if !allowed.contains(&tag) {
+            return Err(WireError::Unknown {
+                what: "message kind here",
+                value: tag.into(),
+            });
+        }
         let u64_of = |r: &mut Reader<'_>| r.array().map(u64::from_be_bytes);
         let message = match tag {
             1..=3 => {
@@ -280,6 +571,25 @@ impl Signed {
                 seq: u64_of(&mut r)?,
                 state: Digest(r.array()?),
             },
+            5 => Message::ViewChange {
+                view: u64_of(&mut r)?,
+                stable: u64_of(&mut r)?,
+                checkpoint: read_list(&mut r, limits, &[4])?,
+                prepared: read_certs(&mut r, limits, &[2])?,
+            },
+            6 => Message::NewView {
+                view: u64_of(&mut r)?,
+                view_changes: read_list(&mut r, limits, &[5])?,
+                pre_prepares: read_list(&mut r, limits, &[1])?,
+            },
+            7 => Message::FetchState {
+                seq: u64_of(&mut r)?,
+            },
+            8 => Message::State {
+                checkpoint: read_list(&mut r, limits, &[4])?,
+                snapshot: Bytes::copy_from_slice(r.bytes("snapshot", limits.max_snapshot_bytes)?),
+                committed: read_certs(&mut r, limits, &[3])?,
+            },
             other => {
                 return Err(WireError::Unknown {
                     what: "message kind",
@@ -317,8 +627,9 @@ pub enum VerifyError {
 pub struct Verified(Signed);
 
 impl Verified {
-    /// A message this replica has just signed with its own key.
-    pub(crate) fn own(signed: Signed) -> Self {
+    /// A message this replica has just signed with its own key, or one nested in a verified
+    /// message (whose signatures [`KeyRing`] checked with the outer one).
+    pub(crate) fn trusted(signed: Signed) -> Self {
         Self(signed)
     }
 
@@ -341,7 +652,8 @@ impl Verified {
 /// Signs with a node's certificate key.
 pub struct Signer {
     id: NodeId,
-    key: SigningKey,
+    /// `None` only in the `insecure-unsigned` benchmark mode.
+    key: Option<SigningKey>,
 }
 
 impl std::fmt::Debug for Signer {
@@ -358,8 +670,15 @@ impl Signer {
         let seed: Zeroizing<[u8; 32]> = identity.ed25519_seed()?;
         Some(Self {
             id: identity.id(),
-            key: SigningKey::from_bytes(&seed),
+            key: Some(SigningKey::from_bytes(&seed)),
         })
+    }
+
+    /// A signer that does not sign (all-zero signatures), for measuring what signing costs.
+    /// Only with the `insecure-unsigned` feature; never in a deployment.
+    #[cfg(feature = "insecure-unsigned")]
+    pub fn unsigned(id: NodeId) -> Self {
+        Self { id, key: None }
     }
 
     /// Another signer with the same key (for harnesses that run one node's core while also
@@ -378,10 +697,13 @@ impl Signer {
 
     /// Signs `message` as this node.
     pub fn sign(&self, message: Message) -> Signed {
-        let digest = message.signing_digest(&self.id);
+        let signature = match &self.key {
+            Some(key) => key.sign(&message.signing_digest(&self.id)).to_bytes(),
+            None => [0; 64],
+        };
         Signed {
             sender: self.id,
-            signature: self.key.sign(&digest).to_bytes(),
+            signature,
             message,
         }
     }
@@ -391,6 +713,8 @@ impl Signer {
 #[derive(Clone, Debug, Default)]
 pub struct KeyRing {
     keys: BTreeMap<NodeId, VerifyingKey>,
+    /// Members accepted without signature checks (`insecure-unsigned` benchmark mode only).
+    unsigned: std::collections::BTreeSet<NodeId>,
 }
 
 impl KeyRing {
@@ -403,22 +727,60 @@ impl KeyRing {
                 .filter_map(|(id, k)| VerifyingKey::from_bytes(&k).ok().map(|k| (id, k)))
                 .filter(|(_, k)| !k.is_weak())
                 .collect(),
+            unsigned: Default::default(),
         }
+    }
+
+    /// A key ring that checks membership and digests but no signatures, for measuring what
+    /// signing costs. Only with the `insecure-unsigned` feature; never in a deployment.
+    #[cfg(feature = "insecure-unsigned")]
+    pub fn unsigned(members: impl IntoIterator<Item = NodeId>) -> Self {
+        Self {
+            keys: BTreeMap::new(),
+            unsigned: members.into_iter().collect(),
+        }
+    }
+
+    /// Adds (or replaces) a member's key; `false` if the key is invalid or weak.
+    pub fn insert(&mut self, id: NodeId, key: [u8; 32]) -> bool {
+        match VerifyingKey::from_bytes(&key) {
+            Ok(k) if !k.is_weak() => {
+                self.keys.insert(id, k);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Removes a member's key.
+    pub fn remove(&mut self, id: &NodeId) {
+        self.keys.remove(id);
+        self.unsigned.remove(id);
+    }
+
+    /// Whether `id` is a member.
+    pub fn contains(&self, id: &NodeId) -> bool {
+        self.keys.contains_key(id) || self.unsigned.contains(id)
     }
 
     /// Number of members.
     pub fn len(&self) -> usize {
-        self.keys.len()
+        self.keys.len() + self.unsigned.len()
     }
 
     /// Whether there are no members.
     pub fn is_empty(&self) -> bool {
-        self.keys.is_empty()
+        self.len() == 0
     }
 
     /// Cheap checks before cryptography: a known sender, a batch that matches its digest.
-    fn precheck(&self, s: &Signed) -> Result<&VerifyingKey, VerifyError> {
-        let key = self.keys.get(&s.sender).ok_or(VerifyError::UnknownSender)?;
+    /// `Ok(None)` for a member of the unsigned benchmark mode.
+    fn precheck(&self, s: &Signed) -> Result<Option<VerifyingKey>, VerifyError> {
+        let key = match self.keys.get(&s.sender) {
+            Some(k) => Some(*k),
+            None if self.unsigned.contains(&s.sender) => None,
+            None => return Err(VerifyError::UnknownSender),
+        };
         if let Message::PrePrepare { digest, batch, .. } = &s.message
             && batch_digest(batch) != *digest
         {
@@ -427,58 +789,101 @@ impl KeyRing {
         Ok(key)
     }
 
-    /// Verifies one message (strict Ed25519: no malleable signatures, no small-order keys).
-    ///
-    /// # Errors
-    /// The [`VerifyError`] that applies first.
-    pub fn verify(&self, s: Signed) -> Result<Verified, VerifyError> {
-        let key = self.precheck(&s)?;
+    fn strict(s: &Signed, key: Option<&VerifyingKey>) -> Result<(), VerifyError> {
+        let Some(key) = key else { return Ok(()) };
         let digest = s.message.signing_digest(&s.sender);
         key.verify_strict(&digest, &Signature::from_bytes(&s.signature))
-            .map_err(|_| VerifyError::BadSignature)?;
-        Ok(Verified(s))
+            .map_err(|_| VerifyError::BadSignature)
     }
 
-    /// Verifies several messages at once: one batch verification when all are good (about
-    /// twice as fast per signature), and individual strict checks to name the bad ones
-    /// otherwise.
-    ///
-    /// Batch verification checks the cofactored equation, so it can accept a signature with a
-    /// small-order component that [`KeyRing::verify`] refuses. Only the holder of the key can
-    /// make such a signature (weak keys are excluded), so the difference can only make correct
-    /// replicas disagree about a faulty sender's own message, which is no more than that sender
-    /// could do by sending it to some replicas and not others; PBFT tolerates both.
-    pub fn verify_batch(&self, messages: Vec<Signed>) -> Vec<Result<Verified, VerifyError>> {
-        let checked: Vec<Result<(Signed, VerifyingKey), VerifyError>> = messages
-            .into_iter()
-            .map(|s| self.precheck(&s).copied().map(|k| (s, k)))
+    /// Checks all of `items` (a message and everything nested in it): one batch verification
+    /// when there are several and all are good, strict checks to find the bad one otherwise.
+    fn check_all(&self, items: &[&Signed]) -> Result<(), VerifyError> {
+        let keys: Vec<Option<VerifyingKey>> = items
+            .iter()
+            .map(|s| self.precheck(s))
+            .collect::<Result<_, _>>()?;
+        let signed: Vec<(&Signed, VerifyingKey)> = items
+            .iter()
+            .zip(&keys)
+            .filter_map(|(s, k)| k.map(|k| (*s, k)))
             .collect();
-        let candidates: Vec<&(Signed, VerifyingKey)> =
-            checked.iter().filter_map(|c| c.as_ref().ok()).collect();
-        let digests: Vec<[u8; 32]> = candidates
+        if signed.len() > 1 && Self::batch_ok(&signed) {
+            return Ok(());
+        }
+        for (s, k) in items.iter().zip(&keys) {
+            Self::strict(s, k.as_ref())?;
+        }
+        Ok(())
+    }
+
+    fn batch_ok(signed: &[(&Signed, VerifyingKey)]) -> bool {
+        let digests: Vec<[u8; 32]> = signed
             .iter()
             .map(|(s, _)| s.message.signing_digest(&s.sender))
             .collect();
         let refs: Vec<&[u8]> = digests.iter().map(|d| d.as_slice()).collect();
-        let sigs: Vec<Signature> = candidates
+        let sigs: Vec<Signature> = signed
             .iter()
             .map(|(s, _)| Signature::from_bytes(&s.signature))
             .collect();
-        let keys: Vec<VerifyingKey> = candidates.iter().map(|(_, k)| *k).collect();
-        let all_good =
-            !candidates.is_empty() && ed25519_dalek::verify_batch(&refs, &sigs, &keys).is_ok();
-        checked
+        let keys: Vec<VerifyingKey> = signed.iter().map(|(_, k)| *k).collect();
+        ed25519_dalek::verify_batch(&refs, &sigs, &keys).is_ok()
+    }
+
+    fn all_of(s: &Signed) -> Vec<&Signed> {
+        let mut items = vec![s];
+        for inner in s.message.nested() {
+            items.push(inner);
+            items.extend(inner.message.nested());
+        }
+        items
+    }
+
+    /// Verifies one message and every message nested in it (strict Ed25519: no malleable
+    /// signatures, no small-order keys, unless several are batch-verified; see
+    /// [`KeyRing::verify_batch`]).
+    ///
+    /// # Errors
+    /// The [`VerifyError`] that applies first.
+    pub fn verify(&self, s: Signed) -> Result<Verified, VerifyError> {
+        self.check_all(&Self::all_of(&s))?;
+        Ok(Verified(s))
+    }
+
+    /// Verifies several messages at once: one batch verification when all are good (about
+    /// twice as fast per signature), and individual checks to name the bad ones otherwise.
+    ///
+    /// Batch verification checks the cofactored equation, so it can accept a signature with a
+    /// small-order component that a strict check refuses. Only the holder of the key can make
+    /// such a signature (weak keys are excluded), so the difference can only make correct
+    /// replicas disagree about a faulty sender's own message, which is no more than that sender
+    /// could do by sending it to some replicas and not others; PBFT tolerates both.
+    pub fn verify_batch(&self, messages: Vec<Signed>) -> Vec<Result<Verified, VerifyError>> {
+        let all: Vec<&Signed> = messages.iter().flat_map(Self::all_of).collect();
+        let batch_good = all.len() > 1 && self.check_batch_quiet(&all);
+        messages
             .into_iter()
-            .map(|c| {
-                let (s, key) = c?;
-                if !all_good {
-                    let digest = s.message.signing_digest(&s.sender);
-                    key.verify_strict(&digest, &Signature::from_bytes(&s.signature))
-                        .map_err(|_| VerifyError::BadSignature)?;
+            .map(|s| {
+                if !batch_good {
+                    self.check_all(&Self::all_of(&s))?;
                 }
                 Ok(Verified(s))
             })
             .collect()
+    }
+
+    /// Whether all `items` pass the prechecks and one batch verification.
+    fn check_batch_quiet(&self, items: &[&Signed]) -> bool {
+        let mut signed = Vec::with_capacity(items.len());
+        for s in items {
+            match self.precheck(s) {
+                Ok(Some(k)) => signed.push((*s, k)),
+                Ok(None) => {}
+                Err(_) => return false,
+            }
+        }
+        signed.is_empty() || Self::batch_ok(&signed)
     }
 }
 
@@ -546,6 +951,26 @@ mod tests {
             state: Digest([1; 32]),
         });
         assert_eq!(ring.verify(stranger), Err(VerifyError::UnknownSender));
+    }
+
+    #[test]
+    fn a_request_digest_covers_its_encoding() {
+        let r = request(3);
+        let mut w = Writer::default();
+        r.encode_into(&mut w);
+        assert_eq!(r.digest().0, blake3::derive_key(domain::REQUEST, &w.buf));
+    }
+
+    #[test]
+    fn precomputed_hashers_equal_derive_key() {
+        for ctx in [
+            domain::REQUEST,
+            domain::COMMIT,
+            domain::STATE_DIGEST,
+            "unlisted context",
+        ] {
+            assert_eq!(derive(ctx, b"input"), blake3::derive_key(ctx, b"input"));
+        }
     }
 
     #[test]

@@ -1,44 +1,87 @@
 //! The PBFT replica core: a deterministic state machine without I/O, clock or randomness.
 //!
 //! Inputs are `handle_*` calls (a client request, a verified message, the time); outputs are
-//! drained with [`Replica::poll_output`] in the order they were produced. The same inputs in the
-//! same order give the same outputs, which is what the seeded simulator relies on.
+//! drained with [`Replica::poll_output`] in the order they were produced, and
+//! [`Replica::next_deadline`] says when the core next wants [`Replica::handle_tick`]. The same
+//! inputs in the same order give the same outputs, which is what the simulator relies on.
 //!
-//! Normal case (Castro and Liskov, with signatures): the primary of view `v` is
-//! `replicas[v mod n]`; it batches requests (by size, or when the oldest has waited
-//! `batch_delay`), assigns the next sequence number inside the watermarks and broadcasts a
-//! signed pre-prepare. A backup accepts a pre-prepare from the primary of its current view for
-//! a sequence number inside `(low, low + window]` unless it accepted another digest for that
-//! view and number, and broadcasts a prepare. A slot is *prepared* with the pre-prepare and
-//! `2f` matching prepares from distinct backups; the replica then broadcasts a commit. It is
-//! *committed* with `2f + 1` matching commits, and batches are executed strictly in sequence
-//! order.
+//! # Normal case
+//! The primary of view `v` is `members[v mod n]`; it batches requests (by size, or when the
+//! oldest has waited `batch_delay`), assigns the next sequence number inside the watermarks and
+//! broadcasts a signed pre-prepare. A backup accepts a pre-prepare from the primary of its
+//! current view for a sequence number in `(low, low + window]` unless it accepted another digest
+//! for that view and number, and broadcasts a prepare. A slot is *prepared* with the pre-prepare
+//! and `2f` matching prepares from distinct backups (kept as a signed prepared certificate); the
+//! replica then broadcasts a commit. It is *committed* with `2f + 1` matching commits, and
+//! batches are executed strictly in sequence order.
 //!
-//! Checkpoints: after executing every `checkpoint_interval`-th sequence number the core asks
-//! the driver for the application's state digest ([`Output::CheckpointDue`],
-//! [`Replica::handle_checkpoint_state`]), then signs and broadcasts it. With `2f + 1` matching
-//! checkpoints (and the sequence number executed here) the checkpoint is stable: its signed
-//! certificate is kept, the low watermark moves up to it, and older log slots and checkpoint
-//! messages are dropped, so memory stays bounded by the window.
+//! # Checkpoints
+//! After executing every `checkpoint_interval`-th sequence number the core asks for the
+//! application's snapshot ([`Output::CheckpointDue`], [`Replica::handle_checkpoint_state`]),
+//! joins it with its own replicated state (the group schedule and the last executed request
+//! number per client), and signs the digest of the whole. With `2f + 1` matching checkpoints the
+//! checkpoint is stable: its certificate is kept, the low watermark moves up to it, and older
+//! slots, checkpoint messages and snapshots are dropped, so memory stays bounded by the window.
 //!
-//! Requests execute at most once: request numbers grow per client, and a request whose number
-//! is at or below the client's last executed one is a duplicate (a retransmission, or a
-//! request a faulty primary proposed twice); the primary does not batch it, and execution drops
-//! it in sequence order at every replica alike.
+//! # View change
+//! Every replica holds the client requests it has received and not yet executed (at most
+//! `max_pending`). While it holds some, a timer runs; it restarts whenever a batch executes. When
+//! it expires the replica moves to view `v + 1`: it stops taking part in view `v` and broadcasts
+//! a signed view change with its stable checkpoint certificate and, for every slot above it, the
+//! prepared certificate of the highest view. A replica that sees `f + 1` view changes for higher
+//! views joins the smallest of those (so one faulty replica cannot drag others along). Once it
+//! holds `2f + 1` view changes for its new view, the timer runs again with twice the timeout
+//! (exponential back-off), so that a view whose primary is faulty is left as well; the back-off
+//! resets when a batch executes.
 //!
-//! Not yet here (see the consensus issue): view change, state transfer, and the reply cache.
+//! The new primary, with `2f + 1` view changes, computes the new view's proposals
+//! ([`crate::view_change::plan_new_view`]): for every slot between the highest stable checkpoint
+//! and the highest prepared slot, the batch of the highest-view prepared certificate, or an empty
+//! batch; it broadcasts a new view with the view changes and its signed pre-prepares. Every
+//! backup checks the view changes, recomputes the plan, checks the pre-prepares against it, and
+//! enters the view by preparing them. Committed batches survive: a committed batch was prepared
+//! at `f + 1` correct replicas, and any `2f + 1` view changes include one of them.
+//!
+//! # State transfer
+//! A replica that learns of a stable checkpoint it has not reached (from `2f + 1` checkpoint
+//! messages that stay ahead of it for `state_transfer_delay`, at once if they are beyond its
+//! window, or from a new view) adopts the certificate and asks for the state. Any replica at
+//! that checkpoint or later replies with its certificate, the snapshot and the committed
+//! certificates (pre-prepare and `2f + 1` commits) of the batches it executed after it; the
+//! lagging replica checks the snapshot against the certified digest, restores
+//! ([`Output::Restore`]) and executes the certified batches. Replies are rate-limited per
+//! requester.
+//!
+//! # At-most-once execution
+//! Request numbers grow per client, and a request whose number is at or below the client's
+//! last executed one is a duplicate (a retransmission, or a request a faulty primary proposed
+//! twice); the primary does not batch it, and execution drops it in sequence order at every
+//! replica alike. The table is part of the checkpointed state. The reply cache (the last reply
+//! per client, so a retransmission gets its answer again) sits with the application state, in
+//! [`crate::service::Executor`].
+//!
+//! # Reconfiguration
+//! [`Replica::reconfigure`], called when a membership command executes at sequence number `s`,
+//! changes the group for sequence numbers above `e = s + window`, rounded up to a checkpoint.
+//! No correct replica can have touched a slot above `s + window` before executing `s` (its
+//! window ends there), so every correct replica judges every slot with the same group. The view
+//! change uses the group of the slot after the replica's low watermark.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::time::Duration;
 
+use bytes::Bytes;
 use securesmart_transport::NodeId;
 
-use crate::message::{Digest, Message, Request, Seq, Signed, Signer, Verified, View, batch_digest};
+use crate::message::{
+    Certificate, Digest, Message, Request, Seq, Signed, Signer, Verified, View, batch_digest,
+};
+use crate::view_change::{Group, NewViewPlan, Snapshot, plan_new_view, state_digest};
 
 /// Configuration of the replica group, identical at every replica.
 #[derive(Clone, Debug)]
 pub struct Config {
-    /// The replicas, in the agreed order (the primary of view `v` is `replicas[v mod n]`).
+    /// The initial replicas, in the agreed order.
     pub replicas: Vec<NodeId>,
     /// Requests per batch at most.
     pub max_batch: usize,
@@ -48,21 +91,34 @@ pub struct Config {
     pub window: Seq,
     /// A checkpoint every this many sequence numbers (PBFT's K).
     pub checkpoint_interval: Seq,
+    /// The view-change timeout before back-off.
+    pub view_change_timeout: Duration,
+    /// Client requests a replica holds until they execute; more are refused.
+    pub max_pending: usize,
+    /// How long a replica stays behind a stable checkpoint before fetching the state, and how
+    /// often it asks again.
+    pub state_transfer_delay: Duration,
 }
 
 impl Config {
-    /// Faults tolerated: f = (n - 1) / 3.
-    pub fn f(&self) -> usize {
-        self.replicas.len().saturating_sub(1) / 3
+    /// Defaults for a deployment: batches of up to 256 requests or 1 ms, checkpoints every 64
+    /// sequence numbers, a window of 128, a 500 ms view-change timeout.
+    pub fn new(replicas: Vec<NodeId>) -> Self {
+        Self {
+            replicas,
+            max_batch: 256,
+            batch_delay: Duration::from_millis(1),
+            window: 128,
+            checkpoint_interval: 64,
+            view_change_timeout: Duration::from_millis(500),
+            max_pending: 100_000,
+            state_transfer_delay: Duration::from_millis(200),
+        }
     }
 
-    /// The primary of `view`.
-    pub fn primary(&self, view: View) -> Option<NodeId> {
-        let n = self.replicas.len() as u64;
-        if n == 0 {
-            return None;
-        }
-        self.replicas.get((view % n) as usize).copied()
+    /// Faults tolerated by the initial group: f = (n - 1) / 3.
+    pub fn f(&self) -> usize {
+        self.replicas.len().saturating_sub(1) / 3
     }
 }
 
@@ -72,10 +128,17 @@ impl Config {
 pub enum Output {
     /// Send to every other replica.
     Broadcast(Signed),
+    /// Send to one replica.
+    Send {
+        /// The recipient.
+        to: NodeId,
+        /// The message.
+        message: Signed,
+    },
     /// Execute this batch: it is committed at `seq`, and every lower sequence number was
-    /// executed before. Requests already executed (same client, request number at or below
-    /// the client's last executed one) are left out, identically at every replica; `digest` is
-    /// the agreed batch's.
+    /// executed (or restored) before. Requests already executed (same client, request number
+    /// at or below the client's last executed one) are left out, identically at every replica;
+    /// `digest` is the agreed batch's.
     Execute {
         /// Sequence number.
         seq: Seq,
@@ -84,11 +147,25 @@ pub enum Output {
         /// The requests, in order.
         batch: Vec<Request>,
     },
-    /// `seq` is a checkpoint: after executing it, report the application state's digest with
+    /// `seq` is a checkpoint: after executing it, hand the application's snapshot to
     /// [`Replica::handle_checkpoint_state`].
     CheckpointDue {
         /// Sequence number.
         seq: Seq,
+    },
+    /// State transfer: replace the application state with this snapshot, taken after `seq`.
+    Restore {
+        /// Sequence number.
+        seq: Seq,
+        /// The application's snapshot (as it gave it to `handle_checkpoint_state`).
+        snapshot: Bytes,
+    },
+    /// The replica entered `view`.
+    ViewEntered {
+        /// The view.
+        view: View,
+        /// Its primary.
+        primary: NodeId,
     },
 }
 
@@ -96,13 +173,13 @@ pub enum Output {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum Ignored {
-    /// For another view.
+    /// For an earlier view.
     #[error("wrong view")]
     WrongView,
     /// Outside the watermarks.
     #[error("outside the watermarks")]
     OutOfWindow,
-    /// A pre-prepare from a replica that is not the primary.
+    /// A pre-prepare or new view from a replica that is not the primary.
     #[error("not from the primary")]
     NotPrimary,
     /// A prepare from the primary (the primary does not prepare).
@@ -111,69 +188,205 @@ pub enum Ignored {
     /// A second, different pre-prepare for a slot (equivocation).
     #[error("conflicting pre-prepare")]
     Conflicting,
+    /// The sender is not in the group for this sequence number.
+    #[error("sender not in the group")]
+    NotMember,
+    /// A malformed certificate, view change, new view or state.
+    #[error("invalid certificate")]
+    Invalid,
+    /// Nothing new (a duplicate, a request already executed, nothing to serve).
+    #[error("stale")]
+    Stale,
+    /// A bounded queue is full.
+    #[error("busy")]
+    Busy,
+}
+
+/// Why a reconfiguration was refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ReconfigureError {
+    /// The command's sequence number has not been executed here.
+    #[error("sequence number {0} is not executed")]
+    NotExecuted(Seq),
+    /// The new group is empty or names a replica twice.
+    #[error("the new group is empty or has duplicates")]
+    BadGroup,
 }
 
 #[derive(Debug, Default)]
 struct Slot {
-    /// The accepted pre-prepare's digest and batch, for the view it came in.
-    proposal: Option<(View, Digest, Vec<Request>)>,
-    prepares: BTreeMap<NodeId, (View, Digest)>,
-    commits: BTreeMap<NodeId, (View, Digest)>,
-    sent_commit: bool,
+    /// The accepted pre-prepare (its view is the slot's current view).
+    pre_prepare: Option<Verified>,
+    /// The latest prepare and commit of each sender.
+    prepares: BTreeMap<NodeId, Verified>,
+    commits: BTreeMap<NodeId, Verified>,
+    /// The prepared certificate of the highest view (for view changes).
+    prepared: Option<Certificate>,
+    commit_sent: Option<View>,
     executed: bool,
 }
+
+impl Slot {
+    fn proposal(&self) -> Option<(View, Digest)> {
+        let m = self.pre_prepare.as_ref()?.message();
+        Some((m.view()?, m.digest()?))
+    }
+
+    fn batch(&self) -> &[Request] {
+        match self.pre_prepare.as_ref().map(Verified::message) {
+            Some(Message::PrePrepare { batch, .. }) => batch,
+            _ => &[],
+        }
+    }
+}
+
+/// Votes in `votes` that match `(view, digest)`.
+fn matching(
+    votes: &BTreeMap<NodeId, Verified>,
+    view: View,
+    digest: Digest,
+) -> impl Iterator<Item = &Verified> {
+    votes
+        .values()
+        .filter(move |v| v.message().view() == Some(view) && v.message().digest() == Some(digest))
+}
+
+type CoreState = (BTreeMap<Seq, Vec<NodeId>>, BTreeMap<NodeId, u64>);
+
+/// How many of its own past view changes a replica keeps for retransmission.
+const OWN_VIEW_CHANGES_KEPT: usize = 4;
 
 /// One replica's protocol state (see the module doc).
 #[derive(Debug)]
 pub struct Replica {
     config: Config,
+    /// The group for sequence numbers above each key.
+    groups: BTreeMap<Seq, Vec<NodeId>>,
     signer: Signer,
     view: View,
+    /// Whether the replica takes part in `view` (false while changing views).
+    active: bool,
     low: Seq,
     next_seq: Seq,
     executed: Seq,
-    pending: VecDeque<Request>,
-    oldest_pending: Option<Duration>,
+    now: Duration,
+    /// Requests received and not executed, with their arrival number.
+    waiting: BTreeMap<(NodeId, u64), (u64, Request)>,
+    arrivals: u64,
+    /// The primary's requests not yet proposed, in arrival order.
+    queue: VecDeque<(NodeId, u64)>,
+    oldest_queued: Option<Duration>,
     slots: BTreeMap<Seq, Slot>,
     /// Checkpoint messages above the low watermark, by sequence number and sender.
     checkpoints: BTreeMap<Seq, BTreeMap<NodeId, Verified>>,
     /// The certificate (2f+1 matching checkpoints) of the last stable checkpoint.
     stable: Vec<Verified>,
-    /// Messages up to one window beyond the current one, replayed when the window moves (the
-    /// others may reach a stable checkpoint a little before us). Bounded by `future_cap`.
+    stable_digest: Option<Digest>,
+    /// This replica's own snapshots at checkpoints at or above the low watermark.
+    snapshots: BTreeMap<Seq, (Digest, Bytes)>,
+    /// The core's replicated state at checkpoints whose application snapshot is pending.
+    core_at: BTreeMap<Seq, CoreState>,
+    /// Messages up to one window beyond the current one, replayed when the window moves.
     future: BTreeMap<Seq, Vec<Verified>>,
     future_len: usize,
-    /// The highest request number executed per client (at-most-once execution). Part of the
-    /// replicated state: every replica updates it in sequence order.
+    /// Messages for a later view (or for this one while entering it), replayed on entry.
+    ahead: Vec<Verified>,
+    /// The highest request number executed per client (replicated state).
     last_executed: BTreeMap<NodeId, u64>,
+    vc_deadline: Option<Duration>,
+    /// While changing views: whether 2f+1 replicas are changing to this view (the deadline
+    /// then moves on to the next view; before, it only re-sends this replica's view change).
+    vc_escalate: bool,
+    backoff: u32,
+    /// The new view this replica started as primary (re-sent to replicas that missed it).
+    new_view: Option<Signed>,
+    /// This replica's own view changes for its last few views, re-sent to a replica still
+    /// collecting view changes for one of them.
+    own_view_changes: BTreeMap<View, Signed>,
+    /// When this replica last re-sent a past view change to each member (rate limit).
+    answered: BTreeMap<NodeId, Duration>,
+    /// View changes for this view and later ones, by view and sender (at most
+    /// `OWN_VIEW_CHANGES_KEPT` views per sender).
+    view_changes: BTreeMap<View, BTreeMap<NodeId, Verified>>,
+    behind_since: Option<Duration>,
+    /// State transfer in progress: the checkpoint wanted and when it was last asked for.
+    fetching: Option<(Seq, Duration)>,
+    /// The checkpoint last served to each member, and when.
+    served: BTreeMap<NodeId, (Seq, Duration)>,
     outputs: VecDeque<Output>,
 }
 
 impl Replica {
     /// A replica in view 0 with nothing executed.
     pub fn new(config: Config, signer: Signer) -> Self {
+        let groups = BTreeMap::from([(0, config.replicas.clone())]);
         Self {
             config,
+            groups,
             signer,
             view: 0,
+            active: true,
             low: 0,
             next_seq: 0,
             executed: 0,
-            pending: VecDeque::new(),
-            oldest_pending: None,
+            now: Duration::ZERO,
+            waiting: BTreeMap::new(),
+            arrivals: 0,
+            queue: VecDeque::new(),
+            oldest_queued: None,
             slots: BTreeMap::new(),
             checkpoints: BTreeMap::new(),
             stable: Vec::new(),
+            stable_digest: None,
+            snapshots: BTreeMap::new(),
+            core_at: BTreeMap::new(),
             future: BTreeMap::new(),
             future_len: 0,
+            ahead: Vec::new(),
             last_executed: BTreeMap::new(),
+            vc_deadline: None,
+            vc_escalate: false,
+            backoff: 0,
+            new_view: None,
+            own_view_changes: BTreeMap::new(),
+            answered: BTreeMap::new(),
+            view_changes: BTreeMap::new(),
+            behind_since: None,
+            fetching: None,
+            served: BTreeMap::new(),
             outputs: VecDeque::new(),
         }
+    }
+
+    /// This replica's id.
+    pub fn id(&self) -> NodeId {
+        self.signer.id()
+    }
+
+    /// The current view.
+    pub fn view(&self) -> View {
+        self.view
+    }
+
+    /// Whether the replica takes part in its current view (false during a view change).
+    pub fn is_active(&self) -> bool {
+        self.active
+    }
+
+    /// The highest sequence number executed (or restored).
+    pub fn executed(&self) -> Seq {
+        self.executed
     }
 
     /// The low watermark: the last stable checkpoint.
     pub fn low_watermark(&self) -> Seq {
         self.low
+    }
+
+    /// Whether a state transfer is in progress.
+    pub fn is_fetching(&self) -> bool {
+        self.fetching.is_some()
     }
 
     /// The certificate of the last stable checkpoint (2f+1 signed, matching checkpoints), which
@@ -187,50 +400,80 @@ impl Replica {
         self.slots.len()
     }
 
-    /// Messages held for the next window.
+    /// Messages held for the next window or a later view.
     pub fn held_for_next_window(&self) -> usize {
-        self.future_len
+        self.future_len + self.ahead.len()
     }
 
-    /// The application's state digest after executing checkpoint `seq` (see
-    /// [`Output::CheckpointDue`]): signed and broadcast as this replica's checkpoint.
-    pub fn handle_checkpoint_state(&mut self, seq: Seq, state: Digest) {
-        if seq <= self.low || seq > self.executed {
-            return;
-        }
-        let signed = self.signer.sign(Message::Checkpoint { seq, state });
-        // Our own message: signed just now by our own key, so it is verified by construction.
-        let (me, own) = (self.id(), Verified::own(signed.clone()));
-        self.checkpoints.entry(seq).or_default().insert(me, own);
-        self.outputs.push_back(Output::Broadcast(signed));
-        self.try_stabilize(seq);
+    /// A one-line summary of the protocol state, for diagnosing a failed simulation.
+    pub fn summary(&self) -> String {
+        let vcs: Vec<(View, Vec<usize>)> = self
+            .view_changes
+            .iter()
+            .map(|(view, by)| {
+                let who = by
+                    .keys()
+                    .filter_map(|id| self.config.replicas.iter().position(|r| r == id))
+                    .collect();
+                (*view, who)
+            })
+            .collect();
+        format!(
+            "view {}{} exec {} low {} next {} pending {} vc_deadline {:?} escalate {} backoff {} \
+             fetching {:?} view changes {:?}",
+            self.view,
+            if self.active { "" } else { " (changing)" },
+            self.executed,
+            self.low,
+            self.next_seq,
+            self.waiting.len(),
+            self.vc_deadline,
+            self.vc_escalate,
+            self.backoff,
+            self.fetching,
+            vcs
+        )
     }
 
-    /// This replica's id.
-    pub fn id(&self) -> NodeId {
-        self.signer.id()
+    /// Client requests held until they execute.
+    pub fn pending_requests(&self) -> usize {
+        self.waiting.len()
     }
 
-    /// The current view.
-    pub fn view(&self) -> View {
-        self.view
+    /// The group that judges sequence number `seq`.
+    pub fn group_at(&self, seq: Seq) -> Group {
+        let members = self
+            .groups
+            .range(..seq.max(1))
+            .next_back()
+            .or_else(|| self.groups.iter().next())
+            .map(|(_, m)| m.clone())
+            .unwrap_or_default();
+        Group { members }
     }
 
-    /// The highest sequence number executed.
-    pub fn executed(&self) -> Seq {
-        self.executed
+    /// The group that runs view changes (the one after the low watermark).
+    pub fn group(&self) -> Group {
+        self.group_at(self.low + 1)
+    }
+
+    /// The primary of the current view.
+    pub fn primary(&self) -> Option<NodeId> {
+        self.group().primary(self.view)
     }
 
     fn is_primary(&self) -> bool {
-        self.config.primary(self.view) == Some(self.id())
-    }
-
-    fn quorum(&self) -> usize {
-        2 * self.config.f() + 1
+        self.primary() == Some(self.id())
     }
 
     fn in_window(&self, seq: Seq) -> bool {
         seq > self.low && seq <= self.low.saturating_add(self.config.window)
+    }
+
+    fn timeout(&self) -> Duration {
+        self.config
+            .view_change_timeout
+            .saturating_mul(1 << self.backoff.min(16))
     }
 
     /// The next output, in production order.
@@ -238,73 +481,155 @@ impl Replica {
         self.outputs.pop_front()
     }
 
-    /// A client request reached this replica at `now`. The primary batches it. A backup does
-    /// not hold it yet: clients send every request to all replicas and retransmit, and the
-    /// view-change timers that will watch requests at backups are still to come (so nothing
-    /// accumulates here unboundedly meanwhile).
-    pub fn handle_request(&mut self, request: Request, now: Duration) {
-        if !self.is_primary() {
-            return;
-        }
-        // A retransmission of something executed or already waiting takes no slot.
+    /// When the core next needs [`Replica::handle_tick`] (`None`: only on new input).
+    pub fn next_deadline(&self) -> Option<Duration> {
+        let batch = self
+            .oldest_queued
+            .filter(|_| self.active && self.is_primary())
+            .map(|t| t + self.config.batch_delay);
+        let fetch = self
+            .fetching
+            .map(|(_, asked)| asked + self.config.state_transfer_delay);
+        let behind = self
+            .behind_since
+            .map(|t| t + self.config.state_transfer_delay);
+        [batch, self.vc_deadline, fetch, behind]
+            .into_iter()
+            .flatten()
+            .min()
+    }
+
+    /// Signs `message`, queues it for every other replica, and returns it as verified.
+    fn broadcast(&mut self, message: Message) -> Verified {
+        let signed = self.signer.sign(message);
+        self.outputs.push_back(Output::Broadcast(signed.clone()));
+        Verified::trusted(signed)
+    }
+
+    /// A client request reached this replica at `now`. Every replica holds it until it
+    /// executes (the view-change timer watches it); the primary batches it.
+    ///
+    /// # Errors
+    /// [`Ignored::Stale`] for a request already executed or held, [`Ignored::Busy`] when
+    /// `max_pending` requests are held.
+    pub fn handle_request(&mut self, request: Request, now: Duration) -> Result<(), Ignored> {
+        self.now = self.now.max(now);
+        let key = (request.client, request.number);
         let done = self
             .last_executed
             .get(&request.client)
             .is_some_and(|n| request.number <= *n);
-        let waiting = self
-            .pending
-            .iter()
-            .any(|p| p.client == request.client && p.number == request.number);
-        if done || waiting {
-            return;
+        if done || self.waiting.contains_key(&key) {
+            return Err(Ignored::Stale);
         }
-        if self.pending.is_empty() {
-            self.oldest_pending = Some(now);
+        if self.waiting.len() >= self.config.max_pending {
+            return Err(Ignored::Busy);
         }
-        self.pending.push_back(request);
-        if self.pending.len() >= self.config.max_batch {
-            self.propose();
+        self.arrivals += 1;
+        self.waiting.insert(key, (self.arrivals, request));
+        if self.active && self.vc_deadline.is_none() {
+            self.vc_deadline = Some(self.now + self.timeout());
         }
+        if self.active && self.is_primary() {
+            self.queue.push_back(key);
+            self.oldest_queued.get_or_insert(self.now);
+            if self.queue.len() >= self.config.max_batch {
+                self.propose(false);
+            }
+        }
+        Ok(())
     }
 
-    /// Time passed: the primary flushes a batch whose oldest request waited `batch_delay`.
+    /// Time passed: flush a batch that waited `batch_delay`, change views when the timer
+    /// expires, and ask for state again when a state transfer is overdue.
     pub fn handle_tick(&mut self, now: Duration) {
-        if self.is_primary()
-            && let Some(since) = self.oldest_pending
+        self.now = self.now.max(now);
+        let now = self.now;
+        if self.active
+            && self.is_primary()
+            && let Some(since) = self.oldest_queued
             && now.saturating_sub(since) >= self.config.batch_delay
         {
-            self.propose();
+            self.propose(true);
+        }
+        if let Some(deadline) = self.vc_deadline
+            && now >= deadline
+        {
+            if self.active || self.vc_escalate {
+                self.backoff = self.backoff.saturating_add(1);
+                self.start_view_change(self.view + 1);
+            } else if let Some(own) = self.own_view_changes.get(&self.view) {
+                // Not enough replicas have joined yet: our view change may have been lost.
+                let own = own.clone();
+                self.outputs.push_back(Output::Broadcast(own));
+                self.vc_deadline = Some(now + self.timeout());
+            }
+        }
+        let delay = self.config.state_transfer_delay;
+        if let Some((seq, asked)) = self.fetching {
+            if now.saturating_sub(asked) >= delay {
+                self.fetching = Some((seq, now));
+                self.broadcast(Message::FetchState { seq });
+            }
+        } else if let Some(since) = self.behind_since
+            && now.saturating_sub(since) >= delay
+        {
+            self.behind_since = None;
+            let ahead = self
+                .checkpoints
+                .range(self.executed + 1..)
+                .rev()
+                .find_map(|(seq, _)| self.quorum_checkpoint(*seq).map(|c| (*seq, c)));
+            if let Some((seq, (digest, cert))) = ahead {
+                self.stabilize(seq, cert, digest);
+            }
         }
     }
 
-    fn propose(&mut self) {
-        while !self.pending.is_empty() && self.in_window(self.next_seq + 1) {
-            let take = self.pending.len().min(self.config.max_batch);
-            let batch: Vec<Request> = self.pending.drain(..take).collect();
+    /// The primary proposes batches from its queue: full ones, or also a partial one when
+    /// `flush` (the batch delay passed).
+    fn propose(&mut self, flush: bool) {
+        if !self.active || !self.is_primary() {
+            return;
+        }
+        let max = self.config.max_batch.max(1);
+        loop {
+            self.queue.retain(|k| self.waiting.contains_key(k));
+            if self.queue.is_empty()
+                || (self.queue.len() < max && !flush)
+                || !self.in_window(self.next_seq + 1)
+            {
+                break;
+            }
+            let take = self.queue.len().min(max);
+            let batch: Vec<Request> = self
+                .queue
+                .drain(..take)
+                .filter_map(|k| self.waiting.get(&k).map(|(_, r)| r.clone()))
+                .collect();
             self.next_seq += 1;
+            let (view, seq) = (self.view, self.next_seq);
             let digest = batch_digest(&batch);
-            let message = Message::PrePrepare {
-                view: self.view,
-                seq: self.next_seq,
+            let pp = self.broadcast(Message::PrePrepare {
+                view,
+                seq,
                 digest,
-                batch: batch.clone(),
-            };
-            self.slots.entry(self.next_seq).or_default().proposal =
-                Some((self.view, digest, batch));
-            self.outputs
-                .push_back(Output::Broadcast(self.signer.sign(message)));
+                batch,
+            });
+            self.slots.entry(seq).or_default().pre_prepare = Some(pp);
         }
-        self.oldest_pending = None;
-        if !self.pending.is_empty() {
-            // Held back by the window; try again on the next tick.
-            self.oldest_pending = Some(Duration::ZERO);
+        if self.queue.is_empty() {
+            self.oldest_queued = None;
+        } else if self.oldest_queued.is_none() {
+            self.oldest_queued = Some(self.now);
         }
     }
 
-    /// Messages held for the next window at most: three per replica per sequence number.
-    fn future_cap(&self) -> usize {
+    /// Messages held for the next window or a later view at most: three per replica per
+    /// sequence number of a window.
+    fn hold_cap(&self) -> usize {
         (self.config.window as usize)
-            .saturating_mul(self.config.replicas.len())
+            .saturating_mul(self.group().members.len())
             .saturating_mul(3)
     }
 
@@ -313,163 +638,191 @@ impl Replica {
     /// # Errors
     /// [`Ignored`] saying why the message had no effect.
     pub fn handle_message(&mut self, message: Verified) -> Result<(), Ignored> {
-        let seq = match message.message() {
-            Message::PrePrepare { seq, .. }
-            | Message::Prepare { seq, .. }
-            | Message::Commit { seq, .. }
-            | Message::Checkpoint { seq, .. } => *seq,
-        };
+        let sender = message.sender();
+        if sender == self.id() {
+            // Only a twin (a second instance with this identity) sends these.
+            return Err(Ignored::Stale);
+        }
+        match message.message() {
+            Message::PrePrepare { view, seq, .. }
+            | Message::Prepare { view, seq, .. }
+            | Message::Commit { view, seq, .. } => {
+                let (view, seq) = (*view, *seq);
+                if !self.group_at(seq).contains(&sender) {
+                    return Err(Ignored::NotMember);
+                }
+                if view < self.view {
+                    return Err(Ignored::WrongView);
+                }
+                if view > self.view || !self.active {
+                    if self.ahead.len() >= self.hold_cap() {
+                        return Err(Ignored::Busy);
+                    }
+                    self.ahead.push(message);
+                    self.catch_up_view();
+                    return Ok(());
+                }
+                self.in_view(sender, view, seq, message)
+            }
+            Message::Checkpoint { seq, .. } => {
+                let seq = *seq;
+                self.on_checkpoint(sender, seq, message)
+            }
+            Message::ViewChange { .. } => self.on_view_change(sender, message),
+            Message::NewView { .. } => self.on_new_view(sender, message),
+            Message::FetchState { seq } => {
+                let seq = *seq;
+                self.on_fetch_state(sender, seq)
+            }
+            Message::State { .. } => self.on_state(message),
+        }
+    }
+
+    /// A replica that missed a view change (it was partitioned, or restarted with an empty
+    /// memory) hears normal-case messages for a later view: once f+1 distinct replicas (so at
+    /// least one correct one) are in views above its own, it changes to the smallest view among
+    /// the f+1 highest, and the view's primary re-sends its new view on that view change.
+    fn catch_up_view(&mut self) {
+        let mut highest: BTreeMap<NodeId, View> = BTreeMap::new();
+        for m in &self.ahead {
+            if let Some(v) = m.message().view()
+                && v > self.view
+            {
+                let e = highest.entry(m.sender()).or_insert(v);
+                *e = (*e).max(v);
+            }
+        }
+        let mut views: Vec<View> = highest.into_values().collect();
+        views.sort_unstable_by(|a, b| b.cmp(a));
+        if let Some(target) = views.get(self.group().f()).copied() {
+            self.start_view_change(target);
+        }
+    }
+
+    /// A pre-prepare, prepare or commit for the current view.
+    fn in_view(
+        &mut self,
+        sender: NodeId,
+        view: View,
+        seq: Seq,
+        message: Verified,
+    ) -> Result<(), Ignored> {
+        if seq <= self.low {
+            return Err(Ignored::OutOfWindow);
+        }
         let top = self.low.saturating_add(self.config.window);
-        if seq > top && seq <= top.saturating_add(self.config.window) {
-            if self.future_len >= self.future_cap() {
+        if seq > top {
+            if seq > top.saturating_add(self.config.window) || self.future_len >= self.hold_cap() {
                 return Err(Ignored::OutOfWindow);
             }
             self.future_len += 1;
             self.future.entry(seq).or_default().push(message);
             return Ok(());
         }
-        let sender = message.sender();
-        match message.message().clone() {
-            Message::PrePrepare {
-                view,
-                seq,
-                digest,
-                batch,
-            } => self.on_pre_prepare(sender, view, seq, digest, batch),
-            Message::Prepare { view, seq, digest } => self.on_prepare(sender, view, seq, digest),
-            Message::Commit { view, seq, digest } => self.on_commit(sender, view, seq, digest),
-            Message::Checkpoint { seq, .. } => {
-                if !self.in_window(seq) {
-                    return Err(Ignored::OutOfWindow);
+        let primary = self.group_at(seq).primary(view);
+        match message.message() {
+            Message::PrePrepare { digest, .. } => {
+                if primary != Some(sender) {
+                    return Err(Ignored::NotPrimary);
                 }
-                self.checkpoints
+                let digest = *digest;
+                let slot = self.slots.entry(seq).or_default();
+                match slot.proposal() {
+                    Some((v, d)) if v == view && d != digest => return Err(Ignored::Conflicting),
+                    Some((v, _)) if v == view => return Err(Ignored::Stale),
+                    _ => {}
+                }
+                slot.pre_prepare = Some(message);
+                let prepare = self.broadcast(Message::Prepare { view, seq, digest });
+                let me = self.id();
+                self.slots
                     .entry(seq)
                     .or_default()
+                    .prepares
+                    .insert(me, prepare);
+            }
+            Message::Prepare { .. } => {
+                if primary == Some(sender) {
+                    return Err(Ignored::PrepareFromPrimary);
+                }
+                self.slots
+                    .entry(seq)
+                    .or_default()
+                    .prepares
                     .insert(sender, message);
-                self.try_stabilize(seq);
-                Ok(())
+            }
+            _ => {
+                self.slots
+                    .entry(seq)
+                    .or_default()
+                    .commits
+                    .insert(sender, message);
             }
         }
-    }
-
-    fn check_view_and_window(&self, view: View, seq: Seq) -> Result<(), Ignored> {
-        if view != self.view {
-            return Err(Ignored::WrongView);
-        }
-        if !self.in_window(seq) {
-            return Err(Ignored::OutOfWindow);
-        }
-        Ok(())
-    }
-
-    fn on_pre_prepare(
-        &mut self,
-        sender: NodeId,
-        view: View,
-        seq: Seq,
-        digest: Digest,
-        batch: Vec<Request>,
-    ) -> Result<(), Ignored> {
-        self.check_view_and_window(view, seq)?;
-        if self.config.primary(view) != Some(sender) {
-            return Err(Ignored::NotPrimary);
-        }
-        let me = self.id();
-        let slot = self.slots.entry(seq).or_default();
-        match &slot.proposal {
-            Some((v, d, _)) if *v == view && *d != digest => return Err(Ignored::Conflicting),
-            Some((v, _, _)) if *v == view => return Ok(()), // duplicate
-            _ => {}
-        }
-        slot.proposal = Some((view, digest, batch));
-        slot.prepares.insert(me, (view, digest));
-        let prepare = self.signer.sign(Message::Prepare { view, seq, digest });
-        self.outputs.push_back(Output::Broadcast(prepare));
-        self.advance(seq);
-        Ok(())
-    }
-
-    fn on_prepare(
-        &mut self,
-        sender: NodeId,
-        view: View,
-        seq: Seq,
-        digest: Digest,
-    ) -> Result<(), Ignored> {
-        self.check_view_and_window(view, seq)?;
-        if self.config.primary(view) == Some(sender) {
-            return Err(Ignored::PrepareFromPrimary);
-        }
-        self.slots
-            .entry(seq)
-            .or_default()
-            .prepares
-            .insert(sender, (view, digest));
-        self.advance(seq);
-        Ok(())
-    }
-
-    fn on_commit(
-        &mut self,
-        sender: NodeId,
-        view: View,
-        seq: Seq,
-        digest: Digest,
-    ) -> Result<(), Ignored> {
-        self.check_view_and_window(view, seq)?;
-        self.slots
-            .entry(seq)
-            .or_default()
-            .commits
-            .insert(sender, (view, digest));
         self.advance(seq);
         Ok(())
     }
 
     /// Moves slot `seq` forward (prepared -> commit sent) and executes what is committed.
     fn advance(&mut self, seq: Seq) {
-        let (view, quorum, f) = (self.view, self.quorum(), self.config.f());
-        let me = self.id();
+        let group = self.group_at(seq);
+        let prepared_quorum = 2 * group.f();
+        let (view, me) = (self.view, self.id());
+        let mut commit = None;
         if let Some(slot) = self.slots.get_mut(&seq)
-            && let Some((pv, digest, _)) = &slot.proposal
-            && *pv == view
-            && !slot.sent_commit
+            && let Some((pv, digest)) = slot.proposal()
+            && pv == view
+            && slot.commit_sent != Some(view)
         {
-            let digest = *digest;
-            let matching = slot
-                .prepares
-                .values()
-                .filter(|p| **p == (view, digest))
-                .count();
-            // Prepared: the pre-prepare and 2f matching prepares from backups.
-            if matching >= 2 * f {
-                slot.sent_commit = true;
-                slot.commits.insert(me, (view, digest));
-                let commit = self.signer.sign(Message::Commit { view, seq, digest });
-                self.outputs.push_back(Output::Broadcast(commit));
+            let primary = group.primary(view);
+            let votes: Vec<Signed> = matching(&slot.prepares, view, digest)
+                .filter(|v| Some(v.sender()) != primary && group.contains(&v.sender()))
+                .take(prepared_quorum)
+                .map(|v| v.signed().clone())
+                .collect();
+            if votes.len() >= prepared_quorum
+                && let Some(pp) = &slot.pre_prepare
+            {
+                slot.prepared = Some(Certificate {
+                    proposal: pp.signed().clone(),
+                    votes,
+                });
+                slot.commit_sent = Some(view);
+                commit = Some(digest);
             }
         }
-        // Execute committed slots in order.
-        while let Some(slot) = self.slots.get_mut(&(self.executed + 1)) {
-            let Some((pv, digest, batch)) = &slot.proposal else {
+        if let Some(digest) = commit {
+            let own = self.broadcast(Message::Commit { view, seq, digest });
+            if let Some(slot) = self.slots.get_mut(&seq) {
+                slot.commits.insert(me, own);
+            }
+        }
+        self.execute_ready();
+    }
+
+    /// Executes committed slots in sequence order.
+    fn execute_ready(&mut self) {
+        loop {
+            let seq = self.executed + 1;
+            let group = self.group_at(seq);
+            let Some(slot) = self.slots.get_mut(&seq) else {
                 break;
             };
-            let committed = slot.sent_commit
-                && slot
-                    .commits
-                    .values()
-                    .filter(|c| **c == (*pv, *digest))
-                    .count()
-                    >= quorum;
-            if !committed || slot.executed {
+            let Some((pv, digest)) = slot.proposal() else {
+                break;
+            };
+            let commits = matching(&slot.commits, pv, digest)
+                .filter(|v| group.contains(&v.sender()))
+                .count();
+            if commits < group.quorum() || slot.executed {
                 break;
             }
             slot.executed = true;
-            self.executed += 1;
+            self.executed = seq;
             // At most once per (client, number): every replica filters the agreed batch the
             // same way, in sequence order, so they all execute the same requests.
-            let mut fresh = Vec::with_capacity(batch.len());
-            for r in batch {
+            let mut fresh = Vec::new();
+            for r in slot.batch() {
                 if self
                     .last_executed
                     .get(&r.client)
@@ -479,49 +832,134 @@ impl Replica {
                     fresh.push(r.clone());
                 }
             }
+            let last = &self.last_executed;
+            self.waiting
+                .retain(|(client, number), _| last.get(client).is_none_or(|n| number > n));
             self.outputs.push_back(Output::Execute {
-                seq: self.executed,
-                digest: *digest,
+                seq,
+                digest,
                 batch: fresh,
             });
-            if self
-                .executed
-                .is_multiple_of(self.config.checkpoint_interval.max(1))
-            {
-                self.outputs
-                    .push_back(Output::CheckpointDue { seq: self.executed });
+            if seq.is_multiple_of(self.config.checkpoint_interval.max(1)) {
+                self.core_at
+                    .insert(seq, (self.groups.clone(), self.last_executed.clone()));
+                self.outputs.push_back(Output::CheckpointDue { seq });
+            }
+            if self.active {
+                self.backoff = 0;
+                self.vc_deadline = (!self.waiting.is_empty()).then(|| self.now + self.timeout());
             }
         }
     }
 
-    /// A checkpoint is stable with 2f+1 matching messages and once this replica has executed
-    /// it (a replica behind it will need state transfer, still to come): the low watermark
-    /// moves up, and log slots and checkpoint messages at or below it are dropped.
-    fn try_stabilize(&mut self, seq: Seq) {
-        if seq > self.executed {
-            return;
-        }
-        let Some(at) = self.checkpoints.get(&seq) else {
+    /// The application's snapshot after executing checkpoint `seq` (see
+    /// [`Output::CheckpointDue`]): joined with the core's state at `seq`, its digest is signed
+    /// and broadcast as this replica's checkpoint.
+    pub fn handle_checkpoint_state(&mut self, seq: Seq, app_snapshot: Bytes) {
+        let Some((groups, last)) = self.core_at.remove(&seq) else {
             return;
         };
-        let mut by_state: BTreeMap<Digest, Vec<&Verified>> = BTreeMap::new();
-        for v in at.values() {
-            if let Message::Checkpoint { state, .. } = v.message() {
-                by_state.entry(*state).or_default().push(v);
+        let snapshot = Snapshot::join(&Snapshot::encode_core(&groups, &last), &app_snapshot);
+        let state = state_digest(seq, &snapshot);
+        self.snapshots.insert(seq, (state, snapshot));
+        if seq < self.low {
+            return;
+        }
+        let me = self.id();
+        let own = self.broadcast(Message::Checkpoint { seq, state });
+        self.checkpoints.entry(seq).or_default().insert(me, own);
+        self.try_stabilize(seq);
+    }
+
+    fn on_checkpoint(
+        &mut self,
+        sender: NodeId,
+        seq: Seq,
+        message: Verified,
+    ) -> Result<(), Ignored> {
+        if !self.group_at(seq).contains(&sender) {
+            return Err(Ignored::NotMember);
+        }
+        if seq <= self.low {
+            return Err(Ignored::OutOfWindow);
+        }
+        let top = self.low.saturating_add(self.config.window);
+        if seq > top {
+            // Far ahead: keep only each sender's newest, to learn that we are behind.
+            let newer = self
+                .checkpoints
+                .range(seq..)
+                .any(|(_, by)| by.contains_key(&sender));
+            if newer {
+                return Err(Ignored::Stale);
+            }
+            for (_, by) in self.checkpoints.range_mut(top + 1..seq) {
+                by.remove(&sender);
+            }
+            self.checkpoints.retain(|_, by| !by.is_empty());
+        }
+        self.checkpoints
+            .entry(seq)
+            .or_default()
+            .insert(sender, message);
+        self.try_stabilize(seq);
+        Ok(())
+    }
+
+    /// A quorum of matching checkpoints at `seq`: the state digest and the certificate.
+    fn quorum_checkpoint(&self, seq: Seq) -> Option<(Digest, Vec<Verified>)> {
+        let group = self.group_at(seq);
+        let mut by_state: BTreeMap<Digest, Vec<Verified>> = BTreeMap::new();
+        for (sender, v) in self.checkpoints.get(&seq)? {
+            if let Message::Checkpoint { state, .. } = v.message()
+                && group.contains(sender)
+            {
+                by_state.entry(*state).or_default().push(v.clone());
             }
         }
-        let quorum = self.quorum();
-        let Some(cert) = by_state.into_values().find(|v| v.len() >= quorum) else {
+        by_state
+            .into_iter()
+            .find(|(_, v)| v.len() >= group.quorum())
+    }
+
+    fn try_stabilize(&mut self, seq: Seq) {
+        if seq <= self.low {
+            return;
+        }
+        let Some((digest, cert)) = self.quorum_checkpoint(seq) else {
             return;
         };
-        self.stable = cert.into_iter().cloned().collect();
+        if seq <= self.executed || seq > self.low.saturating_add(self.config.window) {
+            self.stabilize(seq, cert, digest);
+        } else {
+            // Behind, but perhaps only a little: give the normal case a moment first.
+            self.behind_since.get_or_insert(self.now);
+        }
+    }
+
+    /// Makes `seq` the stable checkpoint: moves the low watermark, collects garbage, and
+    /// fetches the state if this replica has not executed that far.
+    fn stabilize(&mut self, seq: Seq, cert: Vec<Verified>, digest: Digest) {
+        if seq <= self.low {
+            return;
+        }
+        self.stable = cert;
+        self.stable_digest = Some(digest);
         self.low = seq;
         self.slots.retain(|s, _| *s > seq);
         self.checkpoints.retain(|s, _| *s > seq);
-        if self.is_primary() && !self.pending.is_empty() {
-            // The window moved: propose what it held back.
-            self.propose();
+        self.snapshots.retain(|s, _| *s >= seq);
+        self.core_at.retain(|s, _| *s >= seq);
+        if let Some(current) = self.groups.range(..=seq).next_back().map(|(k, _)| *k) {
+            self.groups.retain(|k, _| *k >= current);
         }
+        self.next_seq = self.next_seq.max(seq);
+        if self.executed < seq {
+            self.fetching = Some((seq, self.now));
+            self.behind_since = None;
+            self.broadcast(Message::FetchState { seq });
+        }
+        self.propose(false);
         // Replay held messages that the new window admits (in sequence order).
         let top = self.low.saturating_add(self.config.window);
         let ready: Vec<Seq> = self.future.range(..=top).map(|(s, _)| *s).collect();
@@ -532,112 +970,567 @@ impl Replica {
             }
         }
     }
+
+    fn start_view_change(&mut self, view: View) {
+        self.view = view;
+        self.active = false;
+        self.queue.clear();
+        self.oldest_queued = None;
+        self.vc_deadline = Some(self.now + self.timeout());
+        self.vc_escalate = false;
+        let low = self.low;
+        let top = low.saturating_add(self.config.window);
+        let prepared = self
+            .slots
+            .range(low + 1..=top)
+            .filter_map(|(_, s)| s.prepared.clone())
+            .collect();
+        let own = self.broadcast(Message::ViewChange {
+            view,
+            stable: low,
+            checkpoint: self.stable.iter().map(|v| v.signed().clone()).collect(),
+            prepared,
+        });
+        let me = self.id();
+        self.own_view_changes.insert(view, own.signed().clone());
+        while self.own_view_changes.len() > OWN_VIEW_CHANGES_KEPT {
+            self.own_view_changes.pop_first();
+        }
+        self.view_changes.retain(|v, _| *v >= view);
+        self.view_changes.entry(view).or_default().insert(me, own);
+        self.after_view_change();
+    }
+
+    /// While changing views: start the back-off timer once 2f+1 replicas are changing to this
+    /// view, and build the new view if this replica is its primary.
+    fn after_view_change(&mut self) {
+        if self.active {
+            return;
+        }
+        let group = self.group();
+        let here = self.view_changes.get(&self.view).map_or(0, BTreeMap::len);
+        if here >= group.quorum() && !self.vc_escalate {
+            self.vc_escalate = true;
+            self.vc_deadline = Some(self.now + self.timeout());
+        }
+        if here < group.quorum() || group.primary(self.view) != Some(self.id()) {
+            return;
+        }
+        let vcs: Vec<Verified> = self
+            .view_changes
+            .get(&self.view)
+            .map(|by| by.values().cloned().collect())
+            .unwrap_or_default();
+        let plan = plan_new_view(&vcs.iter().map(Verified::message).collect::<Vec<_>>());
+        let view = self.view;
+        let pre_prepares: Vec<Signed> = plan
+            .proposals
+            .iter()
+            .map(|(seq, (digest, batch))| {
+                self.signer.sign(Message::PrePrepare {
+                    view,
+                    seq: *seq,
+                    digest: *digest,
+                    batch: batch.clone(),
+                })
+            })
+            .collect();
+        let new_view = self.broadcast(Message::NewView {
+            view,
+            view_changes: vcs.iter().map(|v| v.signed().clone()).collect(),
+            pre_prepares: pre_prepares.clone(),
+        });
+        self.new_view = Some(new_view.signed().clone());
+        self.enter_view(view, plan, pre_prepares);
+    }
+
+    fn on_view_change(&mut self, sender: NodeId, message: Verified) -> Result<(), Ignored> {
+        let Message::ViewChange { view, .. } = message.message() else {
+            return Err(Ignored::Invalid);
+        };
+        let view = *view;
+        let group = self.group();
+        if !group.contains(&sender) {
+            return Err(Ignored::NotMember);
+        }
+        if view == self.view
+            && self.active
+            && let Some(nv) = &self.new_view
+            && matches!(nv.message, Message::NewView { view: v, .. } if v == view)
+        {
+            // The sender missed the new view this replica started.
+            let message = nv.clone();
+            self.outputs.push_back(Output::Send {
+                to: sender,
+                message,
+            });
+            return Err(Ignored::Stale);
+        }
+        if view < self.view || (view == self.view && self.active) {
+            // The sender may still be collecting view changes for a view this replica has left
+            // and have lost ours (its new primary needs 2f+1 of them). Not if it has shown us
+            // a later view, and at most once per timeout per sender (no echo between two
+            // replicas that have both moved on).
+            let moved_on = self
+                .view_changes
+                .range(view + 1..)
+                .any(|(_, by)| by.contains_key(&sender));
+            let recently = self
+                .answered
+                .get(&sender)
+                .is_some_and(|at| self.now.saturating_sub(*at) < self.config.view_change_timeout);
+            if !moved_on
+                && !recently
+                && let Some(own) = self.own_view_changes.get(&view)
+            {
+                let message = own.clone();
+                self.answered.insert(sender, self.now);
+                self.outputs.push_back(Output::Send {
+                    to: sender,
+                    message,
+                });
+            }
+            return Err(Ignored::WrongView);
+        }
+        if !group.valid_view_change(message.message(), self.config.window) {
+            return Err(Ignored::Invalid);
+        }
+        if self
+            .view_changes
+            .get(&view)
+            .is_some_and(|by| by.contains_key(&sender))
+        {
+            return Err(Ignored::Stale);
+        }
+        self.view_changes
+            .entry(view)
+            .or_default()
+            .insert(sender, message);
+        let views: Vec<View> = self
+            .view_changes
+            .iter()
+            .filter(|(_, by)| by.contains_key(&sender))
+            .map(|(v, _)| *v)
+            .collect();
+        if let Some(excess) = views.len().checked_sub(OWN_VIEW_CHANGES_KEPT) {
+            for v in views.iter().take(excess) {
+                if let Some(by) = self.view_changes.get_mut(v) {
+                    by.remove(&sender);
+                }
+            }
+            self.view_changes.retain(|_, by| !by.is_empty());
+        }
+        // f+1 replicas are in later views: at least one correct replica is, so join the
+        // smallest view among the f+1 highest (each sender's highest counts).
+        let mut highest: BTreeMap<NodeId, View> = BTreeMap::new();
+        for (v, by) in self.view_changes.range(self.view + 1..) {
+            for id in by.keys() {
+                highest.insert(*id, *v);
+            }
+        }
+        let mut later: Vec<View> = highest.into_values().collect();
+        later.sort_unstable_by(|a, b| b.cmp(a));
+        if let Some(target) = later.get(group.f()).copied() {
+            self.start_view_change(target);
+        } else {
+            self.after_view_change();
+        }
+        Ok(())
+    }
+
+    fn on_new_view(&mut self, sender: NodeId, message: Verified) -> Result<(), Ignored> {
+        let Message::NewView {
+            view,
+            view_changes,
+            pre_prepares,
+        } = message.message()
+        else {
+            return Err(Ignored::Invalid);
+        };
+        let view = *view;
+        if view < self.view || (view == self.view && self.active) {
+            return Err(Ignored::WrongView);
+        }
+        let group = self.group();
+        if group.primary(view) != Some(sender) {
+            return Err(Ignored::NotPrimary);
+        }
+        let mut senders = std::collections::BTreeSet::new();
+        for vc in view_changes {
+            let fits = matches!(vc.message, Message::ViewChange { view: v, .. } if v == view);
+            if !fits
+                || !group.contains(&vc.sender)
+                || !senders.insert(vc.sender)
+                || !group.valid_view_change(&vc.message, self.config.window)
+            {
+                return Err(Ignored::Invalid);
+            }
+        }
+        if senders.len() < group.quorum() {
+            return Err(Ignored::Invalid);
+        }
+        let plan = plan_new_view(&view_changes.iter().map(|s| &s.message).collect::<Vec<_>>());
+        let expected = plan.proposals.len() == pre_prepares.len()
+            && plan
+                .proposals
+                .iter()
+                .zip(pre_prepares)
+                .all(|((seq, (digest, _)), pp)| {
+                    pp.sender == sender
+                        && matches!(&pp.message, Message::PrePrepare { view: v, seq: s, digest: d, .. }
+                            if *v == view && s == seq && d == digest)
+                });
+        if !expected {
+            return Err(Ignored::Invalid);
+        }
+        let pre_prepares = pre_prepares.clone();
+        self.enter_view(view, plan, pre_prepares);
+        Ok(())
+    }
+
+    /// Enters `view` with the new view's plan and pre-prepares (checked against the plan).
+    fn enter_view(&mut self, view: View, plan: NewViewPlan, pre_prepares: Vec<Signed>) {
+        self.view = view;
+        self.active = true;
+        self.vc_deadline = None;
+        self.view_changes.retain(|w, _| *w > view);
+        if plan.stable > self.low
+            && let Some(Some(digest)) = self
+                .group_at(plan.stable)
+                .checkpoint_cert(plan.stable, &plan.checkpoint)
+        {
+            let cert = plan.checkpoint.into_iter().map(Verified::trusted).collect();
+            self.stabilize(plan.stable, cert, digest);
+        }
+        let me = self.id();
+        let primary = self.primary();
+        let mut proposed = std::collections::BTreeSet::new();
+        let mut touched = Vec::new();
+        for pp in pre_prepares {
+            let Message::PrePrepare {
+                seq, digest, batch, ..
+            } = &pp.message
+            else {
+                continue;
+            };
+            let (seq, digest) = (*seq, *digest);
+            proposed.extend(batch.iter().map(|r| (r.client, r.number)));
+            self.next_seq = self.next_seq.max(seq);
+            if !self.in_window(seq) {
+                continue;
+            }
+            self.slots.entry(seq).or_default().pre_prepare = Some(Verified::trusted(pp));
+            if primary != Some(me) {
+                let own = self.broadcast(Message::Prepare { view, seq, digest });
+                self.slots.entry(seq).or_default().prepares.insert(me, own);
+            }
+            touched.push(seq);
+        }
+        self.next_seq = self.next_seq.max(self.low);
+        if let Some(primary) = primary {
+            self.outputs
+                .push_back(Output::ViewEntered { view, primary });
+        }
+        if !self.waiting.is_empty() {
+            self.vc_deadline = Some(self.now + self.timeout());
+        }
+        if primary == Some(me) {
+            let mut keys: Vec<(u64, (NodeId, u64))> = self
+                .waiting
+                .iter()
+                .filter(|(k, _)| !proposed.contains(*k))
+                .map(|(k, (arrival, _))| (*arrival, *k))
+                .collect();
+            keys.sort_unstable();
+            self.queue = keys.into_iter().map(|(_, k)| k).collect();
+            self.oldest_queued = (!self.queue.is_empty()).then_some(self.now);
+        }
+        for seq in touched {
+            self.advance(seq);
+        }
+        for m in std::mem::take(&mut self.ahead) {
+            match m.message().view() {
+                Some(v) if v == view => {
+                    let _ = self.handle_message(m);
+                }
+                Some(v) if v > view => self.ahead.push(m),
+                _ => {}
+            }
+        }
+        self.propose(false);
+    }
+
+    fn on_fetch_state(&mut self, sender: NodeId, seq: Seq) -> Result<(), Ignored> {
+        if !self.group().contains(&sender) {
+            return Err(Ignored::NotMember);
+        }
+        if self.low < seq || self.low == 0 || self.executed < self.low {
+            return Err(Ignored::Stale);
+        }
+        let Some((digest, snapshot)) = self.snapshots.get(&self.low) else {
+            return Err(Ignored::Stale);
+        };
+        if Some(*digest) != self.stable_digest {
+            return Err(Ignored::Stale);
+        }
+        if let Some((served, at)) = self.served.get(&sender)
+            && *served == self.low
+            && self.now.saturating_sub(*at) < self.config.state_transfer_delay
+        {
+            return Err(Ignored::Busy);
+        }
+        let snapshot = snapshot.clone();
+        let mut committed = Vec::new();
+        for seq in self.low + 1..=self.executed {
+            let quorum = self.group_at(seq).quorum();
+            let Some(slot) = self.slots.get(&seq) else {
+                break;
+            };
+            let (Some(pp), Some((view, digest))) = (&slot.pre_prepare, slot.proposal()) else {
+                break;
+            };
+            committed.push(Certificate {
+                proposal: pp.signed().clone(),
+                votes: matching(&slot.commits, view, digest)
+                    .take(quorum)
+                    .map(|v| v.signed().clone())
+                    .collect(),
+            });
+        }
+        self.served.insert(sender, (self.low, self.now));
+        let message = self.signer.sign(Message::State {
+            checkpoint: self.stable.iter().map(|v| v.signed().clone()).collect(),
+            snapshot,
+            committed,
+        });
+        self.outputs.push_back(Output::Send {
+            to: sender,
+            message,
+        });
+        Ok(())
+    }
+
+    fn on_state(&mut self, message: Verified) -> Result<(), Ignored> {
+        let Message::State {
+            checkpoint,
+            snapshot,
+            committed,
+        } = message.message()
+        else {
+            return Err(Ignored::Invalid);
+        };
+        let Some(Message::Checkpoint { seq, .. }) = checkpoint.first().map(|s| &s.message) else {
+            return Err(Ignored::Invalid);
+        };
+        let seq = *seq;
+        let Some(Some(digest)) = self.group_at(seq).checkpoint_cert(seq, checkpoint) else {
+            return Err(Ignored::Invalid);
+        };
+        let mut progress = false;
+        if seq > self.executed {
+            if state_digest(seq, snapshot) != digest {
+                return Err(Ignored::Invalid);
+            }
+            let Ok(restored) = Snapshot::decode(snapshot) else {
+                return Err(Ignored::Invalid);
+            };
+            self.executed = seq;
+            self.last_executed = restored.last_executed;
+            self.groups = restored.groups;
+            let last = &self.last_executed;
+            self.waiting
+                .retain(|(client, number), _| last.get(client).is_none_or(|n| number > n));
+            self.snapshots.insert(seq, (digest, snapshot.clone()));
+            self.outputs.push_back(Output::Restore {
+                seq,
+                snapshot: restored.app,
+            });
+            let cert = checkpoint.iter().cloned().map(Verified::trusted).collect();
+            self.stabilize(seq, cert, digest);
+            if seq == self.low {
+                self.stable_digest = Some(digest);
+            }
+            progress = true;
+        }
+        if self.fetching.is_some_and(|(want, _)| want <= self.executed) {
+            self.fetching = None;
+        }
+        for cert in committed {
+            let Some((_, s, _)) = self
+                .group_at(cert.proposal.message.seq().unwrap_or(0))
+                .certificate(cert, true)
+            else {
+                break;
+            };
+            if s <= self.executed {
+                continue;
+            }
+            if !self.in_window(s) {
+                break;
+            }
+            let slot = self.slots.entry(s).or_default();
+            slot.pre_prepare = Some(Verified::trusted(cert.proposal.clone()));
+            for vote in &cert.votes {
+                slot.commits
+                    .insert(vote.sender, Verified::trusted(vote.clone()));
+            }
+            progress = true;
+        }
+        let before = self.executed;
+        self.execute_ready();
+        if progress || self.executed > before {
+            Ok(())
+        } else {
+            Err(Ignored::Stale)
+        }
+    }
+
+    /// A membership command executed at `executed_at` replaces the group with `members` for
+    /// sequence numbers above the returned one (`executed_at + window`, rounded up to a
+    /// checkpoint). Call it, identically at every replica, when the command executes, before
+    /// the next output.
+    ///
+    /// # Errors
+    /// [`ReconfigureError`] if `executed_at` is not executed here or the group is malformed.
+    pub fn reconfigure(
+        &mut self,
+        members: Vec<NodeId>,
+        executed_at: Seq,
+    ) -> Result<Seq, ReconfigureError> {
+        if executed_at > self.executed || executed_at == 0 {
+            return Err(ReconfigureError::NotExecuted(executed_at));
+        }
+        let distinct: std::collections::BTreeSet<_> = members.iter().collect();
+        if members.is_empty() || distinct.len() != members.len() {
+            return Err(ReconfigureError::BadGroup);
+        }
+        let interval = self.config.checkpoint_interval.max(1);
+        let from = executed_at
+            .saturating_add(self.config.window)
+            .div_ceil(interval)
+            .saturating_mul(interval);
+        self.groups.insert(from, members.clone());
+        // Checkpoints at or after the command, whose snapshot is still to be taken, include it.
+        for (seq, (groups, _)) in self.core_at.iter_mut() {
+            if *seq >= executed_at {
+                groups.insert(from, members.clone());
+            }
+        }
+        Ok(from)
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::message::{KeyRing, Limits};
-    use bytes::Bytes;
-    use rand::rngs::StdRng;
-    use rand::{Rng, SeedableRng};
+    use crate::service::Executor;
+    use crate::sim::Chain;
     use securesmart_transport::Role;
     use securesmart_transport::pki::DevCa;
 
-    /// A seeded in-memory network of replicas: messages go through the real codec and key
-    /// ring, and are delivered in an order chosen by the seed.
-    struct Net {
+    type Filter = Box<dyn Fn(usize, usize, &Message) -> bool>;
+
+    /// Replicas connected by a FIFO network through the real codec and key ring; `cut`
+    /// decides which messages are lost.
+    struct Cluster {
         replicas: Vec<Replica>,
-        ring: KeyRing,
-        queue: Vec<(usize, Vec<u8>)>,
-        log: Vec<Vec<(Seq, Digest)>>,
-        requests: Vec<Vec<(NodeId, u64)>>,
-        rng: StdRng,
-        now: Duration,
-        /// Replicas whose outgoing pre-prepares are rewritten per receiver (equivocation).
-        equivocator: Option<usize>,
         signers: Vec<Signer>,
+        ring: KeyRing,
+        inbox: VecDeque<(usize, Vec<u8>)>,
+        log: Vec<Vec<(Seq, Digest)>>,
+        apps: Vec<Executor<Chain>>,
+        restores: usize,
+        now: Duration,
+        cut: Filter,
     }
 
     fn config(replicas: Vec<NodeId>) -> Config {
-        Config {
-            replicas,
-            max_batch: 4,
-            batch_delay: Duration::from_millis(5),
-            window: 64,
-            checkpoint_interval: 2,
-        }
+        let mut c = Config::new(replicas);
+        c.max_batch = 4;
+        c.batch_delay = Duration::from_millis(5);
+        c.window = 64;
+        c.checkpoint_interval = 2;
+        c.view_change_timeout = Duration::from_millis(100);
+        c.state_transfer_delay = Duration::from_millis(50);
+        c
     }
 
-    impl Net {
-        fn new(n: usize, seed: u64) -> Self {
-            let ca = DevCa::new("sim CA").unwrap();
+    impl Cluster {
+        fn new(n: usize, tune: impl Fn(&mut Config)) -> Self {
+            let ca = DevCa::new("unit CA").unwrap();
             let ids: Vec<_> = (0..n)
                 .map(|i| ca.issue_role(&format!("r{i}"), Role::Replica).unwrap())
                 .collect();
             let ring = KeyRing::new(ids.iter().map(|i| (i.id(), i.ed25519_public().unwrap())));
-            let cfg = config(ids.iter().map(|i| i.id()).collect());
-            Net {
+            let mut cfg = config(ids.iter().map(|i| i.id()).collect());
+            tune(&mut cfg);
+            Cluster {
                 replicas: ids
                     .iter()
                     .map(|i| Replica::new(cfg.clone(), Signer::new(i).unwrap()))
                     .collect(),
                 signers: ids.iter().map(|i| Signer::new(i).unwrap()).collect(),
                 ring,
-                queue: Vec::new(),
+                inbox: VecDeque::new(),
                 log: vec![Vec::new(); n],
-                requests: vec![Vec::new(); n],
-                rng: StdRng::seed_from_u64(seed),
+                apps: (0..n).map(|_| Executor::new(Chain::default())).collect(),
+                restores: 0,
                 now: Duration::ZERO,
-                equivocator: None,
+                cut: Box::new(|_, _, _| false),
             }
         }
 
-        fn drain(&mut self, from: usize) {
-            while let Some(out) = self.replicas[from].poll_output() {
+        fn index(&self, id: NodeId) -> usize {
+            self.replicas.iter().position(|r| r.id() == id).unwrap()
+        }
+
+        fn post(&mut self, from: usize, to: usize, s: &Signed) {
+            if !(self.cut)(from, to, &s.message) {
+                self.inbox.push_back((to, s.encode()));
+            }
+        }
+
+        fn drain(&mut self, i: usize) {
+            while let Some(out) = self.replicas[i].poll_output() {
                 match out {
-                    Output::Broadcast(signed) => {
-                        for to in 0..self.replicas.len() {
-                            if to == from {
-                                continue;
-                            }
-                            let mut msg = signed.clone();
-                            if self.equivocator == Some(from)
-                                && let Message::PrePrepare { view, seq, .. } = msg.message
-                                && to % 2 == 0
-                            {
-                                // A different batch for half of the backups.
-                                let batch = vec![Request {
-                                    client: NodeId::from_bytes([66; 32]),
-                                    number: seq,
-                                    payload: Bytes::from_static(b"evil"),
-                                }];
-                                let digest = batch_digest(&batch);
-                                msg = self.signers[from].sign(Message::PrePrepare {
-                                    view,
-                                    seq,
-                                    digest,
-                                    batch,
-                                });
-                            }
-                            self.queue.push((to, msg.encode()));
+                    Output::Broadcast(s) => {
+                        for to in (0..self.replicas.len()).filter(|t| *t != i) {
+                            self.post(i, to, &s);
                         }
+                    }
+                    Output::Send { to, message } => {
+                        let to = self.index(to);
+                        self.post(i, to, &message);
                     }
                     Output::Execute { seq, digest, batch } => {
-                        self.log[from].push((seq, digest));
-                        self.requests[from].extend(batch.iter().map(|r| (r.client, r.number)));
+                        self.log[i].push((seq, digest));
+                        self.apps[i].execute(&batch);
                     }
                     Output::CheckpointDue { seq } => {
-                        // The "application state": a hash of the executed log.
-                        let mut h = blake3::Hasher::new();
-                        for (s, d) in &self.log[from] {
-                            h.update(&s.to_be_bytes());
-                            h.update(&d.0);
-                        }
-                        let state = Digest(*h.finalize().as_bytes());
-                        self.replicas[from].handle_checkpoint_state(seq, state);
+                        let snap = self.apps[i].snapshot();
+                        self.replicas[i].handle_checkpoint_state(seq, snap);
                     }
+                    Output::Restore { snapshot, .. } => {
+                        self.restores += 1;
+                        self.apps[i].restore(&snapshot).unwrap();
+                    }
+                    Output::ViewEntered { .. } => {}
                 }
+            }
+        }
+
+        fn deliver(&mut self, to: usize, bytes: &[u8]) -> Result<(), Ignored> {
+            let signed = Signed::decode(bytes, &Limits::default()).unwrap();
+            let v = self.ring.verify(signed).unwrap();
+            let r = self.replicas[to].handle_message(v);
+            self.drain(to);
+            r
+        }
+
+        fn settle(&mut self) {
+            while let Some((to, bytes)) = self.inbox.pop_front() {
+                let _ = self.deliver(to, &bytes);
             }
         }
 
@@ -648,264 +1541,365 @@ mod tests {
                 payload: Bytes::from(number.to_be_bytes().to_vec()),
             };
             for i in 0..self.replicas.len() {
-                self.replicas[i].handle_request(r.clone(), self.now);
+                let _ = self.replicas[i].handle_request(r.clone(), self.now);
                 self.drain(i);
             }
         }
 
-        /// Delivers messages in seeded random order; when none are in flight, time advances by
-        /// 1 ms per step. Stops after `steps`, or after 50 quiet milliseconds.
-        fn run(&mut self, steps: usize) {
-            let mut quiet = 0;
-            for _ in 0..steps {
-                if self.queue.is_empty() {
-                    self.now += Duration::from_millis(1);
-                    for i in 0..self.replicas.len() {
-                        self.replicas[i].handle_tick(self.now);
-                        self.drain(i);
-                    }
-                    quiet += 1;
-                    if quiet > 50 {
-                        return;
-                    }
-                    continue;
+        /// Advances time in 1 ms steps, delivering everything after each.
+        fn run_for(&mut self, d: Duration) {
+            let end = self.now + d;
+            while self.now < end {
+                self.now += Duration::from_millis(1);
+                for i in 0..self.replicas.len() {
+                    self.replicas[i].handle_tick(self.now);
+                    self.drain(i);
                 }
-                quiet = 0;
-                let pick = self.rng.random_range(0..self.queue.len());
-                let (to, bytes) = self.queue.swap_remove(pick);
-                let signed = Signed::decode(&bytes, &Limits::default()).unwrap();
-                let verified = self.ring.verify(signed).unwrap();
-                let _ = self.replicas[to].handle_message(verified);
-                self.drain(to);
-            }
-        }
-
-        fn trace(&self) -> blake3::Hash {
-            let mut h = blake3::Hasher::new();
-            for log in &self.log {
-                for (seq, d) in log {
-                    h.update(&seq.to_be_bytes());
-                    h.update(&d.0);
-                }
-            }
-            h.finalize()
-        }
-    }
-
-    /// Safety oracle, independent of the core: no two replicas executed different batches at
-    /// the same sequence number, and each executed 1, 2, 3, ... without gaps.
-    fn assert_safe(net: &Net, correct: &[usize]) {
-        let mut at: BTreeMap<Seq, Digest> = BTreeMap::new();
-        for &i in correct {
-            for (k, (seq, d)) in net.log[i].iter().enumerate() {
-                assert_eq!(*seq, k as Seq + 1, "replica {i} executed out of order");
-                if let Some(other) = at.insert(*seq, *d) {
-                    assert_eq!(other, *d, "two batches executed at seq {seq}");
-                }
+                self.settle();
             }
         }
     }
 
-    /// Seeds per scenario: `SECURESMART_SEEDS` (default 6: debug-build signing is slow; the
-    /// simulator issue brings the thousand-seed runs).
-    fn seeds() -> u64 {
-        std::env::var("SECURESMART_SEEDS")
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(6)
-    }
-
-    #[test]
-    fn replicas_agree_on_one_log_over_many_seeds() {
-        for n in [4, 7] {
-            for seed in 0..seeds() {
-                let mut net = Net::new(n, seed);
-                for i in 0..10 {
-                    net.submit((i % 3) as u8, i);
-                }
-                net.run(20_000);
-                eprintln!("n={n} seed={seed} (SECURESMART_SEEDS for more)");
-                let all: Vec<usize> = (0..n).collect();
-                assert_safe(&net, &all);
-                for (i, log) in net.log.iter().enumerate() {
-                    // 10 requests in batches of at most 4: 3 batches, all executed everywhere.
-                    assert_eq!(
-                        log.len(),
-                        3,
-                        "n={n} seed={seed} replica {i} executed {:?}",
-                        log
-                    );
-                }
+    /// No two replicas executed different batches at one sequence number.
+    fn assert_agree(c: &Cluster, who: &[usize]) {
+        let mut at = BTreeMap::new();
+        for &i in who {
+            for (seq, d) in &c.log[i] {
+                assert_eq!(*at.entry(*seq).or_insert(*d), *d, "two batches at {seq}");
             }
         }
     }
 
     #[test]
     fn batches_are_cut_by_size_and_by_time() {
-        let mut net = Net::new(4, 1);
-        net.submit(1, 1); // one request: waits for batch_delay
-        net.run(10);
+        let mut c = Cluster::new(4, |_| {});
+        c.submit(1, 1);
+        c.settle();
         assert!(
-            net.log.iter().all(Vec::is_empty),
+            c.log.iter().all(Vec::is_empty),
             "nothing before the batch delay"
         );
-        net.run(5_000);
-        assert!(net.log.iter().all(|l| l.len() == 1));
+        c.run_for(Duration::from_millis(10));
+        assert!(c.log.iter().all(|l| l.len() == 1));
         for k in 0..8 {
-            net.submit(2, 10 + k); // two full batches at once
+            c.submit(2, 10 + k); // two full batches at once
         }
-        net.run(5_000);
-        assert!(net.log.iter().all(|l| l.len() == 3));
+        c.settle();
+        assert!(c.log.iter().all(|l| l.len() == 3));
     }
 
     #[test]
     fn stable_checkpoints_move_the_window_and_bound_the_log() {
-        for seed in 0..seeds() {
-            let mut net = Net::new(4, seed);
-            for r in &mut net.replicas {
-                r.config.window = 4; // only four sequence numbers above the low watermark
-            }
-            for i in 0..40 {
-                net.submit(1, i); // ten batches of four
-            }
-            net.run(100_000);
-            eprintln!("checkpoint seed {seed}");
-            assert_safe(&net, &[0, 1, 2, 3]);
-            for (i, r) in net.replicas.iter().enumerate() {
-                assert_eq!(net.log[i].len(), 10, "ten batches need the window to move");
-                assert_eq!(r.low_watermark(), 10);
-                assert!(
-                    r.slots_held() <= 4,
-                    "slots above the last stable checkpoint only"
-                );
-                let cert = r.stable_certificate();
-                assert!(cert.len() >= 3, "2f+1 signed checkpoints prove the state");
-                let states: std::collections::BTreeSet<_> = cert
-                    .iter()
-                    .map(|v| match v.message() {
-                        Message::Checkpoint { seq, state } => (*seq, *state),
-                        _ => panic!("not a checkpoint"),
-                    })
-                    .collect();
-                assert_eq!(states.len(), 1, "the certificate's checkpoints match");
-            }
+        let mut c = Cluster::new(4, |cfg| cfg.window = 4);
+        for i in 1..=40 {
+            c.submit(1, i); // ten batches of four, only four slots above the low watermark
+        }
+        c.run_for(Duration::from_millis(50));
+        assert_agree(&c, &[0, 1, 2, 3]);
+        for (i, r) in c.replicas.iter().enumerate() {
+            assert_eq!(c.log[i].len(), 10, "ten batches need the window to move");
+            assert_eq!(r.low_watermark(), 10);
+            assert!(
+                r.slots_held() <= 4,
+                "slots above the last stable checkpoint only"
+            );
+            let cert = r.stable_certificate();
+            assert!(cert.len() >= 3, "2f+1 signed checkpoints prove the state");
+            let states: std::collections::BTreeSet<_> =
+                cert.iter().map(|v| format!("{:?}", v.message())).collect();
+            assert_eq!(states.len(), 1, "the certificate's checkpoints match");
+        }
+        assert_eq!(c.apps[0].app(), c.apps[3].app());
+    }
+
+    #[test]
+    fn a_view_change_keeps_a_prepared_batch() {
+        let mut c = Cluster::new(4, |_| {});
+        // Commits are lost: every replica prepares seq 1 in view 0, none executes it.
+        c.cut = Box::new(|_, _, m| matches!(m, Message::Commit { .. }));
+        for n in 1..=4 {
+            c.submit(5, n);
+        }
+        c.settle();
+        assert!(c.log.iter().all(Vec::is_empty));
+        let prepared = c.replicas[2]
+            .slots
+            .get(&1)
+            .and_then(Slot::proposal)
+            .unwrap();
+        c.cut = Box::new(|_, _, _| false);
+        // The timers expire: view 1, whose primary re-proposes the prepared batch.
+        c.run_for(Duration::from_millis(150));
+        for (i, r) in c.replicas.iter().enumerate() {
+            assert_eq!(r.view(), 1, "replica {i}");
+            assert!(r.is_active());
+            assert_eq!(c.log[i], vec![(1, prepared.1)], "replica {i}");
         }
     }
 
     #[test]
-    fn a_request_executes_at_most_once() {
-        let mut net = Net::new(4, 3);
-        for _ in 0..3 {
-            net.submit(7, 1); // the same request, retransmitted
+    fn a_new_view_that_changes_a_prepared_batch_is_refused() {
+        let mut c = Cluster::new(4, |_| {});
+        c.cut = Box::new(|from, to, m| {
+            matches!(m, Message::Commit { .. })
+                || (from == 1 && to == 2 && matches!(m, Message::NewView { .. }))
+        });
+        for n in 1..=4 {
+            c.submit(5, n);
         }
-        net.submit(7, 2);
-        net.run(20_000);
-        net.submit(7, 1); // long after it executed
-        net.submit(7, 2);
-        net.run(20_000);
+        c.run_for(Duration::from_millis(150));
+        assert_eq!(c.replicas[1].view(), 1);
+        let real = c.replicas[1].new_view.clone().unwrap();
+        assert!(!c.replicas[2].is_active(), "replica 2 missed the new view");
+        // The new primary (Byzantine) proposes another batch at seq 1 instead.
+        let Message::NewView {
+            view, view_changes, ..
+        } = real.message.clone()
+        else {
+            panic!()
+        };
+        let other = vec![Request {
+            client: NodeId::from_bytes([9; 32]),
+            number: 1,
+            payload: Bytes::new(),
+        }];
+        let pp = c.signers[1].sign(Message::PrePrepare {
+            view,
+            seq: 1,
+            digest: batch_digest(&other),
+            batch: other,
+        });
+        let forged = c.signers[1].sign(Message::NewView {
+            view,
+            view_changes: view_changes.clone(),
+            pre_prepares: vec![pp],
+        });
+        assert_eq!(c.deliver(2, &forged.encode()), Err(Ignored::Invalid));
+        // Too few view changes.
+        let thin = c.signers[1].sign(Message::NewView {
+            view,
+            view_changes: view_changes[..1].to_vec(),
+            pre_prepares: vec![],
+        });
+        assert_eq!(c.deliver(2, &thin.encode()), Err(Ignored::Invalid));
+        // From a replica that is not the new primary.
+        let stranger = c.signers[3].sign(real.message.clone());
+        assert_eq!(c.deliver(2, &stranger.encode()), Err(Ignored::NotPrimary));
+        assert_eq!(c.deliver(2, &real.encode()), Ok(()));
+        assert!(c.replicas[2].is_active());
+    }
+
+    #[test]
+    fn a_view_change_with_a_forged_certificate_is_refused() {
+        let mut c = Cluster::new(4, |_| {});
+        let d = Digest([4; 32]);
+        let pp = c.signers[0].sign(Message::PrePrepare {
+            view: 0,
+            seq: 1,
+            digest: batch_digest(&[]),
+            batch: vec![],
+        });
+        let one_prepare = c.signers[2].sign(Message::Prepare {
+            view: 0,
+            seq: 1,
+            digest: batch_digest(&[]),
+        });
+        let vc = |prepared, stable, checkpoint| Message::ViewChange {
+            view: 1,
+            stable,
+            checkpoint,
+            prepared,
+        };
+        // A prepared certificate with one prepare, not 2f.
+        let thin = c.signers[3].sign(vc(
+            vec![Certificate {
+                proposal: pp.clone(),
+                votes: vec![one_prepare.clone()],
+            }],
+            0,
+            vec![],
+        ));
+        assert_eq!(c.deliver(1, &thin.encode()), Err(Ignored::Invalid));
+        // The same prepare twice does not make two.
+        let twice = c.signers[3].sign(vc(
+            vec![Certificate {
+                proposal: pp,
+                votes: vec![one_prepare.clone(), one_prepare],
+            }],
+            0,
+            vec![],
+        ));
+        assert_eq!(c.deliver(1, &twice.encode()), Err(Ignored::Invalid));
+        // A stable checkpoint claimed without a certificate.
+        let claim = c.signers[3].sign(vc(
+            vec![],
+            8,
+            vec![c.signers[3].sign(Message::Checkpoint { seq: 8, state: d })],
+        ));
+        assert_eq!(c.deliver(1, &claim.encode()), Err(Ignored::Invalid));
+        // A well-formed one counts.
+        let fine = c.signers[3].sign(vc(vec![], 0, vec![]));
+        assert_eq!(c.deliver(1, &fine.encode()), Ok(()));
+        assert_eq!(
+            c.replicas[1].view(),
+            0,
+            "one replica cannot start a view change"
+        );
+    }
+
+    #[test]
+    fn state_transfer_brings_a_lagging_replica_up() {
+        let mut c = Cluster::new(4, |cfg| cfg.window = 4);
+        c.cut = Box::new(|from, to, _| from == 3 || to == 3);
+        for i in 1..=40 {
+            c.submit(1, i);
+        }
+        c.run_for(Duration::from_millis(30));
+        assert_eq!(c.replicas[0].executed(), 10);
+        assert_eq!(c.replicas[3].executed(), 0);
+        c.cut = Box::new(|_, _, _| false);
+        for i in 41..=48 {
+            c.submit(1, i);
+        }
+        c.run_for(Duration::from_millis(200));
+        assert!(c.restores >= 1, "replica 3 restored a snapshot");
+        assert_agree(&c, &[0, 1, 2, 3]);
+        for r in &c.replicas {
+            assert_eq!(r.executed(), 12);
+        }
+        assert_eq!(
+            c.apps[3].app(),
+            c.apps[0].app(),
+            "the same application state"
+        );
+        assert!(
+            c.apps[3].cached(&NodeId::from_bytes([1; 32]), 48).is_some(),
+            "reply cache"
+        );
+    }
+
+    #[test]
+    fn a_state_that_does_not_match_its_certificate_is_refused() {
+        let mut c = Cluster::new(4, |cfg| cfg.window = 4);
+        for i in 1..=16 {
+            c.submit(1, i);
+        }
+        c.settle();
+        let cert: Vec<Signed> = c.replicas[0]
+            .stable_certificate()
+            .iter()
+            .map(|v| v.signed().clone())
+            .collect();
+        assert!(!cert.is_empty());
+        let lagging = Replica::new(
+            c.replicas[0].config.clone(),
+            Signer::new_from(&c.signers[3]),
+        );
+        c.replicas[3] = lagging;
+        let forged = c.signers[0].sign(Message::State {
+            checkpoint: cert.clone(),
+            snapshot: Bytes::from_static(b"not the certified state"),
+            committed: vec![],
+        });
+        assert_eq!(c.deliver(3, &forged.encode()), Err(Ignored::Invalid));
+        let uncertified = c.signers[0].sign(Message::State {
+            checkpoint: cert[..1].to_vec(),
+            snapshot: Bytes::new(),
+            committed: vec![],
+        });
+        assert_eq!(c.deliver(3, &uncertified.encode()), Err(Ignored::Invalid));
+        assert_eq!(c.replicas[3].executed(), 0);
+    }
+
+    #[test]
+    fn a_request_executes_at_most_once() {
+        let mut c = Cluster::new(4, |_| {});
+        for _ in 0..3 {
+            c.submit(7, 1); // the same request, retransmitted
+        }
+        c.submit(7, 2);
+        c.run_for(Duration::from_millis(20));
+        c.submit(7, 1); // long after it executed
+        c.submit(7, 2);
+        c.run_for(Duration::from_millis(20));
         // A faulty primary proposing an executed request again: execution drops it.
-        let primary = 0;
         let again = vec![Request {
             client: NodeId::from_bytes([7; 32]),
             number: 2,
             payload: Bytes::new(),
         }];
-        let pp = Message::PrePrepare {
+        let next = c.replicas[0].next_seq + 1;
+        let pp = c.signers[0].sign(Message::PrePrepare {
             view: 0,
-            seq: 2,
+            seq: next,
             digest: batch_digest(&again),
             batch: again,
-        };
-        let signed = net.signers[primary].sign(pp);
+        });
         for to in 1..4 {
-            net.queue.push((to, signed.encode()));
+            c.post(0, to, &pp);
         }
-        net.run(20_000);
+        c.run_for(Duration::from_millis(20));
+        assert_agree(&c, &[0, 1, 2, 3]);
+        for app in &c.apps {
+            assert_eq!(app.app(), c.apps[0].app());
+        }
         let client = NodeId::from_bytes([7; 32]);
-        for (i, reqs) in net.requests.iter().enumerate() {
-            assert_eq!(reqs, &vec![(client, 1), (client, 2)], "replica {i}");
-        }
-        assert_safe(&net, &[0, 1, 2, 3]);
-    }
-
-    #[test]
-    fn the_same_seed_gives_the_same_trace() {
-        let run = |seed| {
-            let mut net = Net::new(4, seed);
-            for i in 0..9 {
-                net.submit(1, i);
-            }
-            net.run(20_000);
-            net.trace()
-        };
-        assert_eq!(run(42), run(42));
-    }
-
-    #[test]
-    fn an_equivocating_primary_never_splits_the_log() {
-        for seed in 0..seeds() {
-            let mut net = Net::new(4, seed);
-            net.equivocator = Some(0); // the primary of view 0
-            for i in 0..8 {
-                net.submit(1, i);
-            }
-            net.run(20_000);
-            // Backups 1 and 3 got one batch, backup 2 the other: no 2f+1 anywhere agree on
-            // both, so at most one of them can commit at each sequence number.
-            eprintln!("equivocation seed {seed}");
-            assert_safe(&net, &[1, 2, 3]);
-        }
-    }
-
-    #[test]
-    fn messages_outside_the_view_or_window_are_ignored() {
-        let net = Net::new(4, 0);
-        let mut r = Replica::new(
-            config(net.replicas.iter().map(Replica::id).collect()),
-            Signer::new(&{
-                let ca = DevCa::new("x").unwrap();
-                ca.issue_role("x", Role::Replica).unwrap()
-            })
-            .unwrap(),
+        assert_eq!(c.replicas[1].last_executed.get(&client), Some(&2));
+        assert_eq!(
+            c.replicas[1].executed(),
+            next,
+            "the duplicate's slot executed, empty"
         );
-        let verify = |m: Message, from: usize| net.ring.verify(net.signers[from].sign(m)).unwrap();
+    }
+
+    #[test]
+    fn messages_outside_the_view_window_or_group_are_ignored() {
+        let c = Cluster::new(4, |_| {});
+        let ca = DevCa::new("x").unwrap();
+        let outsider = Signer::new(&ca.issue_role("x", Role::Replica).unwrap()).unwrap();
+        let mut r = Replica::new(
+            c.replicas[0].config.clone(),
+            Signer::new_from(&c.signers[2]),
+        );
         let d = Digest([1; 32]);
         let prepare = |view, seq| Message::Prepare {
             view,
             seq,
             digest: d,
         };
+        let v = |m: Message, s: &Signer| Verified::trusted(s.sign(m));
         assert_eq!(
-            r.handle_message(verify(prepare(1, 1), 1)),
-            Err(Ignored::WrongView)
-        );
-        assert_eq!(
-            r.handle_message(verify(prepare(0, 129), 1)),
+            r.handle_message(v(prepare(0, 129), &c.signers[1])),
             Err(Ignored::OutOfWindow)
         );
         // Just above the window: held for the next one (the others may be ahead of us).
-        assert_eq!(r.handle_message(verify(prepare(0, 65), 1)), Ok(()));
-        assert_eq!(r.held_for_next_window(), 1);
+        assert_eq!(r.handle_message(v(prepare(0, 65), &c.signers[1])), Ok(()));
+        // A later view: held until this replica enters it.
+        assert_eq!(r.handle_message(v(prepare(1, 1), &c.signers[1])), Ok(()));
+        assert_eq!(r.held_for_next_window(), 2);
         assert_eq!(
-            r.handle_message(verify(prepare(0, 0), 1)),
+            r.handle_message(v(prepare(0, 0), &c.signers[1])),
             Err(Ignored::OutOfWindow)
         );
         assert_eq!(
-            r.handle_message(verify(prepare(0, 1), 0)),
+            r.handle_message(v(prepare(0, 1), &c.signers[0])),
             Err(Ignored::PrepareFromPrimary)
         );
-        let batch = vec![];
+        assert_eq!(
+            r.handle_message(v(prepare(0, 1), &outsider)),
+            Err(Ignored::NotMember)
+        );
         let pp = Message::PrePrepare {
             view: 0,
             seq: 1,
-            digest: batch_digest(&batch),
-            batch,
+            digest: batch_digest(&[]),
+            batch: vec![],
         };
         assert_eq!(
-            r.handle_message(verify(pp.clone(), 1)),
+            r.handle_message(v(pp.clone(), &c.signers[1])),
             Err(Ignored::NotPrimary)
         );
-        assert_eq!(r.handle_message(verify(pp, 0)), Ok(()));
+        assert_eq!(r.handle_message(v(pp, &c.signers[0])), Ok(()));
         let other = vec![Request {
             client: NodeId::from_bytes([1; 32]),
             number: 1,
@@ -918,8 +1912,66 @@ mod tests {
             batch: other,
         };
         assert_eq!(
-            r.handle_message(verify(conflicting, 0)),
+            r.handle_message(v(conflicting, &c.signers[0])),
             Err(Ignored::Conflicting)
+        );
+        // Requests: bounded and deduplicated.
+        let mut small = Replica::new(
+            {
+                let mut cfg = c.replicas[0].config.clone();
+                cfg.max_pending = 1;
+                cfg
+            },
+            Signer::new_from(&c.signers[3]),
+        );
+        let req = |n| Request {
+            client: NodeId::from_bytes([2; 32]),
+            number: n,
+            payload: Bytes::new(),
+        };
+        assert_eq!(small.handle_request(req(1), Duration::ZERO), Ok(()));
+        assert_eq!(
+            small.handle_request(req(1), Duration::ZERO),
+            Err(Ignored::Stale)
+        );
+        assert_eq!(
+            small.handle_request(req(2), Duration::ZERO),
+            Err(Ignored::Busy)
+        );
+    }
+
+    #[test]
+    fn a_reconfiguration_takes_effect_a_window_later_at_a_checkpoint() {
+        let mut c = Cluster::new(4, |cfg| cfg.window = 6);
+        for i in 1..=8 {
+            c.submit(1, i);
+        }
+        c.settle();
+        let r = &mut c.replicas[0];
+        assert_eq!(r.executed(), 2);
+        let old = r.group_at(1);
+        let mut members = old.members.clone();
+        members.pop();
+        members.push(NodeId::from_bytes([42; 32])); // replica 3 replaced by a newcomer
+        assert_eq!(
+            r.reconfigure(members.clone(), 5),
+            Err(ReconfigureError::NotExecuted(5))
+        );
+        assert_eq!(r.reconfigure(vec![], 2), Err(ReconfigureError::BadGroup));
+        // Executed at 2, window 6: from 8 (a checkpoint every 2).
+        assert_eq!(r.reconfigure(members.clone(), 2), Ok(8));
+        assert_eq!(r.group_at(8), old);
+        assert_eq!(r.group_at(9).members, members);
+        assert_eq!(r.group_at(9).quorum(), 3);
+        // A sender that left is no member for slots in the new group.
+        let gone = c.signers[3].sign(Message::Prepare {
+            view: 0,
+            seq: 9,
+            digest: Digest([0; 32]),
+        });
+        assert_eq!(
+            c.replicas[0].handle_message(Verified::trusted(gone)),
+            Err(Ignored::NotMember)
         );
     }
 }

@@ -1,0 +1,324 @@
+//! The async driver: runs a [`Replica`] core on tokio over a [`Network`], with the timers the
+//! core asks for, and offers it to the application as an [`Ordering`] ([`Pbft`]).
+//!
+//! The driver decodes what arrives (within [`Limits`]), checks that the message's sender is
+//! the peer the network authenticated, verifies signatures in batches (everything waiting is
+//! verified at once), and feeds the core. Everything dropped is counted in
+//! `securesmart_consensus_dropped_total{reason}` and logged at debug level; nothing from the
+//! network can make it panic.
+
+use std::future::Future;
+use std::time::Duration;
+
+use bytes::Bytes;
+use securesmart_transport::NodeId;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+
+use crate::message::{KeyRing, Limits, Request, Seq, Signed};
+use crate::replica::{Ignored, Output, ReconfigureError, Replica};
+use crate::service::{Event, Member, Ordering};
+
+/// How consensus reaches the other replicas. The transport implements it (in the root
+/// package), and so does the simulator; the sender a message is delivered with must be the
+/// authenticated peer.
+pub trait Network: Send + 'static {
+    /// Sends to one replica, best effort (a full queue drops; the protocol retransmits).
+    fn send(&self, to: NodeId, message: Bytes);
+
+    /// Sends to every other replica, best effort.
+    fn broadcast(&self, message: Bytes);
+
+    /// The next message and its authenticated sender; `None` when the network is closed.
+    fn recv(&mut self) -> impl Future<Output = Option<(NodeId, Bytes)>> + Send;
+
+    /// A message that is already waiting, if any (for batch verification).
+    fn try_recv(&mut self) -> Option<(NodeId, Bytes)>;
+}
+
+/// Why the engine refused something.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PbftError {
+    /// The driver task has stopped.
+    #[error("the consensus driver has stopped")]
+    Stopped,
+    /// The request queue is full.
+    #[error("request queue full")]
+    Busy,
+    /// The reconfiguration was refused.
+    #[error(transparent)]
+    Reconfigure(#[from] ReconfigureError),
+}
+
+enum Control {
+    Snapshot(Seq, Bytes),
+    Reconfigure(
+        Vec<Member>,
+        Seq,
+        oneshot::Sender<Result<Seq, ReconfigureError>>,
+    ),
+}
+
+/// The PBFT engine as an [`Ordering`]: a handle to a driver task.
+#[derive(Debug)]
+pub struct Pbft {
+    requests: mpsc::Sender<Request>,
+    control: mpsc::UnboundedSender<Control>,
+    events: mpsc::Receiver<Event>,
+}
+
+impl std::fmt::Debug for Control {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Control")
+    }
+}
+
+impl Pbft {
+    /// Starts a driver task for `replica` over `network`, verifying with `ring`.
+    pub fn spawn<N: Network>(
+        replica: Replica,
+        ring: KeyRing,
+        network: N,
+        limits: Limits,
+    ) -> (Self, tokio::task::JoinHandle<()>) {
+        let (requests, requests_rx) = mpsc::channel(4096);
+        let (control, control_rx) = mpsc::unbounded_channel();
+        let (events_tx, events) = mpsc::channel(1024);
+        let task = tokio::spawn(
+            Driver {
+                replica,
+                ring,
+                network,
+                limits,
+                start: Instant::now(),
+                events: events_tx,
+            }
+            .run(requests_rx, control_rx),
+        );
+        (
+            Self {
+                requests,
+                control,
+                events,
+            },
+            task,
+        )
+    }
+}
+
+/// A cloneable handle that submits requests to a [`Pbft`] engine while the application task
+/// owns the engine (for example inside [`crate::service::serve`]).
+#[derive(Clone, Debug)]
+pub struct Submitter(mpsc::Sender<Request>);
+
+impl Submitter {
+    /// Submits a client request.
+    ///
+    /// # Errors
+    /// [`PbftError::Busy`] when the queue is full, [`PbftError::Stopped`] after shutdown.
+    pub fn submit(&self, request: Request) -> Result<(), PbftError> {
+        self.0.try_send(request).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => PbftError::Busy,
+            mpsc::error::TrySendError::Closed(_) => PbftError::Stopped,
+        })
+    }
+}
+
+impl Pbft {
+    /// A handle for submitting requests from other tasks.
+    pub fn submitter(&self) -> Submitter {
+        Submitter(self.requests.clone())
+    }
+}
+
+impl Ordering for Pbft {
+    type Error = PbftError;
+
+    fn submit(&self, request: Request) -> Result<(), PbftError> {
+        self.submitter().submit(request)
+    }
+
+    async fn next_event(&mut self) -> Option<Event> {
+        self.events.recv().await
+    }
+
+    fn snapshot_taken(&self, seq: Seq, snapshot: Bytes) -> Result<(), PbftError> {
+        self.control
+            .send(Control::Snapshot(seq, snapshot))
+            .map_err(|_| PbftError::Stopped)
+    }
+
+    async fn reconfigure(&self, members: Vec<Member>, executed_at: Seq) -> Result<Seq, PbftError> {
+        let (tx, rx) = oneshot::channel();
+        self.control
+            .send(Control::Reconfigure(members, executed_at, tx))
+            .map_err(|_| PbftError::Stopped)?;
+        Ok(rx.await.map_err(|_| PbftError::Stopped)??)
+    }
+}
+
+struct Driver<N> {
+    replica: Replica,
+    ring: KeyRing,
+    network: N,
+    limits: Limits,
+    start: Instant,
+    events: mpsc::Sender<Event>,
+}
+
+/// Messages verified together at most.
+const VERIFY_BATCH: usize = 64;
+
+fn dropped(reason: &'static str) {
+    metrics::counter!("securesmart_consensus_dropped_total", "reason" => reason).increment(1);
+}
+
+fn ignored_reason(e: Ignored) -> &'static str {
+    match e {
+        Ignored::WrongView => "wrong_view",
+        Ignored::OutOfWindow => "out_of_window",
+        Ignored::NotPrimary => "not_primary",
+        Ignored::PrepareFromPrimary => "prepare_from_primary",
+        Ignored::Conflicting => "conflicting",
+        Ignored::NotMember => "not_member",
+        Ignored::Invalid => "invalid",
+        Ignored::Stale => "stale",
+        Ignored::Busy => "busy",
+    }
+}
+
+impl<N: Network> Driver<N> {
+    fn now(&self) -> Duration {
+        self.start.elapsed()
+    }
+
+    async fn run(
+        mut self,
+        mut requests: mpsc::Receiver<Request>,
+        mut control: mpsc::UnboundedReceiver<Control>,
+    ) {
+        loop {
+            let deadline = self
+                .replica
+                .next_deadline()
+                .map(|d| self.start + d)
+                .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+            tokio::select! {
+                biased;
+                c = control.recv() => match c {
+                    Some(Control::Snapshot(seq, snapshot)) => {
+                        self.replica.handle_checkpoint_state(seq, snapshot);
+                    }
+                    Some(Control::Reconfigure(members, at, reply)) => {
+                        let ids = members.iter().map(|m| m.id).collect();
+                        let result = self.replica.reconfigure(ids, at);
+                        if result.is_ok() {
+                            for m in &members {
+                                self.ring.insert(m.id, m.key);
+                            }
+                        }
+                        let _ = reply.send(result);
+                    }
+                    None => break,
+                },
+                m = self.network.recv() => match m {
+                    Some(first) => self.receive(first),
+                    None => break,
+                },
+                r = requests.recv() => match r {
+                    Some(r) => {
+                        let now = self.now();
+                        if let Err(e) = self.replica.handle_request(r, now) {
+                            metrics::counter!("securesmart_consensus_requests_refused_total",
+                                "reason" => ignored_reason(e)).increment(1);
+                        }
+                    }
+                    None => break,
+                },
+                () = tokio::time::sleep_until(deadline) => {
+                    let now = self.now();
+                    self.replica.handle_tick(now);
+                }
+            }
+            if !self.flush().await {
+                break;
+            }
+        }
+    }
+
+    /// Decodes and verifies `first` and whatever else is waiting, then feeds the core.
+    fn receive(&mut self, first: (NodeId, Bytes)) {
+        let mut decoded = Vec::new();
+        let mut next = Some(first);
+        while let Some((from, bytes)) = next.take() {
+            match Signed::decode(&bytes, &self.limits) {
+                Ok(s) if s.sender == from => decoded.push(s),
+                Ok(_) => {
+                    dropped("sender_mismatch");
+                    tracing::debug!(peer = ?from, "consensus message names another sender");
+                }
+                Err(e) => {
+                    dropped("undecodable");
+                    tracing::debug!(peer = ?from, error = %e, "undecodable consensus message");
+                }
+            }
+            if decoded.len() < VERIFY_BATCH {
+                next = self.network.try_recv();
+            }
+        }
+        for result in self.ring.verify_batch(decoded) {
+            match result {
+                Ok(v) => {
+                    let from = v.sender();
+                    if let Err(e) = self.replica.handle_message(v) {
+                        dropped(ignored_reason(e));
+                        tracing::trace!(peer = ?from, reason = %e, "consensus message ignored");
+                    }
+                }
+                Err(e) => {
+                    dropped(match e {
+                        crate::message::VerifyError::UnknownSender => "unknown_sender",
+                        crate::message::VerifyError::WrongDigest => "wrong_digest",
+                        _ => "bad_signature",
+                    });
+                    tracing::debug!(error = %e, "consensus message failed verification");
+                }
+            }
+        }
+    }
+
+    /// Carries out the core's outputs; `false` once the application has gone.
+    async fn flush(&mut self) -> bool {
+        while let Some(out) = self.replica.poll_output() {
+            let event = match out {
+                Output::Broadcast(s) => {
+                    self.network.broadcast(Bytes::from(s.encode()));
+                    continue;
+                }
+                Output::Send { to, message } => {
+                    self.network.send(to, Bytes::from(message.encode()));
+                    continue;
+                }
+                Output::ViewEntered { view, primary } => {
+                    metrics::gauge!("securesmart_consensus_view").set(view as f64);
+                    tracing::info!(view, primary = ?primary, "entered view");
+                    continue;
+                }
+                Output::Execute { seq, batch, .. } => {
+                    metrics::counter!("securesmart_consensus_executed_batches_total").increment(1);
+                    Event::Ordered { seq, batch }
+                }
+                Output::CheckpointDue { seq } => Event::SnapshotDue { seq },
+                Output::Restore { seq, snapshot } => {
+                    tracing::info!(seq, "state transfer: restoring");
+                    Event::Restore { seq, snapshot }
+                }
+            };
+            if self.events.send(event).await.is_err() {
+                return false;
+            }
+        }
+        true
+    }
+}

@@ -1,0 +1,908 @@
+//! A deterministic simulator: replicas, clients and a network in simulated time, every choice
+//! drawn from one seeded generator, so that a seed replays the same run exactly.
+//!
+//! The network delays (uniformly within a range), reorders, loses and duplicates messages and
+//! can be partitioned; replicas crash and restart (with empty memory: they catch up by state
+//! transfer); faulty replicas misbehave as [`Fault`] says, Twins included. Every message goes
+//! through the real codec and [`KeyRing`] verification. Clients send each request to every
+//! replica, retransmit until `f + 1` replicas return matching replies, then send the next one.
+//!
+//! [`Sim::run`] returns a [`Report`]; [`Report::check`] applies the oracles, which are
+//! independent of the core: no two correct replicas execute different batches at one sequence
+//! number; every accepted reply equals the reply of a reference execution of the agreed log;
+//! and (liveness) every request of every client is accepted by `heal_at + liveness_bound`.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
+use std::time::Duration;
+
+use bytes::Bytes;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use securesmart_transport::NodeId;
+
+use crate::message::{
+    Digest, KeyRing, Limits, Message, Request, Seq, Signed, Signer, batch_digest,
+};
+use crate::replica::{Config, Output, Replica};
+use crate::service::{Executor, RestoreError, StateMachine};
+
+/// How a faulty replica misbehaves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Fault {
+    /// As primary, sends a different batch to half of the replicas.
+    Equivocate,
+    /// Sends nothing at all.
+    Silent,
+    /// Delays everything it sends by this much.
+    Delay(Duration),
+    /// Signs prepares, commits and pre-prepares with digests that match nothing.
+    WrongDigest,
+    /// Corrupts the signature of everything it sends.
+    BadSignature,
+    /// Sends prepares and commits for another digest to half of the replicas.
+    ConflictingVotes,
+    /// Runs as two instances with one identity and key, each talking to half of the others.
+    Twin,
+}
+
+/// A network partition: between `from` and `until`, messages between different sides are
+/// lost. Replicas not named are on a side of their own.
+#[derive(Clone, Debug)]
+pub struct Partition {
+    /// Start.
+    pub from: Duration,
+    /// End (heals).
+    pub until: Duration,
+    /// The sides, as replica indices.
+    pub sides: Vec<Vec<usize>>,
+}
+
+/// A crash, and optionally a restart with empty memory.
+#[derive(Clone, Copy, Debug)]
+pub struct Crash {
+    /// Replica index.
+    pub replica: usize,
+    /// When it stops.
+    pub at: Duration,
+    /// When it starts again.
+    pub restart: Option<Duration>,
+}
+
+/// A simulation scenario.
+#[derive(Clone, Debug)]
+pub struct Scenario {
+    /// The seed.
+    pub seed: u64,
+    /// Replicas.
+    pub replicas: usize,
+    /// Clients (closed loop: one outstanding request each).
+    pub clients: usize,
+    /// Requests per client.
+    pub requests: u64,
+    /// Payload bytes per request.
+    pub payload: usize,
+    /// Network delay range.
+    pub delay: (Duration, Duration),
+    /// Loss probability before `heal_at`.
+    pub loss: f64,
+    /// Duplication probability.
+    pub duplicate: f64,
+    /// Partitions.
+    pub partitions: Vec<Partition>,
+    /// Crashes.
+    pub crashes: Vec<Crash>,
+    /// Faulty replicas.
+    pub faults: Vec<(usize, Fault)>,
+    /// When loss and partitions stop.
+    pub heal_at: Duration,
+    /// Every request is accepted by `heal_at + liveness_bound`.
+    pub liveness_bound: Duration,
+    /// Client retransmission interval.
+    pub client_retry: Duration,
+    /// Real Ed25519 signatures (`false` needs the `insecure-unsigned` feature).
+    pub signatures: bool,
+    /// Core parameters (the replica list is filled in).
+    pub core: Config,
+}
+
+impl Scenario {
+    /// A fault-free scenario with small delays, quick timers and small windows (so that
+    /// checkpoints, garbage collection and view changes happen within short runs).
+    pub fn new(seed: u64, replicas: usize) -> Self {
+        let mut core = Config::new(Vec::new());
+        core.max_batch = 8;
+        core.batch_delay = Duration::from_millis(2);
+        core.window = 8;
+        core.checkpoint_interval = 4;
+        core.view_change_timeout = Duration::from_millis(150);
+        core.max_pending = 1000;
+        core.state_transfer_delay = Duration::from_millis(60);
+        Self {
+            seed,
+            replicas,
+            clients: 3,
+            requests: 8,
+            payload: 8,
+            delay: (Duration::from_micros(200), Duration::from_millis(5)),
+            loss: 0.0,
+            duplicate: 0.0,
+            partitions: Vec::new(),
+            crashes: Vec::new(),
+            faults: Vec::new(),
+            heal_at: Duration::ZERO,
+            liveness_bound: Duration::from_secs(20),
+            client_retry: Duration::from_millis(100),
+            signatures: true,
+            core,
+        }
+    }
+}
+
+/// The test application: an append-only log whose every reply depends on the whole order
+/// before it (the running hash and count), so any disagreement shows in the replies.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Chain {
+    count: u64,
+    hash: [u8; 32],
+}
+
+impl StateMachine for Chain {
+    fn execute(&mut self, request: &Request) -> Bytes {
+        let mut h = blake3::Hasher::new();
+        h.update(&self.hash);
+        h.update(&request.digest().0);
+        self.hash = *h.finalize().as_bytes();
+        self.count += 1;
+        let mut out = self.count.to_be_bytes().to_vec();
+        out.extend_from_slice(&self.hash);
+        Bytes::from(out)
+    }
+
+    fn snapshot(&self) -> Bytes {
+        let mut out = self.count.to_be_bytes().to_vec();
+        out.extend_from_slice(&self.hash);
+        Bytes::from(out)
+    }
+
+    fn restore(&mut self, snapshot: &[u8]) -> Result<(), RestoreError> {
+        let mut r = securesmart_transport::wire::Reader::new(snapshot);
+        let count = u64::from_be_bytes(r.array()?);
+        let hash = r.array()?;
+        r.finish()?;
+        *self = Self { count, hash };
+        Ok(())
+    }
+}
+
+/// What a run produced.
+#[derive(Debug)]
+pub struct Report {
+    /// The scenario.
+    pub scenario: Scenario,
+    /// Per replica index: the batches executed (sequence number, digest, requests).
+    pub logs: Vec<Vec<(Seq, Digest, Vec<Request>)>>,
+    /// Replica indices that were faulty (Byzantine or crashed).
+    pub faulty: BTreeSet<usize>,
+    /// Accepted replies: (client, number) -> (result, when).
+    pub accepted: BTreeMap<(usize, u64), (Bytes, Duration)>,
+    /// Simulated time at the end.
+    pub end: Duration,
+    /// Messages delivered.
+    pub delivered: u64,
+    /// Messages dropped by the receiver, by reason.
+    pub dropped: BTreeMap<String, u64>,
+    /// Views the replicas ended in.
+    pub views: Vec<u64>,
+    /// State transfers completed.
+    pub restores: u64,
+    /// Each instance's protocol state at the end ([`Replica::summary`]).
+    pub summaries: Vec<String>,
+}
+
+impl Report {
+    /// The safety and liveness oracles.
+    ///
+    /// # Errors
+    /// What went wrong, with the seed to replay it.
+    pub fn check(&self) -> Result<(), String> {
+        let seed = self.scenario.seed;
+        let fail = |what: String| Err(format!("seed {seed}: {what}"));
+        // Safety: correct replicas agree on every sequence number they executed.
+        let mut agreed: BTreeMap<Seq, (Digest, &Vec<Request>)> = BTreeMap::new();
+        for (i, log) in self.logs.iter().enumerate() {
+            if self.faulty.contains(&i) {
+                continue;
+            }
+            let mut last = 0;
+            for (seq, digest, batch) in log {
+                if *seq <= last {
+                    return fail(format!("replica {i} executed {seq} after {last}"));
+                }
+                last = *seq;
+                if let Some((d, _)) = agreed.get(seq) {
+                    if d != digest {
+                        return fail(format!("two batches executed at sequence number {seq}"));
+                    }
+                } else {
+                    agreed.insert(*seq, (*digest, batch));
+                }
+            }
+        }
+        // Replies: each accepted one equals the reference execution of the agreed log (up to
+        // the first gap in what correct replicas executed).
+        let mut reference = Executor::new(Chain::default());
+        let mut expected: BTreeMap<(NodeId, u64), Bytes> = BTreeMap::new();
+        for (next, (seq, (_, batch))) in (1..).zip(&agreed) {
+            if *seq != next {
+                break;
+            }
+            for r in reference.execute(batch) {
+                expected.insert((r.client, r.number), r.result);
+            }
+        }
+        let clients = client_ids(self.scenario.clients);
+        for ((c, n), (result, _)) in &self.accepted {
+            let Some(id) = clients.get(*c) else { continue };
+            if let Some(want) = expected.get(&(*id, *n))
+                && want != result
+            {
+                return fail(format!("client {c} accepted a wrong reply to request {n}"));
+            }
+        }
+        // Liveness.
+        let bound = self.scenario.heal_at + self.scenario.liveness_bound;
+        for c in 0..self.scenario.clients {
+            for n in 1..=self.scenario.requests {
+                match self.accepted.get(&(c, n)) {
+                    Some((_, at)) if *at <= bound => {}
+                    Some((_, at)) => {
+                        return fail(format!("client {c} request {n} accepted late, at {at:?}"));
+                    }
+                    None => {
+                        return fail(format!(
+                            "client {c} request {n} never accepted (views {:?}, executed {:?})",
+                            self.views,
+                            self.logs
+                                .iter()
+                                .map(|l| l.last().map(|e| e.0))
+                                .collect::<Vec<_>>()
+                        ));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `m` (a pre-prepare, prepare or commit) with its digest replaced.
+fn with_digest(m: &Message, bogus: Digest) -> Option<Message> {
+    let mut m = m.clone();
+    match &mut m {
+        Message::PrePrepare { digest, .. }
+        | Message::Prepare { digest, .. }
+        | Message::Commit { digest, .. } => *digest = bogus,
+        _ => return None,
+    }
+    Some(m)
+}
+
+fn client_ids(n: usize) -> Vec<NodeId> {
+    (0..n)
+        .map(|c| NodeId::from_bytes(*blake3::hash(&(c as u64).to_be_bytes()).as_bytes()))
+        .collect()
+}
+
+#[derive(Debug)]
+enum Event {
+    /// A replica message to instance `to`.
+    Deliver {
+        to: usize,
+        bytes: Vec<u8>,
+    },
+    /// A client request to instance `to`.
+    Request {
+        to: usize,
+        request: Request,
+    },
+    /// A reply from replica index `from` to client `client`.
+    Reply {
+        client: usize,
+        from: usize,
+        number: u64,
+        result: Bytes,
+    },
+    /// A client's retransmission timer.
+    Retry {
+        client: usize,
+        number: u64,
+    },
+    Crash(usize),
+    Restart(usize),
+    Tick,
+}
+
+struct Instance {
+    replica: usize,
+    core: Option<Replica>,
+    executor: Executor<Chain>,
+    fault: Option<Fault>,
+}
+
+struct Client {
+    id: NodeId,
+    number: u64,
+    replies: BTreeMap<u64, BTreeMap<usize, Bytes>>,
+}
+
+/// A simulation in progress.
+pub struct Sim {
+    scenario: Scenario,
+    rng: StdRng,
+    now: Duration,
+    queue: BinaryHeap<Reverse<(Duration, u64, usize)>>,
+    events: BTreeMap<usize, Event>,
+    next_event: usize,
+    order: u64,
+    instances: Vec<Instance>,
+    signers: Vec<Signer>,
+    ids: Vec<NodeId>,
+    ring: KeyRing,
+    config: Config,
+    clients: Vec<Client>,
+    report: Report,
+}
+
+/// The simulator could not be set up.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SimError {
+    /// Identities could not be made.
+    #[error("identities: {0}")]
+    Identity(String),
+    /// Unsigned runs need the `insecure-unsigned` feature.
+    #[error("unsigned runs need the insecure-unsigned feature")]
+    UnsignedUnavailable,
+}
+
+/// Tick interval of simulated time.
+const TICK: Duration = Duration::from_millis(1);
+
+impl Sim {
+    /// Sets up a run of `scenario` (identities from a fresh development CA).
+    ///
+    /// # Errors
+    /// [`SimError`] if identities cannot be made.
+    pub fn new(scenario: Scenario) -> Result<Self, SimError> {
+        let (signers, ring, ids) = identities(scenario.replicas, scenario.signatures)?;
+        let mut config = scenario.core.clone();
+        config.replicas = ids.clone();
+        let mut instances = Vec::new();
+        for (i, signer) in signers.iter().enumerate() {
+            let fault = scenario
+                .faults
+                .iter()
+                .find(|(r, _)| *r == i)
+                .map(|(_, f)| *f);
+            let copies = if fault == Some(Fault::Twin) { 2 } else { 1 };
+            for _ in 0..copies {
+                instances.push(Instance {
+                    replica: i,
+                    core: Some(Replica::new(config.clone(), Signer::new_from(signer))),
+                    executor: Executor::new(Chain::default()),
+                    fault,
+                });
+            }
+        }
+        let mut faulty: BTreeSet<usize> = scenario.faults.iter().map(|(r, _)| *r).collect();
+        faulty.extend(scenario.crashes.iter().map(|c| c.replica));
+        let clients = client_ids(scenario.clients)
+            .into_iter()
+            .map(|id| Client {
+                id,
+                number: 0,
+                replies: BTreeMap::new(),
+            })
+            .collect();
+        let report = Report {
+            scenario: scenario.clone(),
+            logs: vec![Vec::new(); scenario.replicas],
+            faulty,
+            accepted: BTreeMap::new(),
+            end: Duration::ZERO,
+            delivered: 0,
+            dropped: BTreeMap::new(),
+            views: Vec::new(),
+            restores: 0,
+            summaries: Vec::new(),
+        };
+        Ok(Self {
+            rng: StdRng::seed_from_u64(scenario.seed),
+            scenario,
+            now: Duration::ZERO,
+            queue: BinaryHeap::new(),
+            events: BTreeMap::new(),
+            next_event: 0,
+            order: 0,
+            instances,
+            signers,
+            ids,
+            ring,
+            config,
+            clients,
+            report,
+        })
+    }
+
+    fn schedule(&mut self, at: Duration, event: Event) {
+        let key = self.next_event;
+        self.next_event += 1;
+        self.order += 1;
+        self.events.insert(key, event);
+        self.queue.push(Reverse((at, self.order, key)));
+    }
+
+    fn healed(&self) -> bool {
+        self.now >= self.scenario.heal_at
+    }
+
+    fn cut(&self, a: usize, b: usize) -> bool {
+        self.scenario.partitions.iter().any(|p| {
+            self.now >= p.from && self.now < p.until && {
+                let side = |r| p.sides.iter().position(|s| s.contains(&r));
+                side(a) != side(b) || side(a).is_none()
+            }
+        })
+    }
+
+    /// The network between replica `from` and replica `to`: `None` if lost, or the delay.
+    fn link(&mut self, from: usize, to: usize) -> Option<Duration> {
+        if self.cut(from, to) {
+            return None;
+        }
+        if !self.healed() && self.scenario.loss > 0.0 && self.rng.random_bool(self.scenario.loss) {
+            return None;
+        }
+        let (lo, hi) = self.scenario.delay;
+        let mut d = if hi > lo {
+            lo + Duration::from_nanos(self.rng.random_range(0..(hi - lo).as_nanos() as u64))
+        } else {
+            lo
+        };
+        if let Some(Fault::Delay(extra)) = self.fault_of(from) {
+            d += extra;
+        }
+        Some(d)
+    }
+
+    fn fault_of(&self, replica: usize) -> Option<Fault> {
+        self.scenario
+            .faults
+            .iter()
+            .find(|(r, _)| *r == replica)
+            .map(|(_, f)| *f)
+    }
+
+    /// The instances that receive what is sent to replica `to` by sender `from` (a Twin's
+    /// peers are split between its two instances).
+    fn route(&self, to: usize, from_key: usize) -> Option<usize> {
+        let copies: Vec<usize> = self
+            .instances
+            .iter()
+            .enumerate()
+            .filter(|(_, i)| i.replica == to)
+            .map(|(k, _)| k)
+            .collect();
+        copies.get(from_key % copies.len().max(1)).copied()
+    }
+
+    fn send_message(&mut self, from: usize, to: usize, signed: &Signed) {
+        let Some(signed) = self.misbehave(from, to, signed) else {
+            return;
+        };
+        let bytes = signed.encode();
+        let copies = if self.rng.random_bool(self.scenario.duplicate) {
+            2
+        } else {
+            1
+        };
+        for _ in 0..copies {
+            if let Some(delay) = self.link(from, to)
+                && let Some(inst) = self.route(to, from)
+            {
+                self.schedule(
+                    self.now + delay,
+                    Event::Deliver {
+                        to: inst,
+                        bytes: bytes.clone(),
+                    },
+                );
+            }
+        }
+    }
+
+    /// What a faulty replica `from` sends to `to` instead of `signed` (`None`: nothing).
+    fn misbehave(&mut self, from: usize, to: usize, signed: &Signed) -> Option<Signed> {
+        let Some(fault) = self.fault_of(from) else {
+            return Some(signed.clone());
+        };
+        let signer = self.signers.get(from)?;
+        let bogus = Digest(*blake3::hash(&to.to_be_bytes()).as_bytes());
+        Some(match (fault, &signed.message) {
+            (Fault::Silent, _) => return None,
+            (Fault::BadSignature, _) => {
+                let mut s = signed.clone();
+                s.signature[0] ^= 0x40;
+                s
+            }
+            (Fault::Equivocate, Message::PrePrepare { view, seq, .. }) if to.is_multiple_of(2) => {
+                let batch = vec![Request {
+                    client: NodeId::from_bytes([0xee; 32]),
+                    number: *seq,
+                    payload: Bytes::from_static(b"equivocation"),
+                }];
+                signer.sign(Message::PrePrepare {
+                    view: *view,
+                    seq: *seq,
+                    digest: batch_digest(&batch),
+                    batch,
+                })
+            }
+            (Fault::WrongDigest, m) => {
+                with_digest(m, bogus).map_or_else(|| signed.clone(), |m| signer.sign(m))
+            }
+            (Fault::ConflictingVotes, m @ (Message::Prepare { .. } | Message::Commit { .. }))
+                if to.is_multiple_of(2) =>
+            {
+                with_digest(m, bogus).map_or_else(|| signed.clone(), |m| signer.sign(m))
+            }
+            _ => signed.clone(),
+        })
+    }
+
+    fn send_request(&mut self, client: usize) {
+        let Some(c) = self.clients.get(client) else {
+            return;
+        };
+        let mut payload = vec![client as u8; self.scenario.payload];
+        if let Some(first) = payload.first_mut() {
+            *first = c.number as u8;
+        }
+        let request = Request {
+            client: c.id,
+            number: c.number,
+            payload: Bytes::from(payload),
+        };
+        for to in 0..self.scenario.replicas {
+            // Clients are not partitioned, but lose messages like everyone before healing.
+            if !self.healed()
+                && self.scenario.loss > 0.0
+                && self.rng.random_bool(self.scenario.loss)
+            {
+                continue;
+            }
+            let (lo, hi) = self.scenario.delay;
+            let d = lo + (hi - lo) / 2;
+            if let Some(inst) = self.route(to, client) {
+                self.schedule(
+                    self.now + d,
+                    Event::Request {
+                        to: inst,
+                        request: request.clone(),
+                    },
+                );
+            }
+        }
+        let retry = self.now + self.scenario.client_retry;
+        let number = request.number;
+        self.schedule(retry, Event::Retry { client, number });
+    }
+
+    fn next_request(&mut self, client: usize) {
+        let Some(c) = self.clients.get_mut(client) else {
+            return;
+        };
+        if c.number >= self.scenario.requests {
+            return;
+        }
+        c.number += 1;
+        self.send_request(client);
+    }
+
+    /// Carries out instance `k`'s outputs.
+    fn drain(&mut self, k: usize) {
+        loop {
+            let Some(inst) = self.instances.get_mut(k) else {
+                return;
+            };
+            let from = inst.replica;
+            let Some(out) = inst.core.as_mut().and_then(Replica::poll_output) else {
+                return;
+            };
+            match out {
+                Output::Broadcast(s) => {
+                    for to in 0..self.scenario.replicas {
+                        if to != from {
+                            self.send_message(from, to, &s);
+                        }
+                    }
+                }
+                Output::Send { to, message } => {
+                    if let Some(to) = self.ids.iter().position(|id| *id == to) {
+                        self.send_message(from, to, &message);
+                    }
+                }
+                Output::Execute { seq, digest, batch } => {
+                    let replies = inst.executor.execute(&batch);
+                    if inst.fault != Some(Fault::Twin)
+                        && let Some(log) = self.report.logs.get_mut(from)
+                    {
+                        log.push((seq, digest, batch));
+                    }
+                    for r in replies {
+                        self.reply(from, r);
+                    }
+                }
+                Output::CheckpointDue { seq } => {
+                    let snapshot = inst.executor.snapshot();
+                    if let Some(core) = inst.core.as_mut() {
+                        core.handle_checkpoint_state(seq, snapshot);
+                    }
+                }
+                Output::Restore { snapshot, .. } => {
+                    self.report.restores += 1;
+                    if inst.executor.restore(&snapshot).is_err() {
+                        *self
+                            .report
+                            .dropped
+                            .entry("restore_failed".into())
+                            .or_default() += 1;
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+
+    fn reply(&mut self, from: usize, r: crate::service::Reply) {
+        let Some(client) = self.clients.iter().position(|c| c.id == r.client) else {
+            return;
+        };
+        let result = if self.fault_of(from).is_some() {
+            Bytes::from_static(b"a faulty replica's reply")
+        } else {
+            r.result
+        };
+        let (lo, hi) = self.scenario.delay;
+        let d = lo + (hi - lo) / 2;
+        self.schedule(
+            self.now + d,
+            Event::Reply {
+                client,
+                from,
+                number: r.number,
+                result,
+            },
+        );
+    }
+
+    /// Delivers messages that reached instance `k` at the same instant: decoded, verified as
+    /// one batch (as the driver verifies whatever is waiting), then handled in order.
+    fn deliver(&mut self, k: usize, messages: Vec<Vec<u8>>) {
+        self.report.delivered += messages.len() as u64;
+        let mut decoded = Vec::with_capacity(messages.len());
+        for bytes in messages {
+            match Signed::decode(&bytes, &Limits::default()) {
+                Ok(s) => decoded.push(s),
+                Err(e) => {
+                    *self
+                        .report
+                        .dropped
+                        .entry(format!("decode: {e}"))
+                        .or_default() += 1
+                }
+            }
+        }
+        for verified in self.ring.verify_batch(decoded) {
+            let outcome = match verified {
+                Ok(v) => match self.instances.get_mut(k).and_then(|i| i.core.as_mut()) {
+                    Some(core) => core.handle_message(v).map_err(|e| e.to_string()),
+                    None => Ok(()),
+                },
+                Err(e) => Err(format!("verify: {e}")),
+            };
+            if let Err(e) = outcome {
+                *self.report.dropped.entry(e).or_default() += 1;
+            }
+            self.drain(k);
+        }
+    }
+
+    fn all_accepted(&self) -> bool {
+        self.report.accepted.len() as u64 == self.scenario.requests * self.scenario.clients as u64
+    }
+
+    /// Runs until every request is accepted and the replicas have settled, or until the
+    /// liveness bound has passed.
+    pub fn run(mut self) -> Report {
+        for c in 0..self.clients.len() {
+            self.next_request(c);
+        }
+        for crash in self.scenario.crashes.clone() {
+            self.schedule(crash.at, Event::Crash(crash.replica));
+            if let Some(at) = crash.restart {
+                self.schedule(at, Event::Restart(crash.replica));
+            }
+        }
+        self.schedule(TICK, Event::Tick);
+        let limit = self.scenario.heal_at + self.scenario.liveness_bound + Duration::from_secs(1);
+        let mut settle: Option<Duration> = None;
+        while let Some(Reverse((at, _, key))) = self.queue.pop() {
+            self.now = at;
+            if self.now > limit || settle.is_some_and(|s| self.now > s) {
+                break;
+            }
+            // Everything due at this instant: other events in order, then the messages for each
+            // instance together.
+            let mut due = vec![key];
+            while let Some(Reverse((t, _, k))) = self.queue.peek()
+                && *t == at
+            {
+                due.push(*k);
+                self.queue.pop();
+            }
+            let mut messages: BTreeMap<usize, Vec<Vec<u8>>> = BTreeMap::new();
+            for key in due {
+                match self.events.remove(&key) {
+                    Some(Event::Deliver { to, bytes }) => {
+                        messages.entry(to).or_default().push(bytes)
+                    }
+                    Some(event) => self.step(event),
+                    None => {}
+                }
+            }
+            for (to, batch) in messages {
+                self.deliver(to, batch);
+            }
+            if settle.is_none() && self.all_accepted() {
+                settle = Some(self.now + Duration::from_millis(300));
+            }
+        }
+        self.report.end = self.now;
+        self.report.summaries = self
+            .instances
+            .iter()
+            .map(|i| i.core.as_ref().map_or("crashed".into(), Replica::summary))
+            .collect();
+        self.report.views = self
+            .instances
+            .iter()
+            .map(|i| i.core.as_ref().map_or(0, Replica::view))
+            .collect();
+        self.report
+    }
+
+    fn step(&mut self, event: Event) {
+        match event {
+            Event::Deliver { to, bytes } => self.deliver(to, vec![bytes]),
+            Event::Request { to, request } => {
+                if let Some(inst) = self.instances.get_mut(to) {
+                    let from = inst.replica;
+                    if let Some(reply) = inst.executor.cached(&request.client, request.number) {
+                        self.reply(from, reply);
+                    } else if let Some(core) = inst.core.as_mut() {
+                        let _ = core.handle_request(request, self.now);
+                    }
+                    self.drain(to);
+                }
+            }
+            Event::Reply {
+                client,
+                from,
+                number,
+                result,
+            } => self.on_reply(client, from, number, result),
+            Event::Retry { client, number } => {
+                if self.clients.get(client).is_some_and(|c| c.number == number)
+                    && !self.report.accepted.contains_key(&(client, number))
+                {
+                    self.send_request(client);
+                }
+            }
+            Event::Crash(r) => {
+                for inst in self.instances.iter_mut().filter(|i| i.replica == r) {
+                    inst.core = None;
+                }
+            }
+            Event::Restart(r) => {
+                let Some(signer) = self.signers.get(r) else {
+                    return;
+                };
+                let core = Replica::new(self.config.clone(), Signer::new_from(signer));
+                if let Some(inst) = self.instances.iter_mut().find(|i| i.replica == r) {
+                    inst.core = Some(core);
+                    inst.executor = Executor::new(Chain::default());
+                }
+                if let Some(log) = self.report.logs.get_mut(r) {
+                    log.clear();
+                }
+            }
+            Event::Tick => {
+                for k in 0..self.instances.len() {
+                    if let Some(core) = self.instances.get_mut(k).and_then(|i| i.core.as_mut()) {
+                        core.handle_tick(self.now);
+                    }
+                    self.drain(k);
+                }
+                self.schedule(self.now + TICK, Event::Tick);
+            }
+        }
+    }
+
+    fn on_reply(&mut self, client: usize, from: usize, number: u64, result: Bytes) {
+        let f = self.config.f();
+        let Some(c) = self.clients.get_mut(client) else {
+            return;
+        };
+        if c.number != number || self.report.accepted.contains_key(&(client, number)) {
+            return;
+        }
+        let by = c.replies.entry(number).or_default();
+        by.insert(from, result.clone());
+        let matching = by.values().filter(|r| **r == result).count();
+        if matching > f {
+            c.replies.remove(&number);
+            self.report
+                .accepted
+                .insert((client, number), (result, self.now));
+            self.next_request(client);
+        }
+    }
+}
+
+fn identities(n: usize, signatures: bool) -> Result<(Vec<Signer>, KeyRing, Vec<NodeId>), SimError> {
+    let err = |e: &dyn std::fmt::Display| SimError::Identity(e.to_string());
+    if !signatures {
+        #[cfg(feature = "insecure-unsigned")]
+        {
+            let ids: Vec<NodeId> = (0..n)
+                .map(|i| NodeId::from_bytes(*blake3::hash(format!("r{i}").as_bytes()).as_bytes()))
+                .collect();
+            let signers = ids.iter().map(|id| Signer::unsigned(*id)).collect();
+            return Ok((signers, KeyRing::unsigned(ids.clone()), ids));
+        }
+        #[cfg(not(feature = "insecure-unsigned"))]
+        return Err(SimError::UnsignedUnavailable);
+    }
+    thread_local! {
+        static CA: Option<securesmart_transport::pki::DevCa> =
+            securesmart_transport::pki::DevCa::new("sim CA").ok();
+        static IDS: std::cell::RefCell<Vec<securesmart_transport::Identity>> =
+            const { std::cell::RefCell::new(Vec::new()) };
+    }
+    // Issuing certificates is the slow part of a short run: reuse them across runs.
+    let identities = IDS.with(|cache| {
+        let mut cache = cache.borrow_mut();
+        while cache.len() < n {
+            let i = cache.len();
+            let id = CA.with(|ca| {
+                ca.as_ref()
+                    .ok_or_else(|| err(&"no CA"))?
+                    .issue_role(&format!("r{i}"), securesmart_transport::Role::Replica)
+                    .map_err(|e| err(&e))
+            })?;
+            cache.push(id);
+        }
+        Ok::<_, SimError>(cache.iter().take(n).cloned().collect::<Vec<_>>())
+    })?;
+    let mut signers = Vec::new();
+    let mut keys = Vec::new();
+    for id in &identities {
+        signers.push(Signer::new(id).ok_or_else(|| err(&"not Ed25519"))?);
+        keys.push((id.id(), id.ed25519_public().ok_or_else(|| err(&"no key"))?));
+    }
+    let ids = identities.iter().map(|i| i.id()).collect();
+    Ok((signers, KeyRing::new(keys), ids))
+}
