@@ -2,8 +2,9 @@
 //!
 //! This facade re-exports the layers; the `securesmart` binary (CLI) lives beside it.
 //! - [`transport`]: authenticated QUIC channels, rate limits, address validation, blocklists.
-//! - [`membership`]: trust center, membership epochs, MLS group key (in progress).
-//! - [`consensus`]: PBFT ordering engine (in progress).
+//! - [`membership`]: trust center, membership epochs, MLS group key.
+//! - [`consensus`]: the PBFT ordering engine, its traits, driver and simulator.
+//! - [`replica_network`]: the consensus network trait over the transport's replica plane.
 //!
 //! ```
 //! use securesmart::transport::{Class, NodeId};
@@ -22,3 +23,4 @@ pub use securesmart_membership as membership;
 pub use securesmart_transport as transport;
 
 pub mod demo;
+pub mod replica_network;

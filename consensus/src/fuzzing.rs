@@ -42,7 +42,7 @@ thread_local! {
 
 /// Feeds a sequence of operations, four bytes each, to a backup replica core: client requests,
 /// ticks (which fire view changes), and pre-prepares, prepares, commits, checkpoints and view
-/// changes signed by any of the four
+/// changes, state requests and certified state replies signed by any of the four
 /// replicas (the fuzzer may play all of them, so it can also equivocate). Oracles, independent
 /// of the core: execution is gap-free and in order, never two batches at one sequence number,
 /// the low watermark never passes execution, and held state stays within its bounds.
@@ -71,7 +71,8 @@ pub fn replica_ops(data: &[u8]) {
                     .collect()
             })
             .collect();
-        let mut executed: Vec<(u64, Digest)> = Vec::new();
+        let mut executed: std::collections::BTreeMap<u64, Digest> = Default::default();
+        let mut next = 1u64;
         let mut now = Duration::ZERO;
         for op in data.chunks_exact(4) {
             let [kind, a, b, c] = [op[0], op[1], op[2], op[3]];
@@ -80,7 +81,7 @@ pub fn replica_ops(data: &[u8]) {
             let seq = u64::from(c % 20);
             let batch = batches[usize::from(b / 2 % 3)].clone();
             let digest = batch_digest(&batch);
-            let message = match kind % 7 {
+            let message = match kind % 9 {
                 0 => {
                     let _ = replica.handle_request(
                         batch.first().cloned().unwrap_or(Request {
@@ -110,6 +111,34 @@ pub fn replica_ops(data: &[u8]) {
                     checkpoint: Vec::new(),
                     prepared: Vec::new(),
                 }),
+                6 => Some(Message::FetchState { seq }),
+                7 => {
+                    // A state reply whose checkpoint is honestly certified by three of the four
+                    // (the fuzzer holds their keys) over a well-formed or a garbage snapshot.
+                    let snapshot = if b % 2 == 0 {
+                        crate::view_change::Snapshot::join(
+                            &crate::view_change::Snapshot::encode_core(
+                                &std::collections::BTreeMap::from([(0, ids.clone())]),
+                                &std::collections::BTreeMap::from([(ids[0], u64::from(a))]),
+                            ),
+                            &[a],
+                        )
+                    } else {
+                        bytes::Bytes::from(vec![a, b, c])
+                    };
+                    let state = crate::view_change::state_digest(seq, &snapshot);
+                    let checkpoint = (0..3)
+                        .map(|i| {
+                            signers[(usize::from(a) + i) % 4]
+                                .sign(Message::Checkpoint { seq, state })
+                        })
+                        .collect();
+                    Some(Message::State {
+                        checkpoint,
+                        snapshot,
+                        committed: Vec::new(),
+                    })
+                }
                 _ => {
                     now += Duration::from_millis(u64::from(c));
                     replica.handle_tick(now);
@@ -125,8 +154,16 @@ pub fn replica_ops(data: &[u8]) {
             while let Some(out) = replica.poll_output() {
                 match out {
                     Output::Execute { seq, digest, .. } => {
-                        assert_eq!(seq, executed.len() as u64 + 1, "gap-free, in order");
-                        executed.push((seq, digest));
+                        assert_eq!(seq, next, "gap-free, in order");
+                        next += 1;
+                        assert!(
+                            executed.insert(seq, digest).is_none_or(|d| d == digest),
+                            "never two batches at one sequence number"
+                        );
+                    }
+                    Output::Restore { seq, .. } => {
+                        assert!(seq >= next, "a restore only moves forward");
+                        next = seq + 1;
                     }
                     Output::CheckpointDue { seq } => {
                         replica.handle_checkpoint_state(seq, bytes::Bytes::from(vec![seq as u8]));

@@ -5,6 +5,12 @@
 //! [`Replica::next_deadline`] says when the core next wants [`Replica::handle_tick`]. The same
 //! inputs in the same order give the same outputs, which is what the simulator relies on.
 //!
+//! # Quorums
+//! With n replicas, f = (n - 1) / 3 and a quorum is q = ceil((n + f + 1) / 2)
+//! ([`Group::quorum`]): any two quorums share f + 1 replicas. Below, "2f + 1" means q and
+//! "2f" means q - 1; they are equal when n = 3f + 1, and differ while members join and leave
+//! (n = 5 has f = 1 and q = 4).
+//!
 //! # Normal case
 //! The primary of view `v` is `members[v mod n]`; it batches requests (by size, or when the
 //! oldest has waited `batch_delay`), assigns the next sequence number inside the watermarks and
@@ -76,7 +82,9 @@ use securesmart_transport::NodeId;
 use crate::message::{
     Certificate, Digest, Message, Request, Seq, Signed, Signer, Verified, View, batch_digest,
 };
-use crate::view_change::{Group, NewViewPlan, Snapshot, plan_new_view, state_digest};
+use crate::view_change::{
+    Group, NewViewPlan, Snapshot, plan_new_view, state_digest, valid_view_change,
+};
 
 /// Configuration of the replica group, identical at every replica.
 #[derive(Clone, Debug)]
@@ -253,6 +261,9 @@ fn matching(
 }
 
 type CoreState = (BTreeMap<Seq, Vec<NodeId>>, BTreeMap<NodeId, u64>);
+
+/// How many group changes a replica remembers (to judge older certificates).
+const GROUPS_KEPT: usize = 16;
 
 /// How many of its own past view changes a replica keeps for retransmission.
 const OWN_VIEW_CHANGES_KEPT: usize = 4;
@@ -466,6 +477,12 @@ impl Replica {
         self.primary() == Some(self.id())
     }
 
+    /// Whether this replica is in the group that runs view changes. A replica that has not
+    /// joined yet (or has left) follows the log but starts no view changes.
+    fn is_member(&self) -> bool {
+        self.group().contains(&self.id())
+    }
+
     fn in_window(&self, seq: Seq) -> bool {
         seq > self.low && seq <= self.low.saturating_add(self.config.window)
     }
@@ -527,7 +544,7 @@ impl Replica {
         }
         self.arrivals += 1;
         self.waiting.insert(key, (self.arrivals, request));
-        if self.active && self.vc_deadline.is_none() {
+        if self.active && self.vc_deadline.is_none() && self.is_member() {
             self.vc_deadline = Some(self.now + self.timeout());
         }
         if self.active && self.is_primary() {
@@ -554,6 +571,7 @@ impl Replica {
         }
         if let Some(deadline) = self.vc_deadline
             && now >= deadline
+            && self.is_member()
         {
             if self.active || self.vc_escalate {
                 self.backoff = self.backoff.saturating_add(1);
@@ -595,10 +613,13 @@ impl Replica {
         let max = self.config.max_batch.max(1);
         loop {
             self.queue.retain(|k| self.waiting.contains_key(k));
+            let seq = self.next_seq + 1;
             if self.queue.is_empty()
                 || (self.queue.len() < max && !flush)
-                || !self.in_window(self.next_seq + 1)
+                || !self.in_window(seq)
+                || self.group_at(seq).primary(self.view) != Some(self.id())
             {
+                // (At a group change the next slot may belong to another primary.)
                 break;
             }
             let take = self.queue.len().min(max);
@@ -683,6 +704,9 @@ impl Replica {
     /// least one correct one) are in views above its own, it changes to the smallest view among
     /// the f+1 highest, and the view's primary re-sends its new view on that view change.
     fn catch_up_view(&mut self) {
+        if !self.is_member() {
+            return;
+        }
         let mut highest: BTreeMap<NodeId, View> = BTreeMap::new();
         for m in &self.ahead {
             if let Some(v) = m.message().view()
@@ -766,7 +790,7 @@ impl Replica {
     /// Moves slot `seq` forward (prepared -> commit sent) and executes what is committed.
     fn advance(&mut self, seq: Seq) {
         let group = self.group_at(seq);
-        let prepared_quorum = 2 * group.f();
+        let prepared_quorum = group.prepares_needed();
         let (view, me) = (self.view, self.id());
         let mut commit = None;
         if let Some(slot) = self.slots.get_mut(&seq)
@@ -943,6 +967,7 @@ impl Replica {
         if seq <= self.low {
             return;
         }
+        let was_primary = self.is_primary();
         self.stable = cert;
         self.stable_digest = Some(digest);
         self.low = seq;
@@ -950,10 +975,21 @@ impl Replica {
         self.checkpoints.retain(|s, _| *s > seq);
         self.snapshots.retain(|s, _| *s >= seq);
         self.core_at.retain(|s, _| *s >= seq);
-        if let Some(current) = self.groups.range(..=seq).next_back().map(|(k, _)| *k) {
-            self.groups.retain(|k, _| *k >= current);
+        // Older groups judge the checkpoint certificates that view changes and state transfers
+        // carry, which may be older than ours: keep the last few (groups change rarely), and
+        // always the one that judges `seq` and every later one.
+        let current = self.groups.range(..seq).next_back().map(|(k, _)| *k);
+        while self.groups.len() > GROUPS_KEPT
+            && let Some(oldest) = self.groups.keys().next().copied()
+            && current.is_some_and(|c| oldest < c)
+        {
+            self.groups.remove(&oldest);
         }
         self.next_seq = self.next_seq.max(seq);
+        if self.active && self.is_primary() && !was_primary {
+            // A group change made this replica the primary of the current view.
+            self.rebuild_queue(&std::collections::BTreeSet::new());
+        }
         if self.executed < seq {
             self.fetching = Some((seq, self.now));
             self.behind_since = None;
@@ -1092,7 +1128,7 @@ impl Replica {
             }
             return Err(Ignored::WrongView);
         }
-        if !group.valid_view_change(message.message(), self.config.window) {
+        if !valid_view_change(message.message(), self.config.window, |s| self.group_at(s)) {
             return Err(Ignored::Invalid);
         }
         if self
@@ -1161,7 +1197,7 @@ impl Replica {
             if !fits
                 || !group.contains(&vc.sender)
                 || !senders.insert(vc.sender)
-                || !group.valid_view_change(&vc.message, self.config.window)
+                || !valid_view_change(&vc.message, self.config.window, |s| self.group_at(s))
             {
                 return Err(Ignored::Invalid);
             }
@@ -1235,15 +1271,7 @@ impl Replica {
             self.vc_deadline = Some(self.now + self.timeout());
         }
         if primary == Some(me) {
-            let mut keys: Vec<(u64, (NodeId, u64))> = self
-                .waiting
-                .iter()
-                .filter(|(k, _)| !proposed.contains(*k))
-                .map(|(k, (arrival, _))| (*arrival, *k))
-                .collect();
-            keys.sort_unstable();
-            self.queue = keys.into_iter().map(|(_, k)| k).collect();
-            self.oldest_queued = (!self.queue.is_empty()).then_some(self.now);
+            self.rebuild_queue(&proposed);
         }
         for seq in touched {
             self.advance(seq);
@@ -1258,6 +1286,19 @@ impl Replica {
             }
         }
         self.propose(false);
+    }
+
+    /// A new primary queues the requests it holds, in arrival order, except `proposed`.
+    fn rebuild_queue(&mut self, proposed: &std::collections::BTreeSet<(NodeId, u64)>) {
+        let mut keys: Vec<(u64, (NodeId, u64))> = self
+            .waiting
+            .iter()
+            .filter(|(k, _)| !proposed.contains(*k))
+            .map(|(k, (arrival, _))| (*arrival, *k))
+            .collect();
+        keys.sort_unstable();
+        self.queue = keys.into_iter().map(|(_, k)| k).collect();
+        self.oldest_queued = (!self.queue.is_empty()).then_some(self.now);
     }
 
     fn on_fetch_state(&mut self, sender: NodeId, seq: Seq) -> Result<(), Ignored> {

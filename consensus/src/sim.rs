@@ -75,8 +75,14 @@ pub struct Crash {
 pub struct Scenario {
     /// The seed.
     pub seed: u64,
-    /// Replicas.
+    /// Replicas in the initial group.
     pub replicas: usize,
+    /// Further replicas that run from the start but join only through a group change.
+    pub spares: usize,
+    /// Group changes, ordered as ordinary requests: when client 0 sends request number `n`,
+    /// its payload asks for the group `members` (replica indices). Every replica that
+    /// executes it calls [`Replica::reconfigure`].
+    pub group_changes: Vec<(u64, Vec<usize>)>,
     /// Clients (closed loop: one outstanding request each).
     pub clients: usize,
     /// Requests per client.
@@ -122,6 +128,8 @@ impl Scenario {
         Self {
             seed,
             replicas,
+            spares: 0,
+            group_changes: Vec::new(),
             clients: 3,
             requests: 8,
             payload: 8,
@@ -367,6 +375,9 @@ pub enum SimError {
     UnsignedUnavailable,
 }
 
+/// The payload prefix of a group change request (then one byte per member index).
+const GROUP_CHANGE: &[u8] = b"group change:";
+
 /// Tick interval of simulated time.
 const TICK: Duration = Duration::from_millis(1);
 
@@ -376,9 +387,10 @@ impl Sim {
     /// # Errors
     /// [`SimError`] if identities cannot be made.
     pub fn new(scenario: Scenario) -> Result<Self, SimError> {
-        let (signers, ring, ids) = identities(scenario.replicas, scenario.signatures)?;
+        let total = scenario.replicas + scenario.spares;
+        let (signers, ring, ids) = identities(total, scenario.signatures)?;
         let mut config = scenario.core.clone();
-        config.replicas = ids.clone();
+        config.replicas = ids.iter().take(scenario.replicas).copied().collect();
         let mut instances = Vec::new();
         for (i, signer) in signers.iter().enumerate() {
             let fault = scenario
@@ -408,7 +420,7 @@ impl Sim {
             .collect();
         let report = Report {
             scenario: scenario.clone(),
-            logs: vec![Vec::new(); scenario.replicas],
+            logs: vec![Vec::new(); total],
             faulty,
             accepted: BTreeMap::new(),
             end: Duration::ZERO,
@@ -570,12 +582,22 @@ impl Sim {
         if let Some(first) = payload.first_mut() {
             *first = c.number as u8;
         }
+        if client == 0
+            && let Some((_, members)) = self
+                .scenario
+                .group_changes
+                .iter()
+                .find(|(n, _)| *n == c.number)
+        {
+            payload = GROUP_CHANGE.to_vec();
+            payload.extend(members.iter().map(|m| *m as u8));
+        }
         let request = Request {
             client: c.id,
             number: c.number,
             payload: Bytes::from(payload),
         };
-        for to in 0..self.scenario.replicas {
+        for to in 0..self.ids.len() {
             // Clients are not partitioned, but lose messages like everyone before healing.
             if !self.healed()
                 && self.scenario.loss > 0.0
@@ -623,7 +645,7 @@ impl Sim {
             };
             match out {
                 Output::Broadcast(s) => {
-                    for to in 0..self.scenario.replicas {
+                    for to in 0..self.ids.len() {
                         if to != from {
                             self.send_message(from, to, &s);
                         }
@@ -636,6 +658,19 @@ impl Sim {
                 }
                 Output::Execute { seq, digest, batch } => {
                     let replies = inst.executor.execute(&batch);
+                    for r in &batch {
+                        if let Some(members) = r.payload.strip_prefix(GROUP_CHANGE) {
+                            let members = members
+                                .iter()
+                                .filter_map(|m| self.ids.get(usize::from(*m)).copied())
+                                .collect();
+                            if let Some(core) = inst.core.as_mut()
+                                && core.reconfigure(members, seq).is_err()
+                            {
+                                *self.report.dropped.entry("reconfigure".into()).or_default() += 1;
+                            }
+                        }
+                    }
                     if inst.fault != Some(Fault::Twin)
                         && let Some(log) = self.report.logs.get_mut(from)
                     {

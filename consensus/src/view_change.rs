@@ -26,9 +26,18 @@ impl Group {
         self.members.len().saturating_sub(1) / 3
     }
 
-    /// A quorum: 2f + 1.
+    /// A quorum: ceil((n + f + 1) / 2), so that any two quorums share at least f + 1 replicas
+    /// (one of them correct) and the n - f correct replicas form one. It is 2f + 1 when
+    /// n = 3f + 1; for other sizes (n = 5, 6, ... while members join and leave) 2f + 1 would
+    /// not intersect safely.
     pub fn quorum(&self) -> usize {
-        2 * self.f() + 1
+        (self.members.len() + self.f() + 2) / 2
+    }
+
+    /// Matching prepares (from distinct backups) that, with the pre-prepare, prepare a slot:
+    /// a quorum less the primary.
+    pub fn prepares_needed(&self) -> usize {
+        self.quorum().saturating_sub(1)
     }
 
     /// The primary of `view`.
@@ -76,8 +85,8 @@ impl Group {
         .then_some(Some(state))
     }
 
-    /// `(view, seq, digest)` of a certificate whose votes are prepares (`commits == false`: 2f
-    /// from distinct backups) or commits (`true`: 2f+1 from distinct members), matching a
+    /// `(view, seq, digest)` of a certificate whose votes are prepares (`commits == false`:
+    /// [`Group::prepares_needed`] from distinct backups) or commits (`true`: 2f+1 from distinct members), matching a
     /// pre-prepare from the view's primary.
     pub fn certificate(&self, cert: &Certificate, commits: bool) -> Option<(View, Seq, Digest)> {
         let Message::PrePrepare {
@@ -98,37 +107,44 @@ impl Group {
             })
         } else {
             cert.votes.iter().all(|v| v.sender != primary)
-                && self.votes(&cert.votes, 2 * self.f(), |m| {
+                && self.votes(&cert.votes, self.prepares_needed(), |m| {
                     matches!(m, Message::Prepare { view: v, seq: s, digest: d }
                         if (*v, *s, *d) == (view, seq, digest))
                 })
         };
         ok.then_some((view, seq, digest))
     }
+}
 
-    /// Whether a view-change message is well formed for this group: its checkpoint certificate
-    /// proves `stable`, and each prepared certificate is valid, for an earlier view, for a
-    /// distinct slot in `(stable, stable + window]`.
-    pub fn valid_view_change(&self, message: &Message, window: Seq) -> bool {
-        let Message::ViewChange {
-            view,
-            stable,
-            checkpoint,
-            prepared,
-        } = message
-        else {
-            return false;
-        };
-        if self.checkpoint_cert(*stable, checkpoint).is_none() {
-            return false;
-        }
-        let mut slots = BTreeSet::new();
-        prepared.iter().all(|c| {
-            self.certificate(c, false).is_some_and(|(v, s, _)| {
+/// Whether a view-change message is well formed: its checkpoint certificate proves `stable`,
+/// and each prepared certificate is valid, for an earlier view, for a distinct slot in
+/// `(stable, stable + window]`. Each certificate is judged by the group of its own sequence
+/// number (`group_at`), which differs from the current one across a group change.
+pub fn valid_view_change(message: &Message, window: Seq, group_at: impl Fn(Seq) -> Group) -> bool {
+    let Message::ViewChange {
+        view,
+        stable,
+        checkpoint,
+        prepared,
+    } = message
+    else {
+        return false;
+    };
+    if group_at(*stable)
+        .checkpoint_cert(*stable, checkpoint)
+        .is_none()
+    {
+        return false;
+    }
+    let mut slots = BTreeSet::new();
+    prepared.iter().all(|c| {
+        let seq = c.proposal.message.seq().unwrap_or(0);
+        group_at(seq)
+            .certificate(c, false)
+            .is_some_and(|(v, s, _)| {
                 v < *view && s > *stable && s <= stable.saturating_add(window) && slots.insert(s)
             })
-        })
-    }
+    })
 }
 
 /// What a new view must re-propose, computed from its view changes alike by the new primary
@@ -145,7 +161,7 @@ pub struct NewViewPlan {
 }
 
 /// Plans a new view from view-change messages (already checked with
-/// [`Group::valid_view_change`]).
+/// [`valid_view_change`]).
 pub fn plan_new_view(view_changes: &[&Message]) -> NewViewPlan {
     let mut stable = 0;
     let mut checkpoint = Vec::new();
@@ -278,5 +294,44 @@ impl Snapshot {
             last_executed,
             app,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quorums_intersect_in_f_plus_one_for_every_group_size() {
+        for n in 1..=40usize {
+            let g = Group {
+                members: (0..n).map(|i| NodeId::from_bytes([i as u8; 32])).collect(),
+            };
+            let (q, f) = (g.quorum(), g.f());
+            assert!(2 * q - n > f, "n={n}: two quorums share f+1");
+            assert!(q <= n - f, "n={n}: the correct replicas form a quorum");
+            if n % 3 == 1 {
+                assert_eq!(q, 2 * f + 1, "n={n}: the classic 2f+1");
+            }
+        }
+        let five = Group {
+            members: (0..5).map(|i| NodeId::from_bytes([i; 32])).collect(),
+        };
+        assert_eq!((five.f(), five.quorum(), five.prepares_needed()), (1, 4, 3));
+    }
+
+    #[test]
+    fn snapshots_round_trip_and_refuse_garbage() {
+        let groups = BTreeMap::from([(0, vec![NodeId::from_bytes([1; 32])])]);
+        let last = BTreeMap::from([(NodeId::from_bytes([2; 32]), 7)]);
+        let full = Snapshot::join(&Snapshot::encode_core(&groups, &last), b"app");
+        let back = Snapshot::decode(&full).unwrap();
+        assert_eq!(
+            (back.groups, back.last_executed, &back.app[..]),
+            (groups, last, &b"app"[..])
+        );
+        for cut in 0..full.len() {
+            assert!(Snapshot::decode(&full[..cut]).is_err());
+        }
     }
 }
