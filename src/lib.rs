@@ -22,5 +22,11 @@ pub use securesmart_consensus as consensus;
 pub use securesmart_membership as membership;
 pub use securesmart_transport as transport;
 
+pub mod client;
+pub mod cluster;
+pub mod config;
 pub mod demo;
+pub mod kv;
+pub mod node;
+pub mod protocol;
 pub mod replica_network;

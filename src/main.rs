@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod ca_cli;
+mod node_cli;
 
 /// SecureSMART-rs: secure BFT replication.
 #[derive(Debug, Parser)]
@@ -28,6 +29,13 @@ enum Command {
     Keygen(ca_cli::KeygenArgs),
     /// Get a certificate from a trust center over the network (`ca serve`) with a token.
     Enroll(ca_cli::EnrollArgs),
+    /// A replica of the key-value store.
+    Node {
+        #[command(subcommand)]
+        command: node_cli::NodeCommand,
+    },
+    /// Put, get or delete a key in the replicated key-value store.
+    Client(node_cli::ClientArgs),
 }
 
 fn main() -> ExitCode {
@@ -56,6 +64,8 @@ fn main() -> ExitCode {
         Command::Ca { command } => runtime.block_on(ca_cli::run(command)),
         Command::Enroll(args) => runtime.block_on(ca_cli::enroll(&args)),
         Command::Keygen(args) => ca_cli::keygen(&args),
+        Command::Node { command } => runtime.block_on(node_cli::node(command)),
+        Command::Client(args) => runtime.block_on(node_cli::client(args)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -22,6 +22,7 @@ const TARGETS: &[(&str, Body)] = &[
     ("sealed_open", membership::sealed_open),
     ("consensus_message", consensus::consensus_message),
     ("replica_ops", consensus::replica_ops),
+    ("journal", consensus::journal),
 ];
 
 fn root() -> &'static Path {
@@ -152,6 +153,53 @@ fn write_seeds() {
         committed: vec![],
     });
     write("consensus_message", "state", &state.encode());
+
+    // Journal files: real segments written by the file journal.
+    use securesmart::consensus::journal::{FileJournal, Journal, Record};
+    use securesmart::consensus::message::{Certificate, Limits};
+    let dir = std::env::temp_dir().join(format!("journal-seeds-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let (mut journal, _) = FileJournal::open(&dir, &Limits::default()).unwrap();
+    let proposal = signer.sign(pp_again());
+    let vote = |m| signer.sign(m);
+    for record in [
+        Record::ViewChange(1),
+        Record::EnteredView(1),
+        Record::PrePrepare(proposal.clone()),
+        Record::Prepared(Certificate {
+            proposal: proposal.clone(),
+            votes: vec![vote(Message::Prepare {
+                view: 0,
+                seq: 101,
+                digest: batch_digest(&[]),
+            })],
+        }),
+        Record::Committed(Certificate {
+            proposal,
+            votes: vec![vote(Message::Commit {
+                view: 0,
+                seq: 101,
+                digest: batch_digest(&[]),
+            })],
+        }),
+    ] {
+        write(
+            "journal",
+            &format!("record_{}", record.encode()[1]),
+            &record.encode(),
+        );
+        journal.append(&record).unwrap();
+    }
+    journal.sync().unwrap();
+    drop(journal);
+    let segment = std::fs::read_dir(&dir)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    write("journal", "segment", &std::fs::read(&segment).unwrap());
+    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 fn pp_again() -> securesmart::consensus::message::Message {

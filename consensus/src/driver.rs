@@ -15,6 +15,7 @@ use securesmart_transport::NodeId;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
+use crate::journal::Journal;
 use crate::message::{KeyRing, Limits, Request, Seq, Signed};
 use crate::replica::{Ignored, Output, ReconfigureError, Replica};
 use crate::service::{Event, Member, Ordering};
@@ -82,6 +83,20 @@ impl Pbft {
         network: N,
         limits: Limits,
     ) -> (Self, tokio::task::JoinHandle<()>) {
+        Self::spawn_durable(replica, ring, network, limits, None)
+    }
+
+    /// Like [`Pbft::spawn`], writing the core's records to `journal` (write-ahead: records are
+    /// synced before any message goes out or any batch reaches the application; see
+    /// [`crate::journal`]). A journal that fails stops the driver: a replica that cannot
+    /// remember its votes must not vote.
+    pub fn spawn_durable<N: Network>(
+        replica: Replica,
+        ring: KeyRing,
+        network: N,
+        limits: Limits,
+        journal: Option<Box<dyn Journal>>,
+    ) -> (Self, tokio::task::JoinHandle<()>) {
         let (requests, requests_rx) = mpsc::channel(4096);
         let (control, control_rx) = mpsc::unbounded_channel();
         let (events_tx, events) = mpsc::channel(1024);
@@ -93,6 +108,8 @@ impl Pbft {
                 limits,
                 start: Instant::now(),
                 events: events_tx,
+                journal,
+                unsynced: false,
             }
             .run(requests_rx, control_rx),
         );
@@ -165,6 +182,8 @@ struct Driver<N> {
     limits: Limits,
     start: Instant,
     events: mpsc::Sender<Event>,
+    journal: Option<Box<dyn Journal>>,
+    unsynced: bool,
 }
 
 /// Messages verified together at most.
@@ -198,6 +217,10 @@ impl<N: Network> Driver<N> {
         mut requests: mpsc::Receiver<Request>,
         mut control: mpsc::UnboundedReceiver<Control>,
     ) {
+        // A recovered core has outputs waiting (restore, re-execution, re-sent votes).
+        if !self.flush().await {
+            return;
+        }
         loop {
             let deadline = self
                 .replica
@@ -288,10 +311,44 @@ impl<N: Network> Driver<N> {
         }
     }
 
-    /// Carries out the core's outputs; `false` once the application has gone.
+    /// Makes appended records durable before an output that depends on them; `false` if the
+    /// journal failed.
+    fn sync(&mut self) -> bool {
+        if !self.unsynced {
+            return true;
+        }
+        self.unsynced = false;
+        match self.journal.as_mut().map(|j| j.sync()) {
+            Some(Err(e)) => {
+                metrics::counter!("securesmart_consensus_journal_errors_total").increment(1);
+                tracing::error!(error = %e, "journal sync failed; stopping this replica");
+                false
+            }
+            _ => true,
+        }
+    }
+
+    /// Carries out the core's outputs; `false` once the application has gone (or the journal
+    /// failed).
     async fn flush(&mut self) -> bool {
         while let Some(out) = self.replica.poll_output() {
+            if let Output::Persist(record) = &out {
+                if let Some(journal) = self.journal.as_mut() {
+                    if let Err(e) = journal.append(record) {
+                        metrics::counter!("securesmart_consensus_journal_errors_total")
+                            .increment(1);
+                        tracing::error!(error = %e, "journal append failed; stopping this replica");
+                        return false;
+                    }
+                    self.unsynced = true;
+                }
+                continue;
+            }
+            if !self.sync() {
+                return false;
+            }
             let event = match out {
+                Output::Persist(_) => continue,
                 Output::Broadcast(s) => {
                     self.network.broadcast(Bytes::from(s.encode()));
                     continue;

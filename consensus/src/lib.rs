@@ -19,6 +19,8 @@
 //!   other replicas (the transport glue in the root package implements it; this crate never
 //!   names the transport's connections); [`driver::Pbft`] runs the core on tokio over it, with
 //!   the timers the core asks for, and counts every dropped message by reason.
+//! - [`journal`]: the records that make a replica durable, and [`journal::FileJournal`],
+//!   which keeps them in a directory (write-ahead, fsync before dependent outputs).
 //! - [`sim`]: the seeded simulator (network delay, reordering, loss, duplication, partitions,
 //!   crashes and restarts, Byzantine replicas, Twins) with safety and liveness oracles.
 //!
@@ -44,9 +46,12 @@
 //! - Reconfiguration: a group change executed at `s` applies above `s + window` (rounded up to
 //!   a checkpoint); view changes use the group after the replica's low watermark, so a view
 //!   change that straddles a group change may need a second one.
-//! - A replica restarted without its memory can sign a prepare that contradicts one it sent
-//!   before the crash; until the durable log of the node exists, count a restarted replica as
-//!   one of the f faulty ones (the simulator does).
+//! - Durability is the driver's job through a [`journal::Journal`]: with
+//!   [`replica::Config::durable`] the core emits the records a restarted replica needs
+//!   (accepted pre-prepares, prepared and committed certificates, views, stable checkpoints)
+//!   before the messages that depend on them, and [`replica::Replica::recover`] rebuilds it.
+//!   Without a journal a restarted replica has forgotten its votes and counts as one of the f
+//!   faulty ones (the simulator counts it so).
 //!
 //! ```
 //! use securesmart_consensus::message::{Digest, KeyRing, Message, Signer};
@@ -83,6 +88,7 @@
 pub mod driver;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod journal;
 pub mod message;
 pub mod replica;
 pub mod service;

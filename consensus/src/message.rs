@@ -393,14 +393,14 @@ fn count(n: usize) -> u32 {
     u32::try_from(n).unwrap_or(u32::MAX)
 }
 
-fn write_list(w: &mut Writer, list: &[Signed]) {
+pub(crate) fn write_list(w: &mut Writer, list: &[Signed]) {
     w.u32(count(list.len()));
     for s in list {
         w.bytes(&s.encode());
     }
 }
 
-fn write_certs(w: &mut Writer, certs: &[Certificate]) {
+pub(crate) fn write_certs(w: &mut Writer, certs: &[Certificate]) {
     w.u32(count(certs.len()));
     for c in certs {
         w.bytes(&c.proposal.encode());
@@ -435,7 +435,7 @@ impl Default for Limits {
 
 const TOP_LEVEL: &[u8] = &[1, 2, 3, 4, 5, 6, 7, 8];
 
-fn read_list(
+pub(crate) fn read_list(
     r: &mut Reader<'_>,
     limits: &Limits,
     allowed: &[u8],
@@ -461,7 +461,7 @@ fn read_count(r: &mut Reader<'_>, limits: &Limits) -> Result<usize, WireError> {
     Ok(n)
 }
 
-fn read_certs(
+pub(crate) fn read_certs(
     r: &mut Reader<'_>,
     limits: &Limits,
     votes: &[u8],

@@ -79,6 +79,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use securesmart_transport::NodeId;
 
+use crate::journal::Record;
 use crate::message::{
     Certificate, Digest, Message, Request, Seq, Signed, Signer, Verified, View, batch_digest,
 };
@@ -106,6 +107,9 @@ pub struct Config {
     /// How long a replica stays behind a stable checkpoint before fetching the state, and how
     /// often it asks again.
     pub state_transfer_delay: Duration,
+    /// Emit [`Output::Persist`] records (see [`crate::journal`]); without them a restarted
+    /// replica has lost its memory and counts as one of the f faulty ones.
+    pub durable: bool,
 }
 
 impl Config {
@@ -121,6 +125,7 @@ impl Config {
             view_change_timeout: Duration::from_millis(500),
             max_pending: 100_000,
             state_transfer_delay: Duration::from_millis(200),
+            durable: false,
         }
     }
 
@@ -168,6 +173,9 @@ pub enum Output {
         /// The application's snapshot (as it gave it to `handle_checkpoint_state`).
         snapshot: Bytes,
     },
+    /// Write this record to the journal, and make it durable before carrying out any later
+    /// output (only with [`Config::durable`]; see [`crate::journal`]).
+    Persist(Record),
     /// The replica entered `view`.
     ViewEntered {
         /// The view.
@@ -208,6 +216,15 @@ pub enum Ignored {
     /// A bounded queue is full.
     #[error("busy")]
     Busy,
+}
+
+/// Why [`Replica::recover`] could not use a journal.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum RecoverError {
+    /// A record contradicts itself (a damaged journal).
+    #[error("damaged journal: {0}")]
+    Corrupt(String),
 }
 
 /// Why a reconfiguration was refused.
@@ -325,6 +342,8 @@ pub struct Replica {
     fetching: Option<(Seq, Duration)>,
     /// The checkpoint last served to each member, and when.
     served: BTreeMap<NodeId, (Seq, Duration)>,
+    /// The stable checkpoint last written to the journal.
+    persisted_stable: Seq,
     outputs: VecDeque<Output>,
 }
 
@@ -366,7 +385,141 @@ impl Replica {
             behind_since: None,
             fetching: None,
             served: BTreeMap::new(),
+            persisted_stable: 0,
             outputs: VecDeque::new(),
+        }
+    }
+
+    /// A replica rebuilt from its journal (see [`crate::journal`]) after a crash: the last
+    /// stable checkpoint (restored through [`Output::Restore`]), the committed batches after it
+    /// (executed again through [`Output::Execute`]), the slots it accepted and prepared, and its
+    /// view. It resumes where it stopped: in its view it re-sends its votes (the same ones: it
+    /// never votes for two batches in one slot and view), and if it was changing views it
+    /// changes views again. With no records it is [`Replica::new`].
+    ///
+    /// # Errors
+    /// [`RecoverError`] when a checkpoint's snapshot does not match its certificate or does not
+    /// decode (the journal is damaged; the caller may start empty and fetch the state).
+    pub fn recover(
+        config: Config,
+        signer: Signer,
+        records: impl IntoIterator<Item = Record>,
+    ) -> Result<Self, RecoverError> {
+        let mut r = Self::new(config, signer);
+        let mut restore = None;
+        for record in records {
+            match record {
+                Record::ViewChange(v) if v >= r.view => {
+                    r.view = v;
+                    r.active = false;
+                }
+                Record::EnteredView(v) if v >= r.view => {
+                    r.view = v;
+                    r.active = true;
+                }
+                Record::ViewChange(_) | Record::EnteredView(_) => {}
+                Record::Stable {
+                    checkpoint,
+                    snapshot,
+                } => {
+                    let Some(Message::Checkpoint { seq, state }) =
+                        checkpoint.first().map(|s| s.message.clone())
+                    else {
+                        return Err(RecoverError::Corrupt("checkpoint without a message".into()));
+                    };
+                    if state_digest(seq, &snapshot) != state {
+                        return Err(RecoverError::Corrupt(format!(
+                            "snapshot at {seq} does not match its certificate"
+                        )));
+                    }
+                    let restored = Snapshot::decode(&snapshot)
+                        .map_err(|e| RecoverError::Corrupt(format!("snapshot at {seq}: {e}")))?;
+                    if seq <= r.low {
+                        continue;
+                    }
+                    r.executed = seq;
+                    r.low = seq;
+                    r.next_seq = r.next_seq.max(seq);
+                    r.last_executed = restored.last_executed;
+                    r.groups = restored.groups;
+                    r.snapshots = BTreeMap::from([(seq, (state, snapshot))]);
+                    r.stable = checkpoint.into_iter().map(Verified::trusted).collect();
+                    r.stable_digest = Some(state);
+                    r.persisted_stable = seq;
+                    r.slots.retain(|s, _| *s > seq);
+                    restore = Some((seq, restored.app));
+                }
+                Record::PrePrepare(pp) => {
+                    r.recover_proposal(pp);
+                }
+                Record::Prepared(cert) => {
+                    if let Some(slot) = r.recover_proposal(cert.proposal.clone()) {
+                        for vote in &cert.votes {
+                            slot.prepares
+                                .insert(vote.sender, Verified::trusted(vote.clone()));
+                        }
+                        slot.prepared = Some(cert);
+                    }
+                }
+                Record::Committed(cert) => {
+                    if let Some(slot) = r.recover_proposal(cert.proposal) {
+                        for vote in cert.votes {
+                            slot.commits.insert(vote.sender, Verified::trusted(vote));
+                        }
+                    }
+                }
+            }
+        }
+        let view = r.view;
+        // The primary of this view proposed up to the highest slot it holds for the view.
+        r.next_seq = r
+            .slots
+            .iter()
+            .filter(|(_, slot)| slot.proposal().is_some_and(|(v, _)| v == view))
+            .map(|(s, _)| *s)
+            .fold(r.low.max(r.next_seq), Seq::max);
+        if let Some((seq, snapshot)) = restore {
+            r.outputs.push_back(Output::Restore { seq, snapshot });
+        }
+        r.execute_ready();
+        if !r.active {
+            r.start_view_change(view);
+            return Ok(r);
+        }
+        let (me, primary) = (r.id(), r.primary());
+        let slots: Vec<(Seq, Digest, Signed)> = r
+            .slots
+            .iter()
+            .filter_map(|(s, slot)| {
+                let (v, d) = slot.proposal()?;
+                let pp = slot.pre_prepare.as_ref()?.signed().clone();
+                (v == view).then_some((*s, d, pp))
+            })
+            .collect();
+        for (seq, digest, pp) in slots {
+            if primary == Some(me) {
+                r.outputs.push_back(Output::Broadcast(pp));
+            } else {
+                let own = r.broadcast(Message::Prepare { view, seq, digest });
+                r.slots.entry(seq).or_default().prepares.insert(me, own);
+            }
+            r.advance(seq);
+        }
+        Ok(r)
+    }
+
+    /// Recovery: makes `pp` the slot's proposal unless the slot holds one of a later view.
+    fn recover_proposal(&mut self, pp: Signed) -> Option<&mut Slot> {
+        let (seq, view) = (pp.message.seq()?, pp.message.view()?);
+        if seq <= self.low {
+            return None;
+        }
+        let slot = self.slots.entry(seq).or_default();
+        if slot.proposal().is_none_or(|(v, _)| v <= view) {
+            slot.pre_prepare = Some(Verified::trusted(pp));
+            Some(slot)
+        } else {
+            None
         }
     }
 
@@ -523,6 +676,32 @@ impl Replica {
         Verified::trusted(signed)
     }
 
+    /// Emits a journal record (durable replicas only); `record` is built only then.
+    fn persist(&mut self, record: impl FnOnce() -> Record) {
+        if self.config.durable {
+            self.outputs.push_back(Output::Persist(record()));
+        }
+    }
+
+    /// Journals the stable checkpoint once this replica holds its snapshot.
+    fn persist_stable(&mut self) {
+        if !self.config.durable || self.persisted_stable >= self.low {
+            return;
+        }
+        let Some((digest, snapshot)) = self.snapshots.get(&self.low) else {
+            return;
+        };
+        if Some(*digest) != self.stable_digest {
+            return;
+        }
+        let record = Record::Stable {
+            checkpoint: self.stable.iter().map(|v| v.signed().clone()).collect(),
+            snapshot: snapshot.clone(),
+        };
+        self.persisted_stable = self.low;
+        self.outputs.push_back(Output::Persist(record));
+    }
+
     /// A client request reached this replica at `now`. Every replica holds it until it
     /// executes (the view-change timer watches it); the primary batches it.
     ///
@@ -631,13 +810,15 @@ impl Replica {
             self.next_seq += 1;
             let (view, seq) = (self.view, self.next_seq);
             let digest = batch_digest(&batch);
-            let pp = self.broadcast(Message::PrePrepare {
+            let pp = self.signer.sign(Message::PrePrepare {
                 view,
                 seq,
                 digest,
                 batch,
             });
-            self.slots.entry(seq).or_default().pre_prepare = Some(pp);
+            self.persist(|| Record::PrePrepare(pp.clone()));
+            self.outputs.push_back(Output::Broadcast(pp.clone()));
+            self.slots.entry(seq).or_default().pre_prepare = Some(Verified::trusted(pp));
         }
         if self.queue.is_empty() {
             self.oldest_queued = None;
@@ -756,7 +937,8 @@ impl Replica {
                     Some((v, _)) if v == view => return Err(Ignored::Stale),
                     _ => {}
                 }
-                slot.pre_prepare = Some(message);
+                slot.pre_prepare = Some(message.clone());
+                self.persist(|| Record::PrePrepare(message.signed().clone()));
                 let prepare = self.broadcast(Message::Prepare { view, seq, digest });
                 let me = self.id();
                 self.slots
@@ -807,15 +989,17 @@ impl Replica {
             if votes.len() >= prepared_quorum
                 && let Some(pp) = &slot.pre_prepare
             {
-                slot.prepared = Some(Certificate {
+                let cert = Certificate {
                     proposal: pp.signed().clone(),
                     votes,
-                });
+                };
+                slot.prepared = Some(cert.clone());
                 slot.commit_sent = Some(view);
-                commit = Some(digest);
+                commit = Some((digest, cert));
             }
         }
-        if let Some(digest) = commit {
+        if let Some((digest, cert)) = commit {
+            self.persist(|| Record::Prepared(cert));
             let own = self.broadcast(Message::Commit { view, seq, digest });
             if let Some(slot) = self.slots.get_mut(&seq) {
                 slot.commits.insert(me, own);
@@ -842,6 +1026,21 @@ impl Replica {
                 break;
             }
             slot.executed = true;
+            let proof = match (&slot.pre_prepare, self.config.durable) {
+                (Some(pp), true) => Some(Certificate {
+                    proposal: pp.signed().clone(),
+                    votes: matching(&slot.commits, pv, digest)
+                        .filter(|v| group.contains(&v.sender()))
+                        .take(group.quorum())
+                        .map(|v| v.signed().clone())
+                        .collect(),
+                }),
+                _ => None,
+            };
+            if let Some(cert) = proof {
+                self.outputs
+                    .push_back(Output::Persist(Record::Committed(cert)));
+            }
             self.executed = seq;
             // At most once per (client, number): every replica filters the agreed batch the
             // same way, in sequence order, so they all execute the same requests.
@@ -886,6 +1085,7 @@ impl Replica {
         let snapshot = Snapshot::join(&Snapshot::encode_core(&groups, &last), &app_snapshot);
         let state = state_digest(seq, &snapshot);
         self.snapshots.insert(seq, (state, snapshot));
+        self.persist_stable();
         if seq < self.low {
             return;
         }
@@ -986,6 +1186,7 @@ impl Replica {
             self.groups.remove(&oldest);
         }
         self.next_seq = self.next_seq.max(seq);
+        self.persist_stable();
         if self.active && self.is_primary() && !was_primary {
             // A group change made this replica the primary of the current view.
             self.rebuild_queue(&std::collections::BTreeSet::new());
@@ -1021,6 +1222,7 @@ impl Replica {
             .range(low + 1..=top)
             .filter_map(|(_, s)| s.prepared.clone())
             .collect();
+        self.persist(|| Record::ViewChange(view));
         let own = self.broadcast(Message::ViewChange {
             view,
             stable: low,
@@ -1071,6 +1273,10 @@ impl Replica {
                 })
             })
             .collect();
+        self.persist(|| Record::EnteredView(view));
+        for pp in &pre_prepares {
+            self.persist(|| Record::PrePrepare(pp.clone()));
+        }
         let new_view = self.broadcast(Message::NewView {
             view,
             view_changes: vcs.iter().map(|v| v.signed().clone()).collect(),
@@ -1240,6 +1446,9 @@ impl Replica {
         }
         let me = self.id();
         let primary = self.primary();
+        if primary != Some(me) {
+            self.persist(|| Record::EnteredView(view));
+        }
         let mut proposed = std::collections::BTreeSet::new();
         let mut touched = Vec::new();
         for pp in pre_prepares {
@@ -1254,6 +1463,9 @@ impl Replica {
             self.next_seq = self.next_seq.max(seq);
             if !self.in_window(seq) {
                 continue;
+            }
+            if primary != Some(me) {
+                self.persist(|| Record::PrePrepare(pp.clone()));
             }
             self.slots.entry(seq).or_default().pre_prepare = Some(Verified::trusted(pp));
             if primary != Some(me) {
@@ -1484,6 +1696,7 @@ mod tests {
         restores: usize,
         now: Duration,
         cut: Filter,
+        journals: Vec<Vec<Record>>,
     }
 
     fn config(replicas: Vec<NodeId>) -> Config {
@@ -1519,6 +1732,7 @@ mod tests {
                 restores: 0,
                 now: Duration::ZERO,
                 cut: Box::new(|_, _, _| false),
+                journals: vec![Vec::new(); n],
             }
         }
 
@@ -1557,6 +1771,7 @@ mod tests {
                         self.apps[i].restore(&snapshot).unwrap();
                     }
                     Output::ViewEntered { .. } => {}
+                    Output::Persist(r) => self.journals[i].push(r),
                 }
             }
         }
@@ -1817,6 +2032,64 @@ mod tests {
             c.apps[3].cached(&NodeId::from_bytes([1; 32]), 48).is_some(),
             "reply cache"
         );
+    }
+
+    #[test]
+    fn a_recovered_replica_resumes_and_does_not_contradict_its_journal() {
+        let mut c = Cluster::new(4, |cfg| {
+            cfg.durable = true;
+            cfg.window = 8;
+            cfg.checkpoint_interval = 4;
+        });
+        for i in 1..=10 {
+            c.submit(1, i);
+        }
+        c.run_for(Duration::from_millis(50));
+        let executed = c.replicas[1].executed();
+        assert!(executed >= 3, "{executed}");
+        // Replica 1 accepts one more pre-prepare, hears no prepares, and crashes.
+        c.cut = Box::new(|from, to, _| from == 1 || (to == 1 && from != 0));
+        c.submit(1, 11);
+        c.run_for(Duration::from_millis(20));
+        assert_eq!(c.replicas[1].executed(), executed);
+        let app_before = c.apps[1].app().clone();
+        let config = c.replicas[1].config.clone();
+        let journal = c.journals[1].clone();
+        c.journals[1].clear();
+        c.replicas[1] = Replica::recover(config, Signer::new_from(&c.signers[1]), journal).unwrap();
+        c.apps[1] = Executor::new(Chain::default());
+        c.log[1].clear();
+        c.drain(1);
+        assert_eq!(c.replicas[1].executed(), executed, "recovered from disk");
+        assert_eq!(c.apps[1].app(), &app_before, "the same application state");
+        // The primary's second pre-prepare for the slot it accepted is refused.
+        let seq = executed + 1;
+        let other = vec![Request {
+            client: NodeId::from_bytes([2; 32]),
+            number: 1,
+            payload: Bytes::from_static(b"other"),
+        }];
+        let forged = c.signers[0].sign(Message::PrePrepare {
+            view: 0,
+            seq,
+            digest: batch_digest(&other),
+            batch: other,
+        });
+        let forged = c.ring.verify(forged).unwrap();
+        assert_eq!(
+            c.replicas[1].handle_message(forged),
+            Err(Ignored::Conflicting)
+        );
+        // Healed, it catches up and agrees with the others.
+        c.cut = Box::new(|_, _, _| false);
+        for i in 12..=30 {
+            c.submit(1, i);
+        }
+        c.run_for(Duration::from_millis(300));
+        assert_agree(&c, &[0, 1, 2, 3]);
+        let top = c.replicas[0].executed();
+        assert!(c.replicas.iter().all(|r| r.executed() == top));
+        assert_eq!(c.apps[1].app(), c.apps[0].app());
     }
 
     #[test]

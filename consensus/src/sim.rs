@@ -59,7 +59,8 @@ pub struct Partition {
     pub sides: Vec<Vec<usize>>,
 }
 
-/// A crash, and optionally a restart with empty memory.
+/// A crash, and optionally a restart: with empty memory, or from the replica's journal when
+/// `core.durable` is set (the replica then counts as correct).
 #[derive(Clone, Copy, Debug)]
 pub struct Crash {
     /// Replica index.
@@ -207,6 +208,9 @@ pub struct Report {
     pub restores: u64,
     /// Each instance's protocol state at the end ([`Replica::summary`]).
     pub summaries: Vec<String>,
+    /// Batches replicas executed before a restart and execute again after it (replica,
+    /// sequence number, digest): they must agree with what is executed there afterwards.
+    pub earlier: Vec<(usize, Seq, Digest)>,
 }
 
 impl Report {
@@ -236,6 +240,16 @@ impl Report {
                 } else {
                     agreed.insert(*seq, (*digest, batch));
                 }
+            }
+        }
+        for (i, seq, digest) in &self.earlier {
+            if !self.faulty.contains(i)
+                && let Some((d, _)) = agreed.get(seq)
+                && d != digest
+            {
+                return fail(format!(
+                    "replica {i} executed another batch at {seq} before its restart"
+                ));
             }
         }
         // Replies: each accepted one equals the reference execution of the agreed log (up to
@@ -337,6 +351,8 @@ struct Instance {
     core: Option<Replica>,
     executor: Executor<Chain>,
     fault: Option<Fault>,
+    /// What the replica journaled (with `core.durable`): its "disk", kept across a crash.
+    journal: Vec<crate::journal::Record>,
 }
 
 struct Client {
@@ -405,11 +421,19 @@ impl Sim {
                     core: Some(Replica::new(config.clone(), Signer::new_from(signer))),
                     executor: Executor::new(Chain::default()),
                     fault,
+                    journal: Vec::new(),
                 });
             }
         }
         let mut faulty: BTreeSet<usize> = scenario.faults.iter().map(|(r, _)| *r).collect();
-        faulty.extend(scenario.crashes.iter().map(|c| c.replica));
+        // A replica that restarts from its journal is correct again (it forgets nothing).
+        faulty.extend(
+            scenario
+                .crashes
+                .iter()
+                .filter(|c| !(scenario.core.durable && c.restart.is_some()))
+                .map(|c| c.replica),
+        );
         let clients = client_ids(scenario.clients)
             .into_iter()
             .map(|id| Client {
@@ -429,6 +453,7 @@ impl Sim {
             views: Vec::new(),
             restores: 0,
             summaries: Vec::new(),
+            earlier: Vec::new(),
         };
         Ok(Self {
             rng: StdRng::seed_from_u64(scenario.seed),
@@ -686,6 +711,7 @@ impl Sim {
                         core.handle_checkpoint_state(seq, snapshot);
                     }
                 }
+                Output::Persist(record) => inst.journal.push(record),
                 Output::Restore { snapshot, .. } => {
                     self.report.restores += 1;
                     if inst.executor.restore(&snapshot).is_err() {
@@ -855,13 +881,35 @@ impl Sim {
                 let Some(signer) = self.signers.get(r) else {
                     return;
                 };
-                let core = Replica::new(self.config.clone(), Signer::new_from(signer));
-                if let Some(inst) = self.instances.iter_mut().find(|i| i.replica == r) {
-                    inst.core = Some(core);
-                    inst.executor = Executor::new(Chain::default());
-                }
+                let Some(inst) = self.instances.iter_mut().find(|i| i.replica == r) else {
+                    return;
+                };
+                let signer = Signer::new_from(signer);
+                let core = if self.config.durable {
+                    match Replica::recover(self.config.clone(), signer, inst.journal.clone()) {
+                        Ok(core) => core,
+                        Err(e) => {
+                            *self
+                                .report
+                                .dropped
+                                .entry(format!("recover: {e}"))
+                                .or_default() += 1;
+                            return;
+                        }
+                    }
+                } else {
+                    inst.journal.clear();
+                    Replica::new(self.config.clone(), signer)
+                };
+                // The log keeps what the replica remembers; it executes the rest again.
+                let kept = core.low_watermark();
+                inst.core = Some(core);
+                inst.executor = Executor::new(Chain::default());
                 if let Some(log) = self.report.logs.get_mut(r) {
-                    log.clear();
+                    let again = log.split_off(log.partition_point(|(seq, ..)| *seq <= kept));
+                    self.report
+                        .earlier
+                        .extend(again.into_iter().map(|(seq, d, _)| (r, seq, d)));
                 }
             }
             Event::Tick => {

@@ -1,0 +1,613 @@
+//! Durability: what a replica must remember across a crash, and a file journal that keeps it.
+//!
+//! With [`crate::replica::Config::durable`] set, the core emits [`Output::Persist`] records
+//! *before* the outputs that depend on them, and the driver writes them to a [`Journal`] and
+//! makes them durable ([`Journal::sync`]) before it sends anything or hands a batch to the
+//! application (write-ahead). The records are exactly what keeps a restarted replica from
+//! contradicting itself or losing an acknowledged write:
+//!
+//! | record | written before | so that after a restart |
+//! |---|---|---|
+//! | [`Record::ViewChange`] | the view change is sent | the replica never returns to a view it left |
+//! | [`Record::EnteredView`] | prepares of the new view | it resumes in the view it was in |
+//! | [`Record::PrePrepare`] | its prepare (or, at the primary, the pre-prepare) | it never prepares two batches for one slot and view |
+//! | [`Record::Prepared`] | its commit | its view changes still carry the prepared certificate |
+//! | [`Record::Committed`] | the batch executes (and replies go out) | an executed batch is executed again from disk |
+//! | [`Record::Stable`] | nothing (it replaces everything older) | recovery starts from the last stable checkpoint |
+//!
+//! [`crate::replica::Replica::recover`] rebuilds a core from the records. A whole cluster that
+//! restarts therefore loses no acknowledged write: a reply went out only after its batch's
+//! committed certificate was on disk, and the prepared certificates on disk carry every
+//! committed batch through the view change that follows.
+//!
+//! [`FileJournal`] keeps the records in one segment file per stable checkpoint in a directory:
+//! each frame is `length u32 | checksum [16] | record`, the checksum a BLAKE3 `derive_key` hash
+//! with the context [`FRAME_CONTEXT`] (integrity against torn writes and bit rot, not
+//! authenticity: whoever can write the data directory holds the node's key as well). When a
+//! `Stable` record arrives the journal starts a new segment with that record, the records of
+//! later slots and the latest view record, makes it durable (write to a temporary file, fsync,
+//! rename, fsync the directory) and deletes the old segment, so the journal stays about one
+//! window of batches and one snapshot long. Opening a journal stops at the first frame that is
+//! truncated or fails its checksum (a crash during an append), truncates the file there, counts
+//! it in `securesmart_consensus_journal_truncated_total` and logs a warning.
+//!
+//! Request payloads are written as ordered: a payload the node sealed with the group key before
+//! ordering (a confidential request) is sealed in the journal as well.
+
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+
+use bytes::Bytes;
+use securesmart_transport::wire::{Reader, WireError, Writer};
+
+use crate::message::{
+    Certificate, Limits, Message, Seq, Signed, View, read_certs, read_list, write_certs, write_list,
+};
+#[cfg(doc)]
+use crate::replica::Output;
+
+/// BLAKE3 `derive_key` context of the frame checksum.
+pub const FRAME_CONTEXT: &str = "securesmart 2026-11-26 consensus journal frame v1";
+/// Record format version.
+const VERSION: u8 = 1;
+/// Bytes of a frame's checksum.
+const CHECKSUM_BYTES: usize = 16;
+/// Bytes before a frame's record.
+const FRAME_HEADER: usize = 4 + CHECKSUM_BYTES;
+
+/// Something a replica must remember across a crash (see the module doc).
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Record {
+    /// The replica started changing to this view.
+    ViewChange(View),
+    /// The replica entered this view.
+    EnteredView(View),
+    /// A pre-prepare the replica accepted (or, as primary, sent).
+    PrePrepare(Signed),
+    /// A prepared certificate (pre-prepare and 2f matching prepares).
+    Prepared(Certificate),
+    /// A committed certificate (pre-prepare and 2f+1 matching commits).
+    Committed(Certificate),
+    /// A stable checkpoint: its certificate and this replica's snapshot at it.
+    Stable {
+        /// 2f+1 matching signed checkpoint messages.
+        checkpoint: Vec<Signed>,
+        /// The snapshot (core state and application state) the certificate's digest covers.
+        snapshot: Bytes,
+    },
+}
+
+impl Record {
+    /// The sequence number of a slot record (pre-prepare, prepared, committed) or checkpoint.
+    pub fn seq(&self) -> Option<Seq> {
+        match self {
+            Record::PrePrepare(s) => s.message.seq(),
+            Record::Prepared(c) | Record::Committed(c) => c.proposal.message.seq(),
+            Record::Stable { checkpoint, .. } => checkpoint.first().and_then(|s| s.message.seq()),
+            Record::ViewChange(_) | Record::EnteredView(_) => None,
+        }
+    }
+
+    /// Encodes the record.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut w = Writer::default();
+        w.u8(VERSION);
+        match self {
+            Record::ViewChange(v) => {
+                w.u8(1).raw(&v.to_be_bytes());
+            }
+            Record::EnteredView(v) => {
+                w.u8(2).raw(&v.to_be_bytes());
+            }
+            Record::PrePrepare(s) => {
+                w.u8(3).bytes(&s.encode());
+            }
+            Record::Prepared(c) => {
+                w.u8(4);
+                write_certs(&mut w, std::slice::from_ref(c));
+            }
+            Record::Committed(c) => {
+                w.u8(5);
+                write_certs(&mut w, std::slice::from_ref(c));
+            }
+            Record::Stable {
+                checkpoint,
+                snapshot,
+            } => {
+                w.u8(6);
+                write_list(&mut w, checkpoint);
+                w.bytes(snapshot);
+            }
+        }
+        w.buf
+    }
+
+    /// Decodes a record within `limits`; the whole input must be one record.
+    ///
+    /// # Errors
+    /// [`WireError`] saying what is wrong.
+    pub fn decode(buf: &[u8], limits: &Limits) -> Result<Self, WireError> {
+        let mut r = Reader::new(buf);
+        r.version(VERSION)?;
+        let record = match r.u8()? {
+            1 => Record::ViewChange(u64::from_be_bytes(r.array()?)),
+            2 => Record::EnteredView(u64::from_be_bytes(r.array()?)),
+            3 => {
+                let s = Signed::decode(r.bytes("pre-prepare", usize::MAX)?, limits)?;
+                if !matches!(s.message, Message::PrePrepare { .. }) {
+                    return Err(WireError::Unknown {
+                        what: "journal pre-prepare kind",
+                        value: 0,
+                    });
+                }
+                Record::PrePrepare(s)
+            }
+            tag @ (4 | 5) => {
+                let vote = if tag == 4 { 2 } else { 3 };
+                let mut certs = read_certs(&mut r, limits, &[vote])?;
+                match (certs.pop(), certs.is_empty()) {
+                    (Some(c), true) if tag == 4 => Record::Prepared(c),
+                    (Some(c), true) => Record::Committed(c),
+                    _ => {
+                        return Err(WireError::Unknown {
+                            what: "journal certificate count",
+                            value: 0,
+                        });
+                    }
+                }
+            }
+            6 => {
+                let checkpoint = read_list(&mut r, limits, &[4])?;
+                let snapshot =
+                    Bytes::copy_from_slice(r.bytes("snapshot", limits.max_snapshot_bytes)?);
+                Record::Stable {
+                    checkpoint,
+                    snapshot,
+                }
+            }
+            other => {
+                return Err(WireError::Unknown {
+                    what: "journal record",
+                    value: other.into(),
+                });
+            }
+        };
+        r.finish()?;
+        Ok(record)
+    }
+}
+
+/// Where a replica's records go. The driver calls [`Journal::append`] for every record and
+/// [`Journal::sync`] before any output that depends on one.
+pub trait Journal: Send + 'static {
+    /// Appends a record (it need not be durable before [`Journal::sync`]).
+    ///
+    /// # Errors
+    /// [`JournalError`]; the driver then stops (a replica that cannot remember must not vote).
+    fn append(&mut self, record: &Record) -> Result<(), JournalError>;
+
+    /// Makes every appended record durable.
+    ///
+    /// # Errors
+    /// [`JournalError`], as for `append`.
+    fn sync(&mut self) -> Result<(), JournalError>;
+}
+
+/// A journal failure.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum JournalError {
+    /// A file operation failed.
+    #[error("journal {path}: {source}")]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Records in memory (the simulator's "disk", and tests).
+#[derive(Clone, Debug, Default)]
+pub struct MemoryJournal {
+    /// The records appended, in order.
+    pub records: Vec<Record>,
+}
+
+impl Journal for MemoryJournal {
+    fn append(&mut self, record: &Record) -> Result<(), JournalError> {
+        self.records.push(record.clone());
+        Ok(())
+    }
+
+    fn sync(&mut self) -> Result<(), JournalError> {
+        Ok(())
+    }
+}
+
+/// The records of one directory, as segment files (see the module doc).
+#[derive(Debug)]
+pub struct FileJournal {
+    dir: PathBuf,
+    segment: u64,
+    file: File,
+    dirty: bool,
+    /// Encoded records of slots above the last stable checkpoint, by sequence number.
+    carry: BTreeMap<Seq, Vec<Vec<u8>>>,
+    /// The latest view record, encoded.
+    view: Option<Vec<u8>>,
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> JournalError + '_ {
+    move |source| JournalError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+fn checksum(record: &[u8]) -> [u8; CHECKSUM_BYTES] {
+    let hash = blake3::Hasher::new_derive_key(FRAME_CONTEXT)
+        .update(record)
+        .finalize();
+    let mut out = [0; CHECKSUM_BYTES];
+    out.copy_from_slice(hash.as_bytes().get(..CHECKSUM_BYTES).unwrap_or(&[0; 16]));
+    out
+}
+
+fn frame(record: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(FRAME_HEADER + record.len());
+    out.extend_from_slice(
+        &u32::try_from(record.len())
+            .unwrap_or(u32::MAX)
+            .to_be_bytes(),
+    );
+    out.extend_from_slice(&checksum(record));
+    out.extend_from_slice(record);
+    out
+}
+
+/// Splits `buf` into records; returns them and the length of the valid prefix.
+pub(crate) fn read_frames(buf: &[u8], limits: &Limits) -> (Vec<Record>, usize) {
+    let mut records = Vec::new();
+    let mut at = 0;
+    while let Some(header) = buf.get(at..at + FRAME_HEADER) {
+        let (len, sum) = header.split_at(4);
+        let len = u32::from_be_bytes(len.try_into().unwrap_or([0xff; 4])) as usize;
+        let Some(body) = buf.get(at + FRAME_HEADER..at + FRAME_HEADER + len) else {
+            break;
+        };
+        if checksum(body) != sum {
+            break;
+        }
+        match Record::decode(body, limits) {
+            Ok(r) => records.push(r),
+            Err(_) => break,
+        }
+        at += FRAME_HEADER + len;
+    }
+    (records, at)
+}
+
+fn segment_name(n: u64) -> String {
+    format!("journal-{n:020}.log")
+}
+
+fn segment_number(name: &str) -> Option<u64> {
+    name.strip_prefix("journal-")?
+        .strip_suffix(".log")?
+        .parse()
+        .ok()
+}
+
+impl FileJournal {
+    /// Opens (creating if needed) the journal in `dir` and returns it with the records it
+    /// holds, for [`crate::replica::Replica::recover`].
+    ///
+    /// # Errors
+    /// [`JournalError`] when the directory or a segment cannot be read or written.
+    pub fn open(dir: &Path, limits: &Limits) -> Result<(Self, Vec<Record>), JournalError> {
+        create_private_dir(dir)?;
+        let mut segments: Vec<u64> = std::fs::read_dir(dir)
+            .map_err(io(dir))?
+            .filter_map(|e| e.ok())
+            .filter_map(|e| segment_number(&e.file_name().to_string_lossy()))
+            .collect();
+        segments.sort_unstable();
+        let current = segments.last().copied().unwrap_or(0);
+        let path = dir.join(segment_name(current));
+        let mut options = OpenOptions::new();
+        options.read(true).append(true).create(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+        let mut file = options.open(&path).map_err(io(&path))?;
+        let mut buf = Vec::new();
+        file.read_to_end(&mut buf).map_err(io(&path))?;
+        let (records, valid) = read_frames(&buf, limits);
+        if valid < buf.len() {
+            metrics::counter!("securesmart_consensus_journal_truncated_total").increment(1);
+            tracing::warn!(
+                segment = %path.display(),
+                dropped_bytes = buf.len() - valid,
+                "journal ends in a torn or corrupt record; truncating it there"
+            );
+            file.set_len(valid as u64).map_err(io(&path))?;
+            file.sync_all().map_err(io(&path))?;
+        }
+        for old in segments.iter().filter(|n| **n < current) {
+            let p = dir.join(segment_name(*old));
+            std::fs::remove_file(&p).map_err(io(&p))?;
+        }
+        let mut journal = Self {
+            dir: dir.to_owned(),
+            segment: current,
+            file,
+            dirty: false,
+            carry: BTreeMap::new(),
+            view: None,
+        };
+        for r in &records {
+            journal.remember(r, r.encode());
+        }
+        Ok((journal, records))
+    }
+
+    /// Keeps what the next segment must carry.
+    fn remember(&mut self, record: &Record, encoded: Vec<u8>) {
+        match record {
+            Record::ViewChange(_) | Record::EnteredView(_) => self.view = Some(encoded),
+            Record::Stable { .. } => {
+                let seq = record.seq().unwrap_or(0);
+                self.carry = self.carry.split_off(&(seq + 1));
+            }
+            _ => {
+                if let Some(seq) = record.seq() {
+                    self.carry.entry(seq).or_default().push(encoded);
+                }
+            }
+        }
+    }
+
+    /// Starts a new segment with `stable` and what it must carry.
+    fn rotate(&mut self, stable: Vec<u8>) -> Result<(), JournalError> {
+        let next = self.segment + 1;
+        let path = self.dir.join(segment_name(next));
+        let tmp = self.dir.join(format!("{}.tmp", segment_name(next)));
+        let mut out = frame(&stable);
+        for r in self.carry.values().flatten() {
+            out.extend_from_slice(&frame(r));
+        }
+        if let Some(v) = &self.view {
+            out.extend_from_slice(&frame(v));
+        }
+        {
+            let mut f = private_file(&tmp)?;
+            f.write_all(&out).map_err(io(&tmp))?;
+            f.sync_all().map_err(io(&tmp))?;
+        }
+        std::fs::rename(&tmp, &path).map_err(io(&path))?;
+        sync_dir(&self.dir)?;
+        let old = self.dir.join(segment_name(self.segment));
+        std::fs::remove_file(&old).map_err(io(&old))?;
+        self.file = OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .map_err(io(&path))?;
+        self.segment = next;
+        self.dirty = false;
+        Ok(())
+    }
+}
+
+impl Journal for FileJournal {
+    fn append(&mut self, record: &Record) -> Result<(), JournalError> {
+        let encoded = record.encode();
+        if matches!(record, Record::Stable { .. }) {
+            self.remember(record, Vec::new());
+            return self.rotate(encoded);
+        }
+        let path = self.dir.join(segment_name(self.segment));
+        self.file.write_all(&frame(&encoded)).map_err(io(&path))?;
+        self.dirty = true;
+        self.remember(record, encoded);
+        Ok(())
+    }
+
+    fn sync(&mut self) -> Result<(), JournalError> {
+        if self.dirty {
+            let path = self.dir.join(segment_name(self.segment));
+            self.file.sync_data().map_err(io(&path))?;
+            self.dirty = false;
+        }
+        Ok(())
+    }
+}
+
+fn create_private_dir(dir: &Path) -> Result<(), JournalError> {
+    let mut builder = std::fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+    builder.create(dir).map_err(io(dir))
+}
+
+fn private_file(path: &Path) -> Result<File, JournalError> {
+    let mut options = OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    options.open(path).map_err(io(path))
+}
+
+fn sync_dir(dir: &Path) -> Result<(), JournalError> {
+    File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::message::{Digest, Request, Signer, batch_digest};
+    use securesmart_transport::pki::DevCa;
+    use securesmart_transport::{NodeId, Role};
+
+    fn signer(i: u8) -> Signer {
+        static SIGNERS: std::sync::OnceLock<Vec<Signer>> = std::sync::OnceLock::new();
+        let all = SIGNERS.get_or_init(|| {
+            let ca = DevCa::new("journal CA").unwrap();
+            (0..4)
+                .map(|i| {
+                    Signer::new(&ca.issue_role(&format!("r{i}"), Role::Replica).unwrap()).unwrap()
+                })
+                .collect()
+        });
+        Signer::new_from(&all[usize::from(i)])
+    }
+
+    fn pre_prepare(seq: Seq) -> Signed {
+        let batch = vec![Request {
+            client: NodeId::from_bytes([9; 32]),
+            number: seq,
+            payload: Bytes::from(vec![seq as u8; 10]),
+        }];
+        signer(0).sign(Message::PrePrepare {
+            view: 0,
+            seq,
+            digest: batch_digest(&batch),
+            batch,
+        })
+    }
+
+    fn committed(seq: Seq) -> Record {
+        let proposal = pre_prepare(seq);
+        let digest = proposal.message.digest().unwrap_or(Digest([0; 32]));
+        Record::Committed(Certificate {
+            proposal,
+            votes: (1..4)
+                .map(|i| {
+                    signer(i).sign(Message::Commit {
+                        view: 0,
+                        seq,
+                        digest,
+                    })
+                })
+                .collect(),
+        })
+    }
+
+    fn stable(seq: Seq) -> Record {
+        Record::Stable {
+            checkpoint: (0..3)
+                .map(|i| {
+                    signer(i).sign(Message::Checkpoint {
+                        seq,
+                        state: Digest([seq as u8; 32]),
+                    })
+                })
+                .collect(),
+            snapshot: Bytes::from(vec![1, 2, 3]),
+        }
+    }
+
+    fn dir(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("journal-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        d
+    }
+
+    #[test]
+    fn records_round_trip_and_garbage_is_an_error() {
+        let limits = Limits::default();
+        for r in [
+            Record::ViewChange(3),
+            Record::EnteredView(4),
+            Record::PrePrepare(pre_prepare(5)),
+            committed(6),
+            stable(8),
+        ] {
+            assert_eq!(Record::decode(&r.encode(), &limits), Ok(r));
+        }
+        let mut bad = committed(1).encode();
+        bad.push(0);
+        assert!(Record::decode(&bad, &limits).is_err());
+        assert!(Record::decode(&[VERSION, 77], &limits).is_err());
+        assert!(Record::decode(&[], &limits).is_err());
+    }
+
+    #[test]
+    fn a_reopened_journal_returns_what_was_synced_and_compacts_at_checkpoints() {
+        let d = dir("reopen");
+        let limits = Limits::default();
+        let (mut j, records) = FileJournal::open(&d, &limits).unwrap();
+        assert!(records.is_empty());
+        for seq in 1..=6 {
+            j.append(&committed(seq)).unwrap();
+        }
+        j.append(&Record::EnteredView(2)).unwrap();
+        j.sync().unwrap();
+        // A stable checkpoint at 4 drops the slots up to 4 and keeps 5, 6 and the view.
+        j.append(&stable(4)).unwrap();
+        j.append(&committed(7)).unwrap();
+        j.sync().unwrap();
+        drop(j);
+        let (_, records) = FileJournal::open(&d, &limits).unwrap();
+        let seqs: Vec<_> = records.iter().map(Record::seq).collect();
+        assert_eq!(
+            seqs,
+            vec![Some(4), Some(5), Some(6), None, Some(7)],
+            "{records:?}"
+        );
+        assert_eq!(records.get(3), Some(&Record::EnteredView(2)));
+        let files: Vec<_> = std::fs::read_dir(&d).unwrap().collect();
+        assert_eq!(files.len(), 1, "the old segment is gone");
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn a_torn_tail_is_cut_off_and_the_journal_goes_on() {
+        let d = dir("torn");
+        let limits = Limits::default();
+        let (mut j, _) = FileJournal::open(&d, &limits).unwrap();
+        j.append(&committed(1)).unwrap();
+        j.append(&committed(2)).unwrap();
+        j.sync().unwrap();
+        drop(j);
+        let seg = d.join(segment_name(0));
+        let len = std::fs::metadata(&seg).unwrap().len();
+        // A crash in the middle of the second append, then a flipped bit in the first.
+        let f = OpenOptions::new().write(true).open(&seg).unwrap();
+        f.set_len(len - 5).unwrap();
+        drop(f);
+        let (mut j, records) = FileJournal::open(&d, &limits).unwrap();
+        assert_eq!(records, vec![committed(1)]);
+        j.append(&committed(3)).unwrap();
+        j.sync().unwrap();
+        drop(j);
+        let (_, records) = FileJournal::open(&d, &limits).unwrap();
+        assert_eq!(records, vec![committed(1), committed(3)]);
+        let mut bytes = std::fs::read(&seg).unwrap();
+        bytes[FRAME_HEADER + 3] ^= 1;
+        std::fs::write(&seg, &bytes).unwrap();
+        let (_, records) = FileJournal::open(&d, &limits).unwrap();
+        assert!(
+            records.is_empty(),
+            "a corrupt first record ends the journal"
+        );
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn journal_files_are_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = dir("mode");
+        let (mut j, _) = FileJournal::open(&d, &Limits::default()).unwrap();
+        j.append(&stable(4)).unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&d), 0o700);
+        assert_eq!(mode(&d.join(segment_name(1))), 0o600);
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+}

@@ -1,0 +1,311 @@
+//! A local cluster on loopback, made the way an operator makes one: a trust center, nodes
+//! enrolled over the network with one-time tokens, a TOML file per node and per client, and
+//! one `securesmart node run` process per replica. The demo and the multi-process tests use it.
+//!
+//! [`LocalCluster::create`] writes everything under one directory:
+//! `ca/` (the trust center's state), `ca.pem`, `replica{i}.pem`/`.key`/`.toml`,
+//! `client{j}.pem`/`.key`/`.toml`, `data/replica{i}/` (journals) and `logs/replica{i}.log`.
+//! Keys are written with mode 0600 in PKCS#8 PEM (`openssl pkey -in replica0.key` reads them).
+//! Ports are picked by binding UDP port 0 on 127.0.0.1 and releasing it just before the nodes
+//! start (another process could take one in between; on a busy machine re-create the cluster).
+
+use std::net::{SocketAddr, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use securesmart_membership::enrollment::EnrollLimits;
+use securesmart_membership::{EnrollmentServer, RoleName, TrustCenter, enroll};
+use securesmart_transport::NodeId;
+use securesmart_transport::pki::write_secret_file;
+
+use crate::config::ConsensusSection;
+
+/// A cluster setup failure.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClusterError {
+    /// A file or process operation failed.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// Why it failed.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The trust center or enrollment failed.
+    #[error("trust center: {0}")]
+    TrustCenter(String),
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ClusterError {
+    let what = what.into();
+    move |source| ClusterError::Io { what, source }
+}
+
+fn tc<E: std::fmt::Display>(e: E) -> ClusterError {
+    ClusterError::TrustCenter(e.to_string())
+}
+
+/// One replica of a local cluster.
+#[derive(Debug)]
+pub struct LocalReplica {
+    /// Its node id.
+    pub id: NodeId,
+    /// Its configuration file.
+    pub config: PathBuf,
+    /// Replica-plane address.
+    pub replica_addr: SocketAddr,
+    /// Client-plane address.
+    pub client_addr: SocketAddr,
+    /// Its certificate file.
+    pub certificate: PathBuf,
+    process: Option<Child>,
+}
+
+/// A local cluster's files and processes (see the module doc). Dropping it kills the
+/// processes.
+#[derive(Debug)]
+pub struct LocalCluster {
+    /// The directory holding everything.
+    pub dir: PathBuf,
+    /// The replicas.
+    pub replicas: Vec<LocalReplica>,
+    /// Client configuration files.
+    pub clients: Vec<PathBuf>,
+    /// The `securesmart` executable that runs the nodes.
+    pub exe: PathBuf,
+}
+
+/// Options of [`LocalCluster::create`].
+#[derive(Clone, Debug)]
+pub struct LocalClusterOptions {
+    /// Replicas (at least 4).
+    pub replicas: usize,
+    /// Client identities.
+    pub clients: usize,
+    /// Consensus tuning written into every node file.
+    pub consensus: ConsensusSection,
+    /// Client request timeout, in milliseconds.
+    pub client_timeout_ms: u64,
+    /// Log filter for the node processes (`RUST_LOG`).
+    pub log: String,
+}
+
+impl Default for LocalClusterOptions {
+    fn default() -> Self {
+        Self {
+            replicas: 4,
+            clients: 4,
+            consensus: ConsensusSection::default(),
+            client_timeout_ms: 10_000,
+            log: "info".into(),
+        }
+    }
+}
+
+fn free_port() -> Result<UdpSocket, ClusterError> {
+    UdpSocket::bind("127.0.0.1:0").map_err(io("binding a free port"))
+}
+
+fn port_of(s: &UdpSocket) -> Result<SocketAddr, ClusterError> {
+    s.local_addr().map_err(io("reading a port"))
+}
+
+impl LocalCluster {
+    /// Creates the trust center, enrolls every node over the network and writes the files
+    /// into `dir` (which must not hold a cluster yet). Starts no node.
+    ///
+    /// # Errors
+    /// [`ClusterError`].
+    pub async fn create(
+        dir: &Path,
+        exe: &Path,
+        options: &LocalClusterOptions,
+    ) -> Result<Self, ClusterError> {
+        std::fs::create_dir_all(dir.join("logs")).map_err(io("creating the cluster directory"))?;
+        let mut ca = TrustCenter::init(&dir.join("ca"), "SecureSMART local CA").map_err(tc)?;
+        let ca_cert = ca.ca_certificate();
+        std::fs::write(dir.join("ca.pem"), ca.ca_certificate_pem()).map_err(io("ca.pem"))?;
+        write_crl(dir, &mut ca)?;
+        let mut tokens = Vec::new();
+        for (role, kind, count) in [
+            (RoleName::Replica, "replica", options.replicas),
+            (RoleName::Client, "client", options.clients),
+        ] {
+            for i in 0..count {
+                let names = [format!("{kind}{i}.local")];
+                let token = ca
+                    .create_token(role, &names, Duration::from_secs(600))
+                    .map_err(tc)?;
+                tokens.push((format!("{kind}{i}"), token));
+            }
+        }
+        let server = EnrollmentServer::start(
+            ca,
+            "127.0.0.1:0".parse().map_err(tc)?,
+            &[],
+            EnrollLimits::default(),
+        )
+        .await
+        .map_err(tc)?;
+        let enroll_addr = server.local_addr().map_err(io("enrollment address"))?;
+        let mut ids = Vec::new();
+        for (name, token) in &tokens {
+            let enrolled = enroll(enroll_addr, &ca_cert, token, &[])
+                .await
+                .map_err(tc)?;
+            std::fs::write(dir.join(format!("{name}.pem")), &enrolled.certificate_pem)
+                .map_err(io(format!("{name}.pem")))?;
+            write_secret_file(
+                &dir.join(format!("{name}.key")),
+                enrolled.key_pem.as_bytes(),
+            )
+            .map_err(io(format!("{name}.key")))?;
+            ids.push(enrolled.identity.id());
+        }
+        server.shutdown().await;
+
+        let mut sockets = Vec::new();
+        let mut replicas = Vec::new();
+        for (i, id) in ids.iter().take(options.replicas).enumerate() {
+            let (r, c) = (free_port()?, free_port()?);
+            replicas.push(LocalReplica {
+                id: *id,
+                config: dir.join(format!("replica{i}.toml")),
+                replica_addr: port_of(&r)?,
+                client_addr: port_of(&c)?,
+                certificate: dir.join(format!("replica{i}.pem")),
+                process: None,
+            });
+            sockets.extend([r, c]);
+        }
+        let mut list = String::new();
+        for (i, r) in replicas.iter().enumerate() {
+            list.push_str(&format!(
+                "\n[[replicas]]\ncertificate = \"replica{i}.pem\"\nreplica = \"{}\"\nclient = \"{}\"\n",
+                r.replica_addr, r.client_addr
+            ));
+        }
+        let k = &options.consensus;
+        for (i, r) in replicas.iter().enumerate() {
+            let text = format!(
+                "# Replica {i} of a local cluster (written by securesmart).\n[node]\n\
+                 certificate = \"replica{i}.pem\"\nkey = \"replica{i}.key\"\nca = \"ca.pem\"\n\
+                 crl = \"crl.pem\"\ndata_dir = \"data/replica{i}\"\nreplica_listen = \"{}\"\nclient_listen = \"{}\"\n\
+                 limits = \"local\"\n\n[consensus]\nmax_batch = {}\nbatch_delay_ms = {}\n\
+                 checkpoint_interval = {}\nwindow = {}\nview_change_timeout_ms = {}\n{list}",
+                r.replica_addr,
+                r.client_addr,
+                k.max_batch,
+                k.batch_delay_ms,
+                k.checkpoint_interval,
+                k.window,
+                k.view_change_timeout_ms
+            );
+            std::fs::write(&r.config, text).map_err(io(r.config.display().to_string()))?;
+        }
+        let mut clients = Vec::new();
+        for j in 0..options.clients {
+            let path = dir.join(format!("client{j}.toml"));
+            let text = format!(
+                "# Client {j} of a local cluster (written by securesmart).\n[client]\n\
+                 certificate = \"client{j}.pem\"\nkey = \"client{j}.key\"\nca = \"ca.pem\"\n\
+                 timeout_ms = {}\nretry_ms = 500\nlimits = \"local\"\n{list}",
+                options.client_timeout_ms
+            );
+            std::fs::write(&path, text).map_err(io(path.display().to_string()))?;
+            clients.push(path);
+        }
+        drop(sockets);
+        Ok(Self {
+            dir: dir.to_owned(),
+            replicas,
+            clients,
+            exe: exe.to_owned(),
+        })
+    }
+
+    /// Starts replica `i` (`securesmart node run`), logging to `logs/replica{i}.log`.
+    ///
+    /// # Errors
+    /// [`ClusterError::Io`] if the process cannot start.
+    pub fn start(&mut self, i: usize, log: &str) -> Result<(), ClusterError> {
+        let Some(r) = self.replicas.get_mut(i) else {
+            return Ok(());
+        };
+        if r.process.is_some() {
+            return Ok(());
+        }
+        let log_path = self.dir.join("logs").join(format!("replica{i}.log"));
+        let log_file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .map_err(io(log_path.display().to_string()))?;
+        let child = Command::new(&self.exe)
+            .args(["node", "run", "--config"])
+            .arg(&r.config)
+            .env("RUST_LOG", log)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log_file)
+            .spawn()
+            .map_err(io(format!("starting {}", self.exe.display())))?;
+        r.process = Some(child);
+        Ok(())
+    }
+
+    /// Kills replica `i` at once (SIGKILL: a crash; nothing is flushed beyond what the journal
+    /// already synced).
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut child) = self.replicas.get_mut(i).and_then(|r| r.process.take()) {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Whether replica `i` is running (it has not exited).
+    pub fn is_running(&mut self, i: usize) -> bool {
+        self.replicas
+            .get_mut(i)
+            .and_then(|r| r.process.as_mut())
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    /// Revokes `certificate` at the trust center and writes a fresh CRL to `crl.pem`; returns
+    /// its path.
+    ///
+    /// # Errors
+    /// [`ClusterError`].
+    pub fn revoke(&self, certificate: &Path) -> Result<PathBuf, ClusterError> {
+        let mut ca = TrustCenter::open(&self.dir.join("ca")).map_err(tc)?;
+        let pem = std::fs::read(certificate).map_err(io(certificate.display().to_string()))?;
+        ca.revoke_certificate(&pem, securesmart_membership::Reason::KeyCompromise)
+            .map_err(tc)?;
+        write_crl(&self.dir, &mut ca)
+    }
+}
+
+/// Writes the trust center's current CRL to `dir/crl.pem` atomically (the nodes watch it).
+fn write_crl(dir: &Path, ca: &mut TrustCenter) -> Result<PathBuf, ClusterError> {
+    let crl = ca.crl(Duration::from_secs(24 * 3600)).map_err(tc)?;
+    let path = dir.join("crl.pem");
+    let tmp = dir.join("crl.pem.tmp");
+    std::fs::write(
+        &tmp,
+        securesmart_transport::pki::pem_encode("X509 CRL", crl.as_ref()),
+    )
+    .map_err(io("crl.pem"))?;
+    std::fs::rename(&tmp, &path).map_err(io("crl.pem"))?;
+    Ok(path)
+}
+
+impl Drop for LocalCluster {
+    fn drop(&mut self) {
+        for i in 0..self.replicas.len() {
+            self.kill(i);
+        }
+    }
+}

@@ -1,0 +1,176 @@
+//! What clients and replicas say to each other on the client plane, and what the node orders.
+//!
+//! - [`ClientRequest`] (client to replica) and [`ClientReply`] (replica to client): version 1,
+//!   integers big-endian, byte strings with a u32 length; the decoder consumes the whole input
+//!   and enforces [`MAX_PAYLOAD_BYTES`]. The client's identity is the authenticated peer of
+//!   the connection (its certificate), never a field of the message.
+//! - [`Ordered`]: the envelope of every request the node hands to the ordering engine, so that
+//!   application requests and the node's own commands share one order. A replica that cannot
+//!   decode an ordered payload (a faulty primary proposed it) refuses it with the same reply
+//!   everywhere.
+
+use bytes::Bytes;
+use securesmart_transport::wire::{Reader, WireError, Writer};
+
+/// Largest request or reply payload.
+pub const MAX_PAYLOAD_BYTES: usize = 512 * 1024;
+const VERSION: u8 = 1;
+
+/// A client's request to a replica.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClientRequest {
+    /// The client's request number: it grows with every new request; a retransmission reuses it.
+    pub number: u64,
+    /// The application operation.
+    pub payload: Bytes,
+}
+
+/// A replica's reply to a client.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClientReply {
+    /// The request number it answers.
+    pub number: u64,
+    /// What it says.
+    pub outcome: Outcome,
+}
+
+/// The body of a [`ClientReply`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// The request executed; the application's reply.
+    Executed(Bytes),
+    /// The replica cannot take the request now (queue full, not a member); retry elsewhere or
+    /// later. Never counted towards the f+1 matching replies.
+    Busy,
+}
+
+impl ClientRequest {
+    /// Encodes the request.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut w = Writer::default();
+        w.u8(VERSION)
+            .raw(&self.number.to_be_bytes())
+            .bytes(&self.payload);
+        w.buf
+    }
+
+    /// Decodes a request.
+    ///
+    /// # Errors
+    /// [`WireError`] saying what is wrong.
+    pub fn decode(buf: &[u8]) -> Result<Self, WireError> {
+        let mut r = Reader::new(buf);
+        r.version(VERSION)?;
+        let number = u64::from_be_bytes(r.array()?);
+        let payload = Bytes::copy_from_slice(r.bytes("payload", MAX_PAYLOAD_BYTES)?);
+        r.finish()?;
+        Ok(Self { number, payload })
+    }
+}
+
+impl ClientReply {
+    /// Encodes the reply.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut w = Writer::default();
+        w.u8(VERSION).raw(&self.number.to_be_bytes());
+        match &self.outcome {
+            Outcome::Executed(result) => {
+                w.u8(1).bytes(result);
+            }
+            Outcome::Busy => {
+                w.u8(2);
+            }
+        }
+        w.buf
+    }
+
+    /// Decodes a reply.
+    ///
+    /// # Errors
+    /// [`WireError`] saying what is wrong.
+    pub fn decode(buf: &[u8]) -> Result<Self, WireError> {
+        let mut r = Reader::new(buf);
+        r.version(VERSION)?;
+        let number = u64::from_be_bytes(r.array()?);
+        let outcome = match r.u8()? {
+            1 => Outcome::Executed(Bytes::copy_from_slice(
+                r.bytes("result", MAX_PAYLOAD_BYTES)?,
+            )),
+            2 => Outcome::Busy,
+            other => {
+                return Err(WireError::Unknown {
+                    what: "reply outcome",
+                    value: other.into(),
+                });
+            }
+        };
+        r.finish()?;
+        Ok(Self { number, outcome })
+    }
+}
+
+/// A request as the node orders it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Ordered {
+    /// An application operation, in the clear.
+    App(Bytes),
+}
+
+impl Ordered {
+    /// Encodes the envelope.
+    pub fn encode(&self) -> Bytes {
+        match self {
+            Ordered::App(payload) => {
+                let mut out = Vec::with_capacity(1 + payload.len());
+                out.push(0);
+                out.extend_from_slice(payload);
+                Bytes::from(out)
+            }
+        }
+    }
+
+    /// Decodes an envelope (zero-copy for the payload).
+    ///
+    /// # Errors
+    /// [`WireError`] for an empty payload or an unknown kind.
+    pub fn decode(buf: &Bytes) -> Result<Self, WireError> {
+        match buf.first() {
+            Some(0) => Ok(Ordered::App(buf.slice(1..))),
+            Some(other) => Err(WireError::Unknown {
+                what: "ordered request kind",
+                value: (*other).into(),
+            }),
+            None => Err(WireError::Unknown {
+                what: "ordered request kind",
+                value: 0,
+            }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_round_trip_and_bad_ones_are_errors() {
+        let req = ClientRequest {
+            number: 7,
+            payload: Bytes::from_static(b"op"),
+        };
+        assert_eq!(ClientRequest::decode(&req.encode()), Ok(req.clone()));
+        let mut trailing = req.encode();
+        trailing.push(0);
+        assert!(ClientRequest::decode(&trailing).is_err());
+        for outcome in [Outcome::Executed(Bytes::from_static(b"r")), Outcome::Busy] {
+            let reply = ClientReply { number: 9, outcome };
+            assert_eq!(ClientReply::decode(&reply.encode()), Ok(reply));
+        }
+        assert!(ClientReply::decode(&[VERSION, 0, 0, 0, 0, 0, 0, 0, 1, 9]).is_err());
+        let app = Ordered::App(Bytes::from_static(b"x"));
+        assert_eq!(Ordered::decode(&app.encode()), Ok(app));
+        assert!(Ordered::decode(&Bytes::new()).is_err());
+        assert!(Ordered::decode(&Bytes::from_static(&[200])).is_err());
+    }
+}

@@ -1,0 +1,380 @@
+//! Multi-process tests on loopback: a trust center enrolls four replicas and some clients over
+//! the network, each replica runs as its own `securesmart node run` process with a journal on
+//! disk, and clients use the client library over the client plane.
+//!
+//! What a user relies on: concurrent clients see linearizable results; the service goes on
+//! with one replica crashed (f = 1) and the crashed one catches up when it restarts; a whole
+//! cluster killed and restarted keeps every acknowledged write; a client whose certificate is
+//! revoked is refused.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use securesmart::client::{Client, ClientError};
+use securesmart::cluster::{LocalCluster, LocalClusterOptions};
+use securesmart::config::{ClientConfig, ConsensusSection};
+use tokio::sync::Mutex;
+
+const EXE: &str = env!("CARGO_BIN_EXE_securesmart");
+
+/// One cluster at a time: four node processes each are plenty for two cores.
+static ONE_AT_A_TIME: Mutex<()> = Mutex::const_new(());
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("securesmart-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+/// A cluster of `n` replica processes, all started.
+async fn cluster(name: &str, clients: usize) -> LocalCluster {
+    let options = LocalClusterOptions {
+        replicas: 4,
+        clients,
+        consensus: ConsensusSection {
+            checkpoint_interval: 16,
+            window: 32,
+            view_change_timeout_ms: 400,
+            ..ConsensusSection::default()
+        },
+        client_timeout_ms: 20_000,
+        log: "info".into(),
+    };
+    let mut c = LocalCluster::create(&scratch(name), Path::new(EXE), &options)
+        .await
+        .unwrap();
+    for i in 0..4 {
+        c.start(i, "info").unwrap();
+    }
+    c
+}
+
+async fn client(c: &LocalCluster, j: usize) -> Client {
+    let config = ClientConfig::load(&c.clients[j]).unwrap();
+    Client::from_config(&config).await.unwrap()
+}
+
+/// Shows the replicas' logs when a test fails.
+fn dump_logs(c: &LocalCluster) {
+    for i in 0..c.replicas.len() {
+        let log = c.dir.join("logs").join(format!("replica{i}.log"));
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let tail: Vec<&str> = text.lines().rev().take(30).collect();
+        eprintln!("--- replica{i} (last lines)");
+        for l in tail.into_iter().rev() {
+            eprintln!("{l}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_writes_and_reads_through_four_replica_processes() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let c = cluster("basic", 1).await;
+    let mut cl = client(&c, 0).await;
+    let result = async {
+        assert_eq!(cl.put("k", "v1").await?, None);
+        assert_eq!(cl.put("k", "v2").await?, Some(Bytes::from("v1")));
+        assert_eq!(cl.get("k").await?, Some(Bytes::from("v2")));
+        assert_eq!(cl.delete("k").await?, Some(Bytes::from("v2")));
+        assert_eq!(cl.get("k").await?, None);
+        Ok::<_, ClientError>(())
+    }
+    .await;
+    if result.is_err() {
+        dump_logs(&c);
+    }
+    result.unwrap();
+    // The CLI does the same from a configuration file.
+    let out = std::process::Command::new(EXE)
+        .args(["client", "--config"])
+        .arg(&c.clients[0])
+        .args(["put", "cli", "works"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = std::process::Command::new(EXE)
+        .args(["client", "--config"])
+        .arg(&c.clients[0])
+        .args(["get", "cli"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "works");
+    cl.close().await;
+}
+
+/// One operation of a history: a put of a unique value (which returns the previous value) or
+/// a get, with its real-time interval.
+#[derive(Clone, Debug)]
+struct Op {
+    key: String,
+    write: Option<String>,
+    result: Option<String>,
+    start: Instant,
+    end: Instant,
+}
+
+/// Checks a history of puts (unique values, each returning the previous value) and gets on
+/// registers for linearizability. The previous values order each key's writes into one chain;
+/// every operation then has a position in it (a write its own, a read the write it saw), and
+/// an operation that ended before another began must not come after it.
+fn check_linearizable(history: &[Op]) -> Result<(), String> {
+    let mut by_key: BTreeMap<&str, Vec<&Op>> = BTreeMap::new();
+    for op in history {
+        by_key.entry(&op.key).or_default().push(op);
+    }
+    for (key, ops) in by_key {
+        let writes: Vec<&&Op> = ops.iter().filter(|o| o.write.is_some()).collect();
+        let mut next: BTreeMap<Option<&str>, &str> = BTreeMap::new();
+        for w in &writes {
+            let value = w.write.as_deref().unwrap();
+            if next.insert(w.result.as_deref(), value).is_some() {
+                return Err(format!("{key}: two writes overwrote {:?}", w.result));
+            }
+        }
+        let mut position: BTreeMap<Option<&str>, usize> = BTreeMap::from([(None, 0)]);
+        let mut at = None;
+        while let Some(v) = next.get(&at) {
+            position.insert(Some(*v), position.len());
+            at = Some(*v);
+        }
+        if position.len() != writes.len() + 1 {
+            return Err(format!("{key}: the writes do not form one chain: {next:?}"));
+        }
+        let pos = |o: &Op| -> Result<usize, String> {
+            let seen = if o.write.is_some() {
+                o.write.as_deref()
+            } else {
+                o.result.as_deref()
+            };
+            position
+                .get(&seen)
+                .copied()
+                .ok_or_else(|| format!("{key}: a read saw {seen:?}, which nobody wrote"))
+        };
+        for a in &ops {
+            for b in &ops {
+                if a.end >= b.start {
+                    continue;
+                }
+                let (pa, pb) = (pos(a)?, pos(b)?);
+                let ok = match (a.write.is_some(), b.write.is_some()) {
+                    (_, true) => pa < pb,
+                    (_, false) => pa <= pb,
+                };
+                if !ok {
+                    return Err(format!(
+                        "{key}: {a:?} ended before {b:?} began but is ordered after it"
+                    ));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn the_checker_catches_a_stale_read() {
+    let t = Instant::now();
+    let ms = |n| t + Duration::from_millis(n);
+    let op = |write: Option<&str>, result: Option<&str>, s, e| Op {
+        key: "k".into(),
+        write: write.map(String::from),
+        result: result.map(String::from),
+        start: ms(s),
+        end: ms(e),
+    };
+    let good = [op(Some("a"), None, 0, 10), op(None, Some("a"), 20, 30)];
+    assert!(check_linearizable(&good).is_ok());
+    let stale = [op(Some("a"), None, 0, 10), op(None, None, 20, 30)];
+    assert!(check_linearizable(&stale).is_err());
+    let lost = [op(Some("a"), None, 0, 10), op(Some("b"), None, 20, 30)];
+    assert!(check_linearizable(&lost).is_err());
+    let concurrent = [op(Some("a"), None, 0, 30), op(None, None, 10, 20)];
+    assert!(check_linearizable(&concurrent).is_ok());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_clients_see_linearizable_results() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let c = cluster("linearizable", 3).await;
+    let history = Arc::new(Mutex::new(Vec::new()));
+    let mut tasks = Vec::new();
+    for j in 0..3 {
+        let mut cl = client(&c, j).await;
+        let history = Arc::clone(&history);
+        tasks.push(tokio::spawn(async move {
+            for i in 0..40u32 {
+                let key = format!("key{}", (i + j as u32) % 2);
+                let start = Instant::now();
+                let (write, result) = if (i + j as u32).is_multiple_of(3) {
+                    (None, cl.get(key.clone()).await)
+                } else {
+                    let value = format!("c{j}-{i}");
+                    (Some(value.clone()), cl.put(key.clone(), value).await)
+                };
+                let result = result.map_err(|e| format!("client {j} op {i}: {e}"))?;
+                history.lock().await.push(Op {
+                    key,
+                    write,
+                    result: result.map(|v| String::from_utf8_lossy(&v).into_owned()),
+                    start,
+                    end: Instant::now(),
+                });
+            }
+            cl.close().await;
+            Ok::<_, String>(())
+        }));
+    }
+    for t in tasks {
+        if let Err(e) = t.await.unwrap() {
+            dump_logs(&c);
+            panic!("{e}");
+        }
+    }
+    let history = history.lock().await;
+    assert_eq!(history.len(), 120);
+    check_linearizable(&history).unwrap();
+}
+
+/// Index of the primary of view 0 (the replica with the smallest node id).
+fn first_primary(c: &LocalCluster) -> usize {
+    (0..c.replicas.len())
+        .min_by_key(|i| c.replicas[*i].id)
+        .unwrap()
+}
+
+async fn write_keys(cl: &mut Client, prefix: &str, n: usize) -> Result<(), String> {
+    for i in 0..n {
+        cl.put(format!("{prefix}{i}"), format!("{prefix}-value-{i}"))
+            .await
+            .map_err(|e| format!("{prefix}{i}: {e}"))?;
+    }
+    Ok(())
+}
+
+async fn read_keys(cl: &mut Client, prefix: &str, n: usize) -> Result<(), String> {
+    for i in 0..n {
+        let got = cl
+            .get(format!("{prefix}{i}"))
+            .await
+            .map_err(|e| e.to_string())?;
+        let want = Bytes::from(format!("{prefix}-value-{i}"));
+        if got.as_ref() != Some(&want) {
+            return Err(format!("{prefix}{i}: {got:?}, want {want:?}"));
+        }
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_service_survives_a_crashed_primary_and_the_restarted_one_catches_up() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let mut c = cluster("crash", 1).await;
+    let mut cl = client(&c, 0).await;
+    let primary = first_primary(&c);
+    let other = (primary + 1) % 4;
+    let result = async {
+        write_keys(&mut cl, "before", 20).await?;
+        // f = 1: the primary crashes, the other three change view and go on.
+        c.kill(primary);
+        write_keys(&mut cl, "during", 40).await?;
+        // It restarts from its journal and catches up ...
+        c.start(primary, "info").map_err(|e| e.to_string())?;
+        write_keys(&mut cl, "after", 40).await?;
+        // ... so that the service still has a quorum when another replica crashes.
+        c.kill(other);
+        write_keys(&mut cl, "last", 20).await?;
+        for prefix in ["before", "during", "after", "last"] {
+            let n = if prefix == "during" || prefix == "after" {
+                40
+            } else {
+                20
+            };
+            read_keys(&mut cl, prefix, n).await?;
+        }
+        Ok::<_, String>(())
+    }
+    .await;
+    if let Err(e) = result {
+        dump_logs(&c);
+        panic!("{e}");
+    }
+    assert!(c.is_running(primary), "the restarted replica is still up");
+    cl.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_whole_cluster_restart_keeps_every_acknowledged_write() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let mut c = cluster("restart", 1).await;
+    let mut cl = client(&c, 0).await;
+    if let Err(e) = write_keys(&mut cl, "acked", 100).await {
+        dump_logs(&c);
+        panic!("{e}");
+    }
+    cl.close().await;
+    // Every replica is killed at once (no clean shutdown), then started again.
+    for i in 0..4 {
+        c.kill(i);
+    }
+    for i in 0..4 {
+        c.start(i, "info").unwrap();
+    }
+    let mut cl = client(&c, 0).await;
+    let result = async {
+        read_keys(&mut cl, "acked", 100).await?;
+        write_keys(&mut cl, "later", 10).await?;
+        read_keys(&mut cl, "later", 10).await
+    }
+    .await;
+    if let Err(e) = result {
+        dump_logs(&c);
+        panic!("{e}");
+    }
+    cl.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_whose_certificate_is_revoked_is_refused() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let c = cluster("revoked", 2).await;
+    let mut victim = client(&c, 0).await;
+    let mut bystander = client(&c, 1).await;
+    victim.put("k", "from the victim").await.unwrap();
+    let config = ClientConfig::load(&c.clients[0]).unwrap();
+    c.revoke(&config.client.certificate).unwrap();
+    // The replicas pick up the new CRL file and close the victim's connections.
+    tokio::time::sleep(securesmart::node::CRL_POLL * 3).await;
+    let short = |mut config: ClientConfig| {
+        config.client.timeout_ms = 1500;
+        config
+    };
+    match Client::from_config(&short(config.clone())).await {
+        Err(ClientError::Unreachable { reached: 0, .. }) => {}
+        other => panic!("a revoked client connected: {other:?}"),
+    }
+    assert!(
+        victim.get("k").await.is_err(),
+        "its old connections are closed"
+    );
+    assert_eq!(
+        bystander.get("k").await.unwrap(),
+        Some(Bytes::from("from the victim"))
+    );
+    bystander.close().await;
+}
