@@ -59,6 +59,8 @@ pub struct LocalReplica {
     pub replica_addr: SocketAddr,
     /// Client-plane address.
     pub client_addr: SocketAddr,
+    /// Prometheus metrics address (HTTP).
+    pub metrics_addr: SocketAddr,
     /// Its certificate file.
     pub certificate: PathBuf,
     process: Option<Child>,
@@ -76,6 +78,9 @@ pub struct LocalCluster {
     pub clients: Vec<PathBuf>,
     /// The `securesmart` executable that runs the nodes.
     pub exe: PathBuf,
+    /// Remove the directory when dropped, unless the thread is panicking (a failed test keeps
+    /// its logs and journals).
+    pub remove_on_drop: bool,
 }
 
 /// Options of [`LocalCluster::create`].
@@ -142,14 +147,14 @@ impl LocalCluster {
                 tokens.push((format!("{kind}{i}"), token));
             }
         }
-        let server = EnrollmentServer::start(
-            ca,
-            "127.0.0.1:0".parse().map_err(tc)?,
-            &[],
-            EnrollLimits::default(),
-        )
-        .await
-        .map_err(tc)?;
+        // Every node enrolls from 127.0.0.1 at once: lift the per-IP rate limit meant for the
+        // internet-facing endpoint.
+        let mut limits = EnrollLimits::default();
+        limits.requests_per_ip_per_sec = 1000;
+        limits.request_burst_per_ip = 1000;
+        let server = EnrollmentServer::start(ca, "127.0.0.1:0".parse().map_err(tc)?, &[], limits)
+            .await
+            .map_err(tc)?;
         let enroll_addr = server.local_addr().map_err(io("enrollment address"))?;
         let mut ids = Vec::new();
         for (name, token) in &tokens {
@@ -169,17 +174,22 @@ impl LocalCluster {
 
         let mut sockets = Vec::new();
         let mut replicas = Vec::new();
+        let mut tcp = Vec::new();
         for (i, id) in ids.iter().take(options.replicas).enumerate() {
             let (r, c) = (free_port()?, free_port()?);
+            let m =
+                std::net::TcpListener::bind("127.0.0.1:0").map_err(io("binding a free port"))?;
             replicas.push(LocalReplica {
                 id: *id,
                 config: dir.join(format!("replica{i}.toml")),
                 replica_addr: port_of(&r)?,
                 client_addr: port_of(&c)?,
+                metrics_addr: m.local_addr().map_err(io("reading a port"))?,
                 certificate: dir.join(format!("replica{i}.pem")),
                 process: None,
             });
             sockets.extend([r, c]);
+            tcp.push(m);
         }
         let mut list = String::new();
         for (i, r) in replicas.iter().enumerate() {
@@ -194,10 +204,11 @@ impl LocalCluster {
                 "# Replica {i} of a local cluster (written by securesmart).\n[node]\n\
                  certificate = \"replica{i}.pem\"\nkey = \"replica{i}.key\"\nca = \"ca.pem\"\n\
                  crl = \"crl.pem\"\ndata_dir = \"data/replica{i}\"\nreplica_listen = \"{}\"\nclient_listen = \"{}\"\n\
-                 limits = \"local\"\n\n[consensus]\nmax_batch = {}\nbatch_delay_ms = {}\n\
+                 metrics_listen = \"{}\"\nlimits = \"local\"\n\n[consensus]\nmax_batch = {}\nbatch_delay_ms = {}\n\
                  checkpoint_interval = {}\nwindow = {}\nview_change_timeout_ms = {}\n{list}",
                 r.replica_addr,
                 r.client_addr,
+                r.metrics_addr,
                 k.max_batch,
                 k.batch_delay_ms,
                 k.checkpoint_interval,
@@ -219,11 +230,13 @@ impl LocalCluster {
             clients.push(path);
         }
         drop(sockets);
+        drop(tcp);
         Ok(Self {
             dir: dir.to_owned(),
             replicas,
             clients,
             exe: exe.to_owned(),
+            remove_on_drop: false,
         })
     }
 
@@ -302,10 +315,49 @@ fn write_crl(dir: &Path, ca: &mut TrustCenter) -> Result<PathBuf, ClusterError> 
     Ok(path)
 }
 
+/// Fetches a node's Prometheus metrics (plain HTTP GET on `addr`).
+///
+/// # Errors
+/// [`ClusterError::Io`] when the endpoint does not answer within two seconds.
+pub fn scrape(addr: SocketAddr) -> Result<String, ClusterError> {
+    use std::io::{Read, Write};
+    let what = || format!("metrics at {addr}");
+    let timeout = Duration::from_secs(2);
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, timeout).map_err(io(what()))?;
+    stream.set_read_timeout(Some(timeout)).map_err(io(what()))?;
+    stream
+        .write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        .map_err(io(what()))?;
+    let mut body = String::new();
+    stream
+        .take(16 * 1024 * 1024)
+        .read_to_string(&mut body)
+        .map_err(io(what()))?;
+    Ok(body)
+}
+
+/// The sum of the samples of metric `name` whose labels contain every one of `labels`
+/// (`key="value"` strings), in Prometheus text `body`.
+pub fn metric_sum(body: &str, name: &str, labels: &[&str]) -> f64 {
+    body.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let (metric, rest) = series.split_once('{').unwrap_or((series, ""));
+            (metric == name && labels.iter().all(|want| rest.contains(want)))
+                .then(|| value.parse::<f64>().ok())
+                .flatten()
+        })
+        .sum()
+}
+
 impl Drop for LocalCluster {
     fn drop(&mut self) {
         for i in 0..self.replicas.len() {
             self.kill(i);
+        }
+        if self.remove_on_drop && !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.dir);
         }
     }
 }

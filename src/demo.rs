@@ -1,13 +1,16 @@
-//! `securesmart demo`: a local secure cluster on loopback under load.
+//! `securesmart demo`: a local secure cluster on loopback under load, with no set-up files.
 //!
-//! Until the ordering layer lands, the demo exercises the secure transport the cluster runs on:
-//! a development CA issues identities, `replicas` replica planes form a mutually authenticated
-//! QUIC mesh and exchange consensus-class traffic, a client sends requests over the client plane
-//! and accepts a result when f+1 replicas return matching replies, an intruder with a foreign
-//! certificate is refused, and one replica is revoked by a CRL update mid-run. It ends with a
-//! summary and fails (non-zero exit) if any check does not hold.
+//! What it runs, in a fresh temporary directory: a trust center (CA) that enrolls four
+//! replicas and the clients over the network with one-time tokens; four `securesmart node run`
+//! processes (this executable), each with its journal on disk and a Prometheus endpoint;
+//! closed-loop clients putting and getting keys through the client plane, each result accepted
+//! on f+1 matching replies. During the load it crashes the primary (SIGKILL) and restarts it
+//! from its journal, lets a client with a certificate from a foreign CA try to connect, and
+//! revokes one client's certificate (the replicas reload the CRL and cut it off). It ends with a
+//! summary (ops/s, latency p50/p99, crashes, refusals read from the replicas' metrics) and reads
+//! back every acknowledged write; any check that fails makes the exit code non-zero.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::io::IsTerminal;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
@@ -15,29 +18,35 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use securesmart_transport::pki::DevCa;
-use securesmart_transport::{
-    Class, Identity, Inbox, Limits, Plane, PlaneConfig, Refusal, Role, TrustConfig,
-};
+use securesmart_transport::{Limits, Role};
+use tokio::sync::Mutex;
+
+use crate::client::{Client, ClientError, ClientOptions};
+use crate::cluster::{LocalCluster, LocalClusterOptions, metric_sum, scrape};
+use crate::config::{ClientConfig, ConsensusSection, load_trust};
 
 /// Options of the demo.
 #[derive(Clone, Debug, clap::Args)]
 pub struct DemoArgs {
-    /// Replicas in the mesh (n = 3f + 1; at least 4).
-    #[arg(long, default_value_t = 4)]
-    pub replicas: usize,
     /// Seconds of load.
-    #[arg(long, default_value_t = 6)]
+    #[arg(long, default_value_t = 10)]
     pub seconds: u64,
-    /// Payload size of replica messages and client requests, in bytes.
+    /// Concurrent clients (each with its own certificate).
+    #[arg(long, default_value_t = 16)]
+    pub clients: usize,
+    /// Value size of the writes, in bytes.
     #[arg(long, default_value_t = 64)]
     pub payload: usize,
+    /// Keep the cluster directory (certificates, configurations, journals, logs) afterwards.
+    #[arg(long)]
+    pub keep: bool,
 }
 
 /// What went wrong in a demo run.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum DemoError {
-    /// Setting up a plane or certificate failed.
+    /// Setting up the cluster failed.
     #[error("setup: {0}")]
     Setup(String),
     /// A check of the run did not hold.
@@ -49,10 +58,15 @@ fn setup<E: std::fmt::Display>(e: E) -> DemoError {
     DemoError::Setup(e.to_string())
 }
 
-struct Replica {
-    identity: Identity,
-    plane: Plane,
-    clients: Plane,
+/// What the load produced.
+#[derive(Default)]
+struct Load {
+    latencies: Vec<Duration>,
+    /// The last acknowledged value of each key (keys are per client, so this is the truth).
+    acked: BTreeMap<String, Bytes>,
+    /// Keys whose last write has an unknown outcome (it timed out).
+    uncertain: Vec<String>,
+    errors: u64,
 }
 
 /// Runs the demo.
@@ -60,325 +74,338 @@ struct Replica {
 /// # Errors
 /// [`DemoError`] when set-up fails or a check does not hold.
 pub async fn run(args: DemoArgs) -> Result<(), DemoError> {
-    if args.replicas < 4 {
-        return Err(DemoError::Setup(
-            "need at least 4 replicas (n = 3f + 1)".into(),
-        ));
-    }
-    let f = (args.replicas - 1) / 3;
-    let local = "127.0.0.1:0".parse().map_err(setup)?;
-    let mut ca = DevCa::new("securesmart demo CA").map_err(setup)?;
-    println!(
-        "SecureSMART-rs demo: {} replicas (f = {f}) on 127.0.0.1, TLS 1.3 mutual auth over QUIC",
-        args.replicas
-    );
-
-    // Replicas: a replica plane and a client plane each.
-    let mut replicas = Vec::new();
-    let mut inboxes = Vec::new();
-    for i in 0..args.replicas {
-        let identity = ca
-            .issue_role(&format!("replica{i}"), Role::Replica)
-            .map_err(setup)?;
-        let trust = TrustConfig::new(ca.certificate());
-        let cfg = PlaneConfig::new(identity.clone(), local, trust).with_limits(Limits::local());
-        let (plane, inbox) = Plane::replica(cfg.clone()).await.map_err(setup)?;
-        let (clients, client_inbox) = Plane::client_listener(cfg).await.map_err(setup)?;
-        replicas.push(Replica {
-            identity,
-            plane,
-            clients,
-        });
-        inboxes.push((inbox, client_inbox));
-    }
-    let mut trust = TrustConfig::new(ca.certificate());
-    let mut client_addrs = TrustConfig::new(ca.certificate());
-    for r in &replicas {
-        trust
-            .peers
-            .insert(r.identity.id(), r.plane.local_addr().map_err(setup)?);
-        client_addrs
-            .peers
-            .insert(r.identity.id(), r.clients.local_addr().map_err(setup)?);
-    }
-    for r in &replicas {
-        r.plane.update_trust(trust.clone()).map_err(setup)?;
-    }
-    let started = Instant::now();
-    for r in &replicas {
-        if !r
-            .plane
-            .wait_connected(args.replicas - 1, Duration::from_secs(10))
-            .await
-        {
-            return Err(DemoError::Check("the replica mesh did not form".into()));
-        }
-    }
-    println!(
-        "mesh formed: {} authenticated connections in {:?}",
-        args.replicas * (args.replicas - 1) / 2,
-        started.elapsed()
-    );
-
-    // Each replica echoes client requests and counts replica traffic.
-    let received = Arc::new(AtomicU64::new(0));
-    let stop = Arc::new(AtomicBool::new(false));
-    let mut tasks = Vec::new();
-    for (r, (inbox, client_inbox)) in replicas.iter().zip(inboxes) {
-        tasks.push(tokio::spawn(count_inbox(inbox, Arc::clone(&received))));
-        tasks.push(tokio::spawn(echo(r.clients.clone(), client_inbox)));
-    }
-
-    // A client on the client plane.
-    let client_id = ca.issue_role("client0", Role::Client).map_err(setup)?;
-    let (client, client_inbox) = Plane::client(
-        PlaneConfig::new(client_id, local, client_addrs).with_limits(Limits::local()),
-    )
-    .await
-    .map_err(setup)?;
-    if !client
-        .wait_connected(args.replicas, Duration::from_secs(10))
+    let exe = std::env::current_exe().map_err(setup)?;
+    let dir = std::env::temp_dir().join(format!("securesmart-demo-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let clients = args.clients.max(2);
+    let options = LocalClusterOptions {
+        replicas: 4,
+        clients: clients + 1,
+        consensus: ConsensusSection {
+            batch_delay_ms: 0,
+            ..ConsensusSection::default()
+        },
+        client_timeout_ms: 3_000,
+        log: "warn".into(),
+    };
+    println!("SecureSMART-rs demo: 4 replicas (f = 1) on 127.0.0.1, {clients} clients");
+    let t0 = Instant::now();
+    let mut cluster = LocalCluster::create(&dir, &exe, &options)
         .await
-    {
-        return Err(DemoError::Check(
-            "the client could not reach every replica".into(),
-        ));
+        .map_err(setup)?;
+    println!(
+        "trust center: CA created, {} nodes enrolled over QUIC with one-time tokens ({:?})",
+        4 + clients + 1,
+        t0.elapsed()
+    );
+    for i in 0..4 {
+        cluster.start(i, &options.log).map_err(setup)?;
+    }
+    let cluster = Arc::new(std::sync::Mutex::new(cluster));
+    let result = drive(&cluster, &args, clients).await;
+    drop(cluster);
+    if args.keep {
+        println!("cluster directory kept: {}", dir.display());
+    } else {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    result
+}
+
+async fn drive(
+    cluster: &Arc<std::sync::Mutex<LocalCluster>>,
+    args: &DemoArgs,
+    clients: usize,
+) -> Result<(), DemoError> {
+    let (client_files, dir, replicas) = {
+        let c = cluster.lock().map_err(|_| setup("cluster lock poisoned"))?;
+        let replicas: Vec<_> = c.replicas.iter().map(|r| (r.id, r.metrics_addr)).collect();
+        (c.clients.clone(), c.dir.clone(), replicas)
+    };
+    let mut handles = Vec::new();
+    for file in client_files.iter().take(clients) {
+        let config = ClientConfig::load(file).map_err(setup)?;
+        handles.push(Client::from_config(&config).await.map_err(setup)?);
+    }
+    println!(
+        "4 replica processes up (journals in {}); clients connected over mutual TLS",
+        dir.join("data").display()
+    );
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicU64::new(0));
+    let load = Arc::new(Mutex::new(Load::default()));
+    let value = Bytes::from(vec![b'v'; args.payload.max(1)]);
+    let mut tasks = Vec::new();
+    for (j, client) in handles.into_iter().enumerate() {
+        tasks.push(tokio::spawn(client_loop(
+            j,
+            client,
+            value.clone(),
+            Arc::clone(&stop),
+            Arc::clone(&done),
+            Arc::clone(&load),
+        )));
     }
 
-    // Load: every replica streams consensus-class messages to every other.
-    let payload = Bytes::from(vec![0x5a; args.payload]);
-    for r in &replicas {
-        let plane = r.plane.clone();
-        let (stop, payload) = (Arc::clone(&stop), payload.clone());
-        tasks.push(tokio::spawn(async move {
-            let mut peers = plane.connected_peers();
-            let mut round: u64 = 0;
-            while !stop.load(Relaxed) {
-                round += 1;
-                if round.is_multiple_of(256) {
-                    // Follow the live peer set (a revoked peer drops out).
-                    peers = plane.connected_peers();
-                }
-                if peers.is_empty() {
-                    // Cut off (or not yet connected): wait instead of spinning.
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                    peers = plane.connected_peers();
-                }
-                for p in &peers {
-                    let send = plane.send(*p, Class::Consensus, payload.clone());
-                    let _ = tokio::time::timeout(Duration::from_millis(100), send).await;
-                }
-            }
-        }));
-    }
-    let latencies = tokio::spawn(client_load(
-        client.clone(),
-        client_inbox,
-        f + 1,
-        args.payload,
-        Arc::clone(&stop),
+    // The scripted events, at fractions of the run, in their own task (the progress display
+    // and the load do not wait for them).
+    let duration = Duration::from_secs(args.seconds.max(3));
+    let primary = (0..replicas.len())
+        .min_by_key(|i| replicas.get(*i).map(|r| r.0))
+        .unwrap_or(0);
+    let progress = Arc::new(Progress::new(duration));
+    let start = Instant::now();
+    let events = tokio::spawn(script(
+        Arc::clone(cluster),
+        Arc::clone(&progress),
+        start,
+        duration,
+        primary,
+        clients,
     ));
-
-    // Mid-run security events: an intruder from another CA, then a revocation.
-    let duration = Duration::from_secs(args.seconds.max(2));
-    let load_start = Instant::now();
-    let revoke_at = duration / 2;
-    let mut revoked = None;
-    let mut intruder = None;
-    let progress = Progress::new(args.seconds.max(2));
-    let mut last = 0;
-    while load_start.elapsed() < duration {
+    let mut last = (0, Instant::now());
+    while start.elapsed() < duration {
         tokio::time::sleep(Duration::from_millis(250)).await;
-        let elapsed = load_start.elapsed();
-        if intruder.is_none() && elapsed >= duration / 4 {
-            intruder = Some(start_intruder(&replicas, ca.certificate(), local).await?);
-        }
-        if revoked.is_none() && elapsed >= revoke_at {
-            let victim = replicas
-                .last()
-                .ok_or_else(|| DemoError::Check("no replicas".into()))?;
-            let leaf = victim
-                .identity
-                .chain()
-                .first()
-                .cloned()
-                .ok_or_else(|| setup("empty chain"))?;
-            let mut t = trust.clone();
-            t.crls = vec![ca.crl(&[&leaf]).map_err(setup)?];
-            let mut closed = 0;
-            for r in &replicas {
-                closed += r.plane.update_trust(t.clone()).map_err(setup)?;
-            }
-            progress.note(&format!(
-                "revoked {} by CRL update: {closed} live connections closed",
-                victim.identity.id()
-            ));
-            revoked = Some(victim.identity.id());
-        }
-        let total = received.load(Relaxed);
-        progress.tick(elapsed, total - last);
-        last = total;
+        let total = done.load(Relaxed);
+        let rate = (total - last.0) as f64 / last.1.elapsed().as_secs_f64().max(1e-3);
+        progress.tick(start.elapsed(), rate);
+        last = (total, Instant::now());
     }
     stop.store(true, Relaxed);
+    let load_secs = start.elapsed().as_secs_f64();
+    let (intruder, revoked) = events.await.map_err(setup)??;
     progress.finish();
-    let load_secs = load_start.elapsed().as_secs_f64();
-    let mut lat = latencies.await.map_err(setup)?;
+    for t in tasks {
+        let _ = tokio::time::timeout(Duration::from_secs(10), t).await;
+    }
+    let mut load = std::mem::take(&mut *load.lock().await);
 
-    // Checks and summary.
-    let revoked = revoked.ok_or_else(|| DemoError::Check("revocation did not run".into()))?;
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let mut refusals: HashMap<Refusal, u64> = HashMap::new();
-    let mut drops = 0;
-    for r in &replicas {
-        let s = r.plane.stats();
-        for reason in Refusal::ALL {
-            *refusals.entry(reason).or_default() += s.refused(reason);
+    // Read back every acknowledged write, through the order, with a fresh client.
+    let reader_config = ClientConfig::load(client_files.first().ok_or_else(|| setup("no client"))?)
+        .map_err(setup)?;
+    let mut reader = Client::from_config(&reader_config).await.map_err(setup)?;
+    let mut missing = Vec::new();
+    for (key, want) in &load.acked {
+        if load.uncertain.contains(key) {
+            continue;
         }
-        drops += securesmart_transport::DropReason::ALL
-            .iter()
-            .map(|d| s.dropped(*d))
-            .sum::<u64>();
-    }
-    for r in replicas.iter().filter(|r| r.identity.id() != revoked) {
-        if r.plane.connected_peers().contains(&revoked) {
-            return Err(DemoError::Check(
-                "a replica still talks to the revoked one".into(),
-            ));
+        match reader.get(key.clone()).await {
+            Ok(Some(v)) if v == *want => {}
+            other => missing.push(format!("{key}: {other:?}")),
         }
     }
-    lat.sort_unstable();
+    reader.close().await;
+
+    // What the replicas' metrics say.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut refusals: BTreeMap<String, f64> = BTreeMap::new();
+    let mut executed = Vec::new();
+    for (_, metrics_addr) in &replicas {
+        let body = scrape(*metrics_addr).map_err(setup)?;
+        for reason in ["unknown_ca", "revoked", "bad_certificate", "not_admitted"] {
+            let n = metric_sum(
+                &body,
+                "securesmart_transport_handshakes_refused_total",
+                &[&format!("reason=\"{reason}\"")],
+            );
+            *refusals.entry(reason.into()).or_default() += n;
+        }
+        executed.push(metric_sum(&body, "securesmart_consensus_executed_seq", &[]) as u64);
+    }
+
+    load.latencies.sort_unstable();
     let pct = |p: f64| -> Duration {
+        let lat = &load.latencies;
         lat.get(((lat.len() as f64 - 1.0) * p).round() as usize)
             .copied()
             .unwrap_or_default()
     };
-    let total = received.load(Relaxed);
+    let ops = load.latencies.len();
     println!("\n== summary ==");
     println!(
-        "replica traffic : {total} messages of {} B, {:.0} msg/s, {:.1} MB/s",
-        args.payload,
-        total as f64 / load_secs,
-        (total as usize * args.payload) as f64 / load_secs / 1e6
+        "operations  : {ops} acknowledged (each on f+1 = 2 matching replies), {:.0} ops/s, {} failed or timed out",
+        ops as f64 / load_secs,
+        load.errors
+    );
+    println!("latency     : p50 {:?}, p99 {:?}", pct(0.5), pct(0.99));
+    println!(
+        "crashes     : 1 (replica {primary}, the primary), restarted from its journal; batches executed per replica {executed:?}"
     );
     println!(
-        "client requests : {} accepted with f+1 = {} matching replies, {:.0} ops/s",
-        lat.len(),
-        f + 1,
-        lat.len() as f64 / load_secs
-    );
-    println!("client latency  : p50 {:?}, p99 {:?}", pct(0.5), pct(0.99));
-    let mut shown: Vec<(Refusal, u64)> = refusals.into_iter().filter(|(_, n)| *n > 0).collect();
-    shown.sort_by_key(|(r, _)| r.as_str());
-    println!(
-        "refusals        : {}",
-        shown
+        "refusals    : {}",
+        refusals
             .iter()
+            .filter(|(_, n)| **n > 0.0)
             .map(|(r, n)| format!("{r}={n}"))
             .collect::<Vec<_>>()
             .join(", ")
     );
-    println!("drops           : {drops}");
-    let unknown_ca = shown.iter().any(|(r, _)| *r == Refusal::UnknownCa);
-    let revoked_refused = shown.iter().any(|(r, _)| *r == Refusal::Revoked);
-    if lat.is_empty() || total == 0 {
-        return Err(DemoError::Check("no traffic went through".into()));
-    }
-    if !unknown_ca || !revoked_refused {
-        return Err(DemoError::Check(
-            "the intruder or the revoked replica was not refused".into(),
-        ));
-    }
-    drop(intruder);
-    client.shutdown().await;
-    for r in &replicas {
-        r.clients.shutdown().await;
-        r.plane.shutdown().await;
-    }
-    for t in tasks {
-        t.abort();
-    }
     println!(
-        "ok: intruder refused, revoked replica cut off, honest replicas kept agreeing traffic"
+        "read-back   : {} acknowledged writes read through the order, {} missing",
+        load.acked.len() - load.uncertain.len(),
+        missing.len()
     );
+    println!(
+        "not yet     : joining a fifth replica, removing one, group-key rotation (issue 6 goes on)"
+    );
+
+    let behind = executed
+        .iter()
+        .max()
+        .copied()
+        .unwrap_or(0)
+        .saturating_sub(executed.get(primary).copied().unwrap_or(0));
+    let checks = [
+        (ops > 0, "no operation was acknowledged".to_string()),
+        (
+            missing.is_empty(),
+            format!("acknowledged writes missing: {missing:?}"),
+        ),
+        (intruder, "the foreign-CA client was admitted".into()),
+        (revoked, "the revoked client was still admitted".into()),
+        (
+            behind <= 2 * ConsensusSection::default().window,
+            format!("the restarted replica did not catch up: executed {executed:?}"),
+        ),
+    ];
+    for (ok, why) in checks {
+        if !ok {
+            return Err(DemoError::Check(why));
+        }
+    }
+    println!("ok: every check held");
     Ok(())
 }
 
-async fn count_inbox(mut inbox: Inbox, received: Arc<AtomicU64>) {
-    while inbox.recv().await.is_some() {
-        received.fetch_add(1, Relaxed);
-    }
+/// Crashes and restarts the primary, sends an intruder, revokes a client; returns whether
+/// the intruder and the revoked client were refused.
+async fn script(
+    cluster: Arc<std::sync::Mutex<LocalCluster>>,
+    progress: Arc<Progress>,
+    start: Instant,
+    duration: Duration,
+    primary: usize,
+    clients: usize,
+) -> Result<(bool, bool), DemoError> {
+    let at = |fraction: f64| start + duration.mul_f64(fraction);
+    let lock = || cluster.lock().map_err(|_| setup("cluster lock poisoned"));
+    let note = |what: &str| {
+        progress.note(&format!("{:>5.1}s  {what}", start.elapsed().as_secs_f64()));
+    };
+    tokio::time::sleep_until(at(0.25).into()).await;
+    lock()?.kill(primary);
+    note(&format!(
+        "crashed replica {primary} (the primary) with SIGKILL"
+    ));
+    tokio::time::sleep_until(at(0.35).into()).await;
+    let (ca, replicas, victim) = {
+        let c = lock()?;
+        let replicas: BTreeMap<_, _> = c.replicas.iter().map(|r| (r.id, r.client_addr)).collect();
+        let victim = c
+            .clients
+            .get(clients)
+            .cloned()
+            .ok_or_else(|| setup("no spare client"))?;
+        (c.dir.join("ca.pem"), replicas, victim)
+    };
+    let intruder = {
+        let progress = Arc::clone(&progress);
+        tokio::spawn(async move {
+            let refused = try_intruder(&ca, replicas).await?;
+            progress.note(&format!(
+                "{:>5.1}s  a client with a foreign CA's certificate tried every replica: {}",
+                start.elapsed().as_secs_f64(),
+                if refused { "refused" } else { "ADMITTED" }
+            ));
+            Ok::<_, DemoError>(refused)
+        })
+    };
+    tokio::time::sleep_until(at(0.5).into()).await;
+    lock()?.start(primary, "warn").map_err(setup)?;
+    note(&format!("restarted replica {primary} from its journal"));
+    tokio::time::sleep_until(at(0.6).into()).await;
+    let mut config = ClientConfig::load(&victim).map_err(setup)?;
+    lock()?.revoke(&config.client.certificate).map_err(setup)?;
+    note("revoked a client's certificate at the trust center; CRL file rewritten");
+    tokio::time::sleep(crate::node::CRL_POLL * 2).await;
+    config.client.timeout_ms = 800;
+    let revoked = matches!(
+        Client::from_config(&config).await,
+        Err(ClientError::Unreachable { reached: 0, .. })
+    );
+    note(&format!(
+        "the revoked client tried every replica: {}",
+        if revoked { "refused" } else { "ADMITTED" }
+    ));
+    let intruder = intruder.await.map_err(setup)??;
+    Ok((intruder, revoked))
 }
 
-async fn echo(plane: Plane, mut inbox: Inbox) {
-    while let Some(m) = inbox.recv().await {
-        let _ = plane.try_send(m.from, Class::Consensus, m.payload);
-    }
-}
-
-/// Closed-loop client: one request at a time to all replicas, accepted on f+1 matching replies.
-async fn client_load(
-    client: Plane,
-    mut inbox: Inbox,
-    quorum: usize,
-    size: usize,
+/// One closed-loop client: puts to its own keys (so the last acknowledged value is known), a
+/// get every fourth operation.
+async fn client_loop(
+    j: usize,
+    mut client: Client,
+    value: Bytes,
     stop: Arc<AtomicBool>,
-) -> Vec<Duration> {
-    let mut latencies = Vec::new();
-    let mut seq: u64 = 0;
+    done: Arc<AtomicU64>,
+    load: Arc<Mutex<Load>>,
+) {
+    let mut i: u64 = 0;
     while !stop.load(Relaxed) {
-        seq += 1;
-        let mut req = seq.to_be_bytes().to_vec();
-        req.resize(size.max(8), 0);
-        let req = Bytes::from(req);
-        let t0 = Instant::now();
-        client.broadcast(Class::Consensus, &req);
-        let mut matching = 0;
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
-        while matching < quorum {
-            match tokio::time::timeout_at(deadline, inbox.recv()).await {
-                Ok(Some(m)) if m.payload == req => matching += 1,
-                Ok(Some(_)) => {}
-                _ => break,
+        i += 1;
+        let key = format!("client{j}/key{}", i % 64);
+        let t = Instant::now();
+        let write = !i.is_multiple_of(4);
+        let mut v = value.to_vec();
+        v.extend_from_slice(format!("-{i}").as_bytes());
+        let v = Bytes::from(v);
+        let result = if write {
+            client.put(key.clone(), v.clone()).await
+        } else {
+            client.get(key.clone()).await
+        };
+        let elapsed = t.elapsed();
+        let mut l = load.lock().await;
+        match result {
+            Ok(_) => {
+                l.latencies.push(elapsed);
+                if write {
+                    l.acked.insert(key.clone(), v);
+                    l.uncertain.retain(|k| *k != key);
+                }
+                done.fetch_add(1, Relaxed);
             }
-        }
-        if matching >= quorum {
-            latencies.push(t0.elapsed());
+            Err(ClientError::Timeout { .. }) if write => {
+                l.errors += 1;
+                l.uncertain.push(key);
+            }
+            Err(_) => l.errors += 1,
         }
     }
-    latencies
+    client.close().await;
 }
 
-/// A replica with a certificate from another CA that tries to join every replica.
-async fn start_intruder(
-    replicas: &[Replica],
-    ca_cert: rustls::pki_types::CertificateDer<'static>,
-    local: std::net::SocketAddr,
-) -> Result<Plane, DemoError> {
-    let rogue_ca = DevCa::new("rogue CA").map_err(setup)?;
-    let rogue = rogue_ca
-        .issue_role("intruder", Role::Replica)
+/// A client whose certificate comes from another CA tries every replica; `true` if refused.
+async fn try_intruder(
+    ca: &std::path::Path,
+    replicas: BTreeMap<securesmart_transport::NodeId, std::net::SocketAddr>,
+) -> Result<bool, DemoError> {
+    let rogue = DevCa::new("rogue CA")
+        .and_then(|ca| ca.issue_role("intruder", Role::Client))
         .map_err(setup)?;
-    // It knows the cluster's CA certificate (public), but its own was issued by a rogue CA.
-    let mut trust = TrustConfig::new(ca_cert);
-    for r in replicas {
-        trust
-            .peers
-            .insert(r.identity.id(), r.plane.local_addr().map_err(setup)?);
-    }
-    let rogue_id = rogue.id();
-    let (plane, _inbox) =
-        Plane::replica(PlaneConfig::new(rogue, local, trust).with_limits(Limits::local()))
-            .await
-            .map_err(setup)?;
-    // The replicas are told the intruder's address (as if it had been proposed as a peer), so
-    // whichever side dials, a replica checks the intruder's certificate and refuses it.
-    let addr = plane.local_addr().map_err(setup)?;
-    for r in replicas {
-        let mut t = r.plane.trust();
-        t.peers.insert(rogue_id, addr);
-        r.plane.update_trust(t).map_err(setup)?;
-    }
-    Ok(plane)
+    // It knows the cluster's CA certificate (public), but its own comes from a rogue CA.
+    let trust = load_trust(ca, None).map_err(setup)?;
+    let options = ClientOptions {
+        timeout: Duration::from_millis(800),
+        retry: Duration::from_millis(200),
+        limits: Limits::local(),
+    };
+    Ok(matches!(
+        Client::connect(rogue, trust, replicas, options).await,
+        Err(ClientError::Unreachable { reached: 0, .. })
+    ))
 }
 
 struct Progress {
@@ -386,9 +413,9 @@ struct Progress {
 }
 
 impl Progress {
-    fn new(seconds: u64) -> Self {
+    fn new(duration: Duration) -> Self {
         let bar = std::io::stderr().is_terminal().then(|| {
-            let bar = indicatif::ProgressBar::new(seconds * 1000);
+            let bar = indicatif::ProgressBar::new(duration.as_millis() as u64);
             bar.set_style(
                 indicatif::ProgressStyle::with_template("{bar:30} {elapsed} {msg}")
                     .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
@@ -398,16 +425,15 @@ impl Progress {
         Self { bar }
     }
 
-    fn tick(&self, elapsed: Duration, delta: u64) {
-        let rate = delta as f64 * 4.0;
+    fn tick(&self, elapsed: Duration, rate: f64) {
         match &self.bar {
             Some(bar) => {
                 bar.set_position(elapsed.as_millis() as u64);
-                bar.set_message(format!("{rate:.0} msg/s"));
+                bar.set_message(format!("{rate:.0} ops/s"));
             }
             None => {
                 if elapsed.as_millis() % 1000 < 250 {
-                    println!("  {:>4.1}s  {rate:>9.0} msg/s", elapsed.as_secs_f64());
+                    println!("  {:>5.1}s  {rate:>9.0} ops/s", elapsed.as_secs_f64());
                 }
             }
         }

@@ -291,7 +291,8 @@ pub const CRL_POLL: Duration = Duration::from_secs(1);
 /// logged and counted.
 async fn watch_crl(path: std::path::PathBuf, planes: [Plane; 2]) {
     let modified = |p: &std::path::Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
-    let mut seen = modified(&path);
+    // The first look always reloads: the file may have changed since the node read it.
+    let mut seen = None;
     let mut tick = tokio::time::interval(CRL_POLL);
     loop {
         tick.tick().await;

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use securesmart::client::{Client, ClientError};
-use securesmart::cluster::{LocalCluster, LocalClusterOptions};
+use securesmart::cluster::{LocalCluster, LocalClusterOptions, metric_sum, scrape};
 use securesmart::config::{ClientConfig, ConsensusSection};
 use tokio::sync::Mutex;
 
@@ -48,10 +48,16 @@ async fn cluster(name: &str, clients: usize) -> LocalCluster {
     let mut c = LocalCluster::create(&scratch(name), Path::new(EXE), &options)
         .await
         .unwrap();
+    c.remove_on_drop = true;
     for i in 0..4 {
-        c.start(i, "info").unwrap();
+        c.start(i, &log_filter()).unwrap();
     }
     c
+}
+
+/// The node processes' log filter (`SECURESMART_TEST_LOG`, default `info`).
+fn log_filter() -> String {
+    std::env::var("SECURESMART_TEST_LOG").unwrap_or_else(|_| "info".into())
 }
 
 async fn client(c: &LocalCluster, j: usize) -> Client {
@@ -115,6 +121,30 @@ async fn a_client_writes_and_reads_through_four_replica_processes() {
     );
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "works");
     cl.close().await;
+    // Each replica serves Prometheus metrics: how far it executed (a replica may trail the f+1
+    // that answered for a moment) and the handshakes it accepted.
+    for r in &c.replicas {
+        let mut body = scrape(r.metrics_addr).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while metric_sum(&body, "securesmart_consensus_executed_seq", &[]) < 1.0
+            && Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            body = scrape(r.metrics_addr).unwrap();
+        }
+        assert!(
+            metric_sum(&body, "securesmart_consensus_executed_seq", &[]) >= 1.0,
+            "{body}"
+        );
+        assert!(
+            metric_sum(
+                &body,
+                "securesmart_transport_handshakes_total",
+                &["outcome=\"accepted\""]
+            ) >= 1.0,
+            "{body}"
+        );
+    }
 }
 
 /// One operation of a history: a put of a unique value (which returns the previous value) or
@@ -294,7 +324,7 @@ async fn the_service_survives_a_crashed_primary_and_the_restarted_one_catches_up
         c.kill(primary);
         write_keys(&mut cl, "during", 40).await?;
         // It restarts from its journal and catches up ...
-        c.start(primary, "info").map_err(|e| e.to_string())?;
+        c.start(primary, &log_filter()).map_err(|e| e.to_string())?;
         write_keys(&mut cl, "after", 40).await?;
         // ... so that the service still has a quorum when another replica crashes.
         c.kill(other);
@@ -333,7 +363,7 @@ async fn a_whole_cluster_restart_keeps_every_acknowledged_write() {
         c.kill(i);
     }
     for i in 0..4 {
-        c.start(i, "info").unwrap();
+        c.start(i, &log_filter()).unwrap();
     }
     let mut cl = client(&c, 0).await;
     let result = async {

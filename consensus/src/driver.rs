@@ -110,6 +110,8 @@ impl Pbft {
                 events: events_tx,
                 journal,
                 unsynced: false,
+                seen_view: (0, true),
+                last_summary: Instant::now(),
             }
             .run(requests_rx, control_rx),
         );
@@ -184,6 +186,8 @@ struct Driver<N> {
     events: mpsc::Sender<Event>,
     journal: Option<Box<dyn Journal>>,
     unsynced: bool,
+    seen_view: (u64, bool),
+    last_summary: Instant,
 }
 
 /// Messages verified together at most.
@@ -264,9 +268,28 @@ impl<N: Network> Driver<N> {
                     self.replica.handle_tick(now);
                 }
             }
+            self.watch();
             if !self.flush().await {
                 break;
             }
+        }
+    }
+
+    /// Logs view changes as they start, and the core's state now and then at debug level.
+    fn watch(&mut self) {
+        let (view, active) = (self.replica.view(), self.replica.is_active());
+        if (view, active) != self.seen_view {
+            if !active {
+                metrics::counter!("securesmart_consensus_view_changes_total").increment(1);
+                tracing::info!(view, "changing view");
+            }
+            self.seen_view = (view, active);
+        }
+        if tracing::enabled!(tracing::Level::DEBUG)
+            && self.last_summary.elapsed() >= Duration::from_secs(1)
+        {
+            self.last_summary = Instant::now();
+            tracing::debug!(state = %self.replica.summary(), "consensus core");
         }
     }
 
@@ -364,11 +387,13 @@ impl<N: Network> Driver<N> {
                 }
                 Output::Execute { seq, batch, .. } => {
                     metrics::counter!("securesmart_consensus_executed_batches_total").increment(1);
+                    metrics::gauge!("securesmart_consensus_executed_seq").set(seq as f64);
                     Event::Ordered { seq, batch }
                 }
                 Output::CheckpointDue { seq } => Event::SnapshotDue { seq },
                 Output::Restore { seq, snapshot } => {
                     tracing::info!(seq, "state transfer: restoring");
+                    metrics::gauge!("securesmart_consensus_executed_seq").set(seq as f64);
                     Event::Restore { seq, snapshot }
                 }
             };

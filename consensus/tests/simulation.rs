@@ -357,3 +357,41 @@ fn the_whole_cluster_restarts_from_journals_and_keeps_every_accepted_reply() {
             .all(|r| !r.earlier.is_empty() || r.restores > 0)
     );
 }
+
+#[test]
+fn a_restarted_primary_carries_the_group_when_the_next_primary_crashes() {
+    run(
+        "a_restarted_primary_carries_the_group_when_the_next_primary_crashes",
+        60,
+        |seed| {
+            let mut s = Scenario::new(seed, 4);
+            s.core.durable = true;
+            s.requests = 120;
+            s.clients = 1 + (seed % 2) as usize;
+            if seed % 3 == 0 {
+                // The node's configuration in tests/cluster.rs.
+                s.core.window = 32;
+                s.core.checkpoint_interval = 16;
+                s.core.view_change_timeout = ms(400);
+                s.core.batch_delay = ms(1);
+                s.core.max_batch = 256;
+                s.client_retry = ms(500);
+            }
+            // The primary of view 0 crashes and comes back from its journal; then the primary
+            // of view 1 crashes for good, and the group needs the restarted replica.
+            let restart = ms(150 + seed % 50);
+            s.crashes.push(Crash {
+                replica: 0,
+                at: ms(20 + seed % 20),
+                restart: Some(restart),
+            });
+            s.crashes.push(Crash {
+                replica: 1,
+                at: restart + ms(10 + seed % 40),
+                restart: None,
+            });
+            s.heal_at = restart + ms(60);
+            s
+        },
+    );
+}

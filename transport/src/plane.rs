@@ -342,8 +342,23 @@ impl Plane {
             None
         };
         let socket = bind_socket(listen, limits.socket_buffer_bytes)?;
+        let endpoint_config = match identity.ed25519_seed() {
+            Some(seed) => {
+                let reset = ResetKey::derive(kind, &seed);
+                // Connection ids carry a check value under a key derived the same way, so that
+                // the restarted node recognizes its predecessor's ids and answers them with a
+                // stateless reset (quinn drops packets whose id fails the check).
+                let cid_key = reset.cid_key();
+                let mut c = quinn::EndpointConfig::new(Arc::new(reset));
+                c.cid_generator(move || {
+                    Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+                });
+                c
+            }
+            None => quinn::EndpointConfig::default(),
+        };
         let endpoint = quinn::Endpoint::new(
-            quinn::EndpointConfig::default(),
+            endpoint_config,
             server_config,
             socket,
             Arc::new(quinn::TokioRuntime),
@@ -526,6 +541,62 @@ impl Plane {
         let shared = self.shared();
         shared.stop();
         let _ = tokio::time::timeout(SHUTDOWN_GRACE, shared.endpoint.wait_idle()).await;
+    }
+}
+
+/// BLAKE3 `derive_key` context of the QUIC stateless-reset key.
+pub(crate) const RESET_KEY_CONTEXT: &str = "securesmart 2026-11-26 quic stateless reset key v1";
+
+/// The key behind QUIC stateless-reset tokens, derived from the node's private key (per plane
+/// kind). Because a restarted node derives the same key, it can reset the connections of its
+/// previous incarnation: a peer whose packets reach the new process gets a valid stateless
+/// reset at once and redials, instead of waiting for the idle timeout. The key is secret (a
+/// stateless reset ends a connection) and erased when dropped.
+struct ResetKey(zeroize::Zeroizing<[u8; 32]>);
+
+impl ResetKey {
+    fn derive(kind: PlaneKind, seed: &[u8; 32]) -> Self {
+        let mut h = blake3::Hasher::new_derive_key(RESET_KEY_CONTEXT);
+        h.update(kind.as_str().as_bytes()).update(&[0]).update(seed);
+        Self(zeroize::Zeroizing::new(*h.finalize().as_bytes()))
+    }
+
+    /// The key of the connection-id check value (not secret: it only lets an endpoint tell
+    /// its own ids from random ones), derived from the reset key.
+    fn cid_key(&self) -> u64 {
+        let mac = blake3::keyed_hash(&self.0, b"connection id check key");
+        let mut k = [0u8; 8];
+        k.copy_from_slice(mac.as_bytes().get(..8).unwrap_or(&[0; 8]));
+        u64::from_be_bytes(k)
+    }
+}
+
+impl quinn_proto::crypto::HmacKey for ResetKey {
+    fn sign(&self, data: &[u8], signature_out: &mut [u8]) {
+        let mac = blake3::keyed_hash(&self.0, data);
+        for (out, b) in signature_out.iter_mut().zip(mac.as_bytes()) {
+            *out = *b;
+        }
+    }
+
+    fn signature_len(&self) -> usize {
+        32
+    }
+
+    fn verify(
+        &self,
+        data: &[u8],
+        signature: &[u8],
+    ) -> Result<(), quinn_proto::crypto::CryptoError> {
+        let given: [u8; 32] = signature
+            .try_into()
+            .map_err(|_| quinn_proto::crypto::CryptoError)?;
+        // blake3::Hash compares in constant time.
+        if blake3::keyed_hash(&self.0, data) == blake3::Hash::from(given) {
+            Ok(())
+        } else {
+            Err(quinn_proto::crypto::CryptoError)
+        }
     }
 }
 
