@@ -36,7 +36,8 @@ use securesmart_transport::{
 
 use crate::config::{ClientConfig, ConfigError, load_identity, load_peers, load_trust};
 use crate::kv::{KvOp, KvReply};
-use crate::protocol::{ClientReply, ClientRequest, Outcome};
+use crate::protocol::{ClientReply, ClientRequest, Outcome, RequestKind};
+use securesmart_membership::MembershipCommand;
 
 /// A client failure.
 #[derive(Debug, thiserror::Error)]
@@ -191,9 +192,36 @@ impl Client {
     /// # Errors
     /// [`ClientError::Timeout`].
     pub async fn invoke(&mut self, payload: Bytes) -> Result<Bytes, ClientError> {
+        self.send(RequestKind::App, payload).await
+    }
+
+    /// Orders a membership command (administrators only; see `securesmart::state`) and
+    /// returns the replicas' verdict (`ok epoch N` or `refused: ...`).
+    ///
+    /// # Errors
+    /// [`ClientError::Timeout`], or [`ClientError::Refused`] with the replicas' reason.
+    pub async fn command(&mut self, command: &MembershipCommand) -> Result<String, ClientError> {
+        let result = self
+            .send(RequestKind::Command, Bytes::from(command.encode()))
+            .await?;
+        let text = String::from_utf8_lossy(&result).into_owned();
+        match text.strip_prefix("refused: ") {
+            Some(why) => Err(ClientError::Refused(why.to_owned())),
+            None => Ok(text),
+        }
+    }
+
+    async fn send(&mut self, kind: RequestKind, payload: Bytes) -> Result<Bytes, ClientError> {
         self.number += 1;
         let number = self.number;
-        let request = Bytes::from(ClientRequest { number, payload }.encode());
+        let request = Bytes::from(
+            ClientRequest {
+                number,
+                kind,
+                payload,
+            }
+            .encode(),
+        );
         let start = Instant::now();
         let deadline = start + self.options.timeout;
         let mut votes: HashMap<NodeId, Bytes> = HashMap::new();

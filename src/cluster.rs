@@ -81,6 +81,7 @@ pub struct LocalCluster {
     /// Remove the directory when dropped, unless the thread is panicking (a failed test keeps
     /// its logs and journals).
     pub remove_on_drop: bool,
+    consensus: ConsensusSection,
 }
 
 /// Options of [`LocalCluster::create`].
@@ -131,93 +132,35 @@ impl LocalCluster {
     ) -> Result<Self, ClusterError> {
         std::fs::create_dir_all(dir.join("logs")).map_err(io("creating the cluster directory"))?;
         let mut ca = TrustCenter::init(&dir.join("ca"), "SecureSMART local CA").map_err(tc)?;
-        let ca_cert = ca.ca_certificate();
         std::fs::write(dir.join("ca.pem"), ca.ca_certificate_pem()).map_err(io("ca.pem"))?;
         write_crl(dir, &mut ca)?;
-        let mut tokens = Vec::new();
+        drop(ca);
+        let mut names = Vec::new();
         for (role, kind, count) in [
             (RoleName::Replica, "replica", options.replicas),
             (RoleName::Client, "client", options.clients),
         ] {
-            for i in 0..count {
-                let names = [format!("{kind}{i}.local")];
-                let token = ca
-                    .create_token(role, &names, Duration::from_secs(600))
-                    .map_err(tc)?;
-                tokens.push((format!("{kind}{i}"), token));
-            }
+            names.extend((0..count).map(|i| (format!("{kind}{i}"), role)));
         }
-        // Every node enrolls from 127.0.0.1 at once: lift the per-IP rate limit meant for the
-        // internet-facing endpoint.
-        let mut limits = EnrollLimits::default();
-        limits.requests_per_ip_per_sec = 1000;
-        limits.request_burst_per_ip = 1000;
-        let server = EnrollmentServer::start(ca, "127.0.0.1:0".parse().map_err(tc)?, &[], limits)
-            .await
-            .map_err(tc)?;
-        let enroll_addr = server.local_addr().map_err(io("enrollment address"))?;
-        let mut ids = Vec::new();
-        for (name, token) in &tokens {
-            let enrolled = enroll(enroll_addr, &ca_cert, token, &[])
-                .await
-                .map_err(tc)?;
-            std::fs::write(dir.join(format!("{name}.pem")), &enrolled.certificate_pem)
-                .map_err(io(format!("{name}.pem")))?;
-            write_secret_file(
-                &dir.join(format!("{name}.key")),
-                enrolled.key_pem.as_bytes(),
-            )
-            .map_err(io(format!("{name}.key")))?;
-            ids.push(enrolled.identity.id());
-        }
-        server.shutdown().await;
-
-        let mut sockets = Vec::new();
-        let mut replicas = Vec::new();
-        let mut tcp = Vec::new();
+        let ids = enroll_all(dir, &names).await?;
+        let mut cluster = Self {
+            dir: dir.to_owned(),
+            replicas: Vec::new(),
+            clients: Vec::new(),
+            exe: exe.to_owned(),
+            remove_on_drop: false,
+            consensus: options.consensus.clone(),
+        };
+        let mut held = Vec::new();
         for (i, id) in ids.iter().take(options.replicas).enumerate() {
-            let (r, c) = (free_port()?, free_port()?);
-            let m =
-                std::net::TcpListener::bind("127.0.0.1:0").map_err(io("binding a free port"))?;
-            replicas.push(LocalReplica {
-                id: *id,
-                config: dir.join(format!("replica{i}.toml")),
-                replica_addr: port_of(&r)?,
-                client_addr: port_of(&c)?,
-                metrics_addr: m.local_addr().map_err(io("reading a port"))?,
-                certificate: dir.join(format!("replica{i}.pem")),
-                process: None,
-            });
-            sockets.extend([r, c]);
-            tcp.push(m);
+            let (replica, ports) = cluster.new_replica(i, *id)?;
+            cluster.replicas.push(replica);
+            held.push(ports);
         }
-        let mut list = String::new();
-        for (i, r) in replicas.iter().enumerate() {
-            list.push_str(&format!(
-                "\n[[replicas]]\ncertificate = \"replica{i}.pem\"\nreplica = \"{}\"\nclient = \"{}\"\n",
-                r.replica_addr, r.client_addr
-            ));
+        let list = cluster.replica_list(None);
+        for i in 0..cluster.replicas.len() {
+            cluster.write_node_config(i, &list)?;
         }
-        let k = &options.consensus;
-        for (i, r) in replicas.iter().enumerate() {
-            let text = format!(
-                "# Replica {i} of a local cluster (written by securesmart).\n[node]\n\
-                 certificate = \"replica{i}.pem\"\nkey = \"replica{i}.key\"\nca = \"ca.pem\"\n\
-                 crl = \"crl.pem\"\ndata_dir = \"data/replica{i}\"\nreplica_listen = \"{}\"\nclient_listen = \"{}\"\n\
-                 metrics_listen = \"{}\"\nlimits = \"local\"\n\n[consensus]\nmax_batch = {}\nbatch_delay_ms = {}\n\
-                 checkpoint_interval = {}\nwindow = {}\nview_change_timeout_ms = {}\n{list}",
-                r.replica_addr,
-                r.client_addr,
-                r.metrics_addr,
-                k.max_batch,
-                k.batch_delay_ms,
-                k.checkpoint_interval,
-                k.window,
-                k.view_change_timeout_ms
-            );
-            std::fs::write(&r.config, text).map_err(io(r.config.display().to_string()))?;
-        }
-        let mut clients = Vec::new();
         for j in 0..options.clients {
             let path = dir.join(format!("client{j}.toml"));
             let text = format!(
@@ -227,17 +170,91 @@ impl LocalCluster {
                 options.client_timeout_ms
             );
             std::fs::write(&path, text).map_err(io(path.display().to_string()))?;
-            clients.push(path);
+            cluster.clients.push(path);
         }
-        drop(sockets);
-        drop(tcp);
-        Ok(Self {
-            dir: dir.to_owned(),
-            replicas,
-            clients,
-            exe: exe.to_owned(),
-            remove_on_drop: false,
-        })
+        drop(held);
+        Ok(cluster)
+    }
+
+    /// Enrolls one more replica at the trust center and writes its files: a joiner whose
+    /// configuration names the replicas created so far. Returns its index. Start it with
+    /// [`LocalCluster::start`] after an administrator ordered its `AddNode` (or before: it waits
+    /// to be admitted).
+    ///
+    /// # Errors
+    /// [`ClusterError`].
+    pub async fn add_replica(&mut self) -> Result<usize, ClusterError> {
+        let i = self.replicas.len();
+        let ids = enroll_all(&self.dir, &[(format!("replica{i}"), RoleName::Replica)]).await?;
+        let id = ids
+            .first()
+            .copied()
+            .ok_or_else(|| ClusterError::TrustCenter("enrollment returned nothing".into()))?;
+        let (replica, ports) = self.new_replica(i, id)?;
+        let list = self.replica_list(None);
+        self.replicas.push(replica);
+        self.write_node_config(i, &list)?;
+        drop(ports);
+        Ok(i)
+    }
+
+    /// A replica's addresses on fresh ports; the sockets hold the ports until dropped.
+    fn new_replica(
+        &self,
+        i: usize,
+        id: NodeId,
+    ) -> Result<(LocalReplica, (UdpSocket, UdpSocket, std::net::TcpListener)), ClusterError> {
+        let (r, c) = (free_port()?, free_port()?);
+        let m = std::net::TcpListener::bind("127.0.0.1:0").map_err(io("binding a free port"))?;
+        let replica = LocalReplica {
+            id,
+            config: self.dir.join(format!("replica{i}.toml")),
+            replica_addr: port_of(&r)?,
+            client_addr: port_of(&c)?,
+            metrics_addr: m.local_addr().map_err(io("reading a port"))?,
+            certificate: self.dir.join(format!("replica{i}.pem")),
+            process: None,
+        };
+        Ok((replica, (r, c, m)))
+    }
+
+    /// The `[[replicas]]` entries of the replicas created so far, but `except`.
+    fn replica_list(&self, except: Option<usize>) -> String {
+        let mut list = String::new();
+        for (i, r) in self.replicas.iter().enumerate() {
+            if Some(i) == except {
+                continue;
+            }
+            list.push_str(&format!(
+                "\n[[replicas]]\ncertificate = \"replica{i}.pem\"\nreplica = \"{}\"\nclient = \"{}\"\n",
+                r.replica_addr, r.client_addr
+            ));
+        }
+        list
+    }
+
+    fn write_node_config(&self, i: usize, list: &str) -> Result<(), ClusterError> {
+        let Some(r) = self.replicas.get(i) else {
+            return Ok(());
+        };
+        let k = &self.consensus;
+        let text = format!(
+            "# Replica {i} of a local cluster (written by securesmart).\n[node]\n\
+             certificate = \"replica{i}.pem\"\nkey = \"replica{i}.key\"\nca = \"ca.pem\"\n\
+             crl = \"crl.pem\"\ndata_dir = \"data/replica{i}\"\nreplica_listen = \"{}\"\n\
+             client_listen = \"{}\"\nmetrics_listen = \"{}\"\nlimits = \"local\"\n\
+             admins = [\"client0.pem\"]\n\n[consensus]\nmax_batch = {}\nbatch_delay_ms = {}\n\
+             checkpoint_interval = {}\nwindow = {}\nview_change_timeout_ms = {}\n{list}",
+            r.replica_addr,
+            r.client_addr,
+            r.metrics_addr,
+            k.max_batch,
+            k.batch_delay_ms,
+            k.checkpoint_interval,
+            k.window,
+            k.view_change_timeout_ms
+        );
+        std::fs::write(&r.config, text).map_err(io(r.config.display().to_string()))
     }
 
     /// Starts replica `i` (`securesmart node run`), logging to `logs/replica{i}.log`.
@@ -299,6 +316,45 @@ impl LocalCluster {
             .map_err(tc)?;
         write_crl(&self.dir, &mut ca)
     }
+}
+
+/// Enrolls `names` (file stem and role) at the trust center in `dir/ca` over the network with
+/// one-time tokens, writing `{name}.pem` and `{name}.key` (mode 0600); returns their node ids.
+async fn enroll_all(dir: &Path, names: &[(String, RoleName)]) -> Result<Vec<NodeId>, ClusterError> {
+    let mut ca = TrustCenter::open(&dir.join("ca")).map_err(tc)?;
+    let ca_cert = ca.ca_certificate();
+    let mut tokens = Vec::new();
+    for (name, role) in names {
+        let token = ca
+            .create_token(*role, &[format!("{name}.local")], Duration::from_secs(600))
+            .map_err(tc)?;
+        tokens.push((name, token));
+    }
+    // Every node enrolls from 127.0.0.1 at once: lift the per-IP rate limit meant for the
+    // internet-facing endpoint.
+    let mut limits = EnrollLimits::default();
+    limits.requests_per_ip_per_sec = 1000;
+    limits.request_burst_per_ip = 1000;
+    let server = EnrollmentServer::start(ca, "127.0.0.1:0".parse().map_err(tc)?, &[], limits)
+        .await
+        .map_err(tc)?;
+    let enroll_addr = server.local_addr().map_err(io("enrollment address"))?;
+    let mut ids = Vec::new();
+    for (name, token) in &tokens {
+        let enrolled = enroll(enroll_addr, &ca_cert, token, &[])
+            .await
+            .map_err(tc)?;
+        std::fs::write(dir.join(format!("{name}.pem")), &enrolled.certificate_pem)
+            .map_err(io(format!("{name}.pem")))?;
+        write_secret_file(
+            &dir.join(format!("{name}.key")),
+            enrolled.key_pem.as_bytes(),
+        )
+        .map_err(io(format!("{name}.key")))?;
+        ids.push(enrolled.identity.id());
+    }
+    server.shutdown().await;
+    Ok(ids)
 }
 
 /// Writes the trust center's current CRL to `dir/crl.pem` atomically (the nodes watch it).

@@ -17,6 +17,7 @@
 //! client_listen = "127.0.0.1:7100"
 //! metrics_listen = "127.0.0.1:9100"   # optional: Prometheus metrics over HTTP
 //! limits = "production"           # or "local" (loopback clusters, tests)
+//! admins = ["operator.pem"]       # clients that may add and remove replicas (same everywhere)
 //!
 //! [consensus]                     # optional tuning, defaults shown
 //! max_batch = 256
@@ -159,6 +160,10 @@ pub struct NodeSection {
     /// Transport limits.
     #[serde(default)]
     pub limits: LimitsProfile,
+    /// Certificates (PEM) of the clients that may add and remove replicas. Part of the genesis
+    /// state: every replica of a group must name the same ones.
+    #[serde(default)]
+    pub admins: Vec<PathBuf>,
 }
 
 /// The `[consensus]` section (all optional).
@@ -300,6 +305,9 @@ impl NodeConfig {
             resolve(&base, p);
         }
         if let Some(p) = n.crl.as_mut() {
+            resolve(&base, p);
+        }
+        for p in &mut n.admins {
             resolve(&base, p);
         }
         for r in &mut c.replicas {

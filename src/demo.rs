@@ -17,6 +17,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use securesmart_membership::MembershipCommand;
 use securesmart_transport::pki::DevCa;
 use securesmart_transport::{Limits, Role};
 use tokio::sync::Mutex;
@@ -80,7 +81,7 @@ pub async fn run(args: DemoArgs) -> Result<(), DemoError> {
     let clients = args.clients.max(2);
     let options = LocalClusterOptions {
         replicas: 4,
-        clients: clients + 1,
+        clients: clients + 2,
         consensus: ConsensusSection {
             batch_delay_ms: 0,
             ..ConsensusSection::default()
@@ -95,13 +96,13 @@ pub async fn run(args: DemoArgs) -> Result<(), DemoError> {
         .map_err(setup)?;
     println!(
         "trust center: CA created, {} nodes enrolled over QUIC with one-time tokens ({:?})",
-        4 + clients + 1,
+        4 + clients + 2,
         t0.elapsed()
     );
     for i in 0..4 {
         cluster.start(i, &options.log).map_err(setup)?;
     }
-    let cluster = Arc::new(std::sync::Mutex::new(cluster));
+    let cluster = Arc::new(Mutex::new(cluster));
     let result = drive(&cluster, &args, clients).await;
     drop(cluster);
     if args.keep {
@@ -113,17 +114,23 @@ pub async fn run(args: DemoArgs) -> Result<(), DemoError> {
 }
 
 async fn drive(
-    cluster: &Arc<std::sync::Mutex<LocalCluster>>,
+    cluster: &Arc<Mutex<LocalCluster>>,
     args: &DemoArgs,
     clients: usize,
 ) -> Result<(), DemoError> {
     let (client_files, dir, replicas) = {
-        let c = cluster.lock().map_err(|_| setup("cluster lock poisoned"))?;
+        let c = cluster.lock().await;
         let replicas: Vec<_> = c.replicas.iter().map(|r| (r.id, r.metrics_addr)).collect();
         (c.clients.clone(), c.dir.clone(), replicas)
     };
+    // client0 is the administrator (it orders joins and removals); the load clients follow;
+    // the last one is revoked during the run.
+    let admin_file = client_files.first().ok_or_else(|| setup("no client"))?;
+    let admin = Client::from_config(&ClientConfig::load(admin_file).map_err(setup)?)
+        .await
+        .map_err(setup)?;
     let mut handles = Vec::new();
-    for file in client_files.iter().take(clients) {
+    for file in client_files.iter().skip(1).take(clients) {
         let config = ClientConfig::load(file).map_err(setup)?;
         handles.push(Client::from_config(&config).await.map_err(setup)?);
     }
@@ -158,11 +165,12 @@ async fn drive(
     let start = Instant::now();
     let events = tokio::spawn(script(
         Arc::clone(cluster),
+        admin,
         Arc::clone(&progress),
         start,
         duration,
         primary,
-        clients,
+        clients + 1,
     ));
     let mut last = (0, Instant::now());
     while start.elapsed() < duration {
@@ -174,34 +182,49 @@ async fn drive(
     }
     stop.store(true, Relaxed);
     let load_secs = start.elapsed().as_secs_f64();
-    let (intruder, revoked) = events.await.map_err(setup)??;
+    let (outcome, mut admin) = events.await.map_err(setup)??;
     progress.finish();
     for t in tasks {
         let _ = tokio::time::timeout(Duration::from_secs(10), t).await;
     }
     let mut load = std::mem::take(&mut *load.lock().await);
 
-    // Read back every acknowledged write, through the order, with a fresh client.
-    let reader_config = ClientConfig::load(client_files.first().ok_or_else(|| setup("no client"))?)
-        .map_err(setup)?;
-    let mut reader = Client::from_config(&reader_config).await.map_err(setup)?;
+    // Read back every acknowledged write, through the order.
     let mut missing = Vec::new();
     for (key, want) in &load.acked {
         if load.uncertain.contains(key) {
             continue;
         }
-        match reader.get(key.clone()).await {
+        match admin.get(key.clone()).await {
             Ok(Some(v)) if v == *want => {}
             other => missing.push(format!("{key}: {other:?}")),
         }
     }
-    reader.close().await;
+    admin.close().await;
+    // The removed replica stops once the group without it has taken over.
+    let mut removed_stopped = false;
+    for _ in 0..100 {
+        let mut c = cluster.lock().await;
+        if !c.is_running(outcome.removed) {
+            removed_stopped = true;
+            break;
+        }
+        drop(c);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let replicas: Vec<_> = {
+        let c = cluster.lock().await;
+        c.replicas.iter().map(|r| (r.id, r.metrics_addr)).collect()
+    };
 
     // What the replicas' metrics say.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let mut refusals: BTreeMap<String, f64> = BTreeMap::new();
     let mut executed = Vec::new();
-    for (_, metrics_addr) in &replicas {
+    for (i, (_, metrics_addr)) in replicas.iter().enumerate() {
+        if i == outcome.removed {
+            continue;
+        }
         let body = scrape(*metrics_addr).map_err(setup)?;
         for reason in ["unknown_ca", "revoked", "bad_certificate", "not_admitted"] {
             let n = metric_sum(
@@ -211,7 +234,10 @@ async fn drive(
             );
             *refusals.entry(reason.into()).or_default() += n;
         }
-        executed.push(metric_sum(&body, "securesmart_consensus_executed_seq", &[]) as u64);
+        executed.push((
+            i,
+            metric_sum(&body, "securesmart_consensus_executed_seq", &[]) as u64,
+        ));
     }
 
     load.latencies.sort_unstable();
@@ -229,8 +255,17 @@ async fn drive(
         load.errors
     );
     println!("latency     : p50 {:?}, p99 {:?}", pct(0.5), pct(0.99));
+    println!("crashes     : 1 (replica {primary}, the primary), restarted from its journal");
     println!(
-        "crashes     : 1 (replica {primary}, the primary), restarted from its journal; batches executed per replica {executed:?}"
+        "membership  : 1 join (replica {} enrolled, added by the administrator, caught up by state \
+         transfer), 1 removal (replica {}, {}); executed per replica {executed:?}",
+        outcome.joined,
+        outcome.removed,
+        if removed_stopped {
+            "stopped once the group without it took over"
+        } else {
+            "STILL RUNNING"
+        }
     );
     println!(
         "refusals    : {}",
@@ -246,27 +281,34 @@ async fn drive(
         load.acked.len() - load.uncertain.len(),
         missing.len()
     );
-    println!(
-        "not yet     : joining a fifth replica, removing one, group-key rotation (issue 6 goes on)"
-    );
+    println!("not yet     : group-key rotation and confidential requests (issue 6 goes on)");
 
-    let behind = executed
-        .iter()
-        .max()
-        .copied()
-        .unwrap_or(0)
-        .saturating_sub(executed.get(primary).copied().unwrap_or(0));
+    let top = executed.iter().map(|(_, e)| *e).max().unwrap_or(0);
+    let seq_of = |i: usize| {
+        executed
+            .iter()
+            .find(|(r, _)| *r == i)
+            .map_or(0, |(_, e)| *e)
+    };
+    let behind = top.saturating_sub(seq_of(primary).min(seq_of(outcome.joined)));
     let checks = [
         (ops > 0, "no operation was acknowledged".to_string()),
         (
             missing.is_empty(),
             format!("acknowledged writes missing: {missing:?}"),
         ),
-        (intruder, "the foreign-CA client was admitted".into()),
-        (revoked, "the revoked client was still admitted".into()),
+        (
+            outcome.intruder,
+            "the foreign-CA client was admitted".into(),
+        ),
+        (
+            outcome.revoked,
+            "the revoked client was still admitted".into(),
+        ),
+        (removed_stopped, "the removed replica did not stop".into()),
         (
             behind <= 2 * ConsensusSection::default().window,
-            format!("the restarted replica did not catch up: executed {executed:?}"),
+            format!("the restarted or the new replica did not catch up: executed {executed:?}"),
         ),
     ];
     for (ok, why) in checks {
@@ -278,33 +320,41 @@ async fn drive(
     Ok(())
 }
 
-/// Crashes and restarts the primary, sends an intruder, revokes a client; returns whether
-/// the intruder and the revoked client were refused.
+/// What the scripted events did.
+struct Outcome {
+    intruder: bool,
+    revoked: bool,
+    joined: usize,
+    removed: usize,
+}
+
+/// Crashes and restarts the primary, sends an intruder, adds a fifth replica and removes
+/// another, revokes a client. Returns what happened, and the administrator's client.
 async fn script(
-    cluster: Arc<std::sync::Mutex<LocalCluster>>,
+    cluster: Arc<Mutex<LocalCluster>>,
+    mut admin: Client,
     progress: Arc<Progress>,
     start: Instant,
     duration: Duration,
     primary: usize,
-    clients: usize,
-) -> Result<(bool, bool), DemoError> {
+    victim: usize,
+) -> Result<(Outcome, Client), DemoError> {
     let at = |fraction: f64| start + duration.mul_f64(fraction);
-    let lock = || cluster.lock().map_err(|_| setup("cluster lock poisoned"));
     let note = |what: &str| {
         progress.note(&format!("{:>5.1}s  {what}", start.elapsed().as_secs_f64()));
     };
-    tokio::time::sleep_until(at(0.25).into()).await;
-    lock()?.kill(primary);
+    tokio::time::sleep_until(at(0.2).into()).await;
+    cluster.lock().await.kill(primary);
     note(&format!(
         "crashed replica {primary} (the primary) with SIGKILL"
     ));
-    tokio::time::sleep_until(at(0.35).into()).await;
+    tokio::time::sleep_until(at(0.3).into()).await;
     let (ca, replicas, victim) = {
-        let c = lock()?;
+        let c = cluster.lock().await;
         let replicas: BTreeMap<_, _> = c.replicas.iter().map(|r| (r.id, r.client_addr)).collect();
         let victim = c
             .clients
-            .get(clients)
+            .get(victim)
             .cloned()
             .ok_or_else(|| setup("no spare client"))?;
         (c.dir.join("ca.pem"), replicas, victim)
@@ -321,25 +371,86 @@ async fn script(
             Ok::<_, DemoError>(refused)
         })
     };
-    tokio::time::sleep_until(at(0.5).into()).await;
-    lock()?.start(primary, "warn").map_err(setup)?;
+    tokio::time::sleep_until(at(0.4).into()).await;
+    cluster.lock().await.start(primary, "warn").map_err(setup)?;
     note(&format!("restarted replica {primary} from its journal"));
-    tokio::time::sleep_until(at(0.6).into()).await;
+
+    // A fifth replica enrolls at the trust center, the administrator orders its AddNode, and
+    // it starts, catching up by state transfer.
+    tokio::time::sleep_until(at(0.5).into()).await;
+    let (joined, add) = {
+        let mut c = cluster.lock().await;
+        let joined = c.add_replica().await.map_err(setup)?;
+        let r = c
+            .replicas
+            .get(joined)
+            .ok_or_else(|| setup("no new replica"))?;
+        let certificate = crate::config::load_certificate(&r.certificate).map_err(setup)?;
+        let add = MembershipCommand::AddNode {
+            certificate: certificate.to_vec(),
+            key_package: Vec::new(),
+            replica_addr: r.replica_addr,
+            client_addr: r.client_addr,
+        };
+        (joined, add)
+    };
+    let verdict = admin.command(&add).await.map_err(setup)?;
+    cluster.lock().await.start(joined, "warn").map_err(setup)?;
+    note(&format!(
+        "replica {joined} enrolled and added ({verdict}); it catches up by state transfer"
+    ));
+
+    // The administrator removes one of the original replicas.
+    tokio::time::sleep_until(at(0.65).into()).await;
+    let removed = (primary + 1) % 4;
+    let id = cluster
+        .lock()
+        .await
+        .replicas
+        .get(removed)
+        .map(|r| r.id)
+        .ok_or_else(|| setup("no replica to remove"))?;
+    let verdict = admin
+        .command(&MembershipCommand::RemoveNode { id })
+        .await
+        .map_err(setup)?;
+    note(&format!(
+        "replica {removed} removed ({verdict}); it stops once the group without it takes over"
+    ));
+
+    tokio::time::sleep_until(at(0.75).into()).await;
     let mut config = ClientConfig::load(&victim).map_err(setup)?;
-    lock()?.revoke(&config.client.certificate).map_err(setup)?;
-    note("revoked a client's certificate at the trust center; CRL file rewritten");
-    tokio::time::sleep(crate::node::CRL_POLL * 2).await;
+    cluster
+        .lock()
+        .await
+        .revoke(&config.client.certificate)
+        .map_err(setup)?;
+    note("revoked a client's certificate at the trust center; the replicas order the new CRL");
     config.client.timeout_ms = 800;
-    let revoked = matches!(
-        Client::from_config(&config).await,
-        Err(ClientError::Unreachable { reached: 0, .. })
-    );
+    let deadline = Instant::now() + Duration::from_secs(8);
+    let revoked = loop {
+        tokio::time::sleep(crate::node::CRL_POLL).await;
+        match Client::from_config(&config).await {
+            Err(ClientError::Unreachable { reached: 0, .. }) => break true,
+            Ok(c) => c.close().await,
+            Err(_) => {}
+        }
+        if Instant::now() > deadline {
+            break false;
+        }
+    };
     note(&format!(
         "the revoked client tried every replica: {}",
         if revoked { "refused" } else { "ADMITTED" }
     ));
     let intruder = intruder.await.map_err(setup)??;
-    Ok((intruder, revoked))
+    let outcome = Outcome {
+        intruder,
+        revoked,
+        joined,
+        removed,
+    };
+    Ok((outcome, admin))
 }
 
 /// One closed-loop client: puts to its own keys (so the last acknowledged value is known), a

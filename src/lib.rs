@@ -26,7 +26,10 @@ pub mod client;
 pub mod cluster;
 pub mod config;
 pub mod demo;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod kv;
 pub mod node;
 pub mod protocol;
 pub mod replica_network;
+pub mod state;

@@ -1,47 +1,72 @@
-//! A replica: PBFT over the transport's replica plane, clients on the client plane, a
-//! [`StateMachine`] executing what is ordered, and a journal in the data directory.
+//! A replica: PBFT over the transport's replica plane, clients on the client plane, the
+//! replicated [`NodeState`] (membership and application) executing what is ordered, and a
+//! journal in the data directory.
 //!
 //! [`Node::start`] wires the layers:
-//! - two QUIC planes with mutual TLS: the replica plane (only the configured replicas are
-//!   admitted) and the client plane (any client certificate of the CA that is not revoked);
+//! - two QUIC planes with mutual TLS: the replica plane (only current members are admitted)
+//!   and the client plane (any client certificate of the CA that is not revoked);
 //! - the PBFT driver ([`securesmart_consensus::driver::Pbft`]) over
 //!   [`crate::replica_network::ReplicaNetwork`], durable through a
 //!   [`securesmart_consensus::journal::FileJournal`] in `data_dir/consensus` (write-ahead:
 //!   a vote leaves the node, and a batch executes, only after its record is fsynced);
-//! - the application behind [`securesmart_consensus::service::Executor`] (reply cache,
-//!   at-most-once execution), fed by [`securesmart_consensus::service::serve`];
+//! - the [`NodeState`] behind [`securesmart_consensus::service::Executor`] (reply cache,
+//!   at-most-once execution);
 //! - client intake: each [`ClientRequest`] is wrapped in the [`Ordered`] envelope and
 //!   submitted; the client is the authenticated peer of the connection. A retransmission of the
 //!   client's last executed request gets the cached reply again; every replica that executes a
 //!   request replies, and the client accepts f+1 matching replies.
 //!
+//! # Membership
+//! Membership commands are ordered requests (see [`crate::state`]). When one executes at
+//! sequence number `s`, every replica hands the new replica set to the engine
+//! ([`Ordering::reconfigure`]: PBFT switches groups above `s + window`, rounded up to a
+//! checkpoint) and replaces the trust of its planes: a new replica is admitted at once (it
+//! catches up by state transfer and takes part from the switch on); a removed one stays admitted
+//! and keeps voting until the switch (the old group still counts on it), then is cut off and
+//! refused, and stops itself; a revoked one is refused at once (its certificate no longer
+//! verifies), which costs the old group one vote until the switch. A node whose certificate is
+//! not among the configured `[[replicas]]` starts as a joiner: it waits to be admitted (an
+//! administrator orders its `AddNode`) and then fetches the state. The CRL file, if configured,
+//! is watched: when it changes the node submits it as an ordered `UpdateCrl`, so that every
+//! replica switches CRLs at the same log position; until the first ordered CRL, the planes use
+//! the file's.
+//!
+//! # Recovery
 //! A restarted node recovers from its journal ([`Replica::recover`]): the last stable
-//! checkpoint, the committed batches after it (executed again, so the application state is
-//! back), its accepted and prepared slots and its view; then it catches up with the others by
-//! the normal protocol or by state transfer. A damaged journal (a snapshot that does not match
-//! its certificate) stops the start rather than let the node vote with a forgotten past.
+//! checkpoint, the committed batches after it (executed again, so the state is back), its
+//! accepted and prepared slots and its view; then it catches up by the normal protocol or by
+//! state transfer. A damaged journal (a snapshot that does not match its certificate) stops the
+//! start rather than let the node vote with a forgotten past.
 //!
 //! Metrics (if `metrics_listen` is set, a Prometheus endpoint serves them): the transport's
-//! and consensus's counters, and `securesmart_node_client_requests_total{outcome}`.
+//! and consensus's counters, `securesmart_node_client_requests_total{outcome}`,
+//! `securesmart_node_membership_changes_total`, `securesmart_node_members`.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use securesmart_consensus::driver::Pbft;
-use securesmart_consensus::driver::{PbftError, Submitter};
+use rustls::pki_types::{CertificateRevocationListDer, UnixTime};
+use securesmart_consensus::driver::{Pbft, PbftError, Submitter};
 use securesmart_consensus::journal::FileJournal;
 use securesmart_consensus::message::{KeyRing, Limits, Request, Signer};
 use securesmart_consensus::replica::{Config, Replica};
-use securesmart_consensus::service::{Executor, Reply, RestoreError, StateMachine, serve};
-use securesmart_transport::{Class, Inbox, NodeId, Plane, PlaneConfig};
+use securesmart_consensus::service::{Event, Executor, Member, Ordering, StateMachine};
+use securesmart_membership::{Membership, MembershipCommand};
+use securesmart_transport::{
+    Class, Inbox, NodeId, Plane, PlaneConfig, Role, TrustConfig, ed25519_public_key,
+};
 use tokio::task::JoinHandle;
 
-use crate::config::{ConfigError, NodeConfig, load_identity, load_peers, load_trust};
-use crate::protocol::{ClientReply, ClientRequest, Ordered, Outcome};
+use crate::config::{
+    ConfigError, NodeConfig, load_certificate, load_identity, load_peers, load_trust,
+};
+use crate::protocol::{ClientReply, ClientRequest, Ordered, Outcome, RequestKind};
 use crate::replica_network::ReplicaNetwork;
+use crate::state::NodeState;
 
 /// Why a node could not start.
 #[derive(Debug, thiserror::Error)]
@@ -59,6 +84,9 @@ pub enum NodeError {
     /// The metrics endpoint could not start.
     #[error("metrics endpoint: {0}")]
     Metrics(String),
+    /// The genesis group is not a valid membership.
+    #[error("genesis membership: {0}")]
+    Genesis(String),
 }
 
 /// Replies cached per client: the last request number and its result.
@@ -74,39 +102,213 @@ pub struct Node {
     serving: JoinHandle<Result<(), String>>,
 }
 
-/// The application behind the node's envelope: decodes [`Ordered`] and runs the application
-/// request; a payload that does not decode (only a faulty primary proposes one) gets an empty
-/// reply at every replica alike.
-#[derive(Debug)]
-pub struct Enveloped<S>(pub S);
+fn client_counter(outcome: &'static str) {
+    metrics::counter!("securesmart_node_client_requests_total", "outcome" => outcome).increment(1);
+}
 
-impl<S: StateMachine> StateMachine for Enveloped<S> {
-    fn execute(&mut self, request: &Request) -> Bytes {
-        match Ordered::decode(&request.payload) {
-            Ok(Ordered::App(payload)) => self.0.execute(&Request {
-                client: request.client,
-                number: request.number,
-                payload,
-            }),
-            Err(e) => {
-                metrics::counter!("securesmart_node_undecodable_ordered_total").increment(1);
-                tracing::warn!(error = %e, client = ?request.client, "ordered request does not decode");
-                Bytes::new()
-            }
-        }
-    }
+/// Requests the node submits itself (CRL updates), numbered like a client's.
+#[derive(Clone, Debug)]
+struct SelfRequests {
+    id: NodeId,
+    number: Arc<AtomicU64>,
+    submitter: Submitter,
+}
 
-    fn snapshot(&self) -> Bytes {
-        self.0.snapshot()
-    }
-
-    fn restore(&mut self, snapshot: &[u8]) -> Result<(), RestoreError> {
-        self.0.restore(snapshot)
+impl SelfRequests {
+    fn submit(&self, payload: Ordered) -> Result<(), PbftError> {
+        let number = self
+            .number
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.submitter.submit_and_forward(Request {
+            client: self.id,
+            number,
+            payload: payload.encode(),
+        })
     }
 }
 
-fn client_counter(outcome: &'static str) {
-    metrics::counter!("securesmart_node_client_requests_total", "outcome" => outcome).increment(1);
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// The replicas of a membership as the engine needs them (id and Ed25519 key).
+fn engine_members(m: &Membership) -> Vec<Member> {
+    m.members()
+        .iter()
+        .filter(|(_, mem)| mem.role == Role::Replica)
+        .filter_map(|(id, mem)| {
+            ed25519_public_key(&mem.certificate).map(|key| Member { id: *id, key })
+        })
+        .collect()
+}
+
+/// What the state-machine task needs besides the engine and the state.
+struct Host {
+    id: NodeId,
+    cache: ReplyCache,
+    replica_plane: Plane,
+    client_plane: Plane,
+    /// The CRL from the configured file, used until the membership carries one.
+    local_crl: Arc<Mutex<Option<CertificateRevocationListDer<'static>>>>,
+}
+
+impl Host {
+    /// Gives both planes the trust the membership implies (members, CRL), keeping blocklists;
+    /// `leaving` replicas stay admitted until the group without them takes over.
+    fn update_trust(&self, m: &Membership, leaving: &[Leaving]) {
+        let local = self.local_crl.lock().ok().and_then(|c| c.clone());
+        let crls = match (m.crl(), local) {
+            (Some((_, crl)), _) => vec![crl.clone()],
+            (None, Some(crl)) => vec![crl],
+            (None, None) => Vec::new(),
+        };
+        let keep = |mut next: TrustConfig, current: TrustConfig| {
+            next.blocked_ids = current.blocked_ids;
+            next.blocked_ips = current.blocked_ips;
+            next
+        };
+        let mut replica = m.replica_trust();
+        replica.crls = crls.clone();
+        for l in leaving {
+            replica.peers.insert(l.id, l.addr);
+        }
+        let mut client = self.client_plane.trust();
+        client.crls = crls;
+        let results = [
+            self.replica_plane
+                .update_trust(keep(replica, self.replica_plane.trust())),
+            self.client_plane.update_trust(client),
+        ];
+        for r in results {
+            match r {
+                Ok(closed) if closed > 0 => {
+                    tracing::info!(closed, "connections closed by a membership change");
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "trust update refused"),
+            }
+        }
+        metrics::gauge!("securesmart_node_members").set(m.replicas() as f64);
+        metrics::gauge!("securesmart_node_membership_epoch").set(m.epoch() as f64);
+    }
+
+    fn reply(&self, reply: securesmart_consensus::service::Reply) {
+        if reply.client == self.id {
+            tracing::info!(result = %String::from_utf8_lossy(&reply.result), "own request executed");
+            return;
+        }
+        let message = ClientReply {
+            number: reply.number,
+            outcome: Outcome::Executed(reply.result.clone()),
+        };
+        if let Ok(mut c) = self.cache.lock() {
+            c.insert(reply.client, (reply.number, reply.result));
+        }
+        let _ = self.client_plane.try_send(
+            reply.client,
+            Class::Consensus,
+            Bytes::from(message.encode()),
+        );
+    }
+}
+
+/// A replica removed from the membership that still belongs to the engine's group until the
+/// group without it takes over (above `until`): it stays admitted and takes part until the
+/// checkpoint at `until` is stable.
+#[derive(Clone, Copy, Debug)]
+struct Leaving {
+    id: NodeId,
+    addr: SocketAddr,
+    until: u64,
+}
+
+/// Runs the replicated state on the engine's events until the engine stops or this replica
+/// is removed.
+async fn run_state<S: StateMachine>(
+    mut pbft: Pbft,
+    mut executor: Executor<NodeState<S>>,
+    host: Host,
+) -> Result<(), String> {
+    let mut leaving: Vec<Leaving> = Vec::new();
+    host.update_trust(executor.app().membership(), &leaving);
+    while let Some(event) = pbft.next_event().await {
+        match event {
+            Event::Ordered { seq, batch } => {
+                let before: Vec<(NodeId, SocketAddr)> = executor
+                    .app()
+                    .membership()
+                    .members()
+                    .iter()
+                    .map(|(id, m)| (*id, m.replica_addr))
+                    .collect();
+                let replies = executor.execute(&batch);
+                let changes = executor.app_mut().take_changes();
+                let mut trust_changed = false;
+                if !changes.is_empty() {
+                    let m = executor.app().membership();
+                    let until = match pbft.reconfigure(engine_members(m), seq).await {
+                        Ok(from) => {
+                            tracing::info!(
+                                executed_at = seq,
+                                takes_effect_above = from,
+                                replicas = m.replicas(),
+                                "group change ordered"
+                            );
+                            from
+                        }
+                        Err(e) => {
+                            tracing::error!(error = %e, "the engine refused a group change");
+                            seq
+                        }
+                    };
+                    for (id, addr) in before {
+                        if !m.members().contains_key(&id) {
+                            leaving.push(Leaving { id, addr, until });
+                        }
+                    }
+                    trust_changed = true;
+                }
+                replies.into_iter().for_each(|r| host.reply(r));
+                // A leaving replica goes once the switch is a stable checkpoint: a quorum of
+                // the old group executed past it, and laggards can fetch the state.
+                let stable = pbft.low_watermark();
+                let gone = leaving.iter().any(|l| l.until <= stable);
+                leaving.retain(|l| l.until > stable);
+                if trust_changed || gone {
+                    host.update_trust(executor.app().membership(), &leaving);
+                }
+                if gone && !executor.app().membership().members().contains_key(&host.id) {
+                    tracing::warn!(
+                        seq,
+                        stable,
+                        "the group without this replica took over; stopping"
+                    );
+                    return Ok(());
+                }
+            }
+            Event::SnapshotDue { seq } => {
+                pbft.snapshot_taken(seq, executor.snapshot())
+                    .map_err(|e| e.to_string())?;
+            }
+            Event::Restore { seq, snapshot } => {
+                executor.restore(&snapshot).map_err(|e| e.to_string())?;
+                let m = executor.app().membership();
+                tracing::info!(
+                    seq,
+                    epoch = m.epoch(),
+                    replicas = m.replicas(),
+                    "state restored"
+                );
+                pbft.add_keys(engine_members(m))
+                    .map_err(|e| e.to_string())?;
+                host.update_trust(m, &leaving);
+            }
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 impl Node {
@@ -131,18 +333,41 @@ impl Node {
             NodeError::Config(ConfigError::Invalid("the node key is not Ed25519".into()))
         })?;
         let trust = load_trust(&n.ca, n.crl.as_deref())?;
+        let local_crl = Arc::new(Mutex::new(trust.crls.first().cloned()));
         let peers = load_peers(&config.replicas)?;
-        if !peers.contains_key(&id) {
-            return Err(NodeError::Config(ConfigError::Invalid(format!(
-                "this node ({id}) is not among the [[replicas]]"
-            ))));
+        let joining = !peers.contains_key(&id);
+        let ca = trust
+            .ca_certs
+            .first()
+            .cloned()
+            .ok_or_else(|| ConfigError::Invalid("no CA certificate".into()))?;
+        let genesis = Membership::genesis(
+            ca,
+            peers
+                .values()
+                .map(|p| securesmart_membership::Member {
+                    certificate: p.certificate.clone(),
+                    replica_addr: p.replica.unwrap_or(p.client),
+                    client_addr: p.client,
+                    role: Role::Replica,
+                    key_package: Vec::new(),
+                })
+                .collect(),
+            UnixTime::now(),
+        )
+        .map_err(|e| NodeError::Genesis(e.to_string()))?;
+        let mut admins = BTreeSet::new();
+        for path in &n.admins {
+            let cert = load_certificate(path)?;
+            admins.insert(
+                NodeId::from_certificate(&cert).map_err(|e| ConfigError::Pki {
+                    path: path.clone(),
+                    message: e.to_string(),
+                })?,
+            );
         }
-        let mut replica_trust = trust.clone();
-        for p in peers.values() {
-            if let Some(addr) = p.replica {
-                replica_trust.peers.insert(p.id, addr);
-            }
-        }
+        let mut replica_trust = genesis.replica_trust();
+        replica_trust.crls = trust.crls.clone();
         let limits = n.limits.limits();
         let (replica_plane, replica_inbox) = Plane::replica(
             PlaneConfig::new(identity.clone(), n.replica_listen, replica_trust)
@@ -155,7 +380,7 @@ impl Node {
         .await?;
 
         let k = &config.consensus;
-        let mut core = Config::new(peers.keys().copied().collect());
+        let mut core = Config::new(genesis.replica_ids());
         core.max_batch = k.max_batch;
         core.batch_delay = Duration::from_millis(k.batch_delay_ms);
         core.checkpoint_interval = k.checkpoint_interval;
@@ -170,48 +395,51 @@ impl Node {
             .map_err(|e| NodeError::Journal(e.to_string()))?;
         tracing::info!(
             node = %id,
+            joining,
             records = recovered,
             executed = replica.executed(),
             view = replica.view(),
             "replica starting"
         );
-        let ring = KeyRing::new(peers.values().map(|p| (p.id, p.key)));
+        let ring = KeyRing::new(engine_members(&genesis).into_iter().map(|m| (m.id, m.key)));
         let network = ReplicaNetwork::new(replica_plane.clone(), replica_inbox);
-        let (mut pbft, driver) =
+        let (pbft, driver) =
             Pbft::spawn_durable(replica, ring, network, wire_limits, Some(Box::new(journal)));
-
-        let submitter = pbft.submitter();
+        let own = SelfRequests {
+            id,
+            number: Arc::new(AtomicU64::new(unix_now().saturating_mul(1_000_000).max(1))),
+            submitter: pbft.submitter(),
+        };
         let cache: ReplyCache = Arc::default();
-        let serving = {
-            let (cache, clients) = (Arc::clone(&cache), client_plane.clone());
+        let host = Host {
+            id,
+            cache: Arc::clone(&cache),
+            replica_plane: replica_plane.clone(),
+            client_plane: client_plane.clone(),
+            local_crl: Arc::clone(&local_crl),
+        };
+        let state = NodeState::new(genesis, admins, app);
+        let serving = tokio::spawn(run_state(pbft, Executor::new(state), host));
+        // Requests wait until this replica reaches its peers (or a few seconds pass): a
+        // pre-prepare sent before the mesh is up is lost to the replicas not yet connected,
+        // which then stay behind until the next checkpoint.
+        let others = peers.len().saturating_sub(usize::from(!joining));
+        let startup = {
+            let (plane, clients, crl) =
+                (replica_plane.clone(), client_plane.clone(), n.crl.clone());
             tokio::spawn(async move {
-                let mut executor = Executor::new(Enveloped(app));
-                serve(&mut pbft, &mut executor, |reply: Reply| {
-                    let message = ClientReply {
-                        number: reply.number,
-                        outcome: Outcome::Executed(reply.result.clone()),
-                    };
-                    if let Ok(mut c) = cache.lock() {
-                        c.insert(reply.client, (reply.number, reply.result));
+                plane.wait_connected(others, STARTUP_WAIT).await;
+                // Both run inside this task, so stopping the node stops them.
+                let intake = intake(client_inbox, clients, own.submitter.clone(), cache);
+                match crl {
+                    Some(path) => {
+                        tokio::join!(intake, watch_crl(path, own, local_crl));
                     }
-                    let _ = clients.try_send(
-                        reply.client,
-                        Class::Consensus,
-                        Bytes::from(message.encode()),
-                    );
-                })
-                .await
-                .map_err(|e| e.to_string())
+                    None => intake.await,
+                }
             })
         };
-        let intake = tokio::spawn(intake(client_inbox, client_plane.clone(), submitter, cache));
-        let mut tasks = vec![driver, intake];
-        if let Some(path) = n.crl.clone() {
-            tasks.push(tokio::spawn(watch_crl(
-                path,
-                [replica_plane.clone(), client_plane.clone()],
-            )));
-        }
+        let tasks = vec![driver, startup];
         Ok(Self {
             id,
             replica_plane,
@@ -252,8 +480,8 @@ impl Node {
         &self.client_plane
     }
 
-    /// Runs until the engine stops (a journal failure) or `shutdown` resolves, then shuts
-    /// down.
+    /// Runs until the engine stops (a journal failure), this replica is removed from the
+    /// group, or `shutdown` resolves; then shuts down.
     ///
     /// # Errors
     /// Why the engine stopped, if it did on its own.
@@ -283,15 +511,22 @@ impl Node {
     }
 }
 
+/// How long a starting replica waits for its peers before it takes requests.
+pub const STARTUP_WAIT: Duration = Duration::from_secs(3);
+
 /// How often the node looks at its CRL file.
 pub const CRL_POLL: Duration = Duration::from_secs(1);
 
-/// Re-reads the CRL file when it changes and hands it to both planes (which close the live
-/// connections it revokes). A file that cannot be read or parsed keeps the current CRL and is
-/// logged and counted.
-async fn watch_crl(path: std::path::PathBuf, planes: [Plane; 2]) {
+/// Watches the CRL file: when it changes (and on the first look, since it may have changed
+/// while the node started), the node submits it as an ordered `UpdateCrl`, and uses it for
+/// its planes until the membership carries a CRL. A file that cannot be read keeps the
+/// current CRL and is logged and counted.
+async fn watch_crl(
+    path: std::path::PathBuf,
+    own: SelfRequests,
+    local: Arc<Mutex<Option<CertificateRevocationListDer<'static>>>>,
+) {
     let modified = |p: &std::path::Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
-    // The first look always reloads: the file may have changed since the node read it.
     let mut seen = None;
     let mut tick = tokio::time::interval(CRL_POLL);
     loop {
@@ -309,20 +544,19 @@ async fn watch_crl(path: std::path::PathBuf, planes: [Plane; 2]) {
                 continue;
             }
         };
-        for plane in &planes {
-            let mut trust = plane.trust();
-            trust.crls = vec![crl.clone()];
-            match plane.update_trust(trust) {
-                Ok(closed) => {
-                    metrics::counter!("securesmart_node_crl_reloads_total").increment(1);
-                    tracing::info!(closed, "CRL reloaded");
-                }
-                Err(e) => {
-                    metrics::counter!("securesmart_node_crl_reload_errors_total").increment(1);
-                    tracing::warn!(error = %e, "CRL refused; keeping the current CRL");
-                }
-            }
+        if let Ok(mut l) = local.lock() {
+            *l = Some(crl.clone());
         }
+        let command = MembershipCommand::UpdateCrl { crl: crl.to_vec() };
+        let submitted = own.submit(Ordered::Command {
+            time: unix_now(),
+            command: Bytes::from(command.encode()),
+        });
+        metrics::counter!("securesmart_node_crl_reloads_total").increment(1);
+        tracing::info!(
+            submitted = submitted.is_ok(),
+            "CRL file changed; ordering it"
+        );
     }
 }
 
@@ -353,10 +587,17 @@ async fn intake(mut inbox: Inbox, clients: Plane, submitter: Submitter, cache: R
                 continue;
             }
         }
+        let payload = match request.kind {
+            RequestKind::App => Ordered::App(request.payload),
+            RequestKind::Command => Ordered::Command {
+                time: unix_now(),
+                command: request.payload,
+            },
+        };
         let ordered = Request {
             client: m.from,
             number: request.number,
-            payload: Ordered::App(request.payload).encode(),
+            payload: payload.encode(),
         };
         match submitter.submit(ordered) {
             Ok(()) => client_counter("submitted"),

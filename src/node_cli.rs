@@ -4,9 +4,11 @@ use std::path::PathBuf;
 
 use clap::{Args, Subcommand};
 use securesmart::client::Client;
-use securesmart::config::{ClientConfig, NodeConfig};
+use securesmart::config::{ClientConfig, NodeConfig, load_certificate};
 use securesmart::kv::KvStore;
+use securesmart::membership::MembershipCommand;
 use securesmart::node::Node;
+use securesmart::transport::NodeId;
 
 use crate::ca_cli::CliResult;
 
@@ -37,6 +39,24 @@ enum ClientOp {
     Get { key: String },
     /// Remove KEY; prints the previous value, if any.
     Delete { key: String },
+    /// Add a replica to the group (administrators only): orders its `AddNode`.
+    AddReplica {
+        /// The new replica's certificate (PEM).
+        #[arg(long)]
+        certificate: PathBuf,
+        /// Its replica-plane address.
+        #[arg(long)]
+        replica: std::net::SocketAddr,
+        /// Its client-plane address.
+        #[arg(long)]
+        client: std::net::SocketAddr,
+    },
+    /// Remove a replica from the group (administrators only): orders its `RemoveNode`.
+    RemoveReplica {
+        /// The replica's certificate (PEM).
+        #[arg(long)]
+        certificate: PathBuf,
+    },
 }
 
 pub(crate) async fn node(command: NodeCommand) -> CliResult {
@@ -86,6 +106,26 @@ pub(crate) async fn client(args: ClientArgs) -> CliResult {
         ClientOp::Put { key, value } => client.put(key, value).await,
         ClientOp::Get { key } => client.get(key).await,
         ClientOp::Delete { key } => client.delete(key).await,
+        ClientOp::AddReplica {
+            certificate,
+            replica,
+            client: client_addr,
+        } => {
+            let cert = load_certificate(&certificate).map_err(|e| e.to_string())?;
+            let command = MembershipCommand::AddNode {
+                certificate: cert.to_vec(),
+                key_package: Vec::new(),
+                replica_addr: replica,
+                client_addr,
+            };
+            client.command(&command).await.map(|v| Some(v.into()))
+        }
+        ClientOp::RemoveReplica { certificate } => {
+            let cert = load_certificate(&certificate).map_err(|e| e.to_string())?;
+            let id = NodeId::from_certificate(&cert).map_err(|e| e.to_string())?;
+            let command = MembershipCommand::RemoveNode { id };
+            client.command(&command).await.map(|v| Some(v.into()))
+        }
     };
     client.close().await;
     match result.map_err(|e| e.to_string())? {

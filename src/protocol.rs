@@ -21,8 +21,19 @@ const VERSION: u8 = 1;
 pub struct ClientRequest {
     /// The client's request number: it grows with every new request; a retransmission reuses it.
     pub number: u64,
-    /// The application operation.
+    /// What the payload is.
+    pub kind: RequestKind,
+    /// The application operation, or an encoded membership command.
     pub payload: Bytes,
+}
+
+/// What a [`ClientRequest`] carries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RequestKind {
+    /// An application operation.
+    App,
+    /// A membership command (`securesmart_membership::MembershipCommand`), for administrators.
+    Command,
 }
 
 /// A replica's reply to a client.
@@ -50,6 +61,10 @@ impl ClientRequest {
         let mut w = Writer::default();
         w.u8(VERSION)
             .raw(&self.number.to_be_bytes())
+            .u8(match self.kind {
+                RequestKind::App => 0,
+                RequestKind::Command => 1,
+            })
             .bytes(&self.payload);
         w.buf
     }
@@ -62,9 +77,23 @@ impl ClientRequest {
         let mut r = Reader::new(buf);
         r.version(VERSION)?;
         let number = u64::from_be_bytes(r.array()?);
+        let kind = match r.u8()? {
+            0 => RequestKind::App,
+            1 => RequestKind::Command,
+            other => {
+                return Err(WireError::Unknown {
+                    what: "request kind",
+                    value: other.into(),
+                });
+            }
+        };
         let payload = Bytes::copy_from_slice(r.bytes("payload", MAX_PAYLOAD_BYTES)?);
         r.finish()?;
-        Ok(Self { number, payload })
+        Ok(Self {
+            number,
+            kind,
+            payload,
+        })
     }
 }
 
@@ -115,6 +144,14 @@ impl ClientReply {
 pub enum Ordered {
     /// An application operation, in the clear.
     App(Bytes),
+    /// A membership command, with the submitter's clock (unix seconds) at which certificates
+    /// and CRLs in it are judged (the same time at every replica).
+    Command {
+        /// Unix seconds.
+        time: u64,
+        /// The encoded `MembershipCommand`.
+        command: Bytes,
+    },
 }
 
 impl Ordered {
@@ -127,6 +164,13 @@ impl Ordered {
                 out.extend_from_slice(payload);
                 Bytes::from(out)
             }
+            Ordered::Command { time, command } => {
+                let mut out = Vec::with_capacity(9 + command.len());
+                out.push(1);
+                out.extend_from_slice(&time.to_be_bytes());
+                out.extend_from_slice(command);
+                Bytes::from(out)
+            }
         }
     }
 
@@ -137,6 +181,16 @@ impl Ordered {
     pub fn decode(buf: &Bytes) -> Result<Self, WireError> {
         match buf.first() {
             Some(0) => Ok(Ordered::App(buf.slice(1..))),
+            Some(1) => {
+                let time = buf
+                    .get(1..9)
+                    .and_then(|t| <[u8; 8]>::try_from(t).ok())
+                    .ok_or(WireError::Truncated)?;
+                Ok(Ordered::Command {
+                    time: u64::from_be_bytes(time),
+                    command: buf.slice(9..),
+                })
+            }
             Some(other) => Err(WireError::Unknown {
                 what: "ordered request kind",
                 value: (*other).into(),
@@ -157,6 +211,7 @@ mod tests {
     fn messages_round_trip_and_bad_ones_are_errors() {
         let req = ClientRequest {
             number: 7,
+            kind: RequestKind::Command,
             payload: Bytes::from_static(b"op"),
         };
         assert_eq!(ClientRequest::decode(&req.encode()), Ok(req.clone()));
@@ -170,6 +225,12 @@ mod tests {
         assert!(ClientReply::decode(&[VERSION, 0, 0, 0, 0, 0, 0, 0, 1, 9]).is_err());
         let app = Ordered::App(Bytes::from_static(b"x"));
         assert_eq!(Ordered::decode(&app.encode()), Ok(app));
+        let cmd = Ordered::Command {
+            time: 99,
+            command: Bytes::from_static(b"cmd"),
+        };
+        assert_eq!(Ordered::decode(&cmd.encode()), Ok(cmd));
+        assert!(Ordered::decode(&Bytes::from_static(&[1, 0, 0])).is_err());
         assert!(Ordered::decode(&Bytes::new()).is_err());
         assert!(Ordered::decode(&Bytes::from_static(&[200])).is_err());
     }

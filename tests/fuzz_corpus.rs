@@ -23,6 +23,7 @@ const TARGETS: &[(&str, Body)] = &[
     ("consensus_message", consensus::consensus_message),
     ("replica_ops", consensus::replica_ops),
     ("journal", consensus::journal),
+    ("node_input", securesmart::fuzzing::node_input),
 ];
 
 fn root() -> &'static Path {

@@ -54,6 +54,7 @@ pub enum PbftError {
 
 enum Control {
     Snapshot(Seq, Bytes),
+    Keys(Vec<Member>),
     Reconfigure(
         Vec<Member>,
         Seq,
@@ -64,7 +65,8 @@ enum Control {
 /// The PBFT engine as an [`Ordering`]: a handle to a driver task.
 #[derive(Debug)]
 pub struct Pbft {
-    requests: mpsc::Sender<Request>,
+    requests: mpsc::Sender<(Request, bool)>,
+    low: std::sync::Arc<std::sync::atomic::AtomicU64>,
     control: mpsc::UnboundedSender<Control>,
     events: mpsc::Receiver<Event>,
 }
@@ -100,6 +102,7 @@ impl Pbft {
         let (requests, requests_rx) = mpsc::channel(4096);
         let (control, control_rx) = mpsc::unbounded_channel();
         let (events_tx, events) = mpsc::channel(1024);
+        let low = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
         let task = tokio::spawn(
             Driver {
                 replica,
@@ -112,12 +115,14 @@ impl Pbft {
                 unsynced: false,
                 seen_view: (0, true),
                 last_summary: Instant::now(),
+                low: std::sync::Arc::clone(&low),
             }
             .run(requests_rx, control_rx),
         );
         (
             Self {
                 requests,
+                low,
                 control,
                 events,
             },
@@ -129,7 +134,7 @@ impl Pbft {
 /// A cloneable handle that submits requests to a [`Pbft`] engine while the application task
 /// owns the engine (for example inside [`crate::service::serve`]).
 #[derive(Clone, Debug)]
-pub struct Submitter(mpsc::Sender<Request>);
+pub struct Submitter(mpsc::Sender<(Request, bool)>);
 
 impl Submitter {
     /// Submits a client request.
@@ -137,7 +142,20 @@ impl Submitter {
     /// # Errors
     /// [`PbftError::Busy`] when the queue is full, [`PbftError::Stopped`] after shutdown.
     pub fn submit(&self, request: Request) -> Result<(), PbftError> {
-        self.0.try_send(request).map_err(|e| match e {
+        self.send(request, false)
+    }
+
+    /// Submits a request that reached only this replica (one the node makes itself): it is
+    /// forwarded to the other replicas as well, so that whoever is primary orders it.
+    ///
+    /// # Errors
+    /// As [`Submitter::submit`].
+    pub fn submit_and_forward(&self, request: Request) -> Result<(), PbftError> {
+        self.send(request, true)
+    }
+
+    fn send(&self, request: Request, forward: bool) -> Result<(), PbftError> {
+        self.0.try_send((request, forward)).map_err(|e| match e {
             mpsc::error::TrySendError::Full(_) => PbftError::Busy,
             mpsc::error::TrySendError::Closed(_) => PbftError::Stopped,
         })
@@ -148,6 +166,25 @@ impl Pbft {
     /// A handle for submitting requests from other tasks.
     pub fn submitter(&self) -> Submitter {
         Submitter(self.requests.clone())
+    }
+}
+
+impl Pbft {
+    /// The replica's last stable checkpoint (low watermark): a quorum executed at least this
+    /// far.
+    pub fn low_watermark(&self) -> Seq {
+        self.low.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Makes the keys of `members` known for verification (after a state transfer restored a
+    /// group whose members this replica had not heard of).
+    ///
+    /// # Errors
+    /// [`PbftError::Stopped`] after shutdown.
+    pub fn add_keys(&self, members: Vec<Member>) -> Result<(), PbftError> {
+        self.control
+            .send(Control::Keys(members))
+            .map_err(|_| PbftError::Stopped)
     }
 }
 
@@ -188,6 +225,7 @@ struct Driver<N> {
     unsynced: bool,
     seen_view: (u64, bool),
     last_summary: Instant,
+    low: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// Messages verified together at most.
@@ -218,7 +256,7 @@ impl<N: Network> Driver<N> {
 
     async fn run(
         mut self,
-        mut requests: mpsc::Receiver<Request>,
+        mut requests: mpsc::Receiver<(Request, bool)>,
         mut control: mpsc::UnboundedReceiver<Control>,
     ) {
         // A recovered core has outputs waiting (restore, re-execution, re-sent votes).
@@ -237,6 +275,11 @@ impl<N: Network> Driver<N> {
                     Some(Control::Snapshot(seq, snapshot)) => {
                         self.replica.handle_checkpoint_state(seq, snapshot);
                     }
+                    Some(Control::Keys(members)) => {
+                        for m in &members {
+                            self.ring.insert(m.id, m.key);
+                        }
+                    }
                     Some(Control::Reconfigure(members, at, reply)) => {
                         let ids = members.iter().map(|m| m.id).collect();
                         let result = self.replica.reconfigure(ids, at);
@@ -254,9 +297,14 @@ impl<N: Network> Driver<N> {
                     None => break,
                 },
                 r = requests.recv() => match r {
-                    Some(r) => {
+                    Some((r, forward)) => {
                         let now = self.now();
-                        if let Err(e) = self.replica.handle_request(r, now) {
+                        let result = if forward {
+                            self.replica.handle_request_and_forward(r, now)
+                        } else {
+                            self.replica.handle_request(r, now)
+                        };
+                        if let Err(e) = result {
                             metrics::counter!("securesmart_consensus_requests_refused_total",
                                 "reason" => ignored_reason(e)).increment(1);
                         }
@@ -277,6 +325,10 @@ impl<N: Network> Driver<N> {
 
     /// Logs view changes as they start, and the core's state now and then at debug level.
     fn watch(&mut self) {
+        self.low.store(
+            self.replica.low_watermark(),
+            std::sync::atomic::Ordering::Relaxed,
+        );
         let (view, active) = (self.replica.view(), self.replica.is_active());
         if (view, active) != self.seen_view {
             if !active {

@@ -51,6 +51,8 @@ pub mod domain {
     pub const STATE: &str = "securesmart 2026-11-24 consensus state v1";
     /// Digest of a replica state snapshot (the value a checkpoint signs).
     pub const STATE_DIGEST: &str = "securesmart 2026-11-24 consensus state digest v1";
+    /// Requests a replica forwards to others (signed over their batch digest).
+    pub const FORWARD: &str = "securesmart 2026-11-26 consensus forward v1";
 }
 
 /// A BLAKE3 hasher in `derive_key` mode for `context`, from a precomputed state (deriving the
@@ -218,6 +220,12 @@ pub enum Message {
         /// the gaps); every replica recomputes and checks them.
         pre_prepares: Vec<Signed>,
     },
+    /// Client requests the sender holds, for replicas that may not have them (the primary of
+    /// a new view; every replica for a request that reached only the sender).
+    Forward {
+        /// The requests.
+        requests: Vec<Request>,
+    },
     /// The sender needs the state at checkpoint `seq` or later.
     FetchState {
         /// Sequence number.
@@ -245,6 +253,7 @@ impl Message {
             Message::NewView { .. } => 6,
             Message::FetchState { .. } => 7,
             Message::State { .. } => 8,
+            Message::Forward { .. } => 9,
         }
     }
 
@@ -328,6 +337,7 @@ impl Message {
             Message::NewView { .. } => domain::NEW_VIEW,
             Message::FetchState { .. } => domain::FETCH_STATE,
             Message::State { .. } => domain::STATE,
+            Message::Forward { .. } => domain::FORWARD,
         }
     }
 
@@ -367,6 +377,9 @@ impl Message {
             }
             Message::FetchState { seq } => {
                 w.raw(&seq.to_be_bytes());
+            }
+            Message::Forward { requests } => {
+                w.raw(&batch_digest(requests).0);
             }
             Message::State {
                 checkpoint,
@@ -433,7 +446,7 @@ impl Default for Limits {
     }
 }
 
-const TOP_LEVEL: &[u8] = &[1, 2, 3, 4, 5, 6, 7, 8];
+const TOP_LEVEL: &[u8] = &[1, 2, 3, 4, 5, 6, 7, 8, 9];
 
 pub(crate) fn read_list(
     r: &mut Reader<'_>,
@@ -450,15 +463,30 @@ pub(crate) fn read_list(
 }
 
 fn read_count(r: &mut Reader<'_>, limits: &Limits) -> Result<usize, WireError> {
+    read_bounded(r, "list", limits.max_list)
+}
+
+/// A u32 count of at most `max`.
+fn read_bounded(r: &mut Reader<'_>, what: &'static str, max: usize) -> Result<usize, WireError> {
     let n = r.u32()? as usize;
-    if n > limits.max_list {
-        return Err(WireError::TooLong {
-            what: "list",
-            len: n,
-            max: limits.max_list,
-        });
+    if n > max {
+        return Err(WireError::TooLong { what, len: n, max });
     }
     Ok(n)
+}
+
+/// A counted list of requests (a pre-prepare's batch, forwarded requests).
+fn read_batch(r: &mut Reader<'_>, limits: &Limits) -> Result<Vec<Request>, WireError> {
+    let n = read_bounded(r, "batch", limits.max_batch)?;
+    let mut batch = Vec::with_capacity(n.min(64));
+    for _ in 0..n {
+        batch.push(Request {
+            client: NodeId::from_bytes(r.array()?),
+            number: r.array().map(u64::from_be_bytes)?,
+            payload: Bytes::copy_from_slice(r.bytes("request", limits.max_request_bytes)?),
+        });
+    }
+    Ok(batch)
 }
 
 pub(crate) fn read_certs(
@@ -499,7 +527,9 @@ impl Signed {
             .raw(&self.signature)
             .u8(self.message.tag());
         self.message.header(&mut w);
-        if let Message::PrePrepare { batch, .. } = &self.message {
+        if let Message::PrePrepare { batch, .. } | Message::Forward { requests: batch } =
+            &self.message
+        {
             w.u32(u32::try_from(batch.len()).unwrap_or(u32::MAX));
             for r in batch {
                 r.encode_into(&mut w);
@@ -538,24 +568,7 @@ impl Signed {
                 let digest = Digest(r.array()?);
                 match tag {
                     1 => {
-                        let n = r.u32()? as usize;
-                        if n > limits.max_batch {
-                            return Err(WireError::TooLong {
-                                what: "batch",
-                                len: n,
-                                max: limits.max_batch,
-                            });
-                        }
-                        let mut batch = Vec::with_capacity(n.min(64));
-                        for _ in 0..n {
-                            batch.push(Request {
-                                client: NodeId::from_bytes(r.array()?),
-                                number: u64_of(&mut r)?,
-                                payload: Bytes::copy_from_slice(
-                                    r.bytes("request", limits.max_request_bytes)?,
-                                ),
-                            });
-                        }
+                        let batch = read_batch(&mut r, limits)?;
                         Message::PrePrepare {
                             view,
                             seq,
@@ -585,6 +598,17 @@ impl Signed {
             7 => Message::FetchState {
                 seq: u64_of(&mut r)?,
             },
+            9 => {
+                let digest = Digest(r.array()?);
+                let requests = read_batch(&mut r, limits)?;
+                if batch_digest(&requests) != digest {
+                    return Err(WireError::Unknown {
+                        what: "forward digest",
+                        value: 0,
+                    });
+                }
+                Message::Forward { requests }
+            }
             8 => Message::State {
                 checkpoint: read_list(&mut r, limits, &[4])?,
                 snapshot: Bytes::copy_from_slice(r.bytes("snapshot", limits.max_snapshot_bytes)?),

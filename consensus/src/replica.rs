@@ -282,6 +282,9 @@ type CoreState = (BTreeMap<Seq, Vec<NodeId>>, BTreeMap<NodeId, u64>);
 /// How many group changes a replica remembers (to judge older certificates).
 const GROUPS_KEPT: usize = 16;
 
+/// Batches of held requests a backup forwards to a new primary at most.
+const FORWARD_BATCHES: usize = 4;
+
 /// How many of its own past view changes a replica keeps for retransmission.
 const OWN_VIEW_CHANGES_KEPT: usize = 4;
 
@@ -702,6 +705,44 @@ impl Replica {
         self.outputs.push_back(Output::Persist(record));
     }
 
+    /// Like [`Replica::handle_request`], and sends the request to every other replica as well
+    /// (for a request that reaches only this replica, such as one the node submits itself).
+    ///
+    /// # Errors
+    /// As [`Replica::handle_request`]; nothing is sent then.
+    pub fn handle_request_and_forward(
+        &mut self,
+        request: Request,
+        now: Duration,
+    ) -> Result<(), Ignored> {
+        self.handle_request(request.clone(), now)?;
+        self.broadcast(Message::Forward {
+            requests: vec![request],
+        });
+        Ok(())
+    }
+
+    /// A backup that enters a view sends the new primary the requests it holds (in arrival
+    /// order, at most a few batches), so that a primary which never received them (its clients'
+    /// connections were down, it restarted) can order them instead of timing out.
+    fn forward_held(&mut self, primary: NodeId) {
+        let max = self.config.max_batch.max(1);
+        let mut held: Vec<(u64, Request)> = self
+            .waiting
+            .values()
+            .map(|(arrival, r)| (*arrival, r.clone()))
+            .collect();
+        held.sort_unstable_by_key(|(arrival, _)| *arrival);
+        for chunk in held.chunks(max).take(FORWARD_BATCHES) {
+            let requests = chunk.iter().map(|(_, r)| r.clone()).collect();
+            let message = self.signer.sign(Message::Forward { requests });
+            self.outputs.push_back(Output::Send {
+                to: primary,
+                message,
+            });
+        }
+    }
+
     /// A client request reached this replica at `now`. Every replica holds it until it
     /// executes (the view-change timer watches it); the primary batches it.
     ///
@@ -877,6 +918,21 @@ impl Replica {
                 self.on_fetch_state(sender, seq)
             }
             Message::State { .. } => self.on_state(message),
+            Message::Forward { requests } => {
+                if !self.group().contains(&sender) {
+                    return Err(Ignored::NotMember);
+                }
+                let now = self.now;
+                let taken = requests
+                    .clone()
+                    .into_iter()
+                    .filter(|r| self.handle_request(r.clone(), now).is_ok())
+                    .count();
+                if taken == 0 {
+                    return Err(Ignored::Stale);
+                }
+                Ok(())
+            }
         }
     }
 
@@ -1478,6 +1534,9 @@ impl Replica {
         if let Some(primary) = primary {
             self.outputs
                 .push_back(Output::ViewEntered { view, primary });
+            if primary != me && !self.waiting.is_empty() {
+                self.forward_held(primary);
+            }
         }
         if !self.waiting.is_empty() {
             self.vc_deadline = Some(self.now + self.timeout());
@@ -1598,10 +1657,19 @@ impl Replica {
                 seq,
                 snapshot: restored.app,
             });
-            let cert = checkpoint.iter().cloned().map(Verified::trusted).collect();
-            self.stabilize(seq, cert, digest);
+            let cert: Vec<Verified> = checkpoint.iter().cloned().map(Verified::trusted).collect();
+            self.stabilize(seq, cert.clone(), digest);
             if seq == self.low {
                 self.stable_digest = Some(digest);
+                // This replica may have judged `seq` stable on a certificate sized for a group
+                // it had not yet seen change (a joiner learns the change only from the state):
+                // keep the transferred certificate if it holds under the restored groups, so
+                // that the view changes it sends are valid for the others.
+                if let Some(Some(d)) = self.group_at(seq).checkpoint_cert(seq, checkpoint)
+                    && d == digest
+                {
+                    self.stable = cert;
+                }
             }
             progress = true;
         }

@@ -156,6 +156,12 @@ impl<S: StateMachine> Executor<S> {
         &self.app
     }
 
+    /// The application, mutably (for state outside execution, such as effects an executed
+    /// batch left for its host to carry out). Changing replicated state here breaks agreement.
+    pub fn app_mut(&mut self) -> &mut S {
+        &mut self.app
+    }
+
     /// The cached reply to `(client, number)`, if that was the client's last executed request.
     pub fn cached(&self, client: &NodeId, number: u64) -> Option<Reply> {
         let (n, result) = self.replies.get(client)?;

@@ -190,9 +190,10 @@ impl Membership {
         self.replicas().saturating_sub(1) / 3
     }
 
-    /// Quorum size 2f + 1.
+    /// Quorum size: ceil((n + f + 1) / 2), the smallest size whose any two sets share f + 1
+    /// replicas (2f + 1 when n = 3f + 1; the ordering layer uses the same rule).
     pub fn quorum(&self) -> usize {
-        2 * self.f() + 1
+        (self.replicas() + self.f() + 2) / 2
     }
 
     /// Replies a client needs: f + 1.
@@ -378,6 +379,120 @@ fn get_addr(r: &mut Reader<'_>) -> Result<SocketAddr, WireError> {
         }
     };
     Ok(SocketAddr::new(ip, u16::from_be_bytes(r.array()?)))
+}
+
+/// Members in an encoded membership at most.
+pub const MAX_MEMBERS: usize = 1024;
+
+impl Membership {
+    /// Encodes the whole membership (version 1): epoch, CA certificate, members, CRL. Part of
+    /// the replicated state (snapshots, state transfer).
+    pub fn encode(&self) -> Vec<u8> {
+        let mut w = Writer::default();
+        w.u8(VERSION)
+            .raw(&self.epoch.to_be_bytes())
+            .bytes(self.ca.as_ref())
+            .u32(u32::try_from(self.members.len()).unwrap_or(u32::MAX));
+        for m in self.members.values() {
+            w.bytes(m.certificate.as_ref())
+                .u8(if m.role == Role::Replica { 1 } else { 2 })
+                .bytes(&m.key_package);
+            put_addr(&mut w, &m.replica_addr);
+            put_addr(&mut w, &m.client_addr);
+        }
+        match &self.crl {
+            Some((number, der)) => {
+                w.u8(1).raw(&number.to_be_bytes()).bytes(der.as_ref());
+            }
+            None => {
+                w.u8(0);
+            }
+        }
+        w.buf
+    }
+
+    /// Decodes a membership made by [`Membership::encode`]. Member ids are recomputed from the
+    /// certificates (a certificate that does not parse is an error); certificates are not
+    /// re-verified (the bytes come from a certified snapshot).
+    ///
+    /// # Errors
+    /// [`WireError`] saying what is wrong.
+    pub fn decode(buf: &[u8]) -> Result<Self, WireError> {
+        let mut r = Reader::new(buf);
+        r.version(VERSION)?;
+        let epoch = u64::from_be_bytes(r.array()?);
+        let ca = CertificateDer::from(r.bytes("CA certificate", MAX_CERT_BYTES)?.to_vec());
+        let n = r.u32()? as usize;
+        if n > MAX_MEMBERS {
+            return Err(WireError::TooLong {
+                what: "members",
+                len: n,
+                max: MAX_MEMBERS,
+            });
+        }
+        let mut members = BTreeMap::new();
+        for _ in 0..n {
+            let certificate =
+                CertificateDer::from(r.bytes("certificate", MAX_CERT_BYTES)?.to_vec());
+            let role = match r.u8()? {
+                1 => Role::Replica,
+                2 => Role::Client,
+                other => {
+                    return Err(WireError::Unknown {
+                        what: "role",
+                        value: other.into(),
+                    });
+                }
+            };
+            let key_package = r.bytes("key package", MAX_KEY_PACKAGE_BYTES)?.to_vec();
+            let replica_addr = get_addr(&mut r)?;
+            let client_addr = get_addr(&mut r)?;
+            let id = NodeId::from_certificate(&certificate).map_err(|_| WireError::Unknown {
+                what: "member certificate",
+                value: 0,
+            })?;
+            members.insert(
+                id,
+                Member {
+                    certificate,
+                    replica_addr,
+                    client_addr,
+                    role,
+                    key_package,
+                },
+            );
+        }
+        let crl = match r.u8()? {
+            0 => None,
+            1 => {
+                let number = u64::from_be_bytes(r.array()?);
+                let der = r.bytes("CRL", MAX_CRL_BYTES)?.to_vec();
+                Some((number, CertificateRevocationListDer::from(der)))
+            }
+            other => {
+                return Err(WireError::Unknown {
+                    what: "CRL presence",
+                    value: other.into(),
+                });
+            }
+        };
+        r.finish()?;
+        Ok(Self {
+            epoch,
+            ca,
+            members,
+            crl,
+        })
+    }
+
+    /// The replicas' node ids, in order.
+    pub fn replica_ids(&self) -> Vec<NodeId> {
+        self.members
+            .iter()
+            .filter(|(_, m)| m.role == Role::Replica)
+            .map(|(id, _)| *id)
+            .collect()
+    }
 }
 
 impl MembershipCommand {
@@ -676,6 +791,30 @@ mod tests {
         assert_eq!(oa, ob);
         assert_eq!(oa, vec![true, true, true, false, true]);
         assert_eq!(a.epoch(), 4);
+    }
+
+    #[test]
+    fn a_membership_round_trips_through_its_encoding() {
+        let mut fx = fixture();
+        let mut m = genesis(&mut fx, 4);
+        let leaf = m.members().values().next().unwrap().certificate.to_vec();
+        fx.ca
+            .revoke_certificate(&leaf, Reason::KeyCompromise)
+            .unwrap();
+        let crl = fx.ca.crl(Duration::from_secs(3600)).unwrap();
+        let extra = issue(&mut fx.ca, "x", RoleName::Replica);
+        m.apply(&add(extra, 7200), UnixTime::now()).unwrap();
+        m.apply(
+            &MembershipCommand::UpdateCrl { crl: crl.to_vec() },
+            UnixTime::now(),
+        )
+        .unwrap();
+        let bytes = m.encode();
+        assert_eq!(Membership::decode(&bytes), Ok(m.clone()));
+        assert_eq!(m.replica_ids().len(), 4);
+        for cut in [0, 1, 9, bytes.len() / 2, bytes.len() - 1] {
+            assert!(Membership::decode(&bytes[..cut]).is_err());
+        }
     }
 
     #[test]

@@ -1,0 +1,41 @@
+//! Fuzz bodies for the root package's decoders, shared by `fuzz/` and the corpus replay test.
+//! Not a stable API.
+
+// Panicking is this module's job: a failed oracle is the fuzzer's finding.
+#![allow(clippy::expect_used, clippy::indexing_slicing, clippy::unwrap_used)]
+
+use bytes::Bytes;
+use securesmart_consensus::service::StateMachine;
+
+use crate::kv::{KvOp, KvReply, KvStore};
+use crate::protocol::{ClientReply, ClientRequest, Ordered};
+
+/// Everything a node decodes from clients, from the order and from a transferred snapshot:
+/// client requests and replies, the ordered envelope, key-value operations and replies (each
+/// canonical: decoding then encoding gives the input back), and the node's replicated state
+/// restored from arbitrary bytes (an error, never a panic, and a failed restore changes
+/// nothing).
+pub fn node_input(data: &[u8]) {
+    if let Ok(r) = ClientRequest::decode(data) {
+        assert_eq!(r.encode(), data, "client request encoding is canonical");
+    }
+    if let Ok(r) = ClientReply::decode(data) {
+        assert_eq!(r.encode(), data, "client reply encoding is canonical");
+    }
+    let bytes = Bytes::copy_from_slice(data);
+    if let Ok(o) = Ordered::decode(&bytes) {
+        assert_eq!(o.encode(), bytes, "ordered envelope encoding is canonical");
+    }
+    if let Ok(op) = KvOp::decode(data) {
+        assert_eq!(op.encode(), data, "kv operation encoding is canonical");
+    }
+    if let Ok(r) = KvReply::decode(data) {
+        assert_eq!(r.encode(), data, "kv reply encoding is canonical");
+    }
+    let _ = securesmart_membership::Membership::decode(data);
+    let mut kv = KvStore::default();
+    let before = kv.clone();
+    if kv.restore(data).is_err() {
+        assert_eq!(kv, before, "a failed restore changes nothing");
+    }
+}
