@@ -82,6 +82,7 @@ pub struct LocalCluster {
     /// its logs and journals).
     pub remove_on_drop: bool,
     consensus: ConsensusSection,
+    rekey_seconds: u64,
 }
 
 /// Options of [`LocalCluster::create`].
@@ -97,6 +98,8 @@ pub struct LocalClusterOptions {
     pub client_timeout_ms: u64,
     /// Log filter for the node processes (`RUST_LOG`).
     pub log: String,
+    /// Group-key rotation period of the nodes, in seconds.
+    pub rekey_seconds: u64,
 }
 
 impl Default for LocalClusterOptions {
@@ -107,6 +110,7 @@ impl Default for LocalClusterOptions {
             consensus: ConsensusSection::default(),
             client_timeout_ms: 10_000,
             log: "info".into(),
+            rekey_seconds: 600,
         }
     }
 }
@@ -150,6 +154,7 @@ impl LocalCluster {
             exe: exe.to_owned(),
             remove_on_drop: false,
             consensus: options.consensus.clone(),
+            rekey_seconds: options.rekey_seconds,
         };
         let mut held = Vec::new();
         for (i, id) in ids.iter().take(options.replicas).enumerate() {
@@ -243,11 +248,12 @@ impl LocalCluster {
              certificate = \"replica{i}.pem\"\nkey = \"replica{i}.key\"\nca = \"ca.pem\"\n\
              crl = \"crl.pem\"\ndata_dir = \"data/replica{i}\"\nreplica_listen = \"{}\"\n\
              client_listen = \"{}\"\nmetrics_listen = \"{}\"\nlimits = \"local\"\n\
-             admins = [\"client0.pem\"]\n\n[consensus]\nmax_batch = {}\nbatch_delay_ms = {}\n\
+             admins = [\"client0.pem\"]\nrekey_seconds = {}\n\n[consensus]\nmax_batch = {}\nbatch_delay_ms = {}\n\
              checkpoint_interval = {}\nwindow = {}\nview_change_timeout_ms = {}\n{list}",
             r.replica_addr,
             r.client_addr,
             r.metrics_addr,
+            self.rekey_seconds,
             k.max_batch,
             k.batch_delay_ms,
             k.checkpoint_interval,

@@ -18,6 +18,7 @@
 //! metrics_listen = "127.0.0.1:9100"   # optional: Prometheus metrics over HTTP
 //! limits = "production"           # or "local" (loopback clusters, tests)
 //! admins = ["operator.pem"]       # clients that may add and remove replicas (same everywhere)
+//! rekey_seconds = 600             # rotate the replicas' group key this often
 //!
 //! [consensus]                     # optional tuning, defaults shown
 //! max_batch = 256
@@ -164,6 +165,13 @@ pub struct NodeSection {
     /// state: every replica of a group must name the same ones.
     #[serde(default)]
     pub admins: Vec<PathBuf>,
+    /// Rotate the replicas' group key (an MLS Update commit) when its epoch is this old.
+    #[serde(default = "default_rekey_seconds")]
+    pub rekey_seconds: u64,
+}
+
+fn default_rekey_seconds() -> u64 {
+    600
 }
 
 /// The `[consensus]` section (all optional).

@@ -28,6 +28,7 @@ pub mod config;
 pub mod demo;
 #[doc(hidden)]
 pub mod fuzzing;
+mod group_key;
 pub mod kv;
 pub mod node;
 pub mod protocol;

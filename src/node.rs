@@ -55,7 +55,9 @@ use securesmart_consensus::journal::FileJournal;
 use securesmart_consensus::message::{KeyRing, Limits, Request, Signer};
 use securesmart_consensus::replica::{Config, Replica};
 use securesmart_consensus::service::{Event, Executor, Member, Ordering, StateMachine};
-use securesmart_membership::{Membership, MembershipCommand};
+use securesmart_membership::{
+    Applied, GroupConfig, GroupMember, Membership, MembershipCommand, RotationPolicy,
+};
 use securesmart_transport::{
     Class, Inbox, NodeId, Plane, PlaneConfig, Role, TrustConfig, ed25519_public_key,
 };
@@ -64,6 +66,7 @@ use tokio::task::JoinHandle;
 use crate::config::{
     ConfigError, NodeConfig, load_certificate, load_identity, load_peers, load_trust,
 };
+use crate::group_key::GroupKey;
 use crate::protocol::{ClientReply, ClientRequest, Ordered, Outcome, RequestKind};
 use crate::replica_network::ReplicaNetwork;
 use crate::state::NodeState;
@@ -194,6 +197,23 @@ impl Host {
         metrics::gauge!("securesmart_node_membership_epoch").set(m.epoch() as f64);
     }
 
+    /// Drops the leaving replicas whose switch is a stable checkpoint (`stable`): a quorum of
+    /// the old group executed past it, and laggards can fetch the state. Returns whether this
+    /// replica is one of them (it should stop).
+    fn settle_leaving(&self, leaving: &mut Vec<Leaving>, stable: u64, m: &Membership) -> bool {
+        let gone = leaving.iter().any(|l| l.until <= stable);
+        if !gone {
+            return false;
+        }
+        leaving.retain(|l| l.until > stable);
+        self.update_trust(m, leaving);
+        if m.members().contains_key(&self.id) {
+            return false;
+        }
+        tracing::warn!(stable, "the group without this replica took over; stopping");
+        true
+    }
+
     fn reply(&self, reply: securesmart_consensus::service::Reply) {
         if reply.client == self.id {
             tracing::info!(result = %String::from_utf8_lossy(&reply.result), "own request executed");
@@ -224,16 +244,48 @@ struct Leaving {
     until: u64,
 }
 
+/// The group key's side of the node loop.
+struct GroupSide {
+    key: GroupKey,
+    own: SelfRequests,
+    creator: bool,
+}
+
+impl GroupSide {
+    fn tick(&mut self, m: &Membership) {
+        if let Some(request) = self.key.tick(m, self.creator)
+            && let Err(e) = self.own.submit(request)
+        {
+            tracing::debug!(error = %e, "group message not submitted");
+        }
+    }
+}
+
 /// Runs the replicated state on the engine's events until the engine stops or this replica
 /// is removed.
 async fn run_state<S: StateMachine>(
     mut pbft: Pbft,
     mut executor: Executor<NodeState<S>>,
     host: Host,
+    mut group: GroupSide,
 ) -> Result<(), String> {
     let mut leaving: Vec<Leaving> = Vec::new();
     host.update_trust(executor.app().membership(), &leaving);
-    while let Some(event) = pbft.next_event().await {
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        let event = tokio::select! {
+            e = pbft.next_event() => e,
+            _ = tick.tick() => {
+                group.tick(executor.app().membership());
+                // A removed replica may hear of no batch after the switch: look here as well.
+                let (stable, m) = (pbft.low_watermark(), executor.app().membership());
+                if host.settle_leaving(&mut leaving, stable, m) {
+                    return Ok(());
+                }
+                continue;
+            }
+        };
+        let Some(event) = event else { break };
         match event {
             Event::Ordered { seq, batch } => {
                 let before: Vec<(NodeId, SocketAddr)> = executor
@@ -245,6 +297,18 @@ async fn run_state<S: StateMachine>(
                     .collect();
                 let replies = executor.execute(&batch);
                 let changes = executor.app_mut().take_changes();
+                for e in executor.app_mut().take_group_events() {
+                    group.key.on_event(e, executor.app().membership());
+                }
+                let removed: Vec<NodeId> = changes
+                    .iter()
+                    .flat_map(|c| match c {
+                        Applied::Removed(id) => vec![*id],
+                        Applied::CrlUpdated { removed } => removed.clone(),
+                        _ => Vec::new(),
+                    })
+                    .collect();
+                group.key.on_removed(&removed, executor.app().membership());
                 let mut trust_changed = false;
                 if !changes.is_empty() {
                     let m = executor.app().membership();
@@ -271,20 +335,14 @@ async fn run_state<S: StateMachine>(
                     trust_changed = true;
                 }
                 replies.into_iter().for_each(|r| host.reply(r));
-                // A leaving replica goes once the switch is a stable checkpoint: a quorum of
-                // the old group executed past it, and laggards can fetch the state.
-                let stable = pbft.low_watermark();
-                let gone = leaving.iter().any(|l| l.until <= stable);
-                leaving.retain(|l| l.until > stable);
-                if trust_changed || gone {
+                if trust_changed {
                     host.update_trust(executor.app().membership(), &leaving);
                 }
-                if gone && !executor.app().membership().members().contains_key(&host.id) {
-                    tracing::warn!(
-                        seq,
-                        stable,
-                        "the group without this replica took over; stopping"
-                    );
+                if host.settle_leaving(
+                    &mut leaving,
+                    pbft.low_watermark(),
+                    executor.app().membership(),
+                ) {
                     return Ok(());
                 }
             }
@@ -328,6 +386,7 @@ impl Node {
                 .map_err(|e| NodeError::Metrics(e.to_string()))?;
         }
         let identity = load_identity(&n.certificate, &n.key)?;
+        let group_identity = identity.clone();
         let id = identity.id();
         let signer = Signer::new(&identity).ok_or_else(|| {
             NodeError::Config(ConfigError::Invalid("the node key is not Ed25519".into()))
@@ -418,8 +477,25 @@ impl Node {
             client_plane: client_plane.clone(),
             local_crl: Arc::clone(&local_crl),
         };
+        let member = GroupMember::new(
+            &group_identity,
+            GroupConfig {
+                keep_epochs: 3,
+                rotation: RotationPolicy {
+                    max_age: Duration::from_secs(n.rekey_seconds.max(1)),
+                    max_sealed: 1_000_000,
+                },
+                state_file: Some(n.data_dir.join("mls.state")),
+            },
+        )
+        .map_err(|e| NodeError::Journal(format!("group key state: {e}")))?;
+        let group = GroupSide {
+            key: GroupKey::new(id, member),
+            own: own.clone(),
+            creator: !joining && genesis.replica_ids().first() == Some(&id),
+        };
         let state = NodeState::new(genesis, admins, app);
-        let serving = tokio::spawn(run_state(pbft, Executor::new(state), host));
+        let serving = tokio::spawn(run_state(pbft, Executor::new(state), host, group));
         // Requests wait until this replica reaches its peers (or a few seconds pass): a
         // pre-prepare sent before the mesh is up is lost to the replicas not yet connected,
         // which then stay behind until the next checkpoint.

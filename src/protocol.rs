@@ -152,6 +152,16 @@ pub enum Ordered {
         /// The encoded `MembershipCommand`.
         command: Bytes,
     },
+    /// A replica's MLS key package: it asks to be added to the replicas' group key.
+    KeyPackage(Bytes),
+    /// An MLS commit for the replicas' group (the ordering layer is MLS's delivery service),
+    /// with the Welcome for the replicas it adds (empty if none).
+    GroupCommit {
+        /// The commit.
+        commit: Bytes,
+        /// The Welcome, or empty.
+        welcome: Bytes,
+    },
 }
 
 impl Ordered {
@@ -169,6 +179,24 @@ impl Ordered {
                 out.push(1);
                 out.extend_from_slice(&time.to_be_bytes());
                 out.extend_from_slice(command);
+                Bytes::from(out)
+            }
+            Ordered::KeyPackage(kp) => {
+                let mut out = Vec::with_capacity(1 + kp.len());
+                out.push(2);
+                out.extend_from_slice(kp);
+                Bytes::from(out)
+            }
+            Ordered::GroupCommit { commit, welcome } => {
+                let mut out = Vec::with_capacity(5 + commit.len() + welcome.len());
+                out.push(3);
+                out.extend_from_slice(
+                    &u32::try_from(commit.len())
+                        .unwrap_or(u32::MAX)
+                        .to_be_bytes(),
+                );
+                out.extend_from_slice(commit);
+                out.extend_from_slice(welcome);
                 Bytes::from(out)
             }
         }
@@ -189,6 +217,21 @@ impl Ordered {
                 Ok(Ordered::Command {
                     time: u64::from_be_bytes(time),
                     command: buf.slice(9..),
+                })
+            }
+            Some(2) => Ok(Ordered::KeyPackage(buf.slice(1..))),
+            Some(3) => {
+                let len = buf
+                    .get(1..5)
+                    .and_then(|t| <[u8; 4]>::try_from(t).ok())
+                    .ok_or(WireError::Truncated)?;
+                let end = 5usize.saturating_add(u32::from_be_bytes(len) as usize);
+                if end > buf.len() {
+                    return Err(WireError::Truncated);
+                }
+                Ok(Ordered::GroupCommit {
+                    commit: buf.slice(5..end),
+                    welcome: buf.slice(end..),
                 })
             }
             Some(other) => Err(WireError::Unknown {
@@ -231,6 +274,16 @@ mod tests {
         };
         assert_eq!(Ordered::decode(&cmd.encode()), Ok(cmd));
         assert!(Ordered::decode(&Bytes::from_static(&[1, 0, 0])).is_err());
+        for o in [
+            Ordered::KeyPackage(Bytes::from_static(b"kp")),
+            Ordered::GroupCommit {
+                commit: Bytes::from_static(b"commit"),
+                welcome: Bytes::from_static(b"welcome"),
+            },
+        ] {
+            assert_eq!(Ordered::decode(&o.encode()), Ok(o));
+        }
+        assert!(Ordered::decode(&Bytes::from_static(&[3, 0, 0, 0, 9, 1])).is_err());
         assert!(Ordered::decode(&Bytes::new()).is_err());
         assert!(Ordered::decode(&Bytes::from_static(&[200])).is_err());
     }

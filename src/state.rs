@@ -37,6 +37,29 @@ pub struct NodeState<S> {
     admins: BTreeSet<NodeId>,
     app: S,
     changes: Vec<Applied>,
+    group: Vec<GroupEvent>,
+    /// The MLS epoch the next accepted group commit must be made for (`None` before the first).
+    group_epoch: Option<u64>,
+}
+
+/// An ordered message for the replicas' MLS group, from a current replica, for the node to
+/// hand to its group member (the group key is each member's own state, not replicated state).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum GroupEvent {
+    /// A replica's key package.
+    KeyPackage {
+        /// The replica.
+        from: NodeId,
+        /// Its key package.
+        key_package: Bytes,
+    },
+    /// A commit, with its Welcome (empty if none).
+    Commit {
+        /// The commit.
+        commit: Bytes,
+        /// The Welcome.
+        welcome: Bytes,
+    },
 }
 
 /// The reply to an ordered membership command: `ok epoch N` or `refused: why`.
@@ -55,7 +78,22 @@ impl<S: StateMachine> NodeState<S> {
             admins,
             app,
             changes: Vec::new(),
+            group: Vec::new(),
+            group_epoch: None,
         }
+    }
+
+    /// Group messages executed since the last call, in order.
+    pub fn take_group_events(&mut self) -> Vec<GroupEvent> {
+        std::mem::take(&mut self.group)
+    }
+
+    fn group_message(&mut self, client: NodeId, event: GroupEvent) -> Bytes {
+        if !self.membership.replica_ids().contains(&client) {
+            return Bytes::from_static(b"refused: not a replica");
+        }
+        self.group.push(event);
+        Bytes::from_static(b"ok")
     }
 
     /// The current membership.
@@ -120,6 +158,30 @@ impl<S: StateMachine> StateMachine for NodeState<S> {
                 payload,
             }),
             Ok(Ordered::Command { time, command }) => self.command(request.client, time, &command),
+            Ok(Ordered::KeyPackage(key_package)) => self.group_message(
+                request.client,
+                GroupEvent::KeyPackage {
+                    from: request.client,
+                    key_package,
+                },
+            ),
+            Ok(Ordered::GroupCommit { commit, welcome }) => {
+                // Only the first commit made for the current epoch counts (the one every member
+                // merges); a Welcome rides only on that one, so that nobody joins from a commit
+                // that lost the race.
+                match securesmart_membership::commit_epoch(&commit) {
+                    Ok(e) if self.group_epoch.is_none_or(|want| want == e) => {
+                        let reply = self
+                            .group_message(request.client, GroupEvent::Commit { commit, welcome });
+                        if reply.starts_with(b"ok") {
+                            self.group_epoch = Some(e + 1);
+                        }
+                        reply
+                    }
+                    Ok(_) => Bytes::from_static(b"refused: not a commit for the current epoch"),
+                    Err(_) => Bytes::from_static(b"refused: not an MLS commit"),
+                }
+            }
             Err(e) => {
                 metrics::counter!("securesmart_node_undecodable_ordered_total").increment(1);
                 tracing::warn!(error = %e, client = ?request.client, "ordered request does not decode");
@@ -135,6 +197,10 @@ impl<S: StateMachine> StateMachine for NodeState<S> {
         for a in &self.admins {
             w.raw(a.as_bytes());
         }
+        match self.group_epoch {
+            Some(e) => w.u8(1).raw(&e.to_be_bytes()),
+            None => w.u8(0),
+        };
         w.bytes(&self.membership.encode())
             .bytes(&self.app.snapshot());
         Bytes::from(w.buf)
@@ -151,13 +217,22 @@ impl<S: StateMachine> StateMachine for NodeState<S> {
         for _ in 0..n {
             admins.insert(NodeId::from_bytes(r.array()?));
         }
+        let group_epoch = match r.u8()? {
+            0 => None,
+            1 => Some(u64::from_be_bytes(r.array()?)),
+            other => {
+                return Err(RestoreError::Malformed(format!("group epoch tag {other}")));
+            }
+        };
         let membership = Membership::decode(r.bytes("membership", usize::MAX)?)?;
         let app = r.bytes("application", usize::MAX)?;
         r.finish()?;
         self.app.restore(app)?;
         self.membership = membership;
         self.admins = admins;
+        self.group_epoch = group_epoch;
         self.changes.clear();
+        self.group.clear();
         Ok(())
     }
 }

@@ -540,6 +540,8 @@ impl GroupMember {
     }
 
     /// Joins the group from a Welcome (after the Add commit that produced it was ordered).
+    /// Any group state this member holds is dropped first (call it only when that state is of
+    /// no use: no group, or one that fell behind).
     ///
     /// # Errors
     /// Malformed input, MLS and state errors.
@@ -553,9 +555,17 @@ impl GroupMember {
         else {
             return Err(GroupError::InvalidMessage("not a Welcome".into()));
         };
+
         let config = MlsGroupJoinConfig::builder()
             .use_ratchet_tree_extension(true)
             .build();
+        // A member whose group state fell behind (it missed commits and asks to be re-added)
+        // drops the old state first: the new group has the same group id, and the old state
+        // holds no key anybody still uses.
+        if let Some(mut old) = self.group.take() {
+            self.pending = None;
+            old.delete(self.provider.storage()).map_err(mls_err)?;
+        }
         let group = StagedWelcome::new_from_welcome(&self.provider, &config, welcome, None)
             .map_err(|e| GroupError::InvalidMessage(format!("{e:?}")))?
             .into_group(&self.provider)
@@ -736,6 +746,23 @@ impl GroupMember {
         };
         Ok(())
     }
+}
+
+/// The epoch an ordered commit (an MLS message) was made for, read from its framing without
+/// any group state, so that the ordering layer's replicated state can accept exactly the first
+/// commit of each epoch (and the Welcome that comes with it) at every replica alike.
+///
+/// # Errors
+/// [`GroupError::InvalidMessage`] if the bytes are not an MLS protocol message.
+pub fn commit_epoch(commit: &[u8]) -> Result<u64, GroupError> {
+    if commit.len() > MAX_MLS_MESSAGE_BYTES {
+        return Err(GroupError::InvalidMessage("too large".into()));
+    }
+    let message = MlsMessageIn::tls_deserialize_exact(commit)
+        .map_err(|e| GroupError::InvalidMessage(e.to_string()))?
+        .try_into_protocol_message()
+        .map_err(|e| GroupError::InvalidMessage(format!("{e:?}")))?;
+    Ok(message.epoch().as_u64())
 }
 
 /// The node id a credential names, if it is one of ours.

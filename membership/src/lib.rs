@@ -48,6 +48,7 @@ pub use enrollment::{EnrollError, Enrolled, EnrollmentServer, enroll};
 pub use epoch::{Applied, CommandRefusal, MIN_REPLICAS, Member, Membership, MembershipCommand};
 pub use group::{
     CommitOutcome, GroupConfig, GroupError, GroupMember, Opened, Proposal, RotationPolicy,
+    commit_epoch,
 };
 pub use securesmart_transport::wire::WireError;
 pub use trust_center::{
