@@ -377,8 +377,18 @@ impl ClientConfig {
 /// # Errors
 /// [`ConfigError::Pki`].
 pub fn load_identity(certificate: &Path, key: &Path) -> Result<Identity, ConfigError> {
-    read_limited(certificate)?;
-    Identity::from_pem_files(certificate, key).map_err(|e| ConfigError::Pki {
+    // Each file is read once, within the size limit; the key's bytes are erased after use.
+    let text = |path: &Path| match String::from_utf8(read_limited(path)?) {
+        Ok(s) => Ok(zeroize::Zeroizing::new(s)),
+        Err(e) => {
+            zeroize::Zeroize::zeroize(&mut e.into_bytes());
+            Err(ConfigError::Pki {
+                path: path.to_owned(),
+                message: "not UTF-8 PEM".into(),
+            })
+        }
+    };
+    Identity::from_pem(&text(certificate)?, &text(key)?).map_err(|e| ConfigError::Pki {
         path: certificate.to_owned(),
         message: e.to_string(),
     })

@@ -219,17 +219,14 @@ impl Host {
             tracing::info!(result = %String::from_utf8_lossy(&reply.result), "own request executed");
             return;
         }
-        let message = ClientReply {
-            number: reply.number,
-            outcome: Outcome::Executed(reply.result.clone()),
-        };
         if let Ok(mut c) = self.cache.lock() {
-            c.insert(reply.client, (reply.number, reply.result));
+            c.insert(reply.client, (reply.number, reply.result.clone()));
         }
-        let _ = self.client_plane.try_send(
+        send_reply(
+            &self.client_plane,
             reply.client,
-            Class::Consensus,
-            Bytes::from(message.encode()),
+            reply.number,
+            Outcome::Executed(reply.result),
         );
     }
 }
@@ -636,6 +633,13 @@ async fn watch_crl(
     }
 }
 
+/// Sends a reply to a client over the client plane, best effort (a client that is not
+/// connected to this replica gets its f+1 replies from the others, or retransmits).
+fn send_reply(clients: &Plane, to: NodeId, number: u64, outcome: Outcome) {
+    let reply = ClientReply { number, outcome };
+    let _ = clients.try_send(to, Class::Consensus, Bytes::from(reply.encode()));
+}
+
 /// Client intake: decodes requests, answers retransmissions from the cache, submits the rest.
 async fn intake(mut inbox: Inbox, clients: Plane, submitter: Submitter, cache: ReplyCache) {
     while let Some(m) = inbox.recv().await {
@@ -651,11 +655,7 @@ async fn intake(mut inbox: Inbox, clients: Plane, submitter: Submitter, cache: R
         if let Some((number, result)) = cached {
             if request.number == number {
                 client_counter("cached");
-                let reply = ClientReply {
-                    number,
-                    outcome: Outcome::Executed(result),
-                };
-                let _ = clients.try_send(m.from, Class::Consensus, Bytes::from(reply.encode()));
+                send_reply(&clients, m.from, number, Outcome::Executed(result));
                 continue;
             }
             if request.number < number {
@@ -679,11 +679,7 @@ async fn intake(mut inbox: Inbox, clients: Plane, submitter: Submitter, cache: R
             Ok(()) => client_counter("submitted"),
             Err(PbftError::Busy) => {
                 client_counter("busy");
-                let reply = ClientReply {
-                    number: request.number,
-                    outcome: Outcome::Busy,
-                };
-                let _ = clients.try_send(m.from, Class::Consensus, Bytes::from(reply.encode()));
+                send_reply(&clients, m.from, request.number, Outcome::Busy);
             }
             Err(_) => break,
         }

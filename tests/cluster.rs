@@ -101,29 +101,22 @@ async fn a_client_writes_and_reads_through_four_replica_processes() {
     }
     result.unwrap();
     // The CLI does the same from a configuration file.
-    let out = std::process::Command::new(EXE)
-        .args(["client", "--config"])
-        .arg(&c.clients[0])
-        .args(["put", "cli", "works"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let out = std::process::Command::new(EXE)
-        .args(["client", "--config"])
-        .arg(&c.clients[0])
-        .args(["get", "cli"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "works");
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new(EXE)
+            .args(["client", "--config"])
+            .arg(&c.clients[0])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    cli(&["put", "cli", "works"]);
+    assert_eq!(cli(&["get", "cli"]), "works");
     cl.close().await;
     // Each replica serves Prometheus metrics: the handshakes it accepted, and how far it
     // executed (a quorum did; one replica may trail until the next checkpoint).

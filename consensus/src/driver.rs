@@ -231,6 +231,15 @@ struct Driver<N> {
 /// Messages verified together at most.
 const VERIFY_BATCH: usize = 64;
 
+/// Counts and logs a journal failure; returns `false` (the driver stops: a replica that cannot
+/// remember its votes must not vote).
+fn journal_failed(operation: &'static str, e: &crate::journal::JournalError) -> bool {
+    metrics::counter!("securesmart_consensus_journal_errors_total", "operation" => operation)
+        .increment(1);
+    tracing::error!(operation, error = %e, "journal failed; stopping this replica");
+    false
+}
+
 fn dropped(reason: &'static str) {
     metrics::counter!("securesmart_consensus_dropped_total", "reason" => reason).increment(1);
 }
@@ -394,11 +403,7 @@ impl<N: Network> Driver<N> {
         }
         self.unsynced = false;
         match self.journal.as_mut().map(|j| j.sync()) {
-            Some(Err(e)) => {
-                metrics::counter!("securesmart_consensus_journal_errors_total").increment(1);
-                tracing::error!(error = %e, "journal sync failed; stopping this replica");
-                false
-            }
+            Some(Err(e)) => journal_failed("sync", &e),
             _ => true,
         }
     }
@@ -410,10 +415,7 @@ impl<N: Network> Driver<N> {
             if let Output::Persist(record) = &out {
                 if let Some(journal) = self.journal.as_mut() {
                     if let Err(e) = journal.append(record) {
-                        metrics::counter!("securesmart_consensus_journal_errors_total")
-                            .increment(1);
-                        tracing::error!(error = %e, "journal append failed; stopping this replica");
-                        return false;
+                        return journal_failed("append", &e);
                     }
                     self.unsynced = true;
                 }

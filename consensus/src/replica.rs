@@ -425,8 +425,8 @@ impl Replica {
                     checkpoint,
                     snapshot,
                 } => {
-                    let Some(Message::Checkpoint { seq, state }) =
-                        checkpoint.first().map(|s| s.message.clone())
+                    let Some(&Message::Checkpoint { seq, state }) =
+                        checkpoint.first().map(|s| &s.message)
                     else {
                         return Err(RecoverError::Corrupt("checkpoint without a message".into()));
                     };
@@ -727,15 +727,17 @@ impl Replica {
     /// connections were down, it restarted) can order them instead of timing out.
     fn forward_held(&mut self, primary: NodeId) {
         let max = self.config.max_batch.max(1);
-        let mut held: Vec<(u64, Request)> = self
-            .waiting
-            .values()
-            .map(|(arrival, r)| (*arrival, r.clone()))
-            .collect();
+        let mut held: Vec<&(u64, Request)> = self.waiting.values().collect();
         held.sort_unstable_by_key(|(arrival, _)| *arrival);
-        for chunk in held.chunks(max).take(FORWARD_BATCHES) {
-            let requests = chunk.iter().map(|(_, r)| r.clone()).collect();
-            let message = self.signer.sign(Message::Forward { requests });
+        let messages: Vec<Signed> = held
+            .chunks(max)
+            .take(FORWARD_BATCHES)
+            .map(|chunk| {
+                let requests = chunk.iter().map(|(_, r)| r.clone()).collect();
+                self.signer.sign(Message::Forward { requests })
+            })
+            .collect();
+        for message in messages {
             self.outputs.push_back(Output::Send {
                 to: primary,
                 message,
@@ -924,9 +926,8 @@ impl Replica {
                 }
                 let now = self.now;
                 let taken = requests
-                    .clone()
-                    .into_iter()
-                    .filter(|r| self.handle_request(r.clone(), now).is_ok())
+                    .iter()
+                    .filter(|r| self.handle_request((*r).clone(), now).is_ok())
                     .count();
                 if taken == 0 {
                     return Err(Ignored::Stale);

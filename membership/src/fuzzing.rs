@@ -1,5 +1,8 @@
 //! Fuzz bodies shared by the `fuzz/` targets and the corpus-replay test. Not a stable API.
 
+// invariant: these bodies run only under the fuzzer (`fuzz/`) and the corpus-replay test,
+// never in a node, so no network or file input reaches their unwrap/expect calls; those
+// either build fixtures from constants (a development CA) or are the oracle itself.
 // Panicking is this module's job: a failed oracle is the fuzzer's finding.
 #![allow(clippy::expect_used, clippy::unwrap_used, clippy::indexing_slicing)]
 
