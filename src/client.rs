@@ -10,6 +10,13 @@
 //! retransmission of an executed request from their reply cache) and gives up after `timeout`
 //! with [`ClientError::Timeout`]; a later request never reuses the number.
 //!
+//! With [`Client::set_confidential`], application requests are marked confidential: the
+//! replica that receives one seals it with the replicas' group key before it is ordered, so it
+//! is ciphertext in the log, the journals and state transfer (see `securesmart::state`). The
+//! client's own link is TLS either way. A confidential request the replicas refuse to open
+//! (it was sealed in an epoch they no longer accept) was not executed; the client sends it
+//! once more under a new number.
+//!
 //! Request numbers start at the current time in microseconds and grow by one per request, so
 //! a client that restarts keeps growing numbers without storing anything (a replica treats a
 //! number at or below the client's last executed one as a retransmission).
@@ -101,6 +108,7 @@ pub struct Client {
     f: usize,
     number: u64,
     options: ClientOptions,
+    confidential: bool,
 }
 
 fn now_micros() -> u64 {
@@ -154,6 +162,7 @@ impl Client {
             f,
             number: now_micros(),
             options,
+            confidential: false,
         })
     }
 
@@ -187,12 +196,32 @@ impl Client {
         self.plane.id()
     }
 
+    /// Marks the application requests that follow as confidential (or not): see the module doc.
+    pub fn set_confidential(&mut self, confidential: bool) {
+        self.confidential = confidential;
+    }
+
     /// Orders `payload` and returns the result f+1 replicas agree on.
     ///
     /// # Errors
-    /// [`ClientError::Timeout`].
+    /// [`ClientError::Timeout`]; for a confidential request, [`ClientError::Refused`] when the
+    /// replicas refused to open it twice.
     pub async fn invoke(&mut self, payload: Bytes) -> Result<Bytes, ClientError> {
-        self.send(RequestKind::App, payload).await
+        if !self.confidential {
+            return self.send(RequestKind::App, payload).await;
+        }
+        for _ in 0..2 {
+            // An empty reply is the replicas' refusal of a sealed request: not executed.
+            let result = self
+                .send(RequestKind::Confidential, payload.clone())
+                .await?;
+            if !result.is_empty() {
+                return Ok(result);
+            }
+        }
+        Err(ClientError::Refused(
+            "the replicas could not open the sealed request".into(),
+        ))
     }
 
     /// Orders a membership command (administrators only; see `securesmart::state`) and

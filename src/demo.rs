@@ -41,6 +41,10 @@ pub struct DemoArgs {
     /// Keep the cluster directory (certificates, configurations, journals, logs) afterwards.
     #[arg(long)]
     pub keep: bool,
+    /// Log filter of the node processes (their logs are in the cluster directory's `logs/`),
+    /// e.g. `warn,securesmart_consensus=debug`.
+    #[arg(long, default_value = "warn")]
+    pub node_log: String,
 }
 
 /// What went wrong in a demo run.
@@ -87,7 +91,7 @@ pub async fn run(args: DemoArgs) -> Result<(), DemoError> {
             ..ConsensusSection::default()
         },
         client_timeout_ms: 3_000,
-        log: "warn".into(),
+        log: args.node_log.clone(),
         rekey_seconds: (args.seconds / 4).max(1),
     };
     println!("SecureSMART-rs demo: 4 replicas (f = 1) on 127.0.0.1, {clients} clients");
@@ -130,10 +134,35 @@ async fn drive(
     let admin = Client::from_config(&ClientConfig::load(admin_file).map_err(setup)?)
         .await
         .map_err(setup)?;
+    // Every other load client marks its requests confidential: sealed with the group key
+    // by the replica that receives them, opened only at execution.
     let mut handles = Vec::new();
-    for file in client_files.iter().skip(1).take(clients) {
+    for (j, file) in client_files.iter().skip(1).take(clients).enumerate() {
         let config = ClientConfig::load(file).map_err(setup)?;
-        handles.push(Client::from_config(&config).await.map_err(setup)?);
+        let mut client = Client::from_config(&config).await.map_err(setup)?;
+        client.set_confidential(j % 2 == 1);
+        handles.push(client);
+    }
+    // The replicas form the group key (MLS) at start: confidential requests wait for it.
+    let formed = Instant::now();
+    loop {
+        let (_, _, epochs, _, _) = read_metrics(&replicas, usize::MAX)?;
+        // All but one (a replica that fell behind at start-up catches up under the load;
+        // confidential requests wait until every replica holds the key).
+        let newest = epochs.iter().map(|(_, e)| *e).max().unwrap_or(0);
+        if newest > 0 && group_quorum(&epochs) {
+            println!(
+                "group key: the replicas share MLS epoch {newest} ({:.1?})",
+                formed.elapsed()
+            );
+            break;
+        }
+        if formed.elapsed() > Duration::from_secs(30) {
+            return Err(DemoError::Check(format!(
+                "the group key did not form: {epochs:?}"
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
     println!(
         "4 replica processes up (journals in {}); clients connected over mutual TLS",
@@ -168,10 +197,9 @@ async fn drive(
         Arc::clone(cluster),
         admin,
         Arc::clone(&progress),
-        start,
-        duration,
-        primary,
-        clients + 1,
+        (start, duration),
+        (primary, clients + 1),
+        args.node_log.clone(),
     ));
     let mut last = (0, Instant::now());
     while start.elapsed() < duration {
@@ -221,13 +249,14 @@ async fn drive(
     // What the replicas' metrics say. A replica that missed group commits (it caught up by
     // state transfer) asks to be re-added and converges within a few seconds: wait for that.
     let deadline = Instant::now() + Duration::from_secs(20);
-    let (refusals, executed, group_epochs, rekeys) = loop {
+    let (refusals, executed, group_epochs, rekeys, sealed) = loop {
         tokio::time::sleep(Duration::from_millis(300)).await;
         let seen = read_metrics(&replicas, outcome.removed)?;
         if group_quorum(&seen.2) || Instant::now() > deadline {
             break seen;
         }
     };
+    let rekeys = rekeys + outcome.removed_rekeys;
 
     load.latencies.sort_unstable();
     let pct = |p: f64| -> Duration {
@@ -273,7 +302,10 @@ async fn drive(
     println!(
         "group key   : MLS epochs per replica {group_epochs:?}, {rekeys} rotations (Update commits)"
     );
-    println!("not yet     : confidential requests sealed with the group key (issue 6 goes on)");
+    println!(
+        "confidential: every other client's requests sealed with the group key in the log and \
+         journals; {sealed} opened at execution across the replicas"
+    );
 
     let top = executed.iter().map(|(_, e)| *e).max().unwrap_or(0);
     let seq_of = |i: usize| {
@@ -308,6 +340,7 @@ async fn drive(
             behind <= 2 * ConsensusSection::default().window,
             format!("the restarted or the new replica did not catch up: executed {executed:?}"),
         ),
+        (sealed > 0.0, "no confidential request was executed".into()),
     ];
     for (ok, why) in checks {
         if !ok {
@@ -318,12 +351,13 @@ async fn drive(
     Ok(())
 }
 
-/// Refusals by reason, executed sequence number and group epoch per replica, and rotations,
-/// from the replicas' metrics (`skip` is the removed replica).
+/// Refusals by reason, executed sequence number and group epoch per replica, rotations, and
+/// sealed requests opened, from the replicas' metrics (`skip` is the removed replica).
 type Seen = (
     BTreeMap<String, f64>,
     Vec<(usize, u64)>,
     Vec<(usize, u64)>,
+    f64,
     f64,
 );
 
@@ -335,6 +369,7 @@ fn read_metrics(
     let mut executed = Vec::new();
     let mut group_epochs = Vec::new();
     let mut rekeys = 0.0;
+    let mut sealed = 0.0;
     for (i, (_, metrics_addr)) in replicas.iter().enumerate() {
         if i == skip {
             continue;
@@ -357,8 +392,9 @@ fn read_metrics(
             metric_sum(&body, "securesmart_node_group_epoch", &[]) as u64,
         ));
         rekeys += metric_sum(&body, "securesmart_node_rekeys_total", &[]);
+        sealed += metric_sum(&body, "securesmart_node_sealed_opened_total", &[]);
     }
-    Ok((refusals, executed, group_epochs, rekeys))
+    Ok((refusals, executed, group_epochs, rekeys, sealed))
 }
 
 /// Whether a quorum (all but one of four) of the replicas share the newest group epoch; a
@@ -374,6 +410,9 @@ struct Outcome {
     revoked: bool,
     joined: usize,
     removed: usize,
+    /// Rotations the removed replica committed before its removal (it may have been the
+    /// committer).
+    removed_rekeys: f64,
 }
 
 /// Crashes and restarts the primary, sends an intruder, adds a fifth replica and removes
@@ -382,10 +421,9 @@ async fn script(
     cluster: Arc<Mutex<LocalCluster>>,
     mut admin: Client,
     progress: Arc<Progress>,
-    start: Instant,
-    duration: Duration,
-    primary: usize,
-    victim: usize,
+    (start, duration): (Instant, Duration),
+    (primary, victim): (usize, usize),
+    log: String,
 ) -> Result<(Outcome, Client), DemoError> {
     let at = |fraction: f64| start + duration.mul_f64(fraction);
     let note = |what: &str| {
@@ -420,7 +458,7 @@ async fn script(
         })
     };
     tokio::time::sleep_until(at(0.4).into()).await;
-    cluster.lock().await.start(primary, "warn").map_err(setup)?;
+    cluster.lock().await.start(primary, &log).map_err(setup)?;
     note(&format!("restarted replica {primary} from its journal"));
 
     // A fifth replica enrolls at the trust center, the administrator orders its AddNode, and
@@ -443,7 +481,7 @@ async fn script(
         (joined, add)
     };
     let verdict = admin.command(&add).await.map_err(setup)?;
-    cluster.lock().await.start(joined, "warn").map_err(setup)?;
+    cluster.lock().await.start(joined, &log).map_err(setup)?;
     note(&format!(
         "replica {joined} enrolled and added ({verdict}); it catches up by state transfer"
     ));
@@ -451,13 +489,16 @@ async fn script(
     // The administrator removes one of the original replicas.
     tokio::time::sleep_until(at(0.65).into()).await;
     let removed = (primary + 1) % 4;
-    let id = cluster
+    let (id, metrics_addr) = cluster
         .lock()
         .await
         .replicas
         .get(removed)
-        .map(|r| r.id)
+        .map(|r| (r.id, r.metrics_addr))
         .ok_or_else(|| setup("no replica to remove"))?;
+    let removed_rekeys = scrape(metrics_addr)
+        .map(|b| metric_sum(&b, "securesmart_node_rekeys_total", &[]))
+        .unwrap_or(0.0);
     let verdict = admin
         .command(&MembershipCommand::RemoveNode { id })
         .await
@@ -497,6 +538,7 @@ async fn script(
         revoked,
         joined,
         removed,
+        removed_rekeys,
     };
     Ok((outcome, admin))
 }

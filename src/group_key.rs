@@ -11,8 +11,11 @@
 //!   was away, gets back in).
 //! - The *committer* is the group member with the smallest node id that is still a replica.
 //!   It turns key packages into Add commits (with the Welcome), removals from the membership
-//!   into Remove commits, and rotates the key with an Update commit when the rotation policy
-//!   says so (age of the epoch, payloads sealed), one commit in flight at a time. Every member
+//!   into Remove commits once the group without the removed replica has taken over in the
+//!   ordering engine (until then it still votes, and executes sealed requests), and rotates
+//!   the key with an Update commit when the rotation policy says so (age of the epoch,
+//!   payloads sealed) and a quorum acknowledged the current epoch (`securesmart::state`),
+//!   one commit in flight at a time. Every member
 //!   keeps the same to-do list; the member of rank r (by node id) steps in when the group has
 //!   not moved for r x [`BACKUP_DELAY`] (the committer may be down), and whichever commit is
 //!   ordered first wins.
@@ -28,8 +31,9 @@
 //! Known limits: convergence is eventual and slow under churn. A member that lost its key
 //! (it missed commits, or was removed and re-added while key packages were in flight) can stay
 //! out for several retry rounds, and while the committer of rank 0 is down the backups commit
-//! only every few seconds. A member that holds no key cannot open payloads of the current
-//! epoch; confidential requests (still to come) must account for that.
+//! only every few seconds. A member without the key of an epoch that confidential requests
+//! were sealed in cannot execute them: its application state is lost until a state transfer
+//! (see `securesmart::state`); replicas prefer an epoch every member acknowledged.
 //!
 //! The member's state (MLS secrets and payload keys) is in `data_dir/mls.state`, mode 0600,
 //! written atomically after every change. Metrics: `securesmart_node_group_epoch`,
@@ -75,6 +79,8 @@ pub(crate) struct GroupKey {
     /// Members added lately, and when (a key package of theirs ordered before they got in is
     /// not a sign that they lost their key).
     recent_adds: std::collections::HashMap<NodeId, Instant>,
+    /// An epoch whose key this member holds and has not acknowledged through the order yet.
+    ack: Option<u64>,
 }
 
 impl std::fmt::Debug for GroupKey {
@@ -96,7 +102,6 @@ impl GroupKey {
         }
         Self {
             id,
-            member,
             started: Instant::now(),
             todo: VecDeque::new(),
             outstanding: None,
@@ -104,6 +109,9 @@ impl GroupKey {
             last_key_package: None,
             last_advance: Instant::now(),
             recent_adds: std::collections::HashMap::new(),
+            // A restarted member says again which key it holds.
+            ack: member.epoch(),
+            member,
         }
     }
 
@@ -175,6 +183,7 @@ impl GroupKey {
                             self.outstanding = None;
                             self.stale_since = None;
                             self.last_advance = Instant::now();
+                            self.ack = Some(epoch);
                             return;
                         }
                         Ok(CommitOutcome::Removed) => {
@@ -200,6 +209,7 @@ impl GroupKey {
                     let epoch = self.member.epoch().unwrap_or_default();
                     metrics::gauge!("securesmart_node_group_epoch").set(epoch as f64);
                     tracing::info!(epoch, "group key: joined the replicas' group");
+                    self.ack = Some(epoch);
                     self.stale_since = None;
                     self.last_advance = Instant::now();
                 }
@@ -207,24 +217,44 @@ impl GroupKey {
         }
     }
 
-    /// Replicas left the membership: the committer removes them from the group.
-    pub(crate) fn on_removed(&mut self, ids: &[NodeId], m: &Membership) {
-        if self.rank(m).is_some() {
-            for id in ids {
-                self.todo.push_back(Work::Remove(*id));
-            }
-        }
+    /// The acknowledgement of the newest key this member holds, to order (see
+    /// `securesmart::state`: sealed requests of an epoch execute once a quorum acknowledged
+    /// it). Call [`GroupKey::acknowledged`] once it is submitted.
+    pub(crate) fn pending_ack(&self) -> Option<Ordered> {
+        self.ack
+            .filter(|e| self.member.epoch() == Some(*e) && self.stale_since.is_none())
+            .map(Ordered::KeyAck)
+    }
+
+    /// The acknowledgement from [`GroupKey::pending_ack`] was submitted.
+    pub(crate) fn acknowledged(&mut self) {
+        self.ack = None;
     }
 
     /// Periodic work: create the group at genesis, ask to be added, commit what is due.
-    /// Returns a request to order, if any.
-    pub(crate) fn tick(&mut self, m: &Membership, creator: bool) -> Option<Ordered> {
+    /// `still_voting`: replicas removed from the membership whose group has not yet taken
+    /// over (they stay in the group key until then, so that they can execute what they still
+    /// vote on). `rotate`: a quorum acknowledged the current epoch (rotating earlier would gain
+    /// nothing: confidential requests go on being sealed in an earlier epoch). Returns a request
+    /// to order, if any.
+    pub(crate) fn tick(
+        &mut self,
+        m: &Membership,
+        creator: bool,
+        still_voting: &[NodeId],
+        rotate: bool,
+    ) -> Option<Ordered> {
         let now = Instant::now();
-        if self.member.epoch().is_none() && creator && self.last_key_package.is_none() {
+        if self.member.epoch().is_none()
+            && creator
+            && self.last_key_package.is_none()
+            && m.members().contains_key(&self.id)
+        {
             match self.member.create(self.now()) {
                 Ok(()) => {
                     tracing::info!("group key: created the replicas' group");
                     metrics::gauge!("securesmart_node_group_epoch").set(0.0);
+                    self.ack = self.member.epoch();
                 }
                 Err(e) => tracing::warn!(error = %e, "group key: cannot create the group"),
             }
@@ -264,6 +294,17 @@ impl GroupKey {
         }
         self.outstanding = None;
         let members = self.member.members();
+        // Group members that left the membership, once the group without them took over.
+        let replicas = m.replica_ids();
+        for id in &members {
+            let queued = self
+                .todo
+                .iter()
+                .any(|w| matches!(w, Work::Remove(r) if r == id));
+            if !replicas.contains(id) && !still_voting.contains(id) && !queued {
+                self.todo.push_back(Work::Remove(*id));
+            }
+        }
         while let Some(work) = self.todo.pop_front() {
             let proposal = match &work {
                 Work::Add(id, kp) if !members.contains(id) => {
@@ -287,7 +328,7 @@ impl GroupKey {
                 self.now()
                     .saturating_sub(BACKUP_DELAY.saturating_mul(self.rank(m).unwrap_or(0) as u32)),
             );
-        if overdue && self.member.needs_rotation(self.now()) {
+        if rotate && overdue && self.member.needs_rotation(self.now()) {
             commit_counter("update");
             metrics::counter!("securesmart_node_rekeys_total").increment(1);
             let proposal = self.member.propose_update();

@@ -56,7 +56,7 @@ use securesmart_consensus::message::{KeyRing, Limits, Request, Signer};
 use securesmart_consensus::replica::{Config, Replica};
 use securesmart_consensus::service::{Event, Executor, Member, Ordering, StateMachine};
 use securesmart_membership::{
-    Applied, GroupConfig, GroupMember, Membership, MembershipCommand, RotationPolicy,
+    GroupConfig, GroupMember, Membership, MembershipCommand, PayloadKeys, RotationPolicy,
 };
 use securesmart_transport::{
     Class, Inbox, NodeId, Plane, PlaneConfig, Role, TrustConfig, ed25519_public_key,
@@ -67,7 +67,9 @@ use crate::config::{
     ConfigError, NodeConfig, load_certificate, load_identity, load_peers, load_trust,
 };
 use crate::group_key::GroupKey;
-use crate::protocol::{ClientReply, ClientRequest, Ordered, Outcome, RequestKind};
+use crate::protocol::{
+    ClientReply, ClientRequest, Ordered, Outcome, RequestKind, confidential_context,
+};
 use crate::replica_network::ReplicaNetwork;
 use crate::state::NodeState;
 
@@ -155,9 +157,22 @@ struct Host {
     client_plane: Plane,
     /// The CRL from the configured file, used until the membership carries one.
     local_crl: Arc<Mutex<Option<CertificateRevocationListDer<'static>>>>,
+    /// The epoch client intake seals confidential requests in ([`NO_EPOCH`]: none yet).
+    sealable: Arc<AtomicU64>,
 }
 
+/// [`Host::sealable`] when no epoch is sealable.
+const NO_EPOCH: u64 = u64::MAX;
+
 impl Host {
+    /// Publishes the epoch the replicated state lets intake seal in.
+    fn publish_sealable<S: StateMachine>(&self, state: &NodeState<S>) {
+        self.sealable.store(
+            state.sealable_epoch().unwrap_or(NO_EPOCH),
+            std::sync::atomic::Ordering::Relaxed,
+        );
+    }
+
     /// Gives both planes the trust the membership implies (members, CRL), keeping blocklists;
     /// `leaving` replicas stay admitted until the group without them takes over.
     fn update_trust(&self, m: &Membership, leaving: &[Leaving]) {
@@ -197,21 +212,39 @@ impl Host {
         metrics::gauge!("securesmart_node_membership_epoch").set(m.epoch() as f64);
     }
 
-    /// Drops the leaving replicas whose switch is a stable checkpoint (`stable`): a quorum of
-    /// the old group executed past it, and laggards can fetch the state. Returns whether this
-    /// replica is one of them (it should stop).
+    /// Drops the leaving replicas once a checkpoint after their switch is stable (`stable`):
+    /// the group without them executed past the switch, laggards can fetch the state, and the
+    /// leaving replica, admitted until then, has received the checkpoints of the new group that
+    /// tell it so (cutting it off at the switch itself could leave it without the last
+    /// checkpoint message it needs, running forever). Returns whether this replica is one of
+    /// them (it should stop).
     fn settle_leaving(&self, leaving: &mut Vec<Leaving>, stable: u64, m: &Membership) -> bool {
-        let gone = leaving.iter().any(|l| l.until <= stable);
+        let gone = leaving.iter().any(|l| l.until < stable);
         if !gone {
             return false;
         }
-        leaving.retain(|l| l.until > stable);
+        leaving.retain(|l| l.until >= stable);
         self.update_trust(m, leaving);
         if m.members().contains_key(&self.id) {
             return false;
         }
         tracing::warn!(stable, "the group without this replica took over; stopping");
         true
+    }
+
+    /// Whether this replica, no longer a member, has lost its connections to every current
+    /// replica: they cut it off once the group without it took over (it may have missed the
+    /// checkpoint messages that would tell it so itself).
+    fn cut_off(&self, m: &Membership) -> bool {
+        if m.members().contains_key(&self.id) {
+            return false;
+        }
+        let current = m.replica_ids();
+        !self
+            .replica_plane
+            .connected_peers()
+            .iter()
+            .any(|p| current.contains(p))
     }
 
     fn reply(&self, reply: securesmart_consensus::service::Reply) {
@@ -246,14 +279,35 @@ struct GroupSide {
     key: GroupKey,
     own: SelfRequests,
     creator: bool,
+    /// The replica reached its peers (or the start-up wait passed): until then its own group
+    /// messages wait, since a request only this replica holds could send it alone into a view
+    /// change.
+    ready: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl GroupSide {
-    fn tick(&mut self, m: &Membership) {
-        if let Some(request) = self.key.tick(m, self.creator)
+    fn tick(&mut self, m: &Membership, still_voting: &[NodeId], rotate: bool) {
+        if !self.ready.load(std::sync::atomic::Ordering::Relaxed) {
+            return;
+        }
+        if let Some(request) = self.key.tick(m, self.creator, still_voting, rotate)
             && let Err(e) = self.own.submit(request)
         {
             tracing::debug!(error = %e, "group message not submitted");
+        }
+        self.acknowledge();
+    }
+
+    /// Orders the acknowledgement of a newly held key, if any (retried on the next tick).
+    fn acknowledge(&mut self) {
+        if !self.ready.load(std::sync::atomic::Ordering::Relaxed) {
+            return;
+        }
+        if let Some(ack) = self.key.pending_ack() {
+            match self.own.submit(ack) {
+                Ok(()) => self.key.acknowledged(),
+                Err(e) => tracing::debug!(error = %e, "key acknowledgement not submitted"),
+            }
         }
     }
 }
@@ -269,14 +323,23 @@ async fn run_state<S: StateMachine>(
     let mut leaving: Vec<Leaving> = Vec::new();
     host.update_trust(executor.app().membership(), &leaving);
     let mut tick = tokio::time::interval(Duration::from_millis(500));
+    let mut cut_off_ticks = 0u32;
     loop {
         let event = tokio::select! {
             e = pbft.next_event() => e,
             _ = tick.tick() => {
-                group.tick(executor.app().membership());
+                let still_voting: Vec<NodeId> = leaving.iter().map(|l| l.id).collect();
+                let state = executor.app();
+                let rotate = state.acked_by_quorum(state.group_epoch());
+                group.tick(state.membership(), &still_voting, rotate);
                 // A removed replica may hear of no batch after the switch: look here as well.
                 let (stable, m) = (pbft.low_watermark(), executor.app().membership());
                 if host.settle_leaving(&mut leaving, stable, m) {
+                    return Ok(());
+                }
+                cut_off_ticks = if host.cut_off(m) { cut_off_ticks + 1 } else { 0 };
+                if cut_off_ticks >= 4 {
+                    tracing::warn!(stable, "removed, and cut off by every current replica; stopping");
                     return Ok(());
                 }
                 continue;
@@ -292,20 +355,22 @@ async fn run_state<S: StateMachine>(
                     .iter()
                     .map(|(id, m)| (*id, m.replica_addr))
                     .collect();
-                let replies = executor.execute(&batch);
-                let changes = executor.app_mut().take_changes();
-                for e in executor.app_mut().take_group_events() {
-                    group.key.on_event(e, executor.app().membership());
+                // One request at a time, so that a group commit is merged before the next
+                // request (a sealed one may need the new epoch's key) executes.
+                let mut replies = Vec::with_capacity(batch.len());
+                for request in &batch {
+                    replies.extend(executor.execute(std::slice::from_ref(request)));
+                    for e in executor.app_mut().take_group_events() {
+                        group.key.on_event(e, executor.app().membership());
+                    }
                 }
-                let removed: Vec<NodeId> = changes
-                    .iter()
-                    .flat_map(|c| match c {
-                        Applied::Removed(id) => vec![*id],
-                        Applied::CrlUpdated { removed } => removed.clone(),
-                        _ => Vec::new(),
-                    })
-                    .collect();
-                group.key.on_removed(&removed, executor.app().membership());
+                group.acknowledge();
+                host.publish_sealable(executor.app());
+                if !executor.app().state_known() {
+                    // Replies computed on a lost state are not the agreed ones.
+                    replies.clear();
+                }
+                let changes = executor.app_mut().take_changes();
                 let mut trust_changed = false;
                 if !changes.is_empty() {
                     let m = executor.app().membership();
@@ -344,8 +409,11 @@ async fn run_state<S: StateMachine>(
                 }
             }
             Event::SnapshotDue { seq } => {
-                pbft.snapshot_taken(seq, executor.snapshot())
-                    .map_err(|e| e.to_string())?;
+                match executor.due_snapshot() {
+                    Some(snapshot) => pbft.snapshot_taken(seq, snapshot),
+                    None => pbft.state_lost(seq),
+                }
+                .map_err(|e| e.to_string())?;
             }
             Event::Restore { seq, snapshot } => {
                 executor.restore(&snapshot).map_err(|e| e.to_string())?;
@@ -359,6 +427,7 @@ async fn run_state<S: StateMachine>(
                 pbft.add_keys(engine_members(m))
                     .map_err(|e| e.to_string())?;
                 host.update_trust(m, &leaving);
+                host.publish_sealable(executor.app());
             }
             _ => {}
         }
@@ -473,7 +542,9 @@ impl Node {
             replica_plane: replica_plane.clone(),
             client_plane: client_plane.clone(),
             local_crl: Arc::clone(&local_crl),
+            sealable: Arc::new(AtomicU64::new(NO_EPOCH)),
         };
+        let sealable = Arc::clone(&host.sealable);
         let member = GroupMember::new(
             &group_identity,
             GroupConfig {
@@ -486,12 +557,15 @@ impl Node {
             },
         )
         .map_err(|e| NodeError::Journal(format!("group key state: {e}")))?;
+        let keys = member.payload_keys();
+        let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let group = GroupSide {
             key: GroupKey::new(id, member),
             own: own.clone(),
+            ready: Arc::clone(&ready),
             creator: !joining && genesis.replica_ids().first() == Some(&id),
         };
-        let state = NodeState::new(genesis, admins, app);
+        let state = NodeState::new(genesis, admins, app).with_payload_keys(keys.clone());
         let serving = tokio::spawn(run_state(pbft, Executor::new(state), host, group));
         // Requests wait until this replica reaches its peers (or a few seconds pass): a
         // pre-prepare sent before the mesh is up is lost to the replicas not yet connected,
@@ -502,8 +576,10 @@ impl Node {
                 (replica_plane.clone(), client_plane.clone(), n.crl.clone());
             tokio::spawn(async move {
                 plane.wait_connected(others, STARTUP_WAIT).await;
+                ready.store(true, std::sync::atomic::Ordering::Relaxed);
                 // Both run inside this task, so stopping the node stops them.
-                let intake = intake(client_inbox, clients, own.submitter.clone(), cache);
+                let sealer = Sealer { keys, sealable };
+                let intake = intake(client_inbox, clients, own.submitter.clone(), cache, sealer);
                 match crl {
                     Some(path) => {
                         tokio::join!(intake, watch_crl(path, own, local_crl));
@@ -640,8 +716,36 @@ fn send_reply(clients: &Plane, to: NodeId, number: u64, outcome: Outcome) {
     let _ = clients.try_send(to, Class::Consensus, Bytes::from(reply.encode()));
 }
 
+/// Seals confidential requests at intake, in the epoch the replicated state accepts.
+struct Sealer {
+    keys: PayloadKeys,
+    sealable: Arc<AtomicU64>,
+}
+
+impl Sealer {
+    fn seal(
+        &self,
+        client: &NodeId,
+        number: u64,
+        payload: &[u8],
+    ) -> Result<Vec<u8>, securesmart_membership::GroupError> {
+        let epoch = self.sealable.load(std::sync::atomic::Ordering::Relaxed);
+        if epoch == NO_EPOCH {
+            return Err(securesmart_membership::GroupError::NotMember);
+        }
+        self.keys
+            .seal_in(epoch, &confidential_context(client, number), payload)
+    }
+}
+
 /// Client intake: decodes requests, answers retransmissions from the cache, submits the rest.
-async fn intake(mut inbox: Inbox, clients: Plane, submitter: Submitter, cache: ReplyCache) {
+async fn intake(
+    mut inbox: Inbox,
+    clients: Plane,
+    submitter: Submitter,
+    cache: ReplyCache,
+    sealer: Sealer,
+) {
     while let Some(m) = inbox.recv().await {
         let request = match ClientRequest::decode(&m.payload) {
             Ok(r) => r,
@@ -669,6 +773,19 @@ async fn intake(mut inbox: Inbox, clients: Plane, submitter: Submitter, cache: R
                 time: unix_now(),
                 command: request.payload,
             },
+            RequestKind::Confidential => {
+                match sealer.seal(&m.from, request.number, &request.payload) {
+                    Ok(sealed) => Ordered::Sealed(Bytes::from(sealed)),
+                    Err(e) => {
+                        // No usable group key here yet (or the group is forming): the client
+                        // retries, and gets its replies from the others.
+                        client_counter("no_group_key");
+                        tracing::debug!(error = %e, "cannot seal a confidential request");
+                        send_reply(&clients, m.from, request.number, Outcome::Busy);
+                        continue;
+                    }
+                }
+            }
         };
         let ordered = Request {
             client: m.from,

@@ -27,6 +27,10 @@ pub(crate) struct ClientArgs {
     /// Client configuration (TOML).
     #[arg(long)]
     config: PathBuf,
+    /// Mark the request confidential: the replicas keep it sealed with the group key in their
+    /// log, journals and state transfer.
+    #[arg(long)]
+    confidential: bool,
     #[command(subcommand)]
     op: ClientOp,
 }
@@ -101,6 +105,7 @@ pub(crate) async fn client(args: ClientArgs) -> CliResult {
     let mut client = Client::from_config(&config)
         .await
         .map_err(|e| e.to_string())?;
+    client.set_confidential(args.confidential);
     let is_get = matches!(args.op, ClientOp::Get { .. });
     let result = match args.op {
         ClientOp::Put { key, value } => client.put(key, value).await,

@@ -34,6 +34,9 @@ pub enum RequestKind {
     App,
     /// A membership command (`securesmart_membership::MembershipCommand`), for administrators.
     Command,
+    /// An application operation the replicas keep sealed with the group key: in the log, in
+    /// their journals and in state transfer it is ciphertext (see [`Ordered::Sealed`]).
+    Confidential,
 }
 
 /// A replica's reply to a client.
@@ -64,6 +67,7 @@ impl ClientRequest {
             .u8(match self.kind {
                 RequestKind::App => 0,
                 RequestKind::Command => 1,
+                RequestKind::Confidential => 2,
             })
             .bytes(&self.payload);
         w.buf
@@ -80,6 +84,7 @@ impl ClientRequest {
         let kind = match r.u8()? {
             0 => RequestKind::App,
             1 => RequestKind::Command,
+            2 => RequestKind::Confidential,
             other => {
                 return Err(WireError::Unknown {
                     what: "request kind",
@@ -162,6 +167,27 @@ pub enum Ordered {
         /// The Welcome, or empty.
         welcome: Bytes,
     },
+    /// A confidential application operation, sealed by the replica that received it with the
+    /// group key of its current epoch, the context binding it to the client and request
+    /// number ([`confidential_context`]). Opened only at execution.
+    Sealed(Bytes),
+    /// A replica holds the group key of this epoch (it merged the commit that made it, or
+    /// joined with its Welcome). Sealed requests of an epoch execute only once a quorum of
+    /// the replicas said so (see `securesmart::state`).
+    KeyAck(u64),
+}
+
+/// Domain tag of the context a confidential request is sealed with.
+pub const CONFIDENTIAL_TAG: &[u8] = b"securesmart confidential request v1";
+
+/// The context a confidential request of `client` numbered `number` is sealed with: a sealed
+/// payload copied into another client's request, or another request number, does not open.
+pub fn confidential_context(client: &securesmart_transport::NodeId, number: u64) -> Vec<u8> {
+    let mut c = Vec::with_capacity(CONFIDENTIAL_TAG.len() + 40);
+    c.extend_from_slice(CONFIDENTIAL_TAG);
+    c.extend_from_slice(client.as_bytes());
+    c.extend_from_slice(&number.to_be_bytes());
+    c
 }
 
 impl Ordered {
@@ -199,6 +225,18 @@ impl Ordered {
                 out.extend_from_slice(welcome);
                 Bytes::from(out)
             }
+            Ordered::Sealed(sealed) => {
+                let mut out = Vec::with_capacity(1 + sealed.len());
+                out.push(4);
+                out.extend_from_slice(sealed);
+                Bytes::from(out)
+            }
+            Ordered::KeyAck(epoch) => {
+                let mut out = Vec::with_capacity(9);
+                out.push(5);
+                out.extend_from_slice(&epoch.to_be_bytes());
+                Bytes::from(out)
+            }
         }
     }
 
@@ -233,6 +271,14 @@ impl Ordered {
                     commit: buf.slice(5..end),
                     welcome: buf.slice(end..),
                 })
+            }
+            Some(4) => Ok(Ordered::Sealed(buf.slice(1..))),
+            Some(5) => {
+                let epoch = buf
+                    .get(1..)
+                    .and_then(|t| <[u8; 8]>::try_from(t).ok())
+                    .ok_or(WireError::Truncated)?;
+                Ok(Ordered::KeyAck(u64::from_be_bytes(epoch)))
             }
             Some(other) => Err(WireError::Unknown {
                 what: "ordered request kind",
@@ -276,6 +322,8 @@ mod tests {
         assert!(Ordered::decode(&Bytes::from_static(&[1, 0, 0])).is_err());
         for o in [
             Ordered::KeyPackage(Bytes::from_static(b"kp")),
+            Ordered::Sealed(Bytes::from_static(b"sealed")),
+            Ordered::KeyAck(7),
             Ordered::GroupCommit {
                 commit: Bytes::from_static(b"commit"),
                 welcome: Bytes::from_static(b"welcome"),
@@ -285,6 +333,7 @@ mod tests {
         }
         assert!(Ordered::decode(&Bytes::from_static(&[3, 0, 0, 0, 9, 1])).is_err());
         assert!(Ordered::decode(&Bytes::new()).is_err());
+        assert!(Ordered::decode(&Bytes::from_static(&[5, 0, 0, 0, 0, 0, 0, 0, 7, 0])).is_err());
         assert!(Ordered::decode(&Bytes::from_static(&[200])).is_err());
     }
 }

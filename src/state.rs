@@ -13,22 +13,53 @@
 //! What an applied command changed is kept in [`NodeState::take_changes`] for the node to carry
 //! out after the batch (reconfigure the engine, admit or cut off peers). The snapshot holds the
 //! administrators, the membership and the application's snapshot.
+//!
+//! # Confidential requests
+//! A confidential request is ordered as [`Ordered::Sealed`]: the replica that received it sealed
+//! it with the group key, so the log, every journal and every state transfer hold ciphertext.
+//! It is opened here, at execution, with this node's [`PayloadKeys`]. Whether it executes must
+//! not depend on which keys a replica happens to hold, so the rule is a function of replicated
+//! state only:
+//! - it is refused (an empty reply, the same everywhere) unless it was sealed in the current
+//!   group epoch or one of the [`SEALED_EPOCHS_ACCEPTED`] before it (the replicated epoch, which
+//!   moves with every accepted group commit) and a quorum of the current replicas ordered a
+//!   [`Ordered::KeyAck`] for that epoch (they hold its key), or if its ciphertext does not open
+//!   under the epoch's key (a faulty replica sealed garbage, or copied it into another client's
+//!   request). A replica seals in the newest recent epoch that every current replica able to
+//!   hold it acknowledged (a replica added after an epoch is not asked about it), or failing
+//!   that in the newest one a quorum acknowledged ([`NodeState::sealable_epoch`]); during a
+//!   rotation it keeps sealing with the previous key until the acknowledgements are in, and
+//!   while no recent epoch has a quorum (the group forming at genesis) intake answers "busy"
+//!   to confidential requests; other requests are not affected. The committer rotates only
+//!   once a quorum acknowledged the current epoch.
+//! - otherwise it executes. A replica that cannot open it (a joiner before its Welcome, a
+//!   replica that fell behind in the group) cannot compute the agreed state:
+//!   its application state is *lost* ([`StateMachine::state_known`] is false),
+//!   it keeps executing the membership and group messages (which do not depend on the
+//!   application), sends no application replies and no checkpoints, and the engine replaces
+//!   its state by state transfer at the next stable checkpoint. Such a replica counts against
+//!   the f faults the group tolerates until then.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use bytes::Bytes;
 use rustls::pki_types::UnixTime;
 use securesmart_consensus::message::Request;
 use securesmart_consensus::service::{RestoreError, StateMachine};
-use securesmart_membership::{Applied, Membership, MembershipCommand};
+use securesmart_membership::{Applied, GroupError, Membership, MembershipCommand, PayloadKeys};
 use securesmart_transport::NodeId;
 use securesmart_transport::wire::{Reader, Writer};
 
-use crate::protocol::Ordered;
+use crate::protocol::{Ordered, confidential_context};
 
-const VERSION: u8 = 1;
+const VERSION: u8 = 2;
 /// Administrators in a snapshot at most.
 const MAX_ADMINS: usize = 1024;
+/// Acknowledgements of one epoch's key in a snapshot at most (one per replica).
+const MAX_ACKS: usize = 1024;
+/// A sealed request executes if it was sealed in the current group epoch or in one of this
+/// many before it (members keep the keys of three epochs).
+pub const SEALED_EPOCHS_ACCEPTED: u64 = 2;
 
 /// The replicated state of a node running application `S`.
 #[derive(Debug)]
@@ -40,6 +71,15 @@ pub struct NodeState<S> {
     group: Vec<GroupEvent>,
     /// The MLS epoch the next accepted group commit must be made for (`None` before the first).
     group_epoch: Option<u64>,
+    /// Which current replicas acknowledged holding the key of each recent epoch.
+    acks: BTreeMap<u64, BTreeSet<NodeId>>,
+    /// Replicas added after genesis, and the first group epoch whose key they are expected to
+    /// hold (the one after the epoch current when their `AddNode` executed).
+    joined: BTreeMap<NodeId, u64>,
+    /// This node's group keys, to open sealed requests (not replicated state).
+    keys: Option<PayloadKeys>,
+    /// The application's state is not the agreed one (see the module doc).
+    lost: bool,
 }
 
 /// An ordered message for the replicas' MLS group, from a current replica, for the node to
@@ -80,6 +120,130 @@ impl<S: StateMachine> NodeState<S> {
             changes: Vec::new(),
             group: Vec::new(),
             group_epoch: None,
+            acks: BTreeMap::new(),
+            joined: BTreeMap::new(),
+            keys: None,
+            lost: false,
+        }
+    }
+
+    /// Opens sealed (confidential) requests with `keys`; without them every sealed request
+    /// leaves the state lost.
+    #[must_use]
+    pub fn with_payload_keys(mut self, keys: PayloadKeys) -> Self {
+        self.keys = Some(keys);
+        self
+    }
+
+    /// The current group epoch, as the replicated state knows it.
+    pub fn group_epoch(&self) -> u64 {
+        self.group_epoch.unwrap_or(0)
+    }
+
+    /// Whether every current replica expected to hold the key of `epoch` acknowledged it: all
+    /// of them, except replicas that joined after that epoch (they cannot hold its key, and
+    /// catch up past its requests by state transfer).
+    pub fn acked_by_all(&self, epoch: u64) -> bool {
+        let by = self.acks.get(&epoch);
+        let replicas = self.membership.replica_ids();
+        !replicas.is_empty()
+            && replicas.iter().all(|id| {
+                self.joined.get(id).is_some_and(|j| *j > epoch)
+                    || by.is_some_and(|by| by.contains(id))
+            })
+    }
+
+    /// Whether a quorum of the current replicas acknowledged the key of `epoch`.
+    pub fn acked_by_quorum(&self, epoch: u64) -> bool {
+        let replicas = self.membership.replica_ids();
+        let n = replicas.len();
+        let acked = self
+            .acks
+            .get(&epoch)
+            .map_or(0, |by| replicas.iter().filter(|id| by.contains(id)).count());
+        n > 0 && acked >= (n + n.saturating_sub(1) / 3 + 2) / 2
+    }
+
+    /// Whether a request sealed in `epoch` may execute now (see the module doc).
+    fn accepts_sealed(&self, epoch: u64) -> bool {
+        let current = self.group_epoch();
+        epoch <= current && current - epoch <= SEALED_EPOCHS_ACCEPTED && self.acked_by_quorum(epoch)
+    }
+
+    /// The epoch a replica seals confidential requests in: the newest recent one every
+    /// current replica that can hold it acknowledged, else the newest one a quorum did; `None`
+    /// while there is none.
+    pub fn sealable_epoch(&self) -> Option<u64> {
+        let current = self.group_epoch();
+        let recent = current.saturating_sub(SEALED_EPOCHS_ACCEPTED)..=current;
+        recent
+            .clone()
+            .rev()
+            .find(|e| self.acked_by_all(*e) && self.accepts_sealed(*e))
+            .or_else(|| recent.rev().find(|e| self.accepts_sealed(*e)))
+    }
+
+    fn key_ack(&mut self, client: NodeId, epoch: u64) -> Bytes {
+        if !self.membership.replica_ids().contains(&client) {
+            return Bytes::from_static(b"refused: not a replica");
+        }
+        let current = self.group_epoch();
+        if epoch > current || current - epoch > SEALED_EPOCHS_ACCEPTED {
+            return Bytes::from_static(b"refused: not a recent epoch");
+        }
+        self.acks.entry(epoch).or_default().insert(client);
+        Bytes::from_static(b"ok")
+    }
+
+    /// Runs an application request, unless the application state is lost.
+    fn app_execute(&mut self, request: &Request, payload: Bytes) -> Bytes {
+        if self.lost {
+            return Bytes::new();
+        }
+        self.app.execute(&Request {
+            client: request.client,
+            number: request.number,
+            payload,
+        })
+    }
+
+    /// A sealed request: see the module doc for the rule.
+    fn sealed(&mut self, request: &Request, sealed: &[u8]) -> Bytes {
+        let refused = |why: &'static str| {
+            metrics::counter!("securesmart_node_sealed_refused_total", "why" => why).increment(1);
+            tracing::debug!(client = ?request.client, why, "sealed request refused");
+            Bytes::new()
+        };
+        let Ok(epoch) = securesmart_membership::sealed_epoch(sealed) else {
+            return refused("malformed");
+        };
+        if !self.accepts_sealed(epoch) {
+            return refused("epoch");
+        }
+        if self.lost {
+            return Bytes::new();
+        }
+        let context = confidential_context(&request.client, request.number);
+        let opened = match &self.keys {
+            Some(keys) => keys.open(sealed, &context),
+            None => Err(GroupError::NotMember),
+        };
+        match opened {
+            Ok(opened) => {
+                metrics::counter!("securesmart_node_sealed_opened_total").increment(1);
+                self.app_execute(request, Bytes::from(opened.plaintext))
+            }
+            Err(GroupError::Tampered) => refused("does_not_open"),
+            Err(e) => {
+                metrics::counter!("securesmart_node_state_lost_total").increment(1);
+                tracing::warn!(
+                    epoch,
+                    error = %e,
+                    "cannot open a sealed request: application state lost until state transfer"
+                );
+                self.lost = true;
+                Bytes::new()
+            }
         }
     }
 
@@ -138,6 +302,11 @@ impl<S: StateMachine> NodeState<S> {
                     ?applied,
                     "membership changed"
                 );
+                if let Applied::Added(id) = applied {
+                    self.joined.insert(*id, self.group_epoch() + 1);
+                }
+                let m = &self.membership;
+                self.joined.retain(|id, _| m.members().contains_key(id));
                 self.changes.push(applied.clone());
             }
             Err(why) => {
@@ -152,11 +321,9 @@ impl<S: StateMachine> NodeState<S> {
 impl<S: StateMachine> StateMachine for NodeState<S> {
     fn execute(&mut self, request: &Request) -> Bytes {
         match Ordered::decode(&request.payload) {
-            Ok(Ordered::App(payload)) => self.app.execute(&Request {
-                client: request.client,
-                number: request.number,
-                payload,
-            }),
+            Ok(Ordered::App(payload)) => self.app_execute(request, payload),
+            Ok(Ordered::Sealed(sealed)) => self.sealed(request, &sealed),
+            Ok(Ordered::KeyAck(epoch)) => self.key_ack(request.client, epoch),
             Ok(Ordered::Command { time, command }) => self.command(request.client, time, &command),
             Ok(Ordered::KeyPackage(key_package)) => self.group_message(
                 request.client,
@@ -175,6 +342,8 @@ impl<S: StateMachine> StateMachine for NodeState<S> {
                             .group_message(request.client, GroupEvent::Commit { commit, welcome });
                         if reply.starts_with(b"ok") {
                             self.group_epoch = Some(e + 1);
+                            let oldest = (e + 1).saturating_sub(SEALED_EPOCHS_ACCEPTED);
+                            self.acks.retain(|epoch, _| *epoch >= oldest);
                         }
                         reply
                     }
@@ -190,6 +359,10 @@ impl<S: StateMachine> StateMachine for NodeState<S> {
         }
     }
 
+    fn state_known(&self) -> bool {
+        !self.lost && self.app.state_known()
+    }
+
     fn snapshot(&self) -> Bytes {
         let mut w = Writer::default();
         w.u8(VERSION)
@@ -201,6 +374,18 @@ impl<S: StateMachine> StateMachine for NodeState<S> {
             Some(e) => w.u8(1).raw(&e.to_be_bytes()),
             None => w.u8(0),
         };
+        w.u32(u32::try_from(self.joined.len()).unwrap_or(u32::MAX));
+        for (id, epoch) in &self.joined {
+            w.raw(id.as_bytes()).raw(&epoch.to_be_bytes());
+        }
+        w.u32(u32::try_from(self.acks.len()).unwrap_or(u32::MAX));
+        for (epoch, by) in &self.acks {
+            w.raw(&epoch.to_be_bytes())
+                .u32(u32::try_from(by.len()).unwrap_or(u32::MAX));
+            for id in by {
+                w.raw(id.as_bytes());
+            }
+        }
         w.bytes(&self.membership.encode())
             .bytes(&self.app.snapshot());
         Bytes::from(w.buf)
@@ -224,6 +409,34 @@ impl<S: StateMachine> StateMachine for NodeState<S> {
                 return Err(RestoreError::Malformed(format!("group epoch tag {other}")));
             }
         };
+        let n = r.u32()? as usize;
+        if n > MAX_ACKS {
+            return Err(RestoreError::Malformed("too many joined replicas".into()));
+        }
+        let mut joined = BTreeMap::new();
+        for _ in 0..n {
+            let id = NodeId::from_bytes(r.array()?);
+            joined.insert(id, u64::from_be_bytes(r.array()?));
+        }
+        let epochs = r.u32()? as usize;
+        if epochs > SEALED_EPOCHS_ACCEPTED as usize + 1 {
+            return Err(RestoreError::Malformed(
+                "too many acknowledged epochs".into(),
+            ));
+        }
+        let mut acks = BTreeMap::new();
+        for _ in 0..epochs {
+            let epoch = u64::from_be_bytes(r.array()?);
+            let n = r.u32()? as usize;
+            if n > MAX_ACKS {
+                return Err(RestoreError::Malformed("too many acknowledgements".into()));
+            }
+            let mut by = BTreeSet::new();
+            for _ in 0..n {
+                by.insert(NodeId::from_bytes(r.array()?));
+            }
+            acks.insert(epoch, by);
+        }
         let membership = Membership::decode(r.bytes("membership", usize::MAX)?)?;
         let app = r.bytes("application", usize::MAX)?;
         r.finish()?;
@@ -231,8 +444,124 @@ impl<S: StateMachine> StateMachine for NodeState<S> {
         self.membership = membership;
         self.admins = admins;
         self.group_epoch = group_epoch;
+        self.acks = acks;
+        self.joined = joined;
+        self.lost = false;
         self.changes.clear();
         self.group.clear();
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kv::{KvOp, KvReply, KvStore};
+    use crate::protocol::confidential_context;
+    use securesmart_membership::{GroupConfig, GroupMember};
+    use securesmart_transport::Role;
+    use securesmart_transport::pki::DevCa;
+    use std::time::Duration;
+
+    /// A state with four replicas that all acknowledged the key of epoch 0.
+    fn state() -> NodeState<KvStore> {
+        let m = crate::fuzzing::four_replicas();
+        let ids = m.replica_ids();
+        let mut s = NodeState::new(m, BTreeSet::new(), KvStore::default());
+        for (i, id) in ids.iter().enumerate() {
+            let ack = Request {
+                client: *id,
+                number: 1,
+                payload: Ordered::KeyAck(0).encode(),
+            };
+            assert_eq!(s.sealable_epoch(), (i >= 3).then_some(0), "quorum of 3");
+            assert_eq!(&s.execute(&ack)[..], b"ok");
+        }
+        s
+    }
+
+    fn sealed_put(keys: &PayloadKeys, client: NodeId, number: u64, value: &str) -> Request {
+        let op = KvOp::Put {
+            key: Bytes::from_static(b"k"),
+            value: Bytes::from(value.to_owned()),
+        };
+        let sealed = keys
+            .seal(&confidential_context(&client, number), &op.encode())
+            .unwrap();
+        Request {
+            client,
+            number,
+            payload: Ordered::Sealed(Bytes::from(sealed)).encode(),
+        }
+    }
+
+    #[test]
+    fn sealed_requests_execute_with_the_key_and_are_refused_or_lose_the_state_without() {
+        let ca = DevCa::new("state ca").unwrap();
+        let identity = ca.issue_role("r0", Role::Replica).unwrap();
+        let mut member = GroupMember::new(&identity, GroupConfig::default()).unwrap();
+        member.create(Duration::ZERO).unwrap();
+        let keys = member.payload_keys();
+        let client = ca.issue_role("c", Role::Client).unwrap().id();
+        let other = ca.issue_role("c2", Role::Client).unwrap().id();
+
+        // Until a quorum of replicas acknowledged the key, a sealed request is refused: not
+        // executed anywhere, and nobody's state is lost.
+        let mut forming = state();
+        forming.acks.clear();
+        let early = sealed_put(&keys, client, 9, "early");
+        assert!(forming.execute(&early).is_empty());
+        assert!(forming.state_known());
+
+        // A member with the key executes it; the log holds no plaintext.
+        let mut with_key = state().with_payload_keys(keys.clone());
+        let put = sealed_put(&keys, client, 1, "secret-value");
+        assert!(
+            !put.payload
+                .windows(b"secret-value".len())
+                .any(|w| w == b"secret-value")
+        );
+        assert_eq!(
+            KvReply::decode(&with_key.execute(&put)).unwrap(),
+            KvReply::Value(None)
+        );
+        assert!(with_key.state_known());
+
+        // Copied into another client's request it does not open: refused, not executed.
+        let mut stolen = put.clone();
+        stolen.client = other;
+        assert!(with_key.execute(&stolen).is_empty());
+        assert!(with_key.state_known());
+
+        // A replica without the key cannot compute the state: lost until restored.
+        let mut without = state();
+        let snapshot = without.snapshot();
+        assert!(without.execute(&put).is_empty());
+        assert!(!without.state_known());
+        // It keeps executing membership commands; application requests are not run.
+        let plain = Request {
+            client,
+            number: 2,
+            payload: Ordered::App(Bytes::from(KvOp::Get { key: "k".into() }.encode())).encode(),
+        };
+        assert!(without.execute(&plain).is_empty());
+        without.restore(&with_key.snapshot()).unwrap();
+        assert!(without.state_known());
+        assert_ne!(without.snapshot(), snapshot);
+
+        // Sealed in an epoch the replicated state does not accept (ahead of it): refused
+        // everywhere alike, keys or not.
+        let mut behind = state().with_payload_keys(keys.clone());
+        behind.group_epoch = None;
+        let ahead = {
+            // Move the member two epochs on: its payload is sealed in epoch 2.
+            for _ in 0..2 {
+                let p = member.propose_update().unwrap();
+                member.apply_commit(&p.commit, Duration::ZERO).unwrap();
+            }
+            sealed_put(&keys, client, 3, "later")
+        };
+        assert!(behind.execute(&ahead).is_empty());
+        assert!(behind.state_known());
     }
 }

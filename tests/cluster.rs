@@ -5,7 +5,7 @@
 //! What a user relies on: concurrent clients see linearizable results; the service goes on
 //! with one replica crashed (f = 1) and the crashed one catches up when it restarts; a whole
 //! cluster killed and restarted keeps every acknowledged write; a client whose certificate is
-//! revoked is refused.
+//! revoked is refused; a confidential request is ciphertext in every replica's log on disk.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
@@ -33,9 +33,18 @@ fn scratch(name: &str) -> PathBuf {
     dir
 }
 
-/// A cluster of `n` replica processes, all started.
+/// A cluster of four replica processes, all started.
 async fn cluster(name: &str, clients: usize) -> LocalCluster {
-    let options = LocalClusterOptions {
+    cluster_with(name, clients, |_| {}).await
+}
+
+/// A cluster of four replica processes with tuned options, all started.
+async fn cluster_with(
+    name: &str,
+    clients: usize,
+    tune: impl FnOnce(&mut LocalClusterOptions),
+) -> LocalCluster {
+    let mut options = LocalClusterOptions {
         replicas: 4,
         clients,
         consensus: ConsensusSection {
@@ -49,6 +58,7 @@ async fn cluster(name: &str, clients: usize) -> LocalCluster {
         log: "info".into(),
         rekey_seconds: 2,
     };
+    tune(&mut options);
     let mut c = LocalCluster::create(&scratch(name), Path::new(EXE), &options)
         .await
         .unwrap();
@@ -410,6 +420,92 @@ async fn a_client_whose_certificate_is_revoked_is_refused() {
     bystander.close().await;
 }
 
+/// The group epoch replica `i` is in, from its metrics (0 if unreachable or not a member).
+fn group_epoch(c: &LocalCluster, i: usize) -> u64 {
+    scrape(c.replicas[i].metrics_addr)
+        .map(|b| metric_sum(&b, "securesmart_node_group_epoch", &[]) as u64)
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_confidential_request_is_ciphertext_in_every_replica_log() {
+    use securesmart::consensus::journal::{FileJournal, Record};
+    use securesmart::protocol::Ordered;
+    let _one = ONE_AT_A_TIME.lock().await;
+    // Few ordered requests besides the test's (no rotation) and checkpoints far apart, so that
+    // the journal still holds the test's batches when it is read.
+    let c = cluster_with("confidential", 1, |o| {
+        o.rekey_seconds = 600;
+        o.consensus.checkpoint_interval = 256;
+        o.consensus.window = 512;
+    })
+    .await;
+    // The four replicas share the group key once they are in one epoch.
+    wait_for(
+        "the group key at every replica",
+        Duration::from_secs(60),
+        || {
+            let e: Vec<u64> = (0..4).map(|i| group_epoch(&c, i)).collect();
+            e[0] > 0 && e.iter().all(|x| *x == e[0])
+        },
+    )
+    .await
+    .unwrap();
+    let secret = format!("confidential-{}", std::process::id());
+    let mut cl = client(&c, 0).await;
+    cl.set_confidential(true);
+    assert_eq!(cl.put("card", secret.clone()).await.unwrap(), None);
+    assert_eq!(
+        cl.get("card").await.unwrap(),
+        Some(Bytes::from(secret.clone()))
+    );
+    // Not confidential: in the clear in the log (the check below can see plaintext).
+    cl.set_confidential(false);
+    cl.put("public", "in-the-clear-value").await.unwrap();
+    cl.close().await;
+    let contains = |b: &[u8], needle: &[u8]| b.windows(needle.len()).any(|w| w == needle);
+    for i in 0..4 {
+        let config = NodeConfig::load(&c.replicas[i].config).unwrap();
+        // A copy: opening a journal may cut a torn tail, and the node is still writing.
+        let copy = c.dir.join(format!("journal-copy{i}"));
+        std::fs::create_dir_all(&copy).unwrap();
+        for f in std::fs::read_dir(config.node.data_dir.join("consensus")).unwrap() {
+            let f = f.unwrap().path();
+            std::fs::copy(&f, copy.join(f.file_name().unwrap())).unwrap();
+        }
+        let (_, records) = FileJournal::open(&copy, &Default::default()).unwrap();
+        let (mut sealed, mut clear) = (0, 0);
+        for r in &records {
+            let proposals = match r {
+                Record::PrePrepare(s) => vec![&s.message],
+                Record::Prepared(cert) | Record::Committed(cert) => vec![&cert.proposal.message],
+                _ => Vec::new(),
+            };
+            for m in proposals {
+                let securesmart::consensus::message::Message::PrePrepare { batch, .. } = m else {
+                    continue;
+                };
+                for request in batch {
+                    assert!(
+                        !contains(&request.payload, secret.as_bytes()),
+                        "replica {i} logged a confidential request in the clear"
+                    );
+                    match Ordered::decode(&request.payload) {
+                        Ok(Ordered::Sealed(_)) => sealed += 1,
+                        Ok(Ordered::App(p)) if contains(&p, b"in-the-clear-value") => clear += 1,
+                        _ => {}
+                    }
+                }
+            }
+        }
+        assert!(sealed > 0, "replica {i} logged no sealed request");
+        assert!(
+            clear > 0,
+            "replica {i} logged no plain request (the check sees nothing)"
+        );
+    }
+}
+
 /// The highest sequence number replica `i` executed, from its metrics (0 if unreachable).
 fn executed(c: &LocalCluster, i: usize) -> u64 {
     scrape(c.replicas[i].metrics_addr)
@@ -459,6 +555,9 @@ async fn join_and_remove(crash: bool) {
     let stop = Arc::new(AtomicBool::new(false));
     let done = Arc::new(AtomicU64::new(0));
     let mut loader = client(&c, 1).await;
+    // Confidential: a joiner executes them only once it holds the group key, and fetches the
+    // state it could not compute.
+    loader.set_confidential(true);
     let load = {
         let (stop, done) = (Arc::clone(&stop), Arc::clone(&done));
         tokio::spawn(async move {
@@ -508,8 +607,12 @@ async fn join_and_remove(crash: bool) {
         c.start(joiner, &log_filter()).map_err(|e| e.to_string())?;
         // It catches up past the point where the five-replica group takes over
         // (window 32, rounded up to a checkpoint of 16).
+        // and, holding the group key, executes the confidential load itself.
         wait_for("the joiner to catch up", Duration::from_secs(60), || {
+            let metrics = scrape(c.replicas[joiner].metrics_addr).unwrap_or_default();
             executed(&c, joiner) > added_at + 32 + 16
+                && metric_sum(&metrics, "securesmart_node_sealed_opened_total", &[]) > 0.0
+                && metric_sum(&metrics, "securesmart_consensus_state_lost", &[]) == 0.0
         })
         .await?;
         if crash {

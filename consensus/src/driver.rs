@@ -53,7 +53,8 @@ pub enum PbftError {
 }
 
 enum Control {
-    Snapshot(Seq, Bytes),
+    /// The application's snapshot at a checkpoint, or `None`: its state is lost.
+    Snapshot(Seq, Option<Bytes>),
     Keys(Vec<Member>),
     Reconfigure(
         Vec<Member>,
@@ -114,6 +115,7 @@ impl Pbft {
                 journal,
                 unsynced: false,
                 seen_view: (0, true),
+                seen_lost: false,
                 last_summary: Instant::now(),
                 low: std::sync::Arc::clone(&low),
             }
@@ -201,7 +203,13 @@ impl Ordering for Pbft {
 
     fn snapshot_taken(&self, seq: Seq, snapshot: Bytes) -> Result<(), PbftError> {
         self.control
-            .send(Control::Snapshot(seq, snapshot))
+            .send(Control::Snapshot(seq, Some(snapshot)))
+            .map_err(|_| PbftError::Stopped)
+    }
+
+    fn state_lost(&self, seq: Seq) -> Result<(), PbftError> {
+        self.control
+            .send(Control::Snapshot(seq, None))
             .map_err(|_| PbftError::Stopped)
     }
 
@@ -224,6 +232,7 @@ struct Driver<N> {
     journal: Option<Box<dyn Journal>>,
     unsynced: bool,
     seen_view: (u64, bool),
+    seen_lost: bool,
     last_summary: Instant,
     low: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
@@ -281,9 +290,10 @@ impl<N: Network> Driver<N> {
             tokio::select! {
                 biased;
                 c = control.recv() => match c {
-                    Some(Control::Snapshot(seq, snapshot)) => {
+                    Some(Control::Snapshot(seq, Some(snapshot))) => {
                         self.replica.handle_checkpoint_state(seq, snapshot);
                     }
+                    Some(Control::Snapshot(seq, None)) => self.replica.handle_state_lost(seq),
                     Some(Control::Keys(members)) => {
                         for m in &members {
                             self.ring.insert(m.id, m.key);
@@ -346,6 +356,20 @@ impl<N: Network> Driver<N> {
             }
             self.seen_view = (view, active);
         }
+        let lost = self.replica.state_lost();
+        if lost != self.seen_lost {
+            metrics::gauge!("securesmart_consensus_state_lost").set(f64::from(u8::from(lost)));
+            if lost {
+                metrics::counter!("securesmart_consensus_state_lost_total").increment(1);
+                tracing::warn!(
+                    executed = self.replica.executed(),
+                    "application state is not the agreed one: fetching it at the next stable checkpoint"
+                );
+            } else {
+                tracing::info!(executed = self.replica.executed(), "agreed state restored");
+            }
+            self.seen_lost = lost;
+        }
         if tracing::enabled!(tracing::Level::DEBUG)
             && self.last_summary.elapsed() >= Duration::from_secs(1)
         {
@@ -374,6 +398,9 @@ impl<N: Network> Driver<N> {
                 next = self.network.try_recv();
             }
         }
+        // Timers these messages start count from now, not from the last tick.
+        let now = self.now();
+        self.replica.advance_clock(now);
         for result in self.ring.verify_batch(decoded) {
             match result {
                 Ok(v) => {

@@ -165,9 +165,15 @@ pub fn replica_ops(data: &[u8]) {
                         );
                     }
                     Output::Restore { seq, .. } => {
-                        assert!(seq >= next, "a restore only moves forward");
+                        // Forward, or back to the stable checkpoint when this replica's state
+                        // was lost (the batches above it then execute again).
+                        assert!(
+                            seq >= next || seq == replica.low_watermark(),
+                            "a restore moves forward or to the stable checkpoint"
+                        );
                         next = seq + 1;
                     }
+                    Output::CheckpointDue { seq } if b >= 0xf0 => replica.handle_state_lost(seq),
                     Output::CheckpointDue { seq } => {
                         replica.handle_checkpoint_state(seq, bytes::Bytes::from(vec![seq as u8]));
                     }

@@ -58,6 +58,18 @@
 //! ([`Output::Restore`]) and executes the certified batches. Replies are rate-limited per
 //! requester.
 //!
+//! A replica whose *application* state is not the agreed one, though it executed the same
+//! batches, fetches the state the same way: when its host says so at a checkpoint
+//! ([`Replica::handle_state_lost`]: the application could not execute a request, e.g. it
+//! lacked a key to open it), or when a stable certificate certifies another digest than its own
+//! checkpoint. It then sends no checkpoint for its state, restores the certified snapshot even
+//! though it executed past it, and executes the committed batches above it again.
+//!
+//! # Time
+//! The core reads no clock: [`Replica::handle_tick`] and [`Replica::advance_clock`] tell it the
+//! time. A host advances the clock before handing over messages, since timers that messages
+//! start (the view-change back-off) count from the core's notion of now.
+//!
 //! # At-most-once execution
 //! Request numbers grow per client, and a request whose number is at or below the client's
 //! last executed one is a duplicate (a retransmission, or a request a faulty primary proposed
@@ -329,6 +341,9 @@ pub struct Replica {
     /// While changing views: whether 2f+1 replicas are changing to this view (the deadline
     /// then moves on to the next view; before, it only re-sends this replica's view change).
     vc_escalate: bool,
+    /// The view-change timer found this replica missing batches the group committed, and it
+    /// asked for them; reset when a batch executes or the view changes.
+    gap_asked: bool,
     backoff: u32,
     /// The new view this replica started as primary (re-sent to replicas that missed it).
     new_view: Option<Signed>,
@@ -343,6 +358,10 @@ pub struct Replica {
     behind_since: Option<Duration>,
     /// State transfer in progress: the checkpoint wanted and when it was last asked for.
     fetching: Option<(Seq, Duration)>,
+    /// The application's state is not the agreed one (it could not execute something, or its
+    /// checkpoint differed from the certified one): fetch the state at the next stable
+    /// checkpoint even if executed past it.
+    lost: bool,
     /// The checkpoint last served to each member, and when.
     served: BTreeMap<NodeId, (Seq, Duration)>,
     /// The stable checkpoint last written to the journal.
@@ -380,6 +399,7 @@ impl Replica {
             last_executed: BTreeMap::new(),
             vc_deadline: None,
             vc_escalate: false,
+            gap_asked: false,
             backoff: 0,
             new_view: None,
             own_view_changes: BTreeMap::new(),
@@ -387,6 +407,7 @@ impl Replica {
             view_changes: BTreeMap::new(),
             behind_since: None,
             fetching: None,
+            lost: false,
             served: BTreeMap::new(),
             persisted_stable: 0,
             outputs: VecDeque::new(),
@@ -779,6 +800,37 @@ impl Replica {
         Ok(())
     }
 
+    /// Whether a quorum committed, in the current view, a slot above the next one this replica
+    /// can execute: the group makes progress that this replica missed part of.
+    fn missed_a_proposal(&self) -> bool {
+        let group = self.group();
+        let next = self.executed + 1;
+        let stuck = self
+            .slots
+            .get(&next)
+            .is_none_or(|slot| slot.pre_prepare.is_none());
+        stuck
+            && self.slots.range(next..).any(|(_, slot)| {
+                let mut by_digest: BTreeMap<Digest, usize> = BTreeMap::new();
+                for (sender, v) in &slot.commits {
+                    if v.message().view() == Some(self.view)
+                        && group.contains(sender)
+                        && let Some(d) = v.message().digest()
+                    {
+                        *by_digest.entry(d).or_default() += 1;
+                    }
+                }
+                by_digest.values().any(|n| *n >= group.quorum())
+            })
+    }
+
+    /// The current time, without acting on expired timers: timers that the next messages
+    /// start count from here. A host calls it before [`Replica::handle_message`] when time may
+    /// have passed since its last tick (a timer started from a stale clock expires early).
+    pub fn advance_clock(&mut self, now: Duration) {
+        self.now = self.now.max(now);
+    }
+
     /// Time passed: flush a batch that waited `batch_delay`, change views when the timer
     /// expires, and ask for state again when a state transfer is overdue.
     pub fn handle_tick(&mut self, now: Duration) {
@@ -795,7 +847,17 @@ impl Replica {
             && now >= deadline
             && self.is_member()
         {
-            if self.active || self.vc_escalate {
+            if self.active && !self.gap_asked && self.missed_a_proposal() {
+                // The group commits batches this replica cannot execute (it missed a
+                // pre-prepare, e.g. sent before it was connected): it is behind, and leaving
+                // the view alone would strand it in a view nobody else joins. Ask the others
+                // for the committed batches and wait once more; if that does not help, change
+                // views after all.
+                self.gap_asked = true;
+                let next = self.executed + 1;
+                self.broadcast(Message::FetchState { seq: next });
+                self.vc_deadline = Some(now + self.timeout());
+            } else if self.active || self.vc_escalate {
                 self.backoff = self.backoff.saturating_add(1);
                 self.start_view_change(self.view + 1);
             } else if let Some(own) = self.own_view_changes.get(&self.view) {
@@ -1125,6 +1187,7 @@ impl Replica {
                     .insert(seq, (self.groups.clone(), self.last_executed.clone()));
                 self.outputs.push_back(Output::CheckpointDue { seq });
             }
+            self.gap_asked = false;
             if self.active {
                 self.backoff = 0;
                 self.vc_deadline = (!self.waiting.is_empty()).then(|| self.now + self.timeout());
@@ -1150,6 +1213,20 @@ impl Replica {
         let own = self.broadcast(Message::Checkpoint { seq, state });
         self.checkpoints.entry(seq).or_default().insert(me, own);
         self.try_stabilize(seq);
+    }
+
+    /// The application could not produce the agreed state at checkpoint `seq` (see
+    /// [`crate::service::StateMachine::state_known`]): this replica sends no checkpoint and
+    /// fetches the state at the next stable checkpoint, executing the batches above it again.
+    pub fn handle_state_lost(&mut self, seq: Seq) {
+        self.core_at.remove(&seq);
+        self.lost = true;
+    }
+
+    /// Whether this replica waits for a state transfer because its application's state is not
+    /// the agreed one.
+    pub fn state_lost(&self) -> bool {
+        self.lost
     }
 
     fn on_checkpoint(
@@ -1225,6 +1302,15 @@ impl Replica {
             return;
         }
         let was_primary = self.is_primary();
+        if self
+            .snapshots
+            .get(&seq)
+            .is_some_and(|(own, _)| *own != digest)
+        {
+            // Our state at `seq` is not the one a quorum certified.
+            self.snapshots.remove(&seq);
+            self.lost = true;
+        }
         self.stable = cert;
         self.stable_digest = Some(digest);
         self.low = seq;
@@ -1248,7 +1334,7 @@ impl Replica {
             // A group change made this replica the primary of the current view.
             self.rebuild_queue(&std::collections::BTreeSet::new());
         }
-        if self.executed < seq {
+        if self.executed < seq || self.lost {
             self.fetching = Some((seq, self.now));
             self.behind_since = None;
             self.broadcast(Message::FetchState { seq });
@@ -1272,6 +1358,7 @@ impl Replica {
         self.oldest_queued = None;
         self.vc_deadline = Some(self.now + self.timeout());
         self.vc_escalate = false;
+        self.gap_asked = false;
         let low = self.low;
         let top = low.saturating_add(self.config.window);
         let prepared = self
@@ -1577,7 +1664,10 @@ impl Replica {
         if !self.group().contains(&sender) {
             return Err(Ignored::NotMember);
         }
-        if self.low < seq || self.low == 0 || self.executed < self.low {
+        if seq > self.low {
+            return self.fill_gap(sender, seq);
+        }
+        if self.low == 0 || self.executed < self.low {
             return Err(Ignored::Stale);
         }
         let Some((digest, snapshot)) = self.snapshots.get(&self.low) else {
@@ -1593,8 +1683,55 @@ impl Replica {
             return Err(Ignored::Busy);
         }
         let snapshot = snapshot.clone();
+        let committed = self.committed_certificates(self.low + 1);
+        self.served.insert(sender, (self.low, self.now));
+        let message = self.signer.sign(Message::State {
+            checkpoint: self.stable.iter().map(|v| v.signed().clone()).collect(),
+            snapshot,
+            committed,
+        });
+        self.outputs.push_back(Output::Send {
+            to: sender,
+            message,
+        });
+        Ok(())
+    }
+
+    /// A replica asks for the batches from `seq` on, above our stable checkpoint (it missed a
+    /// pre-prepare): our certificate without a snapshot, and the committed certificates from
+    /// `seq` to what we executed.
+    fn fill_gap(&mut self, sender: NodeId, seq: Seq) -> Result<(), Ignored> {
+        if self.executed < seq {
+            return Err(Ignored::Stale);
+        }
+        if let Some((served, at)) = self.served.get(&sender)
+            && *served == seq
+            && self.now.saturating_sub(*at) < self.config.state_transfer_delay
+        {
+            return Err(Ignored::Busy);
+        }
+        let committed = self.committed_certificates(seq);
+        if committed.is_empty() {
+            return Err(Ignored::Stale);
+        }
+        self.served.insert(sender, (seq, self.now));
+        let message = self.signer.sign(Message::State {
+            checkpoint: self.stable.iter().map(|v| v.signed().clone()).collect(),
+            snapshot: Bytes::new(),
+            committed,
+        });
+        self.outputs.push_back(Output::Send {
+            to: sender,
+            message,
+        });
+        Ok(())
+    }
+
+    /// Committed certificates (pre-prepare and a quorum of commits) of the batches executed
+    /// here from `from` on, in order, as far as this replica holds them.
+    fn committed_certificates(&self, from: Seq) -> Vec<Certificate> {
         let mut committed = Vec::new();
-        for seq in self.low + 1..=self.executed {
+        for seq in from..=self.executed {
             let quorum = self.group_at(seq).quorum();
             let Some(slot) = self.slots.get(&seq) else {
                 break;
@@ -1610,17 +1747,7 @@ impl Replica {
                     .collect(),
             });
         }
-        self.served.insert(sender, (self.low, self.now));
-        let message = self.signer.sign(Message::State {
-            checkpoint: self.stable.iter().map(|v| v.signed().clone()).collect(),
-            snapshot,
-            committed,
-        });
-        self.outputs.push_back(Output::Send {
-            to: sender,
-            message,
-        });
-        Ok(())
+        committed
     }
 
     fn on_state(&mut self, message: Verified) -> Result<(), Ignored> {
@@ -1632,21 +1759,35 @@ impl Replica {
         else {
             return Err(Ignored::Invalid);
         };
-        let Some(Message::Checkpoint { seq, .. }) = checkpoint.first().map(|s| &s.message) else {
-            return Err(Ignored::Invalid);
+        // An empty certificate is the genesis state: a reply that fills a gap above it.
+        let seq = match checkpoint.first().map(|s| &s.message) {
+            Some(Message::Checkpoint { seq, .. }) => *seq,
+            None => 0,
+            Some(_) => return Err(Ignored::Invalid),
         };
-        let seq = *seq;
-        let Some(Some(digest)) = self.group_at(seq).checkpoint_cert(seq, checkpoint) else {
-            return Err(Ignored::Invalid);
+        let digest = match self.group_at(seq).checkpoint_cert(seq, checkpoint) {
+            Some(d) => d,
+            None => return Err(Ignored::Invalid),
         };
         let mut progress = false;
-        if seq > self.executed {
+        if let Some(digest) = digest
+            && (seq > self.executed || (self.lost && seq >= self.low))
+        {
             if state_digest(seq, snapshot) != digest {
                 return Err(Ignored::Invalid);
             }
             let Ok(restored) = Snapshot::decode(snapshot) else {
                 return Err(Ignored::Invalid);
             };
+            if self.lost {
+                // Execute the committed batches above `seq` again, on the agreed state.
+                for (_, slot) in self.slots.range_mut(seq + 1..) {
+                    slot.executed = false;
+                }
+                self.snapshots.retain(|s, _| *s < seq);
+                self.core_at.retain(|s, _| *s < seq);
+                self.lost = false;
+            }
             self.executed = seq;
             self.last_executed = restored.last_executed;
             self.groups = restored.groups;
@@ -1674,7 +1815,7 @@ impl Replica {
             }
             progress = true;
         }
-        if self.fetching.is_some_and(|(want, _)| want <= self.executed) {
+        if !self.lost && self.fetching.is_some_and(|(want, _)| want <= self.executed) {
             self.fetching = None;
         }
         for cert in committed {
@@ -1766,6 +1907,10 @@ mod tests {
         now: Duration,
         cut: Filter,
         journals: Vec<Vec<Record>>,
+        /// Replica `i` does not execute the batch at `seq`; with `true` it knows and reports
+        /// its state lost at the next checkpoint, with `false` its state silently diverges.
+        skip: Option<(usize, Seq, bool)>,
+        diverged: Vec<bool>,
     }
 
     fn config(replicas: Vec<NodeId>) -> Config {
@@ -1802,6 +1947,8 @@ mod tests {
                 now: Duration::ZERO,
                 cut: Box::new(|_, _, _| false),
                 journals: vec![Vec::new(); n],
+                skip: None,
+                diverged: vec![false; n],
             }
         }
 
@@ -1829,14 +1976,23 @@ mod tests {
                     }
                     Output::Execute { seq, digest, batch } => {
                         self.log[i].push((seq, digest));
-                        self.apps[i].execute(&batch);
+                        if self.skip.is_some_and(|(r, s, _)| (r, s) == (i, seq)) {
+                            self.diverged[i] = true;
+                        } else {
+                            self.apps[i].execute(&batch);
+                        }
                     }
                     Output::CheckpointDue { seq } => {
-                        let snap = self.apps[i].snapshot();
-                        self.replicas[i].handle_checkpoint_state(seq, snap);
+                        if self.diverged[i] && self.skip.is_some_and(|(_, _, knows)| knows) {
+                            self.replicas[i].handle_state_lost(seq);
+                        } else {
+                            let snap = self.apps[i].snapshot();
+                            self.replicas[i].handle_checkpoint_state(seq, snap);
+                        }
                     }
                     Output::Restore { snapshot, .. } => {
                         self.restores += 1;
+                        self.diverged[i] = false;
                         self.apps[i].restore(&snapshot).unwrap();
                     }
                     Output::ViewEntered { .. } => {}
@@ -1935,6 +2091,78 @@ mod tests {
             assert_eq!(states.len(), 1, "the certificate's checkpoints match");
         }
         assert_eq!(c.apps[0].app(), c.apps[3].app());
+    }
+
+    /// A replica whose application could not execute a batch (it says so, or its checkpoint
+    /// simply differs) fetches the agreed state at the next stable checkpoint, executes the
+    /// batches above it again, and ends with the same state as the others.
+    #[test]
+    fn a_replica_with_a_lost_or_diverged_state_fetches_the_agreed_one() {
+        for knows in [true, false] {
+            let mut c = Cluster::new(4, |_| {});
+            c.skip = Some((3, 3, knows));
+            for n in 1..=24 {
+                c.submit(1, n);
+                c.run_for(Duration::from_millis(10));
+            }
+            c.run_for(Duration::from_millis(200));
+            assert_agree(&c, &[0, 1, 2, 3]);
+            assert!(c.restores > 0, "knows={knows}: a state transfer");
+            assert!(!c.diverged[3] && !c.replicas[3].state_lost());
+            assert_eq!(c.apps[3].app(), c.apps[0].app(), "knows={knows}");
+            assert_eq!(c.apps[3].app(), c.apps[1].app(), "knows={knows}");
+        }
+    }
+
+    /// A timer that a message starts counts from when the message arrived, not from the
+    /// replica's last tick: a quorum of view changes arriving after a long quiet spell must not
+    /// make the replica escalate to the next view at once.
+    #[test]
+    fn timers_started_by_messages_count_from_their_arrival() {
+        let mut c = Cluster::new(4, |_| {});
+        let quiet = Duration::from_secs(10);
+        c.replicas[3].advance_clock(quiet);
+        for i in 0..3 {
+            let vc = c.signers[i].sign(Message::ViewChange {
+                view: 1,
+                stable: 0,
+                checkpoint: Vec::new(),
+                prepared: Vec::new(),
+            });
+            let v = c.ring.verify(vc).unwrap();
+            let _ = c.replicas[3].handle_message(v);
+        }
+        assert_eq!(c.replicas[3].view(), 1);
+        c.replicas[3].handle_tick(quiet + Duration::from_millis(1));
+        assert_eq!(
+            c.replicas[3].view(),
+            1,
+            "the back-off timer started when the view changes arrived"
+        );
+        c.replicas[3].handle_tick(quiet + Duration::from_secs(5));
+        assert_eq!(c.replicas[3].view(), 2, "and it does expire");
+    }
+
+    /// A backup that missed a pre-prepare (it was not connected yet) while the others go on
+    /// does not leave the view alone, where it would sit in a view nobody else joins: it asks
+    /// for the committed batches and catches up.
+    #[test]
+    fn a_backup_that_missed_a_proposal_catches_up_instead_of_leaving_alone() {
+        let mut c = Cluster::new(4, |cfg| cfg.checkpoint_interval = 8);
+        c.cut = Box::new(|_, to, m| to == 3 && matches!(m, Message::PrePrepare { seq: 1, .. }));
+        for n in 1..=4 {
+            c.submit(5, n);
+        }
+        c.run_for(Duration::from_millis(50));
+        assert!(
+            c.log[3].is_empty() && !c.log[0].is_empty(),
+            "it missed seq 1"
+        );
+        c.run_for(Duration::from_millis(300));
+        assert_agree(&c, &[0, 1, 2, 3]);
+        assert_eq!(c.replicas[3].view(), 0, "it stayed in the view");
+        assert!(c.replicas[3].is_active());
+        assert_eq!(c.log[3], c.log[0], "it caught up");
     }
 
     #[test]

@@ -32,6 +32,15 @@ pub trait StateMachine: Send {
     /// [`RestoreError`] if the bytes are not a snapshot of this application (the state is
     /// then unchanged).
     fn restore(&mut self, snapshot: &[u8]) -> Result<(), RestoreError>;
+
+    /// Whether the state is the one every correct replica computed. An application that could
+    /// not execute an ordered request the way the others did (it lacked a key to open it, say)
+    /// returns `false` until the next [`StateMachine::restore`]: the engine then takes no
+    /// snapshot from it, fetches the agreed state at the next stable checkpoint, and executes
+    /// the batches above it again. Its replies meanwhile are not sent.
+    fn state_known(&self) -> bool {
+        true
+    }
 }
 
 /// A snapshot could not be restored.
@@ -114,6 +123,13 @@ pub trait Ordering: Send {
     /// When the engine is shut down.
     fn snapshot_taken(&self, seq: Seq, snapshot: Bytes) -> Result<(), Self::Error>;
 
+    /// Instead of a snapshot for an [`Event::SnapshotDue`]: the application's state is not the
+    /// agreed one ([`StateMachine::state_known`]); the engine replaces it by state transfer.
+    ///
+    /// # Errors
+    /// When the engine is shut down.
+    fn state_lost(&self, seq: Seq) -> Result<(), Self::Error>;
+
     /// Replaces the group: called, identically at every replica, when the command that
     /// changes it executes at `executed_at`. Returns the sequence number after which the new
     /// group orders (an engine documents its rule).
@@ -127,9 +143,10 @@ pub trait Ordering: Send {
     ) -> impl Future<Output = Result<Seq, Self::Error>> + Send;
 }
 
-/// What [`Executor::apply`] produced: the replies of an ordered batch, and for a due snapshot
-/// the sequence number and snapshot to hand back to the engine.
-pub type Applied = (Vec<Reply>, Option<(Seq, Bytes)>);
+/// What [`Executor::apply`] produced: the replies of an ordered batch (none while the state is
+/// lost), and for a due snapshot the sequence number and the snapshot to hand back to the engine
+/// (`None`: the state is lost, see [`StateMachine::state_known`]).
+pub type Applied = (Vec<Reply>, Option<(Seq, Option<Bytes>)>);
 
 /// Runs batches on a [`StateMachine`] with a reply cache (at-most-once execution, the same
 /// reply for a retransmission).
@@ -207,6 +224,11 @@ impl<S: StateMachine> Executor<S> {
         Bytes::from(w.buf)
     }
 
+    /// The snapshot for a due checkpoint, or `None` when the application's state is lost.
+    pub fn due_snapshot(&self) -> Option<Bytes> {
+        self.app.state_known().then(|| self.snapshot())
+    }
+
     /// Restores a snapshot made by [`Executor::snapshot`].
     ///
     /// # Errors
@@ -236,8 +258,15 @@ impl<S: StateMachine> Executor<S> {
     /// [`RestoreError`] for a snapshot that does not restore.
     pub fn apply(&mut self, event: Event) -> Result<Applied, RestoreError> {
         Ok(match event {
-            Event::Ordered { batch, .. } => (self.execute(&batch), None),
-            Event::SnapshotDue { seq } => (Vec::new(), Some((seq, self.snapshot()))),
+            Event::Ordered { batch, .. } => {
+                let replies = self.execute(&batch);
+                if self.app.state_known() {
+                    (replies, None)
+                } else {
+                    (Vec::new(), None)
+                }
+            }
+            Event::SnapshotDue { seq } => (Vec::new(), Some((seq, self.due_snapshot()))),
             Event::Restore { snapshot, .. } => {
                 self.restore(&snapshot)?;
                 (Vec::new(), None)
@@ -260,11 +289,12 @@ pub async fn serve<O: Ordering, S: StateMachine>(
     while let Some(event) = ordering.next_event().await {
         let (replies, snapshot) = executor.apply(event)?;
         replies.into_iter().for_each(&mut on_reply);
-        if let Some((seq, snapshot)) = snapshot {
-            ordering
-                .snapshot_taken(seq, snapshot)
-                .map_err(ServeError::Ordering)?;
+        match snapshot {
+            Some((seq, Some(snapshot))) => ordering.snapshot_taken(seq, snapshot),
+            Some((seq, None)) => ordering.state_lost(seq),
+            None => Ok(()),
         }
+        .map_err(ServeError::Ordering)?;
     }
     Ok(())
 }

@@ -766,6 +766,11 @@ impl Sim {
                 }
             }
         }
+        // As the driver does: timers these messages start count from now.
+        let now = self.now;
+        if let Some(core) = self.instances.get_mut(k).and_then(|i| i.core.as_mut()) {
+            core.advance_clock(now);
+        }
         for verified in self.ring.verify_batch(decoded) {
             let outcome = match verified {
                 Ok(v) => match self.instances.get_mut(k).and_then(|i| i.core.as_mut()) {

@@ -27,7 +27,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::RwLock;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use aes_gcm_siv::aead::{Aead, KeyInit, Payload};
@@ -189,6 +189,182 @@ pub struct Opened {
     pub plaintext: Vec<u8>,
 }
 
+/// A member's payload keys: the keys of its last `keep_epochs` epochs and which one is
+/// current. [`GroupMember::payload_keys`] hands out handles that share them, so that a node
+/// can seal and open payloads in other tasks while the member moves through epochs.
+#[derive(Clone)]
+pub struct PayloadKeys {
+    id: NodeId,
+    inner: Arc<RwLock<KeyRing>>,
+}
+
+#[derive(Default)]
+struct KeyRing {
+    current: Option<u64>,
+    keys: BTreeMap<u64, Zeroizing<[u8; 32]>>,
+    sealed_in_epoch: u64,
+}
+
+impl std::fmt::Debug for PayloadKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PayloadKeys")
+            .field("current", &self.current())
+            .field("epochs", &self.epochs())
+            .finish_non_exhaustive()
+    }
+}
+
+fn key_lock<T>(_: T) -> GroupError {
+    GroupError::State("payload key lock".into())
+}
+
+impl PayloadKeys {
+    fn new(id: NodeId) -> Self {
+        Self {
+            id,
+            inner: Arc::new(RwLock::new(KeyRing::default())),
+        }
+    }
+
+    /// The current epoch, if this member is in a group.
+    pub fn current(&self) -> Option<u64> {
+        self.inner.read().ok().and_then(|k| k.current)
+    }
+
+    /// Epochs whose keys this member holds.
+    pub fn epochs(&self) -> Vec<u64> {
+        self.inner
+            .read()
+            .map(|k| k.keys.keys().copied().collect())
+            .unwrap_or_default()
+    }
+
+    fn sealed_in_epoch(&self) -> u64 {
+        self.inner.read().map(|k| k.sealed_in_epoch).unwrap_or(0)
+    }
+
+    fn entered(&self, epoch: u64, key: Zeroizing<[u8; 32]>, keep: usize) -> Result<(), GroupError> {
+        let mut k = self.inner.write().map_err(key_lock)?;
+        k.keys.insert(epoch, key);
+        while k.keys.len() > keep {
+            // Dropping a Zeroizing key erases it.
+            k.keys.pop_first();
+        }
+        k.current = Some(epoch);
+        k.sealed_in_epoch = 0;
+        Ok(())
+    }
+
+    fn left(&self) -> Result<(), GroupError> {
+        self.inner.write().map_err(key_lock)?.current = None;
+        Ok(())
+    }
+
+    fn restored(
+        &self,
+        keys: BTreeMap<u64, Zeroizing<[u8; 32]>>,
+        current: Option<u64>,
+    ) -> Result<(), GroupError> {
+        let mut k = self.inner.write().map_err(key_lock)?;
+        k.keys = keys;
+        k.current = current;
+        k.sealed_in_epoch = 0;
+        Ok(())
+    }
+
+    fn encode(&self, w: &mut Writer) -> Result<(), GroupError> {
+        let k = self.inner.read().map_err(key_lock)?;
+        w.raw(&(k.keys.len() as u32).to_be_bytes());
+        for (epoch, key) in &k.keys {
+            w.raw(&epoch.to_be_bytes()).raw(key.as_ref());
+        }
+        Ok(())
+    }
+
+    /// Seals `plaintext` under the current epoch's key, binding `context`.
+    ///
+    /// # Errors
+    /// [`GroupError::NotMember`] without a group.
+    pub fn seal(&self, context: &[u8], plaintext: &[u8]) -> Result<Vec<u8>, GroupError> {
+        let epoch = self.current().ok_or(GroupError::NotMember)?;
+        self.seal_in(epoch, context, plaintext)
+    }
+
+    /// Seals `plaintext` under the key of `epoch` (the current one or one still kept),
+    /// binding `context`.
+    ///
+    /// # Errors
+    /// [`GroupError::UnknownEpoch`] if this member does not hold that epoch's key.
+    pub fn seal_in(
+        &self,
+        epoch: u64,
+        context: &[u8],
+        plaintext: &[u8],
+    ) -> Result<Vec<u8>, GroupError> {
+        let mut k = self.inner.write().map_err(key_lock)?;
+        let key = k.keys.get(&epoch).ok_or(GroupError::UnknownEpoch(epoch))?;
+        let nonce: [u8; 12] = rand::random();
+        let aad = aad(epoch, &self.id, context);
+        let cipher = Aes256GcmSiv::new_from_slice(key.as_ref()).map_err(mls_err)?;
+        let ciphertext = cipher
+            .encrypt(
+                &Nonce::from(nonce),
+                Payload {
+                    msg: plaintext,
+                    aad: &aad,
+                },
+            )
+            .map_err(|_| GroupError::Mls("seal".into()))?;
+        let mut w = Writer::default();
+        w.u8(SEALED_VERSION)
+            .raw(&epoch.to_be_bytes())
+            .raw(self.id.as_bytes())
+            .raw(&nonce)
+            .raw(&ciphertext);
+        k.sealed_in_epoch += 1;
+        Ok(w.buf)
+    }
+
+    /// Opens a sealed payload with the key of the epoch it names, checking `context`.
+    ///
+    /// # Errors
+    /// [`GroupError::Malformed`], [`GroupError::UnknownEpoch`] (e.g. a removed member and a new
+    /// epoch, or an epoch older than the window), [`GroupError::Tampered`].
+    pub fn open(&self, sealed: &[u8], context: &[u8]) -> Result<Opened, GroupError> {
+        let Sealed {
+            epoch,
+            sender,
+            nonce,
+            ciphertext,
+        } = parse_sealed(sealed)?;
+        let k = self.inner.read().map_err(key_lock)?;
+        let key = k.keys.get(&epoch).ok_or(GroupError::UnknownEpoch(epoch))?;
+        let cipher = Aes256GcmSiv::new_from_slice(key.as_ref()).map_err(mls_err)?;
+        let plaintext = cipher
+            .decrypt(
+                &Nonce::from(nonce),
+                Payload {
+                    msg: ciphertext,
+                    aad: &aad(epoch, &sender, context),
+                },
+            )
+            .map_err(|_| GroupError::Tampered)?;
+        Ok(Opened {
+            epoch,
+            sender,
+            plaintext,
+        })
+    }
+}
+
+/// The epoch a sealed payload names, read without any key.
+///
+/// # Errors
+/// [`GroupError::Malformed`] if the bytes are not a sealed payload.
+pub fn sealed_epoch(sealed: &[u8]) -> Result<u64, GroupError> {
+    parse_sealed(sealed).map(|s| s.epoch)
+}
+
 /// A commit built by this member, to be ordered; the Welcome goes to the joiner once the commit
 /// has been applied.
 #[derive(Clone, Debug)]
@@ -216,9 +392,8 @@ pub struct GroupMember {
     signer: SignatureKeyPair,
     credential: CredentialWithKey,
     group: Option<MlsGroup>,
-    keys: BTreeMap<u64, Zeroizing<[u8; 32]>>,
+    keys: PayloadKeys,
     pending: Option<Vec<u8>>,
-    sealed_in_epoch: u64,
     epoch_started: Duration,
     config: GroupConfig,
     faults: Faults,
@@ -257,9 +432,8 @@ impl GroupMember {
             signer,
             credential,
             group: None,
-            keys: BTreeMap::new(),
+            keys: PayloadKeys::new(identity.id()),
             pending: None,
-            sealed_in_epoch: 0,
             epoch_started: Duration::ZERO,
             config,
             faults: Faults::default(),
@@ -532,6 +706,7 @@ impl GroupMember {
         if !active {
             // Removed: the new epoch's secrets were never ours; forget the group.
             self.group = None;
+            self.keys.left()?;
             self.persist()?;
             return Ok(CommitOutcome::Removed);
         }
@@ -583,15 +758,11 @@ impl GroupMember {
                 .export_secret(self.provider.crypto(), EXPORTER_LABEL, &[], 32)
                 .map_err(mls_err)?,
         );
-        self.keys.insert(
+        self.keys.entered(
             epoch,
             Zeroizing::new(blake3::derive_key(PAYLOAD_KEY_CONTEXT, &exporter)),
-        );
-        while self.keys.len() > self.config.keep_epochs {
-            // Dropping a Zeroizing key erases it.
-            self.keys.pop_first();
-        }
-        self.sealed_in_epoch = 0;
+            self.config.keep_epochs,
+        )?;
         self.epoch_started = now;
         self.persist()
     }
@@ -600,12 +771,18 @@ impl GroupMember {
     pub fn needs_rotation(&self, now: Duration) -> bool {
         self.group.is_some()
             && (now.saturating_sub(self.epoch_started) >= self.config.rotation.max_age
-                || self.sealed_in_epoch >= self.config.rotation.max_sealed)
+                || self.keys.sealed_in_epoch() >= self.config.rotation.max_sealed)
     }
 
     /// Epochs whose keys this member holds.
     pub fn key_epochs(&self) -> Vec<u64> {
-        self.keys.keys().copied().collect()
+        self.keys.epochs()
+    }
+
+    /// A handle on this member's payload keys, for sealing and opening elsewhere (it follows
+    /// the member through epoch changes; see [`PayloadKeys`]).
+    pub fn payload_keys(&self) -> PayloadKeys {
+        self.keys.clone()
     }
 
     /// Seals `plaintext` under the current epoch's key, binding `context`.
@@ -613,31 +790,7 @@ impl GroupMember {
     /// # Errors
     /// [`GroupError::NotMember`] without a group.
     pub fn seal(&mut self, context: &[u8], plaintext: &[u8]) -> Result<Vec<u8>, GroupError> {
-        let epoch = self.epoch().ok_or(GroupError::NotMember)?;
-        let key = self
-            .keys
-            .get(&epoch)
-            .ok_or(GroupError::UnknownEpoch(epoch))?;
-        let nonce: [u8; 12] = rand::random();
-        let aad = aad(epoch, &self.id, context);
-        let cipher = Aes256GcmSiv::new_from_slice(key.as_ref()).map_err(mls_err)?;
-        let ciphertext = cipher
-            .encrypt(
-                &Nonce::from(nonce),
-                Payload {
-                    msg: plaintext,
-                    aad: &aad,
-                },
-            )
-            .map_err(|_| GroupError::Mls("seal".into()))?;
-        let mut w = Writer::default();
-        w.u8(SEALED_VERSION)
-            .raw(&epoch.to_be_bytes())
-            .raw(self.id.as_bytes())
-            .raw(&nonce)
-            .raw(&ciphertext);
-        self.sealed_in_epoch += 1;
-        Ok(w.buf)
+        self.keys.seal(context, plaintext)
     }
 
     /// Opens a sealed payload with the key of the epoch it names, checking `context`.
@@ -646,31 +799,7 @@ impl GroupMember {
     /// [`GroupError::Malformed`], [`GroupError::UnknownEpoch`] (e.g. a removed member and a new
     /// epoch, or an epoch older than the window), [`GroupError::Tampered`].
     pub fn open(&self, sealed: &[u8], context: &[u8]) -> Result<Opened, GroupError> {
-        let Sealed {
-            epoch,
-            sender,
-            nonce,
-            ciphertext,
-        } = parse_sealed(sealed)?;
-        let key = self
-            .keys
-            .get(&epoch)
-            .ok_or(GroupError::UnknownEpoch(epoch))?;
-        let cipher = Aes256GcmSiv::new_from_slice(key.as_ref()).map_err(mls_err)?;
-        let plaintext = cipher
-            .decrypt(
-                &Nonce::from(nonce),
-                Payload {
-                    msg: ciphertext,
-                    aad: &aad(epoch, &sender, context),
-                },
-            )
-            .map_err(|_| GroupError::Tampered)?;
-        Ok(Opened {
-            epoch,
-            sender,
-            plaintext,
-        })
+        self.keys.open(sealed, context)
     }
 
     /// Writes the state file (if configured) atomically, mode 0600.
@@ -686,10 +815,7 @@ impl GroupMember {
             .map(|g| g.group_id().as_slice().to_vec())
             .unwrap_or_default();
         w.bytes(&group_id);
-        w.raw(&(self.keys.len() as u32).to_be_bytes());
-        for (epoch, key) in &self.keys {
-            w.raw(&epoch.to_be_bytes()).raw(key.as_ref());
-        }
+        self.keys.encode(&mut w)?;
         let values = self
             .provider
             .storage
@@ -737,14 +863,13 @@ impl GroupMember {
         self.provider.storage = MemoryStorage {
             values: RwLock::new(values),
         };
-        self.keys = keys;
         self.group = if group_id.is_empty() {
             None
         } else {
             MlsGroup::load(self.provider.storage(), &GroupId::from_slice(&group_id))
                 .map_err(mls_err)?
         };
-        Ok(())
+        self.keys.restored(keys, self.epoch())
     }
 }
 
