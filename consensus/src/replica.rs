@@ -861,9 +861,13 @@ impl Replica {
                 self.backoff = self.backoff.saturating_add(1);
                 self.start_view_change(self.view + 1);
             } else if let Some(own) = self.own_view_changes.get(&self.view) {
-                // Not enough replicas have joined yet: our view change may have been lost.
+                // Not enough replicas have joined yet: our view change may have been lost. Or
+                // the others carry on in the old view without us: ask for what they committed
+                // meanwhile, so that this replica at least keeps executing.
                 let own = own.clone();
                 self.outputs.push_back(Output::Broadcast(own));
+                let next = self.executed + 1;
+                self.broadcast(Message::FetchState { seq: next });
                 self.vc_deadline = Some(now + self.timeout());
             }
         }
@@ -2163,6 +2167,28 @@ mod tests {
         assert_eq!(c.replicas[3].view(), 0, "it stayed in the view");
         assert!(c.replicas[3].is_active());
         assert_eq!(c.log[3], c.log[0], "it caught up");
+    }
+
+    /// A replica that left the view alone (the others carry on without it) still executes
+    /// what they commit: it asks for the committed batches while it waits for a new view.
+    #[test]
+    fn a_replica_alone_in_a_later_view_keeps_executing() {
+        // No checkpoint in the run: no state transfer to catch up with.
+        let mut c = Cluster::new(4, |cfg| cfg.checkpoint_interval = 64);
+        c.replicas[3].start_view_change(1);
+        c.drain(3);
+        for n in 1..=8 {
+            c.submit(5, n);
+            c.run_for(Duration::from_millis(5));
+        }
+        c.run_for(Duration::from_millis(500));
+        assert_eq!(c.replicas[0].view(), 0, "the others stayed");
+        assert!(
+            !c.replicas[3].is_active(),
+            "replica 3 is still changing views"
+        );
+        assert!(!c.log[0].is_empty());
+        assert_eq!(c.log[3], c.log[0], "yet it executed what they committed");
     }
 
     #[test]
