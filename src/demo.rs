@@ -147,10 +147,10 @@ async fn drive(
     let formed = Instant::now();
     loop {
         let (_, _, epochs, _, _) = read_metrics(&replicas, usize::MAX)?;
-        // All but one (a replica that fell behind at start-up catches up under the load;
-        // confidential requests wait until every replica holds the key).
+        // Every replica: one that starts without the key would lose its application state
+        // over the first confidential request and count as a fault until it caught up.
         let newest = epochs.iter().map(|(_, e)| *e).max().unwrap_or(0);
-        if newest > 0 && group_quorum(&epochs) {
+        if newest > 0 && epochs.iter().all(|(_, e)| *e == newest) {
             println!(
                 "group key: the replicas share MLS epoch {newest} ({:.1?})",
                 formed.elapsed()
