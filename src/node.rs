@@ -324,6 +324,9 @@ async fn run_state<S: StateMachine>(
     host.update_trust(executor.app().membership(), &leaving);
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     let mut cut_off_ticks = 0u32;
+    // A joiner starts from the genesis membership, which does not name it: only a replica
+    // that has been a member can find itself removed.
+    let mut was_member = false;
     loop {
         let event = tokio::select! {
             e = pbft.next_event() => e,
@@ -337,7 +340,12 @@ async fn run_state<S: StateMachine>(
                 if host.settle_leaving(&mut leaving, stable, m) {
                     return Ok(());
                 }
-                cut_off_ticks = if host.cut_off(m) { cut_off_ticks + 1 } else { 0 };
+                was_member |= m.members().contains_key(&host.id);
+                cut_off_ticks = if was_member && host.cut_off(m) {
+                    cut_off_ticks + 1
+                } else {
+                    0
+                };
                 if cut_off_ticks >= 4 {
                     tracing::warn!(stable, "removed, and cut off by every current replica; stopping");
                     return Ok(());
