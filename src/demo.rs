@@ -201,13 +201,19 @@ async fn drive(
         (primary, clients + 1),
         args.node_log.clone(),
     ));
-    let mut last = (0, Instant::now());
+    // The rate shown is over the last second (four samples), not the last 250 ms.
+    let mut window: std::collections::VecDeque<(u64, Instant)> =
+        std::collections::VecDeque::from([(0, Instant::now())]);
     while start.elapsed() < duration {
         tokio::time::sleep(Duration::from_millis(250)).await;
         let total = done.load(Relaxed);
-        let rate = (total - last.0) as f64 / last.1.elapsed().as_secs_f64().max(1e-3);
+        let (then, at) = window.front().copied().unwrap_or((0, start));
+        let rate = (total - then) as f64 / at.elapsed().as_secs_f64().max(1e-3);
         progress.tick(start.elapsed(), rate);
-        last = (total, Instant::now());
+        window.push_back((total, Instant::now()));
+        if window.len() > 4 {
+            window.pop_front();
+        }
     }
     stop.store(true, Relaxed);
     let load_secs = start.elapsed().as_secs_f64();
