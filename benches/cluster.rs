@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use securesmart::client::Client;
-use securesmart::cluster::{LocalCluster, LocalClusterOptions, metric_sum, scrape};
+use securesmart::cluster::{LocalCluster, LocalClusterOptions};
 use securesmart::config::{ClientConfig, ConsensusSection};
 use securesmart::consensus::message::Request;
 use securesmart::consensus::service::StateMachine;
@@ -307,11 +307,7 @@ async fn main() {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let epochs: Vec<u64> = (0..4)
-            .map(|i| {
-                scrape(cluster.replicas[i].metrics_addr)
-                    .map(|b| metric_sum(&b, "securesmart_node_group_epoch", &[]) as u64)
-                    .unwrap_or(0)
-            })
+            .map(|i| cluster.metric(i, "securesmart_node_group_epoch") as u64)
             .collect();
         if epochs[0] > 0 && epochs.iter().all(|e| *e == epochs[0]) {
             break;

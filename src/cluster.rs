@@ -302,6 +302,15 @@ impl LocalCluster {
         }
     }
 
+    /// The sum of metric `name` (all label sets) on replica `i`'s Prometheus endpoint; 0 if
+    /// the replica is unknown or its endpoint unreachable.
+    pub fn metric(&self, i: usize, name: &str) -> f64 {
+        self.replicas
+            .get(i)
+            .and_then(|r| scrape(r.metrics_addr).ok())
+            .map_or(0.0, |body| metric_sum(&body, name, &[]))
+    }
+
     /// Whether replica `i` is running (it has not exited).
     pub fn is_running(&mut self, i: usize) -> bool {
         self.replicas

@@ -45,7 +45,7 @@ pub fn node_input(data: &[u8]) {
     // The node's replicated state (membership, group epoch, key acknowledgements, joiners,
     // application), as a journal or a state transfer hands it over.
     let mut state = NodeState::new(
-        four_replicas(),
+        securesmart_membership::fuzzing::four_replicas(),
         std::collections::BTreeSet::new(),
         KvStore::default(),
     );
@@ -55,39 +55,4 @@ pub fn node_input(data: &[u8]) {
     } else {
         assert!(state.state_known(), "a restored state is the agreed one");
     }
-}
-
-/// A genesis membership of four replicas (certificates from a development CA made once).
-pub fn four_replicas() -> securesmart_membership::Membership {
-    securesmart_membership::Membership::decode(genesis()).expect("template")
-}
-
-/// The encoded four-replica genesis membership, made once.
-fn genesis() -> &'static [u8] {
-    static GENESIS: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
-    GENESIS.get_or_init(|| {
-        use securesmart_transport::Role;
-        let ca = securesmart_transport::pki::DevCa::new("fuzz ca").expect("dev CA");
-        let members = (0..4u16)
-            .map(|i| {
-                let id = ca
-                    .issue_role(&format!("r{i}"), Role::Replica)
-                    .expect("identity");
-                securesmart_membership::Member {
-                    certificate: id.chain()[0].clone(),
-                    replica_addr: ([127, 0, 0, 1], 7000 + i).into(),
-                    client_addr: ([127, 0, 0, 1], 8000 + i).into(),
-                    role: Role::Replica,
-                    key_package: Vec::new(),
-                }
-            })
-            .collect();
-        securesmart_membership::Membership::genesis(
-            ca.certificate(),
-            members,
-            rustls::pki_types::UnixTime::now(),
-        )
-        .expect("genesis")
-        .encode()
-    })
 }

@@ -25,8 +25,8 @@
 //! };
 //! assert_eq!(KvReply::decode(&kv.execute(&request(&put, 1))), Ok(KvReply::Value(None)));
 //! let get = KvOp::Get { key: Bytes::from("k") };
-//! let reply = KvReply::decode(&kv.execute(&request(&get, 2))).unwrap();
-//! assert_eq!(reply, KvReply::Value(Some(Bytes::from("v"))));
+//! let reply = KvReply::decode(&kv.execute(&request(&get, 2)));
+//! assert_eq!(reply, Ok(KvReply::Value(Some(Bytes::from("v")))));
 //! ```
 
 use std::collections::BTreeMap;

@@ -465,7 +465,7 @@ mod tests {
 
     /// A state with four replicas that all acknowledged the key of epoch 0.
     fn state() -> NodeState<KvStore> {
-        let m = crate::fuzzing::four_replicas();
+        let m = securesmart_membership::fuzzing::four_replicas();
         let ids = m.replica_ids();
         let mut s = NodeState::new(m, BTreeSet::new(), KvStore::default());
         for (i, id) in ids.iter().enumerate() {

@@ -422,9 +422,7 @@ async fn a_client_whose_certificate_is_revoked_is_refused() {
 
 /// The group epoch replica `i` is in, from its metrics (0 if unreachable or not a member).
 fn group_epoch(c: &LocalCluster, i: usize) -> u64 {
-    scrape(c.replicas[i].metrics_addr)
-        .map(|b| metric_sum(&b, "securesmart_node_group_epoch", &[]) as u64)
-        .unwrap_or(0)
+    c.metric(i, "securesmart_node_group_epoch") as u64
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -508,9 +506,7 @@ async fn a_confidential_request_is_ciphertext_in_every_replica_log() {
 
 /// The highest sequence number replica `i` executed, from its metrics (0 if unreachable).
 fn executed(c: &LocalCluster, i: usize) -> u64 {
-    scrape(c.replicas[i].metrics_addr)
-        .map(|b| metric_sum(&b, "securesmart_consensus_executed_seq", &[]) as u64)
-        .unwrap_or(0)
+    c.metric(i, "securesmart_consensus_executed_seq") as u64
 }
 
 async fn wait_for(
@@ -607,9 +603,9 @@ async fn join_and_remove(crash: bool) {
         assert!(verdict.starts_with("ok"), "{verdict}");
         let added_at = executed(&c, 0);
         c.start(joiner, &log_filter()).map_err(|e| e.to_string())?;
-        // It catches up past the point where the five-replica group takes over
-        // (window 32, rounded up to a checkpoint of 16).
-        // and, holding the group key, executes the confidential load itself.
+        // It catches up past the point where the five-replica group takes over (window 32,
+        // rounded up to a checkpoint of 16) and, holding the group key, executes the
+        // confidential load itself.
         wait_for("the joiner to catch up", Duration::from_secs(60), || {
             let metrics = scrape(c.replicas[joiner].metrics_addr).unwrap_or_default();
             executed(&c, joiner) > added_at + 32 + 16
@@ -691,11 +687,6 @@ async fn join_and_remove(crash: bool) {
     } else {
         vec![0, 1, 2, 4]
     };
-    let epoch_of = |i: usize| {
-        scrape(c.replicas[i].metrics_addr)
-            .map(|b| metric_sum(&b, "securesmart_node_group_epoch", &[]) as u64)
-            .unwrap_or(0)
-    };
     let member_of = |i: usize, copy: &str| {
         let config = NodeConfig::load(&c.replicas[i].config).unwrap();
         let identity =
@@ -720,7 +711,7 @@ async fn join_and_remove(crash: bool) {
         "two replicas to share a group epoch after the removal",
         Duration::from_secs(40),
         || {
-            let e: Vec<(usize, u64)> = current.iter().map(|i| (*i, epoch_of(*i))).collect();
+            let e: Vec<(usize, u64)> = current.iter().map(|i| (*i, group_epoch(&c, *i))).collect();
             pair = e.iter().find_map(|(a, ea)| {
                 e.iter()
                     .find(|(b, eb)| b != a && eb == ea && *ea > last_known)

@@ -10,6 +10,7 @@ use crate::message::{KeyRing, Limits, Signed};
 
 thread_local! {
     /// A key ring with one replica (whose key the fuzzer does not have).
+    // invariant: a fixture from constants; no fuzz input reaches these expect calls.
     static RING: KeyRing = {
         let ca = securesmart_transport::pki::DevCa::new("fuzz CA").expect("CA");
         let node = ca.issue_role("r0", securesmart_transport::Role::Replica).expect("node");
@@ -32,6 +33,7 @@ pub fn consensus_message(data: &[u8]) {
 
 thread_local! {
     /// Four replica identities whose keys the fuzzer "holds" (it plays Byzantine replicas).
+    // invariant: a fixture from constants; no fuzz input reaches these expect calls.
     static GROUP: (Vec<crate::message::Signer>, KeyRing, Vec<securesmart_transport::NodeId>) = {
         let ca = securesmart_transport::pki::DevCa::new("fuzz group CA").expect("CA");
         let ids: Vec<_> = (0..4)
@@ -149,6 +151,7 @@ pub fn replica_ops(data: &[u8]) {
                 }
             };
             if let Some(m) = message {
+                // invariant: signed here by a member whose key is in the ring, so it verifies.
                 let verified = ring
                     .verify(signers[sender].sign(m))
                     .expect("signed by a member");

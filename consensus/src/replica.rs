@@ -1680,10 +1680,7 @@ impl Replica {
         if Some(*digest) != self.stable_digest {
             return Err(Ignored::Stale);
         }
-        if let Some((served, at)) = self.served.get(&sender)
-            && *served == self.low
-            && self.now.saturating_sub(*at) < self.config.state_transfer_delay
-        {
+        if self.recently_served(sender, self.low) {
             return Err(Ignored::Busy);
         }
         let snapshot = snapshot.clone();
@@ -1701,6 +1698,14 @@ impl Replica {
         Ok(())
     }
 
+    /// Whether `sender` was sent the state (or the batches) from `seq` less than
+    /// `state_transfer_delay` ago: replies are rate-limited per requester.
+    fn recently_served(&self, sender: NodeId, seq: Seq) -> bool {
+        self.served.get(&sender).is_some_and(|(served, at)| {
+            *served == seq && self.now.saturating_sub(*at) < self.config.state_transfer_delay
+        })
+    }
+
     /// A replica asks for the batches from `seq` on, above our stable checkpoint (it missed a
     /// pre-prepare): our certificate without a snapshot, and the committed certificates from
     /// `seq` to what we executed.
@@ -1708,10 +1713,7 @@ impl Replica {
         if self.executed < seq {
             return Err(Ignored::Stale);
         }
-        if let Some((served, at)) = self.served.get(&sender)
-            && *served == seq
-            && self.now.saturating_sub(*at) < self.config.state_transfer_delay
-        {
+        if self.recently_served(sender, seq) {
             return Err(Ignored::Busy);
         }
         let committed = self.committed_certificates(seq);

@@ -16,10 +16,17 @@ use securesmart_transport::pki::DevCa;
 use crate::enrollment::{EnrollRequest, EnrollResponse};
 use crate::epoch::{MIN_REPLICAS, Member, Membership, MembershipCommand};
 
-/// A genesis membership of four replicas from a development CA, made once per process.
+/// A genesis membership of four replicas from a development CA (made once per process): the
+/// fixture of the fuzz bodies here and in the node's.
+pub fn four_replicas() -> Membership {
+    genesis().clone()
+}
+
 fn genesis() -> &'static Membership {
     static GENESIS: OnceLock<Membership> = OnceLock::new();
     GENESIS.get_or_init(|| {
+        // invariant: a fixture built from constants (a fresh development CA, fixed names and
+        // addresses); no fuzz input reaches these expect calls.
         let ca = DevCa::new("fuzz CA").expect("CA");
         let members = (0..4u16)
             .map(|i| Member {
@@ -81,6 +88,7 @@ pub fn csr(data: &[u8]) {
 
 thread_local! {
     /// A node identity made once per thread (key generation is the slow part).
+    // invariant: a fixture from constants; no fuzz input reaches these expect calls.
     static IDENTITY: securesmart_transport::Identity = DevCa::new("fuzz MLS CA")
         .expect("CA")
         .issue_role("fuzz", Role::Replica)
@@ -88,6 +96,7 @@ thread_local! {
 }
 
 fn fresh_member() -> crate::GroupMember {
+    // invariant: a member of a fixed identity creating its own group; no fuzz input involved.
     IDENTITY.with(|id| {
         let mut m = crate::GroupMember::new(id, crate::GroupConfig::default()).expect("member");
         m.create(std::time::Duration::ZERO).expect("group");
@@ -103,6 +112,7 @@ pub fn mls_message(data: &[u8]) {
     if m.apply_commit(data, std::time::Duration::ZERO).is_err() {
         assert_eq!(m.epoch(), before, "a refused commit changes nothing");
     }
+    // invariant: a fresh member of the fixture identity, before any fuzz input is applied.
     let mut joiner = IDENTITY
         .with(|id| crate::GroupMember::new(id, crate::GroupConfig::default()).expect("member"));
     let _ = joiner.join(data, std::time::Duration::ZERO);
@@ -123,6 +133,8 @@ pub fn sealed_open(data: &[u8]) {
         if let Ok(opened) = m.open(data, b"fuzz") {
             assert!(m.key_epochs().contains(&opened.epoch));
         }
+        // invariant: the member created its group, so it holds the current key and sealing
+        // cannot fail; the open is the round-trip oracle (a failure is the finding).
         let sealed = m.seal(b"ctx", data).expect("seal");
         assert_eq!(m.open(&sealed, b"ctx").expect("open").plaintext, data);
         assert!(m.open(&sealed, b"other").is_err());

@@ -33,6 +33,8 @@ pub fn frame_decode(data: &[u8]) {
             match decoder.next_frame() {
                 Ok(Some(frame)) => {
                     assert!(frame.len() <= max, "frame over the limit");
+                    // invariant: the frame is within `max` (asserted above), the only way
+                    // encoding can fail.
                     encode_frame(&mut reencoded, &frame, max).expect("re-encode within limit");
                 }
                 Ok(None) => break,
@@ -43,11 +45,7 @@ pub fn frame_decode(data: &[u8]) {
         assert!(decoder.buffered() <= max + crate::FRAME_HEADER_BYTES + step);
     }
     let done = reencoded.len();
-    assert_eq!(
-        &reencoded[..],
-        rest.get(..done).expect("prefix"),
-        "round trip"
-    );
+    assert_eq!(rest.get(..done), Some(&reencoded[..]), "round trip");
     assert_eq!(
         done + decoder.buffered() + pending_header(rest, done, &decoder),
         rest.len()
@@ -70,6 +68,7 @@ pub fn crl(data: &[u8]) {
     use std::sync::OnceLock;
     static FIXTURE: OnceLock<(crate::pki::DevCa, crate::Identity)> = OnceLock::new();
     let (ca, node) = FIXTURE.get_or_init(|| {
+        // invariant: a fixture from constants; no fuzz input reaches these expect calls.
         let ca = crate::pki::DevCa::new("fuzz CA").expect("CA");
         let node = ca.issue_role("node", crate::Role::Replica).expect("cert");
         (ca, node)
