@@ -310,7 +310,9 @@ async fn drive(
     );
     println!(
         "confidential: every other client's requests sealed with the group key in the log and \
-         journals; {sealed} opened at execution across the replicas"
+         journals, {} opened at execution; {} checkpoints sealed (state and reply cache); \
+         across the replicas",
+        sealed[0], sealed[1]
     );
 
     let top = executed.iter().map(|(_, e)| *e).max().unwrap_or(0);
@@ -346,7 +348,11 @@ async fn drive(
             behind <= 2 * ConsensusSection::default().window,
             format!("the restarted or the new replica did not catch up: executed {executed:?}"),
         ),
-        (sealed > 0.0, "no confidential request was executed".into()),
+        (
+            sealed[0] > 0.0,
+            "no confidential request was executed".into(),
+        ),
+        (sealed[1] > 0.0, "no checkpoint was sealed".into()),
     ];
     for (ok, why) in checks {
         if !ok {
@@ -364,7 +370,7 @@ type Seen = (
     Vec<(usize, u64)>,
     Vec<(usize, u64)>,
     f64,
-    f64,
+    [f64; 2],
 );
 
 fn read_metrics(
@@ -375,7 +381,8 @@ fn read_metrics(
     let mut executed = Vec::new();
     let mut group_epochs = Vec::new();
     let mut rekeys = 0.0;
-    let mut sealed = 0.0;
+    // Sealed requests opened at execution, checkpoints sealed.
+    let mut sealed = [0.0; 2];
     for (i, (_, metrics_addr)) in replicas.iter().enumerate() {
         if i == skip {
             continue;
@@ -398,7 +405,8 @@ fn read_metrics(
             metric_sum(&body, "securesmart_node_group_epoch", &[]) as u64,
         ));
         rekeys += metric_sum(&body, "securesmart_node_rekeys_total", &[]);
-        sealed += metric_sum(&body, "securesmart_node_sealed_opened_total", &[]);
+        sealed[0] += metric_sum(&body, "securesmart_node_sealed_opened_total", &[]);
+        sealed[1] += metric_sum(&body, "securesmart_node_checkpoints_sealed_total", &[]);
     }
     Ok((refusals, executed, group_epochs, rekeys, sealed))
 }

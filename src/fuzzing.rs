@@ -55,4 +55,16 @@ pub fn node_input(data: &[u8]) {
     } else {
         assert!(state.state_known(), "a restored state is the agreed one");
     }
+    // The same bytes as a checkpoint (clear or sealed) at a replica without the group key.
+    let mut keyless = NodeState::new(
+        securesmart_membership::fuzzing::four_replicas(),
+        std::collections::BTreeSet::new(),
+        KvStore::default(),
+    );
+    let before = keyless.snapshot();
+    match keyless.open_checkpoint(64, &bytes) {
+        Err(_) => assert_eq!(keyless.snapshot(), before, "a failed open changes nothing"),
+        Ok(None) => assert!(!keyless.state_known(), "unopened: the state is lost"),
+        Ok(Some(_)) => assert!(keyless.state_known()),
+    }
 }

@@ -24,6 +24,10 @@
 //!   its old leaf and adds it anew). A removed member holds no key of the epochs after its
 //!   removal.
 //!
+//! A commit made for an epoch older than the member's is skipped: it was merged before (the
+//! journal is replayed after a restart; a checkpoint carries the last few commits, see
+//! `securesmart::state`, so that a replica that caught up by state transfer does not miss any).
+//!
 //! The node's replicated state accepts only the first commit made for each epoch (it reads
 //! the epoch from the commit's framing), so a Welcome is used only if its commit is the one
 //! every member merges: a joiner cannot end up in a fork of the group.
@@ -165,6 +169,14 @@ impl GroupKey {
                 }
             }
             GroupEvent::Commit { commit, welcome } => {
+                let made_for = securesmart_membership::commit_epoch(&commit).ok();
+                if let (Some(e), Some(held)) = (made_for, self.member.epoch())
+                    && e < held
+                {
+                    // Merged before: the journal is replayed after a restart, or batches are
+                    // executed again after a state transfer.
+                    return;
+                }
                 if self.member.epoch().is_some() {
                     let before = self.member.members();
                     match self.member.apply_commit(&commit, self.now()) {
@@ -214,6 +226,13 @@ impl GroupKey {
                     self.last_advance = Instant::now();
                 }
             }
+        }
+    }
+
+    /// Keeps the keys of `from` and later epochs (see [`GroupMember::pin_keys`]).
+    pub(crate) fn pin_keys(&mut self, from: u64) {
+        if let Err(e) = self.member.pin_keys(from) {
+            tracing::warn!(error = %e, "group key: pinning keys failed");
         }
     }
 

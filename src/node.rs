@@ -42,7 +42,7 @@
 //! and consensus's counters, `securesmart_node_client_requests_total{outcome}`,
 //! `securesmart_node_membership_changes_total`, `securesmart_node_members`.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
@@ -52,7 +52,7 @@ use bytes::Bytes;
 use rustls::pki_types::{CertificateRevocationListDer, UnixTime};
 use securesmart_consensus::driver::{Pbft, PbftError, Submitter};
 use securesmart_consensus::journal::FileJournal;
-use securesmart_consensus::message::{KeyRing, Limits, Request, Signer};
+use securesmart_consensus::message::{KeyRing, Limits, Request, Seq, Signer};
 use securesmart_consensus::replica::{Config, Replica};
 use securesmart_consensus::service::{Event, Executor, Member, Ordering, StateMachine};
 use securesmart_membership::{
@@ -312,6 +312,17 @@ impl GroupSide {
     }
 }
 
+/// Keeps the group keys that a replay of the journal from the stable checkpoint `stable` needs
+/// (sealed checkpoints and sealed requests above it), and lets older ones go.
+fn pin_journal_keys(group: &mut GroupSide, epochs: &mut BTreeMap<Seq, u64>, stable: Seq) {
+    if let Some(epoch) = epochs.get(&stable).copied() {
+        group
+            .key
+            .pin_keys(epoch.saturating_sub(crate::state::SEALED_EPOCHS_ACCEPTED));
+    }
+    epochs.retain(|seq, _| *seq >= stable);
+}
+
 /// Runs the replicated state on the engine's events until the engine stops or this replica
 /// is removed.
 async fn run_state<S: StateMachine>(
@@ -321,6 +332,10 @@ async fn run_state<S: StateMachine>(
     mut group: GroupSide,
 ) -> Result<(), String> {
     let mut leaving: Vec<Leaving> = Vec::new();
+    // The group epoch at each checkpoint this replica took: once one is stable, a replay of
+    // the journal from it needs the keys of that epoch and the few before it.
+    let mut checkpoint_epochs: BTreeMap<Seq, u64> = BTreeMap::new();
+    group.key.pin_keys(0);
     host.update_trust(executor.app().membership(), &leaving);
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     let mut cut_off_ticks = 0u32;
@@ -340,6 +355,7 @@ async fn run_state<S: StateMachine>(
                 if host.settle_leaving(&mut leaving, stable, m) {
                     return Ok(());
                 }
+                pin_journal_keys(&mut group, &mut checkpoint_epochs, stable);
                 was_member |= m.members().contains_key(&host.id);
                 cut_off_ticks = if was_member && host.cut_off(m) {
                     cut_off_ticks + 1
@@ -415,16 +431,39 @@ async fn run_state<S: StateMachine>(
                 ) {
                     return Ok(());
                 }
+                pin_journal_keys(&mut group, &mut checkpoint_epochs, pbft.low_watermark());
             }
             Event::SnapshotDue { seq } => {
-                match executor.due_snapshot() {
+                checkpoint_epochs.insert(seq, executor.app().group_epoch());
+                match executor.due_snapshot(seq) {
                     Some(snapshot) => pbft.snapshot_taken(seq, snapshot),
                     None => pbft.state_lost(seq),
                 }
                 .map_err(|e| e.to_string())?;
             }
             Event::Restore { seq, snapshot } => {
-                executor.restore(&snapshot).map_err(|e| e.to_string())?;
+                executor
+                    .restore_checkpoint(seq, &snapshot)
+                    .map_err(|e| e.to_string())?;
+                // The snapshot's recent group commits: the member catches up on those it
+                // missed (a joiner's Welcome may be among them) ...
+                for e in executor.app_mut().take_group_events() {
+                    group.key.on_event(e, executor.app().membership());
+                }
+                if !executor.app().state_known() {
+                    // ... and with the keys they gave, a sealed checkpoint may open now.
+                    executor
+                        .restore_checkpoint(seq, &snapshot)
+                        .map_err(|e| e.to_string())?;
+                    executor.app_mut().take_group_events();
+                    if executor.app().state_known() {
+                        tracing::info!(
+                            seq,
+                            "sealed checkpoint opened with the keys of the commits it carries"
+                        );
+                    }
+                }
+                group.acknowledge();
                 let m = executor.app().membership();
                 tracing::info!(
                     seq,
@@ -436,6 +475,8 @@ async fn run_state<S: StateMachine>(
                     .map_err(|e| e.to_string())?;
                 host.update_trust(m, &leaving);
                 host.publish_sealable(executor.app());
+                checkpoint_epochs.insert(seq, executor.app().group_epoch());
+                pin_journal_keys(&mut group, &mut checkpoint_epochs, seq);
             }
             _ => {}
         }

@@ -39,20 +39,56 @@
 //!   application), sends no application replies and no checkpoints, and the engine replaces
 //!   its state by state transfer at the next stable checkpoint. Such a replica counts against
 //!   the f faults the group tolerates until then.
+//!
+//! # Checkpoints
+//! Once a sealed request has executed (a replicated flag), every checkpoint's state (the
+//! application's snapshot and the reply cache, which holds the results of confidential reads)
+//! is sealed with the group key before it is journaled or transferred
+//! ([`StateMachine::seal_checkpoint`]): in the epoch [`NodeState::sealable_epoch`] names, or the
+//! current one while none does, deterministically
+//! ([`securesmart_membership::PayloadKeys::seal_shared`], bound to the sequence number), so that
+//! every replica produces the same bytes and the checkpoint digests agree. What a replica
+//! needs to follow the membership and the group stays in the clear beside it: the
+//! administrators, the membership, the group epoch and acknowledgements, and the last
+//! [`COMMIT_HISTORY`] group commits with their Welcomes. A replica restoring a checkpoint hands
+//! those commits to its group member, which merges the ones it missed (or joins from a Welcome
+//! meant for it), and then opens the state with the keys they gave. A replica that still cannot
+//! open it takes the clear part and its application state is lost until a later checkpoint.
+//! Before the first sealed request, checkpoints are in the clear. Members keep the keys that a
+//! replay of their journal from the stable checkpoint needs (`GroupMember::pin_keys`), so a
+//! whole-cluster restart opens its own journals.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use bytes::Bytes;
 use rustls::pki_types::UnixTime;
-use securesmart_consensus::message::Request;
+use securesmart_consensus::message::{Request, Seq};
 use securesmart_consensus::service::{RestoreError, StateMachine};
-use securesmart_membership::{Applied, GroupError, Membership, MembershipCommand, PayloadKeys};
+use securesmart_membership::{
+    Applied, GroupError, MAX_MLS_MESSAGE_BYTES, Membership, MembershipCommand, PayloadKeys,
+};
 use securesmart_transport::NodeId;
 use securesmart_transport::wire::{Reader, Writer};
 
 use crate::protocol::{Ordered, confidential_context};
 
-const VERSION: u8 = 2;
+const VERSION: u8 = 3;
+/// Group commits a snapshot carries (see the module doc, "Checkpoints").
+pub const COMMIT_HISTORY: usize = 8;
+/// A checkpoint whose state is in the clear.
+const CHECKPOINT_CLEAR: u8 = 0;
+/// A checkpoint whose state is sealed with the group key.
+const CHECKPOINT_SEALED: u8 = 1;
+/// Domain tag of the context a checkpoint is sealed with.
+pub const CHECKPOINT_TAG: &[u8] = b"securesmart sealed checkpoint v1";
+
+/// The context a checkpoint's state is sealed with: the domain tag and its sequence number.
+fn checkpoint_context(seq: Seq) -> Vec<u8> {
+    let mut c = Vec::with_capacity(CHECKPOINT_TAG.len() + 8);
+    c.extend_from_slice(CHECKPOINT_TAG);
+    c.extend_from_slice(&seq.to_be_bytes());
+    c
+}
 /// Administrators in a snapshot at most.
 const MAX_ADMINS: usize = 1024;
 /// Acknowledgements of one epoch's key in a snapshot at most (one per replica).
@@ -80,6 +116,10 @@ pub struct NodeState<S> {
     keys: Option<PayloadKeys>,
     /// The application's state is not the agreed one (see the module doc).
     lost: bool,
+    /// A sealed request passed the rule (replicated): checkpoints are sealed from now on.
+    confidential: bool,
+    /// The last [`COMMIT_HISTORY`] accepted group commits with their Welcomes, oldest first.
+    commits: VecDeque<(Bytes, Bytes)>,
 }
 
 /// An ordered message for the replicas' MLS group, from a current replica, for the node to
@@ -124,6 +164,8 @@ impl<S: StateMachine> NodeState<S> {
             joined: BTreeMap::new(),
             keys: None,
             lost: false,
+            confidential: false,
+            commits: VecDeque::new(),
         }
     }
 
@@ -220,6 +262,7 @@ impl<S: StateMachine> NodeState<S> {
         if !self.accepts_sealed(epoch) {
             return refused("epoch");
         }
+        self.confidential = true;
         if self.lost {
             return Bytes::new();
         }
@@ -245,6 +288,64 @@ impl<S: StateMachine> NodeState<S> {
                 Bytes::new()
             }
         }
+    }
+
+    /// Writes the replicated state besides the application ([`Public`]).
+    fn encode_public(&self, w: &mut Writer) {
+        w.u8(VERSION)
+            .u32(u32::try_from(self.admins.len()).unwrap_or(u32::MAX));
+        for a in &self.admins {
+            w.raw(a.as_bytes());
+        }
+        match self.group_epoch {
+            Some(e) => w.u8(1).raw(&e.to_be_bytes()),
+            None => w.u8(0),
+        };
+        w.u32(u32::try_from(self.joined.len()).unwrap_or(u32::MAX));
+        for (id, epoch) in &self.joined {
+            w.raw(id.as_bytes()).raw(&epoch.to_be_bytes());
+        }
+        w.u32(u32::try_from(self.acks.len()).unwrap_or(u32::MAX));
+        for (epoch, by) in &self.acks {
+            w.raw(&epoch.to_be_bytes())
+                .u32(u32::try_from(by.len()).unwrap_or(u32::MAX));
+            for id in by {
+                w.raw(id.as_bytes());
+            }
+        }
+        w.u8(u8::from(self.confidential))
+            .u32(u32::try_from(self.commits.len()).unwrap_or(u32::MAX));
+        for (commit, welcome) in &self.commits {
+            w.bytes(commit).bytes(welcome);
+        }
+        w.bytes(&self.membership.encode());
+    }
+
+    fn set_public(&mut self, p: Public) {
+        self.membership = p.membership;
+        self.admins = p.admins;
+        self.group_epoch = p.group_epoch;
+        self.acks = p.acks;
+        self.joined = p.joined;
+        self.confidential = p.confidential;
+        self.changes.clear();
+        // The commits again, for the node's group member to catch up on those it missed
+        // (it skips those it merged).
+        self.group = p
+            .commits
+            .iter()
+            .map(|(commit, welcome)| GroupEvent::Commit {
+                commit: commit.clone(),
+                welcome: welcome.clone(),
+            })
+            .collect();
+        self.commits = p.commits;
+    }
+
+    /// Whether a confidential request has executed: checkpoints are then sealed (see the
+    /// module doc).
+    pub fn confidential(&self) -> bool {
+        self.confidential
     }
 
     /// Group messages executed since the last call, in order.
@@ -338,12 +439,19 @@ impl<S: StateMachine> StateMachine for NodeState<S> {
                 // that lost the race.
                 match securesmart_membership::commit_epoch(&commit) {
                     Ok(e) if self.group_epoch.is_none_or(|want| want == e) => {
-                        let reply = self
-                            .group_message(request.client, GroupEvent::Commit { commit, welcome });
+                        let event = GroupEvent::Commit {
+                            commit: commit.clone(),
+                            welcome: welcome.clone(),
+                        };
+                        let reply = self.group_message(request.client, event);
                         if reply.starts_with(b"ok") {
                             self.group_epoch = Some(e + 1);
                             let oldest = (e + 1).saturating_sub(SEALED_EPOCHS_ACCEPTED);
                             self.acks.retain(|epoch, _| *epoch >= oldest);
+                            self.commits.push_back((commit, welcome));
+                            while self.commits.len() > COMMIT_HISTORY {
+                                self.commits.pop_front();
+                            }
                         }
                         reply
                     }
@@ -365,34 +473,96 @@ impl<S: StateMachine> StateMachine for NodeState<S> {
 
     fn snapshot(&self) -> Bytes {
         let mut w = Writer::default();
-        w.u8(VERSION)
-            .u32(u32::try_from(self.admins.len()).unwrap_or(u32::MAX));
-        for a in &self.admins {
-            w.raw(a.as_bytes());
-        }
-        match self.group_epoch {
-            Some(e) => w.u8(1).raw(&e.to_be_bytes()),
-            None => w.u8(0),
-        };
-        w.u32(u32::try_from(self.joined.len()).unwrap_or(u32::MAX));
-        for (id, epoch) in &self.joined {
-            w.raw(id.as_bytes()).raw(&epoch.to_be_bytes());
-        }
-        w.u32(u32::try_from(self.acks.len()).unwrap_or(u32::MAX));
-        for (epoch, by) in &self.acks {
-            w.raw(&epoch.to_be_bytes())
-                .u32(u32::try_from(by.len()).unwrap_or(u32::MAX));
-            for id in by {
-                w.raw(id.as_bytes());
-            }
-        }
-        w.bytes(&self.membership.encode())
-            .bytes(&self.app.snapshot());
+        self.encode_public(&mut w);
+        w.bytes(&self.app.snapshot());
         Bytes::from(w.buf)
     }
 
     fn restore(&mut self, snapshot: &[u8]) -> Result<(), RestoreError> {
         let mut r = Reader::new(snapshot);
+        let public = Public::decode(&mut r)?;
+        let app = r.bytes("application", usize::MAX)?;
+        r.finish()?;
+        self.app.restore(app)?;
+        self.set_public(public);
+        self.lost = false;
+        Ok(())
+    }
+
+    fn seal_checkpoint(&self, seq: Seq, state: Bytes) -> Option<Bytes> {
+        if !self.confidential {
+            let mut out = Vec::with_capacity(1 + state.len());
+            out.push(CHECKPOINT_CLEAR);
+            out.extend_from_slice(&state);
+            return Some(Bytes::from(out));
+        }
+        let epoch = self.sealable_epoch().unwrap_or(self.group_epoch());
+        let sealed = match &self.keys {
+            Some(keys) => keys.seal_shared(epoch, &checkpoint_context(seq), &state),
+            None => Err(GroupError::NotMember),
+        };
+        match sealed {
+            Ok(sealed) => {
+                metrics::counter!("securesmart_node_checkpoints_sealed_total").increment(1);
+                let mut w = Writer::default();
+                w.u8(CHECKPOINT_SEALED);
+                self.encode_public(&mut w);
+                w.bytes(&sealed);
+                Some(Bytes::from(w.buf))
+            }
+            Err(e) => {
+                metrics::counter!("securesmart_node_state_lost_total").increment(1);
+                tracing::warn!(seq, epoch, error = %e, "cannot seal the checkpoint: state lost until state transfer");
+                None
+            }
+        }
+    }
+
+    fn open_checkpoint(&mut self, seq: Seq, sealed: &Bytes) -> Result<Option<Bytes>, RestoreError> {
+        let mut r = Reader::new(sealed);
+        match r.u8()? {
+            CHECKPOINT_CLEAR => return Ok(Some(sealed.slice(1..))),
+            CHECKPOINT_SEALED => {}
+            other => return Err(RestoreError::Malformed(format!("checkpoint tag {other}"))),
+        }
+        let public = Public::decode(&mut r)?;
+        let ciphertext = r.bytes("sealed state", usize::MAX)?;
+        r.finish()?;
+        let epoch = securesmart_membership::sealed_epoch(ciphertext)
+            .map_err(|e| RestoreError::Malformed(e.to_string()))?;
+        let opened = match &self.keys {
+            Some(keys) => keys.open(ciphertext, &checkpoint_context(seq)),
+            None => Err(GroupError::NotMember),
+        };
+        match opened {
+            Ok(opened) => Ok(Some(Bytes::from(opened.plaintext))),
+            Err(e) => {
+                // The membership and the group bookkeeping are in the clear: take them, so
+                // that this replica follows membership and group messages; the application's
+                // state waits for a checkpoint this replica can open.
+                metrics::counter!("securesmart_node_state_lost_total").increment(1);
+                tracing::warn!(seq, epoch, error = %e, "cannot open the sealed checkpoint: application state lost until a later one");
+                self.set_public(public);
+                self.lost = true;
+                Ok(None)
+            }
+        }
+    }
+}
+
+/// The replicated state besides the application: what a sealed checkpoint keeps in the clear.
+struct Public {
+    admins: BTreeSet<NodeId>,
+    group_epoch: Option<u64>,
+    joined: BTreeMap<NodeId, u64>,
+    acks: BTreeMap<u64, BTreeSet<NodeId>>,
+    confidential: bool,
+    commits: VecDeque<(Bytes, Bytes)>,
+    membership: Membership,
+}
+
+impl Public {
+    fn decode(r: &mut Reader<'_>) -> Result<Self, RestoreError> {
         r.version(VERSION)?;
         let n = r.u32()? as usize;
         if n > MAX_ADMINS {
@@ -437,19 +607,38 @@ impl<S: StateMachine> StateMachine for NodeState<S> {
             }
             acks.insert(epoch, by);
         }
+        let confidential = match r.u8()? {
+            0 => false,
+            1 => true,
+            other => {
+                return Err(RestoreError::Malformed(format!(
+                    "confidential flag {other}"
+                )));
+            }
+        };
+        let n = r.u32()? as usize;
+        if n > COMMIT_HISTORY {
+            return Err(RestoreError::Malformed("too many group commits".into()));
+        }
+        let mut commits = VecDeque::with_capacity(n);
+        for _ in 0..n {
+            let commit = r.bytes("group commit", MAX_MLS_MESSAGE_BYTES)?;
+            let welcome = r.bytes("welcome", MAX_MLS_MESSAGE_BYTES)?;
+            commits.push_back((
+                Bytes::copy_from_slice(commit),
+                Bytes::copy_from_slice(welcome),
+            ));
+        }
         let membership = Membership::decode(r.bytes("membership", usize::MAX)?)?;
-        let app = r.bytes("application", usize::MAX)?;
-        r.finish()?;
-        self.app.restore(app)?;
-        self.membership = membership;
-        self.admins = admins;
-        self.group_epoch = group_epoch;
-        self.acks = acks;
-        self.joined = joined;
-        self.lost = false;
-        self.changes.clear();
-        self.group.clear();
-        Ok(())
+        Ok(Self {
+            admins,
+            group_epoch,
+            joined,
+            acks,
+            confidential,
+            commits,
+            membership,
+        })
     }
 }
 
@@ -495,14 +684,20 @@ mod tests {
         }
     }
 
-    #[test]
-    fn sealed_requests_execute_with_the_key_and_are_refused_or_lose_the_state_without() {
+    /// A CA, a group of one member with its keys, and a client id.
+    fn group_of_one() -> (DevCa, GroupMember, PayloadKeys, NodeId) {
         let ca = DevCa::new("state ca").unwrap();
         let identity = ca.issue_role("r0", Role::Replica).unwrap();
         let mut member = GroupMember::new(&identity, GroupConfig::default()).unwrap();
         member.create(Duration::ZERO).unwrap();
         let keys = member.payload_keys();
         let client = ca.issue_role("c", Role::Client).unwrap().id();
+        (ca, member, keys, client)
+    }
+
+    #[test]
+    fn sealed_requests_execute_with_the_key_and_are_refused_or_lose_the_state_without() {
+        let (ca, mut member, keys, client) = group_of_one();
         let other = ca.issue_role("c2", Role::Client).unwrap().id();
 
         // Until a quorum of replicas acknowledged the key, a sealed request is refused: not
@@ -563,5 +758,83 @@ mod tests {
         };
         assert!(behind.execute(&ahead).is_empty());
         assert!(behind.state_known());
+    }
+
+    fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+        haystack.windows(needle.len()).any(|w| w == needle)
+    }
+
+    #[test]
+    fn checkpoints_are_sealed_once_a_confidential_request_executed() {
+        use securesmart_consensus::service::Executor;
+        let (_ca, _member, keys, client) = group_of_one();
+        let replica = || Executor::new(state().with_payload_keys(keys.clone()));
+        let plain_put = Request {
+            client,
+            number: 1,
+            payload: Ordered::App(
+                KvOp::Put {
+                    key: Bytes::from_static(b"p"),
+                    value: Bytes::from_static(b"public-value"),
+                }
+                .encode()
+                .into(),
+            )
+            .encode(),
+        };
+        let sealed_get = {
+            let op = KvOp::Get { key: "k".into() };
+            let sealed = keys
+                .seal(&confidential_context(&client, 3), &op.encode())
+                .unwrap();
+            Request {
+                client,
+                number: 3,
+                payload: Ordered::Sealed(Bytes::from(sealed)).encode(),
+            }
+        };
+
+        // Before any confidential request the checkpoint is in the clear (the control).
+        let (mut a, mut b) = (replica(), replica());
+        for r in [&mut a, &mut b] {
+            r.execute(std::slice::from_ref(&plain_put));
+        }
+        let clear = a.due_snapshot(64).unwrap();
+        assert!(contains(&clear, b"public-value"));
+        assert!(!a.app().confidential());
+
+        // After one, the application state and the reply cache (a confidential read's result)
+        // are sealed, identically at every replica.
+        let batch = [sealed_put(&keys, client, 2, "secret-value"), sealed_get];
+        for r in [&mut a, &mut b] {
+            let replies = r.execute(&batch);
+            assert!(contains(&replies[1].result, b"secret-value"));
+        }
+        let sealed = a.due_snapshot(128).unwrap();
+        assert_eq!(Some(&sealed), b.due_snapshot(128).as_ref(), "deterministic");
+        for secret in [&b"secret-value"[..], b"public-value"] {
+            assert!(!contains(&sealed, secret));
+        }
+
+        // A replica with the key restores it.
+        let mut fresh = replica();
+        fresh.restore_checkpoint(128, &sealed).unwrap();
+        assert!(fresh.app().state_known());
+        assert_eq!(fresh.snapshot(), a.snapshot());
+
+        // Bound to its checkpoint: under another sequence number it does not open.
+        let mut moved = replica();
+        moved.restore_checkpoint(192, &sealed).unwrap();
+        assert!(!moved.app().state_known());
+
+        // A replica without the key takes the membership and group bookkeeping, and its
+        // application state is lost until a checkpoint it can open.
+        let mut keyless = Executor::new(state());
+        keyless.restore_checkpoint(128, &sealed).unwrap();
+        assert!(!keyless.app().state_known());
+        assert!(keyless.app().confidential());
+        assert!(keyless.due_snapshot(192).is_none());
+        keyless.restore_checkpoint(64, &clear).unwrap();
+        assert!(keyless.app().state_known());
     }
 }

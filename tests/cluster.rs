@@ -355,13 +355,24 @@ async fn the_service_survives_a_crashed_primary_and_the_restarted_one_catches_up
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_whole_cluster_restart_keeps_every_acknowledged_write() {
     let _one = ONE_AT_A_TIME.lock().await;
-    let mut c = cluster("restart", 1).await;
+    // Confidential writes, and a key rotation every second: the journals hold sealed
+    // requests and sealed checkpoints of epochs the members have since left.
+    let mut c = cluster_with("restart", 1, |o| o.rekey_seconds = 1).await;
+    wait_for_group_key(&c).await;
     let mut cl = client(&c, 0).await;
+    cl.set_confidential(true);
     if let Err(e) = write_keys(&mut cl, "acked", 100).await {
         dump_logs(&c);
         panic!("{e}");
     }
     cl.close().await;
+    // Several rotations after the last write, before the crash.
+    let written_in = group_epoch(&c, 0);
+    wait_for("three key rotations", Duration::from_secs(60), || {
+        (0..4).all(|i| group_epoch(&c, i) >= written_in + 3)
+    })
+    .await
+    .unwrap();
     // Every replica is killed at once (no clean shutdown), then started again.
     for i in 0..4 {
         c.kill(i);
@@ -370,6 +381,7 @@ async fn a_whole_cluster_restart_keeps_every_acknowledged_write() {
         c.start(i, &log_filter()).unwrap();
     }
     let mut cl = client(&c, 0).await;
+    cl.set_confidential(true);
     let result = async {
         read_keys(&mut cl, "acked", 100).await?;
         write_keys(&mut cl, "later", 10).await?;
@@ -420,6 +432,20 @@ async fn a_client_whose_certificate_is_revoked_is_refused() {
     bystander.close().await;
 }
 
+/// Waits until the four replicas share the group key (they are in one epoch).
+async fn wait_for_group_key(c: &LocalCluster) {
+    wait_for(
+        "the group key at every replica",
+        Duration::from_secs(60),
+        || {
+            let e: Vec<u64> = (0..4).map(|i| group_epoch(c, i)).collect();
+            e[0] > 0 && e.iter().all(|x| *x == e[0])
+        },
+    )
+    .await
+    .unwrap();
+}
+
 /// The group epoch replica `i` is in, from its metrics (0 if unreachable or not a member).
 fn group_epoch(c: &LocalCluster, i: usize) -> u64 {
     c.metric(i, "securesmart_node_group_epoch") as u64
@@ -439,16 +465,7 @@ async fn a_confidential_request_is_ciphertext_in_every_replica_log() {
     })
     .await;
     // The four replicas share the group key once they are in one epoch.
-    wait_for(
-        "the group key at every replica",
-        Duration::from_secs(60),
-        || {
-            let e: Vec<u64> = (0..4).map(|i| group_epoch(&c, i)).collect();
-            e[0] > 0 && e.iter().all(|x| *x == e[0])
-        },
-    )
-    .await
-    .unwrap();
+    wait_for_group_key(&c).await;
     let secret = format!("confidential-{}", std::process::id());
     let mut cl = client(&c, 0).await;
     cl.set_confidential(true);
@@ -462,16 +479,19 @@ async fn a_confidential_request_is_ciphertext_in_every_replica_log() {
     cl.put("public", "in-the-clear-value").await.unwrap();
     cl.close().await;
     let contains = |b: &[u8], needle: &[u8]| b.windows(needle.len()).any(|w| w == needle);
-    for i in 0..4 {
+    let journal = |i: usize, copy: &str| {
         let config = NodeConfig::load(&c.replicas[i].config).unwrap();
         // A copy: opening a journal may cut a torn tail, and the node is still writing.
-        let copy = c.dir.join(format!("journal-copy{i}"));
+        let copy = c.dir.join(format!("{copy}{i}"));
         std::fs::create_dir_all(&copy).unwrap();
         for f in std::fs::read_dir(config.node.data_dir.join("consensus")).unwrap() {
             let f = f.unwrap().path();
             std::fs::copy(&f, copy.join(f.file_name().unwrap())).unwrap();
         }
-        let (_, records) = FileJournal::open(&copy, &Default::default()).unwrap();
+        FileJournal::open(&copy, &Default::default()).unwrap().1
+    };
+    for i in 0..4 {
+        let records = journal(i, "journal-copy");
         let (mut sealed, mut clear) = (0, 0);
         for r in &records {
             let proposals = match r {
@@ -501,6 +521,34 @@ async fn a_confidential_request_is_ciphertext_in_every_replica_log() {
             clear > 0,
             "replica {i} logged no plain request (the check sees nothing)"
         );
+    }
+
+    // The next checkpoint (at 256) holds the store with both values: once a confidential
+    // request executed, every replica writes it sealed, plain values included.
+    let mut cl = client(&c, 0).await;
+    for n in 0..2_000 {
+        if (0..4).all(|i| c.metric(i, "securesmart_consensus_stable_seq") >= 256.0) {
+            break;
+        }
+        cl.put(format!("filler-{}", n % 16), "x").await.unwrap();
+    }
+    cl.close().await;
+    for i in 0..4 {
+        let stable: Vec<Bytes> = journal(i, "journal-stable")
+            .into_iter()
+            .filter_map(|r| match r {
+                Record::Stable { snapshot, .. } => Some(snapshot),
+                _ => None,
+            })
+            .collect();
+        assert!(!stable.is_empty(), "replica {i} journaled no checkpoint");
+        for snapshot in stable {
+            assert!(!contains(&snapshot, secret.as_bytes()), "replica {i}");
+            assert!(
+                !contains(&snapshot, b"in-the-clear-value"),
+                "replica {i} journaled its checkpoint in the clear"
+            );
+        }
     }
 }
 

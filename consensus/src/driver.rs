@@ -251,6 +251,7 @@ fn journal_failed(operation: &'static str, e: &crate::journal::JournalError) -> 
 
 fn dropped(reason: &'static str) {
     metrics::counter!("securesmart_consensus_dropped_total", "reason" => reason).increment(1);
+    tracing::trace!(reason, "message dropped");
 }
 
 fn ignored_reason(e: Ignored) -> &'static str {
@@ -344,10 +345,10 @@ impl<N: Network> Driver<N> {
 
     /// Logs view changes as they start, and the core's state now and then at debug level.
     fn watch(&mut self) {
-        self.low.store(
-            self.replica.low_watermark(),
-            std::sync::atomic::Ordering::Relaxed,
-        );
+        let low = self.replica.low_watermark();
+        if self.low.swap(low, std::sync::atomic::Ordering::Relaxed) != low {
+            metrics::gauge!("securesmart_consensus_stable_seq").set(low as f64);
+        }
         let (view, active) = (self.replica.view(), self.replica.is_active());
         if (view, active) != self.seen_view {
             if !active {

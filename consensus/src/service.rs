@@ -41,6 +41,31 @@ pub trait StateMachine: Send {
     fn state_known(&self) -> bool {
         true
     }
+
+    /// Wraps a checkpoint's state before it leaves the process: it is written to the journal
+    /// and sent to other replicas by state transfer. `state` is the executor's snapshot: the
+    /// reply cache (results of executed requests) and [`StateMachine::snapshot`]. The default
+    /// keeps it as it is. An application whose state must not be on disk or on the wire in the
+    /// clear seals it here, and must do so *deterministically*: every correct replica has to
+    /// produce the same bytes for the same `seq` and `state`, because checkpoints are compared
+    /// by digest. `None`: this replica cannot (it lacks the key); its state then counts as
+    /// lost at `seq` (see [`StateMachine::state_known`]).
+    fn seal_checkpoint(&self, seq: Seq, state: Bytes) -> Option<Bytes> {
+        let _ = seq;
+        Some(state)
+    }
+
+    /// Opens what [`StateMachine::seal_checkpoint`] made for checkpoint `seq`, to restore it.
+    /// `Ok(None)`: this replica cannot open it (it lacks the key). It may restore whatever the
+    /// application kept in the clear, and must report [`StateMachine::state_known`] false
+    /// until a later restore: the engine fetches the agreed state again at a later checkpoint.
+    ///
+    /// # Errors
+    /// [`RestoreError`] if the bytes are malformed.
+    fn open_checkpoint(&mut self, seq: Seq, sealed: &Bytes) -> Result<Option<Bytes>, RestoreError> {
+        let _ = seq;
+        Ok(Some(sealed.clone()))
+    }
 }
 
 /// A snapshot could not be restored.
@@ -224,9 +249,27 @@ impl<S: StateMachine> Executor<S> {
         Bytes::from(w.buf)
     }
 
-    /// The snapshot for a due checkpoint, or `None` when the application's state is lost.
-    pub fn due_snapshot(&self) -> Option<Bytes> {
-        self.app.state_known().then(|| self.snapshot())
+    /// The snapshot for the checkpoint at `seq`, as the application seals it
+    /// ([`StateMachine::seal_checkpoint`]), or `None` when the application's state is lost or
+    /// it cannot seal.
+    pub fn due_snapshot(&self, seq: Seq) -> Option<Bytes> {
+        if !self.app.state_known() {
+            return None;
+        }
+        self.app.seal_checkpoint(seq, self.snapshot())
+    }
+
+    /// Restores the checkpoint at `seq` made by [`Executor::due_snapshot`]. If the application
+    /// cannot open it, the reply cache stays as it is and the application reports its state
+    /// lost.
+    ///
+    /// # Errors
+    /// [`RestoreError`] if it is malformed.
+    pub fn restore_checkpoint(&mut self, seq: Seq, sealed: &Bytes) -> Result<(), RestoreError> {
+        match self.app.open_checkpoint(seq, sealed)? {
+            Some(snapshot) => self.restore(&snapshot),
+            None => Ok(()),
+        }
     }
 
     /// Restores a snapshot made by [`Executor::snapshot`].
@@ -266,9 +309,9 @@ impl<S: StateMachine> Executor<S> {
                     (Vec::new(), None)
                 }
             }
-            Event::SnapshotDue { seq } => (Vec::new(), Some((seq, self.due_snapshot()))),
-            Event::Restore { snapshot, .. } => {
-                self.restore(&snapshot)?;
+            Event::SnapshotDue { seq } => (Vec::new(), Some((seq, self.due_snapshot(seq)))),
+            Event::Restore { seq, snapshot } => {
+                self.restore_checkpoint(seq, &snapshot)?;
                 (Vec::new(), None)
             }
         })

@@ -16,12 +16,19 @@
 //!   random nonce. A sealed payload names its epoch and sender; the AAD binds the domain tag,
 //!   epoch, sender and a caller-given context (e.g. view and sequence number). The keys of the
 //!   last `keep_epochs` epochs stay usable for in-flight messages; older ones are erased
-//!   (zeroized). Sealing gives confidentiality to the group; the sender's authenticity comes
+//!   (zeroized), unless the caller pinned them ([`GroupMember::pin_keys`]: a journal still
+//!   holds data sealed in them), and never more than [`MAX_KEPT_EPOCHS`]. Sealing gives confidentiality to the group; the sender's authenticity comes
 //!   from the authenticated channel and the consensus signatures, not from the shared key.
 //! - [`RotationPolicy`] says when to commit an Update (by age of the epoch or by the number of
 //!   payloads sealed in it) for forward secrecy and post-compromise security.
 //! - With a state file, the member's MLS state (the openmls storage) and its key ring are
 //!   written atomically (mode 0600) after every change, so a restarted member is still a member.
+//!
+//! - [`PayloadKeys::seal_shared`] seals deterministically, for values every member computes
+//!   alike and compares by digest (a checkpoint's snapshot): the sender is [`GROUP_SENDER`] and
+//!   the nonce is derived from the AAD, so equal inputs give equal bytes at every member.
+//!   AES-GCM-SIV is built for this (RFC 8452, nonce-misuse resistance): a repeated nonce reveals
+//!   only that two sealed values are equal, which a shared digest reveals anyway.
 //!
 //! Sealed format: `version=1 u8 | epoch u64 | sender [32] | nonce [12] | ciphertext+tag`.
 
@@ -58,6 +65,12 @@ pub const EXPORTER_LABEL: &str = "securesmart payload key";
 pub const PAYLOAD_KEY_CONTEXT: &str = "securesmart 2026-11-24 payload key v1";
 /// Domain tag at the start of every sealed payload's AAD.
 pub const SEALED_AAD_TAG: &[u8] = b"securesmart sealed payload v1";
+/// BLAKE3 `derive_key` context of the nonce of [`PayloadKeys::seal_shared`].
+pub const SHARED_NONCE_CONTEXT: &str = "securesmart 2026-11-26 shared-seal nonce v1";
+/// The sender named by [`PayloadKeys::seal_shared`]: the group, not one member.
+pub const GROUP_SENDER: NodeId = NodeId::from_bytes([0; 32]);
+/// Most epoch keys a member keeps, pinned or not.
+pub const MAX_KEPT_EPOCHS: usize = 64;
 /// Sealed-payload format version.
 const SEALED_VERSION: u8 = 1;
 /// Bytes before the ciphertext.
@@ -203,6 +216,28 @@ struct KeyRing {
     current: Option<u64>,
     keys: BTreeMap<u64, Zeroizing<[u8; 32]>>,
     sealed_in_epoch: u64,
+    /// Keys of this epoch and later are kept beyond `keep` (see [`GroupMember::pin_keys`]).
+    pinned: Option<u64>,
+}
+
+impl KeyRing {
+    /// Erases the oldest keys beyond `keep`, except pinned ones (up to [`MAX_KEPT_EPOCHS`]).
+    /// Whether any was erased.
+    fn prune(&mut self, keep: usize) -> bool {
+        let mut erased = false;
+        while self.keys.len() > keep {
+            let Some(oldest) = self.keys.keys().next().copied() else {
+                break;
+            };
+            if self.keys.len() <= MAX_KEPT_EPOCHS && self.pinned.is_some_and(|p| oldest >= p) {
+                break;
+            }
+            // Dropping a Zeroizing key erases it.
+            self.keys.pop_first();
+            erased = true;
+        }
+        erased
+    }
 }
 
 impl std::fmt::Debug for PayloadKeys {
@@ -246,10 +281,7 @@ impl PayloadKeys {
     fn entered(&self, epoch: u64, key: Zeroizing<[u8; 32]>, keep: usize) -> Result<(), GroupError> {
         let mut k = self.inner.write().map_err(key_lock)?;
         k.keys.insert(epoch, key);
-        while k.keys.len() > keep {
-            // Dropping a Zeroizing key erases it.
-            k.keys.pop_first();
-        }
+        k.prune(keep);
         k.current = Some(epoch);
         k.sealed_in_epoch = 0;
         Ok(())
@@ -301,10 +333,45 @@ impl PayloadKeys {
         context: &[u8],
         plaintext: &[u8],
     ) -> Result<Vec<u8>, GroupError> {
-        let mut k = self.inner.write().map_err(key_lock)?;
+        let sealed = self.seal_as(epoch, self.id, None, context, plaintext)?;
+        self.inner.write().map_err(key_lock)?.sealed_in_epoch += 1;
+        Ok(sealed)
+    }
+
+    /// Seals `plaintext` under the key of `epoch` deterministically: every member holding
+    /// that key gets the same bytes for the same `context` and `plaintext` (the sender is
+    /// [`GROUP_SENDER`], the nonce derived from the AAD; see the module doc). For values the
+    /// members compare by digest, such as a checkpoint's snapshot; `context` must name the
+    /// value (e.g. its sequence number). [`PayloadKeys::open`] opens it.
+    ///
+    /// # Errors
+    /// [`GroupError::UnknownEpoch`] if this member does not hold that epoch's key.
+    pub fn seal_shared(
+        &self,
+        epoch: u64,
+        context: &[u8],
+        plaintext: &[u8],
+    ) -> Result<Vec<u8>, GroupError> {
+        let aad = aad(epoch, &GROUP_SENDER, context);
+        let derived = blake3::derive_key(SHARED_NONCE_CONTEXT, &aad);
+        let mut nonce = [0u8; 12];
+        nonce.copy_from_slice(&derived[..12]);
+        self.seal_as(epoch, GROUP_SENDER, Some(nonce), context, plaintext)
+    }
+
+    /// Seals under `epoch`'s key in the name of `sender`, with `nonce` or a random one.
+    fn seal_as(
+        &self,
+        epoch: u64,
+        sender: NodeId,
+        nonce: Option<[u8; 12]>,
+        context: &[u8],
+        plaintext: &[u8],
+    ) -> Result<Vec<u8>, GroupError> {
+        let k = self.inner.read().map_err(key_lock)?;
         let key = k.keys.get(&epoch).ok_or(GroupError::UnknownEpoch(epoch))?;
-        let nonce: [u8; 12] = rand::random();
-        let aad = aad(epoch, &self.id, context);
+        let nonce: [u8; 12] = nonce.unwrap_or_else(rand::random);
+        let aad = aad(epoch, &sender, context);
         let cipher = Aes256GcmSiv::new_from_slice(key.as_ref()).map_err(mls_err)?;
         let ciphertext = cipher
             .encrypt(
@@ -318,10 +385,9 @@ impl PayloadKeys {
         let mut w = Writer::default();
         w.u8(SEALED_VERSION)
             .raw(&epoch.to_be_bytes())
-            .raw(self.id.as_bytes())
+            .raw(sender.as_bytes())
             .raw(&nonce)
             .raw(&ciphertext);
-        k.sealed_in_epoch += 1;
         Ok(w.buf)
     }
 
@@ -772,6 +838,22 @@ impl GroupMember {
         self.group.is_some()
             && (now.saturating_sub(self.epoch_started) >= self.config.rotation.max_age
                 || self.keys.sealed_in_epoch() >= self.config.rotation.max_sealed)
+    }
+
+    /// Keeps the keys of `from` and later epochs beyond `keep_epochs` (up to
+    /// [`MAX_KEPT_EPOCHS`]), because data sealed in them is still needed (a journal replayed
+    /// after a restart); erases, and persists, the keys of older epochs that the window no
+    /// longer holds. Pins are not persisted: set the pin again after a restart.
+    ///
+    /// # Errors
+    /// State-file errors.
+    pub fn pin_keys(&mut self, from: u64) -> Result<(), GroupError> {
+        let erased = {
+            let mut k = self.keys.inner.write().map_err(key_lock)?;
+            k.pinned = Some(from);
+            k.prune(self.config.keep_epochs)
+        };
+        if erased { self.persist() } else { Ok(()) }
     }
 
     /// Epochs whose keys this member holds.
@@ -1259,5 +1341,74 @@ mod tests {
             matches!(a.member.open(&first, b""), Err(GroupError::UnknownEpoch(0))),
             "erased after the window"
         );
+    }
+
+    #[test]
+    fn shared_seals_are_equal_at_every_member_and_bound_to_their_context() {
+        let ca = DevCa::new("mls ca").unwrap();
+        let nodes = group(&ca, 3);
+        let seals: Vec<Vec<u8>> = nodes
+            .iter()
+            .map(|n| {
+                n.member
+                    .payload_keys()
+                    .seal_shared(2, b"checkpoint 64", b"state")
+                    .unwrap()
+            })
+            .collect();
+        assert!(seals.iter().all(|s| *s == seals[0]), "deterministic");
+        assert!(!seals[0].windows(5).any(|w| w == b"state"));
+        let opened = nodes[1].member.open(&seals[0], b"checkpoint 64").unwrap();
+        assert_eq!(
+            (opened.sender, opened.plaintext),
+            (GROUP_SENDER, b"state".to_vec())
+        );
+        let other = nodes[0]
+            .member
+            .payload_keys()
+            .seal_shared(2, b"checkpoint 128", b"state")
+            .unwrap();
+        assert_ne!(other, seals[0], "the nonce follows the context");
+        assert!(matches!(
+            nodes[2].member.open(&seals[0], b"checkpoint 128"),
+            Err(GroupError::Tampered)
+        ));
+        assert!(matches!(
+            nodes[0].member.payload_keys().seal_shared(9, b"", b""),
+            Err(GroupError::UnknownEpoch(9))
+        ));
+    }
+
+    #[test]
+    fn pinned_keys_outlive_the_window_until_released() {
+        let ca = DevCa::new("mls ca").unwrap();
+        let dir = std::env::temp_dir().join(format!("mls-pin-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let config = GroupConfig {
+            keep_epochs: 2,
+            state_file: Some(dir.join("mls.state")),
+            ..GroupConfig::default()
+        };
+        let mut a = node(&ca, "a", config.clone());
+        a.member.create(T0).unwrap();
+        a.member.pin_keys(0).unwrap();
+        let first = a.member.seal(b"", b"epoch 0").unwrap();
+        for _ in 0..4 {
+            let u = a.member.propose_update().unwrap();
+            a.member.apply_commit(&u.commit, T0).unwrap();
+        }
+        assert_eq!(a.member.key_epochs(), vec![0, 1, 2, 3, 4], "pinned from 0");
+        assert_eq!(a.member.open(&first, b"").unwrap().plaintext, b"epoch 0");
+        a.member.pin_keys(2).unwrap();
+        assert_eq!(a.member.key_epochs(), vec![2, 3, 4]);
+        let restarted = GroupMember::new(&a.identity, config).unwrap();
+        assert_eq!(
+            restarted.key_epochs(),
+            vec![2, 3, 4],
+            "erased on disk as well"
+        );
+        a.member.pin_keys(9).unwrap();
+        assert_eq!(a.member.key_epochs(), vec![3, 4], "back to the window");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
