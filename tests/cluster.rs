@@ -578,13 +578,9 @@ async fn a_replica_joins_and_another_is_removed_under_load_without_losing_an_ope
 }
 
 /// With an original replica crashed after the join, the five-replica group (quorum four) needs
-/// the joiner. Known liveness problem (stop note of 2026-11-26): under confidential load the
-/// joiner's application state is lost until its Welcome and the next stable checkpoint, and a
-/// lost joiner plus one slow original leaves the five-replica group without a checkpoint
-/// quorum. 14 runs in a row passed on a quiet machine; it failed on a loaded one. `cargo test
-/// --test cluster -- --ignored` runs it.
+/// the joiner: it must be in the others' view and hold the group key, not only follow by state
+/// transfer.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "known liveness problem: a lost joiner plus a slow replica (stop note 2026-11-26)"]
 async fn the_joiner_carries_the_group_when_an_original_replica_crashes() {
     join_and_remove(true).await;
 }

@@ -251,7 +251,6 @@ fn journal_failed(operation: &'static str, e: &crate::journal::JournalError) -> 
 
 fn dropped(reason: &'static str) {
     metrics::counter!("securesmart_consensus_dropped_total", "reason" => reason).increment(1);
-    tracing::trace!(reason, "message dropped");
 }
 
 fn ignored_reason(e: Ignored) -> &'static str {
@@ -405,10 +404,10 @@ impl<N: Network> Driver<N> {
         for result in self.ring.verify_batch(decoded) {
             match result {
                 Ok(v) => {
-                    let from = v.sender();
+                    let (from, kind) = (v.sender(), v.message().context());
                     if let Err(e) = self.replica.handle_message(v) {
                         dropped(ignored_reason(e));
-                        tracing::trace!(peer = ?from, reason = %e, "consensus message ignored");
+                        tracing::trace!(peer = ?from, kind, reason = %e, "consensus message ignored");
                     }
                 }
                 Err(e) => {

@@ -327,7 +327,8 @@ impl Message {
         out
     }
 
-    fn context(&self) -> &'static str {
+    /// The message's domain-separation tag (also a readable name of its kind).
+    pub(crate) fn context(&self) -> &'static str {
         match self {
             Message::PrePrepare { .. } => domain::PRE_PREPARE,
             Message::Prepare { .. } => domain::PREPARE,

@@ -83,7 +83,12 @@
 //! changes the group for sequence numbers above `e = s + window`, rounded up to a checkpoint.
 //! No correct replica can have touched a slot above `s + window` before executing `s` (its
 //! window ends there), so every correct replica judges every slot with the same group. The view
-//! change uses the group of the slot after the replica's low watermark.
+//! change uses the group of the slot after the replica's low watermark, and a new view is judged
+//! by the group after *its* stable checkpoint (the highest one among its view changes): a
+//! replica that joined, or moved its low watermark past a group change, after the others entered
+//! the view accepts the same new view they did (the new primary re-sends it to a replica whose
+//! view change comes late). A replica that is not a member yet keeps messages of later views
+//! without acting on them; once a member, `f + 1` replicas in a later view take it there.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::time::Duration;
@@ -967,6 +972,9 @@ impl Replica {
                 }
                 if view > self.view || !self.active {
                     if self.ahead.len() >= self.hold_cap() {
+                        // Full (e.g. filled while this replica was not yet a member, when it
+                        // does not follow views): what it holds may now tell it to catch up.
+                        self.catch_up_view();
                         return Err(Ignored::Busy);
                     }
                     self.ahead.push(message);
@@ -1402,12 +1410,31 @@ impl Replica {
         if here < group.quorum() || group.primary(self.view) != Some(self.id()) {
             return;
         }
-        let vcs: Vec<Verified> = self
+        let mut vcs: Vec<Verified> = self
             .view_changes
             .get(&self.view)
             .map(|by| by.values().cloned().collect())
             .unwrap_or_default();
-        let plan = plan_new_view(&vcs.iter().map(Verified::message).collect::<Vec<_>>());
+        // Receivers judge the new view by the group after its stable checkpoint
+        // (`Replica::on_new_view`). Where a group change lies between this replica's low
+        // watermark and that checkpoint, keep the view changes of that group only, and wait
+        // if they are too few.
+        let mut plan = plan_new_view(&vcs.iter().map(Verified::message).collect::<Vec<_>>());
+        let mut judged_by = self.group_at(plan.stable + 1);
+        for _ in 0..3 {
+            if vcs.iter().all(|v| judged_by.contains(&v.sender())) {
+                break;
+            }
+            vcs.retain(|v| judged_by.contains(&v.sender()));
+            plan = plan_new_view(&vcs.iter().map(Verified::message).collect::<Vec<_>>());
+            judged_by = self.group_at(plan.stable + 1);
+        }
+        if judged_by.primary(self.view) != Some(self.id())
+            || vcs.len() < judged_by.quorum()
+            || vcs.iter().any(|v| !judged_by.contains(&v.sender()))
+        {
+            return;
+        }
         let view = self.view;
         let pre_prepares: Vec<Signed> = plan
             .proposals
@@ -1541,25 +1568,28 @@ impl Replica {
         if view < self.view || (view == self.view && self.active) {
             return Err(Ignored::WrongView);
         }
-        let group = self.group();
-        if group.primary(view) != Some(sender) {
-            return Err(Ignored::NotPrimary);
-        }
         let mut senders = std::collections::BTreeSet::new();
         for vc in view_changes {
             let fits = matches!(vc.message, Message::ViewChange { view: v, .. } if v == view);
             if !fits
-                || !group.contains(&vc.sender)
                 || !senders.insert(vc.sender)
                 || !valid_view_change(&vc.message, self.config.window, |s| self.group_at(s))
             {
                 return Err(Ignored::Invalid);
             }
         }
-        if senders.len() < group.quorum() {
+        let plan = plan_new_view(&view_changes.iter().map(|s| &s.message).collect::<Vec<_>>());
+        // The group that ran this view change: the one after the new view's stable checkpoint
+        // (as `Replica::group` is after the low watermark). Not this replica's current group:
+        // a replica that joined later (or moved its low watermark past a group change since)
+        // must still accept the new view the others entered.
+        let group = self.group_at(plan.stable + 1);
+        if group.primary(view) != Some(sender) {
+            return Err(Ignored::NotPrimary);
+        }
+        if senders.len() < group.quorum() || !senders.iter().all(|id| group.contains(id)) {
             return Err(Ignored::Invalid);
         }
-        let plan = plan_new_view(&view_changes.iter().map(|s| &s.message).collect::<Vec<_>>());
         let expected = plan.proposals.len() == pre_prepares.len()
             && plan
                 .proposals
@@ -1902,6 +1932,37 @@ mod tests {
 
     /// Replicas connected by a FIFO network through the real codec and key ring; `cut`
     /// decides which messages are lost.
+    #[test]
+    fn a_replica_with_a_full_buffer_of_later_views_still_catches_up() {
+        let mut c = Cluster::new(4, |cfg| cfg.window = 4);
+        let cap = c.replicas[3].hold_cap();
+        // Replicas 1 and 2 (f+1) are in view 1; replica 3 buffered their messages while it
+        // did not follow views (a replica not yet a member): the buffer is full.
+        let prepare = |c: &Cluster, from: usize, seq: Seq| {
+            Verified::trusted(c.signers[from].sign(Message::Prepare {
+                view: 1,
+                seq,
+                digest: batch_digest(&[]),
+            }))
+        };
+        for k in 0..cap {
+            let m = prepare(&c, 1 + k % 2, 1 + (k as Seq % 4));
+            c.replicas[3].ahead.push(m);
+        }
+        assert_eq!(c.replicas[3].view(), 0);
+        let more = c.signers[1].sign(Message::Commit {
+            view: 1,
+            seq: 1,
+            digest: batch_digest(&[]),
+        });
+        assert_eq!(c.deliver(3, &more.encode()), Err(Ignored::Busy));
+        assert_eq!(
+            c.replicas[3].view(),
+            1,
+            "it follows f+1 replicas into view 1"
+        );
+    }
+
     struct Cluster {
         replicas: Vec<Replica>,
         signers: Vec<Signer>,
