@@ -17,6 +17,10 @@
 //! (it was sealed in an epoch they no longer accept) was not executed; the client sends it
 //! once more under a new number.
 //!
+//! Every request is signed with the client's key (Ed25519, see `securesmart::protocol`): the
+//! replicas order a request only in the name of the client whose signature it carries, so a
+//! faulty replica cannot forward requests, membership commands included, in anyone else's name.
+//!
 //! Request numbers start at the current time in microseconds and grow by one per request, so
 //! a client that restarts keeps growing numbers without storing anything (a replica treats a
 //! number at or below the client's last executed one as a retransmission).
@@ -43,7 +47,7 @@ use securesmart_transport::{
 
 use crate::config::{ClientConfig, ConfigError, load_identity, load_peers, load_trust};
 use crate::kv::{KvOp, KvReply};
-use crate::protocol::{ClientReply, ClientRequest, Outcome, RequestKind};
+use crate::protocol::{ClientReply, ClientRequest, Outcome, RequestKind, RequestSigner};
 use securesmart_membership::MembershipCommand;
 
 /// A client failure.
@@ -76,6 +80,9 @@ pub enum ClientError {
     /// f+1 replicas agreed on a reply that is not a key-value reply.
     #[error("reply does not decode: {0}")]
     BadReply(String),
+    /// The client's key cannot sign requests (requests are signed with Ed25519).
+    #[error("the client's key is not an Ed25519 key")]
+    UnsupportedKey,
 }
 
 /// Timing of a client.
@@ -109,6 +116,7 @@ pub struct Client {
     number: u64,
     options: ClientOptions,
     confidential: bool,
+    signer: RequestSigner,
 }
 
 fn now_micros() -> u64 {
@@ -131,6 +139,7 @@ impl Client {
         options: ClientOptions,
     ) -> Result<Self, ClientError> {
         let f = replicas.len().saturating_sub(1) / 3;
+        let signer = RequestSigner::new(&identity).ok_or(ClientError::UnsupportedKey)?;
         trust.peers = replicas.clone();
         let local = if replicas.values().any(SocketAddr::is_ipv6) {
             SocketAddr::from(([0u16; 8], 0))
@@ -163,6 +172,7 @@ impl Client {
             number: now_micros(),
             options,
             confidential: false,
+            signer,
         })
     }
 
@@ -243,14 +253,8 @@ impl Client {
     async fn send(&mut self, kind: RequestKind, payload: Bytes) -> Result<Bytes, ClientError> {
         self.number += 1;
         let number = self.number;
-        let request = Bytes::from(
-            ClientRequest {
-                number,
-                kind,
-                payload,
-            }
-            .encode(),
-        );
+        let request =
+            Bytes::from(ClientRequest::signed(&self.signer, number, kind, payload).encode());
         let start = Instant::now();
         let deadline = start + self.options.timeout;
         let mut votes: HashMap<NodeId, Bytes> = HashMap::new();

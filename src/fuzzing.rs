@@ -11,7 +11,7 @@ use bytes::Bytes;
 use securesmart_consensus::service::StateMachine;
 
 use crate::kv::{KvOp, KvReply, KvStore};
-use crate::protocol::{ClientReply, ClientRequest, Ordered};
+use crate::protocol::{ClientReply, ClientRequest, Ordered, Submission};
 use crate::state::NodeState;
 
 /// Everything a node decodes from clients, from the order and from a transferred snapshot:
@@ -30,6 +30,15 @@ pub fn node_input(data: &[u8]) {
     if let Ok(o) = Ordered::decode(&bytes) {
         assert_eq!(o.encode(), bytes, "ordered envelope encoding is canonical");
     }
+    if let Ok(sub) = Submission::decode(&bytes) {
+        assert_eq!(sub.encode(), bytes, "submission encoding is canonical");
+    }
+    // The engine's signature check on an ordered payload: a verdict, never a panic.
+    let _ = crate::protocol::request_check().allows(&securesmart_consensus::message::Request {
+        client: securesmart_transport::NodeId::from_bytes([1; 32]),
+        number: 1,
+        payload: bytes.clone(),
+    });
     if let Ok(op) = KvOp::decode(data) {
         assert_eq!(op.encode(), data, "kv operation encoding is canonical");
     }

@@ -68,7 +68,8 @@ use crate::config::{
 };
 use crate::group_key::GroupKey;
 use crate::protocol::{
-    ClientReply, ClientRequest, Ordered, Outcome, RequestKind, confidential_context,
+    ClientReply, ClientRequest, Ordered, Outcome, RequestKind, RequestSigner, Submission,
+    commitment, confidential_context,
 };
 use crate::replica_network::ReplicaNetwork;
 use crate::state::NodeState;
@@ -114,20 +115,21 @@ fn client_counter(outcome: &'static str) {
 /// Requests the node submits itself (CRL updates), numbered like a client's.
 #[derive(Clone, Debug)]
 struct SelfRequests {
-    id: NodeId,
+    signer: Arc<RequestSigner>,
     number: Arc<AtomicU64>,
     submitter: Submitter,
 }
 
 impl SelfRequests {
+    /// Signs `payload` as this replica's next request and submits it.
     fn submit(&self, payload: Ordered) -> Result<(), PbftError> {
         let number = self
             .number
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.submitter.submit_and_forward(Request {
-            client: self.id,
+            client: self.signer.id(),
             number,
-            payload: payload.encode(),
+            payload: self.signer.submission(number, payload).encode(),
         })
     }
 }
@@ -503,9 +505,10 @@ impl Node {
         let identity = load_identity(&n.certificate, &n.key)?;
         let group_identity = identity.clone();
         let id = identity.id();
-        let signer = Signer::new(&identity).ok_or_else(|| {
-            NodeError::Config(ConfigError::Invalid("the node key is not Ed25519".into()))
-        })?;
+        let not_ed25519 =
+            || NodeError::Config(ConfigError::Invalid("the node key is not Ed25519".into()));
+        let signer = Signer::new(&identity).ok_or_else(not_ed25519)?;
+        let request_signer = RequestSigner::new(&identity).ok_or_else(not_ed25519)?;
         let trust = load_trust(&n.ca, n.crl.as_deref())?;
         let local_crl = Arc::new(Mutex::new(trust.crls.first().cloned()));
         let peers = load_peers(&config.replicas)?;
@@ -561,6 +564,7 @@ impl Node {
         core.window = k.window;
         core.view_change_timeout = Duration::from_millis(k.view_change_timeout_ms);
         core.durable = true;
+        core.request_check = Some(crate::protocol::request_check());
         let wire_limits = Limits::default();
         let (journal, records) = FileJournal::open(&n.data_dir.join("consensus"), &wire_limits)
             .map_err(|e| NodeError::Journal(e.to_string()))?;
@@ -580,7 +584,7 @@ impl Node {
         let (pbft, driver) =
             Pbft::spawn_durable(replica, ring, network, wire_limits, Some(Box::new(journal)));
         let own = SelfRequests {
-            id,
+            signer: Arc::new(request_signer),
             number: Arc::new(AtomicU64::new(unix_now().saturating_mul(1_000_000).max(1))),
             submitter: pbft.submitter(),
         };
@@ -816,15 +820,28 @@ async fn intake(
                 continue;
             }
         }
-        let payload = match request.kind {
-            RequestKind::App => Ordered::App(request.payload),
-            RequestKind::Command => Ordered::Command {
-                time: unix_now(),
-                command: request.payload,
+        let auth = Some(request.auth);
+        let submission = match request.kind {
+            RequestKind::App => Submission {
+                auth,
+                ordered: Ordered::App(request.payload),
+            },
+            RequestKind::Command => Submission {
+                auth,
+                ordered: Ordered::Command {
+                    time: unix_now(),
+                    command: request.payload,
+                },
             },
             RequestKind::Confidential => {
                 match sealer.seal(&m.from, request.number, &request.payload) {
-                    Ok(sealed) => Ordered::Sealed(Bytes::from(sealed)),
+                    Ok(sealed) => Submission {
+                        auth,
+                        ordered: Ordered::Sealed {
+                            commitment: commitment(&request.payload),
+                            sealed: Bytes::from(sealed),
+                        },
+                    },
                     Err(e) => {
                         // No usable group key here yet (or the group is forming): the client
                         // retries, and gets its replies from the others.
@@ -839,8 +856,10 @@ async fn intake(
         let ordered = Request {
             client: m.from,
             number: request.number,
-            payload: payload.encode(),
+            payload: submission.encode(),
         };
+        // The engine checks the client's signature (`protocol::request_check`) when it takes
+        // the request.
         match submitter.submit(ordered) {
             Ok(()) => client_counter("submitted"),
             Err(PbftError::Busy) => {

@@ -1,20 +1,288 @@
 //! What clients and replicas say to each other on the client plane, and what the node orders.
 //!
-//! - [`ClientRequest`] (client to replica) and [`ClientReply`] (replica to client): version 1,
-//!   integers big-endian, byte strings with a u32 length; the decoder consumes the whole input
-//!   and enforces [`MAX_PAYLOAD_BYTES`]. The client's identity is the authenticated peer of
-//!   the connection (its certificate), never a field of the message.
+//! - [`ClientRequest`] (client to replica, version 2) and [`ClientReply`] (replica to client,
+//!   version 1): integers big-endian, byte strings with a u32 length; the decoder consumes the
+//!   whole input and enforces [`MAX_PAYLOAD_BYTES`]. The client's identity is the authenticated
+//!   peer of the connection (its certificate), never a field of the message.
 //! - [`Ordered`]: the envelope of every request the node hands to the ordering engine, so that
 //!   application requests and the node's own commands share one order. A replica that cannot
 //!   decode an ordered payload (a faulty primary proposed it) refuses it with the same reply
 //!   everywhere.
+//!
+//! # Signed requests
+//! Every ordered request carries its submitter's signature ([`Auth`]): a client signs what it
+//! sends, a replica signs its own requests (key packages, commits, key acknowledgements, CRL
+//! updates). The signature is Ed25519 over a BLAKE3 digest with its own domain tag
+//! ([`REQUEST_SIGNATURE_TAG`]) of the client id, the request number, the [`SignedKind`] and the
+//! body (the client's payload; for a replica's own request the envelope's encoding). The public
+//! key travels with it and must be the key of the request's client id. Replicas check it at
+//! intake and again when they execute (identically everywhere), so a faulty replica cannot
+//! order a request in anyone else's name, not even an administrator's. The ordered payload is a
+//! [`Submission`]: `0xA1 | public key [32] | signature [64] | envelope`; the ordering engine
+//! checks it before it orders anything (`securesmart_consensus::replica::Config::request_check`),
+//! so a request that is not its client's takes no sequence number and uses up no request
+//! number. A confidential request's payload is sealed by the replica that receives it; a
+//! signature over the plaintext would let anyone test guesses of it, so the client signs a
+//! commitment instead ([`commitment`]: BLAKE3 of a random 32-byte nonce it puts in front of
+//! the operation, and the operation), which travels in the clear beside the ciphertext; at
+//! execution the opened plaintext must match it. Not signed: the clock a replica stamps on a
+//! membership command ([`Ordered::Command`]).
 
 use bytes::Bytes;
+use ed25519_dalek::{Signature, Signer as _, SigningKey, VerifyingKey};
 use securesmart_transport::wire::{Reader, WireError, Writer};
+use securesmart_transport::{Identity, NodeId};
 
 /// Largest request or reply payload.
 pub const MAX_PAYLOAD_BYTES: usize = 512 * 1024;
+/// [`ClientRequest`] format version.
+const REQUEST_VERSION: u8 = 2;
+/// [`ClientReply`] format version.
 const VERSION: u8 = 1;
+/// BLAKE3 `derive_key` context of the digest a request's submitter signs.
+pub const REQUEST_SIGNATURE_TAG: &str = "securesmart 2026-11-26 request signature v1";
+/// First byte of a signed [`Submission`].
+const SIGNED_TAG: u8 = 0xA1;
+/// BLAKE3 `derive_key` context of a confidential request's [`commitment`].
+pub const COMMITMENT_TAG: &str = "securesmart 2026-11-26 confidential commitment v1";
+/// Bytes of the nonce in front of a confidential request's operation.
+pub const NONCE_LEN: usize = 32;
+
+/// The commitment a client signs for a confidential request, over its payload (the nonce and
+/// the operation): hiding (the nonce is random) and binding.
+pub fn commitment(payload: &[u8]) -> [u8; 32] {
+    blake3::derive_key(COMMITMENT_TAG, payload)
+}
+
+/// What a request's signature says its body is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SignedKind {
+    /// A client's application operation.
+    App = 0,
+    /// A membership command.
+    Command = 1,
+    /// A client's confidential application operation.
+    Confidential = 2,
+    /// A replica's own request (key package, commit, key acknowledgement).
+    Internal = 3,
+}
+
+/// A submitter's signature on a request (see the module doc).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct Auth {
+    /// The submitter's Ed25519 public key: its id must be the request's client id.
+    pub public_key: [u8; 32],
+    /// The signature.
+    pub signature: [u8; 64],
+}
+
+impl std::fmt::Debug for Auth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Auth")
+            .field("signer", &NodeId::from_ed25519(&self.public_key))
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why a request's signature was not accepted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum AuthError {
+    /// The public key is not the key of the request's client.
+    #[error("the signing key is not the client's")]
+    WrongKey,
+    /// The signature does not verify.
+    #[error("bad request signature")]
+    BadSignature,
+    /// The request carries no signature where one is needed.
+    #[error("unsigned request")]
+    Unsigned,
+}
+
+/// The digest a submitter signs.
+fn signing_digest(client: &NodeId, number: u64, kind: SignedKind, body: &[u8]) -> [u8; 32] {
+    let mut h = blake3::Hasher::new_derive_key(REQUEST_SIGNATURE_TAG);
+    h.update(client.as_bytes())
+        .update(&number.to_be_bytes())
+        .update(&[kind as u8])
+        .update(&(body.len() as u64).to_be_bytes())
+        .update(body);
+    *h.finalize().as_bytes()
+}
+
+impl Auth {
+    /// Encoded length.
+    pub const LEN: usize = 96;
+
+    /// Checks that it is `client`'s signature on request `number` of `kind` with `body`.
+    ///
+    /// # Errors
+    /// [`AuthError`] saying what is wrong.
+    pub fn verify(
+        &self,
+        client: &NodeId,
+        number: u64,
+        kind: SignedKind,
+        body: &[u8],
+    ) -> Result<(), AuthError> {
+        if NodeId::from_ed25519(&self.public_key) != *client {
+            return Err(AuthError::WrongKey);
+        }
+        let key = VerifyingKey::from_bytes(&self.public_key).map_err(|_| AuthError::WrongKey)?;
+        key.verify_strict(
+            &signing_digest(client, number, kind, body),
+            &Signature::from_bytes(&self.signature),
+        )
+        .map_err(|_| AuthError::BadSignature)
+    }
+
+    fn write(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.public_key);
+        out.extend_from_slice(&self.signature);
+    }
+
+    fn read(buf: &[u8]) -> Result<Self, WireError> {
+        let mut r = Reader::new(buf);
+        Ok(Self {
+            public_key: r.array()?,
+            signature: r.array()?,
+        })
+    }
+}
+
+/// Signs requests in the name of one identity (a client or a replica). The key is erased when
+/// it is dropped.
+pub struct RequestSigner {
+    id: NodeId,
+    key: SigningKey,
+}
+
+impl std::fmt::Debug for RequestSigner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RequestSigner")
+            .field("id", &self.id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RequestSigner {
+    /// A signer with `identity`'s key; `None` if it is not an Ed25519 key.
+    pub fn new(identity: &Identity) -> Option<Self> {
+        let seed = identity.ed25519_seed()?;
+        Some(Self {
+            id: identity.id(),
+            key: SigningKey::from_bytes(&seed),
+        })
+    }
+
+    /// The id it signs as.
+    pub fn id(&self) -> NodeId {
+        self.id
+    }
+
+    /// Signs request `number` of `kind` with `body`.
+    pub fn sign(&self, number: u64, kind: SignedKind, body: &[u8]) -> Auth {
+        let digest = signing_digest(&self.id, number, kind, body);
+        Auth {
+            public_key: self.key.verifying_key().to_bytes(),
+            signature: self.key.sign(&digest).to_bytes(),
+        }
+    }
+
+    /// Signs `ordered` as request `number` of this signer (see [`Submission::signed_part`]).
+    pub fn submission(&self, number: u64, ordered: Ordered) -> Submission {
+        let (kind, body) = Submission::signed_part(&ordered);
+        Submission {
+            auth: Some(self.sign(number, kind, &body)),
+            ordered,
+        }
+    }
+}
+
+/// The ordered payload of a request: the envelope and its submitter's signature.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Submission {
+    /// The submitter's signature (`None` only in payloads that [`Submission::verify`] refuses).
+    pub auth: Option<Auth>,
+    /// The envelope.
+    pub ordered: Ordered,
+}
+
+impl Submission {
+    /// What the submitter's signature covers for `ordered`: the client's payload for an
+    /// application operation or a membership command (the replica's clock on a command is not
+    /// covered), the commitment of a confidential one, the envelope's encoding for a replica's
+    /// own request.
+    pub fn signed_part(ordered: &Ordered) -> (SignedKind, Bytes) {
+        match ordered {
+            Ordered::App(payload) => (SignedKind::App, payload.clone()),
+            Ordered::Command { command, .. } => (SignedKind::Command, command.clone()),
+            Ordered::Sealed { commitment, .. } => {
+                (SignedKind::Confidential, Bytes::copy_from_slice(commitment))
+            }
+            other => (SignedKind::Internal, other.encode()),
+        }
+    }
+
+    /// Checks that it is `client`'s signature on request `number`.
+    ///
+    /// # Errors
+    /// [`AuthError`] saying what is wrong.
+    pub fn verify(&self, client: &NodeId, number: u64) -> Result<(), AuthError> {
+        let auth = self.auth.as_ref().ok_or(AuthError::Unsigned)?;
+        let (kind, body) = Self::signed_part(&self.ordered);
+        auth.verify(client, number, kind, &body)
+    }
+
+    /// Encodes it.
+    pub fn encode(&self) -> Bytes {
+        let ordered = self.ordered.encode();
+        match &self.auth {
+            None => ordered,
+            Some(auth) => {
+                let mut out = Vec::with_capacity(1 + Auth::LEN + ordered.len());
+                out.push(SIGNED_TAG);
+                auth.write(&mut out);
+                out.extend_from_slice(&ordered);
+                Bytes::from(out)
+            }
+        }
+    }
+
+    /// Decodes it (zero-copy for the payload).
+    ///
+    /// # Errors
+    /// [`WireError`] saying what is wrong.
+    pub fn decode(buf: &Bytes) -> Result<Self, WireError> {
+        if buf.first() != Some(&SIGNED_TAG) {
+            return Ok(Self {
+                auth: None,
+                ordered: Ordered::decode(buf)?,
+            });
+        }
+        let auth = Auth::read(buf.get(1..1 + Auth::LEN).ok_or(WireError::Truncated)?)?;
+        Ok(Self {
+            auth: Some(auth),
+            ordered: Ordered::decode(&buf.slice(1 + Auth::LEN..))?,
+        })
+    }
+}
+
+/// The ordering engine's check of every request (see the module doc): its payload is a
+/// [`Submission`] signed by its client. Refusals are counted in
+/// `securesmart_node_unsigned_requests_total`.
+pub fn request_check() -> securesmart_consensus::replica::RequestCheck {
+    securesmart_consensus::replica::RequestCheck::new(|r| {
+        let verdict = Submission::decode(&r.payload)
+            .map_err(|_| AuthError::Unsigned)
+            .and_then(|s| s.verify(&r.client, r.number));
+        if let Err(e) = verdict {
+            metrics::counter!("securesmart_node_unsigned_requests_total").increment(1);
+            tracing::debug!(client = ?r.client, number = r.number, error = %e, "request refused before ordering");
+        }
+        verdict.is_ok()
+    })
+}
 
 /// A client's request to a replica.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -25,6 +293,8 @@ pub struct ClientRequest {
     pub kind: RequestKind,
     /// The application operation, or an encoded membership command.
     pub payload: Bytes,
+    /// The client's signature on it ([`ClientRequest::signed`]).
+    pub auth: Auth,
 }
 
 /// What a [`ClientRequest`] carries.
@@ -58,17 +328,72 @@ pub enum Outcome {
     Busy,
 }
 
+impl RequestKind {
+    /// What the signature says the body is.
+    pub fn signed_kind(self) -> SignedKind {
+        match self {
+            RequestKind::App => SignedKind::App,
+            RequestKind::Command => SignedKind::Command,
+            RequestKind::Confidential => SignedKind::Confidential,
+        }
+    }
+}
+
 impl ClientRequest {
+    /// A request signed by `signer` (the client). A confidential operation gets a random nonce
+    /// in front, and the signature covers its [`commitment`].
+    pub fn signed(signer: &RequestSigner, number: u64, kind: RequestKind, payload: Bytes) -> Self {
+        let payload = if kind == RequestKind::Confidential {
+            let nonce: [u8; NONCE_LEN] = rand::random();
+            let mut with_nonce = Vec::with_capacity(NONCE_LEN + payload.len());
+            with_nonce.extend_from_slice(&nonce);
+            with_nonce.extend_from_slice(&payload);
+            Bytes::from(with_nonce)
+        } else {
+            payload
+        };
+        let auth = signer.sign(
+            number,
+            kind.signed_kind(),
+            &Self::signed_body(kind, &payload),
+        );
+        Self {
+            number,
+            kind,
+            payload,
+            auth,
+        }
+    }
+
+    fn signed_body(kind: RequestKind, payload: &Bytes) -> Bytes {
+        match kind {
+            RequestKind::Confidential => Bytes::copy_from_slice(&commitment(payload)),
+            _ => payload.clone(),
+        }
+    }
+
+    /// Checks that it is `client`'s signature.
+    ///
+    /// # Errors
+    /// [`AuthError`] saying what is wrong.
+    pub fn verify(&self, client: &NodeId) -> Result<(), AuthError> {
+        let body = Self::signed_body(self.kind, &self.payload);
+        self.auth
+            .verify(client, self.number, self.kind.signed_kind(), &body)
+    }
+
     /// Encodes the request.
     pub fn encode(&self) -> Vec<u8> {
         let mut w = Writer::default();
-        w.u8(VERSION)
+        w.u8(REQUEST_VERSION)
             .raw(&self.number.to_be_bytes())
             .u8(match self.kind {
                 RequestKind::App => 0,
                 RequestKind::Command => 1,
                 RequestKind::Confidential => 2,
             })
+            .raw(&self.auth.public_key)
+            .raw(&self.auth.signature)
             .bytes(&self.payload);
         w.buf
     }
@@ -79,7 +404,7 @@ impl ClientRequest {
     /// [`WireError`] saying what is wrong.
     pub fn decode(buf: &[u8]) -> Result<Self, WireError> {
         let mut r = Reader::new(buf);
-        r.version(VERSION)?;
+        r.version(REQUEST_VERSION)?;
         let number = u64::from_be_bytes(r.array()?);
         let kind = match r.u8()? {
             0 => RequestKind::App,
@@ -92,12 +417,17 @@ impl ClientRequest {
                 });
             }
         };
+        let auth = Auth {
+            public_key: r.array()?,
+            signature: r.array()?,
+        };
         let payload = Bytes::copy_from_slice(r.bytes("payload", MAX_PAYLOAD_BYTES)?);
         r.finish()?;
         Ok(Self {
             number,
             kind,
             payload,
+            auth,
         })
     }
 }
@@ -169,8 +499,14 @@ pub enum Ordered {
     },
     /// A confidential application operation, sealed by the replica that received it with the
     /// group key of its current epoch, the context binding it to the client and request
-    /// number ([`confidential_context`]). Opened only at execution.
-    Sealed(Bytes),
+    /// number ([`confidential_context`]). Opened only at execution; the plaintext (nonce and
+    /// operation) must match the client's signed [`commitment`].
+    Sealed {
+        /// The client's commitment to the plaintext.
+        commitment: [u8; 32],
+        /// The sealed plaintext.
+        sealed: Bytes,
+    },
     /// A replica holds the group key of this epoch (it merged the commit that made it, or
     /// joined with its Welcome). Sealed requests of an epoch execute only once a quorum of
     /// the replicas said so (see `securesmart::state`).
@@ -225,9 +561,10 @@ impl Ordered {
                 out.extend_from_slice(welcome);
                 Bytes::from(out)
             }
-            Ordered::Sealed(sealed) => {
-                let mut out = Vec::with_capacity(1 + sealed.len());
+            Ordered::Sealed { commitment, sealed } => {
+                let mut out = Vec::with_capacity(33 + sealed.len());
                 out.push(4);
+                out.extend_from_slice(commitment);
                 out.extend_from_slice(sealed);
                 Bytes::from(out)
             }
@@ -272,7 +609,16 @@ impl Ordered {
                     welcome: buf.slice(end..),
                 })
             }
-            Some(4) => Ok(Ordered::Sealed(buf.slice(1..))),
+            Some(4) => {
+                let commitment = buf
+                    .get(1..33)
+                    .and_then(|t| <[u8; 32]>::try_from(t).ok())
+                    .ok_or(WireError::Truncated)?;
+                Ok(Ordered::Sealed {
+                    commitment,
+                    sealed: buf.slice(33..),
+                })
+            }
             Some(5) => {
                 let epoch = buf
                     .get(1..)
@@ -296,13 +642,108 @@ impl Ordered {
 mod tests {
     use super::*;
 
+    use securesmart_transport::Role;
+    use securesmart_transport::pki::DevCa;
+
+    fn signers() -> (RequestSigner, RequestSigner) {
+        let ca = DevCa::new("protocol ca").unwrap();
+        let signer =
+            |name: &str| RequestSigner::new(&ca.issue_role(name, Role::Client).unwrap()).unwrap();
+        (signer("alice"), signer("mallory"))
+    }
+
+    #[test]
+    fn requests_verify_only_as_their_clients_and_unchanged() {
+        let (alice, mallory) = signers();
+        for kind in [
+            RequestKind::App,
+            RequestKind::Command,
+            RequestKind::Confidential,
+        ] {
+            let req = ClientRequest::signed(&alice, 5, kind, Bytes::from_static(b"put k v"));
+            assert_eq!(req.verify(&alice.id()), Ok(()), "{kind:?}");
+            assert_eq!(req.verify(&mallory.id()), Err(AuthError::WrongKey));
+            let decoded = ClientRequest::decode(&req.encode()).unwrap();
+            assert_eq!(decoded.verify(&alice.id()), Ok(()));
+            let mut changed = req.clone();
+            changed.number = 6;
+            assert_eq!(changed.verify(&alice.id()), Err(AuthError::BadSignature));
+            let mut changed = req.clone();
+            changed.payload = Bytes::from_static(b"put k w");
+            assert_eq!(changed.verify(&alice.id()), Err(AuthError::BadSignature));
+            // Mallory's own key in Alice's name: not Alice's key.
+            let mut forged = ClientRequest::signed(&mallory, 5, kind, req.payload.clone());
+            assert_eq!(forged.verify(&alice.id()), Err(AuthError::WrongKey));
+            forged.auth.public_key = req.auth.public_key;
+            assert_eq!(forged.verify(&alice.id()), Err(AuthError::BadSignature));
+        }
+        // A confidential operation gets a nonce in front; the signature covers its commitment.
+        let a = ClientRequest::signed(
+            &alice,
+            1,
+            RequestKind::Confidential,
+            Bytes::from_static(b"x"),
+        );
+        let b = ClientRequest::signed(
+            &alice,
+            1,
+            RequestKind::Confidential,
+            Bytes::from_static(b"x"),
+        );
+        assert_eq!(a.payload.len(), NONCE_LEN + 1);
+        assert_ne!(a.payload, b.payload, "a fresh nonce each time");
+    }
+
+    #[test]
+    fn submissions_verify_in_their_clients_name_only() {
+        let (alice, mallory) = signers();
+        let ordered = [
+            Ordered::App(Bytes::from_static(b"op")),
+            Ordered::Command {
+                time: 9,
+                command: Bytes::from_static(b"add"),
+            },
+            Ordered::KeyAck(3),
+            Ordered::Sealed {
+                commitment: [4; 32],
+                sealed: Bytes::from_static(b"ciphertext"),
+            },
+        ];
+        for o in ordered {
+            let s = alice.submission(11, o.clone());
+            let decoded = Submission::decode(&s.encode()).unwrap();
+            assert_eq!(decoded, s);
+            assert_eq!(decoded.verify(&alice.id(), 11), Ok(()), "{o:?}");
+            assert!(decoded.verify(&alice.id(), 12).is_err());
+            assert!(decoded.verify(&mallory.id(), 11).is_err());
+            let forged = Submission {
+                auth: mallory.submission(11, o.clone()).auth,
+                ordered: o.clone(),
+            };
+            assert_eq!(forged.verify(&alice.id(), 11), Err(AuthError::WrongKey));
+            let unsigned = Submission::decode(&o.encode()).unwrap();
+            assert_eq!(unsigned.verify(&alice.id(), 11), Err(AuthError::Unsigned));
+        }
+        // The engine's check: only signed requests of their own client.
+        let check = request_check();
+        let request = |client: NodeId, payload: Bytes| securesmart_consensus::message::Request {
+            client,
+            number: 11,
+            payload,
+        };
+        let signed = alice
+            .submission(11, Ordered::App(Bytes::from_static(b"op")))
+            .encode();
+        assert!(check.allows(&request(alice.id(), signed.clone())));
+        assert!(!check.allows(&request(mallory.id(), signed)));
+        assert!(!check.allows(&request(alice.id(), Ordered::App(Bytes::new()).encode())));
+        assert!(!check.allows(&request(alice.id(), Bytes::from_static(&[0xA1, 1]))));
+    }
+
     #[test]
     fn messages_round_trip_and_bad_ones_are_errors() {
-        let req = ClientRequest {
-            number: 7,
-            kind: RequestKind::Command,
-            payload: Bytes::from_static(b"op"),
-        };
+        let (alice, _) = signers();
+        let req = ClientRequest::signed(&alice, 7, RequestKind::Command, Bytes::from_static(b"op"));
         assert_eq!(ClientRequest::decode(&req.encode()), Ok(req.clone()));
         let mut trailing = req.encode();
         trailing.push(0);
@@ -322,7 +763,10 @@ mod tests {
         assert!(Ordered::decode(&Bytes::from_static(&[1, 0, 0])).is_err());
         for o in [
             Ordered::KeyPackage(Bytes::from_static(b"kp")),
-            Ordered::Sealed(Bytes::from_static(b"sealed")),
+            Ordered::Sealed {
+                commitment: [1; 32],
+                sealed: Bytes::from_static(b"sealed"),
+            },
             Ordered::KeyAck(7),
             Ordered::GroupCommit {
                 commit: Bytes::from_static(b"commit"),

@@ -70,7 +70,7 @@ use securesmart_membership::{
 use securesmart_transport::NodeId;
 use securesmart_transport::wire::{Reader, Writer};
 
-use crate::protocol::{Ordered, confidential_context};
+use crate::protocol::{NONCE_LEN, Ordered, Submission, confidential_context};
 
 const VERSION: u8 = 3;
 /// Group commits a snapshot carries (see the module doc, "Checkpoints").
@@ -250,7 +250,7 @@ impl<S: StateMachine> NodeState<S> {
     }
 
     /// A sealed request: see the module doc for the rule.
-    fn sealed(&mut self, request: &Request, sealed: &[u8]) -> Bytes {
+    fn sealed(&mut self, request: &Request, commitment: &[u8; 32], sealed: &[u8]) -> Bytes {
         let refused = |why: &'static str| {
             metrics::counter!("securesmart_node_sealed_refused_total", "why" => why).increment(1);
             tracing::debug!(client = ?request.client, why, "sealed request refused");
@@ -273,8 +273,14 @@ impl<S: StateMachine> NodeState<S> {
         };
         match opened {
             Ok(opened) => {
+                // The client signed a commitment to the nonce and operation; a faulty replica
+                // that sealed something else is caught here, alike at every replica.
+                let plaintext = Bytes::from(opened.plaintext);
+                if crate::protocol::commitment(&plaintext) != *commitment {
+                    return refused("commitment");
+                }
                 metrics::counter!("securesmart_node_sealed_opened_total").increment(1);
-                self.app_execute(request, Bytes::from(opened.plaintext))
+                self.app_execute(request, plaintext.slice(NONCE_LEN.min(plaintext.len())..))
             }
             Err(GroupError::Tampered) => refused("does_not_open"),
             Err(e) => {
@@ -421,9 +427,12 @@ impl<S: StateMachine> NodeState<S> {
 
 impl<S: StateMachine> StateMachine for NodeState<S> {
     fn execute(&mut self, request: &Request) -> Bytes {
-        match Ordered::decode(&request.payload) {
+        // The submitter's signature was checked before ordering (`node::request_check`).
+        match Submission::decode(&request.payload).map(|s| s.ordered) {
             Ok(Ordered::App(payload)) => self.app_execute(request, payload),
-            Ok(Ordered::Sealed(sealed)) => self.sealed(request, &sealed),
+            Ok(Ordered::Sealed { commitment, sealed }) => {
+                self.sealed(request, &commitment, &sealed)
+            }
             Ok(Ordered::KeyAck(epoch)) => self.key_ack(request.client, epoch),
             Ok(Ordered::Command { time, command }) => self.command(request.client, time, &command),
             Ok(Ordered::KeyPackage(key_package)) => self.group_message(
@@ -669,19 +678,31 @@ mod tests {
         s
     }
 
+    /// A confidential request as intake orders it: nonce and operation sealed, with the
+    /// commitment beside (unsigned: the engine checks signatures, not the state).
+    fn sealed_op(keys: &PayloadKeys, client: NodeId, number: u64, op: &KvOp) -> Request {
+        let mut plaintext = vec![7u8; NONCE_LEN];
+        plaintext.extend_from_slice(&op.encode());
+        let sealed = keys
+            .seal(&confidential_context(&client, number), &plaintext)
+            .unwrap();
+        Request {
+            client,
+            number,
+            payload: Ordered::Sealed {
+                commitment: crate::protocol::commitment(&plaintext),
+                sealed: Bytes::from(sealed),
+            }
+            .encode(),
+        }
+    }
+
     fn sealed_put(keys: &PayloadKeys, client: NodeId, number: u64, value: &str) -> Request {
         let op = KvOp::Put {
             key: Bytes::from_static(b"k"),
             value: Bytes::from(value.to_owned()),
         };
-        let sealed = keys
-            .seal(&confidential_context(&client, number), &op.encode())
-            .unwrap();
-        Request {
-            client,
-            number,
-            payload: Ordered::Sealed(Bytes::from(sealed)).encode(),
-        }
+        sealed_op(keys, client, number, &op)
     }
 
     /// A CA, a group of one member with its keys, and a client id.
@@ -726,6 +747,19 @@ mod tests {
         let mut stolen = put.clone();
         stolen.client = other;
         assert!(with_key.execute(&stolen).is_empty());
+        // Sealed by a faulty replica as something other than what the client committed to:
+        // refused, alike everywhere.
+        let mut swapped = sealed_put(&keys, client, 4, "swapped");
+        let honest = sealed_put(&keys, client, 4, "what-the-client-signed");
+        let (Ok(Ordered::Sealed { sealed, .. }), Ok(Ordered::Sealed { commitment, .. })) = (
+            Ordered::decode(&swapped.payload),
+            Ordered::decode(&honest.payload),
+        ) else {
+            panic!("sealed requests")
+        };
+        swapped.payload = Ordered::Sealed { commitment, sealed }.encode();
+        assert!(with_key.execute(&swapped).is_empty());
+        assert!(with_key.state_known());
         assert!(with_key.state_known());
 
         // A replica without the key cannot compute the state: lost until restored.
@@ -782,17 +816,7 @@ mod tests {
             )
             .encode(),
         };
-        let sealed_get = {
-            let op = KvOp::Get { key: "k".into() };
-            let sealed = keys
-                .seal(&confidential_context(&client, 3), &op.encode())
-                .unwrap();
-            Request {
-                client,
-                number: 3,
-                payload: Ordered::Sealed(Bytes::from(sealed)).encode(),
-            }
-        };
+        let sealed_get = sealed_op(&keys, client, 3, &KvOp::Get { key: "k".into() });
 
         // Before any confidential request the checkpoint is in the clear (the control).
         let (mut a, mut b) = (replica(), replica());

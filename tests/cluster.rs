@@ -454,7 +454,7 @@ fn group_epoch(c: &LocalCluster, i: usize) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_confidential_request_is_ciphertext_in_every_replica_log() {
     use securesmart::consensus::journal::{FileJournal, Record};
-    use securesmart::protocol::Ordered;
+    use securesmart::protocol::{Ordered, Submission};
     let _one = ONE_AT_A_TIME.lock().await;
     // Few ordered requests besides the test's (no rotation) and checkpoints far apart, so that
     // the journal still holds the test's batches when it is read.
@@ -508,8 +508,8 @@ async fn a_confidential_request_is_ciphertext_in_every_replica_log() {
                         !contains(&request.payload, secret.as_bytes()),
                         "replica {i} logged a confidential request in the clear"
                     );
-                    match Ordered::decode(&request.payload) {
-                        Ok(Ordered::Sealed(_)) => sealed += 1,
+                    match Submission::decode(&request.payload).map(|s| s.ordered) {
+                        Ok(Ordered::Sealed { .. }) => sealed += 1,
                         Ok(Ordered::App(p)) if contains(&p, b"in-the-clear-value") => clear += 1,
                         _ => {}
                     }

@@ -127,6 +127,33 @@ pub struct Config {
     /// Emit [`Output::Persist`] records (see [`crate::journal`]); without them a restarted
     /// replica has lost its memory and counts as one of the f faulty ones.
     pub durable: bool,
+    /// Which client requests are valid (e.g. carry their client's signature): checked when a
+    /// request arrives and for every request of a pre-prepare, whose primary is then ignored
+    /// (so a faulty replica cannot order requests in a client's name, or use up its request
+    /// numbers). `None`: every request is. Must give the same answer at every replica.
+    pub request_check: Option<RequestCheck>,
+}
+
+/// A validity check of client requests ([`Config::request_check`]).
+#[derive(Clone)]
+pub struct RequestCheck(std::sync::Arc<dyn Fn(&Request) -> bool + Send + Sync>);
+
+impl RequestCheck {
+    /// A check that runs `valid`.
+    pub fn new(valid: impl Fn(&Request) -> bool + Send + Sync + 'static) -> Self {
+        Self(std::sync::Arc::new(valid))
+    }
+
+    /// Whether `request` is valid.
+    pub fn allows(&self, request: &Request) -> bool {
+        (self.0)(request)
+    }
+}
+
+impl std::fmt::Debug for RequestCheck {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RequestCheck")
+    }
 }
 
 impl Config {
@@ -143,6 +170,7 @@ impl Config {
             max_pending: 100_000,
             state_transfer_delay: Duration::from_millis(200),
             durable: false,
+            request_check: None,
         }
     }
 
@@ -776,9 +804,13 @@ impl Replica {
     ///
     /// # Errors
     /// [`Ignored::Stale`] for a request already executed or held, [`Ignored::Busy`] when
-    /// `max_pending` requests are held.
+    /// `max_pending` requests are held, [`Ignored::Invalid`] for one the
+    /// [`Config::request_check`] refuses.
     pub fn handle_request(&mut self, request: Request, now: Duration) -> Result<(), Ignored> {
         self.now = self.now.max(now);
+        if !self.request_valid(&request) {
+            return Err(Ignored::Invalid);
+        }
         let key = (request.client, request.number);
         let done = self
             .last_executed
@@ -803,6 +835,20 @@ impl Replica {
             }
         }
         Ok(())
+    }
+
+    /// Whether this replica holds `request` as it is (it was checked when it arrived).
+    fn holds(&self, request: &Request) -> bool {
+        self.waiting
+            .get(&(request.client, request.number))
+            .is_some_and(|(_, held)| held.payload == request.payload)
+    }
+
+    fn request_valid(&self, request: &Request) -> bool {
+        self.config
+            .request_check
+            .as_ref()
+            .is_none_or(|check| check.allows(request))
     }
 
     /// Whether a quorum committed, in the current view, a slot above the next one this replica
@@ -1057,9 +1103,14 @@ impl Replica {
         }
         let primary = self.group_at(seq).primary(view);
         match message.message() {
-            Message::PrePrepare { digest, .. } => {
+            Message::PrePrepare { digest, batch, .. } => {
                 if primary != Some(sender) {
                     return Err(Ignored::NotPrimary);
+                }
+                if !batch.iter().all(|r| self.holds(r) || self.request_valid(r)) {
+                    // A faulty primary: no prepare from this replica, and the view-change timer
+                    // runs on for the requests it holds.
+                    return Err(Ignored::Invalid);
                 }
                 let digest = *digest;
                 let slot = self.slots.entry(seq).or_default();
@@ -1932,6 +1983,41 @@ mod tests {
 
     /// Replicas connected by a FIFO network through the real codec and key ring; `cut`
     /// decides which messages are lost.
+    #[test]
+    fn requests_the_check_refuses_are_neither_held_nor_prepared() {
+        let mut c = Cluster::new(4, |cfg| {
+            cfg.request_check = Some(RequestCheck::new(|r| &r.payload[..] != b"forged"));
+        });
+        let client = c.replicas[3].id();
+        let request = |payload: &'static [u8]| Request {
+            client,
+            number: 1,
+            payload: Bytes::from_static(payload),
+        };
+        assert_eq!(
+            c.replicas[1].handle_request(request(b"forged"), Duration::ZERO),
+            Err(Ignored::Invalid)
+        );
+        // A primary that proposes one: the backup does not prepare it.
+        let propose = |c: &Cluster, seq: Seq, payload: &'static [u8]| {
+            let batch = vec![request(payload)];
+            c.signers[0].sign(Message::PrePrepare {
+                view: 0,
+                seq,
+                digest: batch_digest(&batch),
+                batch,
+            })
+        };
+        let forged = propose(&c, 1, b"forged");
+        assert_eq!(c.deliver(1, &forged.encode()), Err(Ignored::Invalid));
+        assert!(
+            c.journals[1].is_empty(),
+            "nothing journaled, no prepare sent"
+        );
+        let fine = propose(&c, 1, b"put");
+        assert_eq!(c.deliver(1, &fine.encode()), Ok(()));
+    }
+
     #[test]
     fn a_replica_with_a_full_buffer_of_later_views_still_catches_up() {
         let mut c = Cluster::new(4, |cfg| cfg.window = 4);

@@ -36,6 +36,18 @@ impl NodeId {
         Self(*blake3::hash(spki_der).as_bytes())
     }
 
+    /// The id of a raw Ed25519 public key (the id of its SubjectPublicKeyInfo, RFC 8410), as
+    /// [`NodeId::from_certificate`] gives for a certificate with that key.
+    pub fn from_ed25519(public_key: &[u8; 32]) -> Self {
+        const PREFIX: [u8; 12] = [
+            0x30, 0x2a, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x03, 0x21, 0x00,
+        ];
+        let mut spki = [0u8; 44];
+        spki[..12].copy_from_slice(&PREFIX);
+        spki[12..].copy_from_slice(public_key);
+        Self::from_spki(&spki)
+    }
+
     /// The id of the key in a DER certificate.
     ///
     /// # Errors
@@ -338,6 +350,15 @@ mod tests {
         assert_eq!(id.to_string().len(), 16);
         assert!("zz".parse::<NodeId>().is_err());
         assert!("g".repeat(64).parse::<NodeId>().is_err());
+    }
+
+    #[test]
+    fn the_id_of_a_raw_ed25519_key_is_the_certificate_id() {
+        let ca = crate::pki::DevCa::new("ca").unwrap();
+        let id = ca.issue_role("n", Role::Client).unwrap();
+        let key = id.ed25519_public().unwrap();
+        assert_eq!(NodeId::from_ed25519(&key), id.id());
+        assert_ne!(NodeId::from_ed25519(&[7; 32]), id.id());
     }
 
     #[test]
