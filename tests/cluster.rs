@@ -432,6 +432,81 @@ async fn a_client_whose_certificate_is_revoked_is_refused() {
     bystander.close().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_signed_with_another_key_is_not_ordered() {
+    use securesmart::protocol::{ClientReply, ClientRequest, Outcome, RequestKind, RequestSigner};
+    use securesmart::transport::Class;
+    let _one = ONE_AT_A_TIME.lock().await;
+    let c = cluster("forged", 2).await;
+    // Client 1's own connection (TLS proves who it is), but requests signed with client 0's
+    // key: as a faulty replica would forward a request in another client's name.
+    let load = |j: usize| ClientConfig::load(&c.clients[j]).unwrap();
+    let (c0, c1) = (load(0), load(1));
+    let identity =
+        securesmart::config::load_identity(&c1.client.certificate, &c1.client.key).unwrap();
+    let other = securesmart::config::load_identity(&c0.client.certificate, &c0.client.key).unwrap();
+    let (own_key, other_key) = (
+        RequestSigner::new(&identity).unwrap(),
+        RequestSigner::new(&other).unwrap(),
+    );
+    let mut trust = securesmart::config::load_trust(&c1.client.ca, None).unwrap();
+    trust.peers = c.replicas.iter().map(|r| (r.id, r.client_addr)).collect();
+    let (plane, mut inbox) = Plane::client(PlaneConfig::new(
+        identity,
+        "127.0.0.1:0".parse().unwrap(),
+        trust,
+    ))
+    .await
+    .unwrap();
+    assert!(plane.wait_connected(4, Duration::from_secs(10)).await);
+    let op = Bytes::from(
+        securesmart::kv::KvOp::Put {
+            key: "k".into(),
+            value: "from-client-1".into(),
+        }
+        .encode(),
+    );
+    // Replies to request `number` within `wait`, from distinct replicas.
+    let mut ask = async |request: ClientRequest, wait: Duration| {
+        plane.broadcast(Class::Consensus, &Bytes::from(request.encode()));
+        let mut from = std::collections::BTreeSet::new();
+        let deadline = Instant::now() + wait;
+        while let Ok(Some(m)) = tokio::time::timeout_at(deadline.into(), inbox.recv()).await {
+            if let Ok(ClientReply {
+                number,
+                outcome: Outcome::Executed(_),
+            }) = ClientReply::decode(&m.payload)
+                && number == request.number
+            {
+                from.insert(m.from);
+            }
+        }
+        from.len()
+    };
+    let forged = ClientRequest::signed(&other_key, 1_000, RequestKind::App, op.clone());
+    assert_eq!(
+        ask(forged, Duration::from_secs(3)).await,
+        0,
+        "a forged request executed"
+    );
+    for i in 0..4 {
+        assert!(
+            c.metric(i, "securesmart_node_unsigned_requests_total") >= 1.0,
+            "replica {i} did not refuse it"
+        );
+    }
+    // The control: the same request signed with its own key executes.
+    let honest = ClientRequest::signed(&own_key, 1_001, RequestKind::App, op);
+    assert!(ask(honest, Duration::from_secs(10)).await >= 2);
+    plane.shutdown().await;
+    let mut reader = client(&c, 0).await;
+    assert_eq!(
+        reader.get("k").await.unwrap(),
+        Some(Bytes::from("from-client-1"))
+    );
+    reader.close().await;
+}
+
 /// Waits until the four replicas share the group key (they are in one epoch).
 async fn wait_for_group_key(c: &LocalCluster) {
     wait_for(
