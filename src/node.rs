@@ -39,8 +39,16 @@
 //! start rather than let the node vote with a forgotten past.
 //!
 //! Metrics (if `metrics_listen` is set, a Prometheus endpoint serves them): the transport's
-//! and consensus's counters, `securesmart_node_client_requests_total{outcome}`,
-//! `securesmart_node_membership_changes_total`, `securesmart_node_members`.
+//! and consensus's counters (`securesmart_consensus_executed_seq`, `..._stable_seq`, `..._view`,
+//! `..._dropped_total{reason}`, ...), `securesmart_node_client_requests_total{outcome}`,
+//! `securesmart_node_membership_changes_total`, `securesmart_node_members`, the group key's
+//! (`securesmart_node_group_epoch`, `..._rekeys_total`), `securesmart_node_sealed_opened_total`,
+//! `securesmart_node_sealed_refused_total{why}`, `securesmart_node_checkpoints_sealed_total`,
+//! `securesmart_node_state_lost_total` and `securesmart_node_unsigned_requests_total` (requests
+//! the engine refused before ordering: not signed by their client).
+//!
+//! The engine checks every request's signature before it orders it
+//! ([`crate::protocol::request_check`]); the node signs its own requests with its key.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
