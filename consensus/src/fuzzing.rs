@@ -63,6 +63,10 @@ pub fn replica_ops(data: &[u8]) {
         config.checkpoint_interval = 2;
         config.view_change_timeout = Duration::from_millis(20);
         config.max_pending = 16;
+        // The last batch's requests are "unsigned": a pre-prepare carrying them is refused.
+        config.request_check = Some(crate::replica::RequestCheck::new(|r| {
+            r.payload.first() != Some(&2)
+        }));
         let me = 1usize;
         let mut replica = Replica::new(config, crate::message::Signer::new_from(&signers[me]));
         let batches: Vec<Vec<Request>> = (0..3u64)

@@ -1471,14 +1471,14 @@ impl Replica {
         // watermark and that checkpoint, keep the view changes of that group only, and wait
         // if they are too few.
         let mut plan = plan_new_view(&vcs.iter().map(Verified::message).collect::<Vec<_>>());
-        let mut judged_by = self.group_at(plan.stable + 1);
+        let mut judged_by = self.group_at(plan.stable.saturating_add(1));
         for _ in 0..3 {
             if vcs.iter().all(|v| judged_by.contains(&v.sender())) {
                 break;
             }
             vcs.retain(|v| judged_by.contains(&v.sender()));
             plan = plan_new_view(&vcs.iter().map(Verified::message).collect::<Vec<_>>());
-            judged_by = self.group_at(plan.stable + 1);
+            judged_by = self.group_at(plan.stable.saturating_add(1));
         }
         if judged_by.primary(self.view) != Some(self.id())
             || vcs.len() < judged_by.quorum()
@@ -1634,7 +1634,7 @@ impl Replica {
         // (as `Replica::group` is after the low watermark). Not this replica's current group:
         // a replica that joined later (or moved its low watermark past a group change since)
         // must still accept the new view the others entered.
-        let group = self.group_at(plan.stable + 1);
+        let group = self.group_at(plan.stable.saturating_add(1));
         if group.primary(view) != Some(sender) {
             return Err(Ignored::NotPrimary);
         }
