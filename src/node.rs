@@ -76,8 +76,7 @@ use crate::config::{
 };
 use crate::group_key::GroupKey;
 use crate::protocol::{
-    ClientReply, ClientRequest, Ordered, Outcome, RequestKind, RequestSigner, Submission,
-    commitment, confidential_context,
+    ClientReply, ClientRequest, Ordered, Outcome, RequestSigner, confidential_context,
 };
 use crate::replica_network::ReplicaNetwork;
 use crate::state::NodeState;
@@ -325,12 +324,13 @@ impl GroupSide {
 /// Keeps the group keys that a replay of the journal from the stable checkpoint `stable` needs
 /// (sealed checkpoints and sealed requests above it), and lets older ones go.
 fn pin_journal_keys(group: &mut GroupSide, epochs: &mut BTreeMap<Seq, u64>, stable: Seq) {
-    if let Some(epoch) = epochs.get(&stable).copied() {
+    // Once per stable checkpoint (this runs after every batch).
+    if let Some(epoch) = epochs.remove(&stable) {
         group
             .key
             .pin_keys(epoch.saturating_sub(crate::state::SEALED_EPOCHS_ACCEPTED));
     }
-    epochs.retain(|seq, _| *seq >= stable);
+    epochs.retain(|seq, _| *seq > stable);
 }
 
 /// Runs the replicated state on the engine's events until the engine stops or this replica
@@ -828,42 +828,23 @@ async fn intake(
                 continue;
             }
         }
-        let auth = Some(request.auth);
-        let submission = match request.kind {
-            RequestKind::App => Submission {
-                auth,
-                ordered: Ordered::App(request.payload),
-            },
-            RequestKind::Command => Submission {
-                auth,
-                ordered: Ordered::Command {
-                    time: unix_now(),
-                    command: request.payload,
-                },
-            },
-            RequestKind::Confidential => {
-                match sealer.seal(&m.from, request.number, &request.payload) {
-                    Ok(sealed) => Submission {
-                        auth,
-                        ordered: Ordered::Sealed {
-                            commitment: commitment(&request.payload),
-                            sealed: Bytes::from(sealed),
-                        },
-                    },
-                    Err(e) => {
-                        // No usable group key here yet (or the group is forming): the client
-                        // retries, and gets its replies from the others.
-                        client_counter("no_group_key");
-                        tracing::debug!(error = %e, "cannot seal a confidential request");
-                        send_reply(&clients, m.from, request.number, Outcome::Busy);
-                        continue;
-                    }
-                }
+        let number = request.number;
+        let submission =
+            request.into_submission(unix_now(), |payload| sealer.seal(&m.from, number, payload));
+        let submission = match submission {
+            Ok(s) => s,
+            Err(e) => {
+                // No usable group key here yet (or the group is forming): the client retries,
+                // and gets its replies from the others.
+                client_counter("no_group_key");
+                tracing::debug!(error = %e, "cannot seal a confidential request");
+                send_reply(&clients, m.from, number, Outcome::Busy);
+                continue;
             }
         };
         let ordered = Request {
             client: m.from,
-            number: request.number,
+            number,
             payload: submission.encode(),
         };
         // The engine checks the client's signature (`protocol::request_check`) when it takes
@@ -872,7 +853,7 @@ async fn intake(
             Ok(()) => client_counter("submitted"),
             Err(PbftError::Busy) => {
                 client_counter("busy");
-                send_reply(&clients, m.from, request.number, Outcome::Busy);
+                send_reply(&clients, m.from, number, Outcome::Busy);
             }
             Err(_) => break,
         }

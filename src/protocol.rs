@@ -352,11 +352,12 @@ impl ClientRequest {
         } else {
             payload
         };
-        let auth = signer.sign(
-            number,
-            kind.signed_kind(),
-            &Self::signed_body(kind, &payload),
-        );
+        let auth = match kind {
+            RequestKind::Confidential => {
+                signer.sign(number, kind.signed_kind(), &commitment(&payload))
+            }
+            _ => signer.sign(number, kind.signed_kind(), &payload),
+        };
         Self {
             number,
             kind,
@@ -365,21 +366,33 @@ impl ClientRequest {
         }
     }
 
-    fn signed_body(kind: RequestKind, payload: &Bytes) -> Bytes {
-        match kind {
-            RequestKind::Confidential => Bytes::copy_from_slice(&commitment(payload)),
-            _ => payload.clone(),
-        }
-    }
-
-    /// Checks that it is `client`'s signature.
+    /// The submission a replica orders for it, with the client's signature: a membership
+    /// command stamped with `time` (the replica's clock), a confidential operation sealed with
+    /// `seal` beside its commitment. The engine checks the signature
+    /// ([`Submission::verify`]).
     ///
     /// # Errors
-    /// [`AuthError`] saying what is wrong.
-    pub fn verify(&self, client: &NodeId) -> Result<(), AuthError> {
-        let body = Self::signed_body(self.kind, &self.payload);
-        self.auth
-            .verify(client, self.number, self.kind.signed_kind(), &body)
+    /// What `seal` returns.
+    pub fn into_submission<E>(
+        self,
+        time: u64,
+        seal: impl FnOnce(&[u8]) -> Result<Vec<u8>, E>,
+    ) -> Result<Submission, E> {
+        let ordered = match self.kind {
+            RequestKind::App => Ordered::App(self.payload),
+            RequestKind::Command => Ordered::Command {
+                time,
+                command: self.payload,
+            },
+            RequestKind::Confidential => Ordered::Sealed {
+                commitment: commitment(&self.payload),
+                sealed: Bytes::from(seal(&self.payload)?),
+            },
+        };
+        Ok(Submission {
+            auth: Some(self.auth),
+            ordered,
+        })
     }
 
     /// Encodes the request.
@@ -655,27 +668,35 @@ mod tests {
     #[test]
     fn requests_verify_only_as_their_clients_and_unchanged() {
         let (alice, mallory) = signers();
+        // As a replica orders it (the sealing is beside the point here), checked as the
+        // engine checks it.
+        let verify = |r: &ClientRequest, client: &RequestSigner| {
+            r.clone()
+                .into_submission(9, |p| Ok::<_, ()>(p.to_vec()))
+                .unwrap()
+                .verify(&client.id(), r.number)
+        };
         for kind in [
             RequestKind::App,
             RequestKind::Command,
             RequestKind::Confidential,
         ] {
             let req = ClientRequest::signed(&alice, 5, kind, Bytes::from_static(b"put k v"));
-            assert_eq!(req.verify(&alice.id()), Ok(()), "{kind:?}");
-            assert_eq!(req.verify(&mallory.id()), Err(AuthError::WrongKey));
+            assert_eq!(verify(&req, &alice), Ok(()), "{kind:?}");
+            assert_eq!(verify(&req, &mallory), Err(AuthError::WrongKey));
             let decoded = ClientRequest::decode(&req.encode()).unwrap();
-            assert_eq!(decoded.verify(&alice.id()), Ok(()));
+            assert_eq!(verify(&decoded, &alice), Ok(()));
             let mut changed = req.clone();
             changed.number = 6;
-            assert_eq!(changed.verify(&alice.id()), Err(AuthError::BadSignature));
+            assert_eq!(verify(&changed, &alice), Err(AuthError::BadSignature));
             let mut changed = req.clone();
             changed.payload = Bytes::from_static(b"put k w");
-            assert_eq!(changed.verify(&alice.id()), Err(AuthError::BadSignature));
+            assert_eq!(verify(&changed, &alice), Err(AuthError::BadSignature));
             // Mallory's own key in Alice's name: not Alice's key.
             let mut forged = ClientRequest::signed(&mallory, 5, kind, req.payload.clone());
-            assert_eq!(forged.verify(&alice.id()), Err(AuthError::WrongKey));
+            assert_eq!(verify(&forged, &alice), Err(AuthError::WrongKey));
             forged.auth.public_key = req.auth.public_key;
-            assert_eq!(forged.verify(&alice.id()), Err(AuthError::BadSignature));
+            assert_eq!(verify(&forged, &alice), Err(AuthError::BadSignature));
         }
         // A confidential operation gets a nonce in front; the signature covers its commitment.
         let a = ClientRequest::signed(

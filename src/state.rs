@@ -298,11 +298,8 @@ impl<S: StateMachine> NodeState<S> {
 
     /// Writes the replicated state besides the application ([`Public`]).
     fn encode_public(&self, w: &mut Writer) {
-        w.u8(VERSION)
-            .u32(u32::try_from(self.admins.len()).unwrap_or(u32::MAX));
-        for a in &self.admins {
-            w.raw(a.as_bytes());
-        }
+        w.u8(VERSION);
+        write_ids(w, &self.admins);
         match self.group_epoch {
             Some(e) => w.u8(1).raw(&e.to_be_bytes()),
             None => w.u8(0),
@@ -313,11 +310,8 @@ impl<S: StateMachine> NodeState<S> {
         }
         w.u32(u32::try_from(self.acks.len()).unwrap_or(u32::MAX));
         for (epoch, by) in &self.acks {
-            w.raw(&epoch.to_be_bytes())
-                .u32(u32::try_from(by.len()).unwrap_or(u32::MAX));
-            for id in by {
-                w.raw(id.as_bytes());
-            }
+            w.raw(&epoch.to_be_bytes());
+            write_ids(w, by);
         }
         w.u8(u8::from(self.confidential))
             .u32(u32::try_from(self.commits.len()).unwrap_or(u32::MAX));
@@ -570,17 +564,35 @@ struct Public {
     membership: Membership,
 }
 
+/// Writes a count and the node ids ([`read_ids`] reads them).
+fn write_ids(w: &mut Writer, ids: &BTreeSet<NodeId>) {
+    w.u32(u32::try_from(ids.len()).unwrap_or(u32::MAX));
+    for id in ids {
+        w.raw(id.as_bytes());
+    }
+}
+
+/// Reads a count and that many node ids, at most `max` (else `too_many`).
+fn read_ids(
+    r: &mut Reader<'_>,
+    max: usize,
+    too_many: &'static str,
+) -> Result<BTreeSet<NodeId>, RestoreError> {
+    let n = r.u32()? as usize;
+    if n > max {
+        return Err(RestoreError::Malformed(too_many.into()));
+    }
+    let mut ids = BTreeSet::new();
+    for _ in 0..n {
+        ids.insert(NodeId::from_bytes(r.array()?));
+    }
+    Ok(ids)
+}
+
 impl Public {
     fn decode(r: &mut Reader<'_>) -> Result<Self, RestoreError> {
         r.version(VERSION)?;
-        let n = r.u32()? as usize;
-        if n > MAX_ADMINS {
-            return Err(RestoreError::Malformed("too many administrators".into()));
-        }
-        let mut admins = BTreeSet::new();
-        for _ in 0..n {
-            admins.insert(NodeId::from_bytes(r.array()?));
-        }
+        let admins = read_ids(r, MAX_ADMINS, "too many administrators")?;
         let group_epoch = match r.u8()? {
             0 => None,
             1 => Some(u64::from_be_bytes(r.array()?)),
@@ -606,15 +618,7 @@ impl Public {
         let mut acks = BTreeMap::new();
         for _ in 0..epochs {
             let epoch = u64::from_be_bytes(r.array()?);
-            let n = r.u32()? as usize;
-            if n > MAX_ACKS {
-                return Err(RestoreError::Malformed("too many acknowledgements".into()));
-            }
-            let mut by = BTreeSet::new();
-            for _ in 0..n {
-                by.insert(NodeId::from_bytes(r.array()?));
-            }
-            acks.insert(epoch, by);
+            acks.insert(epoch, read_ids(r, MAX_ACKS, "too many acknowledgements")?);
         }
         let confidential = match r.u8()? {
             0 => false,

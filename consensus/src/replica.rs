@@ -1766,7 +1766,20 @@ impl Replica {
         }
         let snapshot = snapshot.clone();
         let committed = self.committed_certificates(self.low + 1);
-        self.served.insert(sender, (self.low, self.now));
+        self.send_state(sender, self.low, snapshot, committed);
+        Ok(())
+    }
+
+    /// Sends `sender` our stable certificate with `snapshot` and `committed`, and notes that it
+    /// was served from `seq` (see [`Replica::recently_served`]).
+    fn send_state(
+        &mut self,
+        sender: NodeId,
+        seq: Seq,
+        snapshot: Bytes,
+        committed: Vec<Certificate>,
+    ) {
+        self.served.insert(sender, (seq, self.now));
         let message = self.signer.sign(Message::State {
             checkpoint: self.stable.iter().map(|v| v.signed().clone()).collect(),
             snapshot,
@@ -1776,7 +1789,6 @@ impl Replica {
             to: sender,
             message,
         });
-        Ok(())
     }
 
     /// Whether `sender` was sent the state (or the batches) from `seq` less than
@@ -1801,16 +1813,7 @@ impl Replica {
         if committed.is_empty() {
             return Err(Ignored::Stale);
         }
-        self.served.insert(sender, (seq, self.now));
-        let message = self.signer.sign(Message::State {
-            checkpoint: self.stable.iter().map(|v| v.signed().clone()).collect(),
-            snapshot: Bytes::new(),
-            committed,
-        });
-        self.outputs.push_back(Output::Send {
-            to: sender,
-            message,
-        });
+        self.send_state(sender, seq, Bytes::new(), committed);
         Ok(())
     }
 

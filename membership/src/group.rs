@@ -287,6 +287,14 @@ impl PayloadKeys {
         Ok(())
     }
 
+    /// Keeps the keys of `from` and later epochs (see [`GroupMember::pin_keys`]); whether
+    /// older keys were erased.
+    fn pin(&self, from: u64, keep: usize) -> Result<bool, GroupError> {
+        let mut k = self.inner.write().map_err(key_lock)?;
+        k.pinned = Some(from);
+        Ok(k.prune(keep))
+    }
+
     fn left(&self) -> Result<(), GroupError> {
         self.inner.write().map_err(key_lock)?.current = None;
         Ok(())
@@ -333,7 +341,7 @@ impl PayloadKeys {
         context: &[u8],
         plaintext: &[u8],
     ) -> Result<Vec<u8>, GroupError> {
-        let sealed = self.seal_as(epoch, self.id, None, context, plaintext)?;
+        let sealed = self.seal_as(epoch, self.id, |_| rand::random(), context, plaintext)?;
         self.inner.write().map_err(key_lock)?.sealed_in_epoch += 1;
         Ok(sealed)
     }
@@ -352,27 +360,35 @@ impl PayloadKeys {
         context: &[u8],
         plaintext: &[u8],
     ) -> Result<Vec<u8>, GroupError> {
-        let aad = aad(epoch, &GROUP_SENDER, context);
-        let derived = blake3::derive_key(SHARED_NONCE_CONTEXT, &aad);
-        let mut nonce = [0u8; 12];
-        nonce.copy_from_slice(&derived[..12]);
-        self.seal_as(epoch, GROUP_SENDER, Some(nonce), context, plaintext)
+        let derived_nonce = |aad: &[u8]| {
+            let derived = blake3::derive_key(SHARED_NONCE_CONTEXT, aad);
+            let mut nonce = [0u8; 12];
+            nonce.copy_from_slice(&derived[..12]);
+            nonce
+        };
+        self.seal_as(epoch, GROUP_SENDER, derived_nonce, context, plaintext)
     }
 
-    /// Seals under `epoch`'s key in the name of `sender`, with `nonce` or a random one.
+    /// The cipher of `epoch`'s key.
+    fn cipher(&self, epoch: u64) -> Result<Aes256GcmSiv, GroupError> {
+        let k = self.inner.read().map_err(key_lock)?;
+        let key = k.keys.get(&epoch).ok_or(GroupError::UnknownEpoch(epoch))?;
+        Aes256GcmSiv::new_from_slice(key.as_ref()).map_err(mls_err)
+    }
+
+    /// Seals under `epoch`'s key in the name of `sender`, with the nonce `nonce` makes from the
+    /// AAD.
     fn seal_as(
         &self,
         epoch: u64,
         sender: NodeId,
-        nonce: Option<[u8; 12]>,
+        nonce: impl FnOnce(&[u8]) -> [u8; 12],
         context: &[u8],
         plaintext: &[u8],
     ) -> Result<Vec<u8>, GroupError> {
-        let k = self.inner.read().map_err(key_lock)?;
-        let key = k.keys.get(&epoch).ok_or(GroupError::UnknownEpoch(epoch))?;
-        let nonce: [u8; 12] = nonce.unwrap_or_else(rand::random);
+        let cipher = self.cipher(epoch)?;
         let aad = aad(epoch, &sender, context);
-        let cipher = Aes256GcmSiv::new_from_slice(key.as_ref()).map_err(mls_err)?;
+        let nonce = nonce(&aad);
         let ciphertext = cipher
             .encrypt(
                 &Nonce::from(nonce),
@@ -403,10 +419,8 @@ impl PayloadKeys {
             nonce,
             ciphertext,
         } = parse_sealed(sealed)?;
-        let k = self.inner.read().map_err(key_lock)?;
-        let key = k.keys.get(&epoch).ok_or(GroupError::UnknownEpoch(epoch))?;
-        let cipher = Aes256GcmSiv::new_from_slice(key.as_ref()).map_err(mls_err)?;
-        let plaintext = cipher
+        let plaintext = self
+            .cipher(epoch)?
             .decrypt(
                 &Nonce::from(nonce),
                 Payload {
@@ -848,12 +862,11 @@ impl GroupMember {
     /// # Errors
     /// State-file errors.
     pub fn pin_keys(&mut self, from: u64) -> Result<(), GroupError> {
-        let erased = {
-            let mut k = self.keys.inner.write().map_err(key_lock)?;
-            k.pinned = Some(from);
-            k.prune(self.config.keep_epochs)
-        };
-        if erased { self.persist() } else { Ok(()) }
+        if self.keys.pin(from, self.config.keep_epochs)? {
+            self.persist()
+        } else {
+            Ok(())
+        }
     }
 
     /// Epochs whose keys this member holds.
