@@ -33,6 +33,10 @@
 //! # Deviations from PBFT (Castro and Liskov, OSDI 1999 / TOCS 2002)
 //! - Signatures instead of MAC authenticators, so that certificates can be forwarded and
 //!   checked by third parties (view change, state transfer).
+//! - One view-change timer per held request (as in Aardvark and BFT-SMaRt), not one that
+//!   restarts whenever a batch executes: a primary that orders other requests is replaced all
+//!   the same when it holds one back. A request's first timeout sends it to the primary; the
+//!   second changes views.
 //! - Messages up to one window above the current one, or for a later view, are held (capped)
 //!   and replayed when the window moves or the view starts, instead of being dropped.
 //! - The new primary's pre-prepares travel inside its new-view message; backups recompute

@@ -31,14 +31,19 @@
 //!
 //! # View change
 //! Every replica holds the client requests it has received and not yet executed (at most
-//! `max_pending`). While it holds some, a timer runs; it restarts whenever a batch executes. When
-//! it expires the replica moves to view `v + 1`: it stops taking part in view `v` and broadcasts
+//! `max_pending`), each with its own timer, started when it arrives: nothing else that
+//! executes (other requests, empty batches) resets it, so a primary that orders everything but
+//! one request is replaced like one that orders nothing (PBFT restarts one timer whenever a
+//! batch executes, which lets such a primary censor forever). When a request's timer expires
+//! it is sent to the primary (which may never have received it) and its timer starts again;
+//! when it expires a second time the replica moves to view `v + 1`: it stops taking part in
+//! view `v` and broadcasts
 //! a signed view change with its stable checkpoint certificate and, for every slot above it, the
 //! prepared certificate of the highest view. A replica that sees `f + 1` view changes for higher
 //! views joins the smallest of those (so one faulty replica cannot drag others along). Once it
 //! holds `2f + 1` view changes for its new view, the timer runs again with twice the timeout
 //! (exponential back-off), so that a view whose primary is faulty is left as well; the back-off
-//! resets when a batch executes.
+//! resets when a batch executes. In a new view every held request's timer starts again.
 //!
 //! The new primary, with `2f + 1` view changes, computes the new view's proposals
 //! ([`crate::view_change::plan_new_view`]): for every slot between the highest stable checkpoint
@@ -90,7 +95,7 @@
 //! view change comes late). A replica that is not a member yet keeps messages of later views
 //! without acting on them; once a member, `f + 1` replicas in a later view take it there.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -311,6 +316,18 @@ impl Slot {
     }
 }
 
+/// A client request a replica holds until it executes, with its own timer.
+#[derive(Debug)]
+struct Held {
+    /// Arrival number (the order requests arrived in).
+    arrival: u64,
+    /// When its timer started: when it arrived, or when it was forwarded to the primary.
+    since: Duration,
+    /// Its first timeout passed and it went to the primary; the next one changes views.
+    forwarded: bool,
+    request: Request,
+}
+
 /// Votes in `votes` that match `(view, digest)`.
 fn matching(
     votes: &BTreeMap<NodeId, Verified>,
@@ -347,9 +364,14 @@ pub struct Replica {
     next_seq: Seq,
     executed: Seq,
     now: Duration,
-    /// Requests received and not executed, with their arrival number.
-    waiting: BTreeMap<(NodeId, u64), (u64, Request)>,
+    /// Requests received and not executed.
+    waiting: BTreeMap<(NodeId, u64), Held>,
     arrivals: u64,
+    /// Every held request's timer: (started, arrival number, client, request number).
+    timers: BTreeSet<(Duration, u64, NodeId, u64)>,
+    /// No request timer counts from before this: when the view was entered, or when this
+    /// replica last asked for batches it missed.
+    timer_floor: Duration,
     /// The primary's requests not yet proposed, in arrival order.
     queue: VecDeque<(NodeId, u64)>,
     oldest_queued: Option<Duration>,
@@ -418,6 +440,8 @@ impl Replica {
             now: Duration::ZERO,
             waiting: BTreeMap::new(),
             arrivals: 0,
+            timers: BTreeSet::new(),
+            timer_floor: Duration::ZERO,
             queue: VecDeque::new(),
             oldest_queued: None,
             slots: BTreeMap::new(),
@@ -720,7 +744,12 @@ impl Replica {
         let behind = self
             .behind_since
             .map(|t| t + self.config.state_transfer_delay);
-        [batch, self.vc_deadline, fetch, behind]
+        let view_change = if self.active {
+            self.request_deadline()
+        } else {
+            self.vc_deadline
+        };
+        [batch, view_change, fetch, behind]
             .into_iter()
             .flatten()
             .min()
@@ -781,13 +810,13 @@ impl Replica {
     /// connections were down, it restarted) can order them instead of timing out.
     fn forward_held(&mut self, primary: NodeId) {
         let max = self.config.max_batch.max(1);
-        let mut held: Vec<&(u64, Request)> = self.waiting.values().collect();
-        held.sort_unstable_by_key(|(arrival, _)| *arrival);
+        let mut held: Vec<&Held> = self.waiting.values().collect();
+        held.sort_unstable_by_key(|h| h.arrival);
         let messages: Vec<Signed> = held
             .chunks(max)
             .take(FORWARD_BATCHES)
             .map(|chunk| {
-                let requests = chunk.iter().map(|(_, r)| r.clone()).collect();
+                let requests = chunk.iter().map(|h| h.request.clone()).collect();
                 self.signer.sign(Message::Forward { requests })
             })
             .collect();
@@ -823,10 +852,17 @@ impl Replica {
             return Err(Ignored::Busy);
         }
         self.arrivals += 1;
-        self.waiting.insert(key, (self.arrivals, request));
-        if self.active && self.vc_deadline.is_none() && self.is_member() {
-            self.vc_deadline = Some(self.now + self.timeout());
-        }
+        self.timers
+            .insert((self.now, self.arrivals, request.client, request.number));
+        self.waiting.insert(
+            key,
+            Held {
+                arrival: self.arrivals,
+                since: self.now,
+                forwarded: false,
+                request,
+            },
+        );
         if self.active && self.is_primary() {
             self.queue.push_back(key);
             self.oldest_queued.get_or_insert(self.now);
@@ -841,7 +877,7 @@ impl Replica {
     fn holds(&self, request: &Request) -> bool {
         self.waiting
             .get(&(request.client, request.number))
-            .is_some_and(|(_, held)| held.payload == request.payload)
+            .is_some_and(|held| held.request.payload == request.payload)
     }
 
     fn request_valid(&self, request: &Request) -> bool {
@@ -894,21 +930,13 @@ impl Replica {
         {
             self.propose(true);
         }
-        if let Some(deadline) = self.vc_deadline
+        if self.active && self.is_member() {
+            self.request_timeouts(now);
+        } else if let Some(deadline) = self.vc_deadline
             && now >= deadline
             && self.is_member()
         {
-            if self.active && !self.gap_asked && self.missed_a_proposal() {
-                // The group commits batches this replica cannot execute (it missed a
-                // pre-prepare, e.g. sent before it was connected): it is behind, and leaving
-                // the view alone would strand it in a view nobody else joins. Ask the others
-                // for the committed batches and wait once more; if that does not help, change
-                // views after all.
-                self.gap_asked = true;
-                let next = self.executed + 1;
-                self.broadcast(Message::FetchState { seq: next });
-                self.vc_deadline = Some(now + self.timeout());
-            } else if self.active || self.vc_escalate {
+            if self.vc_escalate {
                 self.backoff = self.backoff.saturating_add(1);
                 self.start_view_change(self.view + 1);
             } else if let Some(own) = self.own_view_changes.get(&self.view) {
@@ -943,6 +971,106 @@ impl Replica {
         }
     }
 
+    /// When the oldest held request's timer expires (see [`Replica::request_timeouts`]).
+    fn request_deadline(&self) -> Option<Duration> {
+        self.timers
+            .first()
+            .map(|(since, ..)| (*since).max(self.timer_floor) + self.timeout())
+    }
+
+    /// PBFT's view-change timer, one per request, so that no other traffic resets it: a
+    /// request held for a timeout goes to the primary (it may never have received it); one
+    /// held for another timeout after that changes views, whatever else executed meanwhile.
+    /// A primary that keeps ordering other requests, or empty batches, is replaced all the
+    /// same.
+    fn request_timeouts(&mut self, now: Duration) {
+        let (timeout, floor) = (self.timeout(), self.timer_floor);
+        let mut expired = Vec::new();
+        let mut overdue = false;
+        for (since, _, client, number) in &self.timers {
+            if (*since).max(floor).saturating_add(timeout) > now {
+                break;
+            }
+            match self.waiting.get(&(*client, *number)) {
+                Some(held) if held.forwarded => {
+                    overdue = true;
+                    break;
+                }
+                Some(_) => expired.push((*client, *number)),
+                None => {}
+            }
+        }
+        if overdue {
+            if !self.gap_asked && self.missed_a_proposal() {
+                // The group commits batches this replica cannot execute (it missed a
+                // pre-prepare, e.g. sent before it was connected): it is behind, and leaving
+                // the view alone would strand it in a view nobody else joins. Ask the others
+                // for the committed batches and wait once more; if that does not help, change
+                // views after all.
+                self.gap_asked = true;
+                let next = self.executed + 1;
+                self.broadcast(Message::FetchState { seq: next });
+                self.timer_floor = now;
+            } else {
+                self.backoff = self.backoff.saturating_add(1);
+                self.start_view_change(self.view + 1);
+            }
+            return;
+        }
+        if expired.is_empty() {
+            return;
+        }
+        let mut requests = Vec::with_capacity(expired.len());
+        for key in expired {
+            if let Some(held) = self.waiting.get_mut(&key) {
+                self.timers
+                    .remove(&(held.since, held.arrival, key.0, key.1));
+                held.since = now;
+                held.forwarded = true;
+                self.timers.insert((now, held.arrival, key.0, key.1));
+                requests.push(held.request.clone());
+            }
+        }
+        if let Some(primary) = self.primary().filter(|p| *p != self.id()) {
+            for chunk in requests.chunks(self.config.max_batch.max(1)) {
+                let message = self.signer.sign(Message::Forward {
+                    requests: chunk.to_vec(),
+                });
+                self.outputs.push_back(Output::Send {
+                    to: primary,
+                    message,
+                });
+            }
+        }
+    }
+
+    /// Drops the held requests of `client` that executed (its number is at or below the
+    /// client's last executed one), with their timers.
+    fn release(&mut self, client: NodeId) {
+        let Some(last) = self.last_executed.get(&client).copied() else {
+            return;
+        };
+        let done: Vec<(NodeId, u64)> = self
+            .waiting
+            .range((client, 0)..=(client, last))
+            .map(|(k, _)| *k)
+            .collect();
+        for key in done {
+            if let Some(held) = self.waiting.remove(&key) {
+                self.timers
+                    .remove(&(held.since, held.arrival, key.0, key.1));
+            }
+        }
+    }
+
+    /// [`Replica::release`] for every client (after a state transfer).
+    fn release_all(&mut self) {
+        let clients: BTreeSet<NodeId> = self.waiting.keys().map(|(c, _)| *c).collect();
+        for client in clients {
+            self.release(client);
+        }
+    }
+
     /// The primary proposes batches from its queue: full ones, or also a partial one when
     /// `flush` (the batch delay passed).
     fn propose(&mut self, flush: bool) {
@@ -965,7 +1093,7 @@ impl Replica {
             let batch: Vec<Request> = self
                 .queue
                 .drain(..take)
-                .filter_map(|k| self.waiting.get(&k).map(|(_, r)| r.clone()))
+                .filter_map(|k| self.waiting.get(&k).map(|h| h.request.clone()))
                 .collect();
             self.next_seq += 1;
             let (view, seq) = (self.view, self.next_seq);
@@ -1237,9 +1365,9 @@ impl Replica {
                     fresh.push(r.clone());
                 }
             }
-            let last = &self.last_executed;
-            self.waiting
-                .retain(|(client, number), _| last.get(client).is_none_or(|n| number > n));
+            for r in &fresh {
+                self.release(r.client);
+            }
             self.outputs.push_back(Output::Execute {
                 seq,
                 digest,
@@ -1253,7 +1381,6 @@ impl Replica {
             self.gap_asked = false;
             if self.active {
                 self.backoff = 0;
-                self.vc_deadline = (!self.waiting.is_empty()).then(|| self.now + self.timeout());
             }
         }
     }
@@ -1711,8 +1838,11 @@ impl Replica {
                 self.forward_held(primary);
             }
         }
-        if !self.waiting.is_empty() {
-            self.vc_deadline = Some(self.now + self.timeout());
+        // Every held request's timer starts again in the new view (its primary has not had
+        // them for long), from its first stage: they go to the new primary once more.
+        self.timer_floor = self.now;
+        for held in self.waiting.values_mut() {
+            held.forwarded = false;
         }
         if primary == Some(me) {
             self.rebuild_queue(&proposed);
@@ -1738,7 +1868,7 @@ impl Replica {
             .waiting
             .iter()
             .filter(|(k, _)| !proposed.contains(*k))
-            .map(|(k, (arrival, _))| (*arrival, *k))
+            .map(|(k, held)| (held.arrival, *k))
             .collect();
         keys.sort_unstable();
         self.queue = keys.into_iter().map(|(_, k)| k).collect();
@@ -1881,9 +2011,7 @@ impl Replica {
             self.executed = seq;
             self.last_executed = restored.last_executed;
             self.groups = restored.groups;
-            let last = &self.last_executed;
-            self.waiting
-                .retain(|(client, number), _| last.get(client).is_none_or(|n| number > n));
+            self.release_all();
             self.snapshots.insert(seq, (digest, snapshot.clone()));
             self.outputs.push_back(Output::Restore {
                 seq,
@@ -2019,6 +2147,52 @@ mod tests {
         );
         let fine = propose(&c, 1, b"put");
         assert_eq!(c.deliver(1, &fine.encode()), Ok(()));
+    }
+
+    #[test]
+    fn a_primary_that_orders_everything_but_one_request_is_replaced() {
+        // Replica 0, the primary of view 0, never takes client 9's request (neither from the
+        // client nor forwarded) and goes on ordering client 1's, a batch every 30 ms, well
+        // within the 100 ms timeout.
+        let mut c = Cluster::new(4, |_| {});
+        c.cut = Box::new(|_, to, m| to == 0 && matches!(m, Message::Forward { .. }));
+        let censored = Request {
+            client: NodeId::from_bytes([9; 32]),
+            number: 1,
+            payload: Bytes::from_static(b"censored"),
+        };
+        let load = |c: &mut Cluster, numbers: std::ops::RangeInclusive<u64>| {
+            for k in numbers {
+                c.submit(1, k);
+                c.run_for(Duration::from_millis(30));
+            }
+        };
+        // The control: a primary that orders everything keeps its view under the same load.
+        load(&mut c, 1..=10);
+        assert!(c.replicas.iter().all(|r| r.view() == 0));
+        for i in 1..4 {
+            c.replicas[i]
+                .handle_request(censored.clone(), c.now)
+                .unwrap();
+            c.drain(i);
+        }
+        load(&mut c, 11..=30);
+        for (i, r) in c.replicas.iter().enumerate() {
+            assert!(r.view() >= 1, "replica {i} left view 0");
+            assert_eq!(
+                r.last_executed.get(&censored.client),
+                Some(&1),
+                "replica {i}"
+            );
+            assert_eq!(r.pending_requests(), 0);
+        }
+        assert_eq!(
+            c.replicas[1]
+                .last_executed
+                .get(&NodeId::from_bytes([1; 32])),
+            Some(&30)
+        );
+        assert_agree(&c, &[0, 1, 2, 3]);
     }
 
     #[test]
@@ -2359,8 +2533,9 @@ mod tests {
             .and_then(Slot::proposal)
             .unwrap();
         c.cut = Box::new(|_, _, _| false);
-        // The timers expire: view 1, whose primary re-proposes the prepared batch.
-        c.run_for(Duration::from_millis(150));
+        // The timers expire twice (the requests go to the primary, then the view changes):
+        // view 1, whose primary re-proposes the prepared batch.
+        c.run_for(Duration::from_millis(250));
         for (i, r) in c.replicas.iter().enumerate() {
             assert_eq!(r.view(), 1, "replica {i}");
             assert!(r.is_active());
@@ -2378,7 +2553,7 @@ mod tests {
         for n in 1..=4 {
             c.submit(5, n);
         }
-        c.run_for(Duration::from_millis(150));
+        c.run_for(Duration::from_millis(250));
         assert_eq!(c.replicas[1].view(), 1);
         let real = c.replicas[1].new_view.clone().unwrap();
         assert!(!c.replicas[2].is_active(), "replica 2 missed the new view");

@@ -45,6 +45,9 @@ pub enum Fault {
     ConflictingVotes,
     /// Runs as two instances with one identity and key, each talking to half of the others.
     Twin,
+    /// As primary, leaves every request of this client (by index) out of its pre-prepares and
+    /// orders everybody else's: a censoring primary that keeps the log moving.
+    Censor(usize),
 }
 
 /// A network partition: between `from` and `until`, messages between different sides are
@@ -106,6 +109,9 @@ pub struct Scenario {
     pub heal_at: Duration,
     /// Every request is accepted by `heal_at + liveness_bound`.
     pub liveness_bound: Duration,
+    /// If set, every request sent after `heal_at` is accepted within this long of its first
+    /// sending (a bound on how long any one request can be held back).
+    pub max_latency: Option<Duration>,
     /// Client retransmission interval.
     pub client_retry: Duration,
     /// Real Ed25519 signatures (`false` needs the `insecure-unsigned` feature).
@@ -142,6 +148,7 @@ impl Scenario {
             faults: Vec::new(),
             heal_at: Duration::ZERO,
             liveness_bound: Duration::from_secs(20),
+            max_latency: None,
             client_retry: Duration::from_millis(100),
             signatures: true,
             core,
@@ -196,6 +203,8 @@ pub struct Report {
     pub faulty: BTreeSet<usize>,
     /// Accepted replies: (client, number) -> (result, when).
     pub accepted: BTreeMap<(usize, u64), (Bytes, Duration)>,
+    /// When each request was first sent: (client, number) -> when.
+    pub sent: BTreeMap<(usize, u64), Duration>,
     /// Simulated time at the end.
     pub end: Duration,
     /// Messages delivered.
@@ -274,6 +283,21 @@ impl Report {
             }
         }
         // Liveness.
+        if let Some(max) = self.scenario.max_latency {
+            for (key, sent) in &self.sent {
+                let Some((_, at)) = self.accepted.get(key) else {
+                    continue;
+                };
+                if *sent >= self.scenario.heal_at && at.saturating_sub(*sent) > max {
+                    return fail(format!(
+                        "client {} request {} took {:?} (bound {max:?})",
+                        key.0,
+                        key.1,
+                        at.saturating_sub(*sent)
+                    ));
+                }
+            }
+        }
         let bound = self.scenario.heal_at + self.scenario.liveness_bound;
         for c in 0..self.scenario.clients {
             for n in 1..=self.scenario.requests {
@@ -447,6 +471,7 @@ impl Sim {
             logs: vec![Vec::new(); total],
             faulty,
             accepted: BTreeMap::new(),
+            sent: BTreeMap::new(),
             end: Duration::ZERO,
             delivered: 0,
             dropped: BTreeMap::new(),
@@ -595,6 +620,25 @@ impl Sim {
             {
                 with_digest(m, bogus).map_or_else(|| signed.clone(), |m| signer.sign(m))
             }
+            (
+                Fault::Censor(victim),
+                Message::PrePrepare {
+                    view, seq, batch, ..
+                },
+            ) => {
+                let victim = self.clients.get(victim).map(|c| c.id);
+                let batch: Vec<Request> = batch
+                    .iter()
+                    .filter(|r| Some(r.client) != victim)
+                    .cloned()
+                    .collect();
+                signer.sign(Message::PrePrepare {
+                    view: *view,
+                    seq: *seq,
+                    digest: batch_digest(&batch),
+                    batch,
+                })
+            }
             _ => signed.clone(),
         })
     }
@@ -655,6 +699,7 @@ impl Sim {
             return;
         }
         c.number += 1;
+        self.report.sent.insert((client, c.number), self.now);
         self.send_request(client);
     }
 
