@@ -92,6 +92,7 @@
 pub mod driver;
 #[doc(hidden)]
 pub mod fuzzing;
+mod hold;
 pub mod journal;
 pub mod message;
 pub mod replica;

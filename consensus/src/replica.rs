@@ -101,6 +101,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use securesmart_transport::NodeId;
 
+use crate::hold::{Hold, HoldLimits, Refused};
 use crate::journal::Record;
 use crate::message::{
     Certificate, Digest, Message, Request, Seq, Signed, Signer, Verified, View, batch_digest,
@@ -126,6 +127,17 @@ pub struct Config {
     pub view_change_timeout: Duration,
     /// Client requests a replica holds until they execute; more are refused.
     pub max_pending: usize,
+    /// Of those, requests one client may have held at most (its fair share: one client cannot
+    /// fill the hold for the others).
+    pub max_pending_per_client: usize,
+    /// Payload bytes of the requests one client may have held at most.
+    pub max_pending_bytes_per_client: usize,
+    /// Payload bytes of all held requests at most.
+    pub max_pending_bytes: usize,
+    /// Bytes of normal-case messages held for a later view, and again for the next window,
+    /// per sending replica (each sender's latest view only): what one faulty replica can make another
+    /// hold is bounded by this, not by the frame size times the message count.
+    pub max_held_bytes: usize,
     /// How long a replica stays behind a stable checkpoint before fetching the state, and how
     /// often it asks again.
     pub state_transfer_delay: Duration,
@@ -163,7 +175,9 @@ impl std::fmt::Debug for RequestCheck {
 
 impl Config {
     /// Defaults for a deployment: batches of up to 256 requests or 1 ms, checkpoints every 64
-    /// sequence numbers, a window of 128, a 500 ms view-change timeout.
+    /// sequence numbers, a window of 128, a 500 ms view-change timeout; at most 100,000 held
+    /// requests (1 GiB), 256 (16 MiB) of them from one client; 16 MiB of held messages per
+    /// replica and buffer.
     pub fn new(replicas: Vec<NodeId>) -> Self {
         Self {
             replicas,
@@ -173,6 +187,10 @@ impl Config {
             checkpoint_interval: 64,
             view_change_timeout: Duration::from_millis(500),
             max_pending: 100_000,
+            max_pending_per_client: 256,
+            max_pending_bytes_per_client: 16 * 1024 * 1024,
+            max_pending_bytes: 1024 * 1024 * 1024,
+            max_held_bytes: 16 * 1024 * 1024,
             state_transfer_delay: Duration::from_millis(200),
             durable: false,
             request_check: None,
@@ -328,6 +346,17 @@ struct Held {
     request: Request,
 }
 
+/// When a member was last served state (see [`Replica::may_serve`]).
+#[derive(Clone, Copy, Debug, Default)]
+struct Served {
+    any: Option<Duration>,
+    snapshot: Option<Duration>,
+}
+
+/// A member gets a state reply with a snapshot at most once per this many
+/// `state_transfer_delay`s (and any state reply at most once per one).
+const SNAPSHOT_SERVE_DELAYS: u32 = 4;
+
 /// Votes in `votes` that match `(view, digest)`.
 fn matching(
     votes: &BTreeMap<NodeId, Verified>,
@@ -386,10 +415,13 @@ pub struct Replica {
     /// The core's replicated state at checkpoints whose application snapshot is pending.
     core_at: BTreeMap<Seq, CoreState>,
     /// Messages up to one window beyond the current one, replayed when the window moves.
-    future: BTreeMap<Seq, Vec<Verified>>,
-    future_len: usize,
+    future: Hold,
     /// Messages for a later view (or for this one while entering it), replayed on entry.
-    ahead: Vec<Verified>,
+    ahead: Hold,
+    /// Held requests and their payload bytes, per client.
+    pending_by_client: BTreeMap<NodeId, (usize, usize)>,
+    /// Payload bytes of all held requests.
+    pending_bytes: usize,
     /// The highest request number executed per client (replicated state).
     last_executed: BTreeMap<NodeId, u64>,
     vc_deadline: Option<Duration>,
@@ -417,8 +449,11 @@ pub struct Replica {
     /// checkpoint differed from the certified one): fetch the state at the next stable
     /// checkpoint even if executed past it.
     lost: bool,
-    /// The checkpoint last served to each member, and when.
-    served: BTreeMap<NodeId, (Seq, Duration)>,
+    /// When each member was last sent a state reply, and one with a snapshot.
+    served: BTreeMap<NodeId, Served>,
+    /// The last state reply signed: (low watermark, first batch, last batch, with a
+    /// snapshot) and the message, sent again as it is while those have not moved.
+    state_reply: Option<((Seq, Seq, Seq, bool), Signed)>,
     /// The stable checkpoint last written to the journal.
     persisted_stable: Seq,
     outputs: VecDeque<Output>,
@@ -450,9 +485,10 @@ impl Replica {
             stable_digest: None,
             snapshots: BTreeMap::new(),
             core_at: BTreeMap::new(),
-            future: BTreeMap::new(),
-            future_len: 0,
-            ahead: Vec::new(),
+            future: Hold::default(),
+            ahead: Hold::default(),
+            pending_by_client: BTreeMap::new(),
+            pending_bytes: 0,
             last_executed: BTreeMap::new(),
             vc_deadline: None,
             vc_escalate: false,
@@ -466,6 +502,7 @@ impl Replica {
             fetching: None,
             lost: false,
             served: BTreeMap::new(),
+            state_reply: None,
             persisted_stable: 0,
             outputs: VecDeque::new(),
         }
@@ -647,7 +684,7 @@ impl Replica {
 
     /// Messages held for the next window or a later view.
     pub fn held_for_next_window(&self) -> usize {
-        self.future_len + self.ahead.len()
+        self.future.len() + self.ahead.len()
     }
 
     /// A one-line summary of the protocol state, for diagnosing a failed simulation.
@@ -848,9 +885,22 @@ impl Replica {
         if done || self.waiting.contains_key(&key) {
             return Err(Ignored::Stale);
         }
-        if self.waiting.len() >= self.config.max_pending {
+        let bytes = request.payload.len();
+        let (count, client_bytes) = self
+            .pending_by_client
+            .get(&request.client)
+            .copied()
+            .unwrap_or_default();
+        if self.waiting.len() >= self.config.max_pending
+            || count >= self.config.max_pending_per_client
+            || client_bytes.saturating_add(bytes) > self.config.max_pending_bytes_per_client
+            || self.pending_bytes.saturating_add(bytes) > self.config.max_pending_bytes
+        {
             return Err(Ignored::Busy);
         }
+        self.pending_by_client
+            .insert(request.client, (count + 1, client_bytes + bytes));
+        self.pending_bytes += bytes;
         self.arrivals += 1;
         self.timers
             .insert((self.now, self.arrivals, request.client, request.number));
@@ -1059,6 +1109,15 @@ impl Replica {
             if let Some(held) = self.waiting.remove(&key) {
                 self.timers
                     .remove(&(held.since, held.arrival, key.0, key.1));
+                let bytes = held.request.payload.len();
+                self.pending_bytes = self.pending_bytes.saturating_sub(bytes);
+                if let Some((count, client_bytes)) = self.pending_by_client.get_mut(&key.0) {
+                    *count = count.saturating_sub(1);
+                    *client_bytes = client_bytes.saturating_sub(bytes);
+                    if *count == 0 {
+                        self.pending_by_client.remove(&key.0);
+                    }
+                }
             }
         }
     }
@@ -1115,12 +1174,41 @@ impl Replica {
         }
     }
 
-    /// Messages held for the next window or a later view at most: three per replica per
-    /// sequence number of a window.
-    fn hold_cap(&self) -> usize {
-        (self.config.window as usize)
-            .saturating_mul(self.group().members.len())
-            .saturating_mul(3)
+    /// What one sender may have held for the next window, and for a later view: three
+    /// messages per sequence number of a window, and [`Config::max_held_bytes`].
+    fn hold_limits(&self) -> HoldLimits {
+        HoldLimits {
+            messages: (self.config.window as usize).saturating_mul(3),
+            bytes: self.config.max_held_bytes,
+        }
+    }
+
+    /// The checks of a normal-case message that need no state beyond the group: a
+    /// pre-prepare comes from its view's primary and carries a batch of at most `max_batch`
+    /// distinct requests; a prepare does not come from the primary. They run before the
+    /// message is held or acted on (and again when a held one is replayed).
+    fn well_formed(&self, sender: NodeId, message: &Message) -> Result<(), Ignored> {
+        let (Some(view), Some(seq)) = (message.view(), message.seq()) else {
+            return Err(Ignored::Invalid);
+        };
+        let primary = self.group_at(seq).primary(view);
+        match message {
+            Message::PrePrepare { batch, .. } => {
+                if primary != Some(sender) {
+                    return Err(Ignored::NotPrimary);
+                }
+                let distinct: BTreeSet<(NodeId, u64)> =
+                    batch.iter().map(|r| (r.client, r.number)).collect();
+                if batch.len() > self.config.max_batch.max(1) || distinct.len() != batch.len() {
+                    return Err(Ignored::Invalid);
+                }
+            }
+            Message::Prepare { .. } if primary == Some(sender) => {
+                return Err(Ignored::PrepareFromPrimary);
+            }
+            _ => {}
+        }
+        Ok(())
     }
 
     /// A verified message from another replica.
@@ -1144,16 +1232,22 @@ impl Replica {
                 if view < self.view {
                     return Err(Ignored::WrongView);
                 }
+                if seq <= self.low {
+                    return Err(Ignored::OutOfWindow);
+                }
+                self.well_formed(sender, message.message())?;
                 if view > self.view || !self.active {
-                    if self.ahead.len() >= self.hold_cap() {
-                        // Full (e.g. filled while this replica was not yet a member, when it
-                        // does not follow views): what it holds may now tell it to catch up.
-                        self.catch_up_view();
-                        return Err(Ignored::Busy);
-                    }
-                    self.ahead.push(message);
+                    let limits = self.hold_limits();
+                    let held = self.ahead.insert(message, limits);
+                    // Even when the sender's share is full (e.g. filled while this replica was
+                    // not yet a member, when it does not follow views), what is held may now
+                    // tell it to catch up.
                     self.catch_up_view();
-                    return Ok(());
+                    return match held {
+                        Ok(()) => Ok(()),
+                        Err(Refused::Full) => Err(Ignored::Busy),
+                        Err(Refused::Stale) => Err(Ignored::Stale),
+                    };
                 }
                 self.in_view(sender, view, seq, message)
             }
@@ -1194,7 +1288,7 @@ impl Replica {
             return;
         }
         let mut highest: BTreeMap<NodeId, View> = BTreeMap::new();
-        for m in &self.ahead {
+        for m in self.ahead.iter() {
             if let Some(v) = m.message().view()
                 && v > self.view
             {
@@ -1222,19 +1316,18 @@ impl Replica {
         }
         let top = self.low.saturating_add(self.config.window);
         if seq > top {
-            if seq > top.saturating_add(self.config.window) || self.future_len >= self.hold_cap() {
+            if seq > top.saturating_add(self.config.window) {
                 return Err(Ignored::OutOfWindow);
             }
-            self.future_len += 1;
-            self.future.entry(seq).or_default().push(message);
-            return Ok(());
+            let limits = self.hold_limits();
+            return match self.future.insert(message, limits) {
+                Ok(()) => Ok(()),
+                Err(Refused::Full) => Err(Ignored::Busy),
+                Err(Refused::Stale) => Err(Ignored::Stale),
+            };
         }
-        let primary = self.group_at(seq).primary(view);
         match message.message() {
             Message::PrePrepare { digest, batch, .. } => {
-                if primary != Some(sender) {
-                    return Err(Ignored::NotPrimary);
-                }
                 if !batch.iter().all(|r| self.holds(r) || self.request_valid(r)) {
                     // A faulty primary: no prepare from this replica, and the view-change timer
                     // runs on for the requests it holds.
@@ -1258,9 +1351,6 @@ impl Replica {
                     .insert(me, prepare);
             }
             Message::Prepare { .. } => {
-                if primary == Some(sender) {
-                    return Err(Ignored::PrepareFromPrimary);
-                }
                 self.slots
                     .entry(seq)
                     .or_default()
@@ -1532,12 +1622,12 @@ impl Replica {
         self.propose(false);
         // Replay held messages that the new window admits (in sequence order).
         let top = self.low.saturating_add(self.config.window);
-        let ready: Vec<Seq> = self.future.range(..=top).map(|(s, _)| *s).collect();
-        for s in ready {
-            for m in self.future.remove(&s).unwrap_or_default() {
-                self.future_len = self.future_len.saturating_sub(1);
-                let _ = self.handle_message(m);
-            }
+        let mut ready = self
+            .future
+            .take(|m| m.message().seq().is_some_and(|s| s <= top));
+        ready.sort_by_key(|m| m.message().seq());
+        for m in ready {
+            let _ = self.handle_message(m);
         }
     }
 
@@ -1850,14 +1940,13 @@ impl Replica {
         for seq in touched {
             self.advance(seq);
         }
-        for m in std::mem::take(&mut self.ahead) {
-            match m.message().view() {
-                Some(v) if v == view => {
-                    let _ = self.handle_message(m);
-                }
-                Some(v) if v > view => self.ahead.push(m),
-                _ => {}
-            }
+        // Held messages of earlier views can never be used; those of this view are replayed,
+        // those of later views stay.
+        let earlier = |m: &Verified| m.message().view().is_none_or(|v| v < view);
+        self.ahead.discard(earlier);
+        self.future.discard(earlier);
+        for m in self.ahead.take(|m| m.message().view() == Some(view)) {
+            let _ = self.handle_message(m);
         }
         self.propose(false);
     }
@@ -1891,42 +1980,57 @@ impl Replica {
         if Some(*digest) != self.stable_digest {
             return Err(Ignored::Stale);
         }
-        if self.recently_served(sender, self.low) {
+        if !self.may_serve(sender, true) {
             return Err(Ignored::Busy);
         }
         let snapshot = snapshot.clone();
-        let committed = self.committed_certificates(self.low + 1);
-        self.send_state(sender, self.low, snapshot, committed);
+        self.send_state(sender, self.low + 1, Some(snapshot));
         Ok(())
     }
 
-    /// Sends `sender` our stable certificate with `snapshot` and `committed`, and notes that it
-    /// was served from `seq` (see [`Replica::recently_served`]).
-    fn send_state(
-        &mut self,
-        sender: NodeId,
-        seq: Seq,
-        snapshot: Bytes,
-        committed: Vec<Certificate>,
-    ) {
-        self.served.insert(sender, (seq, self.now));
-        let message = self.signer.sign(Message::State {
-            checkpoint: self.stable.iter().map(|v| v.signed().clone()).collect(),
-            snapshot,
-            committed,
-        });
+    /// Sends `sender` our stable certificate with `snapshot` (if any) and the committed
+    /// certificates of the batches from `from` to what we executed, and notes when (see
+    /// [`Replica::may_serve`]). The signed reply is kept and sent again as it is to whoever
+    /// asks while nothing it holds has changed, so that many requests cost one signature.
+    fn send_state(&mut self, sender: NodeId, from: Seq, snapshot: Option<Bytes>) {
+        let served = self.served.entry(sender).or_default();
+        served.any = Some(self.now);
+        if snapshot.is_some() {
+            served.snapshot = Some(self.now);
+        }
+        let key = (self.low, from, self.executed, snapshot.is_some());
+        let message = match &self.state_reply {
+            Some((k, message)) if *k == key => message.clone(),
+            _ => {
+                let message = self.signer.sign(Message::State {
+                    checkpoint: self.stable.iter().map(|v| v.signed().clone()).collect(),
+                    snapshot: snapshot.unwrap_or_default(),
+                    committed: self.committed_certificates(from),
+                });
+                self.state_reply = Some((key, message.clone()));
+                message
+            }
+        };
         self.outputs.push_back(Output::Send {
             to: sender,
             message,
         });
     }
 
-    /// Whether `sender` was sent the state (or the batches) from `seq` less than
-    /// `state_transfer_delay` ago: replies are rate-limited per requester.
-    fn recently_served(&self, sender: NodeId, seq: Seq) -> bool {
-        self.served.get(&sender).is_some_and(|(served, at)| {
-            *served == seq && self.now.saturating_sub(*at) < self.config.state_transfer_delay
-        })
+    /// Whether `sender` may be sent a state reply now: any reply at most once per
+    /// `state_transfer_delay`, one with a snapshot at most once per
+    /// [`SNAPSHOT_SERVE_DELAYS`] of them, whatever it asks for (so that alternating requests
+    /// cannot bypass the limit). A lagging replica asks again every `state_transfer_delay`,
+    /// and asks every replica, so it is served soon; a faulty one costs each replica at most
+    /// one snapshot per period.
+    fn may_serve(&self, sender: NodeId, snapshot: bool) -> bool {
+        let delay = self.config.state_transfer_delay;
+        let within = |at: Option<Duration>, period: Duration| {
+            at.is_some_and(|at| self.now.saturating_sub(at) < period)
+        };
+        let served = self.served.get(&sender).copied().unwrap_or_default();
+        !(within(served.any, delay)
+            || (snapshot && within(served.snapshot, delay.saturating_mul(SNAPSHOT_SERVE_DELAYS))))
     }
 
     /// A replica asks for the batches from `seq` on, above our stable checkpoint (it missed a
@@ -1936,14 +2040,15 @@ impl Replica {
         if self.executed < seq {
             return Err(Ignored::Stale);
         }
-        if self.recently_served(sender, seq) {
+        if !self.may_serve(sender, false) {
             return Err(Ignored::Busy);
         }
-        let committed = self.committed_certificates(seq);
-        if committed.is_empty() {
+        // (`committed_certificates(seq)` would be empty.)
+        let proposed = |slot: &Slot| slot.pre_prepare.is_some() && slot.proposal().is_some();
+        if !self.slots.get(&seq).is_some_and(proposed) {
             return Err(Ignored::Stale);
         }
-        self.send_state(sender, seq, Bytes::new(), committed);
+        self.send_state(sender, seq, None);
         Ok(())
     }
 
@@ -2196,11 +2301,121 @@ mod tests {
     }
 
     #[test]
+    fn a_replica_flooding_later_views_fills_only_its_own_share() {
+        let mut c = Cluster::new(4, |cfg| cfg.max_held_bytes = 1 << 20);
+        // Replica 3 (the primary of view 3) sends big pre-prepares for view 3, and prepares
+        // for ever higher views, to replica 1 in view 0. The payload is shared, so the test
+        // itself stays small.
+        let payload = Bytes::from(vec![7u8; 64 * 1024]);
+        let big = |c: &Cluster, seq: Seq| {
+            let batch: Vec<Request> = (0..4)
+                .map(|k| Request {
+                    client: NodeId::from_bytes([k; 32]),
+                    number: seq,
+                    payload: payload.clone(),
+                })
+                .collect();
+            Verified::trusted(c.signers[3].sign(Message::PrePrepare {
+                view: 3,
+                seq,
+                digest: batch_digest(&batch),
+                batch,
+            }))
+        };
+        let mut held = 0;
+        for seq in 1..=64 {
+            let m = big(&c, seq);
+            if c.replicas[1].handle_message(m).is_ok() {
+                held += 1;
+            }
+        }
+        assert!(
+            held <= 4,
+            "1 MiB holds four 256 KiB pre-prepares, not {held}"
+        );
+        for view in 4..2000 {
+            let m = c.signers[3].sign(Message::Prepare {
+                view,
+                seq: 1 + view % 64,
+                digest: batch_digest(&[]),
+            });
+            let _ = c.replicas[1].handle_message(Verified::trusted(m));
+        }
+        // Only its latest view is kept, within its share; nothing made replica 1 move.
+        assert!(c.replicas[1].held_for_next_window() <= c.replicas[1].hold_limits().messages);
+        assert_eq!(c.replicas[1].view(), 0);
+        // A pre-prepare for view 2 from replica 3, which is not its primary, is not held.
+        let wrong = c.signers[3].sign(Message::PrePrepare {
+            view: 2,
+            seq: 1,
+            digest: batch_digest(&[]),
+            batch: vec![],
+        });
+        assert_eq!(
+            c.replicas[1].handle_message(Verified::trusted(wrong)),
+            Err(Ignored::NotPrimary)
+        );
+        // An honest replica's message for a later view is still held.
+        let honest = c.signers[2].sign(Message::Prepare {
+            view: 1,
+            seq: 1,
+            digest: batch_digest(&[]),
+        });
+        assert_eq!(
+            c.replicas[1].handle_message(Verified::trusted(honest)),
+            Ok(())
+        );
+    }
+
+    #[test]
+    fn a_pre_prepare_with_a_request_twice_or_too_many_is_refused() {
+        let mut c = Cluster::new(4, |_| {});
+        let request = |number| Request {
+            client: NodeId::from_bytes([1; 32]),
+            number,
+            payload: Bytes::new(),
+        };
+        let propose = |c: &Cluster, batch: Vec<Request>| {
+            c.signers[0].sign(Message::PrePrepare {
+                view: 0,
+                seq: 1,
+                digest: batch_digest(&batch),
+                batch,
+            })
+        };
+        let twice = propose(&c, vec![request(1), request(1)]);
+        assert_eq!(c.deliver(1, &twice.encode()), Err(Ignored::Invalid));
+        let too_many = propose(&c, (1..=5).map(request).collect());
+        assert_eq!(c.deliver(1, &too_many.encode()), Err(Ignored::Invalid));
+        let fine = propose(&c, (1..=4).map(request).collect());
+        assert_eq!(c.deliver(1, &fine.encode()), Ok(()));
+    }
+
+    #[test]
+    fn one_client_cannot_fill_the_hold_for_the_others() {
+        let mut c = Cluster::new(4, |cfg| cfg.max_pending_per_client = 3);
+        let request = |client, number| Request {
+            client: NodeId::from_bytes([client; 32]),
+            number,
+            payload: Bytes::new(),
+        };
+        for n in 1..=3 {
+            assert_eq!(c.replicas[1].handle_request(request(1, n), c.now), Ok(()));
+        }
+        assert_eq!(
+            c.replicas[1].handle_request(request(1, 4), c.now),
+            Err(Ignored::Busy)
+        );
+        assert_eq!(c.replicas[1].handle_request(request(2, 1), c.now), Ok(()));
+        assert_eq!(c.replicas[1].pending_requests(), 4);
+    }
+
+    #[test]
     fn a_replica_with_a_full_buffer_of_later_views_still_catches_up() {
         let mut c = Cluster::new(4, |cfg| cfg.window = 4);
-        let cap = c.replicas[3].hold_cap();
+        let limits = c.replicas[3].hold_limits();
         // Replicas 1 and 2 (f+1) are in view 1; replica 3 buffered their messages while it
-        // did not follow views (a replica not yet a member): the buffer is full.
+        // did not follow views (a replica not yet a member): their shares are full.
         let prepare = |c: &Cluster, from: usize, seq: Seq| {
             Verified::trusted(c.signers[from].sign(Message::Prepare {
                 view: 1,
@@ -2208,9 +2423,9 @@ mod tests {
                 digest: batch_digest(&[]),
             }))
         };
-        for k in 0..cap {
+        for k in 0..2 * limits.messages {
             let m = prepare(&c, 1 + k % 2, 1 + (k as Seq % 4));
-            c.replicas[3].ahead.push(m);
+            c.replicas[3].ahead.insert(m, limits).unwrap();
         }
         assert_eq!(c.replicas[3].view(), 0);
         let more = c.signers[1].sign(Message::Commit {
@@ -2685,6 +2900,38 @@ mod tests {
     }
 
     #[test]
+    fn alternating_state_requests_get_one_snapshot_per_period() {
+        let mut c = Cluster::new(4, |cfg| cfg.window = 4);
+        for i in 1..=26 {
+            c.submit(1, i);
+        }
+        c.run_for(Duration::from_millis(30));
+        let low = c.replicas[0].low_watermark();
+        assert!(low > 0 && c.replicas[0].executed() > low);
+        // Replica 3 asks replica 0 for the whole state and for the batches above it, in
+        // turn, every millisecond for 400 ms.
+        let (mut replies, mut snapshots) = (0, 0);
+        for k in 0..400u64 {
+            c.now += Duration::from_millis(1);
+            c.replicas[0].advance_clock(c.now);
+            let seq = if k % 2 == 0 { low } else { low + 1 };
+            let ask = c.signers[3].sign(Message::FetchState { seq });
+            let _ = c.replicas[0].handle_message(Verified::trusted(ask));
+            while let Some(out) = c.replicas[0].poll_output() {
+                if let Output::Send { message, .. } = out
+                    && let Message::State { snapshot, .. } = &message.message
+                {
+                    replies += 1;
+                    snapshots += usize::from(!snapshot.is_empty());
+                }
+            }
+        }
+        // state_transfer_delay is 50 ms: at most one reply per 50 ms, one snapshot per 200 ms.
+        assert!(replies <= 8, "{replies} replies");
+        assert!((1..=2).contains(&snapshots), "{snapshots} snapshots");
+    }
+
+    #[test]
     fn a_recovered_replica_resumes_and_does_not_contradict_its_journal() {
         let mut c = Cluster::new(4, |cfg| {
             cfg.durable = true;
@@ -2838,8 +3085,13 @@ mod tests {
         );
         // Just above the window: held for the next one (the others may be ahead of us).
         assert_eq!(r.handle_message(v(prepare(0, 65), &c.signers[1])), Ok(()));
-        // A later view: held until this replica enters it.
-        assert_eq!(r.handle_message(v(prepare(1, 1), &c.signers[1])), Ok(()));
+        // A later view: held until this replica enters it (not a prepare from that view's
+        // primary, which is refused before it is held).
+        assert_eq!(
+            r.handle_message(v(prepare(1, 1), &c.signers[1])),
+            Err(Ignored::PrepareFromPrimary)
+        );
+        assert_eq!(r.handle_message(v(prepare(1, 1), &c.signers[3])), Ok(()));
         assert_eq!(r.held_for_next_window(), 2);
         assert_eq!(
             r.handle_message(v(prepare(0, 0), &c.signers[1])),

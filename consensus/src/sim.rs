@@ -48,6 +48,12 @@ pub enum Fault {
     /// As primary, leaves every request of this client (by index) out of its pre-prepares and
     /// orders everybody else's: a censoring primary that keeps the log moving.
     Censor(usize),
+    /// Besides what it should send, floods every replica with messages they can only hold:
+    /// prepares for ever later views, and full pre-prepares for a far view it is primary of.
+    Flood,
+    /// Besides what it should send, asks every replica for the state with every message,
+    /// alternating between the whole state and the batches above a checkpoint.
+    FetchFlood,
 }
 
 /// A network partition: between `from` and `until`, messages between different sides are
@@ -215,6 +221,10 @@ pub struct Report {
     pub views: Vec<u64>,
     /// State transfers completed.
     pub restores: u64,
+    /// The most messages any instance held for a later view or window at once.
+    pub max_held: usize,
+    /// State replies sent to faulty replicas: (replies, with a snapshot).
+    pub state_to_faulty: (u64, u64),
     /// Each instance's protocol state at the end ([`Replica::summary`]).
     pub summaries: Vec<String>,
     /// Batches replicas executed before a restart and execute again after it (replica,
@@ -477,6 +487,8 @@ impl Sim {
             dropped: BTreeMap::new(),
             views: Vec::new(),
             restores: 0,
+            max_held: 0,
+            state_to_faulty: (0, 0),
             summaries: Vec::new(),
             earlier: Vec::new(),
         };
@@ -561,6 +573,11 @@ impl Sim {
     }
 
     fn send_message(&mut self, from: usize, to: usize, signed: &Signed) {
+        match self.fault_of(from) {
+            Some(Fault::Flood) => self.flood(from, to),
+            Some(Fault::FetchFlood) => self.fetch_flood(from, to),
+            _ => {}
+        }
         let Some(signed) = self.misbehave(from, to, signed) else {
             return;
         };
@@ -582,6 +599,70 @@ impl Sim {
                     },
                 );
             }
+        }
+    }
+
+    /// A flooder's extra messages to `to` (see [`Fault::Flood`]).
+    fn flood(&mut self, from: usize, to: usize) {
+        let Some(signer) = self.signers.get(from) else {
+            return;
+        };
+        let n = self.scenario.replicas as u64;
+        let span = self.scenario.core.window.saturating_mul(2).max(1);
+        self.order += 1;
+        let seq = 1 + self.rng.random_range(0..span);
+        let prepare = signer.sign(Message::Prepare {
+            view: 1_000_000 + self.order,
+            seq,
+            digest: Digest([0xf1; 32]),
+        });
+        let batch: Vec<Request> = (0..self.scenario.core.max_batch as u8)
+            .map(|k| Request {
+                client: NodeId::from_bytes([k; 32]),
+                number: seq,
+                payload: Bytes::from(vec![k; 1024]),
+            })
+            .collect();
+        let pre_prepare = signer.sign(Message::PrePrepare {
+            view: n * 1_000_000 + from as u64,
+            seq,
+            digest: batch_digest(&batch),
+            batch,
+        });
+        for m in [prepare, pre_prepare] {
+            if let Some(delay) = self.link(from, to)
+                && let Some(inst) = self.route(to, from)
+            {
+                let bytes = m.encode();
+                self.schedule(self.now + delay, Event::Deliver { to: inst, bytes });
+            }
+        }
+    }
+
+    /// A state-fetch amplifier's extra request to `to` (see [`Fault::FetchFlood`]).
+    fn fetch_flood(&mut self, from: usize, to: usize) {
+        let Some(signer) = self.signers.get(from) else {
+            return;
+        };
+        self.order += 1;
+        // The whole state, or the batches above its own stable checkpoint, in turn.
+        let low = self
+            .instances
+            .iter()
+            .find(|i| i.replica == from)
+            .and_then(|i| i.core.as_ref())
+            .map_or(0, Replica::low_watermark);
+        let seq = if self.order.is_multiple_of(2) {
+            0
+        } else {
+            low + 1
+        };
+        let ask = signer.sign(Message::FetchState { seq });
+        if let Some(delay) = self.link(from, to)
+            && let Some(inst) = self.route(to, from)
+        {
+            let bytes = ask.encode();
+            self.schedule(self.now + delay, Event::Deliver { to: inst, bytes });
         }
     }
 
@@ -723,6 +804,12 @@ impl Sim {
                 }
                 Output::Send { to, message } => {
                     if let Some(to) = self.ids.iter().position(|id| *id == to) {
+                        if let Message::State { snapshot, .. } = &message.message
+                            && self.report.faulty.contains(&to)
+                        {
+                            self.report.state_to_faulty.0 += 1;
+                            self.report.state_to_faulty.1 += u64::from(!snapshot.is_empty());
+                        }
                         self.send_message(from, to, &message);
                     }
                 }
@@ -966,6 +1053,8 @@ impl Sim {
                 for k in 0..self.instances.len() {
                     if let Some(core) = self.instances.get_mut(k).and_then(|i| i.core.as_mut()) {
                         core.handle_tick(self.now);
+                        self.report.max_held =
+                            self.report.max_held.max(core.held_for_next_window());
                     }
                     self.drain(k);
                 }

@@ -224,6 +224,46 @@ fn censoring_primary_is_replaced_while_it_orders_others() {
 }
 
 #[test]
+fn a_replica_flooding_held_messages_fills_only_its_own_share() {
+    let reports = byzantine(
+        "a_replica_flooding_held_messages_fills_only_its_own_share",
+        40,
+        |seed| (seed % 4) as usize,
+        Fault::Flood,
+    );
+    // Per sender at most three messages per slot of a window, in two buffers: the flood
+    // takes the flooder's share and nobody else's.
+    let s = &reports[0].scenario;
+    let bound = 2 * 3 * s.core.window as usize * (s.replicas - 1);
+    for r in &reports {
+        assert!(r.max_held <= bound, "held {} > {bound}", r.max_held);
+    }
+    assert!(reports.iter().any(|r| r.max_held > 0), "the flood was held");
+}
+
+#[test]
+fn a_state_fetch_amplifier_costs_each_replica_one_reply_per_period() {
+    let reports = byzantine(
+        "a_state_fetch_amplifier_costs_each_replica_one_reply_per_period",
+        40,
+        |seed| (seed % 4) as usize,
+        Fault::FetchFlood,
+    );
+    for r in &reports {
+        // It asks with every message it sends (thousands of times); each of the three others
+        // answers at most once per state_transfer_delay, with a snapshot once per four.
+        let periods =
+            (r.end.as_millis() / r.scenario.core.state_transfer_delay.as_millis()) as u64 + 1;
+        let (replies, snapshots) = r.state_to_faulty;
+        assert!(
+            replies <= 3 * periods,
+            "{replies} replies in {periods} periods"
+        );
+        assert!(snapshots <= 3 * (periods / 4 + 1), "{snapshots} snapshots");
+    }
+}
+
+#[test]
 fn seven_replicas_two_byzantine_and_loss() {
     let faults = [
         Fault::Equivocate,
@@ -234,14 +274,16 @@ fn seven_replicas_two_byzantine_and_loss() {
         Fault::Twin,
         Fault::Delay(ms(300)),
         Fault::Censor(1),
+        Fault::Flood,
+        Fault::FetchFlood,
     ];
     run("seven_replicas_two_byzantine_and_loss", 60, |seed| {
         let mut s = Scenario::new(seed, 7);
         s.loss = 0.05;
         s.heal_at = ms(1000);
-        s.faults.push((0, faults[(seed % 8) as usize]));
+        s.faults.push((0, faults[(seed % 10) as usize]));
         s.faults
-            .push((3 + (seed % 4) as usize, faults[(seed / 8 % 8) as usize]));
+            .push((3 + (seed % 4) as usize, faults[(seed / 10 % 10) as usize]));
         s
     });
 }

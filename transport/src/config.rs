@@ -48,6 +48,10 @@ pub struct Limits {
     pub consensus_queue: usize,
     /// Outbound queue per peer for [`crate::Class::Bulk`], in messages.
     pub bulk_queue: usize,
+    /// Outbound bytes queued per peer and class, the batch being written included; past it
+    /// messages are dropped as for a full queue, so that a peer that stops reading pins at
+    /// most this much (not the queue length times the frame size). At least `max_frame_bytes`.
+    pub queue_bytes: usize,
     /// Inbound queue per class shared by all peers, in messages; when full, readers wait and
     /// QUIC flow control slows the senders (back-pressure, no drop).
     pub inbound_queue: usize,
@@ -85,6 +89,7 @@ impl Limits {
             max_incoming_streams: 8,
             consensus_queue: 8192,
             bulk_queue: 256,
+            queue_bytes: 64 * 1024 * 1024,
             inbound_queue: 8192,
             idle_timeout: Duration::from_secs(10),
             keep_alive: Duration::from_secs(2),
@@ -116,6 +121,7 @@ impl Limits {
             peer_byte_burst: 1024 * 1024,
             consensus_queue: 1024,
             bulk_queue: 64,
+            queue_bytes: 1024 * 1024,
             inbound_queue: 1024,
             idle_timeout: Duration::from_secs(3),
             keep_alive: Duration::from_millis(500),
@@ -139,6 +145,9 @@ impl Limits {
         }
         if (self.peer_byte_burst as usize) < self.max_frame_bytes {
             return bad("peer_byte_burst must be at least max_frame_bytes");
+        }
+        if self.queue_bytes < self.max_frame_bytes {
+            return bad("queue_bytes must be at least max_frame_bytes");
         }
         let nonzero = [
             ("max_connections", self.max_connections),

@@ -40,9 +40,11 @@
 //!
 //! # Queues, drops and back-pressure
 //! Every queue is bounded. Outbound, each peer has one queue per class
-//! ([`Limits::consensus_queue`], [`Limits::bulk_queue`]): [`Plane::try_send`] and
-//! [`Plane::broadcast`] drop the message when it is full ([`DropReason::QueueFull`]), so a slow or
-//! silent peer costs at most its queue; [`Plane::send`] waits instead. Messages being written
+//! ([`Limits::consensus_queue`], [`Limits::bulk_queue`] messages, and [`Limits::queue_bytes`]
+//! bytes, the batch its writer holds included): [`Plane::try_send`] and [`Plane::broadcast`] drop
+//! the message when it is full ([`DropReason::QueueFull`]), so a slow or silent peer costs at most
+//! its queue's bytes, not its length times the frame size; [`Plane::send`] waits while the queue
+//! is full in messages, and fails past its bytes. Messages being written
 //! when a connection fails are dropped ([`DropReason::ConnectionLost`]); BFT protocols retransmit.
 //! Inbound, each class has one queue ([`Limits::inbound_queue`]); when it is full the readers wait
 //! and QUIC flow control slows the senders (no drop). Messages over a peer's rate budget are

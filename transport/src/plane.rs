@@ -174,6 +174,8 @@ struct PeerLink {
     id: NodeId,
     consensus: mpsc::Sender<Bytes>,
     bulk: mpsc::Sender<Bytes>,
+    /// Bytes queued per class (consensus, bulk), including the batch its writer holds.
+    queued: [Arc<AtomicUsize>; 2],
     conn: watch::Sender<Option<Connection>>,
 }
 
@@ -182,6 +184,32 @@ impl PeerLink {
         match class {
             Class::Consensus => &self.consensus,
             Class::Bulk => &self.bulk,
+        }
+    }
+
+    fn queued(class: Class) -> usize {
+        match class {
+            Class::Consensus => 0,
+            Class::Bulk => 1,
+        }
+    }
+
+    /// Counts `len` more bytes queued for `class`, unless that would pass `max`.
+    fn reserve(&self, class: Class, len: usize, max: usize) -> bool {
+        let Some(queued) = self.queued.get(Self::queued(class)) else {
+            return false;
+        };
+        queued
+            .fetch_update(Relaxed, Relaxed, |q| {
+                q.checked_add(len).filter(|n| *n <= max)
+            })
+            .is_ok()
+    }
+
+    /// Takes back bytes counted by [`PeerLink::reserve`].
+    fn release(&self, class: Class, len: usize) {
+        if let Some(queued) = self.queued.get(Self::queued(class)) {
+            let _ = queued.fetch_update(Relaxed, Relaxed, |q| Some(q.saturating_sub(len)));
         }
     }
 
@@ -444,26 +472,34 @@ impl Plane {
     /// [`SendError`] saying why the message was not queued.
     pub fn try_send(&self, to: NodeId, class: Class, msg: Bytes) -> Result<(), SendError> {
         let shared = self.shared();
-        let link = shared.link_for_send(to, msg.len())?;
-        link.queue(class).try_send(msg).map_err(|e| match e {
-            mpsc::error::TrySendError::Full(_) => {
-                shared.stats.dropped(DropReason::QueueFull, 1);
-                SendError::QueueFull
+        let len = msg.len();
+        let link = shared.reserve_for_send(to, class, len)?;
+        link.queue(class).try_send(msg).map_err(|e| {
+            link.release(class, len);
+            match e {
+                mpsc::error::TrySendError::Full(_) => {
+                    shared.stats.dropped(DropReason::QueueFull, 1);
+                    SendError::QueueFull
+                }
+                mpsc::error::TrySendError::Closed(_) => SendError::Closed,
             }
-            mpsc::error::TrySendError::Closed(_) => SendError::Closed,
         })
     }
 
-    /// Queues `msg` for `to`, waiting while the queue is full (back-pressure for bulk senders).
+    /// Queues `msg` for `to`, waiting while the queue is full in messages (back-pressure for
+    /// bulk senders). Past [`Limits::queue_bytes`] it does not wait: it fails as
+    /// [`Plane::try_send`] does, so a peer that stops reading cannot pin more memory.
     ///
     /// # Errors
     /// [`SendError`] saying why the message was not queued.
     pub async fn send(&self, to: NodeId, class: Class, msg: Bytes) -> Result<(), SendError> {
-        let link = self.shared().link_for_send(to, msg.len())?;
-        link.queue(class)
-            .send(msg)
-            .await
-            .map_err(|_| SendError::Closed)
+        let len = msg.len();
+        let link = self.shared().reserve_for_send(to, class, len)?;
+        let sent = link.queue(class).send(msg).await;
+        sent.map_err(|_| {
+            link.release(class, len);
+            SendError::Closed
+        })
     }
 
     /// Queues `msg` for every known peer with [`Plane::try_send`] semantics; returns how many
@@ -659,6 +695,22 @@ impl Shared {
         }
     }
 
+    /// The link for a message of `len` bytes to `to`, with the bytes counted against its
+    /// class's [`Limits::queue_bytes`].
+    fn reserve_for_send(
+        &self,
+        to: NodeId,
+        class: Class,
+        len: usize,
+    ) -> Result<Arc<PeerLink>, SendError> {
+        let link = self.link_for_send(to, len)?;
+        if !link.reserve(class, len, self.limits.queue_bytes) {
+            self.stats.dropped(DropReason::QueueFull, 1);
+            return Err(SendError::QueueFull);
+        }
+        Ok(link)
+    }
+
     fn link_for_send(&self, to: NodeId, len: usize) -> Result<Arc<PeerLink>, SendError> {
         if self.is_stopping() {
             return Err(SendError::Closed);
@@ -690,6 +742,7 @@ impl Shared {
             id,
             consensus,
             bulk,
+            queued: [Arc::default(), Arc::default()],
             conn,
         });
         links.insert(id, Arc::clone(&link));
@@ -698,7 +751,7 @@ impl Shared {
         for (class, rx) in [(Class::Consensus, consensus_rx), (Class::Bulk, bulk_rx)] {
             tokio::spawn(
                 Arc::clone(self)
-                    .write_loop(class, rx, conn_rx.clone())
+                    .write_loop(class, rx, conn_rx.clone(), Arc::downgrade(&link))
                     .instrument(span.clone()),
             );
         }
@@ -1181,6 +1234,7 @@ impl Shared {
         class: Class,
         mut rx: mpsc::Receiver<Bytes>,
         mut conn_rx: watch::Receiver<Option<Connection>>,
+        link: std::sync::Weak<PeerLink>,
     ) {
         let mut shutdown = self.shutdown.subscribe();
         let mut batch: Vec<Bytes> = Vec::new();
@@ -1228,7 +1282,12 @@ impl Shared {
             let bytes: u64 = batch.iter().map(|b| b.len() as u64).sum();
             let mut chunks = encode_batch(&batch, self.limits.max_frame_bytes);
             batch.clear();
-            if send.write_all_chunks(&mut chunks).await.is_ok() {
+            let written = send.write_all_chunks(&mut chunks).await;
+            // Written, or lost with the connection: no longer queued either way.
+            if let Some(link) = link.upgrade() {
+                link.release(class, usize::try_from(bytes).unwrap_or(usize::MAX));
+            }
+            if written.is_ok() {
                 self.stats.frames_out(class, frames, bytes);
                 if frames < SMALL_BATCH {
                     // Let the producers run before draining again: the next batch is larger

@@ -381,3 +381,42 @@ async fn handshake_rate_and_per_ip_caps_refuse_the_excess() {
     assert_eq!(held.len(), 2, "the cap of two connections per IP holds");
     assert_eq!(v2.stats().refused(Refusal::TooManyConnectionsFromIp), 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_does_not_read_pins_at_most_the_queue_bytes() {
+    let ca = DevCa::new("queue CA").unwrap();
+    let limits = Limits::test();
+    let (plane, _inbox, me) = victim(&ca, limits.clone()).await;
+    // A peer in the set that never answers: a UDP socket nobody reads. Our writers for it
+    // wait for a connection, holding what was queued.
+    let silent = std::net::UdpSocket::bind(LOCAL).unwrap();
+    let peer = smaller_replica(&ca, "silent", NodeId::from_bytes([0xff; 32]));
+    assert_ne!(peer.id(), me.id());
+    admit(&plane, &[&peer], silent.local_addr().unwrap());
+    let message = Bytes::from(vec![0u8; 60 * 1024]);
+    for class in [Class::Bulk, Class::Consensus] {
+        let mut queued = 0;
+        let mut refused = 0;
+        for _ in 0..200 {
+            match plane.try_send(peer.id(), class, message.clone()) {
+                Ok(()) => queued += 1,
+                Err(securesmart_transport::SendError::QueueFull) => refused += 1,
+                Err(e) => panic!("{e}"),
+            }
+        }
+        // The message queues hold 64 (bulk) and 1024 (consensus) messages: the byte bound
+        // is what stops the sender, at 1 MiB.
+        assert!(queued >= 1, "{class:?}: the first messages are queued");
+        assert!(
+            queued * message.len() <= limits.queue_bytes,
+            "{class:?}: {queued} messages of 60 KiB queued"
+        );
+        assert_eq!(queued + refused, 200);
+    }
+    // Bytes that were never queued are not counted: a small message still fits.
+    assert!(
+        plane
+            .try_send(peer.id(), Class::Bulk, Bytes::from_static(b"small"))
+            .is_ok()
+    );
+}
