@@ -19,18 +19,24 @@
 //!   keeps the same to-do list; the member of rank r (by node id) steps in when the group has
 //!   not moved for r x [`BACKUP_DELAY`] (the committer may be down), and whichever commit is
 //!   ordered first wins.
-//! - A member applies every ordered commit; one it cannot apply (made for another epoch) marks
-//!   it stale, and a stale member asks again with a fresh key package (the committer removes
-//!   its old leaf and adds it anew). A removed member holds no key of the epochs after its
-//!   removal.
+//! - A member applies every ordered commit under the commit policy for the ordered
+//!   membership. One made for its epoch that it cannot apply, it refuses through the order
+//!   ([`Ordered::CommitRefused`]); the replicated state keeps or voids the commit on f + 1
+//!   answers (`securesmart::state`, "Group commits"), and a member that merged a voided commit
+//!   goes back to its state from before. One made for a later epoch marks it stale, and so
+//!   does a kept commit it refused; a stale member asks again with a fresh key package (the
+//!   committer removes its old leaf and adds it anew in one commit). A removed member holds no
+//!   key of the epochs after its removal. Committers skip replicas whose commit was voided,
+//!   and commit nothing while a merged commit is unsettled.
 //!
 //! A commit made for an epoch older than the member's is skipped: it was merged before (the
 //! journal is replayed after a restart; a checkpoint carries the last few commits, see
 //! `securesmart::state`, so that a replica that caught up by state transfer does not miss any).
 //!
-//! The node's replicated state accepts only the first commit made for each epoch (it reads
-//! the epoch from the commit's framing), so a Welcome is used only if its commit is the one
-//! every member merges: a joiner cannot end up in a fork of the group.
+//! The node's replicated state accepts one commit at a time, made for the current epoch (it
+//! reads the epoch from the commit's framing), and settles it before the next: a joiner that
+//! joins from a Welcome whose commit is voided goes back to having no group, so it cannot end
+//! up in a fork of the group.
 //!
 //! Known limits: convergence is eventual and slow under churn. A member that lost its key
 //! (it missed commits, or was removed and re-added while key packages were in flight) can stay
@@ -43,11 +49,11 @@
 //! written atomically after every change. Metrics: `securesmart_node_group_epoch`,
 //! `securesmart_node_group_commits_total{kind}`, `securesmart_node_rekeys_total`.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use securesmart_membership::{CommitOutcome, GroupError, GroupMember, Membership};
+use securesmart_membership::{CommitOutcome, GroupError, GroupMember, Membership, Settled};
 use securesmart_transport::NodeId;
 
 use crate::protocol::Ordered;
@@ -65,6 +71,8 @@ pub(crate) const BACKUP_DELAY: Duration = Duration::from_secs(4);
 enum Work {
     Add(NodeId, Bytes),
     Remove(NodeId),
+    /// A member that lost its key asks to be added again: its old leaf goes in the same commit.
+    Readd(NodeId, Bytes),
 }
 
 /// One node's view of the replicas' group key (see the module doc).
@@ -85,6 +93,12 @@ pub(crate) struct GroupKey {
     recent_adds: std::collections::HashMap<NodeId, Instant>,
     /// An epoch whose key this member holds and has not acknowledged through the order yet.
     ack: Option<u64>,
+    /// An unsettled commit this member holds the epoch of and could not apply: its refusal,
+    /// to order.
+    refusal: Option<[u8; 32]>,
+    /// The unsettled commit this member refused, until it is settled (kept: this member lost
+    /// its key and asks to be added again; voided: it was right).
+    awaiting: Option<[u8; 32]>,
 }
 
 impl std::fmt::Debug for GroupKey {
@@ -115,6 +129,8 @@ impl GroupKey {
             recent_adds: std::collections::HashMap::new(),
             // A restarted member says again which key it holds.
             ack: member.epoch(),
+            refusal: None,
+            awaiting: None,
             member,
         }
     }
@@ -125,8 +141,9 @@ impl GroupKey {
 
     /// This member's rank among the group's members that are replicas (0: the committer);
     /// `None` without a usable key.
-    fn rank(&self, m: &Membership) -> Option<usize> {
-        if self.member.epoch().is_none() || self.stale_since.is_some() {
+    fn rank(&self, m: &Membership, barred: &BTreeSet<NodeId>) -> Option<usize> {
+        if self.member.epoch().is_none() || self.stale_since.is_some() || barred.contains(&self.id)
+        {
             return None;
         }
         let replicas = m.replica_ids();
@@ -134,7 +151,7 @@ impl GroupKey {
             .member
             .members()
             .into_iter()
-            .filter(|id| replicas.contains(id))
+            .filter(|id| replicas.contains(id) && !barred.contains(id))
             .collect();
         ids.sort();
         ids.iter().position(|id| *id == self.id)
@@ -142,89 +159,173 @@ impl GroupKey {
 
     /// Whether this member commits now: the committer always, a backup of rank r once the
     /// group has not moved for r x [`BACKUP_DELAY`].
-    fn acting(&self, m: &Membership) -> bool {
-        match self.rank(m) {
+    fn acting(&self, m: &Membership, barred: &BTreeSet<NodeId>) -> bool {
+        match self.rank(m, barred) {
             Some(0) => true,
             Some(r) => self.last_advance.elapsed() >= BACKUP_DELAY.saturating_mul(r as u32),
             None => false,
         }
     }
 
-    /// An ordered group message executed.
-    pub(crate) fn on_event(&mut self, event: GroupEvent, m: &Membership) {
+    /// An ordered group message executed; `m` is the membership after it, `barred` the
+    /// replicas whose commits the replicated state no longer accepts.
+    pub(crate) fn on_event(
+        &mut self,
+        event: GroupEvent,
+        m: &Membership,
+        barred: &BTreeSet<NodeId>,
+    ) {
         match event {
             GroupEvent::KeyPackage { from, key_package } => {
                 let just_added = self
                     .recent_adds
                     .get(&from)
                     .is_some_and(|t| t.elapsed() < GROUP_RETRY.saturating_mul(2));
-                if self.rank(m).is_some() && !just_added {
+                if self.rank(m, barred).is_some() && !just_added {
                     self.todo.retain(|w| match w {
-                        Work::Add(id, _) | Work::Remove(id) => *id != from,
+                        Work::Add(id, _) | Work::Remove(id) | Work::Readd(id, _) => *id != from,
                     });
                     if self.member.members().contains(&from) {
-                        self.todo.push_back(Work::Remove(from));
+                        self.todo.push_back(Work::Readd(from, key_package));
+                    } else {
+                        self.todo.push_back(Work::Add(from, key_package));
                     }
-                    self.todo.push_back(Work::Add(from, key_package));
                 }
             }
-            GroupEvent::Commit { commit, welcome } => {
-                let made_for = securesmart_membership::commit_epoch(&commit).ok();
-                if let (Some(e), Some(held)) = (made_for, self.member.epoch())
-                    && e < held
-                {
-                    // Merged before: the journal is replayed after a restart, or batches are
-                    // executed again after a state transfer.
-                    return;
-                }
-                if self.member.epoch().is_some() {
-                    let before = self.member.members();
-                    match self.member.apply_commit(&commit, self.now()) {
-                        Ok(CommitOutcome::Advanced(epoch)) => {
-                            let now = Instant::now();
-                            self.recent_adds.retain(|_, t| {
-                                now.duration_since(*t) < GROUP_RETRY.saturating_mul(2)
-                            });
-                            for id in self.member.members() {
-                                if !before.contains(&id) {
-                                    self.recent_adds.insert(id, now);
-                                }
-                            }
-                            metrics::gauge!("securesmart_node_group_epoch").set(epoch as f64);
-                            tracing::info!(epoch, "group key: new epoch");
-                            self.outstanding = None;
-                            self.stale_since = None;
-                            self.last_advance = Instant::now();
-                            self.ack = Some(epoch);
-                            return;
+            GroupEvent::Commit {
+                commit,
+                welcome,
+                settled,
+            } => self.on_commit(&commit, &welcome, settled, m),
+            GroupEvent::Settled { commit, kept } => self.on_settled(commit, kept),
+        }
+    }
+
+    /// An ordered commit: tentative until settled, unless `settled` (a snapshot's history).
+    fn on_commit(&mut self, commit: &[u8], welcome: &[u8], settled: bool, m: &Membership) {
+        let digest = securesmart_membership::commit_digest(commit);
+        let made_for = securesmart_membership::commit_epoch(commit).ok();
+        if settled
+            && let Some((unsettled_for, unsettled)) = self.member.unsettled()
+            && unsettled != digest
+            && unsettled_for.is_some()
+            && unsettled_for == made_for
+        {
+            // The group settled another commit for the epoch our unsettled merge was made
+            // for (we missed the verdict, e.g. across a state transfer): ours was voided.
+            self.on_settled(unsettled, false);
+        }
+        if let (Some(e), Some(held)) = (made_for, self.member.epoch())
+            && e < held
+        {
+            // Merged before: the journal is replayed after a restart, or batches are executed
+            // again after a state transfer.
+            if settled {
+                self.settle(digest, true);
+            }
+            return;
+        }
+        if self.member.epoch().is_some() {
+            let before = self.member.members();
+            let held = self.member.epoch();
+            match self.member.apply_commit_checked(commit, m, self.now()) {
+                Ok(CommitOutcome::Advanced(epoch)) => {
+                    let now = Instant::now();
+                    self.recent_adds
+                        .retain(|_, t| now.duration_since(*t) < GROUP_RETRY.saturating_mul(2));
+                    for id in self.member.members() {
+                        if !before.contains(&id) {
+                            self.recent_adds.insert(id, now);
                         }
-                        Ok(CommitOutcome::Removed) => {
-                            tracing::info!("group key: this replica was removed from the group");
-                            self.outstanding = None;
-                            return;
-                        }
-                        Ok(_) => return,
-                        Err(GroupError::CommitRefused(why)) => {
-                            // Every ordered commit here is the first of its epoch (the node's
-                            // replicated state lets no other through): one this member cannot
-                            // apply means it fell behind.
-                            tracing::debug!(%why, "group commit not applied here");
-                            self.stale_since.get_or_insert_with(Instant::now);
-                            self.outstanding = None;
-                        }
-                        Err(e) => tracing::debug!(error = %e, "group commit not applied here"),
                     }
-                }
-                let wants_in = self.member.epoch().is_none() || self.stale_since.is_some();
-                if wants_in && !welcome.is_empty() && self.member.join(&welcome, self.now()).is_ok()
-                {
-                    let epoch = self.member.epoch().unwrap_or_default();
                     metrics::gauge!("securesmart_node_group_epoch").set(epoch as f64);
-                    tracing::info!(epoch, "group key: joined the replicas' group");
-                    self.ack = Some(epoch);
+                    tracing::info!(epoch, settled, "group key: new epoch");
+                    self.outstanding = None;
                     self.stale_since = None;
                     self.last_advance = Instant::now();
+                    self.ack = Some(epoch);
+                    if settled {
+                        self.settle(digest, true);
+                    }
+                    return;
                 }
+                Ok(CommitOutcome::Removed) => {
+                    tracing::info!("group key: this replica was removed from the group");
+                    self.outstanding = None;
+                    if settled {
+                        self.settle(digest, true);
+                    }
+                    return;
+                }
+                Ok(_) => return,
+                Err(e @ (GroupError::CommitRefused(_) | GroupError::InvalidMessage(_))) => {
+                    if held.is_some() && held == made_for && !settled {
+                        // We hold the epoch it was made for and cannot apply it: say so. If
+                        // f + 1 replicas do, the replicated state voids it; if it is kept
+                        // instead, this member lost its key (and asks to be added again).
+                        metrics::counter!("securesmart_node_group_commits_refused_total")
+                            .increment(1);
+                        tracing::warn!(error = %e, "group commit refused here");
+                        self.refusal = Some(digest);
+                        self.awaiting = Some(digest);
+                        return;
+                    }
+                    // Made for another epoch than ours: this member fell behind.
+                    tracing::debug!(error = %e, "group commit not applied here");
+                    self.stale_since.get_or_insert_with(Instant::now);
+                    self.outstanding = None;
+                }
+                Err(e) => tracing::debug!(error = %e, "group commit not applied here"),
+            }
+        }
+        let wants_in = self.member.epoch().is_none() || self.stale_since.is_some();
+        if wants_in
+            && !welcome.is_empty()
+            && self.member.join_from(welcome, digest, self.now()).is_ok()
+        {
+            let epoch = self.member.epoch().unwrap_or_default();
+            metrics::gauge!("securesmart_node_group_epoch").set(epoch as f64);
+            tracing::info!(epoch, settled, "group key: joined the replicas' group");
+            self.ack = Some(epoch);
+            self.stale_since = None;
+            self.last_advance = Instant::now();
+            if settled {
+                self.settle(digest, true);
+            }
+        }
+    }
+
+    /// The replicated state settled the commit `commit`.
+    fn on_settled(&mut self, commit: [u8; 32], kept: bool) {
+        self.settle(commit, kept);
+        if self.awaiting == Some(commit) {
+            self.awaiting = None;
+            self.refusal = None;
+            if kept {
+                // Kept without us: we hold no key of the new epoch.
+                self.stale_since.get_or_insert_with(Instant::now);
+            }
+        }
+    }
+
+    fn settle(&mut self, commit: [u8; 32], kept: bool) {
+        match self.member.settle(commit, kept) {
+            Ok(Settled::RolledBack) => {
+                metrics::counter!("securesmart_node_group_rollbacks_total").increment(1);
+                let epoch = self.member.epoch();
+                tracing::warn!(?epoch, "group key: a voided commit was undone");
+                if let Some(e) = epoch {
+                    metrics::gauge!("securesmart_node_group_epoch").set(e as f64);
+                }
+                self.ack = None;
+                self.outstanding = None;
+            }
+            Ok(_) => {}
+            Err(e) => {
+                // Without the state from before, this member cannot follow: ask to be added
+                // again.
+                tracing::warn!(error = %e, "group key: cannot undo a voided commit");
+                self.stale_since.get_or_insert_with(Instant::now);
             }
         }
     }
@@ -242,12 +343,26 @@ impl GroupKey {
     pub(crate) fn pending_ack(&self) -> Option<Ordered> {
         self.ack
             .filter(|e| self.member.epoch() == Some(*e) && self.stale_since.is_none())
-            .map(Ordered::KeyAck)
+            .map(|epoch| Ordered::KeyAck {
+                epoch,
+                commit: self.member.entered_by(),
+            })
     }
 
     /// The acknowledgement from [`GroupKey::pending_ack`] was submitted.
     pub(crate) fn acknowledged(&mut self) {
         self.ack = None;
+    }
+
+    /// The refusal of an unsettled commit this member could not apply, to order. Call
+    /// [`GroupKey::refused`] once it is submitted.
+    pub(crate) fn pending_refusal(&self) -> Option<Ordered> {
+        self.refusal.map(Ordered::CommitRefused)
+    }
+
+    /// The refusal from [`GroupKey::pending_refusal`] was submitted.
+    pub(crate) fn refused(&mut self) {
+        self.refusal = None;
     }
 
     /// Periodic work: create the group at genesis, ask to be added, commit what is due.
@@ -259,6 +374,7 @@ impl GroupKey {
     pub(crate) fn tick(
         &mut self,
         m: &Membership,
+        barred: &BTreeSet<NodeId>,
         creator: bool,
         still_voting: &[NodeId],
         rotate: bool,
@@ -298,11 +414,13 @@ impl GroupKey {
                 }
             };
         }
-        if self.rank(m).is_none() {
+        if self.rank(m, barred).is_none() {
             self.todo.clear();
             return None;
         }
-        if !self.acting(m) {
+        if !self.acting(m, barred) || self.member.unsettled().is_some() {
+            // (One commit at a time: the replicated state takes no other until ours, or the
+            // one we merged, is settled.)
             return None;
         }
         if self
@@ -337,15 +455,30 @@ impl GroupKey {
                     commit_counter("remove");
                     self.member.propose_remove(*id)
                 }
+                Work::Readd(id, kp) if members.contains(id) => {
+                    let Some(cert) = m.members().get(id).map(|mem| mem.certificate.clone()) else {
+                        continue;
+                    };
+                    commit_counter("readd");
+                    self.member.propose_readd(*id, kp, &cert)
+                }
+                Work::Readd(id, kp) => {
+                    let Some(cert) = m.members().get(id).map(|mem| mem.certificate.clone()) else {
+                        continue;
+                    };
+                    commit_counter("add");
+                    self.member.propose_add(kp, &cert)
+                }
                 _ => continue,
             };
             return self.submit(proposal);
         }
         // A backup rotates only once the key is overdue by its delay as well.
-        let overdue = self.rank(m).unwrap_or(0) == 0
+        let rank = self.rank(m, barred).unwrap_or(0);
+        let overdue = rank == 0
             || self.member.needs_rotation(
                 self.now()
-                    .saturating_sub(BACKUP_DELAY.saturating_mul(self.rank(m).unwrap_or(0) as u32)),
+                    .saturating_sub(BACKUP_DELAY.saturating_mul(rank as u32)),
             );
         if rotate && overdue && self.member.needs_rotation(self.now()) {
             commit_counter("update");

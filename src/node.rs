@@ -295,11 +295,17 @@ struct GroupSide {
 }
 
 impl GroupSide {
-    fn tick(&mut self, m: &Membership, still_voting: &[NodeId], rotate: bool) {
+    fn tick(
+        &mut self,
+        m: &Membership,
+        barred: &std::collections::BTreeSet<NodeId>,
+        still_voting: &[NodeId],
+        rotate: bool,
+    ) {
         if !self.ready.load(std::sync::atomic::Ordering::Relaxed) {
             return;
         }
-        if let Some(request) = self.key.tick(m, self.creator, still_voting, rotate)
+        if let Some(request) = self.key.tick(m, barred, self.creator, still_voting, rotate)
             && let Err(e) = self.own.submit(request)
         {
             tracing::debug!(error = %e, "group message not submitted");
@@ -307,10 +313,17 @@ impl GroupSide {
         self.acknowledge();
     }
 
-    /// Orders the acknowledgement of a newly held key, if any (retried on the next tick).
+    /// Orders the acknowledgement of a newly held key and the refusal of a commit this
+    /// member could not apply, if any (retried on the next tick).
     fn acknowledge(&mut self) {
         if !self.ready.load(std::sync::atomic::Ordering::Relaxed) {
             return;
+        }
+        if let Some(refusal) = self.key.pending_refusal() {
+            match self.own.submit(refusal) {
+                Ok(()) => self.key.refused(),
+                Err(e) => tracing::debug!(error = %e, "commit refusal not submitted"),
+            }
         }
         if let Some(ack) = self.key.pending_ack() {
             match self.own.submit(ack) {
@@ -359,7 +372,7 @@ async fn run_state<S: StateMachine>(
                 let still_voting: Vec<NodeId> = leaving.iter().map(|l| l.id).collect();
                 let state = executor.app();
                 let rotate = state.acked_by_quorum(state.group_epoch());
-                group.tick(state.membership(), &still_voting, rotate);
+                group.tick(state.membership(), state.barred(), &still_voting, rotate);
                 // A removed replica may hear of no batch after the switch: look here as well.
                 let (stable, m) = (pbft.low_watermark(), executor.app().membership());
                 if host.settle_leaving(&mut leaving, stable, m) {
@@ -395,7 +408,9 @@ async fn run_state<S: StateMachine>(
                 for request in &batch {
                     replies.extend(executor.execute(std::slice::from_ref(request)));
                     for e in executor.app_mut().take_group_events() {
-                        group.key.on_event(e, executor.app().membership());
+                        group
+                            .key
+                            .on_event(e, executor.app().membership(), executor.app().barred());
                     }
                 }
                 group.acknowledge();
@@ -458,7 +473,9 @@ async fn run_state<S: StateMachine>(
                 // The snapshot's recent group commits: the member catches up on those it
                 // missed (a joiner's Welcome may be among them) ...
                 for e in executor.app_mut().take_group_events() {
-                    group.key.on_event(e, executor.app().membership());
+                    group
+                        .key
+                        .on_event(e, executor.app().membership(), executor.app().barred());
                 }
                 if !executor.app().state_known() {
                     // ... and with the keys they gave, a sealed checkpoint may open now.

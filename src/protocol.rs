@@ -520,10 +520,19 @@ pub enum Ordered {
         /// The sealed plaintext.
         sealed: Bytes,
     },
-    /// A replica holds the group key of this epoch (it merged the commit that made it, or
-    /// joined with its Welcome). Sealed requests of an epoch execute only once a quorum of
-    /// the replicas said so (see `securesmart::state`).
-    KeyAck(u64),
+    /// A replica holds the group key of this epoch, made by the commit with this digest (it
+    /// merged that commit, or joined with its Welcome). It settles an unsettled commit, and
+    /// sealed requests of an epoch execute only once a quorum of the replicas said so (see
+    /// `securesmart::state`).
+    KeyAck {
+        /// The epoch.
+        epoch: u64,
+        /// The digest of the commit that made it (`securesmart_membership::commit_digest`).
+        commit: [u8; 32],
+    },
+    /// A replica that holds the epoch the unsettled commit with this digest was made for could
+    /// not apply it (or the membership does not allow it): it votes to void it.
+    CommitRefused([u8; 32]),
 }
 
 /// Domain tag of the context a confidential request is sealed with.
@@ -581,10 +590,17 @@ impl Ordered {
                 out.extend_from_slice(sealed);
                 Bytes::from(out)
             }
-            Ordered::KeyAck(epoch) => {
-                let mut out = Vec::with_capacity(9);
-                out.push(5);
+            Ordered::KeyAck { epoch, commit } => {
+                let mut out = Vec::with_capacity(41);
+                out.push(6);
                 out.extend_from_slice(&epoch.to_be_bytes());
+                out.extend_from_slice(commit);
+                Bytes::from(out)
+            }
+            Ordered::CommitRefused(commit) => {
+                let mut out = Vec::with_capacity(33);
+                out.push(7);
+                out.extend_from_slice(commit);
                 Bytes::from(out)
             }
         }
@@ -632,12 +648,27 @@ impl Ordered {
                     sealed: buf.slice(33..),
                 })
             }
-            Some(5) => {
-                let epoch = buf
+            Some(5) => Err(WireError::Unknown {
+                what: "ordered request kind (a key acknowledgement of the format before settled commits)",
+                value: 5,
+            }),
+            Some(6) => {
+                let body = buf
                     .get(1..)
-                    .and_then(|t| <[u8; 8]>::try_from(t).ok())
+                    .and_then(|t| <[u8; 40]>::try_from(t).ok())
                     .ok_or(WireError::Truncated)?;
-                Ok(Ordered::KeyAck(u64::from_be_bytes(epoch)))
+                let (epoch, commit) = body.split_at(8);
+                Ok(Ordered::KeyAck {
+                    epoch: u64::from_be_bytes(epoch.try_into().map_err(|_| WireError::Truncated)?),
+                    commit: commit.try_into().map_err(|_| WireError::Truncated)?,
+                })
+            }
+            Some(7) => {
+                let commit = buf
+                    .get(1..)
+                    .and_then(|t| <[u8; 32]>::try_from(t).ok())
+                    .ok_or(WireError::Truncated)?;
+                Ok(Ordered::CommitRefused(commit))
             }
             Some(other) => Err(WireError::Unknown {
                 what: "ordered request kind",
@@ -724,7 +755,11 @@ mod tests {
                 time: 9,
                 command: Bytes::from_static(b"add"),
             },
-            Ordered::KeyAck(3),
+            Ordered::KeyAck {
+                epoch: 3,
+                commit: [3; 32],
+            },
+            Ordered::CommitRefused([4; 32]),
             Ordered::Sealed {
                 commitment: [4; 32],
                 sealed: Bytes::from_static(b"ciphertext"),
@@ -788,7 +823,10 @@ mod tests {
                 commitment: [1; 32],
                 sealed: Bytes::from_static(b"sealed"),
             },
-            Ordered::KeyAck(7),
+            Ordered::KeyAck {
+                epoch: 7,
+                commit: [7; 32],
+            },
             Ordered::GroupCommit {
                 commit: Bytes::from_static(b"commit"),
                 welcome: Bytes::from_static(b"welcome"),

@@ -14,6 +14,34 @@
 //! out after the batch (reconfigure the engine, admit or cut off peers). The snapshot holds the
 //! administrators, the membership and the application's snapshot.
 //!
+//! # Group commits
+//! The order is the MLS delivery service of the replicas' group key, and what it accepts must
+//! be what every correct member can apply, decided from replicated data alone. MLS cannot be
+//! judged from public data (a commit's path secrets are encrypted to each member, and its
+//! confirmation tag needs the epoch's secrets; openmls's `PublicGroup` checks signatures and
+//! proposals, not those), so the members judge and the replicated state counts their answers:
+//! - A commit ([`Ordered::GroupCommit`]) is accepted only from a current replica that is not
+//!   barred, made for the current epoch (the one the last settled commit made; 0 at genesis),
+//!   and while no other commit is unsettled. It is *tentative*: the replicated epoch does not
+//!   move yet.
+//! - Every member that holds the epoch it was made for applies it under the commit policy for
+//!   the ordered membership (`GroupMember::apply_commit_checked`: the committer is a replica,
+//!   it adds only current replicas, removes no current replica except to add it again, keeps
+//!   the committer's credential, carries no other proposal) and orders either a
+//!   [`Ordered::KeyAck`] of the new epoch naming the commit's digest, or a
+//!   [`Ordered::CommitRefused`] naming it. Each replica counts once, for its first answer.
+//! - f + 1 acknowledgements keep it (at least one correct replica holds the new epoch): the
+//!   replicated epoch moves on. f + 1 refusals void it (at least one correct replica that held
+//!   the epoch could not apply it, so the commit is bad): the members that merged it go back
+//!   to the state from before, and the replica that ordered it is barred (no commit of it is
+//!   accepted while it is a member). Since all correct replicas that hold the epoch answer, one
+//!   of the two comes. A correct member that refused a kept commit lost its key and asks to be
+//!   added again ([`GroupEvent::Settled`]).
+//!
+//! So a faulty replica can no longer move the replicated epoch to keys nobody holds (which
+//! made confidential requests "busy" and checkpoints unsealable, for good), nor remove the
+//! other replicas from the group; it can cost one settlement round per commit it orders, once.
+//!
 //! # Confidential requests
 //! A confidential request is ordered as [`Ordered::Sealed`]: the replica that received it sealed
 //! it with the group key, so the log, every journal and every state transfer hold ciphertext.
@@ -65,14 +93,16 @@ use rustls::pki_types::UnixTime;
 use securesmart_consensus::message::{Request, Seq};
 use securesmart_consensus::service::{RestoreError, StateMachine};
 use securesmart_membership::{
-    Applied, GroupError, MAX_MLS_MESSAGE_BYTES, Membership, MembershipCommand, PayloadKeys,
+    Applied, CREATION_DIGEST, GroupError, MAX_MLS_MESSAGE_BYTES, Membership, MembershipCommand,
+    PayloadKeys,
 };
 use securesmart_transport::NodeId;
 use securesmart_transport::wire::{Reader, Writer};
 
 use crate::protocol::{NONCE_LEN, Ordered, Submission, confidential_context};
 
-const VERSION: u8 = 3;
+/// Snapshot format (4: settled group commits, #13).
+const VERSION: u8 = 4;
 /// Group commits a snapshot carries (see the module doc, "Checkpoints").
 pub const COMMIT_HISTORY: usize = 8;
 /// A checkpoint whose state is in the clear.
@@ -105,8 +135,16 @@ pub struct NodeState<S> {
     app: S,
     changes: Vec<Applied>,
     group: Vec<GroupEvent>,
-    /// The MLS epoch the next accepted group commit must be made for (`None` before the first).
-    group_epoch: Option<u64>,
+    /// The MLS epoch of the group's last settled commit (0: the epoch the group was created
+    /// in): the next accepted group commit must be made for it.
+    group_epoch: u64,
+    /// The digest of the commit that made each recent epoch ([`CREATION_DIGEST`] for 0):
+    /// an acknowledgement counts only for the commit it names.
+    epoch_commits: BTreeMap<u64, [u8; 32]>,
+    /// The group commit accepted and not yet settled (see the module doc, "Group commits").
+    tentative: Option<Tentative>,
+    /// Replicas that ordered a commit that was voided: none of theirs is accepted again.
+    barred: BTreeSet<NodeId>,
     /// Which current replicas acknowledged holding the key of each recent epoch.
     acks: BTreeMap<u64, BTreeSet<NodeId>>,
     /// Replicas added after genesis, and the first group epoch whose key they are expected to
@@ -120,6 +158,21 @@ pub struct NodeState<S> {
     confidential: bool,
     /// The last [`COMMIT_HISTORY`] accepted group commits with their Welcomes, oldest first.
     commits: VecDeque<(Bytes, Bytes)>,
+}
+
+/// A group commit the replicated state accepted and has not settled yet.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Tentative {
+    /// The epoch it was made for.
+    made_for: u64,
+    digest: [u8; 32],
+    /// The replica that ordered it.
+    from: NodeId,
+    commit: Bytes,
+    welcome: Bytes,
+    /// Replicas that applied it (acknowledged the epoch it made), and that could not.
+    applied: BTreeSet<NodeId>,
+    refused: BTreeSet<NodeId>,
 }
 
 /// An ordered message for the replicas' MLS group, from a current replica, for the node to
@@ -139,6 +192,17 @@ pub enum GroupEvent {
         commit: Bytes,
         /// The Welcome.
         welcome: Bytes,
+        /// Settled already (a commit of a snapshot's history); otherwise it is tentative until
+        /// a [`GroupEvent::Settled`] for it.
+        settled: bool,
+    },
+    /// The tentative commit with this digest was kept (f + 1 replicas applied it) or voided
+    /// (f + 1 replicas holding the epoch it was made for could not apply it).
+    Settled {
+        /// Its digest ([`securesmart_membership::commit_digest`]).
+        commit: [u8; 32],
+        /// Kept, or voided.
+        kept: bool,
     },
 }
 
@@ -159,7 +223,10 @@ impl<S: StateMachine> NodeState<S> {
             app,
             changes: Vec::new(),
             group: Vec::new(),
-            group_epoch: None,
+            group_epoch: 0,
+            epoch_commits: BTreeMap::from([(0, CREATION_DIGEST)]),
+            tentative: None,
+            barred: BTreeSet::new(),
             acks: BTreeMap::new(),
             joined: BTreeMap::new(),
             keys: None,
@@ -177,9 +244,20 @@ impl<S: StateMachine> NodeState<S> {
         self
     }
 
-    /// The current group epoch, as the replicated state knows it.
+    /// The current group epoch, as the replicated state knows it (that of the last settled
+    /// commit).
     pub fn group_epoch(&self) -> u64 {
-        self.group_epoch.unwrap_or(0)
+        self.group_epoch
+    }
+
+    /// Replicas whose ordered commit was voided: the group's committers skip them.
+    pub fn barred(&self) -> &BTreeSet<NodeId> {
+        &self.barred
+    }
+
+    /// Whether a group commit awaits its settlement (no other is accepted meanwhile).
+    pub fn commit_unsettled(&self) -> bool {
+        self.tentative.is_some()
     }
 
     /// Whether every current replica expected to hold the key of `epoch` acknowledged it: all
@@ -225,16 +303,135 @@ impl<S: StateMachine> NodeState<S> {
             .or_else(|| recent.rev().find(|e| self.accepts_sealed(*e)))
     }
 
-    fn key_ack(&mut self, client: NodeId, epoch: u64) -> Bytes {
+    /// A replica holds the key of `epoch`, which the commit `commit` made: it counts for the
+    /// unsettled commit, or for the sealing quorum of a recent settled epoch.
+    fn key_ack(&mut self, client: NodeId, epoch: u64, commit: [u8; 32]) -> Bytes {
         if !self.membership.replica_ids().contains(&client) {
             return Bytes::from_static(b"refused: not a replica");
         }
+        if let Some(t) = &mut self.tentative
+            && t.digest == commit
+            && t.made_for.checked_add(1) == Some(epoch)
+        {
+            if !t.refused.contains(&client) {
+                t.applied.insert(client);
+            }
+            self.settle_commit();
+            return Bytes::from_static(b"ok");
+        }
         let current = self.group_epoch();
-        if epoch > current || current - epoch > SEALED_EPOCHS_ACCEPTED {
+        if epoch > current
+            || current - epoch > SEALED_EPOCHS_ACCEPTED
+            || self.epoch_commits.get(&epoch) != Some(&commit)
+        {
             return Bytes::from_static(b"refused: not a recent epoch");
         }
         self.acks.entry(epoch).or_default().insert(client);
         Bytes::from_static(b"ok")
+    }
+
+    /// A replica that holds the epoch the unsettled commit `commit` was made for could not
+    /// apply it (or its membership does not allow it).
+    fn commit_refused(&mut self, client: NodeId, commit: [u8; 32]) -> Bytes {
+        if !self.membership.replica_ids().contains(&client) {
+            return Bytes::from_static(b"refused: not a replica");
+        }
+        match &mut self.tentative {
+            Some(t) if t.digest == commit => {
+                if !t.applied.contains(&client) {
+                    t.refused.insert(client);
+                }
+                self.settle_commit();
+                Bytes::from_static(b"ok")
+            }
+            _ => Bytes::from_static(b"refused: no such unsettled commit"),
+        }
+    }
+
+    /// An ordered group commit (see the module doc, "Group commits").
+    fn group_commit(&mut self, client: NodeId, commit: Bytes, welcome: Bytes) -> Bytes {
+        if !self.membership.replica_ids().contains(&client) {
+            return Bytes::from_static(b"refused: not a replica");
+        }
+        if self.barred.contains(&client) {
+            return Bytes::from_static(b"refused: a commit of this replica was voided");
+        }
+        if self.tentative.is_some() {
+            return Bytes::from_static(b"refused: another commit awaits its settlement");
+        }
+        match securesmart_membership::commit_epoch(&commit) {
+            // (An epoch of u64::MAX could make no next epoch.)
+            Ok(e) if e == self.group_epoch && e < u64::MAX => {
+                let digest = securesmart_membership::commit_digest(&commit);
+                self.group.push(GroupEvent::Commit {
+                    commit: commit.clone(),
+                    welcome: welcome.clone(),
+                    settled: false,
+                });
+                self.tentative = Some(Tentative {
+                    made_for: e,
+                    digest,
+                    from: client,
+                    commit,
+                    welcome,
+                    applied: BTreeSet::new(),
+                    refused: BTreeSet::new(),
+                });
+                Bytes::from_static(b"ok")
+            }
+            Ok(_) => Bytes::from_static(b"refused: not a commit for the current epoch"),
+            Err(_) => Bytes::from_static(b"refused: not an MLS commit"),
+        }
+    }
+
+    /// Keeps the unsettled commit once f + 1 current replicas applied it (at least one
+    /// correct replica holds the new epoch), voids it once f + 1 that held the epoch it was
+    /// made for could not (at least one correct replica could not: the commit is bad, and its
+    /// orderer is barred). Each replica counts once, for its first answer; since the correct
+    /// replicas that hold the epoch answer, one of the two comes.
+    fn settle_commit(&mut self) {
+        let replicas: BTreeSet<NodeId> = self.membership.replica_ids().into_iter().collect();
+        let f = replicas.len().saturating_sub(1) / 3;
+        let Some(t) = &self.tentative else {
+            return;
+        };
+        let count = |set: &BTreeSet<NodeId>| set.intersection(&replicas).count();
+        let (kept, voided) = (count(&t.applied) > f, count(&t.refused) > f);
+        if !kept && !voided {
+            return;
+        }
+        let Some(t) = self.tentative.take() else {
+            return;
+        };
+        if kept {
+            let epoch = t.made_for.saturating_add(1);
+            self.group_epoch = epoch;
+            let oldest = epoch.saturating_sub(SEALED_EPOCHS_ACCEPTED);
+            self.epoch_commits.insert(epoch, t.digest);
+            self.epoch_commits.retain(|e, _| *e >= oldest);
+            self.acks.insert(epoch, t.applied);
+            self.acks.retain(|e, _| *e >= oldest);
+            self.commits.push_back((t.commit, t.welcome));
+            while self.commits.len() > COMMIT_HISTORY {
+                self.commits.pop_front();
+            }
+            metrics::counter!("securesmart_node_group_commits_settled_total", "outcome" => "kept")
+                .increment(1);
+            tracing::info!(epoch, "group commit kept");
+        } else {
+            metrics::counter!("securesmart_node_group_commits_settled_total", "outcome" => "voided")
+                .increment(1);
+            tracing::warn!(
+                from = ?t.from,
+                epoch = t.made_for,
+                "group commit voided: replicas could not apply it; its orderer is barred"
+            );
+            self.barred.insert(t.from);
+        }
+        self.group.push(GroupEvent::Settled {
+            commit: t.digest,
+            kept,
+        });
     }
 
     /// Runs an application request, unless the application state is lost.
@@ -300,10 +497,26 @@ impl<S: StateMachine> NodeState<S> {
     fn encode_public(&self, w: &mut Writer) {
         w.u8(VERSION);
         write_ids(w, &self.admins);
-        match self.group_epoch {
-            Some(e) => w.u8(1).raw(&e.to_be_bytes()),
-            None => w.u8(0),
-        };
+        w.raw(&self.group_epoch.to_be_bytes());
+        w.u32(u32::try_from(self.epoch_commits.len()).unwrap_or(u32::MAX));
+        for (epoch, digest) in &self.epoch_commits {
+            w.raw(&epoch.to_be_bytes()).raw(digest);
+        }
+        match &self.tentative {
+            Some(t) => {
+                w.u8(1)
+                    .raw(&t.made_for.to_be_bytes())
+                    .raw(t.from.as_bytes())
+                    .bytes(&t.commit)
+                    .bytes(&t.welcome);
+                write_ids(w, &t.applied);
+                write_ids(w, &t.refused);
+            }
+            None => {
+                w.u8(0);
+            }
+        }
+        write_ids(w, &self.barred);
         w.u32(u32::try_from(self.joined.len()).unwrap_or(u32::MAX));
         for (id, epoch) in &self.joined {
             w.raw(id.as_bytes()).raw(&epoch.to_be_bytes());
@@ -325,6 +538,8 @@ impl<S: StateMachine> NodeState<S> {
         self.membership = p.membership;
         self.admins = p.admins;
         self.group_epoch = p.group_epoch;
+        self.epoch_commits = p.epoch_commits;
+        self.barred = p.barred;
         self.acks = p.acks;
         self.joined = p.joined;
         self.confidential = p.confidential;
@@ -337,8 +552,17 @@ impl<S: StateMachine> NodeState<S> {
             .map(|(commit, welcome)| GroupEvent::Commit {
                 commit: commit.clone(),
                 welcome: welcome.clone(),
+                settled: true,
             })
             .collect();
+        if let Some(t) = &p.tentative {
+            self.group.push(GroupEvent::Commit {
+                commit: t.commit.clone(),
+                welcome: t.welcome.clone(),
+                settled: false,
+            });
+        }
+        self.tentative = p.tentative;
         self.commits = p.commits;
     }
 
@@ -404,10 +628,12 @@ impl<S: StateMachine> NodeState<S> {
                     "membership changed"
                 );
                 if let Applied::Added(id) = applied {
-                    self.joined.insert(*id, self.group_epoch() + 1);
+                    self.joined
+                        .insert(*id, self.group_epoch().saturating_add(1));
                 }
                 let m = &self.membership;
                 self.joined.retain(|id, _| m.members().contains_key(id));
+                self.barred.retain(|id| m.members().contains_key(id));
                 self.changes.push(applied.clone());
             }
             Err(why) => {
@@ -427,7 +653,8 @@ impl<S: StateMachine> StateMachine for NodeState<S> {
             Ok(Ordered::Sealed { commitment, sealed }) => {
                 self.sealed(request, &commitment, &sealed)
             }
-            Ok(Ordered::KeyAck(epoch)) => self.key_ack(request.client, epoch),
+            Ok(Ordered::KeyAck { epoch, commit }) => self.key_ack(request.client, epoch, commit),
+            Ok(Ordered::CommitRefused(commit)) => self.commit_refused(request.client, commit),
             Ok(Ordered::Command { time, command }) => self.command(request.client, time, &command),
             Ok(Ordered::KeyPackage(key_package)) => self.group_message(
                 request.client,
@@ -437,30 +664,7 @@ impl<S: StateMachine> StateMachine for NodeState<S> {
                 },
             ),
             Ok(Ordered::GroupCommit { commit, welcome }) => {
-                // Only the first commit made for the current epoch counts (the one every member
-                // merges); a Welcome rides only on that one, so that nobody joins from a commit
-                // that lost the race.
-                match securesmart_membership::commit_epoch(&commit) {
-                    Ok(e) if self.group_epoch.is_none_or(|want| want == e) => {
-                        let event = GroupEvent::Commit {
-                            commit: commit.clone(),
-                            welcome: welcome.clone(),
-                        };
-                        let reply = self.group_message(request.client, event);
-                        if reply.starts_with(b"ok") {
-                            self.group_epoch = Some(e + 1);
-                            let oldest = (e + 1).saturating_sub(SEALED_EPOCHS_ACCEPTED);
-                            self.acks.retain(|epoch, _| *epoch >= oldest);
-                            self.commits.push_back((commit, welcome));
-                            while self.commits.len() > COMMIT_HISTORY {
-                                self.commits.pop_front();
-                            }
-                        }
-                        reply
-                    }
-                    Ok(_) => Bytes::from_static(b"refused: not a commit for the current epoch"),
-                    Err(_) => Bytes::from_static(b"refused: not an MLS commit"),
-                }
+                self.group_commit(request.client, commit, welcome)
             }
             Err(e) => {
                 metrics::counter!("securesmart_node_undecodable_ordered_total").increment(1);
@@ -556,7 +760,10 @@ impl<S: StateMachine> StateMachine for NodeState<S> {
 /// The replicated state besides the application: what a sealed checkpoint keeps in the clear.
 struct Public {
     admins: BTreeSet<NodeId>,
-    group_epoch: Option<u64>,
+    group_epoch: u64,
+    epoch_commits: BTreeMap<u64, [u8; 32]>,
+    tentative: Option<Tentative>,
+    barred: BTreeSet<NodeId>,
     joined: BTreeMap<NodeId, u64>,
     acks: BTreeMap<u64, BTreeSet<NodeId>>,
     confidential: bool,
@@ -593,13 +800,43 @@ impl Public {
     fn decode(r: &mut Reader<'_>) -> Result<Self, RestoreError> {
         r.version(VERSION)?;
         let admins = read_ids(r, MAX_ADMINS, "too many administrators")?;
-        let group_epoch = match r.u8()? {
+        let group_epoch = u64::from_be_bytes(r.array()?);
+        let n = r.u32()? as usize;
+        if n > SEALED_EPOCHS_ACCEPTED as usize + 1 {
+            return Err(RestoreError::Malformed("too many epoch commits".into()));
+        }
+        let mut epoch_commits = BTreeMap::new();
+        for _ in 0..n {
+            let epoch = u64::from_be_bytes(r.array()?);
+            epoch_commits.insert(epoch, r.array()?);
+        }
+        let tentative = match r.u8()? {
             0 => None,
-            1 => Some(u64::from_be_bytes(r.array()?)),
+            1 => {
+                let made_for = u64::from_be_bytes(r.array()?);
+                let from = NodeId::from_bytes(r.array()?);
+                let commit =
+                    Bytes::copy_from_slice(r.bytes("group commit", MAX_MLS_MESSAGE_BYTES)?);
+                let welcome = Bytes::copy_from_slice(r.bytes("welcome", MAX_MLS_MESSAGE_BYTES)?);
+                let applied = read_ids(r, MAX_ACKS, "too many acknowledgements")?;
+                let refused = read_ids(r, MAX_ACKS, "too many refusals")?;
+                Some(Tentative {
+                    made_for,
+                    digest: securesmart_membership::commit_digest(&commit),
+                    from,
+                    commit,
+                    welcome,
+                    applied,
+                    refused,
+                })
+            }
             other => {
-                return Err(RestoreError::Malformed(format!("group epoch tag {other}")));
+                return Err(RestoreError::Malformed(format!(
+                    "tentative commit tag {other}"
+                )));
             }
         };
+        let barred = read_ids(r, MAX_ACKS, "too many barred replicas")?;
         let n = r.u32()? as usize;
         if n > MAX_ACKS {
             return Err(RestoreError::Malformed("too many joined replicas".into()));
@@ -646,6 +883,9 @@ impl Public {
         Ok(Self {
             admins,
             group_epoch,
+            epoch_commits,
+            tentative,
+            barred,
             joined,
             acks,
             confidential,
@@ -674,7 +914,11 @@ mod tests {
             let ack = Request {
                 client: *id,
                 number: 1,
-                payload: Ordered::KeyAck(0).encode(),
+                payload: Ordered::KeyAck {
+                    epoch: 0,
+                    commit: CREATION_DIGEST,
+                }
+                .encode(),
             };
             assert_eq!(s.sealable_epoch(), (i >= 3).then_some(0), "quorum of 3");
             assert_eq!(&s.execute(&ack)[..], b"ok");
@@ -785,7 +1029,7 @@ mod tests {
         // Sealed in an epoch the replicated state does not accept (ahead of it): refused
         // everywhere alike, keys or not.
         let mut behind = state().with_payload_keys(keys.clone());
-        behind.group_epoch = None;
+        behind.group_epoch = 0;
         let ahead = {
             // Move the member two epochs on: its payload is sealed in epoch 2.
             for _ in 0..2 {
@@ -796,6 +1040,121 @@ mod tests {
         };
         assert!(behind.execute(&ahead).is_empty());
         assert!(behind.state_known());
+    }
+
+    /// An ordered request of `client` with `ordered` as its payload.
+    fn ordered(client: NodeId, number: u64, ordered: Ordered) -> Request {
+        Request {
+            client,
+            number,
+            payload: ordered.encode(),
+        }
+    }
+
+    /// A valid MLS commit made for epoch 0 of some group of one (the test does not need the
+    /// replicas' own group: the replicated state reads only the framing).
+    fn commit_for_epoch_0(name: &str) -> Bytes {
+        let ca = DevCa::new("commit ca").unwrap();
+        let identity = ca.issue_role(name, Role::Replica).unwrap();
+        let mut member = GroupMember::new(&identity, GroupConfig::default()).unwrap();
+        member.create(Duration::ZERO).unwrap();
+        Bytes::from(member.propose_update().unwrap().commit)
+    }
+
+    #[test]
+    fn a_commit_replicas_cannot_apply_is_voided_and_its_orderer_barred() {
+        let mut s = state();
+        let ids = s.membership().replica_ids();
+        let faulty = ids[3];
+        let forged = commit_for_epoch_0("forger");
+        let digest = securesmart_membership::commit_digest(&forged);
+        let commit = |c: &Bytes| Ordered::GroupCommit {
+            commit: c.clone(),
+            welcome: Bytes::new(),
+        };
+        assert_eq!(&s.execute(&ordered(faulty, 1, commit(&forged)))[..], b"ok");
+        // Accepted, but the replicated epoch does not move on one replica's say-so (on
+        // 49586d0 it moved at once, to keys nobody held).
+        assert_eq!(s.group_epoch(), 0);
+        assert!(s.commit_unsettled());
+        assert_eq!(s.sealable_epoch(), Some(0));
+        // The faulty replica acknowledges it and refuses it too: it counts once.
+        let ack = |epoch, commit| Ordered::KeyAck { epoch, commit };
+        assert_eq!(&s.execute(&ordered(faulty, 2, ack(1, digest)))[..], b"ok");
+        assert_eq!(
+            &s.execute(&ordered(faulty, 3, Ordered::CommitRefused(digest)))[..],
+            b"ok"
+        );
+        assert!(s.commit_unsettled());
+        // While it is unsettled, no other commit is taken.
+        let honest = commit_for_epoch_0("honest");
+        assert!(
+            s.execute(&ordered(ids[0], 4, commit(&honest)))
+                .starts_with(b"refused")
+        );
+        // Two correct replicas (f + 1) that hold epoch 0 cannot apply it: voided.
+        s.take_group_events();
+        for (k, id) in ids[..2].iter().enumerate() {
+            let r = s.execute(&ordered(*id, 5 + k as u64, Ordered::CommitRefused(digest)));
+            assert_eq!(&r[..], b"ok");
+        }
+        assert!(!s.commit_unsettled());
+        assert_eq!(s.group_epoch(), 0);
+        assert!(s.barred().contains(&faulty));
+        assert_eq!(
+            s.take_group_events(),
+            vec![GroupEvent::Settled {
+                commit: digest,
+                kept: false
+            }]
+        );
+        // Its next commit is refused; a correct replica's is taken and kept once f + 1
+        // replicas acknowledge the epoch it made (an acknowledgement naming another commit
+        // does not count).
+        let again = commit_for_epoch_0("forger again");
+        assert!(
+            s.execute(&ordered(faulty, 9, commit(&again)))
+                .starts_with(b"refused")
+        );
+        assert_eq!(&s.execute(&ordered(ids[0], 10, commit(&honest)))[..], b"ok");
+        let good = securesmart_membership::commit_digest(&honest);
+        assert!(
+            s.execute(&ordered(ids[1], 11, ack(1, digest)))
+                .starts_with(b"refused")
+        );
+        assert_eq!(&s.execute(&ordered(ids[0], 12, ack(1, good)))[..], b"ok");
+        assert!(s.commit_unsettled());
+        let snapshot = s.snapshot();
+        assert_eq!(&s.execute(&ordered(ids[1], 13, ack(1, good)))[..], b"ok");
+        assert_eq!(s.group_epoch(), 1);
+        assert!(!s.commit_unsettled());
+        // The unsettled commit and the bar survive a snapshot.
+        let mut restored = NodeState::new(
+            securesmart_membership::fuzzing::four_replicas(),
+            BTreeSet::new(),
+            KvStore::default(),
+        );
+        restored.restore(&snapshot).unwrap();
+        assert!(restored.commit_unsettled());
+        assert!(restored.barred().contains(&faulty));
+        assert_eq!(
+            &restored.execute(&ordered(ids[1], 13, ack(1, good)))[..],
+            b"ok"
+        );
+        assert_eq!(restored.snapshot(), s.snapshot());
+    }
+
+    #[test]
+    fn an_old_snapshot_or_key_acknowledgement_is_a_clear_error() {
+        let mut s = state();
+        let mut old = s.snapshot().to_vec();
+        old[0] = 3;
+        let e = s.restore(&old).unwrap_err();
+        assert!(e.to_string().contains("version"), "{e}");
+        // A key acknowledgement of the format before settled commits.
+        let old_ack = Bytes::from_static(&[5, 0, 0, 0, 0, 0, 0, 0, 0]);
+        let e = Ordered::decode(&old_ack).unwrap_err();
+        assert!(e.to_string().contains("before settled commits"), "{e}");
     }
 
     fn contains(haystack: &[u8], needle: &[u8]) -> bool {

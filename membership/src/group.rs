@@ -6,11 +6,25 @@
 //!   its MLS signature key is the Ed25519 key of its certificate: the same key signs TLS
 //!   handshakes and MLS messages. A key package is accepted for an `AddNode` only if both match
 //!   the certificate in the command ([`GroupMember::check_key_package`]).
-//! - Commits take effect only through [`GroupMember::apply_commit`], called with the commits in
-//!   the order the ordering layer delivers them. Every member applies the same commits in the
-//!   same order; a commit made for another epoch (stale, replayed, or the loser of two competing
-//!   commits) is refused by every member alike, and so is one from a non-member or with a bad
-//!   signature. A member's own commit is merged only when it comes back in that order.
+//! - Commits take effect only through [`GroupMember::apply_commit_checked`] (or
+//!   [`GroupMember::apply_commit`] without a membership), called with the commits in the order
+//!   the ordering layer delivers them. Every member applies the same commits in the same order;
+//!   a commit made for another epoch (stale, replayed, or the loser of two competing commits) is
+//!   refused by every member alike, and so is one from a non-member or with a bad signature. A
+//!   member's own commit is merged only when it comes back in that order.
+//! - The commit policy ([`GroupMember::apply_commit_checked`]), judged from the ordered
+//!   membership alone, so that every correct member decides alike: the committer is a current
+//!   replica; a commit adds only current replicas (key package bound to the certificate) that
+//!   are not in the group, removes only members that are no longer replicas or that it adds
+//!   again in the same commit (a member whose key was lost, [`GroupMember::propose_readd`]),
+//!   keeps the committer's credential and key, and carries no other proposal (pre-shared keys,
+//!   re-init, external init, group context extensions, updates by reference, custom).
+//! - A merged commit is *unsettled* until the ordering layer says whether the group took it
+//!   ([`GroupMember::settle`]): the member keeps its state from before (in memory), and goes
+//!   back to it if the commit is voided. This is what lets the replicas' replicated state undo
+//!   a commit that some correct members could not apply (MLS cannot tell that from public data:
+//!   path secrets are encrypted to each member, and the confirmation tag needs the epoch's
+//!   secrets).
 //! - After each epoch change the payload key is `BLAKE3-derive_key(PAYLOAD_KEY_CONTEXT,
 //!   MLS-Exporter(EXPORTER_LABEL, "", 32))`; payloads are sealed with AES-256-GCM-SIV and a
 //!   random nonce. A sealed payload names its epoch and sender; the AAD binds the domain tag,
@@ -32,7 +46,7 @@
 //!
 //! Sealed format: `version=1 u8 | epoch u64 | sender [32] | nonce [12] | ciphertext+tag`.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -43,7 +57,8 @@ use openmls::prelude::tls_codec::{Deserialize as _, Serialize as _};
 use openmls::prelude::{
     BasicCredential, Ciphersuite, CredentialWithKey, GroupId, KeyPackage, KeyPackageIn,
     LeafNodeIndex, LeafNodeParameters, MlsGroup, MlsGroupCreateConfig, MlsGroupJoinConfig,
-    MlsMessageBodyIn, MlsMessageIn, ProcessedMessageContent, ProtocolVersion, StagedWelcome,
+    MlsMessageBodyIn, MlsMessageIn, ProcessedMessageContent, Proposal as MlsProposal,
+    ProtocolVersion, StagedWelcome,
 };
 use openmls_basic_credential::SignatureKeyPair;
 use openmls_memory_storage::MemoryStorage;
@@ -52,7 +67,9 @@ use openmls_traits::OpenMlsProvider;
 use openmls_traits::types::SignatureScheme;
 use rustls::pki_types::CertificateDer;
 use securesmart_transport::{Identity, NodeId, ed25519_public_key};
-use zeroize::Zeroizing;
+use zeroize::{Zeroize, Zeroizing};
+
+use crate::epoch::Membership;
 
 use crate::store::{self, Faults};
 use securesmart_transport::wire::{Reader, WireError, Writer};
@@ -77,8 +94,12 @@ const SEALED_VERSION: u8 = 1;
 const SEALED_HEADER: usize = 1 + 8 + 32 + 12;
 /// Largest MLS message accepted by [`GroupMember::apply_commit`] and friends.
 pub const MAX_MLS_MESSAGE_BYTES: usize = 1024 * 1024;
-/// State-file format version.
-const STATE_VERSION: u8 = 1;
+/// State-file format version (2: the digest of the commit that made the current epoch).
+const STATE_VERSION: u8 = 2;
+/// BLAKE3 `derive_key` context of [`commit_digest`].
+pub const COMMIT_DIGEST_CONTEXT: &str = "securesmart 2026-12-01 group commit digest v1";
+/// The digest that stands for the epoch a group was created in (no commit made it).
+pub const CREATION_DIGEST: [u8; 32] = [0; 32];
 /// Largest state file read back.
 const MAX_STATE_BYTES: usize = 256 * 1024 * 1024;
 
@@ -220,6 +241,14 @@ struct KeyRing {
     pinned: Option<u64>,
 }
 
+/// A copy of a [`KeyRing`] (an unsettled commit's undo; zeroized when dropped).
+#[derive(Default)]
+struct KeyRingSnapshot {
+    current: Option<u64>,
+    keys: BTreeMap<u64, Zeroizing<[u8; 32]>>,
+    sealed_in_epoch: u64,
+}
+
 impl KeyRing {
     /// Erases the oldest keys beyond `keep`, except pinned ones (up to [`MAX_KEPT_EPOCHS`]).
     /// Whether any was erased.
@@ -293,6 +322,23 @@ impl PayloadKeys {
         let mut k = self.inner.write().map_err(key_lock)?;
         k.pinned = Some(from);
         Ok(k.prune(keep))
+    }
+
+    fn snapshot(&self) -> Result<KeyRingSnapshot, GroupError> {
+        let k = self.inner.read().map_err(key_lock)?;
+        Ok(KeyRingSnapshot {
+            current: k.current,
+            keys: k.keys.clone(),
+            sealed_in_epoch: k.sealed_in_epoch,
+        })
+    }
+
+    fn put_back(&self, snapshot: KeyRingSnapshot) -> Result<(), GroupError> {
+        let mut k = self.inner.write().map_err(key_lock)?;
+        k.current = snapshot.current;
+        k.keys = snapshot.keys;
+        k.sealed_in_epoch = snapshot.sealed_in_epoch;
+        Ok(())
     }
 
     fn left(&self) -> Result<(), GroupError> {
@@ -465,6 +511,127 @@ pub enum CommitOutcome {
     Removed,
 }
 
+/// The digest of an ordered commit (a domain-separated BLAKE3 hash): how the ordering layer's
+/// replicated state and the members name it in acknowledgements and refusals.
+pub fn commit_digest(commit: &[u8]) -> [u8; 32] {
+    *blake3::Hasher::new_derive_key(COMMIT_DIGEST_CONTEXT)
+        .update(commit)
+        .finalize()
+        .as_bytes()
+}
+
+/// What [`GroupMember::settle`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Settled {
+    /// The commit stays: the member forgot the state from before it.
+    Kept,
+    /// The commit was voided: the member is back in the state from before it.
+    RolledBack,
+    /// The member holds no unsettled commit with that digest.
+    Unknown,
+}
+
+/// A member's state before an unsettled commit (see the module doc).
+struct Undo {
+    /// The epoch the commit was made for (the member's epoch before it; `None`: no group).
+    made_for: Option<u64>,
+    digest: [u8; 32],
+    values: HashMap<Vec<u8>, Vec<u8>>,
+    group_id: Option<GroupId>,
+    keys: KeyRingSnapshot,
+    entered_by: [u8; 32],
+    epoch_started: Duration,
+}
+
+impl Drop for Undo {
+    fn drop(&mut self) {
+        // The storage copy holds the epoch's MLS secrets.
+        for v in self.values.values_mut() {
+            v.zeroize();
+        }
+    }
+}
+
+/// Checks a staged commit from `committer` against the commit policy for the ordered
+/// membership `m` (see the module doc), before it is merged into `group`.
+fn check_commit(
+    group: &MlsGroup,
+    committer: &openmls::prelude::Credential,
+    staged: &openmls::prelude::StagedCommit,
+    m: &Membership,
+) -> Result<(), GroupError> {
+    let refuse = |why: String| Err(GroupError::CommitRefused(why));
+    let replicas: BTreeSet<NodeId> = m.replica_ids().into_iter().collect();
+    let key_of = |id: &NodeId| {
+        m.members()
+            .get(id)
+            .and_then(|member| ed25519_public_key(&member.certificate))
+    };
+    let Some(sender) = member_id(committer).filter(|id| replicas.contains(id)) else {
+        return refuse("the committer is not a current replica".into());
+    };
+    let mut added = BTreeSet::new();
+    let mut removed = BTreeSet::new();
+    for queued in staged.queued_proposals() {
+        match queued.proposal() {
+            MlsProposal::Add(add) => {
+                let leaf = add.key_package().leaf_node();
+                let Some(id) = member_id(leaf.credential()).filter(|id| replicas.contains(id))
+                else {
+                    return refuse("adds a node that is not a current replica".into());
+                };
+                if key_of(&id).is_none_or(|k| k.as_slice() != leaf.signature_key().as_slice()) {
+                    return refuse(format!(
+                        "adds {id} with a key that is not its certificate's"
+                    ));
+                }
+                if !added.insert(id) {
+                    return refuse(format!("adds {id} twice"));
+                }
+            }
+            MlsProposal::Remove(remove) => {
+                let Some(id) = group
+                    .member_at(remove.removed())
+                    .and_then(|member| member_id(&member.credential))
+                else {
+                    return refuse("removes an unknown leaf".into());
+                };
+                removed.insert(id);
+            }
+            other => {
+                return refuse(format!(
+                    "a {:?} proposal, which this group does not use",
+                    other.proposal_type()
+                ));
+            }
+        }
+    }
+    let current: BTreeSet<NodeId> = group
+        .members()
+        .filter_map(|member| member_id(&member.credential))
+        .collect();
+    if let Some(id) = added
+        .iter()
+        .find(|id| current.contains(*id) && !removed.contains(*id))
+    {
+        return refuse(format!("adds {id}, which is a member already"));
+    }
+    if let Some(id) = removed
+        .iter()
+        .find(|id| replicas.contains(*id) && !added.contains(*id))
+    {
+        return refuse(format!("removes {id}, which is a current replica"));
+    }
+    if let Some(leaf) = staged.update_path_leaf_node()
+        && (member_id(leaf.credential()) != Some(sender)
+            || key_of(&sender).is_none_or(|k| k.as_slice() != leaf.signature_key().as_slice()))
+    {
+        return refuse("changes the committer's credential or key".into());
+    }
+    Ok(())
+}
+
 /// One member of the replicas' MLS group (see the module doc).
 pub struct GroupMember {
     id: NodeId,
@@ -475,6 +642,10 @@ pub struct GroupMember {
     keys: PayloadKeys,
     pending: Option<Vec<u8>>,
     epoch_started: Duration,
+    /// The digest of the commit that made the current epoch ([`CREATION_DIGEST`] for the
+    /// epoch the group was created in).
+    entered_by: [u8; 32],
+    undo: Option<Undo>,
     config: GroupConfig,
     faults: Faults,
 }
@@ -515,6 +686,8 @@ impl GroupMember {
             keys: PayloadKeys::new(identity.id()),
             pending: None,
             epoch_started: Duration::ZERO,
+            entered_by: CREATION_DIGEST,
+            undo: None,
             config,
             faults: Faults::default(),
         };
@@ -569,6 +742,8 @@ impl GroupMember {
         )
         .map_err(mls_err)?;
         self.group = Some(group);
+        self.entered_by = CREATION_DIGEST;
+        self.undo = None;
         self.entered_epoch(now)
     }
 
@@ -699,6 +874,44 @@ impl GroupMember {
         })
     }
 
+    /// Builds one commit that removes member `id`'s leaf and adds it again from
+    /// `key_package` (checked against `certificate`): for a member that lost its key (it
+    /// missed commits, or rolled back), so that it is never removed alone while it is a
+    /// replica (the commit policy refuses that).
+    ///
+    /// # Errors
+    /// [`GroupError::UnknownMember`], key package, MLS and state errors.
+    pub fn propose_readd(
+        &mut self,
+        id: NodeId,
+        key_package: &[u8],
+        certificate: &CertificateDer<'_>,
+    ) -> Result<Proposal, GroupError> {
+        let kp = self.check_key_package(key_package, certificate)?;
+        let index: LeafNodeIndex = self
+            .group
+            .as_ref()
+            .ok_or(GroupError::NotMember)?
+            .members()
+            .find(|m| member_id(&m.credential) == Some(id))
+            .map(|m| m.index)
+            .ok_or(GroupError::UnknownMember(id))?;
+        self.drop_pending()?;
+        let (provider, signer) = (&self.provider, &self.signer);
+        let group = self.group.as_mut().ok_or(GroupError::NotMember)?;
+        let messages = group
+            .swap_members(provider, signer, &[index], &[kp])
+            .map_err(mls_err)?;
+        let commit = messages.commit.tls_serialize_detached().map_err(mls_err)?;
+        let welcome = messages.welcome.tls_serialize_detached().map_err(mls_err)?;
+        self.pending = Some(commit.clone());
+        self.persist()?;
+        Ok(Proposal {
+            commit,
+            welcome: Some(welcome),
+        })
+    }
+
     /// Builds an Update commit (fresh leaf keys: forward secrecy and post-compromise security).
     ///
     /// # Errors
@@ -734,7 +947,8 @@ impl GroupMember {
         Ok(())
     }
 
-    /// Applies the next commit in the order the ordering layer gave (see the module doc).
+    /// Applies the next commit in the order the ordering layer gave (see the module doc),
+    /// without the commit policy: for a group whose membership the caller checks itself.
     /// `now` is the caller's clock, used only for the rotation policy.
     ///
     /// # Errors
@@ -744,14 +958,41 @@ impl GroupMember {
         commit: &[u8],
         now: Duration,
     ) -> Result<CommitOutcome, GroupError> {
+        self.apply(commit, None, now)
+    }
+
+    /// Applies the next ordered commit after checking it against the commit policy for the
+    /// ordered `membership` (see the module doc): a commit the policy refuses changes nothing,
+    /// at every correct member alike. The commit stays unsettled until [`GroupMember::settle`].
+    ///
+    /// # Errors
+    /// [`GroupError::CommitRefused`] (nothing changed), malformed input, MLS and state errors.
+    pub fn apply_commit_checked(
+        &mut self,
+        commit: &[u8],
+        membership: &Membership,
+        now: Duration,
+    ) -> Result<CommitOutcome, GroupError> {
+        self.apply(commit, Some(membership), now)
+    }
+
+    fn apply(
+        &mut self,
+        commit: &[u8],
+        membership: Option<&Membership>,
+        now: Duration,
+    ) -> Result<CommitOutcome, GroupError> {
         if commit.len() > MAX_MLS_MESSAGE_BYTES {
             return Err(GroupError::InvalidMessage("too large".into()));
         }
         if self.group.is_none() {
             return Err(GroupError::NotMember);
         }
+        let digest = commit_digest(commit);
+        let undo = self.undo_point(digest)?;
         if self.pending.as_deref() == Some(commit) {
-            // Our own commit came back first in the order: merge it.
+            // Our own commit came back first in the order: merge it (we built it under the
+            // policy).
             self.pending = None;
             let group = self.group.as_mut().ok_or(GroupError::NotMember)?;
             group
@@ -767,10 +1008,14 @@ impl GroupMember {
             let processed = group
                 .process_message(provider, message)
                 .map_err(|e| GroupError::CommitRefused(format!("{e:?}")))?;
+            let committer = processed.credential().clone();
             let ProcessedMessageContent::StagedCommitMessage(staged) = processed.into_content()
             else {
                 return Err(GroupError::CommitRefused("not a commit".into()));
             };
+            if let Some(m) = membership {
+                check_commit(group, &committer, &staged, m)?;
+            }
             // This commit wins the epoch: a commit of ours for it is void. (A refused commit
             // above left ours in place: it may still come in the order.)
             if self.pending.take().is_some() {
@@ -782,6 +1027,8 @@ impl GroupMember {
                 .merge_staged_commit(provider, *staged)
                 .map_err(mls_err)?;
         }
+        self.undo = Some(undo);
+        self.entered_by = digest;
         let active = self.group.as_ref().is_some_and(MlsGroup::is_active);
         if !active {
             // Removed: the new epoch's secrets were never ours; forget the group.
@@ -794,6 +1041,73 @@ impl GroupMember {
         Ok(CommitOutcome::Advanced(self.epoch().unwrap_or_default()))
     }
 
+    /// The state to go back to if the commit `digest`, about to be merged, is voided.
+    fn undo_point(&self, digest: [u8; 32]) -> Result<Undo, GroupError> {
+        let values = self
+            .provider
+            .storage
+            .values
+            .read()
+            .map_err(|_| GroupError::State("storage lock".into()))?
+            .clone();
+        Ok(Undo {
+            made_for: self.epoch(),
+            digest,
+            values,
+            group_id: self.group.as_ref().map(|g| g.group_id().clone()),
+            keys: self.keys.snapshot()?,
+            entered_by: self.entered_by,
+            epoch_started: self.epoch_started,
+        })
+    }
+
+    /// The ordering layer settled the commit `digest`: `keep` it (the group took it), or go
+    /// back to the state from before it (it was voided: some correct members could not apply
+    /// it). A member without that commit unsettled changes nothing.
+    ///
+    /// # Errors
+    /// MLS and state errors while going back.
+    pub fn settle(&mut self, digest: [u8; 32], keep: bool) -> Result<Settled, GroupError> {
+        if self.undo.as_ref().is_none_or(|u| u.digest != digest) {
+            return Ok(Settled::Unknown);
+        }
+        let Some(mut undo) = self.undo.take() else {
+            return Ok(Settled::Unknown);
+        };
+        if keep {
+            return Ok(Settled::Kept);
+        }
+        self.pending = None;
+        *self
+            .provider
+            .storage
+            .values
+            .write()
+            .map_err(|_| GroupError::State("storage lock".into()))? =
+            std::mem::take(&mut undo.values);
+        self.group = match &undo.group_id {
+            Some(id) => MlsGroup::load(self.provider.storage(), id).map_err(mls_err)?,
+            None => None,
+        };
+        self.keys.put_back(std::mem::take(&mut undo.keys))?;
+        self.entered_by = undo.entered_by;
+        self.epoch_started = undo.epoch_started;
+        self.persist()?;
+        Ok(Settled::RolledBack)
+    }
+
+    /// The unsettled commit, if any: the epoch it was made for (`None`: this member joined
+    /// with it) and its digest.
+    pub fn unsettled(&self) -> Option<(Option<u64>, [u8; 32])> {
+        self.undo.as_ref().map(|u| (u.made_for, u.digest))
+    }
+
+    /// The digest of the commit that made the current epoch ([`CREATION_DIGEST`] for the
+    /// epoch the group was created in, and after [`GroupMember::join`]).
+    pub fn entered_by(&self) -> [u8; 32] {
+        self.entered_by
+    }
+
     /// Joins the group from a Welcome (after the Add commit that produced it was ordered).
     /// Any group state this member holds is dropped first (call it only when that state is of
     /// no use: no group, or one that fell behind).
@@ -801,6 +1115,22 @@ impl GroupMember {
     /// # Errors
     /// Malformed input, MLS and state errors.
     pub fn join(&mut self, welcome: &[u8], now: Duration) -> Result<(), GroupError> {
+        self.join_from(welcome, CREATION_DIGEST, now)
+    }
+
+    /// [`GroupMember::join`] with the digest of the commit whose Welcome it is
+    /// ([`commit_digest`]): the join stays unsettled until [`GroupMember::settle`] for that
+    /// commit (if it is voided, the member is back where it was: without a group, or in the
+    /// one it had).
+    ///
+    /// # Errors
+    /// Malformed input, MLS and state errors.
+    pub fn join_from(
+        &mut self,
+        welcome: &[u8],
+        commit: [u8; 32],
+        now: Duration,
+    ) -> Result<(), GroupError> {
         if welcome.len() > MAX_MLS_MESSAGE_BYTES {
             return Err(GroupError::InvalidMessage("too large".into()));
         }
@@ -817,15 +1147,26 @@ impl GroupMember {
         // A member whose group state fell behind (it missed commits and asks to be re-added)
         // drops the old state first: the new group has the same group id, and the old state
         // holds no key anybody still uses.
+        let mut undo = self.undo_point(commit)?;
+        undo.made_for = None;
         if let Some(mut old) = self.group.take() {
             self.pending = None;
             old.delete(self.provider.storage()).map_err(mls_err)?;
         }
-        let group = StagedWelcome::new_from_welcome(&self.provider, &config, welcome, None)
-            .map_err(|e| GroupError::InvalidMessage(format!("{e:?}")))?
-            .into_group(&self.provider)
-            .map_err(mls_err)?;
+        let staged = StagedWelcome::new_from_welcome(&self.provider, &config, welcome, None)
+            .map_err(|e| GroupError::InvalidMessage(format!("{e:?}")));
+        let group = match staged.and_then(|s| s.into_group(&self.provider).map_err(mls_err)) {
+            Ok(group) => group,
+            Err(e) => {
+                // The old state is gone from the storage: put it back.
+                self.undo = Some(undo);
+                self.settle(commit, false)?;
+                return Err(e);
+            }
+        };
         self.group = Some(group);
+        self.undo = Some(undo);
+        self.entered_by = commit;
         self.entered_epoch(now)
     }
 
@@ -910,6 +1251,7 @@ impl GroupMember {
             .map(|g| g.group_id().as_slice().to_vec())
             .unwrap_or_default();
         w.bytes(&group_id);
+        w.raw(&self.entered_by);
         self.keys.encode(&mut w)?;
         let values = self
             .provider
@@ -939,8 +1281,16 @@ impl GroupMember {
         }
         let state = |e: WireError| GroupError::State(format!("{}: {e}", path.display()));
         let mut r = Reader::new(&bytes);
+        if bytes.first() == Some(&1) {
+            return Err(GroupError::State(format!(
+                "{}: state file format 1 (before settled commits) is no longer read; \
+                 remove it and the replica asks to be added to the group again",
+                path.display()
+            )));
+        }
         r.version(STATE_VERSION).map_err(state)?;
         let group_id = r.bytes("group id", 1024).map_err(state)?.to_vec();
+        let entered_by = r.array::<32>().map_err(state)?;
         let n_keys = r.u32().map_err(state)?;
         let mut keys = BTreeMap::new();
         for _ in 0..n_keys.min(1024) {
@@ -964,6 +1314,7 @@ impl GroupMember {
             MlsGroup::load(self.provider.storage(), &GroupId::from_slice(&group_id))
                 .map_err(mls_err)?
         };
+        self.entered_by = entered_by;
         self.keys.restored(keys, self.epoch())
     }
 }
@@ -1081,6 +1432,142 @@ mod tests {
 
     fn all(nodes: &mut [Node]) -> Vec<&mut Node> {
         nodes.iter_mut().collect()
+    }
+
+    /// The ordered membership of `nodes`' replicas.
+    fn membership(ca: &DevCa, nodes: &[&Node]) -> Membership {
+        let members = nodes
+            .iter()
+            .enumerate()
+            .map(|(i, n)| crate::epoch::Member {
+                certificate: cert(n),
+                replica_addr: std::net::SocketAddr::from(([127, 0, 0, 1], 9000 + i as u16)),
+                client_addr: std::net::SocketAddr::from(([127, 0, 0, 1], 9100 + i as u16)),
+                role: Role::Replica,
+                key_package: vec![],
+            })
+            .collect();
+        Membership::genesis(
+            ca.certificate(),
+            members,
+            rustls::pki_types::UnixTime::now(),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn commits_the_membership_does_not_allow_are_refused_by_every_member() {
+        let ca = DevCa::new("mls ca").unwrap();
+        let mut nodes = group(&ca, 5);
+        let everyone = membership(&ca, &nodes.iter().collect::<Vec<_>>());
+        // A faulty member (4) removes two current replicas in a valid MLS commit.
+        let ids: Vec<NodeId> = nodes.iter().map(|n| n.identity.id()).collect();
+        let forged = {
+            let faulty = &mut nodes[4].member;
+            let index = |id| {
+                faulty
+                    .group
+                    .as_ref()
+                    .unwrap()
+                    .members()
+                    .find(|m| member_id(&m.credential) == Some(id))
+                    .unwrap()
+                    .index
+            };
+            let (a, b) = (index(ids[1]), index(ids[2]));
+            let (provider, signer) = (&faulty.provider, &faulty.signer);
+            let (commit, _, _) = faulty
+                .group
+                .as_mut()
+                .unwrap()
+                .remove_members(provider, signer, &[a, b])
+                .unwrap();
+            commit.tls_serialize_detached().unwrap()
+        };
+        for n in &mut nodes[..4] {
+            let r = n.member.apply_commit_checked(&forged, &everyone, T0);
+            assert!(
+                matches!(&r, Err(GroupError::CommitRefused(why)) if why.contains("current replica")),
+                "{r:?}"
+            );
+            assert_eq!(n.member.epoch(), Some(4), "nothing changed");
+        }
+        // The same removal once replica 2 has left the membership: applied (the accepted
+        // case); replica 1 still may not be removed alone.
+        let without_2 = membership(&ca, &[&nodes[0], &nodes[1], &nodes[3], &nodes[4]]);
+        let r = nodes[0]
+            .member
+            .apply_commit_checked(&forged, &without_2, T0);
+        assert!(matches!(r, Err(GroupError::CommitRefused(_))), "{r:?}");
+        let p = nodes[0].member.propose_remove(ids[2]).unwrap();
+        for i in [1, 3] {
+            let r = nodes[i]
+                .member
+                .apply_commit_checked(&p.commit, &without_2, T0);
+            assert_eq!(r.unwrap(), CommitOutcome::Advanced(5));
+        }
+        // An Add of a node that is not a replica of the membership is refused.
+        let outsider = node(&ca, "outsider", GroupConfig::default());
+        let mut outsider = outsider;
+        let kp = outsider.member.key_package().unwrap();
+        let p = nodes[3].member.propose_add(&kp, &cert(&outsider)).unwrap();
+        let r = nodes[1]
+            .member
+            .apply_commit_checked(&p.commit, &without_2, T0);
+        assert!(
+            matches!(r, Err(GroupError::CommitRefused(why)) if why.contains("not a current replica"))
+        );
+    }
+
+    #[test]
+    fn a_voided_commit_is_undone_and_a_kept_one_stays() {
+        let ca = DevCa::new("mls ca").unwrap();
+        let mut nodes = group(&ca, 4);
+        let everyone = membership(&ca, &nodes.iter().collect::<Vec<_>>());
+        let before = nodes[1].member.payload_keys();
+        let sealed_before = nodes[1].member.seal(b"ctx", b"before").unwrap();
+        // A commit that members 0 and 1 merged, then the order voids it.
+        let p = nodes[2].member.propose_update().unwrap();
+        for i in [0, 1] {
+            let r = nodes[i]
+                .member
+                .apply_commit_checked(&p.commit, &everyone, T0);
+            assert_eq!(r.unwrap(), CommitOutcome::Advanced(4));
+        }
+        let digest = commit_digest(&p.commit);
+        assert_eq!(nodes[1].member.unsettled(), Some((Some(3), digest)));
+        assert_eq!(
+            nodes[1].member.settle(digest, false).unwrap(),
+            Settled::RolledBack
+        );
+        assert_eq!(nodes[1].member.epoch(), Some(3));
+        assert_eq!(before.current(), Some(3));
+        assert!(
+            !before.epochs().contains(&4),
+            "the voided epoch's key is gone"
+        );
+        assert!(nodes[1].member.open(&sealed_before, b"ctx").is_ok());
+        // Back in epoch 3, member 1 applies the commit that wins it instead, like member 2's
+        // group would; and keeps it.
+        nodes[0].member.settle(digest, false).unwrap();
+        // The faulty committer's own pending commit is dropped when another wins.
+        let q = nodes[0].member.propose_update().unwrap();
+        let mut members = all(&mut nodes);
+        for r in order(&mut members, &q.commit) {
+            assert_eq!(r.unwrap(), CommitOutcome::Advanced(4));
+        }
+        let kept = commit_digest(&q.commit);
+        for n in &mut nodes {
+            assert_eq!(n.member.settle(kept, true).unwrap(), Settled::Kept);
+            assert_eq!(n.member.unsettled(), None);
+            assert_eq!(n.member.entered_by(), kept);
+        }
+        let sealed = nodes[2].member.seal(b"ctx", b"after").unwrap();
+        assert!(nodes[1].member.open(&sealed, b"ctx").is_ok());
+        assert_eq!(
+            nodes[1].member.settle(kept, false).unwrap(),
+            Settled::Unknown
+        );
     }
 
     #[test]

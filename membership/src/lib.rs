@@ -47,8 +47,9 @@ pub mod trust_center;
 pub use enrollment::{EnrollError, Enrolled, EnrollmentServer, enroll};
 pub use epoch::{Applied, CommandRefusal, MIN_REPLICAS, Member, Membership, MembershipCommand};
 pub use group::{
-    CommitOutcome, GroupConfig, GroupError, GroupMember, MAX_MLS_MESSAGE_BYTES, Opened,
-    PayloadKeys, Proposal, RotationPolicy, commit_epoch, sealed_epoch,
+    COMMIT_DIGEST_CONTEXT, CREATION_DIGEST, CommitOutcome, GroupConfig, GroupError, GroupMember,
+    MAX_MLS_MESSAGE_BYTES, Opened, PayloadKeys, Proposal, RotationPolicy, Settled, commit_digest,
+    commit_epoch, sealed_epoch,
 };
 pub use securesmart_transport::wire::WireError;
 pub use trust_center::{
