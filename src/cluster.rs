@@ -268,6 +268,20 @@ impl LocalCluster {
     /// # Errors
     /// [`ClusterError::Io`] if the process cannot start.
     pub fn start(&mut self, i: usize, log: &str) -> Result<(), ClusterError> {
+        self.start_with(i, log, &[])
+    }
+
+    /// [`LocalCluster::start`] with extra environment variables for the process (e.g. the
+    /// fault a test build of the node plays, `SECURESMART_FAULT`).
+    ///
+    /// # Errors
+    /// [`ClusterError::Io`] if the process cannot start.
+    pub fn start_with(
+        &mut self,
+        i: usize,
+        log: &str,
+        env: &[(&str, &str)],
+    ) -> Result<(), ClusterError> {
         let Some(r) = self.replicas.get_mut(i) else {
             return Ok(());
         };
@@ -284,6 +298,7 @@ impl LocalCluster {
             .args(["node", "run", "--config"])
             .arg(&r.config)
             .env("RUST_LOG", log)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log_file)
@@ -291,6 +306,14 @@ impl LocalCluster {
             .map_err(io(format!("starting {}", self.exe.display())))?;
         r.process = Some(child);
         Ok(())
+    }
+
+    /// The process id of replica `i`, if it runs.
+    pub fn pid(&self, i: usize) -> Option<u32> {
+        self.replicas
+            .get(i)
+            .and_then(|r| r.process.as_ref())
+            .map(Child::id)
     }
 
     /// Kills replica `i` at once (SIGKILL: a crash; nothing is flushed beyond what the journal

@@ -55,7 +55,7 @@ pub fn node_input(data: &[u8]) {
     // application), as a journal or a state transfer hands it over.
     let mut state = NodeState::new(
         securesmart_membership::fuzzing::four_replicas(),
-        std::collections::BTreeSet::new(),
+        Vec::new(),
         KvStore::default(),
     );
     let before = state.snapshot();
@@ -67,7 +67,7 @@ pub fn node_input(data: &[u8]) {
     // The same bytes as a checkpoint (clear or sealed) at a replica without the group key.
     let mut keyless = NodeState::new(
         securesmart_membership::fuzzing::four_replicas(),
-        std::collections::BTreeSet::new(),
+        Vec::new(),
         KvStore::default(),
     );
     let before = keyless.snapshot();

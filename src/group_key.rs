@@ -21,8 +21,9 @@
 //!   ordered first wins.
 //! - A member applies every ordered commit under the commit policy for the ordered
 //!   membership. One made for its epoch that it cannot apply, it refuses through the order
-//!   ([`Ordered::CommitRefused`]); the replicated state keeps or voids the commit on f + 1
-//!   answers (`securesmart::state`, "Group commits"), and a member that merged a voided commit
+//!   ([`Ordered::CommitRefused`]); the replicated state keeps the commit on a quorum of
+//!   acknowledgements, voids it on f + 1 refusals, or lets it expire (`securesmart::state`,
+//!   "Group commits"), and a member that merged a voided commit
 //!   goes back to its state from before. One made for a later epoch marks it stale, and so
 //!   does a kept commit it refused; a stale member asks again with a fresh key package (the
 //!   committer removes its old leaf and adds it anew in one commit). A removed member holds no
@@ -49,15 +50,15 @@
 //! written atomically after every change. Metrics: `securesmart_node_group_epoch`,
 //! `securesmart_node_group_commits_total{kind}`, `securesmart_node_rekeys_total`.
 
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use securesmart_membership::{CommitOutcome, GroupError, GroupMember, Membership, Settled};
+use securesmart_membership::{CommitOutcome, GroupError, GroupMember, Settled};
 use securesmart_transport::NodeId;
 
 use crate::protocol::Ordered;
-use crate::state::GroupEvent;
+use crate::state::{GroupEvent, GroupView};
 
 /// How often a replica without a usable group key orders its key package again, and how long
 /// the committer waits for its commit to be ordered before it tries again.
@@ -141,17 +142,16 @@ impl GroupKey {
 
     /// This member's rank among the group's members that are replicas (0: the committer);
     /// `None` without a usable key.
-    fn rank(&self, m: &Membership, barred: &BTreeSet<NodeId>) -> Option<usize> {
-        if self.member.epoch().is_none() || self.stale_since.is_some() || barred.contains(&self.id)
-        {
+    fn rank(&self, view: &GroupView<'_>) -> Option<usize> {
+        if self.member.epoch().is_none() || self.stale_since.is_some() || view.is_barred(&self.id) {
             return None;
         }
-        let replicas = m.replica_ids();
+        let replicas = view.membership.replica_ids();
         let mut ids: Vec<NodeId> = self
             .member
             .members()
             .into_iter()
-            .filter(|id| replicas.contains(id) && !barred.contains(id))
+            .filter(|id| replicas.contains(id) && !view.is_barred(id))
             .collect();
         ids.sort();
         ids.iter().position(|id| *id == self.id)
@@ -159,8 +159,8 @@ impl GroupKey {
 
     /// Whether this member commits now: the committer always, a backup of rank r once the
     /// group has not moved for r x [`BACKUP_DELAY`].
-    fn acting(&self, m: &Membership, barred: &BTreeSet<NodeId>) -> bool {
-        match self.rank(m, barred) {
+    fn acting(&self, view: &GroupView<'_>) -> bool {
+        match self.rank(view) {
             Some(0) => true,
             Some(r) => self.last_advance.elapsed() >= BACKUP_DELAY.saturating_mul(r as u32),
             None => false,
@@ -169,19 +169,14 @@ impl GroupKey {
 
     /// An ordered group message executed; `m` is the membership after it, `barred` the
     /// replicas whose commits the replicated state no longer accepts.
-    pub(crate) fn on_event(
-        &mut self,
-        event: GroupEvent,
-        m: &Membership,
-        barred: &BTreeSet<NodeId>,
-    ) {
+    pub(crate) fn on_event(&mut self, event: GroupEvent, view: &GroupView<'_>) {
         match event {
             GroupEvent::KeyPackage { from, key_package } => {
                 let just_added = self
                     .recent_adds
                     .get(&from)
                     .is_some_and(|t| t.elapsed() < GROUP_RETRY.saturating_mul(2));
-                if self.rank(m, barred).is_some() && !just_added {
+                if self.rank(view).is_some() && !just_added {
                     self.todo.retain(|w| match w {
                         Work::Add(id, _) | Work::Remove(id) | Work::Readd(id, _) => *id != from,
                     });
@@ -196,23 +191,45 @@ impl GroupKey {
                 commit,
                 welcome,
                 settled,
-            } => self.on_commit(&commit, &welcome, settled, m),
-            GroupEvent::Settled { commit, kept } => self.on_settled(commit, kept),
+            } => self.on_commit(&commit, &welcome, settled, view),
+            GroupEvent::Settled { commit, kept } => {
+                self.on_settled(commit, kept);
+                self.check_fork(view);
+            }
+        }
+    }
+
+    /// A member whose epoch the replicated state settled with another commit than the one it
+    /// holds is on a branch nobody else is (it restarted, or was restored, with a merge that
+    /// was voided meanwhile): it asks to be added again.
+    fn check_fork(&mut self, view: &GroupView<'_>) {
+        if self.member.unsettled().is_some() || self.stale_since.is_some() {
+            return;
+        }
+        if let Some(epoch) = self.member.epoch()
+            && let Some(settled) = view.epoch_commit(epoch)
+            && settled != self.member.entered_by()
+        {
+            tracing::warn!(
+                epoch,
+                "group key: this member's epoch is not the settled one; asking to be added again"
+            );
+            self.stale_since = Some(Instant::now());
         }
     }
 
     /// An ordered commit: tentative until settled, unless `settled` (a snapshot's history).
-    fn on_commit(&mut self, commit: &[u8], welcome: &[u8], settled: bool, m: &Membership) {
+    fn on_commit(&mut self, commit: &[u8], welcome: &[u8], settled: bool, view: &GroupView<'_>) {
         let digest = securesmart_membership::commit_digest(commit);
         let made_for = securesmart_membership::commit_epoch(commit).ok();
-        if settled
-            && let Some((unsettled_for, unsettled)) = self.member.unsettled()
+        if let Some((unsettled_for, unsettled)) = self.member.unsettled()
             && unsettled != digest
             && unsettled_for.is_some()
             && unsettled_for == made_for
         {
-            // The group settled another commit for the epoch our unsettled merge was made
-            // for (we missed the verdict, e.g. across a state transfer): ours was voided.
+            // Another commit for the epoch our unsettled merge was made for: the replicated
+            // state takes one at a time, so ours was voided or expired (we missed the verdict,
+            // e.g. across a state transfer).
             self.on_settled(unsettled, false);
         }
         if let (Some(e), Some(held)) = (made_for, self.member.epoch())
@@ -228,7 +245,15 @@ impl GroupKey {
         if self.member.epoch().is_some() {
             let before = self.member.members();
             let held = self.member.epoch();
-            match self.member.apply_commit_checked(commit, m, self.now()) {
+            // A settled commit (a snapshot's history) was kept by a quorum: it is applied as it
+            // is, not judged again against today's membership.
+            let applied = if settled {
+                self.member.apply_commit(commit, self.now())
+            } else {
+                self.member
+                    .apply_commit_checked(commit, &view.policy(), self.now())
+            };
+            match applied {
                 Ok(CommitOutcome::Advanced(epoch)) => {
                     let now = Instant::now();
                     self.recent_adds
@@ -255,7 +280,8 @@ impl GroupKey {
                     if settled {
                         self.settle(digest, true);
                     }
-                    return;
+                    // Removed and added again in one commit (it asked, with a key package):
+                    // it joins with the Welcome below.
                 }
                 Ok(_) => return,
                 Err(e @ (GroupError::CommitRefused(_) | GroupError::InvalidMessage(_))) => {
@@ -330,6 +356,32 @@ impl GroupKey {
         }
     }
 
+    /// A group commit the others must refuse (see `crate::fault`): a valid commit that
+    /// removes another current replica, or, every other time, one with a flipped byte.
+    #[cfg(feature = "fault-injection")]
+    pub(crate) fn forge_commit(
+        &mut self,
+        m: &securesmart_membership::Membership,
+        turn: u64,
+    ) -> Option<Ordered> {
+        let replicas = m.replica_ids();
+        let victim = self
+            .member
+            .members()
+            .into_iter()
+            .find(|id| *id != self.id && replicas.contains(id))?;
+        let mut commit = self.member.propose_remove(victim).ok()?.commit;
+        if turn % 2 == 1
+            && let Some(last) = commit.last_mut()
+        {
+            *last ^= 1;
+        }
+        Some(Ordered::GroupCommit {
+            commit: Bytes::from(commit),
+            welcome: Bytes::new(),
+        })
+    }
+
     /// Keeps the keys of `from` and later epochs (see [`GroupMember::pin_keys`]).
     pub(crate) fn pin_keys(&mut self, from: u64) {
         if let Err(e) = self.member.pin_keys(from) {
@@ -373,12 +425,13 @@ impl GroupKey {
     /// to order, if any.
     pub(crate) fn tick(
         &mut self,
-        m: &Membership,
-        barred: &BTreeSet<NodeId>,
+        view: &GroupView<'_>,
         creator: bool,
         still_voting: &[NodeId],
         rotate: bool,
     ) -> Option<Ordered> {
+        let m = view.membership;
+        self.check_fork(view);
         let now = Instant::now();
         if self.member.epoch().is_none()
             && creator
@@ -414,11 +467,11 @@ impl GroupKey {
                 }
             };
         }
-        if self.rank(m, barred).is_none() {
+        if self.rank(view).is_none() {
             self.todo.clear();
             return None;
         }
-        if !self.acting(m, barred) || self.member.unsettled().is_some() {
+        if !self.acting(view) || self.member.unsettled().is_some() {
             // (One commit at a time: the replicated state takes no other until ours, or the
             // one we merged, is settled.)
             return None;
@@ -474,7 +527,7 @@ impl GroupKey {
             return self.submit(proposal);
         }
         // A backup rotates only once the key is overdue by its delay as well.
-        let rank = self.rank(m, barred).unwrap_or(0);
+        let rank = self.rank(view).unwrap_or(0);
         let overdue = rank == 0
             || self.member.needs_rotation(
                 self.now()

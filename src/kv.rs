@@ -6,8 +6,10 @@
 //! byte strings with a u32 length, the decoder consumes the whole input). Every operation
 //! replies with a value: `put` and `delete` return the previous value, `get` the current one,
 //! so a client history can be checked for linearizability. A request that does not decode, or
-//! breaks [`MAX_KEY_BYTES`] / [`MAX_VALUE_BYTES`], gets [`KvReply::Refused`] at every replica
-//! alike (execution is deterministic) and changes nothing.
+//! breaks [`MAX_KEY_BYTES`] / [`MAX_VALUE_BYTES`], or a put that would grow the store past its
+//! quota ([`DEFAULT_QUOTA_BYTES`], [`KvStore::with_quota`]: the snapshot must stay small enough
+//! for state transfer), gets [`KvReply::Refused`] at every replica alike (execution is
+//! deterministic) and changes nothing.
 //!
 //! ```
 //! use bytes::Bytes;
@@ -40,6 +42,12 @@ use securesmart_transport::wire::{Reader, WireError, Writer};
 pub const MAX_KEY_BYTES: usize = 1024;
 /// Largest value.
 pub const MAX_VALUE_BYTES: usize = 256 * 1024;
+/// The store's default quota: its snapshot must cross the replica plane in one frame (16 MiB,
+/// with the node's own state and the state transfer's certificates beside it), or a replica
+/// that fell behind could never catch up. A put that would pass the quota is refused.
+pub const DEFAULT_QUOTA_BYTES: usize = 8 * 1024 * 1024;
+/// Bytes an entry counts for beyond its key and value (its length prefixes).
+const ENTRY_OVERHEAD: usize = 8;
 /// Encoding version of operations, replies and snapshots.
 const VERSION: u8 = 1;
 
@@ -175,12 +183,42 @@ impl KvReply {
 }
 
 /// The key-value store (ordered map; deterministic snapshots).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct KvStore {
     map: BTreeMap<Bytes, Bytes>,
+    /// Bytes the entries count for (keys, values, length prefixes).
+    bytes: usize,
+    quota: usize,
+}
+
+impl Default for KvStore {
+    fn default() -> Self {
+        Self::with_quota(DEFAULT_QUOTA_BYTES)
+    }
+}
+
+fn entry_bytes(key: &[u8], value: &[u8]) -> usize {
+    key.len()
+        .saturating_add(value.len())
+        .saturating_add(ENTRY_OVERHEAD)
 }
 
 impl KvStore {
+    /// An empty store that refuses puts past `quota` bytes (keys, values and 8 bytes each).
+    /// Every replica must use the same quota.
+    pub fn with_quota(quota: usize) -> Self {
+        Self {
+            map: BTreeMap::new(),
+            bytes: 0,
+            quota,
+        }
+    }
+
+    /// Bytes the entries count for against the quota.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
     /// The value of `key`, read locally (not linearizable: use a `get` through the order).
     pub fn local_get(&self, key: &[u8]) -> Option<&Bytes> {
         self.map.get(key)
@@ -199,9 +237,30 @@ impl KvStore {
     /// Applies a decoded operation.
     pub fn apply(&mut self, op: KvOp) -> KvReply {
         KvReply::Value(match op {
-            KvOp::Put { key, value } => self.map.insert(key, value),
+            KvOp::Put { key, value } => {
+                let old = self.map.get(&key).map_or(0, |v| entry_bytes(&key, v));
+                let after = self
+                    .bytes
+                    .saturating_sub(old)
+                    .saturating_add(entry_bytes(&key, &value));
+                if after > self.quota && after > self.bytes {
+                    metrics::counter!("securesmart_kv_refused_total").increment(1);
+                    return KvReply::Refused(format!(
+                        "the store would hold {after} bytes, over its quota of {}",
+                        self.quota
+                    ));
+                }
+                self.bytes = after;
+                self.map.insert(key, value)
+            }
             KvOp::Get { key } => self.map.get(&key).cloned(),
-            KvOp::Delete { key } => self.map.remove(&key),
+            KvOp::Delete { key } => {
+                let old = self.map.remove(&key);
+                if let Some(v) = &old {
+                    self.bytes = self.bytes.saturating_sub(entry_bytes(&key, v));
+                }
+                old
+            }
         })
     }
 }
@@ -239,6 +298,9 @@ impl StateMachine for KvStore {
             map.insert(key, value);
         }
         r.finish()?;
+        // (An agreed state over this replica's quota is taken as it is: the quota limits what
+        // is added, not what the others certified.)
+        self.bytes = map.iter().map(|(k, v)| entry_bytes(k, v)).sum();
         self.map = map;
         Ok(())
     }
@@ -248,6 +310,25 @@ impl StateMachine for KvStore {
 mod tests {
     use super::*;
     use securesmart_transport::NodeId;
+
+    #[test]
+    fn a_put_past_the_quota_is_refused_and_a_smaller_one_taken() {
+        let mut kv = KvStore::with_quota(100);
+        let put = |k: &str, v: usize| KvOp::Put {
+            key: Bytes::from(k.to_owned()),
+            value: Bytes::from(vec![b'v'; v]),
+        };
+        assert_eq!(kv.apply(put("a", 60)), KvReply::Value(None));
+        assert!(matches!(kv.apply(put("b", 60)), KvReply::Refused(_)));
+        assert_eq!(kv.local_get(b"b"), None, "nothing changed");
+        // Overwriting with a smaller value, or deleting, frees room.
+        assert!(matches!(kv.apply(put("a", 10)), KvReply::Value(Some(_))));
+        assert_eq!(kv.apply(put("b", 60)), KvReply::Value(None));
+        assert_eq!(kv.bytes(), (1 + 10 + 8) + (1 + 60 + 8));
+        let mut restored = KvStore::with_quota(100);
+        restored.restore(&kv.snapshot()).unwrap();
+        assert_eq!(restored, kv);
+    }
 
     fn request(payload: Vec<u8>) -> Request {
         Request {

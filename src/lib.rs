@@ -26,6 +26,8 @@ pub mod client;
 pub mod cluster;
 pub mod config;
 pub mod demo;
+#[cfg(feature = "fault-injection")]
+mod fault;
 #[doc(hidden)]
 pub mod fuzzing;
 mod group_key;

@@ -50,7 +50,7 @@
 //! The engine checks every request's signature before it orders it
 //! ([`crate::protocol::request_check`]); the node signs its own requests with its key.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
@@ -141,7 +141,7 @@ impl SelfRequests {
     }
 }
 
-fn unix_now() -> u64 {
+pub(crate) fn unix_now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
@@ -292,23 +292,33 @@ struct GroupSide {
     /// messages wait, since a request only this replica holds could send it alone into a view
     /// change.
     ready: Arc<std::sync::atomic::AtomicBool>,
+    /// Test builds: the faults this replica plays (see `crate::fault`).
+    #[cfg(feature = "fault-injection")]
+    faults: crate::fault::Faults,
+    #[cfg(feature = "fault-injection")]
+    forged: u64,
 }
 
 impl GroupSide {
-    fn tick(
-        &mut self,
-        m: &Membership,
-        barred: &std::collections::BTreeSet<NodeId>,
-        still_voting: &[NodeId],
-        rotate: bool,
-    ) {
+    fn tick(&mut self, view: &crate::state::GroupView<'_>, still_voting: &[NodeId], rotate: bool) {
         if !self.ready.load(std::sync::atomic::Ordering::Relaxed) {
             return;
         }
-        if let Some(request) = self.key.tick(m, barred, self.creator, still_voting, rotate)
+        if let Some(request) = self.key.tick(view, self.creator, still_voting, rotate)
             && let Err(e) = self.own.submit(request)
         {
             tracing::debug!(error = %e, "group message not submitted");
+        }
+        #[cfg(feature = "fault-injection")]
+        if self.faults.forge_commits {
+            self.forged += 1;
+            if let Some(forged) = self.key.forge_commit(view.membership, self.forged) {
+                tracing::warn!(
+                    turn = self.forged,
+                    "fault injection: ordering a forged group commit"
+                );
+                let _ = self.own.submit(forged);
+            }
         }
         self.acknowledge();
     }
@@ -372,7 +382,7 @@ async fn run_state<S: StateMachine>(
                 let still_voting: Vec<NodeId> = leaving.iter().map(|l| l.id).collect();
                 let state = executor.app();
                 let rotate = state.acked_by_quorum(state.group_epoch());
-                group.tick(state.membership(), state.barred(), &still_voting, rotate);
+                group.tick(&state.group_view(), &still_voting, rotate);
                 // A removed replica may hear of no batch after the switch: look here as well.
                 let (stable, m) = (pbft.low_watermark(), executor.app().membership());
                 if host.settle_leaving(&mut leaving, stable, m) {
@@ -402,15 +412,18 @@ async fn run_state<S: StateMachine>(
                     .iter()
                     .map(|(id, m)| (*id, m.replica_addr))
                     .collect();
+                // A group commit past its deadline is voided here, at every replica alike.
+                executor.app_mut().begin_batch(seq);
+                for e in executor.app_mut().take_group_events() {
+                    group.key.on_event(e, &executor.app().group_view());
+                }
                 // One request at a time, so that a group commit is merged before the next
                 // request (a sealed one may need the new epoch's key) executes.
                 let mut replies = Vec::with_capacity(batch.len());
                 for request in &batch {
                     replies.extend(executor.execute(std::slice::from_ref(request)));
                     for e in executor.app_mut().take_group_events() {
-                        group
-                            .key
-                            .on_event(e, executor.app().membership(), executor.app().barred());
+                        group.key.on_event(e, &executor.app().group_view());
                     }
                 }
                 group.acknowledge();
@@ -473,9 +486,7 @@ async fn run_state<S: StateMachine>(
                 // The snapshot's recent group commits: the member catches up on those it
                 // missed (a joiner's Welcome may be among them) ...
                 for e in executor.app_mut().take_group_events() {
-                    group
-                        .key
-                        .on_event(e, executor.app().membership(), executor.app().barred());
+                    group.key.on_event(e, &executor.app().group_view());
                 }
                 if !executor.app().state_known() {
                     // ... and with the keys they gave, a sealed checkpoint may open now.
@@ -558,15 +569,14 @@ impl Node {
             UnixTime::now(),
         )
         .map_err(|e| NodeError::Genesis(e.to_string()))?;
-        let mut admins = BTreeSet::new();
+        let mut admins = Vec::new();
         for path in &n.admins {
             let cert = load_certificate(path)?;
-            admins.insert(
-                NodeId::from_certificate(&cert).map_err(|e| ConfigError::Pki {
-                    path: path.clone(),
-                    message: e.to_string(),
-                })?,
-            );
+            NodeId::from_certificate(&cert).map_err(|e| ConfigError::Pki {
+                path: path.clone(),
+                message: e.to_string(),
+            })?;
+            admins.push(cert);
         }
         let mut replica_trust = genesis.replica_trust();
         replica_trust.crls = trust.crls.clone();
@@ -637,11 +647,29 @@ impl Node {
         .map_err(|e| NodeError::Journal(format!("group key state: {e}")))?;
         let keys = member.payload_keys();
         let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        #[cfg(feature = "fault-injection")]
+        let faults = crate::fault::Faults::from_env();
+        #[cfg(feature = "fault-injection")]
+        let mut tasks_faulty = Vec::new();
+        #[cfg(feature = "fault-injection")]
+        if faults.flood
+            && let Some(flood_signer) = Signer::new(&group_identity)
+        {
+            tasks_faulty.push(tokio::spawn(crate::fault::flood(
+                replica_plane.clone(),
+                flood_signer,
+                genesis.replica_ids(),
+            )));
+        }
         let group = GroupSide {
             key: GroupKey::new(id, member),
             own: own.clone(),
             ready: Arc::clone(&ready),
             creator: !joining && genesis.replica_ids().first() == Some(&id),
+            #[cfg(feature = "fault-injection")]
+            faults,
+            #[cfg(feature = "fault-injection")]
+            forged: 0,
         };
         let state = NodeState::new(genesis, admins, app).with_payload_keys(keys.clone());
         let serving = tokio::spawn(run_state(pbft, Executor::new(state), host, group));
@@ -666,7 +694,10 @@ impl Node {
                 }
             })
         };
-        let tasks = vec![driver, startup];
+        #[allow(unused_mut)]
+        let mut tasks = vec![driver, startup];
+        #[cfg(feature = "fault-injection")]
+        tasks.extend(tasks_faulty);
         Ok(Self {
             id,
             replica_plane,
@@ -846,8 +877,23 @@ async fn intake(
             }
         }
         let number = request.number;
-        let submission =
-            request.into_submission(unix_now(), |payload| sealer.seal(&m.from, number, payload));
+        // Cheap checks, then the signature, and only then sealing: a request that is not the
+        // client's costs one verification and is neither sealed nor counted towards the key's
+        // rotation.
+        if request
+            .command_time()
+            .is_some_and(|t| t.abs_diff(unix_now()) > crate::protocol::COMMAND_SKEW_SECS)
+        {
+            client_counter("skewed_time");
+            tracing::debug!(client = ?m.from, "membership command signed at a time far from ours");
+            continue;
+        }
+        if let Err(e) = request.verify(&m.from) {
+            client_counter("bad_signature");
+            tracing::debug!(client = ?m.from, error = %e, "client request refused before ordering");
+            continue;
+        }
+        let submission = request.into_submission(|payload| sealer.seal(&m.from, number, payload));
         let submission = match submission {
             Ok(s) => s,
             Err(e) => {

@@ -36,7 +36,11 @@ use securesmart_transport::{Identity, NodeId};
 /// Largest request or reply payload.
 pub const MAX_PAYLOAD_BYTES: usize = 512 * 1024;
 /// [`ClientRequest`] format version.
-const REQUEST_VERSION: u8 = 2;
+/// Client request format (3: a membership command carries the client's signed time).
+const REQUEST_VERSION: u8 = 3;
+/// How far the signed time of a client's membership command may be from the clock of the
+/// replica that takes it (seconds); beyond it the replica refuses to order the command.
+pub const COMMAND_SKEW_SECS: u64 = 600;
 /// [`ClientReply`] format version.
 const VERSION: u8 = 1;
 /// BLAKE3 `derive_key` context of the digest a request's submitter signs.
@@ -216,7 +220,14 @@ impl Submission {
     pub fn signed_part(ordered: &Ordered) -> (SignedKind, Bytes) {
         match ordered {
             Ordered::App(payload) => (SignedKind::App, payload.clone()),
-            Ordered::Command { command, .. } => (SignedKind::Command, command.clone()),
+            Ordered::Command { time, command } => {
+                // The client signs the time it judges certificates and CRLs at, too, so that
+                // no replica can choose it.
+                let mut body = Vec::with_capacity(8 + command.len());
+                body.extend_from_slice(&time.to_be_bytes());
+                body.extend_from_slice(command);
+                (SignedKind::Command, Bytes::from(body))
+            }
             Ordered::Sealed { commitment, .. } => {
                 (SignedKind::Confidential, Bytes::copy_from_slice(commitment))
             }
@@ -341,16 +352,20 @@ impl RequestKind {
 
 impl ClientRequest {
     /// A request signed by `signer` (the client). A confidential operation gets a random nonce
-    /// in front, and the signature covers its [`commitment`].
+    /// in front, and the signature covers its [`commitment`]; a membership command gets the
+    /// client's clock (unix seconds) in front, which the signature covers (the time at which
+    /// the replicas judge the certificates and CRLs in it).
     pub fn signed(signer: &RequestSigner, number: u64, kind: RequestKind, payload: Bytes) -> Self {
-        let payload = if kind == RequestKind::Confidential {
-            let nonce: [u8; NONCE_LEN] = rand::random();
-            let mut with_nonce = Vec::with_capacity(NONCE_LEN + payload.len());
-            with_nonce.extend_from_slice(&nonce);
-            with_nonce.extend_from_slice(&payload);
-            Bytes::from(with_nonce)
-        } else {
-            payload
+        let prefixed = |prefix: &[u8]| {
+            let mut out = Vec::with_capacity(prefix.len() + payload.len());
+            out.extend_from_slice(prefix);
+            out.extend_from_slice(&payload);
+            Bytes::from(out)
+        };
+        let payload = match kind {
+            RequestKind::Confidential => prefixed(&rand::random::<[u8; NONCE_LEN]>()),
+            RequestKind::Command => prefixed(&crate::node::unix_now().to_be_bytes()),
+            RequestKind::App => payload.clone(),
         };
         let auth = match kind {
             RequestKind::Confidential => {
@@ -366,23 +381,49 @@ impl ClientRequest {
         }
     }
 
+    /// The time a membership command was signed at (unix seconds), `None` for other kinds.
+    pub fn command_time(&self) -> Option<u64> {
+        (self.kind == RequestKind::Command)
+            .then(|| {
+                self.payload
+                    .get(..8)
+                    .and_then(|t| <[u8; 8]>::try_from(t).ok())
+            })
+            .flatten()
+            .map(u64::from_be_bytes)
+    }
+
+    /// Checks that it is `client`'s signature on it, before anything is done with it (a
+    /// replica checks this before it seals a confidential operation).
+    ///
+    /// # Errors
+    /// [`AuthError`] saying what is wrong.
+    pub fn verify(&self, client: &NodeId) -> Result<(), AuthError> {
+        let body = match self.kind {
+            RequestKind::Confidential => Bytes::copy_from_slice(&commitment(&self.payload)),
+            RequestKind::App | RequestKind::Command => self.payload.clone(),
+        };
+        self.auth
+            .verify(client, self.number, self.kind.signed_kind(), &body)
+    }
+
     /// The submission a replica orders for it, with the client's signature: a membership
-    /// command stamped with `time` (the replica's clock), a confidential operation sealed with
-    /// `seal` beside its commitment. The engine checks the signature
-    /// ([`Submission::verify`]).
+    /// command with the time the client signed, a confidential operation sealed with `seal`
+    /// beside its commitment. The engine checks the signature ([`Submission::verify`]).
     ///
     /// # Errors
     /// What `seal` returns.
     pub fn into_submission<E>(
         self,
-        time: u64,
         seal: impl FnOnce(&[u8]) -> Result<Vec<u8>, E>,
     ) -> Result<Submission, E> {
         let ordered = match self.kind {
             RequestKind::App => Ordered::App(self.payload),
             RequestKind::Command => Ordered::Command {
-                time,
-                command: self.payload,
+                // (`decode` refuses a command without its time; 0 is judged as the distant
+                // past, and the signature does not cover it.)
+                time: self.command_time().unwrap_or_default(),
+                command: self.payload.slice(8.min(self.payload.len())..),
             },
             RequestKind::Confidential => Ordered::Sealed {
                 commitment: commitment(&self.payload),
@@ -436,6 +477,9 @@ impl ClientRequest {
         };
         let payload = Bytes::copy_from_slice(r.bytes("payload", MAX_PAYLOAD_BYTES)?);
         r.finish()?;
+        if kind == RequestKind::Command && payload.len() < 8 {
+            return Err(WireError::Truncated);
+        }
         Ok(Self {
             number,
             kind,
@@ -703,7 +747,7 @@ mod tests {
         // engine checks it.
         let verify = |r: &ClientRequest, client: &RequestSigner| {
             r.clone()
-                .into_submission(9, |p| Ok::<_, ()>(p.to_vec()))
+                .into_submission(|p| Ok::<_, ()>(p.to_vec()))
                 .unwrap()
                 .verify(&client.id(), r.number)
         };
@@ -729,6 +773,46 @@ mod tests {
             forged.auth.public_key = req.auth.public_key;
             assert_eq!(verify(&forged, &alice), Err(AuthError::BadSignature));
         }
+        // The time of a membership command is the client's, and signed: a replica that
+        // changes it (to admit an expired certificate, or refuse a CRL) breaks the signature.
+        let cmd =
+            ClientRequest::signed(&alice, 8, RequestKind::Command, Bytes::from_static(b"cmd"));
+        let now = crate::node::unix_now();
+        assert!(cmd.command_time().is_some_and(|t| t.abs_diff(now) < 5));
+        assert_eq!(cmd.verify(&alice.id()), Ok(()));
+        let mut submission = cmd
+            .clone()
+            .into_submission(|p| Ok::<_, ()>(p.to_vec()))
+            .unwrap();
+        let Ordered::Command { time, command } = submission.ordered.clone() else {
+            panic!("a command")
+        };
+        assert_eq!(&command[..], b"cmd");
+        assert_eq!(submission.verify(&alice.id(), 8), Ok(()));
+        submission.ordered = Ordered::Command {
+            time: time - 400 * 86_400,
+            command,
+        };
+        assert_eq!(
+            submission.verify(&alice.id(), 8),
+            Err(AuthError::BadSignature)
+        );
+        // The intake check refuses a request that is not its client's before sealing it.
+        let mut bad = ClientRequest::signed(
+            &alice,
+            9,
+            RequestKind::Confidential,
+            Bytes::from_static(b"x"),
+        );
+        assert_eq!(bad.verify(&alice.id()), Ok(()));
+        assert_eq!(bad.verify(&mallory.id()), Err(AuthError::WrongKey));
+        bad.payload = Bytes::from_static(b"0123456789abcdef-junk");
+        assert_eq!(bad.verify(&alice.id()), Err(AuthError::BadSignature));
+        // A command without its time does not decode.
+        let mut short = cmd.clone();
+        short.payload = Bytes::from_static(b"cmd");
+        assert!(ClientRequest::decode(&short.encode()).is_err());
+        assert!(ClientRequest::decode(&cmd.encode()).is_ok());
         // A confidential operation gets a nonce in front; the signature covers its commitment.
         let a = ClientRequest::signed(
             &alice,

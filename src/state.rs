@@ -20,8 +20,8 @@
 //! judged from public data (a commit's path secrets are encrypted to each member, and its
 //! confirmation tag needs the epoch's secrets; openmls's `PublicGroup` checks signatures and
 //! proposals, not those), so the members judge and the replicated state counts their answers:
-//! - A commit ([`Ordered::GroupCommit`]) is accepted only from a current replica that is not
-//!   barred, made for the current epoch (the one the last settled commit made; 0 at genesis),
+//! - A commit ([`Ordered::GroupCommit`]) is accepted only from a current replica not cooling
+//!   down, made for the current epoch (the one the last settled commit made; 0 at genesis),
 //!   and while no other commit is unsettled. It is *tentative*: the replicated epoch does not
 //!   move yet.
 //! - Every member that holds the epoch it was made for applies it under the commit policy for
@@ -30,13 +30,21 @@
 //!   the committer's credential, carries no other proposal) and orders either a
 //!   [`Ordered::KeyAck`] of the new epoch naming the commit's digest, or a
 //!   [`Ordered::CommitRefused`] naming it. Each replica counts once, for its first answer.
-//! - f + 1 acknowledgements keep it (at least one correct replica holds the new epoch): the
-//!   replicated epoch moves on. f + 1 refusals void it (at least one correct replica that held
-//!   the epoch could not apply it, so the commit is bad): the members that merged it go back
-//!   to the state from before, and the replica that ordered it is barred (no commit of it is
-//!   accepted while it is a member). Since all correct replicas that hold the epoch answer, one
-//!   of the two comes. A correct member that refused a kept commit lost its key and asks to be
-//!   added again ([`GroupEvent::Settled`]).
+//! - Acknowledgements from f + 1 replicas, and from all but f of those known to hold the epoch
+//!   it was made for, keep it (at least one correct replica holds the new epoch and can add
+//!   the others back, and a faulty committer cannot keep a commit that only it and one correct
+//!   replica can open): the replicated epoch moves on. f + 1 refusals void it (at
+//!   least one correct replica that held the epoch could not apply it, so the commit is bad):
+//!   the members that merged it go back to the state from before, and the replica that
+//!   ordered it may order no commit for [`VOIDED_COOLDOWN_EPOCHS`] epochs (a cool-down, not a
+//!   bar for good: a correct committer can be made to order a commit some members refuse).
+//!   Each replica counts once, so both cannot happen; a commit that gets neither (too few
+//!   replicas hold its epoch) expires [`SETTLE_DEADLINE`] sequence numbers after it was
+//!   ordered ([`NodeState::begin_batch`]). A correct member that refused a kept commit lost
+//!   its key and asks to be added again ([`GroupEvent::Settled`]).
+//! - Who may be added: a replica that ordered a key package and acknowledged no key since
+//!   ([`GroupView::joining`]), with exactly that key package, so a faulty replica cannot swap
+//!   an in-sync replica out of the group with an old key package of it.
 //!
 //! So a faulty replica can no longer move the replicated epoch to keys nobody holds (which
 //! made confidential requests "busy" and checkpoints unsealable, for good), nor remove the
@@ -101,8 +109,8 @@ use securesmart_transport::wire::{Reader, Writer};
 
 use crate::protocol::{NONCE_LEN, Ordered, Submission, confidential_context};
 
-/// Snapshot format (4: settled group commits, #13).
-const VERSION: u8 = 4;
+/// Snapshot format (4: settled group commits; 5: administrators by certificate, #13).
+const VERSION: u8 = 5;
 /// Group commits a snapshot carries (see the module doc, "Checkpoints").
 pub const COMMIT_HISTORY: usize = 8;
 /// A checkpoint whose state is in the clear.
@@ -119,6 +127,47 @@ fn checkpoint_context(seq: Seq) -> Vec<u8> {
     c.extend_from_slice(&seq.to_be_bytes());
     c
 }
+/// An unsettled group commit is voided (without barring anybody) once this many sequence
+/// numbers passed since it was ordered: a commit that neither a quorum applied nor f + 1
+/// refused (the replicas that hold its epoch are too few) must not hold up the next one.
+pub const SETTLE_DEADLINE: Seq = 64;
+/// A replica whose commit was voided may order none for this many group epochs.
+pub const VOIDED_COOLDOWN_EPOCHS: u64 = 4;
+
+/// What a node's group member needs of the replicated state to judge and make commits.
+#[derive(Clone, Copy, Debug)]
+pub struct GroupView<'a> {
+    /// The membership.
+    pub membership: &'a Membership,
+    /// Replicas that asked to be added, with their key package's digest.
+    pub joining: &'a BTreeMap<NodeId, [u8; 32]>,
+    barred: &'a BTreeMap<NodeId, u64>,
+    group_epoch: u64,
+    epoch_commits: &'a BTreeMap<u64, [u8; 32]>,
+}
+
+impl GroupView<'_> {
+    /// Whether commits of `id` are refused now (one of its commits was voided lately).
+    pub fn is_barred(&self, id: &NodeId) -> bool {
+        self.barred
+            .get(id)
+            .is_some_and(|until| *until > self.group_epoch)
+    }
+
+    /// The digest of the commit that made `epoch`, if it is a recent settled one.
+    pub fn epoch_commit(&self, epoch: u64) -> Option<[u8; 32]> {
+        self.epoch_commits.get(&epoch).copied()
+    }
+
+    /// The commit policy at this log position.
+    pub fn policy(&self) -> securesmart_membership::CommitPolicy<'_> {
+        securesmart_membership::CommitPolicy {
+            membership: self.membership,
+            joining: self.joining,
+        }
+    }
+}
+
 /// Administrators in a snapshot at most.
 const MAX_ADMINS: usize = 1024;
 /// Acknowledgements of one epoch's key in a snapshot at most (one per replica).
@@ -131,7 +180,9 @@ pub const SEALED_EPOCHS_ACCEPTED: u64 = 2;
 #[derive(Debug)]
 pub struct NodeState<S> {
     membership: Membership,
-    admins: BTreeSet<NodeId>,
+    /// The administrators, by node id, with their certificates (DER): one that the ordered CRL
+    /// revokes authorizes nothing from then on.
+    admins: BTreeMap<NodeId, Bytes>,
     app: S,
     changes: Vec<Applied>,
     group: Vec<GroupEvent>,
@@ -143,8 +194,14 @@ pub struct NodeState<S> {
     epoch_commits: BTreeMap<u64, [u8; 32]>,
     /// The group commit accepted and not yet settled (see the module doc, "Group commits").
     tentative: Option<Tentative>,
-    /// Replicas that ordered a commit that was voided: none of theirs is accepted again.
-    barred: BTreeSet<NodeId>,
+    /// Replicas that ordered a commit that was voided, and the group epoch until which no
+    /// commit of theirs is accepted.
+    barred: BTreeMap<NodeId, u64>,
+    /// Replicas that asked to be added to the group (they ordered a key package and
+    /// acknowledged no key since), with that key package's digest.
+    joining: BTreeMap<NodeId, [u8; 32]>,
+    /// The sequence number of the batch executing ([`NodeState::begin_batch`]).
+    seq: Seq,
     /// Which current replicas acknowledged holding the key of each recent epoch.
     acks: BTreeMap<u64, BTreeSet<NodeId>>,
     /// Replicas added after genesis, and the first group epoch whose key they are expected to
@@ -168,6 +225,8 @@ struct Tentative {
     digest: [u8; 32],
     /// The replica that ordered it.
     from: NodeId,
+    /// The sequence number it was ordered at (it expires [`SETTLE_DEADLINE`] after).
+    at: Seq,
     commit: Bytes,
     welcome: Bytes,
     /// Replicas that applied it (acknowledged the epoch it made), and that could not.
@@ -216,7 +275,20 @@ pub fn command_reply(result: &Result<Applied, String>, epoch: u64) -> Bytes {
 
 impl<S: StateMachine> NodeState<S> {
     /// The state at genesis.
-    pub fn new(membership: Membership, admins: BTreeSet<NodeId>, app: S) -> Self {
+    pub fn new(
+        membership: Membership,
+        admins: impl IntoIterator<Item = rustls::pki_types::CertificateDer<'static>>,
+        app: S,
+    ) -> Self {
+        // (The node checked each administrator's certificate when it read its configuration;
+        // one that does not parse names nobody.)
+        let admins = admins
+            .into_iter()
+            .filter_map(|c| {
+                let id = NodeId::from_certificate(&c).ok()?;
+                Some((id, Bytes::copy_from_slice(c.as_ref())))
+            })
+            .collect();
         Self {
             membership,
             admins,
@@ -226,7 +298,9 @@ impl<S: StateMachine> NodeState<S> {
             group_epoch: 0,
             epoch_commits: BTreeMap::from([(0, CREATION_DIGEST)]),
             tentative: None,
-            barred: BTreeSet::new(),
+            barred: BTreeMap::new(),
+            joining: BTreeMap::new(),
+            seq: 0,
             acks: BTreeMap::new(),
             joined: BTreeMap::new(),
             keys: None,
@@ -250,9 +324,35 @@ impl<S: StateMachine> NodeState<S> {
         self.group_epoch
     }
 
-    /// Replicas whose ordered commit was voided: the group's committers skip them.
-    pub fn barred(&self) -> &BTreeSet<NodeId> {
-        &self.barred
+    /// What the node's group member needs of the replicated state.
+    pub fn group_view(&self) -> GroupView<'_> {
+        GroupView {
+            membership: &self.membership,
+            joining: &self.joining,
+            barred: &self.barred,
+            group_epoch: self.group_epoch,
+            epoch_commits: &self.epoch_commits,
+        }
+    }
+
+    /// The batch at sequence number `seq` begins executing (call it before its requests, at
+    /// every replica alike): an unsettled group commit past its deadline is voided.
+    pub fn begin_batch(&mut self, seq: Seq) {
+        self.seq = self.seq.max(seq);
+        if self
+            .tentative
+            .as_ref()
+            .is_some_and(|t| self.seq > t.at.saturating_add(SETTLE_DEADLINE))
+            && let Some(t) = self.tentative.take()
+        {
+            metrics::counter!("securesmart_node_group_commits_settled_total", "outcome" => "expired")
+                .increment(1);
+            tracing::info!(epoch = t.made_for, "group commit expired unsettled");
+            self.group.push(GroupEvent::Settled {
+                commit: t.digest,
+                kept: false,
+            });
+        }
     }
 
     /// Whether a group commit awaits its settlement (no other is accepted meanwhile).
@@ -316,6 +416,7 @@ impl<S: StateMachine> NodeState<S> {
             if !t.refused.contains(&client) {
                 t.applied.insert(client);
             }
+            self.joining.remove(&client);
             self.settle_commit();
             return Bytes::from_static(b"ok");
         }
@@ -326,6 +427,7 @@ impl<S: StateMachine> NodeState<S> {
         {
             return Bytes::from_static(b"refused: not a recent epoch");
         }
+        self.joining.remove(&client);
         self.acks.entry(epoch).or_default().insert(client);
         Bytes::from_static(b"ok")
     }
@@ -353,8 +455,8 @@ impl<S: StateMachine> NodeState<S> {
         if !self.membership.replica_ids().contains(&client) {
             return Bytes::from_static(b"refused: not a replica");
         }
-        if self.barred.contains(&client) {
-            return Bytes::from_static(b"refused: a commit of this replica was voided");
+        if self.group_view().is_barred(&client) {
+            return Bytes::from_static(b"refused: a commit of this replica was voided lately");
         }
         if self.tentative.is_some() {
             return Bytes::from_static(b"refused: another commit awaits its settlement");
@@ -372,6 +474,7 @@ impl<S: StateMachine> NodeState<S> {
                     made_for: e,
                     digest,
                     from: client,
+                    at: self.seq,
                     commit,
                     welcome,
                     applied: BTreeSet::new(),
@@ -384,11 +487,13 @@ impl<S: StateMachine> NodeState<S> {
         }
     }
 
-    /// Keeps the unsettled commit once f + 1 current replicas applied it (at least one
-    /// correct replica holds the new epoch), voids it once f + 1 that held the epoch it was
-    /// made for could not (at least one correct replica could not: the commit is bad, and its
-    /// orderer is barred). Each replica counts once, for its first answer; since the correct
-    /// replicas that hold the epoch answer, one of the two comes.
+    /// Keeps the unsettled commit once f + 1 current replicas applied it (at least one correct
+    /// replica holds the new epoch) and all but f of those known to hold the epoch it was made
+    /// for did (so a faulty committer cannot keep a commit that only it and one correct
+    /// replica can open while the others lose the key); voids it once f + 1 that held that
+    /// epoch could not (at least one correct replica could not: the commit is bad, and its
+    /// orderer may order none for a while). Each replica counts once, for its first answer;
+    /// when neither comes, the commit expires ([`NodeState::begin_batch`]).
     fn settle_commit(&mut self) {
         let replicas: BTreeSet<NodeId> = self.membership.replica_ids().into_iter().collect();
         let f = replicas.len().saturating_sub(1) / 3;
@@ -396,7 +501,9 @@ impl<S: StateMachine> NodeState<S> {
             return;
         };
         let count = |set: &BTreeSet<NodeId>| set.intersection(&replicas).count();
-        let (kept, voided) = (count(&t.applied) > f, count(&t.refused) > f);
+        let holders = self.acks.get(&t.made_for).map_or(0, count);
+        let keep_at = (f + 1).max(holders.saturating_sub(f));
+        let (kept, voided) = (count(&t.applied) >= keep_at, count(&t.refused) > f);
         if !kept && !voided {
             return;
         }
@@ -424,9 +531,12 @@ impl<S: StateMachine> NodeState<S> {
             tracing::warn!(
                 from = ?t.from,
                 epoch = t.made_for,
-                "group commit voided: replicas could not apply it; its orderer is barred"
+                "group commit voided: replicas could not apply it; its orderer waits"
             );
-            self.barred.insert(t.from);
+            self.barred.insert(
+                t.from,
+                self.group_epoch.saturating_add(VOIDED_COOLDOWN_EPOCHS),
+            );
         }
         self.group.push(GroupEvent::Settled {
             commit: t.digest,
@@ -496,7 +606,10 @@ impl<S: StateMachine> NodeState<S> {
     /// Writes the replicated state besides the application ([`Public`]).
     fn encode_public(&self, w: &mut Writer) {
         w.u8(VERSION);
-        write_ids(w, &self.admins);
+        w.u32(u32::try_from(self.admins.len()).unwrap_or(u32::MAX));
+        for cert in self.admins.values() {
+            w.bytes(cert);
+        }
         w.raw(&self.group_epoch.to_be_bytes());
         w.u32(u32::try_from(self.epoch_commits.len()).unwrap_or(u32::MAX));
         for (epoch, digest) in &self.epoch_commits {
@@ -507,6 +620,7 @@ impl<S: StateMachine> NodeState<S> {
                 w.u8(1)
                     .raw(&t.made_for.to_be_bytes())
                     .raw(t.from.as_bytes())
+                    .raw(&t.at.to_be_bytes())
                     .bytes(&t.commit)
                     .bytes(&t.welcome);
                 write_ids(w, &t.applied);
@@ -516,7 +630,14 @@ impl<S: StateMachine> NodeState<S> {
                 w.u8(0);
             }
         }
-        write_ids(w, &self.barred);
+        w.u32(u32::try_from(self.barred.len()).unwrap_or(u32::MAX));
+        for (id, until) in &self.barred {
+            w.raw(id.as_bytes()).raw(&until.to_be_bytes());
+        }
+        w.u32(u32::try_from(self.joining.len()).unwrap_or(u32::MAX));
+        for (id, digest) in &self.joining {
+            w.raw(id.as_bytes()).raw(digest);
+        }
         w.u32(u32::try_from(self.joined.len()).unwrap_or(u32::MAX));
         for (id, epoch) in &self.joined {
             w.raw(id.as_bytes()).raw(&epoch.to_be_bytes());
@@ -540,6 +661,7 @@ impl<S: StateMachine> NodeState<S> {
         self.group_epoch = p.group_epoch;
         self.epoch_commits = p.epoch_commits;
         self.barred = p.barred;
+        self.joining = p.joining;
         self.acks = p.acks;
         self.joined = p.joined;
         self.confidential = p.confidential;
@@ -607,10 +729,14 @@ impl<S: StateMachine> NodeState<S> {
                 let allowed = match &cmd {
                     MembershipCommand::UpdateCrl { .. } => true,
                     MembershipCommand::RemoveNode { id } if *id == client => true,
-                    _ => self.admins.contains(&client),
+                    // An administrator whose certificate the ordered CRL revokes is one no more.
+                    _ => self
+                        .admins
+                        .get(&client)
+                        .is_some_and(|cert| !self.membership.revokes(cert)),
                 };
                 if !allowed {
-                    return Err("not an administrator".to_string());
+                    return Err("not an administrator (or revoked)".to_string());
                 }
                 self.membership
                     .apply(
@@ -633,7 +759,8 @@ impl<S: StateMachine> NodeState<S> {
                 }
                 let m = &self.membership;
                 self.joined.retain(|id, _| m.members().contains_key(id));
-                self.barred.retain(|id| m.members().contains_key(id));
+                self.barred.retain(|id, _| m.members().contains_key(id));
+                self.joining.retain(|id, _| m.members().contains_key(id));
                 self.changes.push(applied.clone());
             }
             Err(why) => {
@@ -656,13 +783,21 @@ impl<S: StateMachine> StateMachine for NodeState<S> {
             Ok(Ordered::KeyAck { epoch, commit }) => self.key_ack(request.client, epoch, commit),
             Ok(Ordered::CommitRefused(commit)) => self.commit_refused(request.client, commit),
             Ok(Ordered::Command { time, command }) => self.command(request.client, time, &command),
-            Ok(Ordered::KeyPackage(key_package)) => self.group_message(
-                request.client,
-                GroupEvent::KeyPackage {
-                    from: request.client,
-                    key_package,
-                },
-            ),
+            Ok(Ordered::KeyPackage(key_package)) => {
+                let digest = securesmart_membership::key_package_digest(&key_package);
+                let reply = self.group_message(
+                    request.client,
+                    GroupEvent::KeyPackage {
+                        from: request.client,
+                        key_package,
+                    },
+                );
+                if reply.starts_with(b"ok") {
+                    // It asks to be added with exactly this key package (the commit policy).
+                    self.joining.insert(request.client, digest);
+                }
+                reply
+            }
             Ok(Ordered::GroupCommit { commit, welcome }) => {
                 self.group_commit(request.client, commit, welcome)
             }
@@ -759,11 +894,12 @@ impl<S: StateMachine> StateMachine for NodeState<S> {
 
 /// The replicated state besides the application: what a sealed checkpoint keeps in the clear.
 struct Public {
-    admins: BTreeSet<NodeId>,
+    admins: BTreeMap<NodeId, Bytes>,
     group_epoch: u64,
     epoch_commits: BTreeMap<u64, [u8; 32]>,
     tentative: Option<Tentative>,
-    barred: BTreeSet<NodeId>,
+    barred: BTreeMap<NodeId, u64>,
+    joining: BTreeMap<NodeId, [u8; 32]>,
     joined: BTreeMap<NodeId, u64>,
     acks: BTreeMap<u64, BTreeSet<NodeId>>,
     confidential: bool,
@@ -799,7 +935,20 @@ fn read_ids(
 impl Public {
     fn decode(r: &mut Reader<'_>) -> Result<Self, RestoreError> {
         r.version(VERSION)?;
-        let admins = read_ids(r, MAX_ADMINS, "too many administrators")?;
+        let n = r.u32()? as usize;
+        if n > MAX_ADMINS {
+            return Err(RestoreError::Malformed("too many administrators".into()));
+        }
+        let mut admins = BTreeMap::new();
+        for _ in 0..n {
+            let cert = r.bytes(
+                "administrator",
+                securesmart_membership::epoch::MAX_CERT_BYTES,
+            )?;
+            let id = NodeId::from_certificate(&rustls::pki_types::CertificateDer::from(cert))
+                .map_err(|e| RestoreError::Malformed(format!("administrator: {e}")))?;
+            admins.insert(id, Bytes::copy_from_slice(cert));
+        }
         let group_epoch = u64::from_be_bytes(r.array()?);
         let n = r.u32()? as usize;
         if n > SEALED_EPOCHS_ACCEPTED as usize + 1 {
@@ -815,6 +964,7 @@ impl Public {
             1 => {
                 let made_for = u64::from_be_bytes(r.array()?);
                 let from = NodeId::from_bytes(r.array()?);
+                let at = u64::from_be_bytes(r.array()?);
                 let commit =
                     Bytes::copy_from_slice(r.bytes("group commit", MAX_MLS_MESSAGE_BYTES)?);
                 let welcome = Bytes::copy_from_slice(r.bytes("welcome", MAX_MLS_MESSAGE_BYTES)?);
@@ -824,6 +974,7 @@ impl Public {
                     made_for,
                     digest: securesmart_membership::commit_digest(&commit),
                     from,
+                    at,
                     commit,
                     welcome,
                     applied,
@@ -836,7 +987,24 @@ impl Public {
                 )));
             }
         };
-        let barred = read_ids(r, MAX_ACKS, "too many barred replicas")?;
+        let n = r.u32()? as usize;
+        if n > MAX_ACKS {
+            return Err(RestoreError::Malformed("too many barred replicas".into()));
+        }
+        let mut barred = BTreeMap::new();
+        for _ in 0..n {
+            let id = NodeId::from_bytes(r.array()?);
+            barred.insert(id, u64::from_be_bytes(r.array()?));
+        }
+        let n = r.u32()? as usize;
+        if n > MAX_ACKS {
+            return Err(RestoreError::Malformed("too many joining replicas".into()));
+        }
+        let mut joining = BTreeMap::new();
+        for _ in 0..n {
+            let id = NodeId::from_bytes(r.array()?);
+            joining.insert(id, r.array()?);
+        }
         let n = r.u32()? as usize;
         if n > MAX_ACKS {
             return Err(RestoreError::Malformed("too many joined replicas".into()));
@@ -886,6 +1054,7 @@ impl Public {
             epoch_commits,
             tentative,
             barred,
+            joining,
             joined,
             acks,
             confidential,
@@ -909,7 +1078,7 @@ mod tests {
     fn state() -> NodeState<KvStore> {
         let m = securesmart_membership::fuzzing::four_replicas();
         let ids = m.replica_ids();
-        let mut s = NodeState::new(m, BTreeSet::new(), KvStore::default());
+        let mut s = NodeState::new(m, Vec::new(), KvStore::default());
         for (i, id) in ids.iter().enumerate() {
             let ack = Request {
                 client: *id,
@@ -1072,76 +1241,165 @@ mod tests {
             commit: c.clone(),
             welcome: Bytes::new(),
         };
-        assert_eq!(&s.execute(&ordered(faulty, 1, commit(&forged)))[..], b"ok");
+        let ack = |epoch, commit| Ordered::KeyAck { epoch, commit };
+        let ok = |r: Bytes| assert_eq!(&r[..], b"ok");
+        ok(s.execute(&ordered(faulty, 1, commit(&forged))));
         // Accepted, but the replicated epoch does not move on one replica's say-so (on
         // 49586d0 it moved at once, to keys nobody held).
         assert_eq!(s.group_epoch(), 0);
         assert!(s.commit_unsettled());
         assert_eq!(s.sealable_epoch(), Some(0));
         // The faulty replica acknowledges it and refuses it too: it counts once.
-        let ack = |epoch, commit| Ordered::KeyAck { epoch, commit };
-        assert_eq!(&s.execute(&ordered(faulty, 2, ack(1, digest)))[..], b"ok");
-        assert_eq!(
-            &s.execute(&ordered(faulty, 3, Ordered::CommitRefused(digest)))[..],
-            b"ok"
-        );
+        ok(s.execute(&ordered(faulty, 2, ack(1, digest))));
+        ok(s.execute(&ordered(faulty, 3, Ordered::CommitRefused(digest))));
         assert!(s.commit_unsettled());
         // While it is unsettled, no other commit is taken.
         let honest = commit_for_epoch_0("honest");
-        assert!(
-            s.execute(&ordered(ids[0], 4, commit(&honest)))
-                .starts_with(b"refused")
-        );
+        let refused = |r: Bytes| assert!(r.starts_with(b"refused"), "{r:?}");
+        refused(s.execute(&ordered(ids[0], 4, commit(&honest))));
         // Two correct replicas (f + 1) that hold epoch 0 cannot apply it: voided.
         s.take_group_events();
-        for (k, id) in ids[..2].iter().enumerate() {
-            let r = s.execute(&ordered(*id, 5 + k as u64, Ordered::CommitRefused(digest)));
-            assert_eq!(&r[..], b"ok");
-        }
+        ok(s.execute(&ordered(ids[0], 5, Ordered::CommitRefused(digest))));
+        ok(s.execute(&ordered(ids[1], 6, Ordered::CommitRefused(digest))));
         assert!(!s.commit_unsettled());
         assert_eq!(s.group_epoch(), 0);
-        assert!(s.barred().contains(&faulty));
-        assert_eq!(
-            s.take_group_events(),
-            vec![GroupEvent::Settled {
-                commit: digest,
-                kept: false
-            }]
-        );
-        // Its next commit is refused; a correct replica's is taken and kept once f + 1
-        // replicas acknowledge the epoch it made (an acknowledgement naming another commit
-        // does not count).
-        let again = commit_for_epoch_0("forger again");
-        assert!(
-            s.execute(&ordered(faulty, 9, commit(&again)))
-                .starts_with(b"refused")
-        );
-        assert_eq!(&s.execute(&ordered(ids[0], 10, commit(&honest)))[..], b"ok");
+        assert!(s.group_view().is_barred(&faulty));
+        let voided = GroupEvent::Settled {
+            commit: digest,
+            kept: false,
+        };
+        assert_eq!(s.take_group_events(), vec![voided]);
+        // Its next commit is refused (it cools down); a correct replica's is taken and kept
+        // once a quorum acknowledges the epoch it made (an acknowledgement naming another
+        // commit does not count, and f + 1, the faulty one among them, are not enough).
+        refused(s.execute(&ordered(faulty, 9, commit(&commit_for_epoch_0("again")))));
+        ok(s.execute(&ordered(ids[0], 10, commit(&honest))));
         let good = securesmart_membership::commit_digest(&honest);
+        refused(s.execute(&ordered(ids[1], 11, ack(1, digest))));
+        ok(s.execute(&ordered(ids[0], 12, ack(1, good))));
+        ok(s.execute(&ordered(faulty, 13, ack(1, good))));
         assert!(
-            s.execute(&ordered(ids[1], 11, ack(1, digest)))
-                .starts_with(b"refused")
+            s.commit_unsettled(),
+            "f + 1 acknowledgements do not keep it"
         );
-        assert_eq!(&s.execute(&ordered(ids[0], 12, ack(1, good)))[..], b"ok");
-        assert!(s.commit_unsettled());
         let snapshot = s.snapshot();
-        assert_eq!(&s.execute(&ordered(ids[1], 13, ack(1, good)))[..], b"ok");
+        ok(s.execute(&ordered(ids[1], 14, ack(1, good))));
         assert_eq!(s.group_epoch(), 1);
         assert!(!s.commit_unsettled());
-        // The unsettled commit and the bar survive a snapshot.
+        // The unsettled commit and the cool-down survive a snapshot.
         let mut restored = NodeState::new(
             securesmart_membership::fuzzing::four_replicas(),
-            BTreeSet::new(),
+            Vec::new(),
             KvStore::default(),
         );
         restored.restore(&snapshot).unwrap();
         assert!(restored.commit_unsettled());
-        assert!(restored.barred().contains(&faulty));
-        assert_eq!(
-            &restored.execute(&ordered(ids[1], 13, ack(1, good)))[..],
-            b"ok"
-        );
+        assert!(restored.group_view().is_barred(&faulty));
+        ok(restored.execute(&ordered(ids[1], 14, ack(1, good))));
         assert_eq!(restored.snapshot(), s.snapshot());
+    }
+
+    #[test]
+    fn a_commit_too_few_replicas_answer_expires_without_a_cool_down() {
+        let mut s = state();
+        let ids = s.membership().replica_ids();
+        let stuck = commit_for_epoch_0("stuck");
+        s.begin_batch(100);
+        let r = s.execute(&ordered(
+            ids[2],
+            1,
+            Ordered::GroupCommit {
+                commit: stuck.clone(),
+                welcome: Bytes::new(),
+            },
+        ));
+        assert_eq!(&r[..], b"ok");
+        s.take_group_events();
+        s.begin_batch(100 + SETTLE_DEADLINE);
+        assert!(s.commit_unsettled(), "not yet");
+        s.begin_batch(101 + SETTLE_DEADLINE);
+        assert!(!s.commit_unsettled());
+        assert!(!s.group_view().is_barred(&ids[2]));
+        assert_eq!(
+            s.take_group_events(),
+            vec![GroupEvent::Settled {
+                commit: securesmart_membership::commit_digest(&stuck),
+                kept: false
+            }]
+        );
+    }
+
+    #[test]
+    fn an_administrator_the_ordered_crl_revokes_authorizes_nothing() {
+        use securesmart_membership::Member;
+        let mut ca = DevCa::new("admin ca").unwrap();
+        let members: Vec<Member> = (0..5u16)
+            .map(|i| Member {
+                certificate: ca
+                    .issue_role(&format!("r{i}"), Role::Replica)
+                    .unwrap()
+                    .chain()[0]
+                    .clone(),
+                replica_addr: std::net::SocketAddr::from(([127, 0, 0, 1], 9000 + i)),
+                client_addr: std::net::SocketAddr::from(([127, 0, 0, 1], 9100 + i)),
+                role: Role::Replica,
+                key_package: vec![],
+            })
+            .collect();
+        let admin = ca.issue_role("admin", Role::Client).unwrap();
+        let admin_cert = admin.chain()[0].clone();
+        let genesis = Membership::genesis(ca.certificate(), members, UnixTime::now()).unwrap();
+        let victim = genesis.replica_ids()[4];
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let command = |c: MembershipCommand| Ordered::Command {
+            time: now,
+            command: Bytes::from(c.encode()),
+        };
+        let remove = command(MembershipCommand::RemoveNode { id: victim });
+        let crl = command(MembershipCommand::UpdateCrl {
+            crl: ca.crl(&[&admin_cert]).unwrap().to_vec(),
+        });
+        let reporter = genesis.replica_ids()[0];
+        // The control: the administrator removes a replica.
+        let mut s = NodeState::new(
+            genesis.clone(),
+            vec![admin_cert.clone()],
+            KvStore::default(),
+        );
+        let r = s.execute(&ordered(admin.id(), 1, remove.clone()));
+        assert!(r.starts_with(b"ok"), "{r:?}");
+        // Once the ordered CRL revokes its certificate (relayed by any replica), the same
+        // command, validly signed, is refused: alike at every replica.
+        let mut s = NodeState::new(genesis, vec![admin_cert], KvStore::default());
+        let r = s.execute(&ordered(reporter, 1, crl));
+        assert!(r.starts_with(b"ok"), "{r:?}");
+        let r = s.execute(&ordered(admin.id(), 1, remove));
+        assert!(r.starts_with(b"refused: not an administrator"), "{r:?}");
+        assert_eq!(s.membership().replicas(), 5);
+    }
+
+    #[test]
+    fn only_a_replica_that_asked_is_added_and_only_with_its_key_package() {
+        let mut s = state();
+        let ids = s.membership().replica_ids();
+        let kp = Bytes::from_static(b"a key package");
+        assert!(s.group_view().joining.is_empty());
+        let r = s.execute(&ordered(ids[2], 1, Ordered::KeyPackage(kp.clone())));
+        assert_eq!(&r[..], b"ok");
+        assert_eq!(
+            s.group_view().joining.get(&ids[2]),
+            Some(&securesmart_membership::key_package_digest(&kp))
+        );
+        // Once it acknowledges a key, it no longer asks.
+        let ack = Ordered::KeyAck {
+            epoch: 0,
+            commit: CREATION_DIGEST,
+        };
+        assert_eq!(&s.execute(&ordered(ids[2], 2, ack))[..], b"ok");
+        assert!(s.group_view().joining.is_empty());
     }
 
     #[test]

@@ -44,6 +44,19 @@ async fn cluster_with(
     clients: usize,
     tune: impl FnOnce(&mut LocalClusterOptions),
 ) -> LocalCluster {
+    let mut c = created(name, clients, tune).await;
+    for i in 0..4 {
+        c.start(i, &log_filter()).unwrap();
+    }
+    c
+}
+
+/// The files of a cluster of four replicas with tuned options, none started yet.
+async fn created(
+    name: &str,
+    clients: usize,
+    tune: impl FnOnce(&mut LocalClusterOptions),
+) -> LocalCluster {
     let mut options = LocalClusterOptions {
         replicas: 4,
         clients,
@@ -63,9 +76,6 @@ async fn cluster_with(
         .await
         .unwrap();
     c.remove_on_drop = std::env::var_os("SECURESMART_TEST_KEEP").is_none();
-    for i in 0..4 {
-        c.start(i, &log_filter()).unwrap();
-    }
     c
 }
 
@@ -489,10 +499,17 @@ async fn a_request_signed_with_another_key_is_not_ordered() {
         0,
         "a forged request executed"
     );
-    for i in 0..4 {
+    for r in &c.replicas {
+        // Refused at intake, before it is sealed or ordered (the engine would refuse it too).
+        let body = scrape(r.metrics_addr).unwrap();
         assert!(
-            c.metric(i, "securesmart_node_unsigned_requests_total") >= 1.0,
-            "replica {i} did not refuse it"
+            metric_sum(
+                &body,
+                "securesmart_node_client_requests_total",
+                &["outcome=\"bad_signature\""]
+            ) >= 1.0,
+            "replica {} did not refuse it",
+            r.id
         );
     }
     // The control: the same request signed with its own key executes.
@@ -853,4 +870,119 @@ async fn join_and_remove(crash: bool) {
         removed.open(&sealed, b"test context").is_err(),
         "the removed replica opened a payload of the new epoch"
     );
+}
+
+/// Resident memory of a process, in MiB (0 if unknown).
+fn rss_mib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kb| kb / 1024)
+}
+
+/// One replica process misbehaves for real (the test build's fault mode): it orders group
+/// commits the others must refuse (a valid one removing a current replica, others with a
+/// flipped byte) and floods its peers with messages they can only hold (1 MiB pre-prepares of
+/// a far view it is primary of, prepares of ever later views). The other three keep ordering
+/// confidential requests, their group key keeps rotating, its commit is voided and it is
+/// barred, and their memory stays bounded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_forges_commits_and_floods_cannot_stop_the_others() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let mut c = created("byzantine", 1, |_| {}).await;
+    // The faulty replica: the one with the largest id (neither the group's creator nor its
+    // first committer, so the honest group forms as usual).
+    let faulty = (0..4).max_by_key(|i| c.replicas[*i].id).unwrap();
+    let honest: Vec<usize> = (0..4).filter(|i| *i != faulty).collect();
+    for i in 0..4 {
+        if i == faulty {
+            c.start_with(
+                i,
+                &log_filter(),
+                &[("SECURESMART_FAULT", "forge-commits,flood")],
+            )
+            .unwrap();
+        } else {
+            c.start(i, &log_filter()).unwrap();
+        }
+    }
+    let epochs = |c: &LocalCluster| {
+        honest
+            .iter()
+            .map(|i| group_epoch(c, *i))
+            .collect::<Vec<_>>()
+    };
+    let result = async {
+        wait_for(
+            "the honest replicas' group key",
+            Duration::from_secs(60),
+            || {
+                let e = epochs(&c);
+                e[0] > 0 && e.iter().all(|x| *x == e[0])
+            },
+        )
+        .await?;
+        let start = epochs(&c)[0];
+        let mut cl = client(&c, 0).await;
+        cl.set_confidential(true);
+        let until = Instant::now() + Duration::from_secs(20);
+        let mut n = 0u64;
+        while Instant::now() < until {
+            n += 1;
+            cl.put(format!("k{}", n % 16), format!("v{n}"))
+                .await
+                .map_err(|e| format!("confidential put {n}: {e}"))?;
+        }
+        assert_eq!(
+            cl.get(format!("k{}", n % 16))
+                .await
+                .map_err(|e| e.to_string())?,
+            Some(Bytes::from(format!("v{n}")))
+        );
+        cl.close().await;
+        // The key kept rotating (every 2 s) at the honest replicas, in step.
+        wait_for(
+            "the honest replicas in one epoch",
+            Duration::from_secs(20),
+            || {
+                let e = epochs(&c);
+                e.iter().all(|x| *x == e[0]) && e[0] >= start + 3
+            },
+        )
+        .await?;
+        let mut voided = 0.0;
+        for &i in &honest {
+            let body = scrape(c.replicas[i].metrics_addr).map_err(|e| e.to_string())?;
+            voided += metric_sum(
+                &body,
+                "securesmart_node_group_commits_settled_total",
+                &["outcome=\"voided\""],
+            );
+            // The flood arrived and was held up to the flooder's share, then refused.
+            let busy = metric_sum(
+                &body,
+                "securesmart_consensus_dropped_total",
+                &["reason=\"busy\""],
+            );
+            assert!(busy > 0.0, "replica {i} refused none of the flood");
+            let rss = c.pid(i).map_or(0, rss_mib);
+            eprintln!("replica {i}: {rss} MiB resident after the flood, {n} puts");
+            // The flood offered ~20 MiB/s per peer: before the per-sender bounds each honest
+            // replica held up to 3 x window x n messages of it (~200 MiB of pre-prepares).
+            assert!(rss < 160, "replica {i} holds {rss} MiB");
+        }
+        assert!(
+            voided >= 3.0,
+            "every honest replica voided the forged commit ({voided})"
+        );
+        assert!(n >= 20, "only {n} confidential puts in 20 s");
+        Ok::<_, String>(())
+    }
+    .await;
+    if result.is_err() {
+        dump_logs(&c);
+    }
+    result.unwrap();
 }

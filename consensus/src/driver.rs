@@ -384,7 +384,14 @@ impl<N: Network> Driver<N> {
         let mut next = Some(first);
         while let Some((from, bytes)) = next.take() {
             match Signed::decode(&bytes, &self.limits) {
-                Ok(s) if s.sender == from => decoded.push(s),
+                // Structure and sender before any signature (nested ones included).
+                Ok(s) if s.sender == from => match self.replica.admissible(&s) {
+                    Ok(()) => decoded.push(s),
+                    Err(e) => {
+                        dropped(ignored_reason(e));
+                        tracing::debug!(peer = ?from, reason = %e, "consensus message refused before verification");
+                    }
+                },
                 Ok(_) => {
                     dropped("sender_mismatch");
                     tracing::debug!(peer = ?from, "consensus message names another sender");

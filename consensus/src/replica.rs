@@ -781,10 +781,13 @@ impl Replica {
         let behind = self
             .behind_since
             .map(|t| t + self.config.state_transfer_delay);
-        let view_change = if self.active {
+        // (Only a member acts on its request timers: a joiner's would never be served.)
+        let view_change = if !self.active {
+            self.vc_deadline
+        } else if self.is_member() {
             self.request_deadline()
         } else {
-            self.vc_deadline
+            None
         };
         [batch, view_change, fetch, behind]
             .into_iter()
@@ -873,6 +876,19 @@ impl Replica {
     /// `max_pending` requests are held, [`Ignored::Invalid`] for one the
     /// [`Config::request_check`] refuses.
     pub fn handle_request(&mut self, request: Request, now: Duration) -> Result<(), Ignored> {
+        self.take_request(request, now, false)
+    }
+
+    /// [`Replica::handle_request`] for a request from a client (`forwarded` false) or
+    /// forwarded by another replica. A forwarded one may take twice the client's share: a
+    /// client that keeps its share full at the primary must not make the primary refuse the
+    /// request a backup's timer forwards to it, and so make that backup change views alone.
+    fn take_request(
+        &mut self,
+        request: Request,
+        now: Duration,
+        forwarded: bool,
+    ) -> Result<(), Ignored> {
         self.now = self.now.max(now);
         if !self.request_valid(&request) {
             return Err(Ignored::Invalid);
@@ -891,9 +907,14 @@ impl Replica {
             .get(&request.client)
             .copied()
             .unwrap_or_default();
+        let share = if forwarded { 2 } else { 1 };
         if self.waiting.len() >= self.config.max_pending
-            || count >= self.config.max_pending_per_client
-            || client_bytes.saturating_add(bytes) > self.config.max_pending_bytes_per_client
+            || count >= self.config.max_pending_per_client.saturating_mul(share)
+            || client_bytes.saturating_add(bytes)
+                > self
+                    .config
+                    .max_pending_bytes_per_client
+                    .saturating_mul(share)
             || self.pending_bytes.saturating_add(bytes) > self.config.max_pending_bytes
         {
             return Err(Ignored::Busy);
@@ -1211,6 +1232,91 @@ impl Replica {
         Ok(())
     }
 
+    /// The checks of a message that need no signature: its sender is a replica of a group
+    /// this replica knows, a new view comes from a primary of its view, and every list in it
+    /// (view changes, certificates, votes, requests, batches) is no longer than the protocol
+    /// ever makes it (n, the window, `max_batch`). A host runs it before verifying any
+    /// signature, nested ones included, so that a message built to cost verification work
+    /// (a new view with thousands of view changes, a certificate with thousands of votes) is
+    /// refused for the price of reading it. [`Replica::handle_message`] checks the rest.
+    ///
+    /// # Errors
+    /// [`Ignored`] saying why the message cannot be of use.
+    pub fn admissible(&self, s: &Signed) -> Result<(), Ignored> {
+        let n = self.groups.values().map(Vec::len).max().unwrap_or(0);
+        let window = usize::try_from(self.config.window).unwrap_or(usize::MAX);
+        let max_batch = self.config.max_batch.max(1);
+        if !self.groups.values().any(|g| g.contains(&s.sender)) {
+            return Err(Ignored::NotMember);
+        }
+        let short = |list_len: usize, max: usize| {
+            if list_len <= max {
+                Ok(())
+            } else {
+                Err(Ignored::Invalid)
+            }
+        };
+        let certificate = |c: &Certificate| {
+            short(c.votes.len(), n)?;
+            match &c.proposal.message {
+                Message::PrePrepare { batch, .. } => short(batch.len(), max_batch),
+                _ => Err(Ignored::Invalid),
+            }
+        };
+        let view_change = |m: &Message| match m {
+            Message::ViewChange {
+                checkpoint,
+                prepared,
+                ..
+            } => {
+                short(checkpoint.len(), n)?;
+                short(prepared.len(), window)?;
+                prepared.iter().try_for_each(certificate)
+            }
+            _ => Err(Ignored::Invalid),
+        };
+        match &s.message {
+            Message::PrePrepare { batch, .. } => short(batch.len(), max_batch),
+            Message::Forward { requests } => short(requests.len(), max_batch),
+            Message::ViewChange { .. } => view_change(&s.message),
+            Message::NewView {
+                view,
+                view_changes,
+                pre_prepares,
+            } => {
+                let primary_somewhere = self
+                    .groups
+                    .values()
+                    .any(|g| Group { members: g.clone() }.primary(*view) == Some(s.sender));
+                if !primary_somewhere {
+                    return Err(Ignored::NotPrimary);
+                }
+                short(view_changes.len(), n)?;
+                short(pre_prepares.len(), window)?;
+                view_changes
+                    .iter()
+                    .try_for_each(|vc| view_change(&vc.message))?;
+                pre_prepares.iter().try_for_each(|pp| match &pp.message {
+                    Message::PrePrepare { batch, .. } => short(batch.len(), max_batch),
+                    _ => Err(Ignored::Invalid),
+                })
+            }
+            Message::State {
+                checkpoint,
+                committed,
+                ..
+            } => {
+                short(checkpoint.len(), n)?;
+                short(committed.len(), window)?;
+                committed.iter().try_for_each(certificate)
+            }
+            Message::Prepare { .. }
+            | Message::Commit { .. }
+            | Message::Checkpoint { .. }
+            | Message::FetchState { .. } => Ok(()),
+        }
+    }
+
     /// A verified message from another replica.
     ///
     /// # Errors
@@ -1269,7 +1375,7 @@ impl Replica {
                 let now = self.now;
                 let taken = requests
                     .iter()
-                    .filter(|r| self.handle_request((*r).clone(), now).is_ok())
+                    .filter(|r| self.take_request((*r).clone(), now, true).is_ok())
                     .count();
                 if taken == 0 {
                     return Err(Ignored::Stale);
@@ -1455,9 +1561,13 @@ impl Replica {
                     fresh.push(r.clone());
                 }
             }
+            // The back-off resets once the request that waited longest executes, not on any
+            // batch (under a long queue that would let view changes follow each other).
+            let oldest = self.timers.first().map(|(_, _, c, n)| (*c, *n));
             for r in &fresh {
                 self.release(r.client);
             }
+            let oldest_done = oldest.is_none_or(|key| !self.waiting.contains_key(&key));
             self.outputs.push_back(Output::Execute {
                 seq,
                 digest,
@@ -1469,7 +1579,7 @@ impl Replica {
                 self.outputs.push_back(Output::CheckpointDue { seq });
             }
             self.gap_asked = false;
-            if self.active {
+            if self.active && oldest_done {
                 self.backoff = 0;
             }
         }
@@ -2392,6 +2502,70 @@ mod tests {
     }
 
     #[test]
+    fn messages_built_to_cost_verification_are_refused_before_it() {
+        let c = Cluster::new(4, |_| {});
+        let r = &c.replicas[2];
+        let vc = |from: usize| {
+            c.signers[from].sign(Message::ViewChange {
+                view: 1,
+                stable: 0,
+                checkpoint: vec![],
+                prepared: vec![],
+            })
+        };
+        let new_view = |from: usize, count: usize| {
+            c.signers[from].sign(Message::NewView {
+                view: 1,
+                view_changes: (0..count).map(|k| vc(k % 4)).collect(),
+                pre_prepares: vec![],
+            })
+        };
+        // The accepted case: the primary of view 1, with n view changes.
+        assert_eq!(r.admissible(&new_view(1, 4)), Ok(()));
+        // Thousands of nested view changes (each one more signature to check): refused unread.
+        assert_eq!(r.admissible(&new_view(1, 4000)), Err(Ignored::Invalid));
+        // From a replica that is no view's primary for view 1.
+        assert_eq!(r.admissible(&new_view(3, 4)), Err(Ignored::NotPrimary));
+        // A certificate with more votes than replicas, inside a view change.
+        let pp = c.signers[0].sign(Message::PrePrepare {
+            view: 0,
+            seq: 1,
+            digest: batch_digest(&[]),
+            batch: vec![],
+        });
+        let vote = c.signers[1].sign(Message::Prepare {
+            view: 0,
+            seq: 1,
+            digest: batch_digest(&[]),
+        });
+        let stuffed = c.signers[3].sign(Message::ViewChange {
+            view: 1,
+            stable: 0,
+            checkpoint: vec![],
+            prepared: vec![Certificate {
+                proposal: pp.clone(),
+                votes: vec![vote.clone(); 500],
+            }],
+        });
+        assert_eq!(r.admissible(&stuffed), Err(Ignored::Invalid));
+        let fine = c.signers[3].sign(Message::ViewChange {
+            view: 1,
+            stable: 0,
+            checkpoint: vec![],
+            prepared: vec![Certificate {
+                proposal: pp,
+                votes: vec![vote; 2],
+            }],
+        });
+        assert_eq!(r.admissible(&fine), Ok(()));
+        // From outside every known group.
+        let ca = DevCa::new("outsider CA").unwrap();
+        let outsider = Signer::new(&ca.issue_role("x", Role::Replica).unwrap()).unwrap();
+        let stranger = outsider.sign(Message::FetchState { seq: 1 });
+        assert_eq!(r.admissible(&stranger), Err(Ignored::NotMember));
+    }
+
+    #[test]
     fn one_client_cannot_fill_the_hold_for_the_others() {
         let mut c = Cluster::new(4, |cfg| cfg.max_pending_per_client = 3);
         let request = |client, number| Request {
@@ -2408,6 +2582,47 @@ mod tests {
         );
         assert_eq!(c.replicas[1].handle_request(request(2, 1), c.now), Ok(()));
         assert_eq!(c.replicas[1].pending_requests(), 4);
+        // A request another replica forwards (its timer expired there) is taken beyond the
+        // client's share, up to twice it: a client that keeps its share full here cannot make
+        // this replica refuse what a backup forwards.
+        let forward = |c: &Cluster, numbers: std::ops::RangeInclusive<u64>| {
+            Verified::trusted(c.signers[2].sign(Message::Forward {
+                requests: numbers.map(|n| request(1, n)).collect(),
+            }))
+        };
+        let m = forward(&c, 4..=6);
+        assert_eq!(c.replicas[1].handle_message(m), Ok(()));
+        let m = forward(&c, 7..=7);
+        assert_eq!(c.replicas[1].handle_message(m), Err(Ignored::Stale));
+        assert_eq!(c.replicas[1].pending_requests(), 7);
+    }
+
+    #[test]
+    fn a_replica_outside_the_group_sets_no_request_timer() {
+        let ca = DevCa::new("x").unwrap();
+        let c = Cluster::new(4, |_| {});
+        let outsider = Signer::new(&ca.issue_role("joiner", Role::Replica).unwrap()).unwrap();
+        let mut joiner = Replica::new(c.replicas[0].config.clone(), outsider);
+        let r = Request {
+            client: NodeId::from_bytes([1; 32]),
+            number: 1,
+            payload: Bytes::new(),
+        };
+        assert_eq!(joiner.handle_request(r, Duration::ZERO), Ok(()));
+        // It holds the request, but it is not a member: no deadline it would not act on (the
+        // driver would spin on one in the past).
+        assert_eq!(joiner.next_deadline(), None);
+        let mut member = Replica::new(
+            c.replicas[0].config.clone(),
+            Signer::new_from(&c.signers[1]),
+        );
+        let r = Request {
+            client: NodeId::from_bytes([1; 32]),
+            number: 1,
+            payload: Bytes::new(),
+        };
+        member.handle_request(r, Duration::ZERO).unwrap();
+        assert!(member.next_deadline().is_some());
     }
 
     #[test]

@@ -609,27 +609,37 @@ impl Sim {
         };
         let n = self.scenario.replicas as u64;
         let span = self.scenario.core.window.saturating_mul(2).max(1);
-        self.order += 1;
-        let seq = 1 + self.rng.random_range(0..span);
-        let prepare = signer.sign(Message::Prepare {
+        // Above its own stable checkpoint, so that the others can only hold them.
+        let low = self
+            .instances
+            .iter()
+            .find(|i| i.replica == from)
+            .and_then(|i| i.core.as_ref())
+            .map_or(0, Replica::low_watermark);
+        let mut messages = Vec::new();
+        for _ in 0..4 {
+            self.order += 1;
+            let seq = low + 1 + self.rng.random_range(0..span);
+            let batch: Vec<Request> = (0..self.scenario.core.max_batch as u8)
+                .map(|k| Request {
+                    client: NodeId::from_bytes([k; 32]),
+                    number: seq,
+                    payload: Bytes::from(vec![k; 1024]),
+                })
+                .collect();
+            messages.push(signer.sign(Message::PrePrepare {
+                view: n * 1_000_000 + from as u64,
+                seq,
+                digest: batch_digest(&batch),
+                batch,
+            }));
+        }
+        messages.push(signer.sign(Message::Prepare {
             view: 1_000_000 + self.order,
-            seq,
+            seq: low + 1,
             digest: Digest([0xf1; 32]),
-        });
-        let batch: Vec<Request> = (0..self.scenario.core.max_batch as u8)
-            .map(|k| Request {
-                client: NodeId::from_bytes([k; 32]),
-                number: seq,
-                payload: Bytes::from(vec![k; 1024]),
-            })
-            .collect();
-        let pre_prepare = signer.sign(Message::PrePrepare {
-            view: n * 1_000_000 + from as u64,
-            seq,
-            digest: batch_digest(&batch),
-            batch,
-        });
-        for m in [prepare, pre_prepare] {
+        }));
+        for m in messages {
             if let Some(delay) = self.link(from, to)
                 && let Some(inst) = self.route(to, from)
             {
@@ -888,7 +898,16 @@ impl Sim {
         let mut decoded = Vec::with_capacity(messages.len());
         for bytes in messages {
             match Signed::decode(&bytes, &Limits::default()) {
-                Ok(s) => decoded.push(s),
+                // As the driver does: structure and sender before any signature.
+                Ok(s) => match self
+                    .instances
+                    .get(k)
+                    .and_then(|i| i.core.as_ref())
+                    .map(|core| core.admissible(&s))
+                {
+                    Some(Err(e)) => *self.report.dropped.entry(e.to_string()).or_default() += 1,
+                    _ => decoded.push(s),
+                },
                 Err(e) => {
                     *self
                         .report

@@ -231,14 +231,19 @@ fn a_replica_flooding_held_messages_fills_only_its_own_share() {
         |seed| (seed % 4) as usize,
         Fault::Flood,
     );
-    // Per sender at most three messages per slot of a window, in two buffers: the flood
-    // takes the flooder's share and nobody else's.
-    let s = &reports[0].scenario;
-    let bound = 2 * 3 * s.core.window as usize * (s.replicas - 1);
-    for r in &reports {
-        assert!(r.max_held <= bound, "held {} > {bound}", r.max_held);
-    }
-    assert!(reports.iter().any(|r| r.max_held > 0), "the flood was held");
+    // The flood was held up to the flooder's share and then refused (the bounds themselves
+    // are the unit tests' and the multi-process test's); the runs above stayed safe and live.
+    let share = 3 * reports[0].scenario.core.window as usize;
+    assert!(
+        reports.iter().any(|r| r.max_held >= share),
+        "the flood filled the flooder's share"
+    );
+    assert!(
+        reports
+            .iter()
+            .any(|r| r.dropped.get("busy").copied().unwrap_or(0) > 0),
+        "and refused past the flooder's share"
+    );
 }
 
 #[test]

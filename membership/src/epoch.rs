@@ -206,6 +206,27 @@ impl Membership {
         self.crl.as_ref()
     }
 
+    /// Whether the current CRL (already checked to be our CA's when it was ordered) lists
+    /// `certificate` (DER) as revoked: same issuer, same serial. Time plays no part (an
+    /// expired CRL still revokes), so every replica decides alike at the same log position. A
+    /// certificate that does not parse counts as revoked.
+    pub fn revokes(&self, certificate: &[u8]) -> bool {
+        use x509_parser::prelude::{CertificateRevocationList, FromDer, X509Certificate};
+        let Some((_, crl)) = &self.crl else {
+            return false;
+        };
+        let Ok((_, cert)) = X509Certificate::from_der(certificate) else {
+            return true;
+        };
+        let Ok((_, crl)) = CertificateRevocationList::from_der(crl.as_ref()) else {
+            return false;
+        };
+        crl.issuer() == cert.issuer()
+            && crl
+                .iter_revoked_certificates()
+                .any(|r| r.raw_serial() == cert.raw_serial())
+    }
+
     /// The transport trust configuration this membership implies for the replica plane: the
     /// CA, the CRL, and the replicas with their replica-plane addresses.
     pub fn replica_trust(&self) -> TrustConfig {

@@ -12,11 +12,12 @@
 //!   a commit made for another epoch (stale, replayed, or the loser of two competing commits) is
 //!   refused by every member alike, and so is one from a non-member or with a bad signature. A
 //!   member's own commit is merged only when it comes back in that order.
-//! - The commit policy ([`GroupMember::apply_commit_checked`]), judged from the ordered
-//!   membership alone, so that every correct member decides alike: the committer is a current
-//!   replica; a commit adds only current replicas (key package bound to the certificate) that
-//!   are not in the group, removes only members that are no longer replicas or that it adds
-//!   again in the same commit (a member whose key was lost, [`GroupMember::propose_readd`]),
+//! - The commit policy ([`GroupMember::apply_commit_checked`], [`CommitPolicy`]), judged from
+//!   the ordered state alone, so that every correct member decides alike: the committer is a
+//!   current replica; a commit adds only current replicas that asked to be added, with exactly
+//!   the key package they ordered (bound to the certificate), and that are not in the group;
+//!   it removes only members that are no longer replicas or that it adds again in the same
+//!   commit (a member whose key was lost and that asked again, [`GroupMember::propose_readd`]),
 //!   keeps the committer's credential and key, and carries no other proposal (pre-shared keys,
 //!   re-init, external init, group context extensions, updates by reference, custom).
 //! - A merged commit is *unsettled* until the ordering layer says whether the group took it
@@ -100,6 +101,36 @@ const STATE_VERSION: u8 = 2;
 pub const COMMIT_DIGEST_CONTEXT: &str = "securesmart 2026-12-01 group commit digest v1";
 /// The digest that stands for the epoch a group was created in (no commit made it).
 pub const CREATION_DIGEST: [u8; 32] = [0; 32];
+/// BLAKE3 `derive_key` context of [`key_package_digest`].
+pub const KEY_PACKAGE_DIGEST_CONTEXT: &str = "securesmart 2026-12-01 key package digest v1";
+/// A key package is used only if its lifetime began at least this long before the committer's
+/// clock and ends at least [`KEY_PACKAGE_MARGIN`] after it, so that members whose clocks are
+/// off by less judge it alike (openmls checks the lifetime against each member's own clock;
+/// its key packages start an hour back).
+pub const KEY_PACKAGE_MARGIN_BEFORE: Duration = Duration::from_secs(30 * 60);
+/// See [`KEY_PACKAGE_MARGIN_BEFORE`]: how long a key package must stay valid after now.
+pub const KEY_PACKAGE_MARGIN: Duration = Duration::from_secs(24 * 3600);
+
+/// The digest of an ordered key package (its TLS encoding), as the commit policy names the
+/// key package each replica asks to be added with.
+pub fn key_package_digest(key_package: &[u8]) -> [u8; 32] {
+    *blake3::Hasher::new_derive_key(KEY_PACKAGE_DIGEST_CONTEXT)
+        .update(key_package)
+        .finalize()
+        .as_bytes()
+}
+
+/// What a commit may do, from the ordered (replicated) state alone, so that every correct
+/// member judges it alike (see the module doc).
+#[derive(Clone, Copy, Debug)]
+pub struct CommitPolicy<'a> {
+    /// The membership at the commit's log position.
+    pub membership: &'a Membership,
+    /// The replicas that asked to be added (they ordered a key package and acknowledged no
+    /// key since), with the digest of that key package ([`key_package_digest`]): an Add (or a
+    /// re-add) must use exactly it.
+    pub joining: &'a BTreeMap<NodeId, [u8; 32]>,
+}
 /// Largest state file read back.
 const MAX_STATE_BYTES: usize = 256 * 1024 * 1024;
 
@@ -559,8 +590,9 @@ fn check_commit(
     group: &MlsGroup,
     committer: &openmls::prelude::Credential,
     staged: &openmls::prelude::StagedCommit,
-    m: &Membership,
+    policy: &CommitPolicy<'_>,
 ) -> Result<(), GroupError> {
+    let m = policy.membership;
     let refuse = |why: String| Err(GroupError::CommitRefused(why));
     let replicas: BTreeSet<NodeId> = m.replica_ids().into_iter().collect();
     let key_of = |id: &NodeId| {
@@ -584,6 +616,16 @@ fn check_commit(
                 if key_of(&id).is_none_or(|k| k.as_slice() != leaf.signature_key().as_slice()) {
                     return refuse(format!(
                         "adds {id} with a key that is not its certificate's"
+                    ));
+                }
+                let ordered = add
+                    .key_package()
+                    .tls_serialize_detached()
+                    .map(|bytes| key_package_digest(&bytes))
+                    .ok();
+                if ordered.is_none() || policy.joining.get(&id) != ordered.as_ref() {
+                    return refuse(format!(
+                        "adds {id} with a key package it did not ask to be added with"
                     ));
                 }
                 if !added.insert(id) {
@@ -788,6 +830,18 @@ impl GroupMember {
         if kp.ciphersuite() != CIPHERSUITE {
             return Err(GroupError::KeyPackageMismatch("ciphersuite".into()));
         }
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs();
+        let lifetime = kp.life_time();
+        if lifetime.not_before() > now.saturating_sub(KEY_PACKAGE_MARGIN_BEFORE.as_secs())
+            || lifetime.not_after() < now.saturating_add(KEY_PACKAGE_MARGIN.as_secs())
+        {
+            return Err(GroupError::KeyPackageMismatch(
+                "its lifetime does not cover half an hour before now and a day after".into(),
+            ));
+        }
         let expected = NodeId::from_certificate(certificate)
             .map_err(|e| GroupError::KeyPackageMismatch(e.to_string()))?;
         let leaf = kp.leaf_node();
@@ -846,19 +900,23 @@ impl GroupMember {
         })
     }
 
-    /// Builds a Remove commit for member `id`.
-    ///
-    /// # Errors
-    /// [`GroupError::UnknownMember`], MLS and state errors.
-    pub fn propose_remove(&mut self, id: NodeId) -> Result<Proposal, GroupError> {
-        let index: LeafNodeIndex = self
-            .group
+    /// The leaf of member `id` in the group.
+    fn leaf_of(&self, id: NodeId) -> Result<LeafNodeIndex, GroupError> {
+        self.group
             .as_ref()
             .ok_or(GroupError::NotMember)?
             .members()
             .find(|m| member_id(&m.credential) == Some(id))
             .map(|m| m.index)
-            .ok_or(GroupError::UnknownMember(id))?;
+            .ok_or(GroupError::UnknownMember(id))
+    }
+
+    /// Builds a Remove commit for member `id`.
+    ///
+    /// # Errors
+    /// [`GroupError::UnknownMember`], MLS and state errors.
+    pub fn propose_remove(&mut self, id: NodeId) -> Result<Proposal, GroupError> {
+        let index = self.leaf_of(id)?;
         self.drop_pending()?;
         let (provider, signer) = (&self.provider, &self.signer);
         let group = self.group.as_mut().ok_or(GroupError::NotMember)?;
@@ -888,14 +946,7 @@ impl GroupMember {
         certificate: &CertificateDer<'_>,
     ) -> Result<Proposal, GroupError> {
         let kp = self.check_key_package(key_package, certificate)?;
-        let index: LeafNodeIndex = self
-            .group
-            .as_ref()
-            .ok_or(GroupError::NotMember)?
-            .members()
-            .find(|m| member_id(&m.credential) == Some(id))
-            .map(|m| m.index)
-            .ok_or(GroupError::UnknownMember(id))?;
+        let index = self.leaf_of(id)?;
         self.drop_pending()?;
         let (provider, signer) = (&self.provider, &self.signer);
         let group = self.group.as_mut().ok_or(GroupError::NotMember)?;
@@ -970,16 +1021,16 @@ impl GroupMember {
     pub fn apply_commit_checked(
         &mut self,
         commit: &[u8],
-        membership: &Membership,
+        policy: &CommitPolicy<'_>,
         now: Duration,
     ) -> Result<CommitOutcome, GroupError> {
-        self.apply(commit, Some(membership), now)
+        self.apply(commit, Some(policy), now)
     }
 
     fn apply(
         &mut self,
         commit: &[u8],
-        membership: Option<&Membership>,
+        policy: Option<&CommitPolicy<'_>>,
         now: Duration,
     ) -> Result<CommitOutcome, GroupError> {
         if commit.len() > MAX_MLS_MESSAGE_BYTES {
@@ -1013,8 +1064,8 @@ impl GroupMember {
             else {
                 return Err(GroupError::CommitRefused("not a commit".into()));
             };
-            if let Some(m) = membership {
-                check_commit(group, &committer, &staged, m)?;
+            if let Some(policy) = policy {
+                check_commit(group, &committer, &staged, policy)?;
             }
             // This commit wins the epoch: a commit of ours for it is void. (A refused commit
             // above left ours in place: it may still come in the order.)
@@ -1460,6 +1511,11 @@ mod tests {
         let ca = DevCa::new("mls ca").unwrap();
         let mut nodes = group(&ca, 5);
         let everyone = membership(&ca, &nodes.iter().collect::<Vec<_>>());
+        let no_one = BTreeMap::new();
+        let policy = |m| CommitPolicy {
+            membership: m,
+            joining: &no_one,
+        };
         // A faulty member (4) removes two current replicas in a valid MLS commit.
         let ids: Vec<NodeId> = nodes.iter().map(|n| n.identity.id()).collect();
         let forged = {
@@ -1485,7 +1541,9 @@ mod tests {
             commit.tls_serialize_detached().unwrap()
         };
         for n in &mut nodes[..4] {
-            let r = n.member.apply_commit_checked(&forged, &everyone, T0);
+            let r = n
+                .member
+                .apply_commit_checked(&forged, &policy(&everyone), T0);
             assert!(
                 matches!(&r, Err(GroupError::CommitRefused(why)) if why.contains("current replica")),
                 "{r:?}"
@@ -1497,13 +1555,13 @@ mod tests {
         let without_2 = membership(&ca, &[&nodes[0], &nodes[1], &nodes[3], &nodes[4]]);
         let r = nodes[0]
             .member
-            .apply_commit_checked(&forged, &without_2, T0);
+            .apply_commit_checked(&forged, &policy(&without_2), T0);
         assert!(matches!(r, Err(GroupError::CommitRefused(_))), "{r:?}");
         let p = nodes[0].member.propose_remove(ids[2]).unwrap();
         for i in [1, 3] {
             let r = nodes[i]
                 .member
-                .apply_commit_checked(&p.commit, &without_2, T0);
+                .apply_commit_checked(&p.commit, &policy(&without_2), T0);
             assert_eq!(r.unwrap(), CommitOutcome::Advanced(5));
         }
         // An Add of a node that is not a replica of the membership is refused.
@@ -1513,7 +1571,7 @@ mod tests {
         let p = nodes[3].member.propose_add(&kp, &cert(&outsider)).unwrap();
         let r = nodes[1]
             .member
-            .apply_commit_checked(&p.commit, &without_2, T0);
+            .apply_commit_checked(&p.commit, &policy(&without_2), T0);
         assert!(
             matches!(r, Err(GroupError::CommitRefused(why)) if why.contains("not a current replica"))
         );
@@ -1524,6 +1582,11 @@ mod tests {
         let ca = DevCa::new("mls ca").unwrap();
         let mut nodes = group(&ca, 4);
         let everyone = membership(&ca, &nodes.iter().collect::<Vec<_>>());
+        let no_one = BTreeMap::new();
+        let policy = |m| CommitPolicy {
+            membership: m,
+            joining: &no_one,
+        };
         let before = nodes[1].member.payload_keys();
         let sealed_before = nodes[1].member.seal(b"ctx", b"before").unwrap();
         // A commit that members 0 and 1 merged, then the order voids it.
@@ -1531,7 +1594,7 @@ mod tests {
         for i in [0, 1] {
             let r = nodes[i]
                 .member
-                .apply_commit_checked(&p.commit, &everyone, T0);
+                .apply_commit_checked(&p.commit, &policy(&everyone), T0);
             assert_eq!(r.unwrap(), CommitOutcome::Advanced(4));
         }
         let digest = commit_digest(&p.commit);
@@ -1568,6 +1631,51 @@ mod tests {
             nodes[1].member.settle(kept, false).unwrap(),
             Settled::Unknown
         );
+    }
+
+    #[test]
+    fn a_current_replica_is_re_added_only_with_the_key_package_it_asked_with() {
+        let ca = DevCa::new("mls ca").unwrap();
+        let mut nodes = group(&ca, 4);
+        let m = membership(&ca, &nodes.iter().collect::<Vec<_>>());
+        let victim = nodes[1].identity.id();
+        let cert1 = cert(&nodes[1]);
+        // An old key package of replica 1 (in the log since it joined, say), used by a faulty
+        // member to swap replica 1 out of the group while it is in sync.
+        let old = nodes[1].member.key_package().unwrap();
+        let swap = nodes[3].member.propose_readd(victim, &old, &cert1).unwrap();
+        let no_one = BTreeMap::new();
+        let in_sync = CommitPolicy {
+            membership: &m,
+            joining: &no_one,
+        };
+        let r = nodes[0]
+            .member
+            .apply_commit_checked(&swap.commit, &in_sync, T0);
+        assert!(
+            matches!(&r, Err(GroupError::CommitRefused(why)) if why.contains("did not ask")),
+            "{r:?}"
+        );
+        // Replica 1 lost its key and ordered a fresh key package: the re-add with exactly it
+        // is applied; one with the old package still is not.
+        let fresh = nodes[1].member.key_package().unwrap();
+        let asked = BTreeMap::from([(victim, key_package_digest(&fresh))]);
+        let stale = CommitPolicy {
+            membership: &m,
+            joining: &asked,
+        };
+        let r = nodes[0]
+            .member
+            .apply_commit_checked(&swap.commit, &stale, T0);
+        assert!(matches!(r, Err(GroupError::CommitRefused(_))), "{r:?}");
+        let readd = nodes[3]
+            .member
+            .propose_readd(victim, &fresh, &cert1)
+            .unwrap();
+        let r = nodes[0]
+            .member
+            .apply_commit_checked(&readd.commit, &stale, T0);
+        assert_eq!(r.unwrap(), CommitOutcome::Advanced(4));
     }
 
     #[test]

@@ -47,9 +47,10 @@ pub mod trust_center;
 pub use enrollment::{EnrollError, Enrolled, EnrollmentServer, enroll};
 pub use epoch::{Applied, CommandRefusal, MIN_REPLICAS, Member, Membership, MembershipCommand};
 pub use group::{
-    COMMIT_DIGEST_CONTEXT, CREATION_DIGEST, CommitOutcome, GroupConfig, GroupError, GroupMember,
+    COMMIT_DIGEST_CONTEXT, CREATION_DIGEST, CommitOutcome, CommitPolicy, GroupConfig, GroupError,
+    GroupMember, KEY_PACKAGE_DIGEST_CONTEXT, KEY_PACKAGE_MARGIN, KEY_PACKAGE_MARGIN_BEFORE,
     MAX_MLS_MESSAGE_BYTES, Opened, PayloadKeys, Proposal, RotationPolicy, Settled, commit_digest,
-    commit_epoch, sealed_epoch,
+    commit_epoch, key_package_digest, sealed_epoch,
 };
 pub use securesmart_transport::wire::WireError;
 pub use trust_center::{

@@ -222,6 +222,19 @@ impl PeerLink {
     }
 }
 
+/// Bytes counted against a link's queue until the message is queued (see [`Plane::send`]).
+struct Reservation<'a> {
+    link: &'a PeerLink,
+    class: Class,
+    len: usize,
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        self.link.release(self.class, self.len);
+    }
+}
+
 struct Shared {
     kind: PlaneKind,
     identity: Identity,
@@ -495,11 +508,20 @@ impl Plane {
     pub async fn send(&self, to: NodeId, class: Class, msg: Bytes) -> Result<(), SendError> {
         let len = msg.len();
         let link = self.shared().reserve_for_send(to, class, len)?;
+        // Released unless queued, also when this future is dropped while it waits.
+        let reservation = Reservation {
+            link: &link,
+            class,
+            len,
+        };
         let sent = link.queue(class).send(msg).await;
-        sent.map_err(|_| {
-            link.release(class, len);
-            SendError::Closed
-        })
+        match sent {
+            Ok(()) => {
+                std::mem::forget(reservation);
+                Ok(())
+            }
+            Err(_) => Err(SendError::Closed),
+        }
     }
 
     /// Queues `msg` for every known peer with [`Plane::try_send`] semantics; returns how many
