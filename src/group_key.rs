@@ -495,7 +495,33 @@ impl GroupKey {
                 self.todo.push_back(Work::Remove(*id));
             }
         }
+        // Replicas that asked to be added, from the replicated state (whatever this member saw
+        // ordered: it may have been no member yet when they asked).
+        for (id, kp) in view.key_packages {
+            let queued = self.todo.iter().any(|w| match w {
+                Work::Add(q, _) | Work::Readd(q, _) => q == id,
+                Work::Remove(_) => false,
+            });
+            let just_added = self
+                .recent_adds
+                .get(id)
+                .is_some_and(|t| t.elapsed() < GROUP_RETRY.saturating_mul(2));
+            if !queued && !just_added && replicas.contains(id) {
+                self.todo.push_back(if members.contains(id) {
+                    Work::Readd(*id, kp.clone())
+                } else {
+                    Work::Add(*id, kp.clone())
+                });
+            }
+        }
         while let Some(work) = self.todo.pop_front() {
+            // Only with the key package the replica is to be added with now (the commit policy
+            // refuses any other, and the commit would be voided).
+            if let Work::Add(id, kp) | Work::Readd(id, kp) = &work
+                && view.joining.get(id) != Some(&securesmart_membership::key_package_digest(kp))
+            {
+                continue;
+            }
             let proposal = match &work {
                 Work::Add(id, kp) if !members.contains(id) => {
                     let Some(cert) = m.members().get(id).map(|mem| mem.certificate.clone()) else {

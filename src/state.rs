@@ -30,25 +30,36 @@
 //!   the committer's credential, carries no other proposal) and orders either a
 //!   [`Ordered::KeyAck`] of the new epoch naming the commit's digest, or a
 //!   [`Ordered::CommitRefused`] naming it. Each replica counts once, for its first answer.
-//! - Acknowledgements from f + 1 replicas, and from all but f of those known to hold the epoch
-//!   it was made for, keep it (at least one correct replica holds the new epoch and can add
-//!   the others back, and a faulty committer cannot keep a commit that only it and one correct
-//!   replica can open): the replicated epoch moves on. f + 1 refusals void it (at
-//!   least one correct replica that held the epoch could not apply it, so the commit is bad):
+//! - Call H the current replicas known to hold the epoch it was made for (those that
+//!   acknowledged it, naming its commit; for epoch 0 only the group's creator). Acknowledgements
+//!   from f + 1 replicas, among them all but f of H (at least one of H), keep it: the replicated
+//!   epoch moves on (a faulty committer cannot keep a commit that joiners and it can open but
+//!   the holders cannot). Refusals from enough of H that
+//!   keeping it has become impossible void it (with more than f holders, at least one
+//!   correct holder could not apply it, so the commit is bad):
 //!   the members that merged it go back to the state from before, and the replica that
-//!   ordered it may order no commit for [`VOIDED_COOLDOWN_EPOCHS`] epochs (a cool-down, not a
+//!   ordered it may order no commit for [`COOLDOWN_SEQS`] sequence numbers (a cool-down, not a
 //!   bar for good: a correct committer can be made to order a commit some members refuse).
 //!   Each replica counts once, so both cannot happen; a commit that gets neither (too few
 //!   replicas hold its epoch) expires [`SETTLE_DEADLINE`] sequence numbers after it was
-//!   ordered ([`NodeState::begin_batch`]). A correct member that refused a kept commit lost
-//!   its key and asks to be added again ([`GroupEvent::Settled`]).
+//!   ordered ([`NodeState::begin_batch`]), and its orderer cools down as well. A correct
+//!   member that refused a kept commit lost its key and asks to be added again
+//!   ([`GroupEvent::Settled`]).
 //! - Who may be added: a replica that ordered a key package and acknowledged no key since
 //!   ([`GroupView::joining`]), with exactly that key package, so a faulty replica cannot swap
-//!   an in-sync replica out of the group with an old key package of it.
+//!   an in-sync replica out of the group with an old key package of it; a replica asks again
+//!   with a new key package at most once per [`KEY_PACKAGE_REFRESH_SEQS`].
+//!
+//! Known limit: the holders of the next epoch are those that applied the last commit, so a
+//! faulty committer whose commits some correct holders cannot open shrinks the holders by up
+//! to f per commit it gets ordered (each time one correct holder at least keeps the key, and
+//! the members it left out ask to be re-added); a committer chosen per epoch from replicated
+//! data would bound this further.
 //!
 //! So a faulty replica can no longer move the replicated epoch to keys nobody holds (which
 //! made confidential requests "busy" and checkpoints unsealable, for good), nor remove the
-//! other replicas from the group; it can cost one settlement round per commit it orders, once.
+//! other replicas from the group; each commit of its that is voided or expires costs a
+//! settlement round and cools it down.
 //!
 //! # Confidential requests
 //! A confidential request is ordered as [`Ordered::Sealed`]: the replica that received it sealed
@@ -109,8 +120,9 @@ use securesmart_transport::wire::{Reader, Writer};
 
 use crate::protocol::{NONCE_LEN, Ordered, Submission, confidential_context};
 
-/// Snapshot format (4: settled group commits; 5: administrators by certificate, #13).
-const VERSION: u8 = 5;
+/// Snapshot format (4: settled group commits; 5: administrators by certificate; 6: holders,
+/// creator and cool-downs by sequence number, #13).
+const VERSION: u8 = 6;
 /// Group commits a snapshot carries (see the module doc, "Checkpoints").
 pub const COMMIT_HISTORY: usize = 8;
 /// A checkpoint whose state is in the clear.
@@ -127,12 +139,15 @@ fn checkpoint_context(seq: Seq) -> Vec<u8> {
     c.extend_from_slice(&seq.to_be_bytes());
     c
 }
-/// An unsettled group commit is voided (without barring anybody) once this many sequence
-/// numbers passed since it was ordered: a commit that neither a quorum applied nor f + 1
-/// refused (the replicas that hold its epoch are too few) must not hold up the next one.
-pub const SETTLE_DEADLINE: Seq = 64;
-/// A replica whose commit was voided may order none for this many group epochs.
-pub const VOIDED_COOLDOWN_EPOCHS: u64 = 4;
+/// An unsettled group commit expires once this many sequence numbers passed since it was
+/// ordered (its holders did not answer: some are silent), and its orderer cools down.
+pub const SETTLE_DEADLINE: Seq = 512;
+/// A replica whose commit was voided or expired may order none for this many sequence numbers.
+pub const COOLDOWN_SEQS: Seq = 256;
+/// A replica that asked to be added asks again with a new key package at most once per this
+/// many sequence numbers (the older one stays the one to add it with), so that it cannot make
+/// every commit that adds it stale by ordering new key packages all the time.
+pub const KEY_PACKAGE_REFRESH_SEQS: Seq = 64;
 
 /// What a node's group member needs of the replicated state to judge and make commits.
 #[derive(Clone, Copy, Debug)]
@@ -141,17 +156,17 @@ pub struct GroupView<'a> {
     pub membership: &'a Membership,
     /// Replicas that asked to be added, with their key package's digest.
     pub joining: &'a BTreeMap<NodeId, [u8; 32]>,
-    barred: &'a BTreeMap<NodeId, u64>,
-    group_epoch: u64,
+    /// Their key packages: any committer adds them from here, whatever it saw ordered.
+    pub key_packages: &'a BTreeMap<NodeId, Bytes>,
+    barred: &'a BTreeMap<NodeId, Seq>,
+    seq: Seq,
     epoch_commits: &'a BTreeMap<u64, [u8; 32]>,
 }
 
 impl GroupView<'_> {
     /// Whether commits of `id` are refused now (one of its commits was voided lately).
     pub fn is_barred(&self, id: &NodeId) -> bool {
-        self.barred
-            .get(id)
-            .is_some_and(|until| *until > self.group_epoch)
+        self.barred.get(id).is_some_and(|until| *until > self.seq)
     }
 
     /// The digest of the commit that made `epoch`, if it is a recent settled one.
@@ -194,12 +209,19 @@ pub struct NodeState<S> {
     epoch_commits: BTreeMap<u64, [u8; 32]>,
     /// The group commit accepted and not yet settled (see the module doc, "Group commits").
     tentative: Option<Tentative>,
-    /// Replicas that ordered a commit that was voided, and the group epoch until which no
-    /// commit of theirs is accepted.
-    barred: BTreeMap<NodeId, u64>,
+    /// Replicas that ordered a commit that was voided or expired, and the sequence number
+    /// until which no commit of theirs is accepted.
+    barred: BTreeMap<NodeId, Seq>,
     /// Replicas that asked to be added to the group (they ordered a key package and
     /// acknowledged no key since), with that key package's digest.
     joining: BTreeMap<NodeId, [u8; 32]>,
+    /// When each entry of `joining` was ordered.
+    joining_at: BTreeMap<NodeId, Seq>,
+    /// The key package of each entry of `joining`.
+    key_packages: BTreeMap<NodeId, Bytes>,
+    /// The replica that creates the group at genesis (the smallest id): the only one that
+    /// holds epoch 0.
+    creator: Option<NodeId>,
     /// The sequence number of the batch executing ([`NodeState::begin_batch`]).
     seq: Seq,
     /// Which current replicas acknowledged holding the key of each recent epoch.
@@ -289,6 +311,7 @@ impl<S: StateMachine> NodeState<S> {
                 Some((id, Bytes::copy_from_slice(c.as_ref())))
             })
             .collect();
+        let creator = membership.replica_ids().first().copied();
         Self {
             membership,
             admins,
@@ -300,6 +323,9 @@ impl<S: StateMachine> NodeState<S> {
             tentative: None,
             barred: BTreeMap::new(),
             joining: BTreeMap::new(),
+            joining_at: BTreeMap::new(),
+            key_packages: BTreeMap::new(),
+            creator,
             seq: 0,
             acks: BTreeMap::new(),
             joined: BTreeMap::new(),
@@ -329,8 +355,9 @@ impl<S: StateMachine> NodeState<S> {
         GroupView {
             membership: &self.membership,
             joining: &self.joining,
+            key_packages: &self.key_packages,
             barred: &self.barred,
-            group_epoch: self.group_epoch,
+            seq: self.seq,
             epoch_commits: &self.epoch_commits,
         }
     }
@@ -338,7 +365,9 @@ impl<S: StateMachine> NodeState<S> {
     /// The batch at sequence number `seq` begins executing (call it before its requests, at
     /// every replica alike): an unsettled group commit past its deadline is voided.
     pub fn begin_batch(&mut self, seq: Seq) {
-        self.seq = self.seq.max(seq);
+        // (Assigned, not raised: a replica that restores a checkpoint and executes the batches
+        // above it again must decide as it did, and as the others did, the first time.)
+        self.seq = seq;
         if self
             .tentative
             .as_ref()
@@ -347,7 +376,12 @@ impl<S: StateMachine> NodeState<S> {
         {
             metrics::counter!("securesmart_node_group_commits_settled_total", "outcome" => "expired")
                 .increment(1);
-            tracing::info!(epoch = t.made_for, "group commit expired unsettled");
+            tracing::info!(
+                epoch = t.made_for,
+                "group commit expired unsettled; its orderer waits"
+            );
+            self.barred
+                .insert(t.from, self.seq.saturating_add(COOLDOWN_SEQS));
             self.group.push(GroupEvent::Settled {
                 commit: t.digest,
                 kept: false,
@@ -417,6 +451,8 @@ impl<S: StateMachine> NodeState<S> {
                 t.applied.insert(client);
             }
             self.joining.remove(&client);
+            self.joining_at.remove(&client);
+            self.key_packages.remove(&client);
             self.settle_commit();
             return Bytes::from_static(b"ok");
         }
@@ -427,7 +463,14 @@ impl<S: StateMachine> NodeState<S> {
         {
             return Bytes::from_static(b"refused: not a recent epoch");
         }
+        if epoch == 0 && Some(client) != self.creator {
+            // Nobody but the creator holds the epoch the group was created in: another
+            // replica claiming it would count as a holder it is not.
+            return Bytes::from_static(b"refused: only the group's creator holds epoch 0");
+        }
         self.joining.remove(&client);
+        self.joining_at.remove(&client);
+        self.key_packages.remove(&client);
         self.acks.entry(epoch).or_default().insert(client);
         Bytes::from_static(b"ok")
     }
@@ -501,9 +544,18 @@ impl<S: StateMachine> NodeState<S> {
             return;
         };
         let count = |set: &BTreeSet<NodeId>| set.intersection(&replicas).count();
-        let holders = self.acks.get(&t.made_for).map_or(0, count);
-        let keep_at = (f + 1).max(holders.saturating_sub(f));
-        let (kept, voided) = (count(&t.applied) >= keep_at, count(&t.refused) > f);
+        // The current replicas known to hold the epoch it was made for.
+        let holders: BTreeSet<NodeId> = self
+            .acks
+            .get(&t.made_for)
+            .map(|by| by.intersection(&replicas).copied().collect())
+            .unwrap_or_default();
+        let keep_at = 1.max(holders.len().saturating_sub(f));
+        let applied_holders = t.applied.intersection(&holders).count();
+        let refused_holders = t.refused.intersection(&holders).count();
+        let kept = applied_holders >= keep_at && count(&t.applied) > f;
+        // Voided once keeping it has become impossible.
+        let voided = holders.len().saturating_sub(refused_holders) < keep_at;
         if !kept && !voided {
             return;
         }
@@ -533,10 +585,8 @@ impl<S: StateMachine> NodeState<S> {
                 epoch = t.made_for,
                 "group commit voided: replicas could not apply it; its orderer waits"
             );
-            self.barred.insert(
-                t.from,
-                self.group_epoch.saturating_add(VOIDED_COOLDOWN_EPOCHS),
-            );
+            self.barred
+                .insert(t.from, self.seq.saturating_add(COOLDOWN_SEQS));
         }
         self.group.push(GroupEvent::Settled {
             commit: t.digest,
@@ -635,9 +685,15 @@ impl<S: StateMachine> NodeState<S> {
             w.raw(id.as_bytes()).raw(&until.to_be_bytes());
         }
         w.u32(u32::try_from(self.joining.len()).unwrap_or(u32::MAX));
-        for (id, digest) in &self.joining {
-            w.raw(id.as_bytes()).raw(digest);
+        for id in self.joining.keys() {
+            let at = self.joining_at.get(id).copied().unwrap_or_default();
+            let kp = self.key_packages.get(id).cloned().unwrap_or_default();
+            w.raw(id.as_bytes()).raw(&at.to_be_bytes()).bytes(&kp);
         }
+        match &self.creator {
+            Some(id) => w.u8(1).raw(id.as_bytes()),
+            None => w.u8(0),
+        };
         w.u32(u32::try_from(self.joined.len()).unwrap_or(u32::MAX));
         for (id, epoch) in &self.joined {
             w.raw(id.as_bytes()).raw(&epoch.to_be_bytes());
@@ -662,6 +718,9 @@ impl<S: StateMachine> NodeState<S> {
         self.epoch_commits = p.epoch_commits;
         self.barred = p.barred;
         self.joining = p.joining;
+        self.joining_at = p.joining_at;
+        self.key_packages = p.key_packages;
+        self.creator = p.creator;
         self.acks = p.acks;
         self.joined = p.joined;
         self.confidential = p.confidential;
@@ -761,6 +820,9 @@ impl<S: StateMachine> NodeState<S> {
                 self.joined.retain(|id, _| m.members().contains_key(id));
                 self.barred.retain(|id, _| m.members().contains_key(id));
                 self.joining.retain(|id, _| m.members().contains_key(id));
+                self.joining_at.retain(|id, _| m.members().contains_key(id));
+                self.key_packages
+                    .retain(|id, _| m.members().contains_key(id));
                 self.changes.push(applied.clone());
             }
             Err(why) => {
@@ -785,6 +847,14 @@ impl<S: StateMachine> StateMachine for NodeState<S> {
             Ok(Ordered::Command { time, command }) => self.command(request.client, time, &command),
             Ok(Ordered::KeyPackage(key_package)) => {
                 let digest = securesmart_membership::key_package_digest(&key_package);
+                let kept_package = key_package.clone();
+                if self
+                    .joining_at
+                    .get(&request.client)
+                    .is_some_and(|at| self.seq < at.saturating_add(KEY_PACKAGE_REFRESH_SEQS))
+                {
+                    return Bytes::from_static(b"refused: it asked to be added lately");
+                }
                 let reply = self.group_message(
                     request.client,
                     GroupEvent::KeyPackage {
@@ -795,6 +865,8 @@ impl<S: StateMachine> StateMachine for NodeState<S> {
                 if reply.starts_with(b"ok") {
                     // It asks to be added with exactly this key package (the commit policy).
                     self.joining.insert(request.client, digest);
+                    self.joining_at.insert(request.client, self.seq);
+                    self.key_packages.insert(request.client, kept_package);
                 }
                 reply
             }
@@ -898,8 +970,11 @@ struct Public {
     group_epoch: u64,
     epoch_commits: BTreeMap<u64, [u8; 32]>,
     tentative: Option<Tentative>,
-    barred: BTreeMap<NodeId, u64>,
+    barred: BTreeMap<NodeId, Seq>,
     joining: BTreeMap<NodeId, [u8; 32]>,
+    joining_at: BTreeMap<NodeId, Seq>,
+    key_packages: BTreeMap<NodeId, Bytes>,
+    creator: Option<NodeId>,
     joined: BTreeMap<NodeId, u64>,
     acks: BTreeMap<u64, BTreeSet<NodeId>>,
     confidential: bool,
@@ -1000,11 +1075,20 @@ impl Public {
         if n > MAX_ACKS {
             return Err(RestoreError::Malformed("too many joining replicas".into()));
         }
-        let mut joining = BTreeMap::new();
+        let (mut joining, mut joining_at, mut key_packages) =
+            (BTreeMap::new(), BTreeMap::new(), BTreeMap::new());
         for _ in 0..n {
             let id = NodeId::from_bytes(r.array()?);
-            joining.insert(id, r.array()?);
+            joining_at.insert(id, u64::from_be_bytes(r.array()?));
+            let kp = Bytes::copy_from_slice(r.bytes("key package", MAX_MLS_MESSAGE_BYTES)?);
+            joining.insert(id, securesmart_membership::key_package_digest(&kp));
+            key_packages.insert(id, kp);
         }
+        let creator = match r.u8()? {
+            0 => None,
+            1 => Some(NodeId::from_bytes(r.array()?)),
+            other => return Err(RestoreError::Malformed(format!("creator tag {other}"))),
+        };
         let n = r.u32()? as usize;
         if n > MAX_ACKS {
             return Err(RestoreError::Malformed("too many joined replicas".into()));
@@ -1055,6 +1139,9 @@ impl Public {
             tentative,
             barred,
             joining,
+            joining_at,
+            key_packages,
+            creator,
             joined,
             acks,
             confidential,
@@ -1079,18 +1166,23 @@ mod tests {
         let m = securesmart_membership::fuzzing::four_replicas();
         let ids = m.replica_ids();
         let mut s = NodeState::new(m, Vec::new(), KvStore::default());
+        let ack = |id: NodeId| Request {
+            client: id,
+            number: 1,
+            payload: Ordered::KeyAck {
+                epoch: 0,
+                commit: CREATION_DIGEST,
+            }
+            .encode(),
+        };
+        // Only the creator (the smallest id) holds epoch 0: another replica's claim is refused.
+        assert_eq!(&s.execute(&ack(ids[0]))[..], b"ok");
+        assert!(s.execute(&ack(ids[1])).starts_with(b"refused"));
+        // The tests seal in epoch 0 as if all four held it (in a cluster the others join in
+        // later epochs).
         for (i, id) in ids.iter().enumerate() {
-            let ack = Request {
-                client: *id,
-                number: 1,
-                payload: Ordered::KeyAck {
-                    epoch: 0,
-                    commit: CREATION_DIGEST,
-                }
-                .encode(),
-            };
             assert_eq!(s.sealable_epoch(), (i >= 3).then_some(0), "quorum of 3");
-            assert_eq!(&s.execute(&ack)[..], b"ok");
+            s.acks.entry(0).or_default().insert(*id);
         }
         s
     }
@@ -1300,7 +1392,7 @@ mod tests {
     }
 
     #[test]
-    fn a_commit_too_few_replicas_answer_expires_without_a_cool_down() {
+    fn a_commit_too_few_replicas_answer_expires_and_its_orderer_cools_down() {
         let mut s = state();
         let ids = s.membership().replica_ids();
         let stuck = commit_for_epoch_0("stuck");
@@ -1319,6 +1411,9 @@ mod tests {
         assert!(s.commit_unsettled(), "not yet");
         s.begin_batch(101 + SETTLE_DEADLINE);
         assert!(!s.commit_unsettled());
+        // Its orderer cools down, for a while.
+        assert!(s.group_view().is_barred(&ids[2]));
+        s.begin_batch(101 + SETTLE_DEADLINE + COOLDOWN_SEQS);
         assert!(!s.group_view().is_barred(&ids[2]));
         assert_eq!(
             s.take_group_events(),
@@ -1393,12 +1488,27 @@ mod tests {
             s.group_view().joining.get(&ids[2]),
             Some(&securesmart_membership::key_package_digest(&kp))
         );
+        // A new key package soon after is refused (it would make every commit that adds it
+        // with the first one stale); later it replaces the first.
+        let newer = Bytes::from_static(b"a newer key package");
+        let r = s.execute(&ordered(ids[2], 3, Ordered::KeyPackage(newer.clone())));
+        assert!(r.starts_with(b"refused"), "{r:?}");
+        s.begin_batch(KEY_PACKAGE_REFRESH_SEQS);
+        let r = s.execute(&ordered(ids[2], 4, Ordered::KeyPackage(newer.clone())));
+        assert_eq!(&r[..], b"ok");
+        assert_eq!(
+            s.group_view().joining.get(&ids[2]),
+            Some(&securesmart_membership::key_package_digest(&newer))
+        );
         // Once it acknowledges a key, it no longer asks.
+        s.acks.clear();
+        s.epoch_commits.insert(1, [1; 32]);
+        s.group_epoch = 1;
         let ack = Ordered::KeyAck {
-            epoch: 0,
-            commit: CREATION_DIGEST,
+            epoch: 1,
+            commit: [1; 32],
         };
-        assert_eq!(&s.execute(&ordered(ids[2], 2, ack))[..], b"ok");
+        assert_eq!(&s.execute(&ordered(ids[2], 5, ack))[..], b"ok");
         assert!(s.group_view().joining.is_empty());
     }
 

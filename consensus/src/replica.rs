@@ -376,6 +376,10 @@ const GROUPS_KEPT: usize = 16;
 /// Batches of held requests a backup forwards to a new primary at most.
 const FORWARD_BATCHES: usize = 4;
 
+/// Certificates in a state reply may name up to this many replicas even if the receiver
+/// knows a smaller group (it joined, and the group grew since).
+const STATE_GROUP_BOUND: usize = 16;
+
 /// How many of its own past view changes a replica keeps for retransmission.
 const OWN_VIEW_CHANGES_KEPT: usize = 4;
 
@@ -1306,9 +1310,18 @@ impl Replica {
                 committed,
                 ..
             } => {
+                // A replica that joined knows only the group it started with, which may have
+                // grown since: state replies may name up to STATE_GROUP_BOUND replicas.
+                let n = n.max(STATE_GROUP_BOUND);
                 short(checkpoint.len(), n)?;
                 short(committed.len(), window)?;
-                committed.iter().try_for_each(certificate)
+                committed.iter().try_for_each(|c| {
+                    short(c.votes.len(), n)?;
+                    match &c.proposal.message {
+                        Message::PrePrepare { batch, .. } => short(batch.len(), max_batch),
+                        _ => Err(Ignored::Invalid),
+                    }
+                })
             }
             Message::Prepare { .. }
             | Message::Commit { .. }

@@ -1198,8 +1198,16 @@ impl GroupMember {
         // A member whose group state fell behind (it missed commits and asks to be re-added)
         // drops the old state first: the new group has the same group id, and the old state
         // holds no key anybody still uses.
-        let mut undo = self.undo_point(commit)?;
-        undo.made_for = None;
+        // After `apply` found this member removed by the same commit, its undo point (into the
+        // group it had) stays; otherwise the point is the state before the join.
+        let undo = match self.undo.take() {
+            Some(undo) if undo.digest == commit => undo,
+            _ => {
+                let mut undo = self.undo_point(commit)?;
+                undo.made_for = None;
+                undo
+            }
+        };
         if let Some(mut old) = self.group.take() {
             self.pending = None;
             old.delete(self.provider.storage()).map_err(mls_err)?;
