@@ -160,6 +160,14 @@ impl GroupKey {
     /// Whether this member commits now: the committer always, a backup of rank r once the
     /// group has not moved for r x [`BACKUP_DELAY`].
     fn acting(&self, view: &GroupView<'_>) -> bool {
+        // The replicated state takes a commit from this epoch's designated committer, or from
+        // anyone once the backup window opened (`securesmart::state::BACKUP_SEQS`).
+        if !view.may_commit(&self.id) {
+            return false;
+        }
+        if view.designated() == Some(self.id) {
+            return self.rank(view).is_some();
+        }
         match self.rank(view) {
             Some(0) => true,
             Some(r) => self.last_advance.elapsed() >= BACKUP_DELAY.saturating_mul(r as u32),
@@ -555,6 +563,7 @@ impl GroupKey {
         // A backup rotates only once the key is overdue by its delay as well.
         let rank = self.rank(view).unwrap_or(0);
         let overdue = rank == 0
+            || view.designated() == Some(self.id)
             || self.member.needs_rotation(
                 self.now()
                     .saturating_sub(BACKUP_DELAY.saturating_mul(rank as u32)),

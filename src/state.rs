@@ -20,8 +20,11 @@
 //! judged from public data (a commit's path secrets are encrypted to each member, and its
 //! confirmation tag needs the epoch's secrets; openmls's `PublicGroup` checks signatures and
 //! proposals, not those), so the members judge and the replicated state counts their answers:
-//! - A commit ([`Ordered::GroupCommit`]) is accepted only from a current replica not cooling
-//!   down, made for the current epoch (the one the last settled commit made; 0 at genesis),
+//! - A commit ([`Ordered::GroupCommit`]) is accepted only from the epoch's designated
+//!   committer ([`GroupView::designated`]: the replicas neither cooling down nor asking to be
+//!   added, in turn by epoch), or from any replica not cooling down once [`BACKUP_SEQS`]
+//!   passed since the last settlement (the designated one may be down); made for the current
+//!   epoch (the one the last settled commit made; 0 at genesis),
 //!   and while no other commit is unsettled. It is *tentative*: the replicated epoch does not
 //!   move yet.
 //! - Every member that holds the epoch it was made for applies it under the commit policy for
@@ -51,10 +54,12 @@
 //!   with a new key package at most once per [`KEY_PACKAGE_REFRESH_SEQS`].
 //!
 //! Known limit: the holders of the next epoch are those that applied the last commit, so a
-//! faulty committer whose commits some correct holders cannot open shrinks the holders by up
-//! to f per commit it gets ordered (each time one correct holder at least keeps the key, and
-//! the members it left out ask to be re-added); a committer chosen per epoch from replicated
-//! data would bound this further.
+//! faulty committer whose commit some correct holders cannot open shrinks the holders by up to
+//! f, in an epoch it is designated for or once the backup window opened (at least one correct
+//! holder keeps the key, and those left out ask to be re-added, which the next correct
+//! committers do). The backup window counts sequence numbers: under load it opens within
+//! milliseconds, and in an idle cluster whose designated committer is down it opens only as
+//! group traffic (key packages every few seconds) is ordered.
 //!
 //! So a faulty replica can no longer move the replicated epoch to keys nobody holds (which
 //! made confidential requests "busy" and checkpoints unsealable, for good), nor remove the
@@ -148,6 +153,10 @@ pub const COOLDOWN_SEQS: Seq = 256;
 /// many sequence numbers (the older one stays the one to add it with), so that it cannot make
 /// every commit that adds it stale by ordering new key packages all the time.
 pub const KEY_PACKAGE_REFRESH_SEQS: Seq = 64;
+/// Each epoch has one designated committer (from replicated data); any other replica may
+/// commit only once this many sequence numbers passed since the last commit was settled (the
+/// designated one may be down), so that a faulty replica cannot win every race to commit.
+pub const BACKUP_SEQS: Seq = 32;
 
 /// What a node's group member needs of the replicated state to judge and make commits.
 #[derive(Clone, Copy, Debug)]
@@ -161,12 +170,25 @@ pub struct GroupView<'a> {
     barred: &'a BTreeMap<NodeId, Seq>,
     seq: Seq,
     epoch_commits: &'a BTreeMap<u64, [u8; 32]>,
+    designated: Option<NodeId>,
+    backups_open: bool,
 }
 
 impl GroupView<'_> {
     /// Whether commits of `id` are refused now (one of its commits was voided lately).
     pub fn is_barred(&self, id: &NodeId) -> bool {
         self.barred.get(id).is_some_and(|until| *until > self.seq)
+    }
+
+    /// The replica designated to commit in the current epoch: the replicas neither cooling
+    /// down nor asking to be added, in id order, taken in turn epoch by epoch.
+    pub fn designated(&self) -> Option<NodeId> {
+        self.designated
+    }
+
+    /// Whether a commit ordered by `id` now would be accepted (see [`BACKUP_SEQS`]).
+    pub fn may_commit(&self, id: &NodeId) -> bool {
+        !self.is_barred(id) && (self.designated.is_none_or(|d| d == *id) || self.backups_open)
     }
 
     /// The digest of the commit that made `epoch`, if it is a recent settled one.
@@ -222,6 +244,8 @@ pub struct NodeState<S> {
     /// The replica that creates the group at genesis (the smallest id): the only one that
     /// holds epoch 0.
     creator: Option<NodeId>,
+    /// The sequence number at which the last commit was settled (kept, voided or expired).
+    last_settled: Seq,
     /// The sequence number of the batch executing ([`NodeState::begin_batch`]).
     seq: Seq,
     /// Which current replicas acknowledged holding the key of each recent epoch.
@@ -326,6 +350,7 @@ impl<S: StateMachine> NodeState<S> {
             joining_at: BTreeMap::new(),
             key_packages: BTreeMap::new(),
             creator,
+            last_settled: 0,
             seq: 0,
             acks: BTreeMap::new(),
             joined: BTreeMap::new(),
@@ -350,6 +375,22 @@ impl<S: StateMachine> NodeState<S> {
         self.group_epoch
     }
 
+    /// The designated committer of the current epoch (see [`GroupView::designated`]).
+    fn designated(&self) -> Option<NodeId> {
+        let candidates: Vec<NodeId> = self
+            .membership
+            .replica_ids()
+            .into_iter()
+            .filter(|id| {
+                !self.joining.contains_key(id)
+                    && self.barred.get(id).is_none_or(|until| *until <= self.seq)
+            })
+            .collect();
+        let len = u64::try_from(candidates.len()).ok().filter(|l| *l > 0)?;
+        let index = usize::try_from(self.group_epoch % len).ok()?;
+        candidates.get(index).copied()
+    }
+
     /// What the node's group member needs of the replicated state.
     pub fn group_view(&self) -> GroupView<'_> {
         GroupView {
@@ -359,6 +400,8 @@ impl<S: StateMachine> NodeState<S> {
             barred: &self.barred,
             seq: self.seq,
             epoch_commits: &self.epoch_commits,
+            designated: self.designated(),
+            backups_open: self.seq >= self.last_settled.saturating_add(BACKUP_SEQS),
         }
     }
 
@@ -382,6 +425,7 @@ impl<S: StateMachine> NodeState<S> {
             );
             self.barred
                 .insert(t.from, self.seq.saturating_add(COOLDOWN_SEQS));
+            self.last_settled = self.seq;
             self.group.push(GroupEvent::Settled {
                 commit: t.digest,
                 kept: false,
@@ -501,6 +545,9 @@ impl<S: StateMachine> NodeState<S> {
         if self.group_view().is_barred(&client) {
             return Bytes::from_static(b"refused: a commit of this replica was voided lately");
         }
+        if !self.group_view().may_commit(&client) {
+            return Bytes::from_static(b"refused: not this epoch's committer");
+        }
         if self.tentative.is_some() {
             return Bytes::from_static(b"refused: another commit awaits its settlement");
         }
@@ -588,6 +635,7 @@ impl<S: StateMachine> NodeState<S> {
             self.barred
                 .insert(t.from, self.seq.saturating_add(COOLDOWN_SEQS));
         }
+        self.last_settled = self.seq;
         self.group.push(GroupEvent::Settled {
             commit: t.digest,
             kept,
@@ -694,6 +742,7 @@ impl<S: StateMachine> NodeState<S> {
             Some(id) => w.u8(1).raw(id.as_bytes()),
             None => w.u8(0),
         };
+        w.raw(&self.last_settled.to_be_bytes());
         w.u32(u32::try_from(self.joined.len()).unwrap_or(u32::MAX));
         for (id, epoch) in &self.joined {
             w.raw(id.as_bytes()).raw(&epoch.to_be_bytes());
@@ -721,6 +770,7 @@ impl<S: StateMachine> NodeState<S> {
         self.joining_at = p.joining_at;
         self.key_packages = p.key_packages;
         self.creator = p.creator;
+        self.last_settled = p.last_settled;
         self.acks = p.acks;
         self.joined = p.joined;
         self.confidential = p.confidential;
@@ -975,6 +1025,7 @@ struct Public {
     joining_at: BTreeMap<NodeId, Seq>,
     key_packages: BTreeMap<NodeId, Bytes>,
     creator: Option<NodeId>,
+    last_settled: Seq,
     joined: BTreeMap<NodeId, u64>,
     acks: BTreeMap<u64, BTreeSet<NodeId>>,
     confidential: bool,
@@ -1089,6 +1140,7 @@ impl Public {
             1 => Some(NodeId::from_bytes(r.array()?)),
             other => return Err(RestoreError::Malformed(format!("creator tag {other}"))),
         };
+        let last_settled = u64::from_be_bytes(r.array()?);
         let n = r.u32()? as usize;
         if n > MAX_ACKS {
             return Err(RestoreError::Malformed("too many joined replicas".into()));
@@ -1142,6 +1194,7 @@ impl Public {
             joining_at,
             key_packages,
             creator,
+            last_settled,
             joined,
             acks,
             confidential,
@@ -1335,6 +1388,12 @@ mod tests {
         };
         let ack = |epoch, commit| Ordered::KeyAck { epoch, commit };
         let ok = |r: Bytes| assert_eq!(&r[..], b"ok");
+        let refused = |r: Bytes| assert!(r.starts_with(b"refused"), "{r:?}");
+        // Epoch 0's designated committer is the first replica; the faulty one may commit only
+        // once the backup window opened.
+        assert_eq!(s.group_view().designated(), Some(ids[0]));
+        refused(s.execute(&ordered(faulty, 1, commit(&forged))));
+        s.begin_batch(BACKUP_SEQS);
         ok(s.execute(&ordered(faulty, 1, commit(&forged))));
         // Accepted, but the replicated epoch does not move on one replica's say-so (on
         // 49586d0 it moved at once, to keys nobody held).
@@ -1347,7 +1406,6 @@ mod tests {
         assert!(s.commit_unsettled());
         // While it is unsettled, no other commit is taken.
         let honest = commit_for_epoch_0("honest");
-        let refused = |r: Bytes| assert!(r.starts_with(b"refused"), "{r:?}");
         refused(s.execute(&ordered(ids[0], 4, commit(&honest))));
         // Two correct replicas (f + 1) that hold epoch 0 cannot apply it: voided.
         s.take_group_events();
@@ -1385,6 +1443,8 @@ mod tests {
             KvStore::default(),
         );
         restored.restore(&snapshot).unwrap();
+        // (The node tells it the batch's sequence number, as the others were told.)
+        restored.begin_batch(BACKUP_SEQS);
         assert!(restored.commit_unsettled());
         assert!(restored.group_view().is_barred(&faulty));
         ok(restored.execute(&ordered(ids[1], 14, ack(1, good))));
