@@ -910,9 +910,9 @@ async fn intake(
             number,
             payload: submission.encode(),
         };
-        // The engine checks the client's signature (`protocol::request_check`) when it takes
-        // the request.
-        match submitter.submit(ordered) {
+        // Checked above (the same signature the engine's `protocol::request_check` checks):
+        // the engine takes it without checking it again.
+        match submitter.submit_checked(ordered) {
             Ok(()) => client_counter("submitted"),
             Err(PbftError::Busy) => {
                 client_counter("busy");

@@ -66,7 +66,7 @@ enum Control {
 /// The PBFT engine as an [`Ordering`]: a handle to a driver task.
 #[derive(Debug)]
 pub struct Pbft {
-    requests: mpsc::Sender<(Request, bool)>,
+    requests: mpsc::Sender<(Request, Submitted)>,
     low: std::sync::Arc<std::sync::atomic::AtomicU64>,
     control: mpsc::UnboundedSender<Control>,
     events: mpsc::Receiver<Event>,
@@ -136,7 +136,18 @@ impl Pbft {
 /// A cloneable handle that submits requests to a [`Pbft`] engine while the application task
 /// owns the engine (for example inside [`crate::service::serve`]).
 #[derive(Clone, Debug)]
-pub struct Submitter(mpsc::Sender<(Request, bool)>);
+pub struct Submitter(mpsc::Sender<(Request, Submitted)>);
+
+/// How a request reached the driver.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Submitted {
+    /// From a client.
+    Client,
+    /// From a client, already checked by the host with [`crate::replica::Config::request_check`].
+    Checked,
+    /// Made by the node itself: forwarded to the others too.
+    Forward,
+}
 
 impl Submitter {
     /// Submits a client request.
@@ -144,7 +155,18 @@ impl Submitter {
     /// # Errors
     /// [`PbftError::Busy`] when the queue is full, [`PbftError::Stopped`] after shutdown.
     pub fn submit(&self, request: Request) -> Result<(), PbftError> {
-        self.send(request, false)
+        self.send(request, Submitted::Client)
+    }
+
+    /// Submits a client request that the caller has already checked with the engine's
+    /// [`crate::replica::Config::request_check`], on exactly these bytes (a node's intake
+    /// verifies the client's signature before anything else): the core does not check it
+    /// again. Backups still check it in the pre-prepare unless they hold it themselves.
+    ///
+    /// # Errors
+    /// As [`Submitter::submit`].
+    pub fn submit_checked(&self, request: Request) -> Result<(), PbftError> {
+        self.send(request, Submitted::Checked)
     }
 
     /// Submits a request that reached only this replica (one the node makes itself): it is
@@ -153,11 +175,11 @@ impl Submitter {
     /// # Errors
     /// As [`Submitter::submit`].
     pub fn submit_and_forward(&self, request: Request) -> Result<(), PbftError> {
-        self.send(request, true)
+        self.send(request, Submitted::Forward)
     }
 
-    fn send(&self, request: Request, forward: bool) -> Result<(), PbftError> {
-        self.0.try_send((request, forward)).map_err(|e| match e {
+    fn send(&self, request: Request, how: Submitted) -> Result<(), PbftError> {
+        self.0.try_send((request, how)).map_err(|e| match e {
             mpsc::error::TrySendError::Full(_) => PbftError::Busy,
             mpsc::error::TrySendError::Closed(_) => PbftError::Stopped,
         })
@@ -274,7 +296,7 @@ impl<N: Network> Driver<N> {
 
     async fn run(
         mut self,
-        mut requests: mpsc::Receiver<(Request, bool)>,
+        mut requests: mpsc::Receiver<(Request, Submitted)>,
         mut control: mpsc::UnboundedReceiver<Control>,
     ) {
         // A recovered core has outputs waiting (restore, re-execution, re-sent votes).
@@ -316,12 +338,12 @@ impl<N: Network> Driver<N> {
                     None => break,
                 },
                 r = requests.recv() => match r {
-                    Some((r, forward)) => {
+                    Some((r, how)) => {
                         let now = self.now();
-                        let result = if forward {
-                            self.replica.handle_request_and_forward(r, now)
-                        } else {
-                            self.replica.handle_request(r, now)
+                        let result = match how {
+                            Submitted::Forward => self.replica.handle_request_and_forward(r, now),
+                            Submitted::Checked => self.replica.handle_checked_request(r, now),
+                            Submitted::Client => self.replica.handle_request(r, now),
                         };
                         if let Err(e) = result {
                             metrics::counter!("securesmart_consensus_requests_refused_total",
