@@ -2,27 +2,31 @@
 //! messages the order delivers.
 //!
 //! The ordering layer is MLS's delivery service: key packages and commits are ordered requests
-//! ([`crate::protocol::Ordered`]), so every member applies the same commits in the same order
-//! and the first commit of an epoch wins everywhere. The group is not replicated state (each
-//! member's keys are its own); only the messages are.
+//! ([`crate::protocol::Ordered`]), so every member applies the same commits in the same order,
+//! and the replicated state settles each commit before it takes the next (`securesmart::state`,
+//! "Group commits"). The group is not replicated state (each member's keys are its own); only
+//! the messages, the replicas asking to be added (with their key packages) and the settled
+//! epochs are.
 //! - At genesis the replica with the smallest node id creates the group; every other replica
 //!   that is a member of the membership but holds no group key orders its key package, again
 //!   every few seconds until it has one (so a joiner, or a replica that missed commits while it
 //!   was away, gets back in).
-//! - The *committer* is the group member with the smallest node id that is still a replica.
-//!   It turns key packages into Add commits (with the Welcome), removals from the membership
+//! - The *committer* of an epoch is the one the replicated state designates
+//!   ([`crate::state::GroupView::designated`]; others may commit after a backup window). It
+//!   turns the key packages of the replicas asking to be added (from the replicated state) into
+//!   Add commits (with the Welcome), removals from the membership
 //!   into Remove commits once the group without the removed replica has taken over in the
 //!   ordering engine (until then it still votes, and executes sealed requests), and rotates
 //!   the key with an Update commit when the rotation policy says so (age of the epoch,
 //!   payloads sealed) and a quorum acknowledged the current epoch (`securesmart::state`),
-//!   one commit in flight at a time. Every member
-//!   keeps the same to-do list; the member of rank r (by node id) steps in when the group has
-//!   not moved for r x [`BACKUP_DELAY`] (the committer may be down), and whichever commit is
+//!   one commit in flight at a time. Once the backup window is open, the member of rank r (by
+//!   node id) steps in when the group has not moved for r x [`BACKUP_DELAY`] (the designated
+//!   committer may be down), and whichever commit is
 //!   ordered first wins.
 //! - A member applies every ordered commit under the commit policy for the ordered
 //!   membership. One made for its epoch that it cannot apply, it refuses through the order
-//!   ([`Ordered::CommitRefused`]); the replicated state keeps the commit on a quorum of
-//!   acknowledgements, voids it on f + 1 refusals, or lets it expire (`securesmart::state`,
+//!   ([`Ordered::CommitRefused`]); the replicated state keeps the commit once enough
+//!   of the epoch's holders acknowledge it, voids it once enough refuse it, or lets it expire (`securesmart::state`,
 //!   "Group commits"), and a member that merged a voided commit
 //!   goes back to its state from before. One made for a later epoch marks it stale, and so
 //!   does a kept commit it refused; a stale member asks again with a fresh key package (the

@@ -155,6 +155,66 @@ fn write_seeds() {
     });
     write("consensus_message", "state", &state.encode());
 
+    // The node's replicated state with a joiner, an unsettled commit and a cool-down
+    // (snapshot version 6), and the envelopes of the group's answers.
+    use securesmart::protocol::{ClientRequest, Ordered, RequestKind, RequestSigner};
+    use securesmart::state::NodeState;
+    let membership = securesmart::membership::fuzzing::four_replicas();
+    let ids = membership.replica_ids();
+    let mut node = NodeState::new(membership, Vec::new(), securesmart::kv::KvStore::default());
+    let order = |node: &mut NodeState<securesmart::kv::KvStore>, client, number, o: Ordered| {
+        use securesmart::consensus::service::StateMachine;
+        node.execute(&Request {
+            client,
+            number,
+            payload: o.encode(),
+        });
+    };
+    node.begin_batch(40);
+    order(
+        &mut node,
+        ids[3],
+        1,
+        Ordered::KeyPackage(bytes::Bytes::from(kp.clone())),
+    );
+    order(
+        &mut node,
+        ids[0],
+        1,
+        Ordered::GroupCommit {
+            commit: bytes::Bytes::from(update.commit.clone()),
+            welcome: bytes::Bytes::new(),
+        },
+    );
+    let digest = securesmart::membership::commit_digest(&update.commit);
+    order(&mut node, ids[1], 1, Ordered::CommitRefused(digest));
+    {
+        use securesmart::consensus::service::StateMachine;
+        write("node_input", "node_state_v6", &node.snapshot());
+    }
+    write(
+        "node_input",
+        "key_ack",
+        &Ordered::KeyAck {
+            epoch: 1,
+            commit: digest,
+        }
+        .encode(),
+    );
+    write(
+        "node_input",
+        "commit_refused",
+        &Ordered::CommitRefused(digest).encode(),
+    );
+    let admin = RequestSigner::new(&b_id).unwrap();
+    let command = ClientRequest::signed(
+        &admin,
+        7,
+        RequestKind::Command,
+        bytes::Bytes::from_static(b"a membership command"),
+    );
+    write("node_input", "client_command_v3", &command.encode());
+
     // Journal files: real segments written by the file journal.
     use securesmart::consensus::journal::{FileJournal, Journal, Record};
     use securesmart::consensus::message::{Certificate, Limits};
