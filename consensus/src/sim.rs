@@ -602,6 +602,26 @@ impl Sim {
         }
     }
 
+    /// The low watermark of replica `replica`'s (first) instance, 0 if it is down.
+    fn low_of(&self, replica: usize) -> Seq {
+        self.instances
+            .iter()
+            .find(|i| i.replica == replica)
+            .and_then(|i| i.core.as_ref())
+            .map_or(0, Replica::low_watermark)
+    }
+
+    /// Sends `m` from `from` to `to` over the network as it is (no fault applied, no
+    /// duplicate): a faulty replica's extra messages.
+    fn post(&mut self, from: usize, to: usize, m: &Signed) {
+        if let Some(delay) = self.link(from, to)
+            && let Some(inst) = self.route(to, from)
+        {
+            let bytes = m.encode();
+            self.schedule(self.now + delay, Event::Deliver { to: inst, bytes });
+        }
+    }
+
     /// A flooder's extra messages to `to` (see [`Fault::Flood`]).
     fn flood(&mut self, from: usize, to: usize) {
         let Some(signer) = self.signers.get(from) else {
@@ -610,12 +630,7 @@ impl Sim {
         let n = self.scenario.replicas as u64;
         let span = self.scenario.core.window.saturating_mul(2).max(1);
         // Above its own stable checkpoint, so that the others can only hold them.
-        let low = self
-            .instances
-            .iter()
-            .find(|i| i.replica == from)
-            .and_then(|i| i.core.as_ref())
-            .map_or(0, Replica::low_watermark);
+        let low = self.low_of(from);
         let mut messages = Vec::new();
         for _ in 0..4 {
             self.order += 1;
@@ -640,12 +655,7 @@ impl Sim {
             digest: Digest([0xf1; 32]),
         }));
         for m in messages {
-            if let Some(delay) = self.link(from, to)
-                && let Some(inst) = self.route(to, from)
-            {
-                let bytes = m.encode();
-                self.schedule(self.now + delay, Event::Deliver { to: inst, bytes });
-            }
+            self.post(from, to, &m);
         }
     }
 
@@ -656,24 +666,14 @@ impl Sim {
         };
         self.order += 1;
         // The whole state, or the batches above its own stable checkpoint, in turn.
-        let low = self
-            .instances
-            .iter()
-            .find(|i| i.replica == from)
-            .and_then(|i| i.core.as_ref())
-            .map_or(0, Replica::low_watermark);
+        let low = self.low_of(from);
         let seq = if self.order.is_multiple_of(2) {
             0
         } else {
             low + 1
         };
         let ask = signer.sign(Message::FetchState { seq });
-        if let Some(delay) = self.link(from, to)
-            && let Some(inst) = self.route(to, from)
-        {
-            let bytes = ask.encode();
-            self.schedule(self.now + delay, Event::Deliver { to: inst, bytes });
-        }
+        self.post(from, to, &ask);
     }
 
     /// What a faulty replica `from` sends to `to` instead of `signed` (`None`: nothing).
