@@ -158,6 +158,11 @@ pub const KEY_PACKAGE_REFRESH_SEQS: Seq = 64;
 /// designated one may be down), so that a faulty replica cannot win every race to commit.
 pub const BACKUP_SEQS: Seq = 32;
 
+/// Whether `id` may order no commit at `seq` (one of its commits was voided or expired lately).
+fn cooling_down(barred: &BTreeMap<NodeId, Seq>, id: &NodeId, seq: Seq) -> bool {
+    barred.get(id).is_some_and(|until| *until > seq)
+}
+
 /// What a node's group member needs of the replicated state to judge and make commits.
 #[derive(Clone, Copy, Debug)]
 pub struct GroupView<'a> {
@@ -177,7 +182,7 @@ pub struct GroupView<'a> {
 impl GroupView<'_> {
     /// Whether commits of `id` are refused now (one of its commits was voided lately).
     pub fn is_barred(&self, id: &NodeId) -> bool {
-        self.barred.get(id).is_some_and(|until| *until > self.seq)
+        cooling_down(self.barred, id, self.seq)
     }
 
     /// The replica designated to commit in the current epoch: the replicas neither cooling
@@ -382,8 +387,7 @@ impl<S: StateMachine> NodeState<S> {
             .replica_ids()
             .into_iter()
             .filter(|id| {
-                !self.joining.contains_key(id)
-                    && self.barred.get(id).is_none_or(|until| *until <= self.seq)
+                !self.joining.contains_key(id) && !cooling_down(&self.barred, id, self.seq)
             })
             .collect();
         let len = u64::try_from(candidates.len()).ok().filter(|l| *l > 0)?;
@@ -454,12 +458,11 @@ impl<S: StateMachine> NodeState<S> {
     /// Whether a quorum of the current replicas acknowledged the key of `epoch`.
     pub fn acked_by_quorum(&self, epoch: u64) -> bool {
         let replicas = self.membership.replica_ids();
-        let n = replicas.len();
         let acked = self
             .acks
             .get(&epoch)
             .map_or(0, |by| replicas.iter().filter(|id| by.contains(id)).count());
-        n > 0 && acked >= (n + n.saturating_sub(1) / 3 + 2) / 2
+        !replicas.is_empty() && acked >= self.membership.quorum()
     }
 
     /// Whether a request sealed in `epoch` may execute now (see the module doc).
@@ -586,7 +589,7 @@ impl<S: StateMachine> NodeState<S> {
     /// when neither comes, the commit expires ([`NodeState::begin_batch`]).
     fn settle_commit(&mut self) {
         let replicas: BTreeSet<NodeId> = self.membership.replica_ids().into_iter().collect();
-        let f = replicas.len().saturating_sub(1) / 3;
+        let f = self.membership.f();
         let Some(t) = &self.tentative else {
             return;
         };
