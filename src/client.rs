@@ -1,14 +1,21 @@
 //! The client library: requests over the replicas' client plane (QUIC, TLS 1.3 with the
-//! client's certificate), accepted on f+1 matching replies.
+//! client's certificate), accepted on f+1 matching replies from a quorum that is current.
 //!
 //! A [`Client`] keeps one request outstanding at a time (open several clients, each with its
-//! own certificate, for concurrency). [`Client::invoke`] sends the request to every replica,
-//! collects replies for its request number, and returns the result once f+1 distinct replicas
-//! (at least one of them correct) returned the same bytes; replies from anything but a
-//! configured replica, for another number, or that do not decode are ignored. Without f+1
-//! matching replies it sends the request again every `retry` (replicas answer a
-//! retransmission of an executed request from their reply cache) and gives up after `timeout`
-//! with [`ClientError::Timeout`]; a later request never reuses the number.
+//! own certificate, for concurrency). It knows a [`Roster`] (the replicas and their number,
+//! first from its configuration) and follows the roster's certified changes
+//! (`securesmart::roster`). [`Client::invoke`] sends the request to every replica of its roster
+//! and collects replies for its request number; each names the newest certified roster its
+//! replica knows. It returns a result once a quorum of the roster's replicas answered the same
+//! bytes at that roster or an older one ([`Tally`]). A reply that
+//! names a newer roster makes the client ask for the certified changes, check them against
+//! the roster it trusts, and move to the new one (new replicas, new f) before it accepts
+//! anything; so the replicas removed since, or the f+1 faulty ones a grown cluster allows,
+//! cannot agree on a forged result for it. Replies from anything but a replica of its roster,
+//! for another number, or that do not decode are ignored. Without a result it sends the
+//! request again every `retry` (replicas answer a retransmission of an executed request from
+//! their reply cache) and gives up after `timeout` with [`ClientError::Timeout`]; a later
+//! request never reuses the number.
 //!
 //! With [`Client::set_confidential`], application requests are marked confidential: the
 //! replica that receives one seals it with the replicas' group key before it is ordered, so it
@@ -45,9 +52,10 @@ use securesmart_transport::{
     Class, Identity, Inbox, Limits, NodeId, Plane, PlaneConfig, TrustConfig,
 };
 
-use crate::config::{ClientConfig, ConfigError, load_identity, load_peers, load_trust};
+use crate::config::{ClientConfig, ConfigError, load_identity, load_trust};
 use crate::kv::{KvOp, KvReply};
 use crate::protocol::{ClientReply, ClientRequest, Outcome, RequestKind, RequestSigner};
+use crate::roster::{Roster, RosterChange, RosterError};
 use securesmart_membership::MembershipCommand;
 
 /// A client failure.
@@ -83,6 +91,10 @@ pub enum ClientError {
     /// The client's key cannot sign requests (requests are signed with Ed25519).
     #[error("the client's key is not an Ed25519 key")]
     UnsupportedKey,
+    /// The replicas no longer keep the roster changes after this client's roster: it needs a
+    /// configuration with a newer roster.
+    #[error("roster too old: {0}")]
+    StaleRoster(RosterError),
 }
 
 /// Timing of a client.
@@ -111,8 +123,7 @@ impl Default for ClientOptions {
 pub struct Client {
     plane: Plane,
     inbox: Inbox,
-    replicas: Vec<NodeId>,
-    f: usize,
+    roster: Roster,
     number: u64,
     options: ClientOptions,
     confidential: bool,
@@ -126,20 +137,23 @@ fn now_micros() -> u64 {
 }
 
 impl Client {
-    /// Connects to `replicas` (node id and client-plane address) as `identity`, trusting
-    /// `trust` (the CA and CRLs; its peer set is replaced).
+    /// Connects to the replicas of `roster` as `identity`, trusting `trust` (the CA and CRLs;
+    /// its peer set is replaced).
     ///
     /// # Errors
-    /// [`ClientError::Transport`], or [`ClientError::Unreachable`] when fewer than f+1
-    /// replicas answer within the timeout.
+    /// [`ClientError::Transport`], or [`ClientError::Unreachable`] when fewer than f+1 of
+    /// the replicas answer within the timeout.
     pub async fn connect(
         identity: Identity,
         mut trust: TrustConfig,
-        replicas: BTreeMap<NodeId, SocketAddr>,
+        roster: Roster,
         options: ClientOptions,
     ) -> Result<Self, ClientError> {
-        let f = replicas.len().saturating_sub(1) / 3;
         let signer = RequestSigner::new(&identity).ok_or(ClientError::UnsupportedKey)?;
+        let replicas: BTreeMap<NodeId, SocketAddr> = roster.client_addrs();
+        // Enough to reach one correct replica: it hands out the roster changes, and the
+        // client connects to the new replicas when it follows them.
+        let needed = roster.group().f() + 1;
         trust.peers = replicas.clone();
         let local = if replicas.values().any(SocketAddr::is_ipv6) {
             SocketAddr::from(([0u16; 8], 0))
@@ -150,25 +164,21 @@ impl Client {
             PlaneConfig::new(identity, local, trust).with_limits(options.limits.clone()),
         )
         .await?;
-        // Wait for every replica a while, but go on with f+1 (enough to get an answer).
+        // Wait for every replica a while, but go on with fewer.
         let all = replicas.len();
         if !plane
             .wait_connected(all, options.timeout.min(Duration::from_secs(3)))
             .await
-            && !plane.wait_connected(f + 1, options.timeout).await
+            && !plane.wait_connected(needed, options.timeout).await
         {
             let reached = plane.connected_peers().len();
             plane.shutdown().await;
-            return Err(ClientError::Unreachable {
-                reached,
-                needed: f + 1,
-            });
+            return Err(ClientError::Unreachable { reached, needed });
         }
         Ok(Self {
             plane,
             inbox,
-            replicas: replicas.into_keys().collect(),
-            f,
+            roster,
             number: now_micros(),
             options,
             confidential: false,
@@ -184,21 +194,23 @@ impl Client {
         let c = &config.client;
         let identity = load_identity(&c.certificate, &c.key)?;
         let trust = load_trust(&c.ca, c.crl.as_deref())?;
-        let replicas = load_peers(&config.replicas)?
-            .into_values()
-            .map(|p| (p.id, p.client))
-            .collect();
+        let roster = config.roster()?;
         let options = ClientOptions {
             timeout: config.timeout(),
             retry: config.retry(),
             limits: c.limits.limits(),
         };
-        Self::connect(identity, trust, replicas, options).await
+        Self::connect(identity, trust, roster, options).await
     }
 
-    /// Faults tolerated (the client needs f+1 matching replies).
+    /// Faults tolerated by its current roster (the client needs f+1 matching replies).
     pub fn f(&self) -> usize {
-        self.f
+        self.roster.group().f()
+    }
+
+    /// The roster this client trusts now.
+    pub fn roster(&self) -> &Roster {
+        &self.roster
     }
 
     /// This client's node id.
@@ -257,38 +269,162 @@ impl Client {
             Bytes::from(ClientRequest::signed(&self.signer, number, kind, payload).encode());
         let start = Instant::now();
         let deadline = start + self.options.timeout;
-        let mut votes: HashMap<NodeId, Bytes> = HashMap::new();
+        let mut tally = Tally::default();
+        // When this client last asked for roster changes (at most once per `retry`), who
+        // answered since, and who said the changes it needs are gone.
+        let mut asked: Option<Instant> = None;
+        let mut answered: std::collections::HashSet<NodeId> = Default::default();
+        let mut too_old: BTreeMap<NodeId, RosterError> = BTreeMap::new();
         loop {
             self.plane.broadcast(Class::Consensus, &request);
             let resend = (Instant::now() + self.options.retry).min(deadline);
             while let Ok(Some(m)) = tokio::time::timeout_at(resend.into(), self.inbox.recv()).await
             {
-                if !self.replicas.contains(&m.from) {
+                if !self.roster.contains(&m.from) {
                     continue;
                 }
                 let Ok(reply) = ClientReply::decode(&m.payload) else {
                     metrics::counter!("securesmart_client_bad_replies_total").increment(1);
                     continue;
                 };
-                let Outcome::Executed(result) = reply.outcome else {
-                    continue;
-                };
-                if reply.number != number {
-                    continue;
+                match reply.outcome {
+                    Outcome::Executed(result) if reply.number == number => {
+                        tally.vote(m.from, reply.roster, result);
+                    }
+                    // Only answers to this client's query, one per replica and query.
+                    Outcome::Rosters(changes)
+                        if reply.number == number && answered.insert(m.from) =>
+                    {
+                        match self.follow(&changes) {
+                            Ok(true) => {
+                                // The new replicas have not seen the request yet.
+                                self.plane.broadcast(Class::Consensus, &request);
+                                answered.clear();
+                                too_old.clear();
+                            }
+                            Ok(false) => {}
+                            Err(e) => {
+                                too_old.insert(m.from, e);
+                            }
+                        }
+                    }
+                    _ => continue,
                 }
-                votes.insert(m.from, result.clone());
-                if votes.values().filter(|v| **v == result).count() > self.f {
-                    metrics::histogram!("securesmart_client_latency_seconds")
-                        .record(start.elapsed().as_secs_f64());
-                    return Ok(result);
+                match tally.verdict(&self.roster) {
+                    Verdict::Accept(result) => {
+                        metrics::histogram!("securesmart_client_latency_seconds")
+                            .record(start.elapsed().as_secs_f64());
+                        return Ok(result);
+                    }
+                    Verdict::Behind(_) => {
+                        if asked.is_none_or(|at| at.elapsed() >= self.options.retry) {
+                            asked = Some(Instant::now());
+                            answered.clear();
+                            self.ask_rosters();
+                        }
+                    }
+                    Verdict::Wait => {}
                 }
             }
             if Instant::now() >= deadline {
                 metrics::counter!("securesmart_client_timeouts_total").increment(1);
+                // Told by f+1 replicas (one of them correct) that it is too far behind.
+                if too_old.len() > self.roster.group().f()
+                    && let Some(e) = too_old.into_values().next()
+                {
+                    return Err(ClientError::StaleRoster(e));
+                }
                 return Err(ClientError::Timeout { number });
             }
             metrics::counter!("securesmart_client_retransmissions_total").increment(1);
         }
+    }
+
+    /// Follows the certified roster changes the replicas hand out until one round of
+    /// answers (within `retry`) brings nothing newer, and returns the roster it trusts then.
+    ///
+    /// # Errors
+    /// [`ClientError::StaleRoster`], or [`ClientError::Transport`].
+    pub async fn refresh_roster(&mut self) -> Result<&Roster, ClientError> {
+        loop {
+            let before = self.roster.number();
+            self.ask_rosters();
+            let until = Instant::now() + self.options.retry;
+            let mut answered = std::collections::HashSet::new();
+            let mut too_old = Vec::new();
+            while let Ok(Some(m)) = tokio::time::timeout_at(until.into(), self.inbox.recv()).await {
+                if !self.roster.contains(&m.from) || !answered.insert(m.from) {
+                    continue;
+                }
+                if let Ok(ClientReply {
+                    number,
+                    outcome: Outcome::Rosters(changes),
+                    ..
+                }) = ClientReply::decode(&m.payload)
+                    && number == self.number
+                    && let Err(e) = self.follow(&changes)
+                {
+                    too_old.push(e);
+                }
+            }
+            if self.roster.number() == before {
+                if too_old.len() > self.roster.group().f()
+                    && let Some(e) = too_old.pop()
+                {
+                    return Err(ClientError::StaleRoster(e));
+                }
+                return Ok(&self.roster);
+            }
+        }
+    }
+
+    /// Asks the replicas of its roster for the certified changes after it.
+    fn ask_rosters(&self) {
+        let since = Bytes::copy_from_slice(&self.roster.number().to_be_bytes());
+        let query = ClientRequest::signed(&self.signer, self.number, RequestKind::Rosters, since);
+        self.plane
+            .broadcast(Class::Consensus, &Bytes::from(query.encode()));
+    }
+
+    /// Moves to the newest roster that `changes` (a replica's answer) certify from the current
+    /// one; whether it moved. An answer that certifies nothing is ignored (a faulty replica
+    /// may send anything).
+    ///
+    /// # Errors
+    /// [`RosterError::TooOld`] when the answer says the changes it needs are gone: a hint
+    /// only (unauthenticated), which the caller believes from f+1 replicas.
+    fn follow(&mut self, changes: &[u8]) -> Result<bool, RosterError> {
+        let Ok(changes) = RosterChange::decode_list(changes) else {
+            metrics::counter!("securesmart_client_bad_replies_total").increment(1);
+            return Ok(false);
+        };
+        let next = match crate::roster::follow(&self.roster, &changes) {
+            Ok(next) => next,
+            Err(e @ RosterError::TooOld { .. }) => return Err(e),
+            Err(e) => {
+                metrics::counter!("securesmart_client_bad_rosters_total").increment(1);
+                tracing::debug!(error = %e, "roster changes refused");
+                return Ok(false);
+            }
+        };
+        if next.number() <= self.roster.number() {
+            return Ok(false);
+        }
+        let mut trust = self.plane.trust();
+        trust.peers = next.client_addrs();
+        if let Err(e) = self.plane.update_trust(trust) {
+            tracing::warn!(error = %e, "cannot follow the new roster");
+            return Ok(false);
+        }
+        metrics::counter!("securesmart_client_roster_changes_total").increment(1);
+        tracing::info!(
+            from = self.roster.number(),
+            to = next.number(),
+            replicas = next.replicas().len(),
+            "following the replicas' new roster"
+        );
+        self.roster = next;
+        Ok(true)
     }
 
     /// Runs a key-value operation.
@@ -339,5 +475,182 @@ impl Client {
     /// Closes the connections.
     pub async fn close(self) {
         self.plane.shutdown().await;
+    }
+}
+
+/// The replies to one request, and what they allow a client to conclude (see the module doc).
+#[derive(Debug, Default)]
+pub struct Tally {
+    votes: HashMap<NodeId, (u64, Bytes)>,
+}
+
+/// What a [`Tally`] allows.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// A quorum of the roster's replicas answered this result at it (or an older roster).
+    Accept(Bytes),
+    /// A replica of the roster answered at a newer roster: follow the changes first.
+    Behind(u64),
+    /// Not enough replies yet.
+    Wait,
+}
+
+impl Tally {
+    /// Records `replica`'s reply `result`, given at roster `roster` (a later reply of the same
+    /// replica replaces it).
+    pub fn vote(&mut self, replica: NodeId, roster: u64, result: Bytes) {
+        self.votes.insert(replica, (roster, result));
+    }
+
+    /// What the replies allow a client that trusts `roster` to conclude.
+    pub fn verdict(&self, roster: &Roster) -> Verdict {
+        let group = roster.group();
+        let ours = || self.votes.iter().filter(|(id, _)| roster.contains(id));
+        let current: Vec<&Bytes> = ours()
+            .filter(|(_, (r, _))| *r <= roster.number())
+            .map(|(_, (_, result))| result)
+            .collect();
+        // A quorum of matching replies: f + 1 matching among a quorum would let replies of
+        // different moments combine (an old correct one, and f + 1 forged by replicas faulty
+        // since, or removed since) into a forged result.
+        if let Some(result) = current
+            .iter()
+            .find(|r| current.iter().filter(|o| *o == *r).count() >= group.quorum())
+        {
+            return Verdict::Accept((*result).clone());
+        }
+        match ours().map(|(_, (r, _))| *r).max() {
+            Some(newest) if newest > roster.number() => Verdict::Behind(newest),
+            _ => Verdict::Wait,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::roster::RosterEntry;
+    use securesmart_transport::Role;
+    use securesmart_transport::pki::DevCa;
+
+    fn rosters() -> (Vec<NodeId>, impl Fn(u64, &[usize]) -> Roster) {
+        let ca = DevCa::new("tally ca").unwrap();
+        let ids: Vec<_> = (0..8)
+            .map(|i| ca.issue_role(&format!("r{i}"), Role::Replica).unwrap())
+            .collect();
+        let node_ids = ids.iter().map(Identity::id).collect();
+        let roster = move |number: u64, which: &[usize]| {
+            Roster::new(
+                number,
+                which
+                    .iter()
+                    .map(|i| {
+                        let addr = SocketAddr::from(([127, 0, 0, 1], 9000 + *i as u16));
+                        (
+                            ids[*i].id(),
+                            RosterEntry {
+                                certificate: ids[*i].chain()[0].clone(),
+                                replica_addr: addr,
+                                client_addr: addr,
+                            },
+                        )
+                    })
+                    .collect(),
+            )
+        };
+        (node_ids, roster)
+    }
+
+    #[test]
+    fn a_quorum_at_the_roster_with_f_plus_one_matching_is_accepted() {
+        let (ids, roster) = rosters();
+        let r = roster(3, &[0, 1, 2, 3]);
+        let mut t = Tally::default();
+        let good = Bytes::from_static(b"good");
+        t.vote(ids[0], 3, good.clone());
+        t.vote(ids[1], 3, good.clone());
+        assert_eq!(t.verdict(&r), Verdict::Wait, "f + 1 but no quorum yet");
+        // A faulty replica's different result does not make one; the third correct reply
+        // does, and a reply given at an older roster counts.
+        t.vote(ids[2], 3, Bytes::from_static(b"forged"));
+        assert_eq!(t.verdict(&r), Verdict::Wait);
+        t.vote(ids[3], 2, good.clone());
+        assert_eq!(t.verdict(&r), Verdict::Accept(good.clone()));
+        // Replicas outside the roster count for nothing.
+        let mut t = Tally::default();
+        for i in [4, 5, 6] {
+            t.vote(ids[i], 3, good.clone());
+        }
+        assert_eq!(t.verdict(&r), Verdict::Wait);
+    }
+
+    #[test]
+    fn removed_replicas_cannot_serve_a_forged_result_to_a_client_on_their_old_roster() {
+        let (ids, roster) = rosters();
+        // The client trusts roster 0 (replicas 0-3). Since then replica 3 was removed and 4
+        // added (roster 1). Replica 3 (removed, its certificate not revoked) and replica 0
+        // (faulty) answer at once with the same forged result at roster 0: f + 1 = 2
+        // matching replies, which the client used to accept.
+        let old = roster(0, &[0, 1, 2, 3]);
+        let forged = Bytes::from_static(b"forged");
+        let mut t = Tally::default();
+        t.vote(ids[3], 0, forged.clone());
+        t.vote(ids[0], 0, forged.clone());
+        assert_eq!(t.verdict(&old), Verdict::Wait);
+        // The correct replicas answer at roster 1: the client must follow the change first.
+        t.vote(ids[1], 1, Bytes::from_static(b"good"));
+        assert_eq!(t.verdict(&old), Verdict::Behind(1));
+        t.vote(ids[2], 1, Bytes::from_static(b"good"));
+        assert_eq!(t.verdict(&old), Verdict::Behind(1));
+        // At roster 1 the removed replica is not counted, and the three correct ones decide.
+        let new = roster(1, &[0, 1, 2, 4]);
+        assert_eq!(t.verdict(&new), Verdict::Wait);
+        t.vote(ids[4], 1, Bytes::from_static(b"good"));
+        assert_eq!(
+            t.verdict(&new),
+            Verdict::Accept(Bytes::from_static(b"good"))
+        );
+    }
+
+    #[test]
+    fn a_client_of_a_cluster_that_grew_waits_for_the_larger_quorum() {
+        let (ids, roster) = rosters();
+        // The cluster grew from 4 to 7 replicas (f from 1 to 2): two faulty replicas among the
+        // client's four agree on a forged result. The client still needs a third reply at its
+        // roster, and the correct ones name the new roster.
+        let old = roster(0, &[0, 1, 2, 3]);
+        let forged = Bytes::from_static(b"forged");
+        let mut t = Tally::default();
+        t.vote(ids[0], 0, forged.clone());
+        t.vote(ids[1], 0, forged.clone());
+        assert_eq!(t.verdict(&old), Verdict::Wait);
+        t.vote(ids[2], 3, Bytes::from_static(b"good"));
+        assert_eq!(t.verdict(&old), Verdict::Behind(3));
+        // At the new roster (f = 2, quorum 5) the five correct replicas decide.
+        let grown = roster(3, &[0, 1, 2, 3, 4, 5, 6]);
+        for i in [3, 4, 5] {
+            t.vote(ids[i], 3, Bytes::from_static(b"good"));
+        }
+        assert_eq!(t.verdict(&grown), Verdict::Wait);
+        t.vote(ids[6], 3, Bytes::from_static(b"good"));
+        assert_eq!(
+            t.verdict(&grown),
+            Verdict::Accept(Bytes::from_static(b"good"))
+        );
+    }
+
+    #[test]
+    fn an_old_correct_reply_and_replicas_faulty_since_do_not_make_a_result() {
+        let (ids, roster) = rosters();
+        // Request R executed at roster 0 (replicas 0-3); replica 3's correct reply arrives,
+        // the others are delayed. The cluster grows (f = 2), replicas 0 and 1 turn faulty and
+        // answer a forged result at roster 0. A quorum answered at roster 0 and the forged
+        // result has f + 1 votes of roster 0: not enough, it needs a quorum of its own.
+        let old = roster(0, &[0, 1, 2, 3]);
+        let mut t = Tally::default();
+        t.vote(ids[3], 0, Bytes::from_static(b"good"));
+        t.vote(ids[0], 0, Bytes::from_static(b"forged"));
+        t.vote(ids[1], 0, Bytes::from_static(b"forged"));
+        assert_eq!(t.verdict(&old), Verdict::Wait);
     }
 }

@@ -37,6 +37,15 @@ pub enum ClusterError {
     /// The trust center or enrollment failed.
     #[error("trust center: {0}")]
     TrustCenter(String),
+    /// Asking the running cluster failed.
+    #[error("asking the cluster: {0}")]
+    Client(#[from] crate::client::ClientError),
+    /// The cluster's roster names a replica this cluster did not create.
+    #[error("the roster names replica {0}, which this cluster did not create")]
+    ForeignReplica(NodeId),
+    /// The cluster has no client to ask with.
+    #[error("the cluster has no client")]
+    NoClient,
 }
 
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ClusterError {
@@ -182,7 +191,8 @@ impl LocalCluster {
     }
 
     /// Enrolls one more replica at the trust center and writes its files: a joiner whose
-    /// configuration names the replicas created so far. Returns its index. Start it with
+    /// configuration names the cluster's current replicas ([`LocalCluster::current_roster`];
+    /// the cluster must be running). Returns its index. Start it with
     /// [`LocalCluster::start`] after an administrator ordered its `AddNode` (or before: it waits
     /// to be admitted).
     ///
@@ -196,11 +206,56 @@ impl LocalCluster {
             .copied()
             .ok_or_else(|| ClusterError::TrustCenter("enrollment returned nothing".into()))?;
         let (replica, ports) = self.new_replica(i, id)?;
-        let list = self.replica_list(None);
+        // The joiner trusts the replicas its configuration names to hand it the state: list
+        // the current ones, as the running cluster certifies them, not the ones created so
+        // far (removed replicas among them could feed it a false state).
+        let roster = self.current_roster().await?;
+        let list = self.roster_list(&roster)?;
         self.replicas.push(replica);
         self.write_node_config(i, &list)?;
         drop(ports);
         Ok(i)
+    }
+
+    /// The current roster of the running cluster, followed from the clients' configured one
+    /// through the certified changes, by a client enrolled for the purpose (`observer{k}`, so
+    /// that no client in use connects twice).
+    ///
+    /// # Errors
+    /// [`ClusterError::Client`] if the cluster cannot be reached or the roster followed,
+    /// [`ClusterError::NoClient`], [`ClusterError::TrustCenter`].
+    pub async fn current_roster(&self) -> Result<crate::roster::Roster, ClusterError> {
+        let path = self.clients.first().ok_or(ClusterError::NoClient)?;
+        let mut config =
+            crate::config::ClientConfig::load(path).map_err(crate::client::ClientError::from)?;
+        let k = (0..)
+            .find(|k| !self.dir.join(format!("observer{k}.pem")).exists())
+            .unwrap_or_default();
+        let name = format!("observer{k}");
+        enroll_all(&self.dir, &[(name.clone(), RoleName::Client)]).await?;
+        config.client.certificate = self.dir.join(format!("{name}.pem"));
+        config.client.key = self.dir.join(format!("{name}.key"));
+        let mut client = crate::client::Client::from_config(&config).await?;
+        let roster = client.refresh_roster().await.cloned();
+        client.close().await;
+        Ok(roster?)
+    }
+
+    /// The `[[replicas]]` entries of `roster` (replicas this cluster created).
+    fn roster_list(&self, roster: &crate::roster::Roster) -> Result<String, ClusterError> {
+        let mut list = format!("# Roster {} of the cluster.\n", roster.number());
+        for (id, entry) in roster.replicas() {
+            let i = self
+                .replicas
+                .iter()
+                .position(|r| r.id == *id)
+                .ok_or(ClusterError::ForeignReplica(*id))?;
+            list.push_str(&format!(
+                "\n[[replicas]]\ncertificate = \"replica{i}.pem\"\nreplica = \"{}\"\nclient = \"{}\"\n",
+                entry.replica_addr, entry.client_addr
+            ));
+        }
+        Ok(list)
     }
 
     /// A replica's addresses on fresh ports; the sockets hold the ports until dropped.

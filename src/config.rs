@@ -237,6 +237,10 @@ pub struct ClientSection {
     /// Transport limits.
     #[serde(default)]
     pub limits: LimitsProfile,
+    /// The number of the roster that `[[replicas]]` lists (0: the genesis replicas); the
+    /// client follows its certified changes from there (see `securesmart::roster`).
+    #[serde(default)]
+    pub roster: u64,
 }
 
 fn default_timeout_ms() -> u64 {
@@ -361,6 +365,17 @@ impl ClientConfig {
         Ok(c)
     }
 
+    /// The roster its `[[replicas]]` and `roster` number name.
+    ///
+    /// # Errors
+    /// As [`load_peers`].
+    pub fn roster(&self) -> Result<crate::roster::Roster, ConfigError> {
+        Ok(peers_roster(
+            self.client.roster,
+            &load_peers(&self.replicas)?,
+        ))
+    }
+
     /// The request timeout.
     pub fn timeout(&self) -> Duration {
         Duration::from_millis(self.client.timeout_ms)
@@ -426,6 +441,26 @@ pub fn load_trust(ca: &Path, crl: Option<&Path>) -> Result<TrustConfig, ConfigEr
         trust.crls.push(load_crl(crl)?);
     }
     Ok(trust)
+}
+
+/// Roster `number` of `peers` (a peer without a replica-plane address gets its client one).
+pub fn peers_roster(number: u64, peers: &BTreeMap<NodeId, Peer>) -> crate::roster::Roster {
+    crate::roster::Roster::new(
+        number,
+        peers
+            .values()
+            .map(|p| {
+                (
+                    p.id,
+                    crate::roster::RosterEntry {
+                        certificate: p.certificate.clone(),
+                        replica_addr: p.replica.unwrap_or(p.client),
+                        client_addr: p.client,
+                    },
+                )
+            })
+            .collect(),
+    )
 }
 
 /// Loads the replicas' certificates: ids, keys and addresses, by node id.

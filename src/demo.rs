@@ -451,7 +451,9 @@ async fn script(
     tokio::time::sleep_until(at(0.3).into()).await;
     let (ca, replicas, victim) = {
         let c = cluster.lock().await;
-        let replicas: BTreeMap<_, _> = c.replicas.iter().map(|r| (r.id, r.client_addr)).collect();
+        let replicas = ClientConfig::load(&c.dir.join("client0.toml"))
+            .and_then(|config| config.roster())
+            .map_err(setup)?;
         let victim = c
             .clients
             .get(victim)
@@ -605,7 +607,7 @@ async fn client_loop(
 /// A client whose certificate comes from another CA tries every replica; `true` if refused.
 async fn try_intruder(
     ca: &std::path::Path,
-    replicas: BTreeMap<securesmart_transport::NodeId, std::net::SocketAddr>,
+    replicas: crate::roster::Roster,
 ) -> Result<bool, DemoError> {
     let rogue = DevCa::new("rogue CA")
         .and_then(|ca| ca.issue_role("intruder", Role::Client))

@@ -15,7 +15,7 @@ use crate::protocol::{ClientReply, ClientRequest, Ordered, Submission};
 use crate::state::NodeState;
 
 /// Everything a node decodes from clients, from the order and from a transferred snapshot:
-/// client requests and replies, the ordered envelope, key-value operations and replies (each
+/// client requests and replies, roster changes, the ordered envelope, key-value operations and replies (each
 /// canonical: decoding then encoding gives the input back), and the node's replicated state
 /// restored from arbitrary bytes (an error, never a panic, and a failed restore changes
 /// nothing).
@@ -46,6 +46,18 @@ pub fn node_input(data: &[u8]) {
         assert_eq!(r.encode(), data, "kv reply encoding is canonical");
     }
     let _ = securesmart_membership::Membership::decode(data);
+    // A replica's answer to a client's roster query: canonical, and checked against the
+    // genesis roster without a panic.
+    if let Ok(changes) = crate::roster::RosterChange::decode_list(data) {
+        assert_eq!(
+            crate::roster::RosterChange::encode_list(&changes),
+            data,
+            "roster change list encoding is canonical"
+        );
+        let genesis =
+            crate::roster::Roster::of(0, &securesmart_membership::fuzzing::four_replicas());
+        let _ = crate::roster::follow(&genesis, &changes);
+    }
     let mut kv = KvStore::default();
     let before = kv.clone();
     if kv.restore(data).is_err() {

@@ -35,4 +35,5 @@ pub mod kv;
 pub mod node;
 pub mod protocol;
 pub mod replica_network;
+pub mod roster;
 pub mod state;

@@ -14,7 +14,9 @@
 //! - client intake: each [`ClientRequest`] is wrapped in the [`Ordered`] envelope and
 //!   submitted; the client is the authenticated peer of the connection. A retransmission of the
 //!   client's last executed request gets the cached reply again; every replica that executes a
-//!   request replies, and the client accepts f+1 matching replies.
+//!   request replies, naming the roster it is at ([`crate::roster`]: after every batch that
+//!   changes the replica set, each replica of the previous roster orders its signature on the
+//!   new one), and answers clients' roster queries from the replicated state.
 //!
 //! # Membership
 //! Membership commands are ordered requests (see [`crate::state`]). When one executes at
@@ -76,9 +78,10 @@ use crate::config::{
 };
 use crate::group_key::GroupKey;
 use crate::protocol::{
-    ClientReply, ClientRequest, Ordered, Outcome, RequestSigner, confidential_context,
+    ClientReply, ClientRequest, Ordered, Outcome, RequestKind, RequestSigner, confidential_context,
 };
 use crate::replica_network::ReplicaNetwork;
+use crate::roster::{RosterChange, RosterLog};
 use crate::state::NodeState;
 
 /// Why a node could not start.
@@ -168,6 +171,49 @@ struct Host {
     local_crl: Arc<Mutex<Option<CertificateRevocationListDer<'static>>>>,
     /// The epoch client intake seals confidential requests in ([`NO_EPOCH`]: none yet).
     sealable: Arc<AtomicU64>,
+    /// The rosters as intake answers clients with them.
+    rosters: Rosters,
+}
+
+/// The replicated state's roster log as client intake sees it: published by the state task
+/// after every batch that changed it.
+#[derive(Clone)]
+struct Rosters {
+    log: Arc<Mutex<RosterLog>>,
+    current: Arc<AtomicU64>,
+}
+
+impl Rosters {
+    fn new(log: RosterLog) -> Self {
+        Self {
+            current: Arc::new(AtomicU64::new(log.certified().number())),
+            log: Arc::new(Mutex::new(log)),
+        }
+    }
+
+    /// The newest certified roster's number (what replies name: a client can follow it).
+    fn current(&self) -> u64 {
+        self.current.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Takes `log` if it differs from the published one.
+    fn publish(&self, log: &RosterLog) {
+        if let Ok(mut published) = self.log.lock()
+            && published.version() != log.version()
+        {
+            *published = log.clone();
+            self.current.store(
+                log.certified().number(),
+                std::sync::atomic::Ordering::Relaxed,
+            );
+        }
+    }
+
+    /// The certified changes after roster `number`, encoded for a client.
+    fn since(&self, number: u64) -> Bytes {
+        let changes = self.log.lock().map(|l| l.since(number)).unwrap_or_default();
+        Bytes::from(RosterChange::encode_list(&changes))
+    }
 }
 
 /// [`Host::sealable`] when no epoch is sealable.
@@ -256,7 +302,18 @@ impl Host {
             .any(|p| current.contains(p))
     }
 
-    fn reply(&self, reply: securesmart_consensus::service::Reply) {
+    /// Takes a restored reply cache into the one intake answers retransmissions from.
+    fn cache_replies<'a>(&self, replies: impl Iterator<Item = (&'a NodeId, &'a (u64, Bytes))>) {
+        if let Ok(mut c) = self.cache.lock() {
+            for (client, (number, result)) in replies {
+                if *client != self.id {
+                    c.insert(*client, (*number, result.clone()));
+                }
+            }
+        }
+    }
+
+    fn reply(&self, reply: securesmart_consensus::service::Reply, roster: u64) {
         if reply.client == self.id {
             tracing::info!(result = %String::from_utf8_lossy(&reply.result), "own request executed");
             return;
@@ -268,6 +325,7 @@ impl Host {
             &self.client_plane,
             reply.client,
             reply.number,
+            roster,
             Outcome::Executed(reply.result),
         );
     }
@@ -297,9 +355,33 @@ struct GroupSide {
     faults: crate::fault::Faults,
     #[cfg(feature = "fault-injection")]
     forged: u64,
+    /// The roster this replica last submitted its signature on, and when.
+    roster_signed: Option<(u64, std::time::Instant)>,
 }
 
+/// How long a replica waits for its roster acknowledgement to be ordered before it submits it
+/// again.
+const ROSTER_ACK_RETRY: Duration = Duration::from_secs(2);
+
 impl GroupSide {
+    /// Orders this replica's signature on the next roster it should sign, if any (again after
+    /// [`ROSTER_ACK_RETRY`] if it was not ordered).
+    fn acknowledge_roster(&mut self, rosters: &RosterLog) {
+        let Some((roster, digest)) = rosters.to_acknowledge(&self.own.signer.id()) else {
+            return;
+        };
+        if self
+            .roster_signed
+            .is_some_and(|(r, at)| r == roster && at.elapsed() < ROSTER_ACK_RETRY)
+        {
+            return;
+        }
+        match self.own.submit(Ordered::RosterAck { roster, digest }) {
+            Ok(()) => self.roster_signed = Some((roster, std::time::Instant::now())),
+            Err(e) => tracing::debug!(error = %e, "roster acknowledgement not submitted"),
+        }
+    }
+
     fn tick(&mut self, view: &crate::state::GroupView<'_>, still_voting: &[NodeId], rotate: bool) {
         if !self.ready.load(std::sync::atomic::Ordering::Relaxed) {
             return;
@@ -383,6 +465,7 @@ async fn run_state<S: StateMachine>(
                 let state = executor.app();
                 let rotate = state.acked_by_quorum(state.group_epoch());
                 group.tick(&state.group_view(), &still_voting, rotate);
+                group.acknowledge_roster(state.rosters());
                 // A removed replica may hear of no batch after the switch: look here as well.
                 let (stable, m) = (pbft.low_watermark(), executor.app().membership());
                 if host.settle_leaving(&mut leaving, stable, m) {
@@ -458,7 +541,12 @@ async fn run_state<S: StateMachine>(
                     }
                     trust_changed = true;
                 }
-                replies.into_iter().for_each(|r| host.reply(r));
+                // Every replica names the roster after the batch: the same for the same request.
+                let state = executor.app();
+                host.rosters.publish(state.rosters());
+                let roster = state.rosters().certified().number();
+                replies.into_iter().for_each(|r| host.reply(r, roster));
+                group.acknowledge_roster(state.rosters());
                 if trust_changed {
                     host.update_trust(executor.app().membership(), &leaving);
                 }
@@ -513,6 +601,12 @@ async fn run_state<S: StateMachine>(
                     .map_err(|e| e.to_string())?;
                 host.update_trust(m, &leaving);
                 host.publish_sealable(executor.app());
+                host.rosters.publish(executor.app().rosters());
+                if executor.app().state_known() {
+                    // Retransmissions of requests executed before the snapshot are answered
+                    // from its reply cache, as the other replicas answer them.
+                    host.cache_replies(executor.cached_replies());
+                }
                 checkpoint_epochs.insert(seq, executor.app().group_epoch());
                 pin_journal_keys(&mut group, &mut checkpoint_epochs, seq);
             }
@@ -631,7 +725,11 @@ impl Node {
             client_plane: client_plane.clone(),
             local_crl: Arc::clone(&local_crl),
             sealable: Arc::new(AtomicU64::new(NO_EPOCH)),
+            rosters: Rosters::new(crate::roster::RosterLog::new(crate::roster::Roster::of(
+                0, &genesis,
+            ))),
         };
+        let rosters = host.rosters.clone();
         let sealable = Arc::clone(&host.sealable);
         let member = GroupMember::new(
             &group_identity,
@@ -670,6 +768,7 @@ impl Node {
             faults,
             #[cfg(feature = "fault-injection")]
             forged: 0,
+            roster_signed: None,
         };
         let state = NodeState::new(genesis, admins, app).with_payload_keys(keys.clone());
         let serving = tokio::spawn(run_state(pbft, Executor::new(state), host, group));
@@ -685,7 +784,14 @@ impl Node {
                 ready.store(true, std::sync::atomic::Ordering::Relaxed);
                 // Both run inside this task, so stopping the node stops them.
                 let sealer = Sealer { keys, sealable };
-                let intake = intake(client_inbox, clients, own.submitter.clone(), cache, sealer);
+                let intake = intake(
+                    client_inbox,
+                    clients,
+                    own.submitter.clone(),
+                    cache,
+                    sealer,
+                    rosters,
+                );
                 match crl {
                     Some(path) => {
                         tokio::join!(intake, watch_crl(path, own, local_crl));
@@ -820,8 +926,12 @@ async fn watch_crl(
 
 /// Sends a reply to a client over the client plane, best effort (a client that is not
 /// connected to this replica gets its f+1 replies from the others, or retransmits).
-fn send_reply(clients: &Plane, to: NodeId, number: u64, outcome: Outcome) {
-    let reply = ClientReply { number, outcome };
+fn send_reply(clients: &Plane, to: NodeId, number: u64, roster: u64, outcome: Outcome) {
+    let reply = ClientReply {
+        number,
+        roster,
+        outcome,
+    };
     let _ = clients.try_send(to, Class::Consensus, Bytes::from(reply.encode()));
 }
 
@@ -854,6 +964,7 @@ async fn intake(
     submitter: Submitter,
     cache: ReplyCache,
     sealer: Sealer,
+    rosters: Rosters,
 ) {
     while let Some(m) = inbox.recv().await {
         let request = match ClientRequest::decode(&m.payload) {
@@ -864,11 +975,25 @@ async fn intake(
                 continue;
             }
         };
+        let roster = rosters.current();
+        if request.kind == RequestKind::Rosters {
+            // Public, certified data that the client checks itself: answered at once, with
+            // no signature check (the link is the client's own).
+            client_counter("roster_query");
+            let since = request
+                .payload
+                .get(..8)
+                .and_then(|b| <[u8; 8]>::try_from(b).ok())
+                .map_or(0, u64::from_be_bytes);
+            let answer = Outcome::Rosters(rosters.since(since));
+            send_reply(&clients, m.from, request.number, roster, answer);
+            continue;
+        }
         let cached = cache.lock().ok().and_then(|c| c.get(&m.from).cloned());
         if let Some((number, result)) = cached {
             if request.number == number {
                 client_counter("cached");
-                send_reply(&clients, m.from, number, Outcome::Executed(result));
+                send_reply(&clients, m.from, number, roster, Outcome::Executed(result));
                 continue;
             }
             if request.number < number {
@@ -901,7 +1026,7 @@ async fn intake(
                 // and gets its replies from the others.
                 client_counter("no_group_key");
                 tracing::debug!(error = %e, "cannot seal a confidential request");
-                send_reply(&clients, m.from, number, Outcome::Busy);
+                send_reply(&clients, m.from, number, roster, Outcome::Busy);
                 continue;
             }
         };
@@ -916,7 +1041,7 @@ async fn intake(
             Ok(()) => client_counter("submitted"),
             Err(PbftError::Busy) => {
                 client_counter("busy");
-                send_reply(&clients, m.from, number, Outcome::Busy);
+                send_reply(&clients, m.from, number, roster, Outcome::Busy);
             }
             Err(_) => break,
         }

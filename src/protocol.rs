@@ -1,7 +1,7 @@
 //! What clients and replicas say to each other on the client plane, and what the node orders.
 //!
-//! - [`ClientRequest`] (client to replica, version 2) and [`ClientReply`] (replica to client,
-//!   version 1): integers big-endian, byte strings with a u32 length; the decoder consumes the
+//! - [`ClientRequest`] (client to replica, version 3) and [`ClientReply`] (replica to client,
+//!   version 2, naming the replica's roster): integers big-endian, byte strings with a u32 length; the decoder consumes the
 //!   whole input and enforces [`MAX_PAYLOAD_BYTES`]. The client's identity is the authenticated
 //!   peer of the connection (its certificate), never a field of the message.
 //! - [`Ordered`]: the envelope of every request the node hands to the ordering engine, so that
@@ -41,8 +41,8 @@ const REQUEST_VERSION: u8 = 3;
 /// How far the signed time of a client's membership command may be from the clock of the
 /// replica that takes it (seconds); beyond it the replica refuses to order the command.
 pub const COMMAND_SKEW_SECS: u64 = 600;
-/// [`ClientReply`] format version.
-const VERSION: u8 = 1;
+/// [`ClientReply`] format version (2: the roster, roster answers).
+const VERSION: u8 = 2;
 /// BLAKE3 `derive_key` context of the digest a request's submitter signs.
 pub const REQUEST_SIGNATURE_TAG: &str = "securesmart 2026-11-26 request signature v1";
 /// First byte of a signed [`Submission`].
@@ -69,6 +69,8 @@ pub enum SignedKind {
     Confidential = 2,
     /// A replica's own request (key package, commit, key acknowledgement).
     Internal = 3,
+    /// A client's query of the roster changes (answered, not ordered).
+    Rosters = 4,
 }
 
 /// A submitter's signature on a request (see the module doc).
@@ -318,6 +320,10 @@ pub enum RequestKind {
     /// An application operation the replicas keep sealed with the group key: in the log, in
     /// their journals and in state transfer it is ciphertext (see [`Ordered::Sealed`]).
     Confidential,
+    /// A query of the certified roster changes after the roster whose number is the payload
+    /// (a big-endian u64): answered by the replica from its replicated state, not ordered
+    /// (see `securesmart::roster`).
+    Rosters,
 }
 
 /// A replica's reply to a client.
@@ -325,6 +331,8 @@ pub enum RequestKind {
 pub struct ClientReply {
     /// The request number it answers.
     pub number: u64,
+    /// The roster the replica was at when it answered (`securesmart::roster`).
+    pub roster: u64,
     /// What it says.
     pub outcome: Outcome,
 }
@@ -337,6 +345,9 @@ pub enum Outcome {
     /// The replica cannot take the request now (queue full, not a member); retry elsewhere or
     /// later. Never counted towards the f+1 matching replies.
     Busy,
+    /// The answer to a roster query: certified roster changes
+    /// (`securesmart::roster::RosterChange::encode_list`).
+    Rosters(Bytes),
 }
 
 impl RequestKind {
@@ -346,6 +357,7 @@ impl RequestKind {
             RequestKind::App => SignedKind::App,
             RequestKind::Command => SignedKind::Command,
             RequestKind::Confidential => SignedKind::Confidential,
+            RequestKind::Rosters => SignedKind::Rosters,
         }
     }
 }
@@ -365,7 +377,7 @@ impl ClientRequest {
         let payload = match kind {
             RequestKind::Confidential => prefixed(&rand::random::<[u8; NONCE_LEN]>()),
             RequestKind::Command => prefixed(&crate::node::unix_now().to_be_bytes()),
-            RequestKind::App => payload.clone(),
+            RequestKind::App | RequestKind::Rosters => payload.clone(),
         };
         let auth = match kind {
             RequestKind::Confidential => {
@@ -401,7 +413,7 @@ impl ClientRequest {
     pub fn verify(&self, client: &NodeId) -> Result<(), AuthError> {
         let body = match self.kind {
             RequestKind::Confidential => Bytes::copy_from_slice(&commitment(&self.payload)),
-            RequestKind::App | RequestKind::Command => self.payload.clone(),
+            RequestKind::App | RequestKind::Command | RequestKind::Rosters => self.payload.clone(),
         };
         self.auth
             .verify(client, self.number, self.kind.signed_kind(), &body)
@@ -418,7 +430,9 @@ impl ClientRequest {
         seal: impl FnOnce(&[u8]) -> Result<Vec<u8>, E>,
     ) -> Result<Submission, E> {
         let ordered = match self.kind {
-            RequestKind::App => Ordered::App(self.payload),
+            // (Intake answers roster queries itself; one that got here orders as a no-op
+            // application request the engine's check refuses: its signature is of another kind.)
+            RequestKind::App | RequestKind::Rosters => Ordered::App(self.payload),
             RequestKind::Command => Ordered::Command {
                 // (`decode` refuses a command without its time; 0 is judged as the distant
                 // past, and the signature does not cover it.)
@@ -445,6 +459,7 @@ impl ClientRequest {
                 RequestKind::App => 0,
                 RequestKind::Command => 1,
                 RequestKind::Confidential => 2,
+                RequestKind::Rosters => 3,
             })
             .raw(&self.auth.public_key)
             .raw(&self.auth.signature)
@@ -464,6 +479,7 @@ impl ClientRequest {
             0 => RequestKind::App,
             1 => RequestKind::Command,
             2 => RequestKind::Confidential,
+            3 => RequestKind::Rosters,
             other => {
                 return Err(WireError::Unknown {
                     what: "request kind",
@@ -477,7 +493,7 @@ impl ClientRequest {
         };
         let payload = Bytes::copy_from_slice(r.bytes("payload", MAX_PAYLOAD_BYTES)?);
         r.finish()?;
-        if kind == RequestKind::Command && payload.len() < 8 {
+        if matches!(kind, RequestKind::Command | RequestKind::Rosters) && payload.len() < 8 {
             return Err(WireError::Truncated);
         }
         Ok(Self {
@@ -493,13 +509,16 @@ impl ClientReply {
     /// Encodes the reply.
     pub fn encode(&self) -> Vec<u8> {
         let mut w = Writer::default();
-        w.u8(VERSION).raw(&self.number.to_be_bytes());
+        w.u8(VERSION).u64(self.number).u64(self.roster);
         match &self.outcome {
             Outcome::Executed(result) => {
                 w.u8(1).bytes(result);
             }
             Outcome::Busy => {
                 w.u8(2);
+            }
+            Outcome::Rosters(changes) => {
+                w.u8(3).bytes(changes);
             }
         }
         w.buf
@@ -512,12 +531,16 @@ impl ClientReply {
     pub fn decode(buf: &[u8]) -> Result<Self, WireError> {
         let mut r = Reader::new(buf);
         r.version(VERSION)?;
-        let number = u64::from_be_bytes(r.array()?);
+        let number = r.u64()?;
+        let roster = r.u64()?;
         let outcome = match r.u8()? {
             1 => Outcome::Executed(Bytes::copy_from_slice(
                 r.bytes("result", MAX_PAYLOAD_BYTES)?,
             )),
             2 => Outcome::Busy,
+            3 => Outcome::Rosters(Bytes::copy_from_slice(
+                r.bytes("roster changes", MAX_PAYLOAD_BYTES)?,
+            )),
             other => {
                 return Err(WireError::Unknown {
                     what: "reply outcome",
@@ -526,7 +549,11 @@ impl ClientReply {
             }
         };
         r.finish()?;
-        Ok(Self { number, outcome })
+        Ok(Self {
+            number,
+            roster,
+            outcome,
+        })
     }
 }
 
@@ -577,6 +604,14 @@ pub enum Ordered {
     /// A replica that holds the epoch the unsettled commit with this digest was made for could
     /// not apply it (or the membership does not allow it): it votes to void it.
     CommitRefused([u8; 32]),
+    /// A replica of the roster before roster `roster` signs that roster (its
+    /// [`crate::roster::Roster::digest`]): a quorum of them certify the change for clients.
+    RosterAck {
+        /// The roster's number.
+        roster: u64,
+        /// Its digest.
+        digest: [u8; 32],
+    },
 }
 
 /// Domain tag of the context a confidential request is sealed with.
@@ -647,6 +682,13 @@ impl Ordered {
                 out.extend_from_slice(commit);
                 Bytes::from(out)
             }
+            Ordered::RosterAck { roster, digest } => {
+                let mut out = Vec::with_capacity(41);
+                out.push(8);
+                out.extend_from_slice(&roster.to_be_bytes());
+                out.extend_from_slice(digest);
+                Bytes::from(out)
+            }
         }
     }
 
@@ -713,6 +755,19 @@ impl Ordered {
                     .and_then(|t| <[u8; 32]>::try_from(t).ok())
                     .ok_or(WireError::Truncated)?;
                 Ok(Ordered::CommitRefused(commit))
+            }
+            Some(8) => {
+                let body = buf
+                    .get(1..)
+                    .and_then(|t| <[u8; 40]>::try_from(t).ok())
+                    .ok_or(WireError::Truncated)?;
+                let (roster, digest) = body.split_at(8);
+                Ok(Ordered::RosterAck {
+                    roster: u64::from_be_bytes(
+                        roster.try_into().map_err(|_| WireError::Truncated)?,
+                    ),
+                    digest: digest.try_into().map_err(|_| WireError::Truncated)?,
+                })
             }
             Some(other) => Err(WireError::Unknown {
                 what: "ordered request kind",
@@ -888,11 +943,28 @@ mod tests {
         let mut trailing = req.encode();
         trailing.push(0);
         assert!(ClientRequest::decode(&trailing).is_err());
-        for outcome in [Outcome::Executed(Bytes::from_static(b"r")), Outcome::Busy] {
-            let reply = ClientReply { number: 9, outcome };
-            assert_eq!(ClientReply::decode(&reply.encode()), Ok(reply));
+        for outcome in [
+            Outcome::Executed(Bytes::from_static(b"r")),
+            Outcome::Busy,
+            Outcome::Rosters(Bytes::from_static(b"changes")),
+        ] {
+            let reply = ClientReply {
+                number: 9,
+                roster: 2,
+                outcome,
+            };
+            assert_eq!(ClientReply::decode(&reply.encode()), Ok(reply.clone()));
+            let bytes = reply.encode();
+            for cut in 0..bytes.len() {
+                assert!(ClientReply::decode(&bytes[..cut]).is_err());
+            }
         }
-        assert!(ClientReply::decode(&[VERSION, 0, 0, 0, 0, 0, 0, 0, 1, 9]).is_err());
+        let mut bad_outcome = vec![VERSION];
+        bad_outcome.extend_from_slice(&[0; 16]);
+        bad_outcome.push(9);
+        assert!(ClientReply::decode(&bad_outcome).is_err());
+        // A reply of the format before rosters gets an error, not a misreading.
+        assert!(ClientReply::decode(&[1, 0, 0, 0, 0, 0, 0, 0, 1, 2]).is_err());
         let app = Ordered::App(Bytes::from_static(b"x"));
         assert_eq!(Ordered::decode(&app.encode()), Ok(app));
         let cmd = Ordered::Command {
@@ -915,9 +987,14 @@ mod tests {
                 commit: Bytes::from_static(b"commit"),
                 welcome: Bytes::from_static(b"welcome"),
             },
+            Ordered::RosterAck {
+                roster: 3,
+                digest: [3; 32],
+            },
         ] {
             assert_eq!(Ordered::decode(&o.encode()), Ok(o));
         }
+        assert!(Ordered::decode(&Bytes::from_static(&[8, 0, 0, 0, 0, 0, 0, 0, 3])).is_err());
         assert!(Ordered::decode(&Bytes::from_static(&[3, 0, 0, 0, 9, 1])).is_err());
         assert!(Ordered::decode(&Bytes::new()).is_err());
         assert!(Ordered::decode(&Bytes::from_static(&[5, 0, 0, 0, 0, 0, 0, 0, 7, 0])).is_err());

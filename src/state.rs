@@ -124,10 +124,11 @@ use securesmart_transport::NodeId;
 use securesmart_transport::wire::{Reader, Writer};
 
 use crate::protocol::{NONCE_LEN, Ordered, Submission, confidential_context};
+use crate::roster::{Roster, RosterLog};
 
 /// Snapshot format (4: settled group commits; 5: administrators by certificate; 6: holders,
-/// creator and cool-downs by sequence number, #13).
-const VERSION: u8 = 6;
+/// creator and cool-downs by sequence number, #13; 7: the roster log).
+const VERSION: u8 = 7;
 /// Group commits a snapshot carries (see the module doc, "Checkpoints").
 pub const COMMIT_HISTORY: usize = 8;
 /// A checkpoint whose state is in the clear.
@@ -251,6 +252,8 @@ pub struct NodeState<S> {
     creator: Option<NodeId>,
     /// The sequence number at which the last commit was settled (kept, voided or expired).
     last_settled: Seq,
+    /// The rosters clients follow, with the replicas' signatures on each change.
+    rosters: RosterLog,
     /// The sequence number of the batch executing ([`NodeState::begin_batch`]).
     seq: Seq,
     /// Which current replicas acknowledged holding the key of each recent epoch.
@@ -341,7 +344,9 @@ impl<S: StateMachine> NodeState<S> {
             })
             .collect();
         let creator = membership.replica_ids().first().copied();
+        let rosters = RosterLog::new(Roster::of(0, &membership));
         Self {
+            rosters,
             membership,
             admins,
             app,
@@ -761,10 +766,12 @@ impl<S: StateMachine> NodeState<S> {
             w.bytes(commit).bytes(welcome);
         }
         w.bytes(&self.membership.encode());
+        self.rosters.write(w);
     }
 
     fn set_public(&mut self, p: Public) {
         self.membership = p.membership;
+        self.rosters = p.rosters;
         self.admins = p.admins;
         self.group_epoch = p.group_epoch;
         self.epoch_commits = p.epoch_commits;
@@ -824,6 +831,11 @@ impl<S: StateMachine> NodeState<S> {
         &self.membership
     }
 
+    /// The rosters clients follow (see `securesmart::roster`).
+    pub fn rosters(&self) -> &RosterLog {
+        &self.rosters
+    }
+
     /// The application.
     pub fn app(&self) -> &S {
         &self.app
@@ -877,6 +889,12 @@ impl<S: StateMachine> NodeState<S> {
                 self.key_packages
                     .retain(|id, _| m.members().contains_key(id));
                 self.changes.push(applied.clone());
+                if self.rosters.observe(&self.membership) {
+                    tracing::info!(
+                        roster = self.rosters.current().number(),
+                        "new roster: awaiting the previous roster's signatures"
+                    );
+                }
             }
             Err(why) => {
                 metrics::counter!("securesmart_node_membership_refusals_total").increment(1);
@@ -890,7 +908,33 @@ impl<S: StateMachine> NodeState<S> {
 impl<S: StateMachine> StateMachine for NodeState<S> {
     fn execute(&mut self, request: &Request) -> Bytes {
         // The submitter's signature was checked before ordering (`node::request_check`).
-        match Submission::decode(&request.payload).map(|s| s.ordered) {
+        let submission = Submission::decode(&request.payload);
+        if let Ok(Submission {
+            auth: Some(auth),
+            ordered: Ordered::RosterAck { roster, digest },
+        }) = &submission
+        {
+            let before = self.rosters.certified().number();
+            return match self
+                .rosters
+                .ack(request.client, request.number, *auth, *roster, digest)
+            {
+                Ok(()) => {
+                    let certified = self.rosters.certified().number();
+                    if certified != before {
+                        metrics::gauge!("securesmart_node_roster").set(certified as f64);
+                        tracing::info!(roster = certified, "roster certified");
+                    }
+                    Bytes::from_static(b"ok")
+                }
+                Err(why) => {
+                    tracing::debug!(from = ?request.client, roster, %why, "roster acknowledgement refused");
+                    Bytes::from(format!("refused: {why}"))
+                }
+            };
+        }
+        match submission.map(|s| s.ordered) {
+            Ok(Ordered::RosterAck { .. }) => Bytes::from_static(b"refused: unsigned"),
             Ok(Ordered::App(payload)) => self.app_execute(request, payload),
             Ok(Ordered::Sealed { commitment, sealed }) => {
                 self.sealed(request, &commitment, &sealed)
@@ -1034,6 +1078,7 @@ struct Public {
     confidential: bool,
     commits: VecDeque<(Bytes, Bytes)>,
     membership: Membership,
+    rosters: RosterLog,
 }
 
 /// Writes a count and the node ids ([`read_ids`] reads them).
@@ -1187,6 +1232,12 @@ impl Public {
             ));
         }
         let membership = Membership::decode(r.bytes("membership", usize::MAX)?)?;
+        let rosters = RosterLog::read(r)?;
+        if rosters.current().replicas() != Roster::of(0, &membership).replicas() {
+            return Err(RestoreError::Malformed(
+                "the roster is not the membership's replicas".into(),
+            ));
+        }
         Ok(Self {
             admins,
             group_epoch,
@@ -1203,6 +1254,7 @@ impl Public {
             confidential,
             commits,
             membership,
+            rosters,
         })
     }
 }
@@ -1487,23 +1539,34 @@ mod tests {
         );
     }
 
-    #[test]
-    fn an_administrator_the_ordered_crl_revokes_authorizes_nothing() {
-        use securesmart_membership::Member;
-        let mut ca = DevCa::new("admin ca").unwrap();
-        let members: Vec<Member> = (0..5u16)
-            .map(|i| Member {
-                certificate: ca
-                    .issue_role(&format!("r{i}"), Role::Replica)
-                    .unwrap()
-                    .chain()[0]
-                    .clone(),
+    /// Five replicas of `ca` (their identities) and their genesis members.
+    fn five_replicas(
+        ca: &DevCa,
+    ) -> (
+        Vec<securesmart_transport::Identity>,
+        Vec<securesmart_membership::Member>,
+    ) {
+        let replicas: Vec<_> = (0..5)
+            .map(|i| ca.issue_role(&format!("r{i}"), Role::Replica).unwrap())
+            .collect();
+        let members = replicas
+            .iter()
+            .zip(0u16..)
+            .map(|(r, i)| securesmart_membership::Member {
+                certificate: r.chain()[0].clone(),
                 replica_addr: std::net::SocketAddr::from(([127, 0, 0, 1], 9000 + i)),
                 client_addr: std::net::SocketAddr::from(([127, 0, 0, 1], 9100 + i)),
                 role: Role::Replica,
                 key_package: vec![],
             })
             .collect();
+        (replicas, members)
+    }
+
+    #[test]
+    fn an_administrator_the_ordered_crl_revokes_authorizes_nothing() {
+        let mut ca = DevCa::new("admin ca").unwrap();
+        let (_, members) = five_replicas(&ca);
         let admin = ca.issue_role("admin", Role::Client).unwrap();
         let admin_cert = admin.chain()[0].clone();
         let genesis = Membership::genesis(ca.certificate(), members, UnixTime::now()).unwrap();
@@ -1537,6 +1600,77 @@ mod tests {
         let r = s.execute(&ordered(admin.id(), 1, remove));
         assert!(r.starts_with(b"refused: not an administrator"), "{r:?}");
         assert_eq!(s.membership().replicas(), 5);
+    }
+
+    #[test]
+    fn a_removal_opens_a_roster_that_the_old_replicas_certify_for_clients() {
+        use crate::protocol::RequestSigner;
+        let ca = DevCa::new("roster state ca").unwrap();
+        let (replicas, members) = five_replicas(&ca);
+        let admin = ca.issue_role("admin", Role::Client).unwrap();
+        let genesis = Membership::genesis(ca.certificate(), members, UnixTime::now()).unwrap();
+        let mut s = NodeState::new(genesis, vec![admin.chain()[0].clone()], KvStore::default());
+        let trusted = s.rosters().current().clone();
+        let now = crate::node::unix_now();
+        let remove = Ordered::Command {
+            time: now,
+            command: Bytes::from(
+                MembershipCommand::RemoveNode {
+                    id: replicas[4].id(),
+                }
+                .encode(),
+            ),
+        };
+        assert!(
+            s.execute(&ordered(admin.id(), 1, remove))
+                .starts_with(b"ok")
+        );
+        let roster = s.rosters().current().clone();
+        assert_eq!((roster.number(), roster.replicas().len()), (1, 4));
+        // Each replica of roster 0 (the removed one too) signs roster 1 as its own request.
+        let signed_ack = |i: usize, number: u64| {
+            let signer = RequestSigner::new(&replicas[i]).unwrap();
+            let ack = Ordered::RosterAck {
+                roster: 1,
+                digest: roster.digest(),
+            };
+            Request {
+                client: replicas[i].id(),
+                number,
+                payload: signer.submission(number, ack).encode(),
+            }
+        };
+        // Unsigned, it counts for nothing.
+        let unsigned = ordered(
+            replicas[0].id(),
+            2,
+            Ordered::RosterAck {
+                roster: 1,
+                digest: roster.digest(),
+            },
+        );
+        assert!(s.execute(&unsigned).starts_with(b"refused"));
+        for (i, number) in [(4, 7), (0, 8), (1, 9)] {
+            assert_eq!(&s.execute(&signed_ack(i, number))[..], b"ok");
+            assert_eq!(
+                s.rosters().certified().number(),
+                0,
+                "not a quorum of five yet"
+            );
+        }
+        assert_eq!(&s.execute(&signed_ack(2, 10))[..], b"ok");
+        assert_eq!(s.rosters().certified().number(), 1);
+        // A client that trusts roster 0 follows what any replica hands out, and so does a
+        // replica that restores the snapshot.
+        let changes = s.rosters().since(0);
+        assert_eq!(crate::roster::follow(&trusted, &changes).unwrap(), roster);
+        let mut restored = NodeState::new(
+            securesmart_membership::fuzzing::four_replicas(),
+            Vec::new(),
+            KvStore::default(),
+        );
+        restored.restore(&s.snapshot()).unwrap();
+        assert_eq!(restored.rosters(), s.rosters());
     }
 
     #[test]

@@ -485,6 +485,7 @@ async fn a_request_signed_with_another_key_is_not_ordered() {
             if let Ok(ClientReply {
                 number,
                 outcome: Outcome::Executed(_),
+                ..
             }) = ClientReply::decode(&m.payload)
                 && number == request.number
             {
@@ -709,7 +710,7 @@ async fn join_and_remove(crash: bool) {
                 prev = Some(value);
                 done.store(n, Relaxed);
             }
-            Ok::<_, String>(prev)
+            Ok::<_, String>((prev, loader.roster().clone()))
         })
     };
     let mut admin = client(&c, 0).await;
@@ -778,6 +779,17 @@ async fn join_and_remove(crash: bool) {
         progress(20)
             .await
             .map_err(|e| format!("after the removal: {e}"))?;
+        // A replica that joins now is configured with the current roster, which the running
+        // cluster certifies: the removed replica is not among those it trusts for its state.
+        let late = c.add_replica().await.map_err(|e| e.to_string())?;
+        let config = NodeConfig::load(&c.replicas[late].config).map_err(|e| e.to_string())?;
+        let trusted: Vec<_> = securesmart::config::load_peers(&config.replicas)
+            .map_err(|e| e.to_string())?
+            .into_keys()
+            .collect();
+        let mut current: Vec<_> = [0, 1, 2, 4].iter().map(|i| c.replicas[*i].id).collect();
+        current.sort();
+        assert_eq!(trusted, current, "the late joiner's configured replicas");
         Ok::<_, String>(())
     }
     .await;
@@ -787,7 +799,7 @@ async fn join_and_remove(crash: bool) {
         dump_logs(&c);
     }
     result.unwrap();
-    let last = last.unwrap();
+    let (last, loader_roster) = last.unwrap();
     // The removed replica's identity is refused by the replicas.
     let config = NodeConfig::load(&c.replicas[3].config).unwrap();
     let identity =
@@ -813,6 +825,13 @@ async fn join_and_remove(crash: bool) {
     plane.shutdown().await;
     // Nothing was lost or executed twice: the chain ends where the loader stopped.
     assert_eq!(admin.get("chain").await.unwrap(), last);
+    // The clients were configured with the genesis replicas (roster 0). They followed the
+    // certified changes: the join (roster 1) and the removal (roster 2); the removed replica
+    // is no longer one they count on, the joiner is.
+    for roster in [&loader_roster, admin.roster()] {
+        assert_eq!(roster.number(), 2, "{roster:?}");
+        assert!(roster.contains(&c.replicas[4].id) && !roster.contains(&c.replicas[3].id));
+    }
     admin.close().await;
 
     // The replicas share one group key, rotated meanwhile; the removed replica cannot open a

@@ -190,7 +190,7 @@ fn write_seeds() {
     order(&mut node, ids[1], 1, Ordered::CommitRefused(digest));
     {
         use securesmart::consensus::service::StateMachine;
-        write("node_input", "node_state_v6", &node.snapshot());
+        write("node_input", "node_state_v7", &node.snapshot());
     }
     write(
         "node_input",
@@ -214,6 +214,37 @@ fn write_seeds() {
         bytes::Bytes::from_static(b"a membership command"),
     );
     write("node_input", "client_command_v3", &command.encode());
+    // Rosters: a replica's acknowledgement, an answer to a roster query, a reply naming one.
+    write(
+        "node_input",
+        "roster_ack",
+        &Ordered::RosterAck {
+            roster: 1,
+            digest: [9; 32],
+        }
+        .encode(),
+    );
+    let roster =
+        securesmart::roster::Roster::of(1, &securesmart::membership::fuzzing::four_replicas());
+    let change = securesmart::roster::RosterChange {
+        acks: vec![securesmart::roster::RosterAck {
+            replica: ids[0],
+            number: 3,
+            auth: securesmart::protocol::Auth {
+                public_key: [1; 32],
+                signature: [2; 64],
+            },
+        }],
+        roster,
+    };
+    let list = securesmart::roster::RosterChange::encode_list(&[change]);
+    write("node_input", "roster_changes", &list);
+    let reply = securesmart::protocol::ClientReply {
+        number: 5,
+        roster: 1,
+        outcome: securesmart::protocol::Outcome::Rosters(bytes::Bytes::from(list)),
+    };
+    write("node_input", "client_reply_v2", &reply.encode());
 
     // Journal files: real segments written by the file journal.
     use securesmart::consensus::journal::{FileJournal, Journal, Record};

@@ -214,6 +214,11 @@ impl<S: StateMachine> Executor<S> {
         })
     }
 
+    /// Every client's last reply (number and result), as the reply cache holds them.
+    pub fn cached_replies(&self) -> impl Iterator<Item = (&NodeId, &(u64, Bytes))> {
+        self.replies.iter()
+    }
+
     /// Executes an ordered batch; requests at or below a client's cached number are skipped
     /// (the engine already removes them; this is the application's own guard).
     pub fn execute(&mut self, batch: &[Request]) -> Vec<Reply> {

@@ -21,7 +21,7 @@
 //! decoder must consume the whole input.
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::net::{Ipv6Addr, SocketAddr};
 
 use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, UnixTime};
 use securesmart_transport::{CertInfo, NodeId, Role, TrustConfig, TrustState};
@@ -376,32 +376,6 @@ fn crl_number(der: &CertificateRevocationListDer<'_>) -> Result<u64, CommandRefu
     u64::try_from(n.clone()).map_err(|_| CommandRefusal::BadCrl("CRL number too large".into()))
 }
 
-fn put_addr(w: &mut Writer, addr: &SocketAddr) {
-    match addr.ip() {
-        IpAddr::V4(ip) => {
-            w.u8(4).raw(&ip.octets());
-        }
-        IpAddr::V6(ip) => {
-            w.u8(6).raw(&ip.octets());
-        }
-    }
-    w.raw(&addr.port().to_be_bytes());
-}
-
-fn get_addr(r: &mut Reader<'_>) -> Result<SocketAddr, WireError> {
-    let ip = match r.u8()? {
-        4 => IpAddr::from(r.array::<4>()?),
-        6 => IpAddr::from(r.array::<16>()?),
-        other => {
-            return Err(WireError::Unknown {
-                what: "address family",
-                value: other.into(),
-            });
-        }
-    };
-    Ok(SocketAddr::new(ip, u16::from_be_bytes(r.array()?)))
-}
-
 /// Members in an encoded membership at most.
 pub const MAX_MEMBERS: usize = 1024;
 
@@ -418,8 +392,8 @@ impl Membership {
             w.bytes(m.certificate.as_ref())
                 .u8(if m.role == Role::Replica { 1 } else { 2 })
                 .bytes(&m.key_package);
-            put_addr(&mut w, &m.replica_addr);
-            put_addr(&mut w, &m.client_addr);
+            w.addr(&m.replica_addr);
+            w.addr(&m.client_addr);
         }
         match &self.crl {
             Some((number, der)) => {
@@ -466,8 +440,8 @@ impl Membership {
                 }
             };
             let key_package = r.bytes("key package", MAX_KEY_PACKAGE_BYTES)?.to_vec();
-            let replica_addr = get_addr(&mut r)?;
-            let client_addr = get_addr(&mut r)?;
+            let replica_addr = r.addr()?;
+            let client_addr = r.addr()?;
             let id = NodeId::from_certificate(&certificate).map_err(|_| WireError::Unknown {
                 what: "member certificate",
                 value: 0,
@@ -529,8 +503,8 @@ impl MembershipCommand {
                 client_addr,
             } => {
                 w.u8(1).bytes(certificate).bytes(key_package);
-                put_addr(&mut w, replica_addr);
-                put_addr(&mut w, client_addr);
+                w.addr(replica_addr);
+                w.addr(client_addr);
             }
             MembershipCommand::RemoveNode { id } => {
                 w.u8(2).raw(id.as_bytes());
@@ -553,8 +527,8 @@ impl MembershipCommand {
             1 => MembershipCommand::AddNode {
                 certificate: r.bytes("certificate", MAX_CERT_BYTES)?.to_vec(),
                 key_package: r.bytes("key package", MAX_KEY_PACKAGE_BYTES)?.to_vec(),
-                replica_addr: get_addr(&mut r)?,
-                client_addr: get_addr(&mut r)?,
+                replica_addr: r.addr()?,
+                client_addr: r.addr()?,
             },
             2 => MembershipCommand::RemoveNode {
                 id: NodeId::from_bytes(r.array()?),

@@ -120,6 +120,47 @@ impl<'a> Reader<'a> {
         String::from_utf8(b.to_vec()).map_err(|_| WireError::Invalid(what))
     }
 
+    /// A u32 count of items that follow, at most `max`.
+    ///
+    /// # Errors
+    /// [`WireError::Truncated`], or [`WireError::TooLong`] above `max`.
+    pub fn count(&mut self, what: &'static str, max: usize) -> Result<usize, WireError> {
+        let n = self.u32()? as usize;
+        if n > max {
+            return Err(WireError::TooLong { what, len: n, max });
+        }
+        Ok(n)
+    }
+
+    /// A big-endian u64.
+    ///
+    /// # Errors
+    /// [`WireError::Truncated`].
+    pub fn u64(&mut self) -> Result<u64, WireError> {
+        Ok(u64::from_be_bytes(self.array()?))
+    }
+
+    /// A socket address as [`Writer::addr`] writes it.
+    ///
+    /// # Errors
+    /// [`WireError::Truncated`], or [`WireError::Unknown`] for an unknown address family.
+    pub fn addr(&mut self) -> Result<std::net::SocketAddr, WireError> {
+        let ip = match self.u8()? {
+            4 => std::net::IpAddr::from(self.array::<4>()?),
+            6 => std::net::IpAddr::from(self.array::<16>()?),
+            other => {
+                return Err(WireError::Unknown {
+                    what: "address family",
+                    value: other.into(),
+                });
+            }
+        };
+        Ok(std::net::SocketAddr::new(
+            ip,
+            u16::from_be_bytes(self.array()?),
+        ))
+    }
+
     /// Ends decoding: the whole buffer must have been consumed.
     ///
     /// # Errors
@@ -151,6 +192,25 @@ impl Writer {
     pub fn u32(&mut self, v: u32) -> &mut Self {
         self.buf.extend_from_slice(&v.to_be_bytes());
         self
+    }
+
+    /// A u32 count of items that follow (callers keep counts within their limits).
+    pub fn count(&mut self, n: usize) -> &mut Self {
+        self.u32(u32::try_from(n).unwrap_or(u32::MAX))
+    }
+
+    /// A big-endian u64.
+    pub fn u64(&mut self, v: u64) -> &mut Self {
+        self.raw(&v.to_be_bytes())
+    }
+
+    /// A socket address: the family (4 or 6), the address, the port (big-endian u16).
+    pub fn addr(&mut self, addr: &std::net::SocketAddr) -> &mut Self {
+        match addr.ip() {
+            std::net::IpAddr::V4(ip) => self.u8(4).raw(&ip.octets()),
+            std::net::IpAddr::V6(ip) => self.u8(6).raw(&ip.octets()),
+        };
+        self.raw(&addr.port().to_be_bytes())
     }
 
     /// Raw bytes, no prefix.
