@@ -17,12 +17,14 @@
 //! their reply cache) and gives up after `timeout` with [`ClientError::Timeout`]; a later
 //! request never reuses the number.
 //!
-//! With [`Client::set_confidential`], application requests are marked confidential: the
-//! replica that receives one seals it with the replicas' group key before it is ordered, so it
-//! is ciphertext in the log, the journals and state transfer (see `securesmart::state`). The
-//! client's own link is TLS either way. A confidential request the replicas refuse to open
-//! (it was sealed in an epoch they no longer accept) was not executed; the client sends it
-//! once more under a new number.
+//! With [`Client::set_confidential`], application requests are confidential: the client has
+//! one replica seal the operation (with a random nonce in front) with the replicas' group key
+//! ([`RequestKind::Seal`], over its TLS link), and then sends every replica the ciphertext with
+//! its signature on it and on the operation's commitment, so it is ciphertext in the log, the
+//! journals and state transfer (see `securesmart::state`), and no replica can put another
+//! ciphertext in its place. A confidential request the replicas refuse (the replica that sealed
+//! it sealed something else, or an epoch they no longer accept) was not executed; the client
+//! tries again under a new number with the next replica as sealer, up to f + 1 of them.
 //!
 //! Every request is signed with the client's key (Ed25519, see `securesmart::protocol`): the
 //! replicas order a request only in the name of the client whose signature it carries, so a
@@ -96,6 +98,10 @@ pub enum ClientError {
     #[error("roster too old: {0}")]
     StaleRoster(RosterError),
 }
+
+/// How long a client waits after a replica answered "busy" to a sealing request before it asks
+/// the next one.
+const BUSY_PAUSE: Duration = Duration::from_millis(50);
 
 /// Timing of a client.
 #[derive(Clone, Debug)]
@@ -232,18 +238,80 @@ impl Client {
         if !self.confidential {
             return self.send(RequestKind::App, payload).await;
         }
-        for _ in 0..2 {
-            // An empty reply is the replicas' refusal of a sealed request: not executed.
-            let result = self
-                .send(RequestKind::Confidential, payload.clone())
-                .await?;
+        // Each attempt is sealed by another replica: among f + 1 of them one is correct.
+        for attempt in 0..=self.f() {
+            self.number += 1;
+            let number = self.number;
+            let ask =
+                ClientRequest::signed(&self.signer, number, RequestKind::Seal, payload.clone());
+            let sealed = self.seal(number, attempt, &ask).await?;
+            let request = ClientRequest::confidential(&self.signer, number, &ask.payload, &sealed);
+            let result = self.order(number, Bytes::from(request.encode())).await?;
+            // An empty reply is the replicas' refusal of a sealed request: not executed (the
+            // replica that sealed it sealed something else, or an epoch no longer accepted).
             if !result.is_empty() {
                 return Ok(result);
             }
+            metrics::counter!("securesmart_client_sealed_refused_total").increment(1);
         }
         Err(ClientError::Refused(
             "the replicas could not open the sealed request".into(),
         ))
+    }
+
+    /// Has one replica seal `ask` (a [`RequestKind::Seal`] request numbered `number`): the
+    /// replicas of the roster in turn, from one that depends on the number and `attempt`, each
+    /// given `retry` to answer.
+    ///
+    /// # Errors
+    /// [`ClientError::Timeout`] when none answered within the timeout.
+    async fn seal(
+        &mut self,
+        number: u64,
+        attempt: usize,
+        ask: &ClientRequest,
+    ) -> Result<Bytes, ClientError> {
+        let ask = Bytes::from(ask.encode());
+        let deadline = Instant::now() + self.options.timeout;
+        let replicas: Vec<NodeId> = self.roster.replicas().keys().copied().collect();
+        let first = usize::try_from(number % (replicas.len().max(1) as u64)).unwrap_or_default();
+        for k in 0.. {
+            let Some(sealer) = replicas.get((first + attempt + k) % replicas.len().max(1)) else {
+                break;
+            };
+            if Instant::now() >= deadline {
+                break;
+            }
+            let _ = self
+                .plane
+                .send(*sealer, Class::Consensus, ask.clone())
+                .await;
+            let until = (Instant::now() + self.options.retry).min(deadline);
+            while let Ok(Some(m)) = tokio::time::timeout_at(until.into(), self.inbox.recv()).await {
+                if m.from != *sealer {
+                    continue;
+                }
+                match ClientReply::decode(&m.payload) {
+                    Ok(ClientReply {
+                        number: n,
+                        outcome: Outcome::Sealed(sealed),
+                        ..
+                    }) if n == number => return Ok(sealed),
+                    // No group key there (yet): ask the next replica, a little later.
+                    Ok(ClientReply {
+                        number: n,
+                        outcome: Outcome::Busy,
+                        ..
+                    }) if n == number => {
+                        tokio::time::sleep(BUSY_PAUSE.min(self.options.retry)).await;
+                        break;
+                    }
+                    _ => {}
+                }
+            }
+        }
+        metrics::counter!("securesmart_client_timeouts_total").increment(1);
+        Err(ClientError::Timeout { number })
     }
 
     /// Orders a membership command (administrators only; see `securesmart::state`) and
@@ -267,6 +335,12 @@ impl Client {
         let number = self.number;
         let request =
             Bytes::from(ClientRequest::signed(&self.signer, number, kind, payload).encode());
+        self.order(number, request).await
+    }
+
+    /// Sends `request` (numbered `number`) to every replica of its roster until a quorum
+    /// answers one result (see the module doc).
+    async fn order(&mut self, number: u64, request: Bytes) -> Result<Bytes, ClientError> {
         let start = Instant::now();
         let deadline = start + self.options.timeout;
         let mut tally = Tally::default();

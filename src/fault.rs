@@ -5,7 +5,9 @@
 //! - `forge-commits`: at every group tick, orders a group commit the others must refuse: a
 //!   valid MLS commit that removes a current replica, or one with a flipped signature byte;
 //! - `flood`: sends its peers, every few milliseconds, consensus messages they can only hold:
-//!   prepares for ever later views, and 1 MiB pre-prepares of a far view it is the primary of.
+//!   prepares for ever later views, and 1 MiB pre-prepares of a far view it is the primary of;
+//! - `swap-sealed`: answers a client's request to seal a confidential operation with another
+//!   operation sealed for the same client and number.
 
 use std::time::Duration;
 
@@ -20,6 +22,8 @@ pub(crate) struct Faults {
     pub(crate) forge_commits: bool,
     /// Flood the peers with messages they can only hold.
     pub(crate) flood: bool,
+    /// Seal another operation than the one a client asks to be sealed.
+    pub(crate) swap_sealed: bool,
 }
 
 impl Faults {
@@ -30,8 +34,9 @@ impl Faults {
         let faults = Self {
             forge_commits: has("forge-commits"),
             flood: has("flood"),
+            swap_sealed: has("swap-sealed"),
         };
-        if faults.forge_commits || faults.flood {
+        if faults.forge_commits || faults.flood || faults.swap_sealed {
             tracing::warn!(
                 ?faults,
                 "fault injection: this replica misbehaves on purpose"

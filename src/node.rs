@@ -783,7 +783,12 @@ impl Node {
                 plane.wait_connected(others, STARTUP_WAIT).await;
                 ready.store(true, std::sync::atomic::Ordering::Relaxed);
                 // Both run inside this task, so stopping the node stops them.
-                let sealer = Sealer { keys, sealable };
+                let sealer = Sealer {
+                    keys,
+                    sealable,
+                    #[cfg(feature = "fault-injection")]
+                    swap: faults.swap_sealed,
+                };
                 let intake = intake(
                     client_inbox,
                     clients,
@@ -935,10 +940,14 @@ fn send_reply(clients: &Plane, to: NodeId, number: u64, roster: u64, outcome: Ou
     let _ = clients.try_send(to, Class::Consensus, Bytes::from(reply.encode()));
 }
 
-/// Seals confidential requests at intake, in the epoch the replicated state accepts.
+/// Seals confidential operations for clients at intake, in the epoch the replicated state
+/// accepts.
 struct Sealer {
     keys: PayloadKeys,
     sealable: Arc<AtomicU64>,
+    /// Test builds: seal another operation than the client's (see `crate::fault`).
+    #[cfg(feature = "fault-injection")]
+    swap: bool,
 }
 
 impl Sealer {
@@ -951,6 +960,15 @@ impl Sealer {
         let epoch = self.sealable.load(std::sync::atomic::Ordering::Relaxed);
         if epoch == NO_EPOCH {
             return Err(securesmart_membership::GroupError::NotMember);
+        }
+        #[cfg(feature = "fault-injection")]
+        if self.swap {
+            tracing::warn!("fault injection: sealing another operation than the client's");
+            let mut other = vec![0u8; crate::protocol::NONCE_LEN];
+            other.extend_from_slice(b"an operation the client did not send");
+            return self
+                .keys
+                .seal_in(epoch, &confidential_context(client, number), &other);
         }
         self.keys
             .seal_in(epoch, &confidential_context(client, number), payload)
@@ -1018,17 +1036,27 @@ async fn intake(
             tracing::debug!(client = ?m.from, error = %e, "client request refused before ordering");
             continue;
         }
-        let submission = request.into_submission(|payload| sealer.seal(&m.from, number, payload));
-        let submission = match submission {
-            Ok(s) => s,
-            Err(e) => {
-                // No usable group key here yet (or the group is forming): the client retries,
-                // and gets its replies from the others.
-                client_counter("no_group_key");
-                tracing::debug!(error = %e, "cannot seal a confidential request");
-                send_reply(&clients, m.from, number, roster, Outcome::Busy);
-                continue;
-            }
+        if request.kind == RequestKind::Seal {
+            // Sealed for this client and number only; what the client then orders carries its
+            // signature on this ciphertext, so no replica can put another in its place.
+            let outcome = match sealer.seal(&m.from, number, &request.payload) {
+                Ok(sealed) => {
+                    client_counter("sealed");
+                    Outcome::Sealed(Bytes::from(sealed))
+                }
+                Err(e) => {
+                    // No usable group key here yet (or the group is forming): the client asks
+                    // another replica, or again later.
+                    client_counter("no_group_key");
+                    tracing::debug!(error = %e, "cannot seal a confidential operation");
+                    Outcome::Busy
+                }
+            };
+            send_reply(&clients, m.from, number, roster, outcome);
+            continue;
+        }
+        let Some(submission) = request.into_submission() else {
+            continue;
         };
         let ordered = Request {
             client: m.from,

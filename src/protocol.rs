@@ -21,12 +21,13 @@
 //! [`Submission`]: `0xA1 | public key [32] | signature [64] | envelope`; the ordering engine
 //! checks it before it orders anything (`securesmart_consensus::replica::Config::request_check`),
 //! so a request that is not its client's takes no sequence number and uses up no request
-//! number. A confidential request's payload is sealed by the replica that receives it; a
-//! signature over the plaintext would let anyone test guesses of it, so the client signs a
-//! commitment instead ([`commitment`]: BLAKE3 of a random 32-byte nonce it puts in front of
-//! the operation, and the operation), which travels in the clear beside the ciphertext; at
-//! execution the opened plaintext must match it. Not signed: the clock a replica stamps on a
-//! membership command ([`Ordered::Command`]).
+//! number. A confidential operation is sealed by one replica for the client
+//! ([`RequestKind::Seal`], answered with [`Outcome::Sealed`]); the client then signs the
+//! ciphertext together with a commitment to the plaintext ([`commitment`]: BLAKE3 of a random
+//! 32-byte nonce it puts in front of the operation, and the operation; a signature over the
+//! plaintext itself would let anyone test guesses of it). So no replica can put another
+//! ciphertext in its place, and at execution the opened plaintext must match the commitment,
+//! so a sealer that sealed something else only gets the request refused.
 
 use bytes::Bytes;
 use ed25519_dalek::{Signature, Signer as _, SigningKey, VerifyingKey};
@@ -36,8 +37,11 @@ use securesmart_transport::{Identity, NodeId};
 /// Largest request or reply payload.
 pub const MAX_PAYLOAD_BYTES: usize = 512 * 1024;
 /// [`ClientRequest`] format version.
-/// Client request format (3: a membership command carries the client's signed time).
-const REQUEST_VERSION: u8 = 3;
+/// Client request format (3: a membership command carries the client's signed time; 4:
+/// roster queries, and the client seals through a replica and signs the ciphertext).
+const REQUEST_VERSION: u8 = 4;
+/// Bytes of a confidential request's [`commitment`].
+pub const COMMITMENT_LEN: usize = 32;
 /// How far the signed time of a client's membership command may be from the clock of the
 /// replica that takes it (seconds); beyond it the replica refuses to order the command.
 pub const COMMAND_SKEW_SECS: u64 = 600;
@@ -71,6 +75,9 @@ pub enum SignedKind {
     Internal = 3,
     /// A client's query of the roster changes (answered, not ordered).
     Rosters = 4,
+    /// A client's request that a replica seal a confidential operation for it (the signature
+    /// covers the operation's commitment).
+    Seal = 5,
 }
 
 /// A submitter's signature on a request (see the module doc).
@@ -230,8 +237,13 @@ impl Submission {
                 body.extend_from_slice(command);
                 (SignedKind::Command, Bytes::from(body))
             }
-            Ordered::Sealed { commitment, .. } => {
-                (SignedKind::Confidential, Bytes::copy_from_slice(commitment))
+            Ordered::Sealed { commitment, sealed } => {
+                // The client signs the ciphertext with the commitment: nobody can put another
+                // next to it.
+                let mut body = Vec::with_capacity(COMMITMENT_LEN + sealed.len());
+                body.extend_from_slice(commitment);
+                body.extend_from_slice(sealed);
+                (SignedKind::Confidential, Bytes::from(body))
             }
             other => (SignedKind::Internal, other.encode()),
         }
@@ -324,6 +336,10 @@ pub enum RequestKind {
     /// (a big-endian u64): answered by the replica from its replicated state, not ordered
     /// (see `securesmart::roster`).
     Rosters,
+    /// Seal this confidential operation (nonce and operation) for the request number of the
+    /// request: the replica answers with the ciphertext ([`Outcome::Sealed`]) and orders
+    /// nothing; the client then sends a [`RequestKind::Confidential`] request with it.
+    Seal,
 }
 
 /// A replica's reply to a client.
@@ -348,6 +364,9 @@ pub enum Outcome {
     /// The answer to a roster query: certified roster changes
     /// (`securesmart::roster::RosterChange::encode_list`).
     Rosters(Bytes),
+    /// The answer to a [`RequestKind::Seal`] request: the operation sealed with the group key
+    /// for the client and request number.
+    Sealed(Bytes),
 }
 
 impl RequestKind {
@@ -358,6 +377,7 @@ impl RequestKind {
             RequestKind::Command => SignedKind::Command,
             RequestKind::Confidential => SignedKind::Confidential,
             RequestKind::Rosters => SignedKind::Rosters,
+            RequestKind::Seal => SignedKind::Seal,
         }
     }
 }
@@ -375,14 +395,12 @@ impl ClientRequest {
             Bytes::from(out)
         };
         let payload = match kind {
-            RequestKind::Confidential => prefixed(&rand::random::<[u8; NONCE_LEN]>()),
+            RequestKind::Seal => prefixed(&rand::random::<[u8; NONCE_LEN]>()),
             RequestKind::Command => prefixed(&crate::node::unix_now().to_be_bytes()),
-            RequestKind::App | RequestKind::Rosters => payload.clone(),
+            RequestKind::App | RequestKind::Rosters | RequestKind::Confidential => payload.clone(),
         };
         let auth = match kind {
-            RequestKind::Confidential => {
-                signer.sign(number, kind.signed_kind(), &commitment(&payload))
-            }
+            RequestKind::Seal => signer.sign(number, kind.signed_kind(), &commitment(&payload)),
             _ => signer.sign(number, kind.signed_kind(), &payload),
         };
         Self {
@@ -412,39 +430,63 @@ impl ClientRequest {
     /// [`AuthError`] saying what is wrong.
     pub fn verify(&self, client: &NodeId) -> Result<(), AuthError> {
         let body = match self.kind {
-            RequestKind::Confidential => Bytes::copy_from_slice(&commitment(&self.payload)),
-            RequestKind::App | RequestKind::Command | RequestKind::Rosters => self.payload.clone(),
+            RequestKind::Seal => Bytes::copy_from_slice(&commitment(&self.payload)),
+            RequestKind::App
+            | RequestKind::Command
+            | RequestKind::Rosters
+            | RequestKind::Confidential => self.payload.clone(),
         };
         self.auth
             .verify(client, self.number, self.kind.signed_kind(), &body)
     }
 
+    /// A confidential request: `sealed` is what a replica answered to the client's
+    /// [`RequestKind::Seal`] request `number` for `plaintext` (nonce and operation, as that
+    /// request carried it); the signature covers the commitment and the ciphertext.
+    pub fn confidential(
+        signer: &RequestSigner,
+        number: u64,
+        plaintext: &[u8],
+        sealed: &[u8],
+    ) -> Self {
+        let mut payload = Vec::with_capacity(COMMITMENT_LEN + sealed.len());
+        payload.extend_from_slice(&commitment(plaintext));
+        payload.extend_from_slice(sealed);
+        Self::signed(
+            signer,
+            number,
+            RequestKind::Confidential,
+            Bytes::from(payload),
+        )
+    }
+
     /// The submission a replica orders for it, with the client's signature: a membership
-    /// command with the time the client signed, a confidential operation sealed with `seal`
+    /// command with the time the client signed, a confidential operation as the ciphertext
     /// beside its commitment. The engine checks the signature ([`Submission::verify`]).
-    ///
-    /// # Errors
-    /// What `seal` returns.
-    pub fn into_submission<E>(
-        self,
-        seal: impl FnOnce(&[u8]) -> Result<Vec<u8>, E>,
-    ) -> Result<Submission, E> {
+    /// `None` for the kinds a replica answers itself (roster queries, sealing).
+    pub fn into_submission(self) -> Option<Submission> {
         let ordered = match self.kind {
-            // (Intake answers roster queries itself; one that got here orders as a no-op
-            // application request the engine's check refuses: its signature is of another kind.)
-            RequestKind::App | RequestKind::Rosters => Ordered::App(self.payload),
+            RequestKind::App => Ordered::App(self.payload),
             RequestKind::Command => Ordered::Command {
                 // (`decode` refuses a command without its time; 0 is judged as the distant
                 // past, and the signature does not cover it.)
                 time: self.command_time().unwrap_or_default(),
                 command: self.payload.slice(8.min(self.payload.len())..),
             },
-            RequestKind::Confidential => Ordered::Sealed {
-                commitment: commitment(&self.payload),
-                sealed: Bytes::from(seal(&self.payload)?),
-            },
+            RequestKind::Confidential => {
+                let split = COMMITMENT_LEN.min(self.payload.len());
+                let mut commitment = [0u8; COMMITMENT_LEN];
+                commitment
+                    .get_mut(..split)?
+                    .copy_from_slice(self.payload.get(..split)?);
+                Ordered::Sealed {
+                    commitment,
+                    sealed: self.payload.slice(split..),
+                }
+            }
+            RequestKind::Rosters | RequestKind::Seal => return None,
         };
-        Ok(Submission {
+        Some(Submission {
             auth: Some(self.auth),
             ordered,
         })
@@ -460,6 +502,7 @@ impl ClientRequest {
                 RequestKind::Command => 1,
                 RequestKind::Confidential => 2,
                 RequestKind::Rosters => 3,
+                RequestKind::Seal => 4,
             })
             .raw(&self.auth.public_key)
             .raw(&self.auth.signature)
@@ -480,6 +523,7 @@ impl ClientRequest {
             1 => RequestKind::Command,
             2 => RequestKind::Confidential,
             3 => RequestKind::Rosters,
+            4 => RequestKind::Seal,
             other => {
                 return Err(WireError::Unknown {
                     what: "request kind",
@@ -493,7 +537,10 @@ impl ClientRequest {
         };
         let payload = Bytes::copy_from_slice(r.bytes("payload", MAX_PAYLOAD_BYTES)?);
         r.finish()?;
-        if matches!(kind, RequestKind::Command | RequestKind::Rosters) && payload.len() < 8 {
+        if matches!(kind, RequestKind::Command | RequestKind::Rosters) && payload.len() < 8
+            || matches!(kind, RequestKind::Confidential | RequestKind::Seal)
+                && payload.len() < COMMITMENT_LEN
+        {
             return Err(WireError::Truncated);
         }
         Ok(Self {
@@ -520,6 +567,9 @@ impl ClientReply {
             Outcome::Rosters(changes) => {
                 w.u8(3).bytes(changes);
             }
+            Outcome::Sealed(sealed) => {
+                w.u8(4).bytes(sealed);
+            }
         }
         w.buf
     }
@@ -540,6 +590,9 @@ impl ClientReply {
             2 => Outcome::Busy,
             3 => Outcome::Rosters(Bytes::copy_from_slice(
                 r.bytes("roster changes", MAX_PAYLOAD_BYTES)?,
+            )),
+            4 => Outcome::Sealed(Bytes::copy_from_slice(
+                r.bytes("sealed operation", MAX_PAYLOAD_BYTES)?,
             )),
             other => {
                 return Err(WireError::Unknown {
@@ -802,16 +855,17 @@ mod tests {
         // engine checks it.
         let verify = |r: &ClientRequest, client: &RequestSigner| {
             r.clone()
-                .into_submission(|p| Ok::<_, ()>(p.to_vec()))
+                .into_submission()
                 .unwrap()
                 .verify(&client.id(), r.number)
         };
+        let op = Bytes::from(format!("put k v {}", "-".repeat(COMMITMENT_LEN)));
         for kind in [
             RequestKind::App,
             RequestKind::Command,
             RequestKind::Confidential,
         ] {
-            let req = ClientRequest::signed(&alice, 5, kind, Bytes::from_static(b"put k v"));
+            let req = ClientRequest::signed(&alice, 5, kind, op.clone());
             assert_eq!(verify(&req, &alice), Ok(()), "{kind:?}");
             assert_eq!(verify(&req, &mallory), Err(AuthError::WrongKey));
             let decoded = ClientRequest::decode(&req.encode()).unwrap();
@@ -820,7 +874,7 @@ mod tests {
             changed.number = 6;
             assert_eq!(verify(&changed, &alice), Err(AuthError::BadSignature));
             let mut changed = req.clone();
-            changed.payload = Bytes::from_static(b"put k w");
+            changed.payload = Bytes::from(format!("put k w {}", "-".repeat(COMMITMENT_LEN)));
             assert_eq!(verify(&changed, &alice), Err(AuthError::BadSignature));
             // Mallory's own key in Alice's name: not Alice's key.
             let mut forged = ClientRequest::signed(&mallory, 5, kind, req.payload.clone());
@@ -835,10 +889,7 @@ mod tests {
         let now = crate::node::unix_now();
         assert!(cmd.command_time().is_some_and(|t| t.abs_diff(now) < 5));
         assert_eq!(cmd.verify(&alice.id()), Ok(()));
-        let mut submission = cmd
-            .clone()
-            .into_submission(|p| Ok::<_, ()>(p.to_vec()))
-            .unwrap();
+        let mut submission = cmd.clone().into_submission().unwrap();
         let Ordered::Command { time, command } = submission.ordered.clone() else {
             panic!("a command")
         };
@@ -852,13 +903,10 @@ mod tests {
             submission.verify(&alice.id(), 8),
             Err(AuthError::BadSignature)
         );
-        // The intake check refuses a request that is not its client's before sealing it.
-        let mut bad = ClientRequest::signed(
-            &alice,
-            9,
-            RequestKind::Confidential,
-            Bytes::from_static(b"x"),
-        );
+        // The intake check refuses a request to seal that is not its client's before sealing
+        // anything; such a request is answered, never ordered.
+        let mut bad = ClientRequest::signed(&alice, 9, RequestKind::Seal, Bytes::from_static(b"x"));
+        assert!(bad.clone().into_submission().is_none());
         assert_eq!(bad.verify(&alice.id()), Ok(()));
         assert_eq!(bad.verify(&mallory.id()), Err(AuthError::WrongKey));
         bad.payload = Bytes::from_static(b"0123456789abcdef-junk");
@@ -868,21 +916,49 @@ mod tests {
         short.payload = Bytes::from_static(b"cmd");
         assert!(ClientRequest::decode(&short.encode()).is_err());
         assert!(ClientRequest::decode(&cmd.encode()).is_ok());
-        // A confidential operation gets a nonce in front; the signature covers its commitment.
-        let a = ClientRequest::signed(
-            &alice,
-            1,
-            RequestKind::Confidential,
-            Bytes::from_static(b"x"),
-        );
-        let b = ClientRequest::signed(
-            &alice,
-            1,
-            RequestKind::Confidential,
-            Bytes::from_static(b"x"),
-        );
+        // An operation to seal gets a nonce in front; the signature covers its commitment.
+        let a = ClientRequest::signed(&alice, 1, RequestKind::Seal, Bytes::from_static(b"x"));
+        let b = ClientRequest::signed(&alice, 1, RequestKind::Seal, Bytes::from_static(b"x"));
         assert_eq!(a.payload.len(), NONCE_LEN + 1);
         assert_ne!(a.payload, b.payload, "a fresh nonce each time");
+    }
+
+    #[test]
+    fn no_replica_can_put_another_ciphertext_beside_a_confidential_request() {
+        let (alice, _) = signers();
+        let ask = ClientRequest::signed(&alice, 4, RequestKind::Seal, Bytes::from_static(b"op"));
+        let request = ClientRequest::confidential(&alice, 4, &ask.payload, b"the sealed op");
+        let submission = request.clone().into_submission().unwrap();
+        let Ordered::Sealed { commitment, sealed } = submission.ordered.clone() else {
+            panic!("a sealed request")
+        };
+        assert_eq!(commitment, super::commitment(&ask.payload));
+        assert_eq!(&sealed[..], b"the sealed op");
+        let check = request_check();
+        let ordered = |s: &Submission| securesmart_consensus::message::Request {
+            client: alice.id(),
+            number: 4,
+            payload: s.encode(),
+        };
+        assert!(check.allows(&ordered(&submission)));
+        // A faulty primary or forwarder swaps the ciphertext, or the commitment: the engine
+        // refuses it before ordering, so it neither executes nor uses up the number.
+        let mut swapped = submission.clone();
+        swapped.ordered = Ordered::Sealed {
+            commitment,
+            sealed: Bytes::from_static(b"garbage sealed by a faulty replica"),
+        };
+        assert_eq!(swapped.verify(&alice.id(), 4), Err(AuthError::BadSignature));
+        assert!(!check.allows(&ordered(&swapped)));
+        swapped.ordered = Ordered::Sealed {
+            commitment: [9; 32],
+            sealed,
+        };
+        assert!(!check.allows(&ordered(&swapped)));
+        // A confidential request too short to carry a commitment does not decode.
+        let mut short = request;
+        short.payload = Bytes::from_static(b"short");
+        assert!(ClientRequest::decode(&short.encode()).is_err());
     }
 
     #[test]

@@ -75,9 +75,13 @@
 //! - it is refused (an empty reply, the same everywhere) unless it was sealed in the current
 //!   group epoch or one of the [`SEALED_EPOCHS_ACCEPTED`] before it (the replicated epoch, which
 //!   moves with every accepted group commit) and a quorum of the current replicas ordered a
-//!   [`Ordered::KeyAck`] for that epoch (they hold its key), or if its ciphertext does not open
-//!   under the epoch's key (a faulty replica sealed garbage, or copied it into another client's
-//!   request). A replica seals in the newest recent epoch that every current replica able to
+//!   [`Ordered::KeyAck`] for that epoch (they hold its key), and, if some recent epoch was
+//!   acknowledged by every replica able to hold it, in one of those (so that a faulty sealer
+//!   cannot pick an epoch some correct replicas lack and make them lost); or if its ciphertext
+//!   does not open under the epoch's key or is not what the client committed to (the replica
+//!   that sealed it for the client sealed garbage or another operation). The client signed
+//!   the ciphertext and the commitment, so nobody else can put another ciphertext beside them;
+//!   a refused one costs the client a request number, and it has the next replica seal it. A replica seals in the newest recent epoch that every current replica able to
 //!   hold it acknowledged (a replica added after an epoch is not asked about it), or failing
 //!   that in the newest one a quorum acknowledged ([`NodeState::sealable_epoch`]); during a
 //!   rotation it keeps sealing with the previous key until the acknowledgements are in, and
@@ -470,7 +474,23 @@ impl<S: StateMachine> NodeState<S> {
         !replicas.is_empty() && acked >= self.membership.quorum()
     }
 
-    /// Whether a request sealed in `epoch` may execute now (see the module doc).
+    /// Whether a request sealed in `epoch` executes (see the module doc): an epoch a quorum
+    /// acknowledged, and one that every replica able to hold it acknowledged if some recent
+    /// epoch is (a sealer that picks an epoch some correct replicas lack the key of would make
+    /// their state lost).
+    fn executes_sealed(&self, epoch: u64) -> bool {
+        if !self.accepts_sealed(epoch) {
+            return false;
+        }
+        let current = self.group_epoch();
+        let recent = current.saturating_sub(SEALED_EPOCHS_ACCEPTED)..=current;
+        self.acked_by_all(epoch)
+            || !recent
+                .into_iter()
+                .any(|e| self.acked_by_all(e) && self.accepts_sealed(e))
+    }
+
+    /// Whether `epoch` is recent and a quorum acknowledged its key.
     fn accepts_sealed(&self, epoch: u64) -> bool {
         let current = self.group_epoch();
         epoch <= current && current - epoch <= SEALED_EPOCHS_ACCEPTED && self.acked_by_quorum(epoch)
@@ -672,7 +692,7 @@ impl<S: StateMachine> NodeState<S> {
         let Ok(epoch) = securesmart_membership::sealed_epoch(sealed) else {
             return refused("malformed");
         };
-        if !self.accepts_sealed(epoch) {
+        if !self.executes_sealed(epoch) {
             return refused("epoch");
         }
         self.confidential = true;
@@ -1331,6 +1351,44 @@ mod tests {
         let keys = member.payload_keys();
         let client = ca.issue_role("c", Role::Client).unwrap().id();
         (ca, member, keys, client)
+    }
+
+    #[test]
+    fn a_sealer_cannot_pick_an_epoch_some_correct_replicas_lack_and_make_them_lost() {
+        let (_ca, mut member, keys, client) = group_of_one();
+        // Epoch 1: a quorum (3 of 4) acknowledged it; epoch 0 every replica did.
+        let p = member.propose_update().unwrap();
+        member.apply_commit(&p.commit, Duration::ZERO).unwrap();
+        assert_eq!(keys.current(), Some(1));
+        let at_epoch_1 = |s: &mut NodeState<KvStore>| {
+            let ids = s.membership().replica_ids();
+            s.group_epoch = 1;
+            s.epoch_commits.insert(1, [1; 32]);
+            s.acks.insert(1, ids[..3].iter().copied().collect());
+        };
+        // A faulty sealer seals in epoch 1 while epoch 0 is held by all: the fourth replica,
+        // correct but without the key of epoch 1, would lose its state; it is refused
+        // everywhere instead, and nobody's state is lost.
+        let in_1 = sealed_put(&keys, client, 1, "v");
+        let mut lacking = state();
+        at_epoch_1(&mut lacking);
+        assert!(lacking.execute(&in_1).is_empty());
+        assert!(lacking.state_known(), "refused, not lost");
+        let mut holding = state().with_payload_keys(keys.clone());
+        at_epoch_1(&mut holding);
+        assert!(
+            holding.execute(&in_1).is_empty(),
+            "the same verdict everywhere"
+        );
+        assert_eq!(holding.sealable_epoch(), Some(0));
+        // Once all acknowledged epoch 1, it executes.
+        let ids = holding.membership().replica_ids();
+        holding.acks.insert(1, ids.iter().copied().collect());
+        let again = sealed_put(&keys, client, 2, "v");
+        assert_eq!(
+            KvReply::decode(&holding.execute(&again)).unwrap(),
+            KvReply::Value(None)
+        );
     }
 
     #[test]

@@ -1006,3 +1006,63 @@ async fn a_replica_that_forges_commits_and_floods_cannot_stop_the_others() {
     }
     result.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_seals_another_operation_cannot_change_or_block_confidential_requests() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let mut c = created("swapper", 1, |_| {}).await;
+    // The faulty replica seals, for every client that asks it, another operation than the
+    // client's; it orders and votes as usual.
+    let faulty = (0..4).max_by_key(|i| c.replicas[*i].id).unwrap();
+    for i in 0..4 {
+        if i == faulty {
+            c.start_with(i, &log_filter(), &[("SECURESMART_FAULT", "swap-sealed")])
+                .unwrap();
+        } else {
+            c.start(i, &log_filter()).unwrap();
+        }
+    }
+    wait_for_group_key(&c).await;
+    let result = async {
+        let mut cl = client(&c, 0).await;
+        cl.set_confidential(true);
+        // Each put returns the value before it: a swapped operation that executed, or a put
+        // that executed twice, breaks the chain. Sealers rotate with the request number, so
+        // the faulty one is asked first for about a quarter of them.
+        let mut prev = None;
+        for n in 0..24 {
+            let value = Bytes::from(format!("v{n}"));
+            let got = cl
+                .put("chain", value.clone())
+                .await
+                .map_err(|e| format!("confidential put {n}: {e}"))?;
+            if got != prev {
+                return Err(format!("put {n} returned {got:?}, expected {prev:?}"));
+            }
+            prev = Some(value);
+        }
+        cl.close().await;
+        // The honest replicas refused what the faulty one sealed (it does not match the
+        // client's commitment), and kept their state.
+        for i in (0..4).filter(|i| *i != faulty) {
+            let metrics = scrape(c.replicas[i].metrics_addr).map_err(|e| e.to_string())?;
+            let refused = metric_sum(
+                &metrics,
+                "securesmart_node_sealed_refused_total",
+                &["why=\"commitment\""],
+            );
+            if refused < 1.0 {
+                return Err(format!("replica {i} refused {refused} swapped operations"));
+            }
+            if metric_sum(&metrics, "securesmart_consensus_state_lost", &[]) != 0.0 {
+                return Err(format!("replica {i} lost its state"));
+            }
+        }
+        Ok::<_, String>(())
+    }
+    .await;
+    if result.is_err() {
+        dump_logs(&c);
+    }
+    result.unwrap();
+}

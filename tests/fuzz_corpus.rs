@@ -213,7 +213,20 @@ fn write_seeds() {
         RequestKind::Command,
         bytes::Bytes::from_static(b"a membership command"),
     );
-    write("node_input", "client_command_v3", &command.encode());
+    write("node_input", "client_command_v4", &command.encode());
+    let ask = ClientRequest::signed(
+        &admin,
+        8,
+        RequestKind::Seal,
+        bytes::Bytes::from_static(b"an operation"),
+    );
+    write("node_input", "client_seal", &ask.encode());
+    let confidential = ClientRequest::confidential(&admin, 8, &ask.payload, b"its ciphertext");
+    write(
+        "node_input",
+        "client_confidential_v4",
+        &confidential.encode(),
+    );
     // Rosters: a replica's acknowledgement, an answer to a roster query, a reply naming one.
     write(
         "node_input",
@@ -245,6 +258,12 @@ fn write_seeds() {
         outcome: securesmart::protocol::Outcome::Rosters(bytes::Bytes::from(list)),
     };
     write("node_input", "client_reply_v2", &reply.encode());
+    let sealed_reply = securesmart::protocol::ClientReply {
+        number: 8,
+        roster: 0,
+        outcome: securesmart::protocol::Outcome::Sealed(bytes::Bytes::from_static(b"sealed")),
+    };
+    write("node_input", "client_reply_sealed", &sealed_reply.encode());
 
     // Journal files: real segments written by the file journal.
     use securesmart::consensus::journal::{FileJournal, Journal, Record};
