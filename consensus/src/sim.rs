@@ -54,6 +54,10 @@ pub enum Fault {
     /// Besides what it should send, asks every replica for the state with every message,
     /// alternating between the whole state and the batches above a checkpoint.
     FetchFlood,
+    /// As primary, orders every request with another payload than its client sent (a
+    /// ciphertext swapper): caught only where requests carry their client's signature
+    /// ([`Scenario::signed_requests`]).
+    SwapPayloads,
 }
 
 /// A network partition: between `from` and `until`, messages between different sides are
@@ -122,6 +126,10 @@ pub struct Scenario {
     pub client_retry: Duration,
     /// Real Ed25519 signatures (`false` needs the `insecure-unsigned` feature).
     pub signatures: bool,
+    /// Clients authenticate their payloads and the replicas check it before ordering
+    /// ([`Config::request_check`], as a node checks client signatures): a keyed BLAKE3 tag
+    /// stands in for the signature, with a key only the client and the check know.
+    pub signed_requests: bool,
     /// Core parameters (the replica list is filled in).
     pub core: Config,
 }
@@ -157,6 +165,7 @@ impl Scenario {
             max_latency: None,
             client_retry: Duration::from_millis(100),
             signatures: true,
+            signed_requests: false,
             core,
         }
     }
@@ -230,6 +239,8 @@ pub struct Report {
     /// Batches replicas executed before a restart and execute again after it (replica,
     /// sequence number, digest): they must agree with what is executed there afterwards.
     pub earlier: Vec<(usize, Seq, Digest)>,
+    /// What each client sent as each request: (client, number) -> payload.
+    pub payloads: BTreeMap<(usize, u64), Bytes>,
 }
 
 impl Report {
@@ -271,6 +282,21 @@ impl Report {
                 ));
             }
         }
+        // Integrity: what executed is what the clients sent.
+        let clients = client_ids(self.scenario.clients);
+        for (seq, (_, batch)) in &agreed {
+            for r in batch.iter() {
+                let Some(c) = clients.iter().position(|id| *id == r.client) else {
+                    continue;
+                };
+                if self.payloads.get(&(c, r.number)) != Some(&r.payload) {
+                    return fail(format!(
+                        "client {c} request {} executed at {seq} with a payload it did not send",
+                        r.number
+                    ));
+                }
+            }
+        }
         // Replies: each accepted one equals the reference execution of the agreed log (up to
         // the first gap in what correct replicas executed).
         let mut reference = Executor::new(Chain::default());
@@ -283,7 +309,6 @@ impl Report {
                 expected.insert((r.client, r.number), r.result);
             }
         }
-        let clients = client_ids(self.scenario.clients);
         for ((c, n), (result, _)) in &self.accepted {
             let Some(id) = clients.get(*c) else { continue };
             if let Some(want) = expected.get(&(*id, *n))
@@ -343,6 +368,31 @@ fn with_digest(m: &Message, bogus: Digest) -> Option<Message> {
         _ => return None,
     }
     Some(m)
+}
+
+/// Bytes of the tag that stands in for a client's signature ([`Scenario::signed_requests`]).
+const TAG_LEN: usize = 16;
+
+/// The tag of `client`'s request `number` with `body`: keyed BLAKE3 under a key derived from
+/// the client id, which the sim's clients and the replicas' check use, and a faulty replica
+/// does not.
+fn client_tag(client: &NodeId, number: u64, body: &[u8]) -> [u8; TAG_LEN] {
+    let key = blake3::derive_key("securesmart sim client key", client.as_bytes());
+    let mut h = blake3::Hasher::new_keyed(&key);
+    h.update(&number.to_be_bytes());
+    h.update(body);
+    let mut tag = [0u8; TAG_LEN];
+    h.finalize_xof().fill(&mut tag);
+    tag
+}
+
+/// Whether `request` carries its client's tag ([`Scenario::signed_requests`]).
+fn tagged(request: &Request) -> bool {
+    let Some(split) = request.payload.len().checked_sub(TAG_LEN) else {
+        return false;
+    };
+    let (body, tag) = request.payload.split_at(split);
+    client_tag(&request.client, request.number, body) == tag
 }
 
 fn client_ids(n: usize) -> Vec<NodeId> {
@@ -441,6 +491,9 @@ impl Sim {
         let (signers, ring, ids) = identities(total, scenario.signatures)?;
         let mut config = scenario.core.clone();
         config.replicas = ids.iter().take(scenario.replicas).copied().collect();
+        if scenario.signed_requests {
+            config.request_check = Some(crate::replica::RequestCheck::new(tagged));
+        }
         let mut instances = Vec::new();
         for (i, signer) in signers.iter().enumerate() {
             let fault = scenario
@@ -491,6 +544,7 @@ impl Sim {
             state_to_faulty: (0, 0),
             summaries: Vec::new(),
             earlier: Vec::new(),
+            payloads: BTreeMap::new(),
         };
         Ok(Self {
             rng: StdRng::seed_from_u64(scenario.seed),
@@ -712,6 +766,32 @@ impl Sim {
                 with_digest(m, bogus).map_or_else(|| signed.clone(), |m| signer.sign(m))
             }
             (
+                Fault::SwapPayloads,
+                Message::PrePrepare {
+                    view, seq, batch, ..
+                },
+            ) => {
+                let batch: Vec<Request> = batch
+                    .iter()
+                    .map(|r| {
+                        let mut payload = r.payload.to_vec();
+                        if let Some(first) = payload.first_mut() {
+                            *first ^= 0xa5;
+                        }
+                        Request {
+                            payload: Bytes::from(payload),
+                            ..r.clone()
+                        }
+                    })
+                    .collect();
+                signer.sign(Message::PrePrepare {
+                    view: *view,
+                    seq: *seq,
+                    digest: batch_digest(&batch),
+                    batch,
+                })
+            }
+            (
                 Fault::Censor(victim),
                 Message::PrePrepare {
                     view, seq, batch, ..
@@ -752,11 +832,24 @@ impl Sim {
             payload = GROUP_CHANGE.to_vec();
             payload.extend(members.iter().map(|m| *m as u8));
         }
-        let request = Request {
+        let mut request = Request {
             client: c.id,
             number: c.number,
             payload: Bytes::from(payload),
         };
+        if self.scenario.signed_requests {
+            let mut signed = request.payload.to_vec();
+            signed.extend_from_slice(&client_tag(
+                &request.client,
+                request.number,
+                &request.payload,
+            ));
+            request.payload = Bytes::from(signed);
+        }
+        self.report
+            .payloads
+            .entry((client, request.number))
+            .or_insert_with(|| request.payload.clone());
         for to in 0..self.ids.len() {
             // Clients are not partitioned, but lose messages like everyone before healing.
             if !self.healed()
@@ -826,7 +919,16 @@ impl Sim {
                 Output::Execute { seq, digest, batch } => {
                     let replies = inst.executor.execute(&batch);
                     for r in &batch {
-                        if let Some(members) = r.payload.strip_prefix(GROUP_CHANGE) {
+                        let tag = if self.scenario.signed_requests {
+                            TAG_LEN
+                        } else {
+                            0
+                        };
+                        if let Some(members) = r
+                            .payload
+                            .get(..r.payload.len().saturating_sub(tag))
+                            .and_then(|p| p.strip_prefix(GROUP_CHANGE))
+                        {
                             let members = members
                                 .iter()
                                 .filter_map(|m| self.ids.get(usize::from(*m)).copied())
