@@ -56,7 +56,9 @@ use securesmart_transport::{
 
 use crate::config::{ClientConfig, ConfigError, load_identity, load_trust};
 use crate::kv::{KvOp, KvReply};
-use crate::protocol::{ClientReply, ClientRequest, Outcome, RequestKind, RequestSigner};
+use crate::protocol::{
+    Auth, ClientReply, ClientRequest, Outcome, RequestKind, RequestSigner, SealerSignature,
+};
 use crate::roster::{Roster, RosterChange, RosterError};
 use securesmart_membership::MembershipCommand;
 
@@ -238,14 +240,28 @@ impl Client {
         if !self.confidential {
             return self.send(RequestKind::App, payload).await;
         }
-        // Each attempt is sealed by another replica: among f + 1 of them one is correct.
-        for attempt in 0..=self.f() {
+        // Each attempt is sealed by a replica not tried yet (a refusal may be a faulty sealer's
+        // doing, or an epoch that moved on meanwhile): among f + 1 of them one is correct.
+        let framing = crate::protocol::NONCE_LEN
+            + securesmart_membership::SEALED_OVERHEAD
+            + crate::protocol::COMMITMENT_LEN
+            + Auth::LEN;
+        if payload.len().saturating_add(framing) > crate::protocol::MAX_PAYLOAD_BYTES {
+            return Err(ClientError::Refused(format!(
+                "a confidential operation takes at most {} bytes",
+                crate::protocol::MAX_PAYLOAD_BYTES - framing
+            )));
+        }
+        let mut tried = std::collections::BTreeSet::new();
+        for _ in 0..self.roster.replicas().len().max(1) {
             self.number += 1;
             let number = self.number;
             let ask =
                 ClientRequest::signed(&self.signer, number, RequestKind::Seal, payload.clone());
-            let sealed = self.seal(number, attempt, &ask).await?;
-            let request = ClientRequest::confidential(&self.signer, number, &ask.payload, &sealed);
+            let (sealer_id, sealer, sealed) = self.seal(number, &tried, &ask).await?;
+            tried.insert(sealer_id);
+            let request =
+                ClientRequest::confidential(&self.signer, number, &ask.payload, &sealer, &sealed);
             let result = self.order(number, Bytes::from(request.encode())).await?;
             // An empty reply is the replicas' refusal of a sealed request: not executed (the
             // replica that sealed it sealed something else, or an epoch no longer accepted).
@@ -260,43 +276,60 @@ impl Client {
     }
 
     /// Has one replica seal `ask` (a [`RequestKind::Seal`] request numbered `number`): the
-    /// replicas of the roster in turn, from one that depends on the number and `attempt`, each
-    /// given `retry` to answer.
+    /// replicas of the roster in turn, from one that depends on the number, those in `tried`
+    /// last, each given `retry` to answer. Returns the sealer, its signature and the sealed
+    /// operation.
     ///
     /// # Errors
     /// [`ClientError::Timeout`] when none answered within the timeout.
     async fn seal(
         &mut self,
         number: u64,
-        attempt: usize,
+        tried: &std::collections::BTreeSet<NodeId>,
         ask: &ClientRequest,
-    ) -> Result<Bytes, ClientError> {
+    ) -> Result<(NodeId, Auth, Bytes), ClientError> {
+        let expected_len = ask.payload.len() + securesmart_membership::SEALED_OVERHEAD;
         let ask = Bytes::from(ask.encode());
+        let me = self.id();
         let deadline = Instant::now() + self.options.timeout;
-        let replicas: Vec<NodeId> = self.roster.replicas().keys().copied().collect();
+        let mut replicas: Vec<NodeId> = self.roster.replicas().keys().copied().collect();
         let first = usize::try_from(number % (replicas.len().max(1) as u64)).unwrap_or_default();
+        replicas.rotate_left(first);
+        replicas.sort_by_key(|r| tried.contains(r));
         for k in 0.. {
-            let Some(sealer) = replicas.get((first + attempt + k) % replicas.len().max(1)) else {
+            let Some(sealer_id) = replicas.get(k % replicas.len().max(1)) else {
                 break;
             };
+            let sealer_id = *sealer_id;
             if Instant::now() >= deadline {
                 break;
             }
             let _ = self
                 .plane
-                .send(*sealer, Class::Consensus, ask.clone())
+                .send(sealer_id, Class::Consensus, ask.clone())
                 .await;
             let until = (Instant::now() + self.options.retry).min(deadline);
             while let Ok(Some(m)) = tokio::time::timeout_at(until.into(), self.inbox.recv()).await {
-                if m.from != *sealer {
+                if m.from != sealer_id {
                     continue;
                 }
                 match ClientReply::decode(&m.payload) {
+                    // Only what this replica sealed for this request and signed, of the size
+                    // the operation makes (anything else: ask the next one).
                     Ok(ClientReply {
                         number: n,
-                        outcome: Outcome::Sealed(sealed),
+                        outcome: Outcome::Sealed { sealer, sealed },
                         ..
-                    }) if n == number => return Ok(sealed),
+                    }) if n == number => {
+                        if sealed.len() == expected_len
+                            && SealerSignature::verify(&sealer, &me, number, &sealed)
+                                == Ok(sealer_id)
+                        {
+                            return Ok((sealer_id, sealer, sealed));
+                        }
+                        metrics::counter!("securesmart_client_bad_seals_total").increment(1);
+                        break;
+                    }
                     // No group key there (yet): ask the next replica, a little later.
                     Ok(ClientReply {
                         number: n,

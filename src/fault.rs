@@ -7,7 +7,7 @@
 //! - `flood`: sends its peers, every few milliseconds, consensus messages they can only hold:
 //!   prepares for ever later views, and 1 MiB pre-prepares of a far view it is the primary of;
 //! - `swap-sealed`: answers a client's request to seal a confidential operation with another
-//!   operation sealed for the same client and number.
+//!   operation of the same length, sealed for the same client and number, and signed.
 
 use std::time::Duration;
 

@@ -78,7 +78,8 @@ use crate::config::{
 };
 use crate::group_key::GroupKey;
 use crate::protocol::{
-    ClientReply, ClientRequest, Ordered, Outcome, RequestKind, RequestSigner, confidential_context,
+    ClientReply, ClientRequest, Ordered, Outcome, RequestKind, RequestSigner, SealerSignature,
+    confidential_context,
 };
 use crate::replica_network::ReplicaNetwork;
 use crate::roster::{RosterChange, RosterLog};
@@ -786,6 +787,7 @@ impl Node {
                 let sealer = Sealer {
                     keys,
                     sealable,
+                    signer: Arc::clone(&own.signer),
                     #[cfg(feature = "fault-injection")]
                     swap: faults.swap_sealed,
                 };
@@ -945,6 +947,8 @@ fn send_reply(clients: &Plane, to: NodeId, number: u64, roster: u64, outcome: Ou
 struct Sealer {
     keys: PayloadKeys,
     sealable: Arc<AtomicU64>,
+    /// This replica's key, to sign what it seals.
+    signer: Arc<RequestSigner>,
     /// Test builds: seal another operation than the client's (see `crate::fault`).
     #[cfg(feature = "fault-injection")]
     swap: bool,
@@ -964,8 +968,8 @@ impl Sealer {
         #[cfg(feature = "fault-injection")]
         if self.swap {
             tracing::warn!("fault injection: sealing another operation than the client's");
-            let mut other = vec![0u8; crate::protocol::NONCE_LEN];
-            other.extend_from_slice(b"an operation the client did not send");
+            // As long as the client's, so that the client cannot tell before it is ordered.
+            let other: Vec<u8> = payload.iter().map(|b| b ^ 0x5a).collect();
             return self
                 .keys
                 .seal_in(epoch, &confidential_context(client, number), &other);
@@ -1042,7 +1046,11 @@ async fn intake(
             let outcome = match sealer.seal(&m.from, number, &request.payload) {
                 Ok(sealed) => {
                     client_counter("sealed");
-                    Outcome::Sealed(Bytes::from(sealed))
+                    let auth = SealerSignature::sign(&sealer.signer, &m.from, number, &sealed);
+                    Outcome::Sealed {
+                        sealer: auth,
+                        sealed: Bytes::from(sealed),
+                    }
                 }
                 Err(e) => {
                     // No usable group key here yet (or the group is forming): the client asks

@@ -22,8 +22,9 @@
 //! checks it before it orders anything (`securesmart_consensus::replica::Config::request_check`),
 //! so a request that is not its client's takes no sequence number and uses up no request
 //! number. A confidential operation is sealed by one replica for the client
-//! ([`RequestKind::Seal`], answered with [`Outcome::Sealed`]); the client then signs the
-//! ciphertext together with a commitment to the plaintext ([`commitment`]: BLAKE3 of a random
+//! ([`RequestKind::Seal`], answered with [`Outcome::Sealed`] and the sealer's signature on it,
+//! [`SealerSignature`]); the client then signs the ciphertext and that signature together
+//! with a commitment to the plaintext ([`commitment`]: BLAKE3 of a random
 //! 32-byte nonce it puts in front of the operation, and the operation; a signature over the
 //! plaintext itself would let anyone test guesses of it). So no replica can put another
 //! ciphertext in its place, and at execution the opened plaintext must match the commitment,
@@ -56,6 +57,61 @@ pub const COMMITMENT_TAG: &str = "securesmart 2026-11-26 confidential commitment
 /// Bytes of the nonce in front of a confidential request's operation.
 pub const NONCE_LEN: usize = 32;
 
+/// BLAKE3 `derive_key` context of what a replica signs when it seals an operation for a client.
+pub const SEALER_SIGNATURE_TAG: &str = "securesmart 2026-12-01 sealer signature v1";
+
+/// A replica's signature on what it sealed for a client's request: the client id, the request
+/// number and the sealed bytes (whose header names the replica as sender), so that only a
+/// replica can put a ciphertext in front of the others, and a faulty one that seals garbage
+/// is named by its own signature.
+#[derive(Debug)]
+pub struct SealerSignature;
+
+impl SealerSignature {
+    fn digest(client: &NodeId, number: u64, sealed: &[u8]) -> [u8; 32] {
+        let mut h = blake3::Hasher::new_derive_key(SEALER_SIGNATURE_TAG);
+        h.update(client.as_bytes())
+            .update(&number.to_be_bytes())
+            .update(sealed);
+        *h.finalize().as_bytes()
+    }
+
+    /// `signer` (a replica) signs `sealed`, sealed for `client`'s request `number`.
+    pub fn sign(signer: &RequestSigner, client: &NodeId, number: u64, sealed: &[u8]) -> Auth {
+        let digest = Self::digest(client, number, sealed);
+        Auth {
+            public_key: signer.key.verifying_key().to_bytes(),
+            signature: signer.key.sign(&digest).to_bytes(),
+        }
+    }
+
+    /// The signer of `auth` on `sealed` for `client`'s request `number`: the node the sealed
+    /// header names as its sender.
+    ///
+    /// # Errors
+    /// [`AuthError::WrongKey`] if the key is not the sender's, [`AuthError::BadSignature`].
+    pub fn verify(
+        auth: &Auth,
+        client: &NodeId,
+        number: u64,
+        sealed: &[u8],
+    ) -> Result<NodeId, AuthError> {
+        let sender = securesmart_membership::sealed_header(sealed)
+            .map(|(_, sender)| sender)
+            .map_err(|_| AuthError::WrongKey)?;
+        if NodeId::from_ed25519(&auth.public_key) != sender {
+            return Err(AuthError::WrongKey);
+        }
+        let key = VerifyingKey::from_bytes(&auth.public_key).map_err(|_| AuthError::WrongKey)?;
+        key.verify_strict(
+            &Self::digest(client, number, sealed),
+            &Signature::from_bytes(&auth.signature),
+        )
+        .map_err(|_| AuthError::BadSignature)?;
+        Ok(sender)
+    }
+}
+
 /// The commitment a client signs for a confidential request, over its payload (the nonce and
 /// the operation): hiding (the nonce is random) and binding.
 pub fn commitment(payload: &[u8]) -> [u8; 32] {
@@ -69,8 +125,9 @@ pub enum SignedKind {
     App = 0,
     /// A membership command.
     Command = 1,
-    /// A client's confidential application operation.
-    Confidential = 2,
+    /// A client's confidential application operation: the commitment, the sealer's signature
+    /// and the ciphertext (2 was the commitment alone, before the client signed the ciphertext).
+    Sealed = 6,
     /// A replica's own request (key package, commit, key acknowledgement).
     Internal = 3,
     /// A client's query of the roster changes (answered, not ordered).
@@ -149,12 +206,12 @@ impl Auth {
         .map_err(|_| AuthError::BadSignature)
     }
 
-    fn write(&self, out: &mut Vec<u8>) {
+    pub(crate) fn write(&self, out: &mut Vec<u8>) {
         out.extend_from_slice(&self.public_key);
         out.extend_from_slice(&self.signature);
     }
 
-    fn read(buf: &[u8]) -> Result<Self, WireError> {
+    pub(crate) fn read(buf: &[u8]) -> Result<Self, WireError> {
         let mut r = Reader::new(buf);
         Ok(Self {
             public_key: r.array()?,
@@ -237,14 +294,9 @@ impl Submission {
                 body.extend_from_slice(command);
                 (SignedKind::Command, Bytes::from(body))
             }
-            Ordered::Sealed { commitment, sealed } => {
-                // The client signs the ciphertext with the commitment: nobody can put another
-                // next to it.
-                let mut body = Vec::with_capacity(COMMITMENT_LEN + sealed.len());
-                body.extend_from_slice(commitment);
-                body.extend_from_slice(sealed);
-                (SignedKind::Confidential, Bytes::from(body))
-            }
+            // The client signs the ciphertext, with the commitment and the sealer's signature:
+            // nobody can put another next to them.
+            sealed @ Ordered::Sealed { .. } => (SignedKind::Sealed, sealed.encode().slice(1..)),
             other => (SignedKind::Internal, other.encode()),
         }
     }
@@ -257,6 +309,20 @@ impl Submission {
         let auth = self.auth.as_ref().ok_or(AuthError::Unsigned)?;
         let (kind, body) = Self::signed_part(&self.ordered);
         auth.verify(client, number, kind, &body)
+    }
+
+    /// [`Submission::verify`], and for a sealed request also its sealer's signature (whether
+    /// the sealer is a replica is for the replicated state to say): what the engine checks
+    /// before it orders a request ([`request_check`]).
+    ///
+    /// # Errors
+    /// [`AuthError`] saying what is wrong.
+    pub fn verify_all(&self, client: &NodeId, number: u64) -> Result<(), AuthError> {
+        self.verify(client, number)?;
+        if let Ordered::Sealed { sealer, sealed, .. } = &self.ordered {
+            SealerSignature::verify(sealer, client, number, sealed)?;
+        }
+        Ok(())
     }
 
     /// Encodes it.
@@ -300,7 +366,7 @@ pub fn request_check() -> securesmart_consensus::replica::RequestCheck {
     securesmart_consensus::replica::RequestCheck::new(|r| {
         let verdict = Submission::decode(&r.payload)
             .map_err(|_| AuthError::Unsigned)
-            .and_then(|s| s.verify(&r.client, r.number));
+            .and_then(|s| s.verify_all(&r.client, r.number));
         if let Err(e) = verdict {
             metrics::counter!("securesmart_node_unsigned_requests_total").increment(1);
             tracing::debug!(client = ?r.client, number = r.number, error = %e, "request refused before ordering");
@@ -365,8 +431,13 @@ pub enum Outcome {
     /// (`securesmart::roster::RosterChange::encode_list`).
     Rosters(Bytes),
     /// The answer to a [`RequestKind::Seal`] request: the operation sealed with the group key
-    /// for the client and request number.
-    Sealed(Bytes),
+    /// for the client and request number, and the sealer's signature on it.
+    Sealed {
+        /// The replica's signature ([`SealerSignature`]).
+        sealer: Auth,
+        /// The sealed operation.
+        sealed: Bytes,
+    },
 }
 
 impl RequestKind {
@@ -375,7 +446,7 @@ impl RequestKind {
         match self {
             RequestKind::App => SignedKind::App,
             RequestKind::Command => SignedKind::Command,
-            RequestKind::Confidential => SignedKind::Confidential,
+            RequestKind::Confidential => SignedKind::Sealed,
             RequestKind::Rosters => SignedKind::Rosters,
             RequestKind::Seal => SignedKind::Seal,
         }
@@ -447,16 +518,20 @@ impl ClientRequest {
         signer: &RequestSigner,
         number: u64,
         plaintext: &[u8],
+        sealer: &Auth,
         sealed: &[u8],
     ) -> Self {
-        let mut payload = Vec::with_capacity(COMMITMENT_LEN + sealed.len());
-        payload.extend_from_slice(&commitment(plaintext));
-        payload.extend_from_slice(sealed);
+        let envelope = Ordered::Sealed {
+            commitment: commitment(plaintext),
+            sealer: *sealer,
+            sealed: Bytes::copy_from_slice(sealed),
+        }
+        .encode();
         Self::signed(
             signer,
             number,
             RequestKind::Confidential,
-            Bytes::from(payload),
+            envelope.slice(1..),
         )
     }
 
@@ -474,14 +549,13 @@ impl ClientRequest {
                 command: self.payload.slice(8.min(self.payload.len())..),
             },
             RequestKind::Confidential => {
-                let split = COMMITMENT_LEN.min(self.payload.len());
-                let mut commitment = [0u8; COMMITMENT_LEN];
-                commitment
-                    .get_mut(..split)?
-                    .copy_from_slice(self.payload.get(..split)?);
-                Ordered::Sealed {
-                    commitment,
-                    sealed: self.payload.slice(split..),
+                // The payload is the envelope's body (`decode` checked its length).
+                let mut envelope = Vec::with_capacity(1 + self.payload.len());
+                envelope.push(9);
+                envelope.extend_from_slice(&self.payload);
+                match Ordered::decode(&Bytes::from(envelope)) {
+                    Ok(sealed @ Ordered::Sealed { .. }) => sealed,
+                    _ => return None,
                 }
             }
             RequestKind::Rosters | RequestKind::Seal => return None,
@@ -538,8 +612,7 @@ impl ClientRequest {
         let payload = Bytes::copy_from_slice(r.bytes("payload", MAX_PAYLOAD_BYTES)?);
         r.finish()?;
         if matches!(kind, RequestKind::Command | RequestKind::Rosters) && payload.len() < 8
-            || matches!(kind, RequestKind::Confidential | RequestKind::Seal)
-                && payload.len() < COMMITMENT_LEN
+            || kind == RequestKind::Confidential && payload.len() < COMMITMENT_LEN + Auth::LEN
         {
             return Err(WireError::Truncated);
         }
@@ -567,8 +640,10 @@ impl ClientReply {
             Outcome::Rosters(changes) => {
                 w.u8(3).bytes(changes);
             }
-            Outcome::Sealed(sealed) => {
-                w.u8(4).bytes(sealed);
+            Outcome::Sealed { sealer, sealed } => {
+                let mut auth = Vec::with_capacity(Auth::LEN);
+                sealer.write(&mut auth);
+                w.u8(4).raw(&auth).bytes(sealed);
             }
         }
         w.buf
@@ -591,9 +666,13 @@ impl ClientReply {
             3 => Outcome::Rosters(Bytes::copy_from_slice(
                 r.bytes("roster changes", MAX_PAYLOAD_BYTES)?,
             )),
-            4 => Outcome::Sealed(Bytes::copy_from_slice(
-                r.bytes("sealed operation", MAX_PAYLOAD_BYTES)?,
-            )),
+            4 => Outcome::Sealed {
+                sealer: Auth {
+                    public_key: r.array()?,
+                    signature: r.array()?,
+                },
+                sealed: Bytes::copy_from_slice(r.bytes("sealed operation", MAX_PAYLOAD_BYTES)?),
+            },
             other => {
                 return Err(WireError::Unknown {
                     what: "reply outcome",
@@ -641,6 +720,8 @@ pub enum Ordered {
     Sealed {
         /// The client's commitment to the plaintext.
         commitment: [u8; 32],
+        /// The signature of the replica that sealed it ([`SealerSignature`]).
+        sealer: Auth,
         /// The sealed plaintext.
         sealed: Bytes,
     },
@@ -715,10 +796,15 @@ impl Ordered {
                 out.extend_from_slice(welcome);
                 Bytes::from(out)
             }
-            Ordered::Sealed { commitment, sealed } => {
-                let mut out = Vec::with_capacity(33 + sealed.len());
-                out.push(4);
+            Ordered::Sealed {
+                commitment,
+                sealer,
+                sealed,
+            } => {
+                let mut out = Vec::with_capacity(1 + COMMITMENT_LEN + Auth::LEN + sealed.len());
+                out.push(9);
                 out.extend_from_slice(commitment);
+                sealer.write(&mut out);
                 out.extend_from_slice(sealed);
                 Bytes::from(out)
             }
@@ -777,14 +863,24 @@ impl Ordered {
                     welcome: buf.slice(end..),
                 })
             }
-            Some(4) => {
+            Some(4) => Err(WireError::Unknown {
+                what: "ordered request kind (a sealed request of the format before the client signed the ciphertext)",
+                value: 4,
+            }),
+            Some(9) => {
+                let body = 1 + COMMITMENT_LEN;
                 let commitment = buf
-                    .get(1..33)
-                    .and_then(|t| <[u8; 32]>::try_from(t).ok())
+                    .get(1..body)
+                    .and_then(|t| <[u8; COMMITMENT_LEN]>::try_from(t).ok())
                     .ok_or(WireError::Truncated)?;
+                let sealer = Auth::read(
+                    buf.get(body..body + Auth::LEN)
+                        .ok_or(WireError::Truncated)?,
+                )?;
                 Ok(Ordered::Sealed {
                     commitment,
-                    sealed: buf.slice(33..),
+                    sealer,
+                    sealed: buf.slice(body + Auth::LEN..),
                 })
             }
             Some(5) => Err(WireError::Unknown {
@@ -859,7 +955,10 @@ mod tests {
                 .unwrap()
                 .verify(&client.id(), r.number)
         };
-        let op = Bytes::from(format!("put k v {}", "-".repeat(COMMITMENT_LEN)));
+        let op = Bytes::from(format!(
+            "put k v {}",
+            "-".repeat(COMMITMENT_LEN + Auth::LEN)
+        ));
         for kind in [
             RequestKind::App,
             RequestKind::Command,
@@ -874,7 +973,10 @@ mod tests {
             changed.number = 6;
             assert_eq!(verify(&changed, &alice), Err(AuthError::BadSignature));
             let mut changed = req.clone();
-            changed.payload = Bytes::from(format!("put k w {}", "-".repeat(COMMITMENT_LEN)));
+            changed.payload = Bytes::from(format!(
+                "put k w {}",
+                "-".repeat(COMMITMENT_LEN + Auth::LEN)
+            ));
             assert_eq!(verify(&changed, &alice), Err(AuthError::BadSignature));
             // Mallory's own key in Alice's name: not Alice's key.
             let mut forged = ClientRequest::signed(&mallory, 5, kind, req.payload.clone());
@@ -923,17 +1025,45 @@ mod tests {
         assert_ne!(a.payload, b.payload, "a fresh nonce each time");
     }
 
+    /// A replica (a group of one) that seals `plaintext` for `client`'s request `number`, and
+    /// its signature on it.
+    fn sealed_by_replica(client: &NodeId, number: u64, plaintext: &[u8]) -> (Auth, Bytes) {
+        let ca = DevCa::new("sealer ca").unwrap();
+        let replica = ca.issue_role("sealer", Role::Replica).unwrap();
+        let mut member = securesmart_membership::GroupMember::new(
+            &replica,
+            securesmart_membership::GroupConfig::default(),
+        )
+        .unwrap();
+        member.create(std::time::Duration::ZERO).unwrap();
+        let sealed = member
+            .payload_keys()
+            .seal(&confidential_context(client, number), plaintext)
+            .unwrap();
+        let signer = RequestSigner::new(&replica).unwrap();
+        (
+            SealerSignature::sign(&signer, client, number, &sealed),
+            Bytes::from(sealed),
+        )
+    }
+
     #[test]
     fn no_replica_can_put_another_ciphertext_beside_a_confidential_request() {
-        let (alice, _) = signers();
+        let (alice, mallory) = signers();
         let ask = ClientRequest::signed(&alice, 4, RequestKind::Seal, Bytes::from_static(b"op"));
-        let request = ClientRequest::confidential(&alice, 4, &ask.payload, b"the sealed op");
+        let (sealer, sealed) = sealed_by_replica(&alice.id(), 4, &ask.payload);
+        let request = ClientRequest::confidential(&alice, 4, &ask.payload, &sealer, &sealed);
         let submission = request.clone().into_submission().unwrap();
-        let Ordered::Sealed { commitment, sealed } = submission.ordered.clone() else {
+        let Ordered::Sealed {
+            commitment,
+            sealed: ordered_sealed,
+            ..
+        } = submission.ordered.clone()
+        else {
             panic!("a sealed request")
         };
         assert_eq!(commitment, super::commitment(&ask.payload));
-        assert_eq!(&sealed[..], b"the sealed op");
+        assert_eq!(ordered_sealed, sealed);
         let check = request_check();
         let ordered = |s: &Submission| securesmart_consensus::message::Request {
             client: alice.id(),
@@ -944,17 +1074,35 @@ mod tests {
         // A faulty primary or forwarder swaps the ciphertext, or the commitment: the engine
         // refuses it before ordering, so it neither executes nor uses up the number.
         let mut swapped = submission.clone();
+        let (other_sealer, other) = sealed_by_replica(&alice.id(), 4, b"another operation");
         swapped.ordered = Ordered::Sealed {
             commitment,
-            sealed: Bytes::from_static(b"garbage sealed by a faulty replica"),
+            sealer: other_sealer,
+            sealed: other,
         };
         assert_eq!(swapped.verify(&alice.id(), 4), Err(AuthError::BadSignature));
         assert!(!check.allows(&ordered(&swapped)));
         swapped.ordered = Ordered::Sealed {
             commitment: [9; 32],
-            sealed,
+            sealer,
+            sealed: sealed.clone(),
         };
         assert!(!check.allows(&ordered(&swapped)));
+        // A client cannot make up a ciphertext either: it needs a sealer's signature on it, and
+        // the sealer must be the sender its header names (whether it is a current replica, the
+        // replicated state decides before opening anything).
+        let mut forged_sealer = sealer;
+        forged_sealer.signature[0] ^= 1;
+        let made_up = ClientRequest::confidential(&alice, 4, &ask.payload, &forged_sealer, &sealed);
+        assert!(!check.allows(&ordered(&made_up.into_submission().unwrap())));
+        let not_the_sender = SealerSignature::sign(&mallory, &alice.id(), 4, &sealed);
+        assert_eq!(
+            SealerSignature::verify(&not_the_sender, &alice.id(), 4, &sealed),
+            Err(AuthError::WrongKey)
+        );
+        // Signed for another client or number, it does not verify.
+        assert!(SealerSignature::verify(&sealer, &mallory.id(), 4, &sealed).is_err());
+        assert!(SealerSignature::verify(&sealer, &alice.id(), 5, &sealed).is_err());
         // A confidential request too short to carry a commitment does not decode.
         let mut short = request;
         short.payload = Bytes::from_static(b"short");
@@ -977,6 +1125,10 @@ mod tests {
             Ordered::CommitRefused([4; 32]),
             Ordered::Sealed {
                 commitment: [4; 32],
+                sealer: Auth {
+                    public_key: [5; 32],
+                    signature: [6; 64],
+                },
                 sealed: Bytes::from_static(b"ciphertext"),
             },
         ];
@@ -1053,6 +1205,10 @@ mod tests {
             Ordered::KeyPackage(Bytes::from_static(b"kp")),
             Ordered::Sealed {
                 commitment: [1; 32],
+                sealer: Auth {
+                    public_key: [2; 32],
+                    signature: [3; 64],
+                },
                 sealed: Bytes::from_static(b"sealed"),
             },
             Ordered::KeyAck {

@@ -76,14 +76,17 @@
 //!   group epoch or one of the [`SEALED_EPOCHS_ACCEPTED`] before it (the replicated epoch, which
 //!   moves with every accepted group commit) and a quorum of the current replicas ordered a
 //!   [`Ordered::KeyAck`] for that epoch (they hold its key), and, if some recent epoch was
-//!   acknowledged by every replica able to hold it, in one of those (so that a faulty sealer
-//!   cannot pick an epoch some correct replicas lack and make them lost); or if its ciphertext
-//!   does not open under the epoch's key or is not what the client committed to (the replica
-//!   that sealed it for the client sealed garbage or another operation). The client signed
-//!   the ciphertext and the commitment, so nobody else can put another ciphertext beside them;
-//!   a refused one costs the client a request number, and it has the next replica seal it. A replica seals in the newest recent epoch that every current replica able to
-//!   hold it acknowledged (a replica added after an epoch is not asked about it), or failing
-//!   that in the newest one a quorum acknowledged ([`NodeState::sealable_epoch`]); during a
+//!   acknowledged by every current replica, in one of those (so that a faulty sealer cannot
+//!   pick an epoch some correct replicas lack and make them lost); or if the replica that
+//!   sealed it (it signed the ciphertext, and the engine checked that before ordering) is not
+//!   a current replica (a client or a removed replica made it up); or if its ciphertext does
+//!   not open under the epoch's key or is not what the client committed to (its sealer sealed
+//!   garbage or another operation). The client signed the ciphertext, the sealer's signature
+//!   and the commitment, so nobody else can put another ciphertext beside them; a refused one
+//!   costs the client a request number, and it has another replica seal it. A replica seals
+//!   in the newest recent epoch that every current replica acknowledged (a replica just
+//!   added holds none of the earlier ones), or failing that in the newest one a quorum
+//!   acknowledged ([`NodeState::sealable_epoch`]); during a
 //!   rotation it keeps sealing with the previous key until the acknowledgements are in, and
 //!   while no recent epoch has a quorum (the group forming at genesis) intake answers "busy"
 //!   to confidential requests; other requests are not affected. The committer rotates only
@@ -131,8 +134,9 @@ use crate::protocol::{NONCE_LEN, Ordered, Submission, confidential_context};
 use crate::roster::{Roster, RosterLog};
 
 /// Snapshot format (4: settled group commits; 5: administrators by certificate; 6: holders,
-/// creator and cool-downs by sequence number, #13; 7: the roster log).
-const VERSION: u8 = 7;
+/// creator and cool-downs by sequence number, #13; 7: the roster log; 8: no exemption of
+/// joiners from the epochs every replica must hold).
+const VERSION: u8 = 8;
 /// Group commits a snapshot carries (see the module doc, "Checkpoints").
 pub const COMMIT_HISTORY: usize = 8;
 /// A checkpoint whose state is in the clear.
@@ -262,9 +266,7 @@ pub struct NodeState<S> {
     seq: Seq,
     /// Which current replicas acknowledged holding the key of each recent epoch.
     acks: BTreeMap<u64, BTreeSet<NodeId>>,
-    /// Replicas added after genesis, and the first group epoch whose key they are expected to
-    /// hold (the one after the epoch current when their `AddNode` executed).
-    joined: BTreeMap<NodeId, u64>,
+
     /// This node's group keys, to open sealed requests (not replicated state).
     keys: Option<PayloadKeys>,
     /// The application's state is not the agreed one (see the module doc).
@@ -367,7 +369,7 @@ impl<S: StateMachine> NodeState<S> {
             last_settled: 0,
             seq: 0,
             acks: BTreeMap::new(),
-            joined: BTreeMap::new(),
+
             keys: None,
             lost: false,
             confidential: false,
@@ -451,17 +453,15 @@ impl<S: StateMachine> NodeState<S> {
         self.tentative.is_some()
     }
 
-    /// Whether every current replica expected to hold the key of `epoch` acknowledged it: all
-    /// of them, except replicas that joined after that epoch (they cannot hold its key, and
-    /// catch up past its requests by state transfer).
+    /// Whether every current replica acknowledged the key of `epoch` (a replica added after
+    /// that epoch cannot hold it: until it acknowledges a later one, no epoch is held by all).
     pub fn acked_by_all(&self, epoch: u64) -> bool {
         let by = self.acks.get(&epoch);
         let replicas = self.membership.replica_ids();
         !replicas.is_empty()
-            && replicas.iter().all(|id| {
-                self.joined.get(id).is_some_and(|j| *j > epoch)
-                    || by.is_some_and(|by| by.contains(id))
-            })
+            && replicas
+                .iter()
+                .all(|id| by.is_some_and(|by| by.contains(id)))
     }
 
     /// Whether a quorum of the current replicas acknowledged the key of `epoch`.
@@ -689,9 +689,16 @@ impl<S: StateMachine> NodeState<S> {
             tracing::debug!(client = ?request.client, why, "sealed request refused");
             Bytes::new()
         };
-        let Ok(epoch) = securesmart_membership::sealed_epoch(sealed) else {
+        let Ok((epoch, sealer)) = securesmart_membership::sealed_header(sealed) else {
             return refused("malformed");
         };
+        // Its sealer signed it (checked before ordering, the key bound to the sender the
+        // header names): only a current replica may seal. A client, or a removed replica,
+        // that made up a ciphertext is refused here, before anyone tries to open it, so a
+        // replica that lacks some key cannot be made to lose its state by it.
+        if !self.membership.replica_ids().contains(&sealer) {
+            return refused("sealer");
+        }
         if !self.executes_sealed(epoch) {
             return refused("epoch");
         }
@@ -771,10 +778,7 @@ impl<S: StateMachine> NodeState<S> {
             None => w.u8(0),
         };
         w.raw(&self.last_settled.to_be_bytes());
-        w.u32(u32::try_from(self.joined.len()).unwrap_or(u32::MAX));
-        for (id, epoch) in &self.joined {
-            w.raw(id.as_bytes()).raw(&epoch.to_be_bytes());
-        }
+
         w.u32(u32::try_from(self.acks.len()).unwrap_or(u32::MAX));
         for (epoch, by) in &self.acks {
             w.raw(&epoch.to_be_bytes());
@@ -802,7 +806,7 @@ impl<S: StateMachine> NodeState<S> {
         self.creator = p.creator;
         self.last_settled = p.last_settled;
         self.acks = p.acks;
-        self.joined = p.joined;
+
         self.confidential = p.confidential;
         self.changes.clear();
         // The commits again, for the node's group member to catch up on those it missed
@@ -897,12 +901,7 @@ impl<S: StateMachine> NodeState<S> {
                     ?applied,
                     "membership changed"
                 );
-                if let Applied::Added(id) = applied {
-                    self.joined
-                        .insert(*id, self.group_epoch().saturating_add(1));
-                }
                 let m = &self.membership;
-                self.joined.retain(|id, _| m.members().contains_key(id));
                 self.barred.retain(|id, _| m.members().contains_key(id));
                 self.joining.retain(|id, _| m.members().contains_key(id));
                 self.joining_at.retain(|id, _| m.members().contains_key(id));
@@ -956,9 +955,11 @@ impl<S: StateMachine> StateMachine for NodeState<S> {
         match submission.map(|s| s.ordered) {
             Ok(Ordered::RosterAck { .. }) => Bytes::from_static(b"refused: unsigned"),
             Ok(Ordered::App(payload)) => self.app_execute(request, payload),
-            Ok(Ordered::Sealed { commitment, sealed }) => {
-                self.sealed(request, &commitment, &sealed)
-            }
+            Ok(Ordered::Sealed {
+                commitment,
+                sealer: _,
+                sealed,
+            }) => self.sealed(request, &commitment, &sealed),
             Ok(Ordered::KeyAck { epoch, commit }) => self.key_ack(request.client, epoch, commit),
             Ok(Ordered::CommitRefused(commit)) => self.commit_refused(request.client, commit),
             Ok(Ordered::Command { time, command }) => self.command(request.client, time, &command),
@@ -1093,7 +1094,7 @@ struct Public {
     key_packages: BTreeMap<NodeId, Bytes>,
     creator: Option<NodeId>,
     last_settled: Seq,
-    joined: BTreeMap<NodeId, u64>,
+
     acks: BTreeMap<u64, BTreeSet<NodeId>>,
     confidential: bool,
     commits: VecDeque<(Bytes, Bytes)>,
@@ -1209,15 +1210,7 @@ impl Public {
             other => return Err(RestoreError::Malformed(format!("creator tag {other}"))),
         };
         let last_settled = u64::from_be_bytes(r.array()?);
-        let n = r.u32()? as usize;
-        if n > MAX_ACKS {
-            return Err(RestoreError::Malformed("too many joined replicas".into()));
-        }
-        let mut joined = BTreeMap::new();
-        for _ in 0..n {
-            let id = NodeId::from_bytes(r.array()?);
-            joined.insert(id, u64::from_be_bytes(r.array()?));
-        }
+
         let epochs = r.u32()? as usize;
         if epochs > SEALED_EPOCHS_ACCEPTED as usize + 1 {
             return Err(RestoreError::Malformed(
@@ -1269,7 +1262,7 @@ impl Public {
             key_packages,
             creator,
             last_settled,
-            joined,
+
             acks,
             confidential,
             commits,
@@ -1289,9 +1282,24 @@ mod tests {
     use securesmart_transport::pki::DevCa;
     use std::time::Duration;
 
+    thread_local! {
+        /// Four replicas (their identities) and their genesis membership: replica 0 seals in
+        /// the tests' groups of one.
+        static FOUR: (Vec<securesmart_transport::Identity>, Membership) = {
+            let ca = DevCa::new("state fixture ca").unwrap();
+            let (ids, members) = replicas_of(&ca, 4);
+            let m = Membership::genesis(ca.certificate(), members, UnixTime::now()).unwrap();
+            (ids, m)
+        };
+    }
+
+    fn four_replicas() -> Membership {
+        FOUR.with(|f| f.1.clone())
+    }
+
     /// A state with four replicas that all acknowledged the key of epoch 0.
     fn state() -> NodeState<KvStore> {
-        let m = securesmart_membership::fuzzing::four_replicas();
+        let m = four_replicas();
         let ids = m.replica_ids();
         let mut s = NodeState::new(m, Vec::new(), KvStore::default());
         let ack = |id: NodeId| Request {
@@ -1328,6 +1336,12 @@ mod tests {
             number,
             payload: Ordered::Sealed {
                 commitment: crate::protocol::commitment(&plaintext),
+                // (The engine checks the sealer's signature; the state, that the sealer the
+                // header names is a replica.)
+                sealer: crate::protocol::Auth {
+                    public_key: [0; 32],
+                    signature: [0; 64],
+                },
                 sealed: Bytes::from(sealed),
             }
             .encode(),
@@ -1342,15 +1356,41 @@ mod tests {
         sealed_op(keys, client, number, &op)
     }
 
-    /// A CA, a group of one member with its keys, and a client id.
+    /// A CA for clients, a group of one member (replica 0 of [`state`]) with its keys, and a
+    /// client id.
     fn group_of_one() -> (DevCa, GroupMember, PayloadKeys, NodeId) {
         let ca = DevCa::new("state ca").unwrap();
-        let identity = ca.issue_role("r0", Role::Replica).unwrap();
+        let identity = FOUR.with(|f| f.0[0].clone());
         let mut member = GroupMember::new(&identity, GroupConfig::default()).unwrap();
         member.create(Duration::ZERO).unwrap();
         let keys = member.payload_keys();
         let client = ca.issue_role("c", Role::Client).unwrap().id();
         (ca, member, keys, client)
+    }
+
+    #[test]
+    fn a_ciphertext_made_up_by_a_client_or_a_removed_replica_makes_nobody_lost() {
+        // Someone who is not a current replica (a client, a removed replica with old keys)
+        // seals in a group of its own, names itself as the sender and signs it: the engine's
+        // check passes, but the state refuses it before opening, so a replica without the key
+        // does not lose its state.
+        let ca = DevCa::new("outsider ca").unwrap();
+        let outsider = ca.issue_role("outsider", Role::Replica).unwrap();
+        let mut member = GroupMember::new(&outsider, GroupConfig::default()).unwrap();
+        member.create(Duration::ZERO).unwrap();
+        let client = ca.issue_role("c", Role::Client).unwrap().id();
+        let made_up = sealed_put(&member.payload_keys(), client, 1, "v");
+        let mut keyless = state();
+        assert!(keyless.execute(&made_up).is_empty());
+        assert!(keyless.state_known(), "refused, not lost");
+        // The same sealed by a current replica executes where the key is.
+        let (_ca, _member, keys, client) = group_of_one();
+        let mut holder = state().with_payload_keys(keys.clone());
+        let honest = sealed_put(&keys, client, 1, "v");
+        assert_eq!(
+            KvReply::decode(&holder.execute(&honest)).unwrap(),
+            KvReply::Value(None)
+        );
     }
 
     #[test]
@@ -1432,7 +1472,15 @@ mod tests {
         ) else {
             panic!("sealed requests")
         };
-        swapped.payload = Ordered::Sealed { commitment, sealed }.encode();
+        swapped.payload = Ordered::Sealed {
+            commitment,
+            sealer: crate::protocol::Auth {
+                public_key: [0; 32],
+                signature: [0; 64],
+            },
+            sealed,
+        }
+        .encode();
         assert!(with_key.execute(&swapped).is_empty());
         assert!(with_key.state_known());
         assert!(with_key.state_known());
@@ -1550,11 +1598,7 @@ mod tests {
         assert_eq!(s.group_epoch(), 1);
         assert!(!s.commit_unsettled());
         // The unsettled commit and the cool-down survive a snapshot.
-        let mut restored = NodeState::new(
-            securesmart_membership::fuzzing::four_replicas(),
-            Vec::new(),
-            KvStore::default(),
-        );
+        let mut restored = NodeState::new(four_replicas(), Vec::new(), KvStore::default());
         restored.restore(&snapshot).unwrap();
         // (The node tells it the batch's sequence number, as the others were told.)
         restored.begin_batch(BACKUP_SEQS);
@@ -1604,7 +1648,18 @@ mod tests {
         Vec<securesmart_transport::Identity>,
         Vec<securesmart_membership::Member>,
     ) {
-        let replicas: Vec<_> = (0..5)
+        replicas_of(ca, 5)
+    }
+
+    /// `n` replicas of `ca` (their identities) and their genesis members.
+    fn replicas_of(
+        ca: &DevCa,
+        n: usize,
+    ) -> (
+        Vec<securesmart_transport::Identity>,
+        Vec<securesmart_membership::Member>,
+    ) {
+        let replicas: Vec<_> = (0..n)
             .map(|i| ca.issue_role(&format!("r{i}"), Role::Replica).unwrap())
             .collect();
         let members = replicas
@@ -1722,11 +1777,7 @@ mod tests {
         // replica that restores the snapshot.
         let changes = s.rosters().since(0);
         assert_eq!(crate::roster::follow(&trusted, &changes).unwrap(), roster);
-        let mut restored = NodeState::new(
-            securesmart_membership::fuzzing::four_replicas(),
-            Vec::new(),
-            KvStore::default(),
-        );
+        let mut restored = NodeState::new(four_replicas(), Vec::new(), KvStore::default());
         restored.restore(&s.snapshot()).unwrap();
         assert_eq!(restored.rosters(), s.rosters());
     }

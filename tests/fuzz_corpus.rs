@@ -221,7 +221,12 @@ fn write_seeds() {
         bytes::Bytes::from_static(b"an operation"),
     );
     write("node_input", "client_seal", &ask.encode());
-    let confidential = ClientRequest::confidential(&admin, 8, &ask.payload, b"its ciphertext");
+    let sealer = securesmart::protocol::Auth {
+        public_key: [3; 32],
+        signature: [4; 64],
+    };
+    let confidential =
+        ClientRequest::confidential(&admin, 8, &ask.payload, &sealer, b"its ciphertext");
     write(
         "node_input",
         "client_confidential_v4",
@@ -261,7 +266,10 @@ fn write_seeds() {
     let sealed_reply = securesmart::protocol::ClientReply {
         number: 8,
         roster: 0,
-        outcome: securesmart::protocol::Outcome::Sealed(bytes::Bytes::from_static(b"sealed")),
+        outcome: securesmart::protocol::Outcome::Sealed {
+            sealer,
+            sealed: bytes::Bytes::from_static(b"sealed"),
+        },
     };
     write("node_input", "client_reply_sealed", &sealed_reply.encode());
 

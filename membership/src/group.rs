@@ -519,8 +519,20 @@ impl PayloadKeys {
 /// # Errors
 /// [`GroupError::Malformed`] if the bytes are not a sealed payload.
 pub fn sealed_epoch(sealed: &[u8]) -> Result<u64, GroupError> {
-    parse_sealed(sealed).map(|s| s.epoch)
+    sealed_header(sealed).map(|(epoch, _)| epoch)
 }
+
+/// The epoch and the sender a sealed payload names, read without any key (unauthenticated
+/// until it opens).
+///
+/// # Errors
+/// [`GroupError::Malformed`] if the bytes are not a sealed payload.
+pub fn sealed_header(sealed: &[u8]) -> Result<(u64, NodeId), GroupError> {
+    parse_sealed(sealed).map(|s| (s.epoch, s.sender))
+}
+
+/// Bytes a sealed payload has beyond its plaintext (header and authentication tag).
+pub const SEALED_OVERHEAD: usize = SEALED_HEADER + 16;
 
 /// A commit built by this member, to be ordered; the Welcome goes to the joiner once the commit
 /// has been applied.

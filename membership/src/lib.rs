@@ -49,8 +49,8 @@ pub use epoch::{Applied, CommandRefusal, MIN_REPLICAS, Member, Membership, Membe
 pub use group::{
     COMMIT_DIGEST_CONTEXT, CREATION_DIGEST, CommitOutcome, CommitPolicy, GroupConfig, GroupError,
     GroupMember, KEY_PACKAGE_DIGEST_CONTEXT, KEY_PACKAGE_MARGIN, KEY_PACKAGE_MARGIN_BEFORE,
-    MAX_MLS_MESSAGE_BYTES, Opened, PayloadKeys, Proposal, RotationPolicy, Settled, commit_digest,
-    commit_epoch, key_package_digest, sealed_epoch,
+    MAX_MLS_MESSAGE_BYTES, Opened, PayloadKeys, Proposal, RotationPolicy, SEALED_OVERHEAD, Settled,
+    commit_digest, commit_epoch, key_package_digest, sealed_epoch, sealed_header,
 };
 pub use securesmart_transport::wire::WireError;
 pub use trust_center::{
