@@ -979,6 +979,51 @@ impl Sealer {
     }
 }
 
+/// Per-client budgets of the work intake does without ordering: sealing (a closed-loop client
+/// seals one operation per request) and roster queries (a client asks when it falls behind).
+struct Answered {
+    seals: governor::DefaultKeyedRateLimiter<NodeId>,
+    rosters: governor::DefaultKeyedRateLimiter<NodeId>,
+    checked: u64,
+}
+
+/// Seals per client and second, and the burst.
+const SEALS_PER_SEC: (u32, u32) = (4_000, 8_000);
+/// Roster queries per client and second, and the burst.
+const ROSTER_QUERIES_PER_SEC: (u32, u32) = (20, 40);
+
+impl Answered {
+    fn new() -> Self {
+        let quota = |(rate, burst): (u32, u32)| {
+            governor::Quota::per_second(
+                std::num::NonZeroU32::new(rate).unwrap_or(std::num::NonZeroU32::MIN),
+            )
+            .allow_burst(std::num::NonZeroU32::new(burst).unwrap_or(std::num::NonZeroU32::MIN))
+        };
+        Self {
+            seals: governor::RateLimiter::keyed(quota(SEALS_PER_SEC)),
+            rosters: governor::RateLimiter::keyed(quota(ROSTER_QUERIES_PER_SEC)),
+            checked: 0,
+        }
+    }
+
+    /// Whether `client` may have this request answered now (sealing, or a roster query).
+    fn allows(&mut self, client: &NodeId, kind: RequestKind) -> bool {
+        self.checked += 1;
+        if self.checked.is_multiple_of(65_536) {
+            // Forget clients that have been quiet (the maps stay bounded by the active ones).
+            self.seals.retain_recent();
+            self.rosters.retain_recent();
+        }
+        let limiter = if kind == RequestKind::Seal {
+            &self.seals
+        } else {
+            &self.rosters
+        };
+        limiter.check_key(client).is_ok()
+    }
+}
+
 /// Client intake: decodes requests, answers retransmissions from the cache, submits the rest.
 async fn intake(
     mut inbox: Inbox,
@@ -988,6 +1033,7 @@ async fn intake(
     sealer: Sealer,
     rosters: Rosters,
 ) {
+    let mut answered = Answered::new();
     while let Some(m) = inbox.recv().await {
         let request = match ClientRequest::decode(&m.payload) {
             Ok(r) => r,
@@ -998,6 +1044,15 @@ async fn intake(
             }
         };
         let roster = rosters.current();
+        if matches!(request.kind, RequestKind::Rosters | RequestKind::Seal)
+            && !answered.allows(&m.from, request.kind)
+        {
+            client_counter("over_budget");
+            if request.kind == RequestKind::Seal {
+                send_reply(&clients, m.from, request.number, roster, Outcome::Busy);
+            }
+            continue;
+        }
         if request.kind == RequestKind::Rosters {
             // Public, certified data that the client checks itself: answered at once, with
             // no signature check (the link is the client's own).
@@ -1081,5 +1136,33 @@ async fn intake(
             }
             Err(_) => break,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_client_flooding_roster_queries_or_seals_spends_only_its_own_budget() {
+        let mut answered = Answered::new();
+        let (flooder, other) = (NodeId::from_bytes([1; 32]), NodeId::from_bytes([2; 32]));
+        let allowed = (0..1000)
+            .filter(|_| answered.allows(&flooder, RequestKind::Rosters))
+            .count();
+        assert!(
+            (ROSTER_QUERIES_PER_SEC.1 as usize..ROSTER_QUERIES_PER_SEC.1 as usize + 5)
+                .contains(&allowed),
+            "{allowed} roster queries answered"
+        );
+        assert!(answered.allows(&other, RequestKind::Rosters));
+        // Seals have a budget of their own, much larger: a closed-loop client seals once per
+        // request.
+        assert!(answered.allows(&flooder, RequestKind::Seal));
+        let seals = (0..20_000)
+            .filter(|_| answered.allows(&flooder, RequestKind::Seal))
+            .count();
+        assert!(seals < SEALS_PER_SEC.1 as usize + 1_000, "{seals} seals");
+        assert!(answered.allows(&other, RequestKind::Seal));
     }
 }
