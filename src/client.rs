@@ -1,5 +1,5 @@
 //! The client library: requests over the replicas' client plane (QUIC, TLS 1.3 with the
-//! client's certificate), accepted on f+1 matching replies from a quorum that is current.
+//! client's certificate), accepted once a quorum of its current roster answered the same result.
 //!
 //! A [`Client`] keeps one request outstanding at a time (open several clients, each with its
 //! own certificate, for concurrency). It knows a [`Roster`] (the replicas and their number,
@@ -80,8 +80,8 @@ pub enum ClientError {
         /// Replicas needed.
         needed: usize,
     },
-    /// No f+1 matching replies within the timeout.
-    #[error("request {number} timed out without f+1 matching replies")]
+    /// No result a quorum agrees on within the timeout.
+    #[error("request {number} timed out without a quorum of matching replies")]
     Timeout {
         /// The request number.
         number: u64,
@@ -110,7 +110,7 @@ const BUSY_PAUSE: Duration = Duration::from_millis(50);
 pub struct ClientOptions {
     /// Give up on a request after this long.
     pub timeout: Duration,
-    /// Send again after this long without f+1 matching replies.
+    /// Send again after this long without a quorum of matching replies.
     pub retry: Duration,
     /// Transport limits.
     pub limits: Limits,
@@ -211,7 +211,7 @@ impl Client {
         Self::connect(identity, trust, roster, options).await
     }
 
-    /// Faults tolerated by its current roster (the client needs f+1 matching replies).
+    /// Faults tolerated by its current roster (the client needs a quorum of matching replies).
     pub fn f(&self) -> usize {
         self.roster.group().f()
     }

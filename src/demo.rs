@@ -4,7 +4,7 @@
 //! replicas and the clients over the network with one-time tokens; four `securesmart node run`
 //! processes (this executable), each with its journal on disk and a Prometheus endpoint;
 //! closed-loop clients putting and getting keys through the client plane, each result accepted
-//! on f+1 matching replies. During the load it crashes the primary (SIGKILL) and restarts it
+//! once a quorum of the replicas agree. During the load it crashes the primary (SIGKILL) and restarts it
 //! from its journal, lets a client with a certificate from a foreign CA try to connect, and
 //! revokes one client's certificate (the replicas reload the CRL and cut it off). It ends with a
 //! summary (ops/s, latency p50/p99, crashes, refusals read from the replicas' metrics) and reads

@@ -425,7 +425,7 @@ pub enum Outcome {
     /// The request executed; the application's reply.
     Executed(Bytes),
     /// The replica cannot take the request now (queue full, not a member); retry elsewhere or
-    /// later. Never counted towards the f+1 matching replies.
+    /// later. Never counted towards the matching replies.
     Busy,
     /// The answer to a roster query: certified roster changes
     /// (`securesmart::roster::RosterChange::encode_list`).
