@@ -173,7 +173,7 @@ impl LocalCluster {
         }
         let list = cluster.replica_list(None);
         for i in 0..cluster.replicas.len() {
-            cluster.write_node_config(i, &list)?;
+            cluster.write_node_config(i, &list, 0)?;
         }
         for j in 0..options.clients {
             let path = dir.join(format!("client{j}.toml"));
@@ -212,7 +212,7 @@ impl LocalCluster {
         let roster = self.current_roster().await?;
         let list = self.roster_list(&roster)?;
         self.replicas.push(replica);
-        self.write_node_config(i, &list)?;
+        self.write_node_config(i, &list, roster.number())?;
         drop(ports);
         Ok(i)
     }
@@ -293,7 +293,9 @@ impl LocalCluster {
         list
     }
 
-    fn write_node_config(&self, i: usize, list: &str) -> Result<(), ClusterError> {
+    /// Writes replica `i`'s configuration with `list` as its `[[replicas]]`, which is roster
+    /// `roster`.
+    fn write_node_config(&self, i: usize, list: &str, roster: u64) -> Result<(), ClusterError> {
         let Some(r) = self.replicas.get(i) else {
             return Ok(());
         };
@@ -303,7 +305,7 @@ impl LocalCluster {
              certificate = \"replica{i}.pem\"\nkey = \"replica{i}.key\"\nca = \"ca.pem\"\n\
              crl = \"crl.pem\"\ndata_dir = \"data/replica{i}\"\nreplica_listen = \"{}\"\n\
              client_listen = \"{}\"\nmetrics_listen = \"{}\"\nlimits = \"local\"\n\
-             admins = [\"client0.pem\"]\nrekey_seconds = {}\n\n[consensus]\nmax_batch = {}\nbatch_delay_ms = {}\n\
+             admins = [\"client0.pem\"]\nrekey_seconds = {}\nroster = {roster}\n\n[consensus]\nmax_batch = {}\nbatch_delay_ms = {}\n\
              checkpoint_interval = {}\nwindow = {}\nview_change_timeout_ms = {}\n{list}",
             r.replica_addr,
             r.client_addr,

@@ -168,6 +168,11 @@ pub struct NodeSection {
     /// Rotate the replicas' group key (an MLS Update commit) when its epoch is this old.
     #[serde(default = "default_rekey_seconds")]
     pub rekey_seconds: u64,
+    /// The number of the roster that `[[replicas]]` lists (0: the genesis replicas). A joiner
+    /// (a node not among them) follows the roster's certified changes from there before it
+    /// trusts anyone for the state (see `securesmart::roster`).
+    #[serde(default)]
+    pub roster: u64,
 }
 
 fn default_rekey_seconds() -> u64 {

@@ -27,8 +27,12 @@
 //! and keeps voting until the switch (the old group still counts on it), then is cut off and
 //! refused, and stops itself; a revoked one is refused at once (its certificate no longer
 //! verifies), which costs the old group one vote until the switch. A node whose certificate is
-//! not among the configured `[[replicas]]` starts as a joiner: it waits to be admitted (an
-//! administrator orders its `AddNode`) and then fetches the state. The CRL file, if configured,
+//! not among the configured `[[replicas]]` starts as a joiner: it first asks those replicas,
+//! as a client, for the certified roster changes after the configured roster (`roster` in its
+//! `[node]` section) and takes the current roster's replicas as the ones it trusts (a joiner
+//! configured with removed replicas is not at their mercy); then it waits to be admitted (an
+//! administrator orders its `AddNode`) and fetches the state. A client plane answers a replica
+//! only its roster queries. The CRL file, if configured,
 //! is watched: when it changes the node submits it as an ordered `UpdateCrl`, so that every
 //! replica switches CRLs at the same log position; until the first ordered CRL, the planes use
 //! the file's.
@@ -149,6 +153,47 @@ pub(crate) fn unix_now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
+}
+
+/// The current roster, followed from the one `node`'s configuration lists (`configured`,
+/// roster `node.roster`), asking as a client over the replicas' client planes.
+async fn current_roster(
+    identity: &securesmart_transport::Identity,
+    trust: &TrustConfig,
+    node: &crate::config::NodeSection,
+    configured: &BTreeMap<NodeId, crate::config::Peer>,
+) -> Result<crate::roster::Roster, crate::client::ClientError> {
+    let roster = crate::config::peers_roster(node.roster, configured);
+    let options = crate::client::ClientOptions {
+        timeout: Duration::from_secs(5),
+        retry: Duration::from_millis(500),
+        limits: node.limits.limits(),
+    };
+    let mut client =
+        crate::client::Client::connect(identity.clone(), trust.clone(), roster, options).await?;
+    let current = client.refresh_roster().await.cloned();
+    client.close().await;
+    current
+}
+
+/// The peers a roster names (ids, keys and addresses from its certificates).
+fn peers_of(roster: &crate::roster::Roster) -> BTreeMap<NodeId, crate::config::Peer> {
+    roster
+        .replicas()
+        .iter()
+        .filter_map(|(id, e)| {
+            Some((
+                *id,
+                crate::config::Peer {
+                    id: *id,
+                    key: ed25519_public_key(&e.certificate)?,
+                    certificate: e.certificate.clone(),
+                    replica: Some(e.replica_addr),
+                    client: e.client_addr,
+                },
+            ))
+        })
+        .collect()
 }
 
 /// The replicas of a membership as the engine needs them (id and Ed25519 key).
@@ -642,8 +687,46 @@ impl Node {
         let request_signer = RequestSigner::new(&identity).ok_or_else(not_ed25519)?;
         let trust = load_trust(&n.ca, n.crl.as_deref())?;
         let local_crl = Arc::new(Mutex::new(trust.crls.first().cloned()));
-        let peers = load_peers(&config.replicas)?;
-        let joining = !peers.contains_key(&id);
+        let configured = load_peers(&config.replicas)?;
+        let joining = !configured.contains_key(&id);
+        let peers = if joining {
+            // The replicas it will trust for the state are the current ones, as the roster's
+            // certified changes say, not whoever its file lists (removed ones among them could
+            // feed it a false state).
+            match current_roster(&identity, &trust, n, &configured).await {
+                Ok(roster) => {
+                    tracing::info!(
+                        configured = n.roster,
+                        current = roster.number(),
+                        replicas = roster.replicas().len(),
+                        "joiner: following the current roster"
+                    );
+                    // Without itself, even if its AddNode executed already: it starts as a
+                    // joiner that the others' group certifies the state to, and becomes a
+                    // member by the ordered change, as the others do (counting itself in its
+                    // first group would have it vote, time out and change views alone).
+                    let mut peers = peers_of(&roster);
+                    peers.remove(&id);
+                    if peers.len() < securesmart_membership::MIN_REPLICAS {
+                        // Replicas left since it was added: without it the roster is too small
+                        // to start from; its configuration (written when it was added) is not.
+                        tracing::warn!(
+                            current = roster.number(),
+                            "joiner: the current roster without this replica is too small to start from; trusting the configured replicas"
+                        );
+                        configured
+                    } else {
+                        peers
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "joiner: cannot learn the current roster; trusting the configured replicas");
+                    configured
+                }
+            }
+        } else {
+            configured
+        };
         let ca = trust
             .ca_certs
             .first()
@@ -1044,6 +1127,12 @@ async fn intake(
             }
         };
         let roster = rosters.current();
+        // A replica may connect as a client only to learn the roster (a joiner does, before
+        // it trusts anyone for the state); it orders its own requests through the engine.
+        if m.role == Role::Replica && request.kind != RequestKind::Rosters {
+            client_counter("replica_as_client");
+            continue;
+        }
         if matches!(request.kind, RequestKind::Rosters | RequestKind::Seal)
             && !answered.allows(&m.from, request.kind)
         {

@@ -790,6 +790,33 @@ async fn join_and_remove(crash: bool) {
         let mut current: Vec<_> = [0, 1, 2, 4].iter().map(|i| c.replicas[*i].id).collect();
         current.sort();
         assert_eq!(trusted, current, "the late joiner's configured replicas");
+        // Configured by hand with the genesis replicas instead (replica 3 among them, removed
+        // since), a joiner follows the certified roster changes before it trusts anyone.
+        let text = std::fs::read_to_string(&c.replicas[late].config).map_err(|e| e.to_string())?;
+        let genesis =
+            std::fs::read_to_string(c.dir.join("client0.toml")).map_err(|e| e.to_string())?;
+        let (head, _) = text
+            .split_once("[[replicas]]")
+            .ok_or("no replicas in the config")?;
+        let (_, genesis_list) = genesis.split_once("[[replicas]]").ok_or("no replicas")?;
+        let stale = format!(
+            "{}[[replicas]]{genesis_list}",
+            head.replace("roster = 2", "roster = 0")
+        );
+        std::fs::write(&c.replicas[late].config, stale).map_err(|e| e.to_string())?;
+        c.start(late, &log_filter()).map_err(|e| e.to_string())?;
+        let log = c.dir.join(format!("logs/replica{late}.log"));
+        wait_for(
+            "the joiner configured with the genesis replicas to follow the roster",
+            Duration::from_secs(30),
+            || {
+                let text = plain(&std::fs::read_to_string(&log).unwrap_or_default());
+                text.contains("joiner: following the current roster")
+                    && text.contains("configured=0 current=2 replicas=4")
+            },
+        )
+        .await?;
+        c.kill(late);
         Ok::<_, String>(())
     }
     .await;
@@ -889,6 +916,24 @@ async fn join_and_remove(crash: bool) {
         removed.open(&sealed, b"test context").is_err(),
         "the removed replica opened a payload of the new epoch"
     );
+}
+
+/// `text` without ANSI colour sequences.
+fn plain(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(ch) = chars.next() {
+        if ch == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c == 'm' {
+                    break;
+                }
+            }
+        } else {
+            out.push(ch);
+        }
+    }
+    out
 }
 
 /// Resident memory of a process, in MiB (0 if unknown).

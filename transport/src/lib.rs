@@ -16,7 +16,9 @@
 //!   cannot starve agreement. Clients use [`Plane::client`].
 //! - **Admission.** A peer is accepted only if its chain verifies to the configured CA, it is
 //!   not on the current CRL (with a CRL loaded, unknown status is refused and an expired CRL fails
-//!   closed), its role fits the plane, its node id is in the peer set (replica plane) and not
+//!   closed), its role fits the plane (the replica plane takes replicas; a client plane takes
+//!   clients, and replicas acting as clients, each [`Message`] naming the sender's role), its
+//!   node id is in the peer set (replica plane) and not
 //!   blocked, and its IP is not blocked. The [`TrustConfig`] can be replaced at runtime with
 //!   [`Plane::update_trust`]: verifiers read it through one swappable handle, and live
 //!   connections that no longer qualify are closed.

@@ -83,6 +83,9 @@ impl PlaneConfig {
 pub struct Message {
     /// The authenticated sender.
     pub from: NodeId,
+    /// The sender's role, from its certificate (on a client plane: a client, or a replica
+    /// acting as one).
+    pub role: crate::identity::Role,
     /// The class (stream) it arrived on.
     pub class: Class,
     /// The payload, as received (no copy after the frame decoder).
@@ -348,7 +351,7 @@ impl Plane {
             limits,
         } = config;
         limits.validate()?;
-        if identity.role() != kind.own_role() {
+        if !kind.runs_as(identity.role()) {
             return Err(TransportError::Config(format!(
                 "an identity of role {} cannot run a {} plane",
                 identity.role(),
@@ -1124,7 +1127,7 @@ impl Shared {
                         let shared = Arc::clone(self);
                         let conn = conn.clone();
                         readers.spawn(async move {
-                            if let Err(e) = shared.read_stream(info.id, recv).await {
+                            if let Err(e) = shared.read_stream(info.id, info.role, recv).await {
                                 shared.peer_misbehaved(&conn, info.id, &e);
                             }
                         }.in_current_span());
@@ -1173,6 +1176,7 @@ impl Shared {
     async fn read_stream(
         &self,
         peer: NodeId,
+        role: crate::identity::Role,
         mut recv: quinn::RecvStream,
     ) -> Result<(), PeerError> {
         let mut tag = [0u8; 1];
@@ -1190,7 +1194,7 @@ impl Shared {
                     while let Some(frame) = decoder.next_frame()? {
                         frames.push(frame);
                     }
-                    if !frames.is_empty() && !self.deliver(peer, class, &mut frames).await {
+                    if !frames.is_empty() && !self.deliver(peer, role, class, &mut frames).await {
                         return Ok(());
                     }
                 }
@@ -1202,7 +1206,13 @@ impl Shared {
     }
 
     /// Applies the peer's budgets and queues the frames; `false` once the inbox is gone.
-    async fn deliver(&self, peer: NodeId, class: Class, frames: &mut Vec<Bytes>) -> bool {
+    async fn deliver(
+        &self,
+        peer: NodeId,
+        role: crate::identity::Role,
+        class: Class,
+        frames: &mut Vec<Bytes>,
+    ) -> bool {
         let count = frames.len();
         let bytes: usize = frames.iter().map(Bytes::len).sum();
         self.stats.frames_in(class, count as u64, bytes as u64);
@@ -1241,6 +1251,7 @@ impl Shared {
             for (permit, payload) in permits.zip(payloads.by_ref()) {
                 permit.send(Message {
                     from: peer,
+                    role,
                     class,
                     payload,
                 });

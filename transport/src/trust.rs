@@ -172,7 +172,7 @@ impl TrustState {
         if self.config.blocked_ids.contains(&info.id) {
             return Err(Refusal::BlockedNodeId);
         }
-        if info.role != plane.peer_role() {
+        if !plane.accepts_peer(info.role) {
             return Err(Refusal::WrongRole);
         }
         if plane.needs_peer_set() && !self.config.peers.contains_key(&info.id) {
@@ -259,17 +259,21 @@ pub(crate) enum PlaneKind {
 }
 
 impl PlaneKind {
-    pub(crate) const fn peer_role(self) -> Role {
+    /// Whether a peer of `role` may connect on this plane: replicas on the replica plane;
+    /// clients, and replicas acting as clients (a joiner asking for the roster), on the
+    /// client plane.
+    pub(crate) fn accepts_peer(self, role: Role) -> bool {
         match self {
-            PlaneKind::Replica | PlaneKind::Client => Role::Replica,
-            PlaneKind::ClientListener => Role::Client,
+            PlaneKind::Replica | PlaneKind::Client => role == Role::Replica,
+            PlaneKind::ClientListener => matches!(role, Role::Client | Role::Replica),
         }
     }
 
-    pub(crate) const fn own_role(self) -> Role {
+    /// Whether an identity of `role` may run this plane (a replica may run a client plane).
+    pub(crate) fn runs_as(self, role: Role) -> bool {
         match self {
-            PlaneKind::Replica | PlaneKind::ClientListener => Role::Replica,
-            PlaneKind::Client => Role::Client,
+            PlaneKind::Replica | PlaneKind::ClientListener => role == Role::Replica,
+            PlaneKind::Client => matches!(role, Role::Client | Role::Replica),
         }
     }
 
@@ -476,6 +480,23 @@ impl ServerCertVerifier for PeerVerifier {
 mod tests {
     use super::*;
     use crate::pki::{CertRequest, DevCa};
+
+    #[test]
+    fn roles_fit_planes_and_a_replica_may_act_as_a_client_only_on_client_planes() {
+        use PlaneKind::{Client, ClientListener, Replica};
+        // Who may connect.
+        assert!(Replica.accepts_peer(Role::Replica) && !Replica.accepts_peer(Role::Client));
+        assert!(ClientListener.accepts_peer(Role::Client));
+        assert!(
+            ClientListener.accepts_peer(Role::Replica),
+            "a joiner asks for the roster"
+        );
+        assert!(Client.accepts_peer(Role::Replica) && !Client.accepts_peer(Role::Client));
+        // Who may run which plane.
+        assert!(Replica.runs_as(Role::Replica) && !Replica.runs_as(Role::Client));
+        assert!(ClientListener.runs_as(Role::Replica) && !ClientListener.runs_as(Role::Client));
+        assert!(Client.runs_as(Role::Client) && Client.runs_as(Role::Replica));
+    }
 
     fn now() -> UnixTime {
         UnixTime::now()

@@ -7,9 +7,7 @@ mod common;
 use bytes::Bytes;
 use common::*;
 use securesmart_transport::pki::DevCa;
-use securesmart_transport::{
-    ALPN_CLIENT, Class, Inbox, Limits, Plane, PlaneConfig, Refusal, Role, TrustConfig,
-};
+use securesmart_transport::{Class, Inbox, Limits, Plane, PlaneConfig, Refusal, Role, TrustConfig};
 
 struct Listener {
     replica: securesmart_transport::Identity,
@@ -35,7 +33,17 @@ async fn client(
     name: &str,
     to: &Listener,
 ) -> (securesmart_transport::Identity, Plane, Inbox) {
-    let id = ca.issue_role(name, Role::Client).unwrap();
+    client_as(ca, name, Role::Client, to).await
+}
+
+/// A client plane of an identity of `role` named `name`, connected to `to`.
+async fn client_as(
+    ca: &DevCa,
+    name: &str,
+    role: Role,
+    to: &Listener,
+) -> (securesmart_transport::Identity, Plane, Inbox) {
+    let id = ca.issue_role(name, role).unwrap();
     let trust = TrustConfig::new(ca.certificate())
         .with_peer(to.replica.id(), to.plane.local_addr().unwrap());
     let (plane, inbox) =
@@ -73,34 +81,38 @@ async fn a_client_request_is_answered_over_its_connection() {
         (reply.from, &reply.payload[..]),
         (l.replica.id(), &b"ok"[..])
     );
-    // A replica identity cannot run a client, and vice versa.
-    let wrong = PlaneConfig::new(
-        l.replica.clone(),
-        local(),
-        TrustConfig::new(ca.certificate()),
-    );
-    assert!(Plane::client(wrong).await.is_err());
+    // A client identity cannot run a client plane's listener (a replica may run a client: a
+    // joiner asks the replicas for the roster).
+    let wrong = PlaneConfig::new(cid.clone(), local(), TrustConfig::new(ca.certificate()));
+    assert!(Plane::client_listener(wrong).await.is_err());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_replica_certificate_is_refused_on_the_client_plane() {
+async fn a_replica_acting_as_a_client_is_admitted_and_named_as_a_replica() {
     let ca = DevCa::new("ca").unwrap();
-    let l = listener(&ca).await;
-    let addr = l.plane.local_addr().unwrap();
-    let good = ca.issue_role("client", Role::Client).unwrap();
-    let ok = raw_dial(&good, addr, ALPN_CLIENT).await.unwrap();
-    assert!(
-        raw_link_survives(&ok).await,
-        "a client certificate is accepted"
-    );
-    let replica = ca.issue_role("other replica", Role::Replica).unwrap();
-    if let Ok(conn) = raw_dial(&replica, addr, ALPN_CLIENT).await {
-        assert!(!raw_link_survives(&conn).await);
+    let mut l = listener(&ca).await;
+    let (_, c, _ci) = client(&ca, "client", &l).await;
+    let (_, r, _ri) = client_as(&ca, "joining replica", Role::Replica, &l).await;
+    assert!(c.wait_connected(1, WAIT).await && r.wait_connected(1, WAIT).await);
+    for plane in [&c, &r] {
+        plane
+            .send(
+                l.replica.id(),
+                Class::Consensus,
+                Bytes::from_static(b"hello"),
+            )
+            .await
+            .unwrap();
     }
-    eventually("wrong role", || {
-        l.plane.stats().refused(Refusal::WrongRole) == 1
-    })
-    .await;
+    // The listener hears both, each with the role its certificate names: the node answers a
+    // replica only its roster queries.
+    let mut roles: Vec<Role> = recv_n(&mut l.inbox, 2)
+        .await
+        .iter()
+        .map(|m| m.role)
+        .collect();
+    roles.sort_by_key(|r| *r == Role::Replica);
+    assert_eq!(roles, vec![Role::Client, Role::Replica]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
