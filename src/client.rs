@@ -451,7 +451,8 @@ impl Client {
     /// answers (within `retry`) brings nothing newer, and returns the roster it trusts then.
     ///
     /// # Errors
-    /// [`ClientError::StaleRoster`], or [`ClientError::Transport`].
+    /// [`ClientError::StaleRoster`] (from f + 1 replicas), or [`ClientError::Unreachable`]
+    /// when fewer than f + 1 replicas of its roster answered the last round.
     pub async fn refresh_roster(&mut self) -> Result<&Roster, ClientError> {
         loop {
             let before = self.roster.number();
@@ -460,25 +461,36 @@ impl Client {
             let mut answered = std::collections::HashSet::new();
             let mut too_old = Vec::new();
             while let Ok(Some(m)) = tokio::time::timeout_at(until.into(), self.inbox.recv()).await {
-                if !self.roster.contains(&m.from) || !answered.insert(m.from) {
+                if !self.roster.contains(&m.from) || answered.contains(&m.from) {
                     continue;
                 }
+                // One answer per replica and round, to this query only.
                 if let Ok(ClientReply {
                     number,
                     outcome: Outcome::Rosters(changes),
                     ..
                 }) = ClientReply::decode(&m.payload)
                     && number == self.number
-                    && let Err(e) = self.follow(&changes)
                 {
-                    too_old.push(e);
+                    answered.insert(m.from);
+                    if let Err(e) = self.follow(&changes) {
+                        too_old.push(e);
+                    }
                 }
             }
             if self.roster.number() == before {
-                if too_old.len() > self.roster.group().f()
+                let f = self.roster.group().f();
+                if too_old.len() > f
                     && let Some(e) = too_old.pop()
                 {
                     return Err(ClientError::StaleRoster(e));
+                }
+                // Nothing newer, but only believed from f + 1 answers (one of them correct).
+                if answered.len() <= f {
+                    return Err(ClientError::Unreachable {
+                        reached: answered.len(),
+                        needed: f + 1,
+                    });
                 }
                 return Ok(&self.roster);
             }

@@ -155,6 +155,9 @@ pub(crate) fn unix_now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
+/// How many more times a joiner asks for the roster before it falls back to its configuration.
+const JOINER_ROSTER_TRIES: usize = 10;
+
 /// The current roster, followed from the one `node`'s configuration lists (`configured`,
 /// roster `node.roster`), asking as a client over the replicas' client planes.
 async fn current_roster(
@@ -171,7 +174,16 @@ async fn current_roster(
     };
     let mut client =
         crate::client::Client::connect(identity.clone(), trust.clone(), roster, options).await?;
-    let current = client.refresh_roster().await.cloned();
+    // Until f + 1 replicas of the roster it reached answered (one of them correct): a joiner
+    // that heard nobody must not take its configuration for the current roster unawares.
+    let mut current = client.refresh_roster().await.cloned();
+    for _ in 0..JOINER_ROSTER_TRIES {
+        if current.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        current = client.refresh_roster().await.cloned();
+    }
     client.close().await;
     current
 }
@@ -1066,12 +1078,16 @@ impl Sealer {
 /// seals one operation per request) and roster queries (a client asks when it falls behind).
 struct Answered {
     seals: governor::DefaultKeyedRateLimiter<NodeId>,
+    /// All clients' seals together: many clients cannot keep intake sealing either.
+    all_seals: governor::DefaultDirectRateLimiter,
     rosters: governor::DefaultKeyedRateLimiter<NodeId>,
     checked: u64,
 }
 
 /// Seals per client and second, and the burst.
-const SEALS_PER_SEC: (u32, u32) = (4_000, 8_000);
+const SEALS_PER_SEC: (u32, u32) = (2_000, 4_000);
+/// Seals per second of all clients together, and the burst.
+const ALL_SEALS_PER_SEC: (u32, u32) = (20_000, 40_000);
 /// Roster queries per client and second, and the burst.
 const ROSTER_QUERIES_PER_SEC: (u32, u32) = (20, 40);
 
@@ -1085,6 +1101,7 @@ impl Answered {
         };
         Self {
             seals: governor::RateLimiter::keyed(quota(SEALS_PER_SEC)),
+            all_seals: governor::RateLimiter::direct(quota(ALL_SEALS_PER_SEC)),
             rosters: governor::RateLimiter::keyed(quota(ROSTER_QUERIES_PER_SEC)),
             checked: 0,
         }
@@ -1098,12 +1115,11 @@ impl Answered {
             self.seals.retain_recent();
             self.rosters.retain_recent();
         }
-        let limiter = if kind == RequestKind::Seal {
-            &self.seals
+        if kind == RequestKind::Seal {
+            self.seals.check_key(client).is_ok() && self.all_seals.check().is_ok()
         } else {
-            &self.rosters
-        };
-        limiter.check_key(client).is_ok()
+            self.rosters.check_key(client).is_ok()
+        }
     }
 }
 
@@ -1179,12 +1195,12 @@ async fn intake(
             tracing::debug!(client = ?m.from, "membership command signed at a time far from ours");
             continue;
         }
-        if let Err(e) = request.verify(&m.from) {
-            client_counter("bad_signature");
-            tracing::debug!(client = ?m.from, error = %e, "client request refused before ordering");
-            continue;
-        }
         if request.kind == RequestKind::Seal {
+            if let Err(e) = request.verify(&m.from) {
+                client_counter("bad_signature");
+                tracing::debug!(client = ?m.from, error = %e, "request to seal refused");
+                continue;
+            }
             // Sealed for this client and number only; what the client then orders carries its
             // signature on this ciphertext, so no replica can put another in its place.
             let outcome = match sealer.seal(&m.from, number, &request.payload) {
@@ -1207,16 +1223,23 @@ async fn intake(
             send_reply(&clients, m.from, number, roster, outcome);
             continue;
         }
-        let Some(submission) = request.into_submission() else {
-            continue;
+        // Everything the engine's check verifies (a confidential request's sealer signature
+        // too): the engine takes what intake submits as checked.
+        let submission = match request.into_checked_submission(&m.from) {
+            Ok(s) => s,
+            Err(e) => {
+                client_counter("bad_signature");
+                tracing::debug!(client = ?m.from, error = %e, "client request refused before ordering");
+                continue;
+            }
         };
         let ordered = Request {
             client: m.from,
             number,
             payload: submission.encode(),
         };
-        // Checked above (the same signature the engine's `protocol::request_check` checks):
-        // the engine takes it without checking it again.
+        // Checked above (`into_checked_submission`: what the engine's `protocol::request_check`
+        // checks): the engine takes it without checking it again.
         match submitter.submit_checked(ordered) {
             Ok(()) => client_counter("submitted"),
             Err(PbftError::Busy) => {
@@ -1253,5 +1276,18 @@ mod tests {
             .count();
         assert!(seals < SEALS_PER_SEC.1 as usize + 1_000, "{seals} seals");
         assert!(answered.allows(&other, RequestKind::Seal));
+        // And many clients together get no more than the global budget.
+        let mut answered = Answered::new();
+        let many = (0..200_000u32)
+            .filter(|k| {
+                let mut id = [0u8; 32];
+                id[..4].copy_from_slice(&(k % 1000).to_be_bytes());
+                answered.allows(&NodeId::from_bytes(id), RequestKind::Seal)
+            })
+            .count();
+        assert!(
+            many < ALL_SEALS_PER_SEC.1 as usize + 20_000,
+            "{many} seals of all clients"
+        );
     }
 }

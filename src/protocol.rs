@@ -566,6 +566,21 @@ impl ClientRequest {
         })
     }
 
+    /// [`ClientRequest::into_submission`], checked as the engine checks what it orders
+    /// ([`Submission::verify_all`]: the client's signature and, for a confidential request,
+    /// its sealer's). A node's intake hands the engine only what passes, and the engine then
+    /// takes it without checking it again.
+    ///
+    /// # Errors
+    /// [`AuthError`] saying what is wrong ([`AuthError::Unsigned`] for the kinds a replica
+    /// answers itself).
+    pub fn into_checked_submission(self, client: &NodeId) -> Result<Submission, AuthError> {
+        let number = self.number;
+        let submission = self.into_submission().ok_or(AuthError::Unsigned)?;
+        submission.verify_all(client, number)?;
+        Ok(submission)
+    }
+
     /// Encodes the request.
     pub fn encode(&self) -> Vec<u8> {
         let mut w = Writer::default();
@@ -1094,7 +1109,15 @@ mod tests {
         let mut forged_sealer = sealer;
         forged_sealer.signature[0] ^= 1;
         let made_up = ClientRequest::confidential(&alice, 4, &ask.payload, &forged_sealer, &sealed);
-        assert!(!check.allows(&ordered(&made_up.into_submission().unwrap())));
+        assert!(!check.allows(&ordered(&made_up.clone().into_submission().unwrap())));
+        // Intake checks the same before it hands a request to the engine as checked: the
+        // client's own signature on it is not enough.
+        assert_eq!(made_up.verify(&alice.id()), Ok(()));
+        assert_eq!(
+            made_up.into_checked_submission(&alice.id()),
+            Err(AuthError::BadSignature)
+        );
+        assert!(request.clone().into_checked_submission(&alice.id()).is_ok());
         let not_the_sender = SealerSignature::sign(&mallory, &alice.id(), 4, &sealed);
         assert_eq!(
             SealerSignature::verify(&not_the_sender, &alice.id(), 4, &sealed),
