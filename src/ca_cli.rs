@@ -67,6 +67,11 @@ pub(crate) enum CaCommand {
         /// unspecified, key-compromise, affiliation-changed, superseded, cessation-of-operation.
         #[arg(long, default_value = "unspecified")]
         reason: Reason,
+        /// Add the revoked certificate to this PEM bundle (written atomically): nodes whose
+        /// `revoked_certificates` names it order it, so that the replicated state refuses its
+        /// requests whoever relays them (the CRL alone names only a serial).
+        #[arg(long, requires = "cert")]
+        bundle: Option<PathBuf>,
     },
     /// Issue a CRL: PEM at --out, DER beside it (.der).
     Crl {
@@ -137,6 +142,21 @@ fn read(path: &Path) -> Result<Vec<u8>, String> {
 
 fn write(path: &Path, data: &[u8]) -> CliResult {
     std::fs::write(path, data).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// Appends `cert` (PEM or DER) as PEM to the bundle at `path`, through a temporary file and a
+/// rename (a node watching the bundle never reads half of it).
+fn add_to_bundle(path: &Path, cert: &[u8]) -> CliResult {
+    use rustls::pki_types::pem::PemObject;
+    let der = rustls::pki_types::CertificateDer::from_pem_slice(cert)
+        .unwrap_or_else(|_| rustls::pki_types::CertificateDer::from(cert.to_vec()));
+    let mut all = std::fs::read(path).unwrap_or_default();
+    all.extend_from_slice(pem_encode("CERTIFICATE", der.as_ref()).as_bytes());
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    write(&tmp, &all)?;
+    std::fs::rename(&tmp, path).map_err(|e| format!("{}: {e}", path.display()))
 }
 
 pub(crate) fn keygen(args: &KeygenArgs) -> CliResult {
@@ -241,15 +261,20 @@ pub(crate) async fn run(cmd: CaCommand) -> CliResult {
             serial,
             cert,
             reason,
+            bundle,
         } => {
             let mut ca = open(&dir)?;
-            let record = match (serial, cert) {
+            let record = match (serial, &cert) {
                 (Some(s), _) => ca.revoke(&RevokeTarget::Serial(s), reason),
-                (None, Some(c)) => ca.revoke_certificate(&read(&c)?, reason),
+                (None, Some(c)) => ca.revoke_certificate(&read(c)?, reason),
                 (None, None) => return Err("give --serial or --cert".into()),
             }
             .map_err(|e| e.to_string())?;
             println!("revoked serial {} node {}", record.serial, record.node_id);
+            if let (Some(bundle), Some(c)) = (bundle, cert) {
+                add_to_bundle(&bundle, &read(&c)?)?;
+                println!("added to {}", bundle.display());
+            }
         }
         CaCommand::Crl { dir, out, validity } => {
             let crl = open(&dir)?.crl(validity).map_err(|e| e.to_string())?;

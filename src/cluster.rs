@@ -303,7 +303,7 @@ impl LocalCluster {
         let text = format!(
             "# Replica {i} of a local cluster (written by securesmart).\n[node]\n\
              certificate = \"replica{i}.pem\"\nkey = \"replica{i}.key\"\nca = \"ca.pem\"\n\
-             crl = \"crl.pem\"\ndata_dir = \"data/replica{i}\"\nreplica_listen = \"{}\"\n\
+             crl = \"crl.pem\"\nrevoked_certificates = \"revoked.pem\"\ndata_dir = \"data/replica{i}\"\nreplica_listen = \"{}\"\n\
              client_listen = \"{}\"\nmetrics_listen = \"{}\"\nlimits = \"local\"\n\
              admins = [\"client0.pem\"]\nrekey_seconds = {}\nroster = {roster}\n\n[consensus]\nmax_batch = {}\nbatch_delay_ms = {}\n\
              checkpoint_interval = {}\nwindow = {}\nview_change_timeout_ms = {}\n{list}",
@@ -399,8 +399,8 @@ impl LocalCluster {
             .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
     }
 
-    /// Revokes `certificate` at the trust center and writes a fresh CRL to `crl.pem`; returns
-    /// its path.
+    /// Revokes `certificate` at the trust center, writes a fresh CRL to `crl.pem` and adds the
+    /// certificate to `revoked.pem` (the replicas order both); returns the CRL's path.
     ///
     /// # Errors
     /// [`ClusterError`].
@@ -409,7 +409,19 @@ impl LocalCluster {
         let pem = std::fs::read(certificate).map_err(io(certificate.display().to_string()))?;
         ca.revoke_certificate(&pem, securesmart_membership::Reason::KeyCompromise)
             .map_err(tc)?;
-        write_crl(&self.dir, &mut ca)
+        let crl = write_crl(&self.dir, &mut ca)?;
+        // The certificate itself too, so that the replicas learn whom the CRL's serial names
+        // (a client's id is in no membership) and refuse its requests whoever relays them.
+        let bundle = self.dir.join("revoked.pem");
+        let mut all = std::fs::read(&bundle).unwrap_or_default();
+        // The leaf only (the file may hold its chain).
+        let leaf = crate::config::load_certificate(certificate)
+            .map_err(|e| ClusterError::TrustCenter(e.to_string()))?;
+        all.extend_from_slice(
+            securesmart_transport::pki::pem_encode("CERTIFICATE", leaf.as_ref()).as_bytes(),
+        );
+        write_atomic(&bundle, &all)?;
+        Ok(crl)
     }
 }
 
@@ -456,14 +468,21 @@ async fn enroll_all(dir: &Path, names: &[(String, RoleName)]) -> Result<Vec<Node
 fn write_crl(dir: &Path, ca: &mut TrustCenter) -> Result<PathBuf, ClusterError> {
     let crl = ca.crl(Duration::from_secs(24 * 3600)).map_err(tc)?;
     let path = dir.join("crl.pem");
-    let tmp = dir.join("crl.pem.tmp");
-    std::fs::write(
-        &tmp,
-        securesmart_transport::pki::pem_encode("X509 CRL", crl.as_ref()),
-    )
-    .map_err(io("crl.pem"))?;
-    std::fs::rename(&tmp, &path).map_err(io("crl.pem"))?;
+    write_atomic(
+        &path,
+        securesmart_transport::pki::pem_encode("X509 CRL", crl.as_ref()).as_bytes(),
+    )?;
     Ok(path)
+}
+
+/// Writes `path` through a temporary file and a rename, so that a watcher never reads half.
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), ClusterError> {
+    let what = path.display().to_string();
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    std::fs::write(&tmp, bytes).map_err(io(what.clone()))?;
+    std::fs::rename(&tmp, path).map_err(io(what))
 }
 
 /// Fetches a node's Prometheus metrics (plain HTTP GET on `addr`).

@@ -149,6 +149,11 @@ pub struct NodeSection {
     /// Initial CRL (PEM or DER).
     #[serde(default)]
     pub crl: Option<PathBuf>,
+    /// Certificates the CRL revokes (PEM, any number): ordered so that the replicated state
+    /// knows whom they name (clients' certificates, whose ids it does not otherwise know), and
+    /// refuses their requests whichever replica relays them.
+    #[serde(default)]
+    pub revoked_certificates: Option<PathBuf>,
     /// Data directory (journal).
     pub data_dir: PathBuf,
     /// Replica-plane listen address.
@@ -321,7 +326,10 @@ impl NodeConfig {
         for p in [&mut n.certificate, &mut n.key, &mut n.ca, &mut n.data_dir] {
             resolve(&base, p);
         }
-        if let Some(p) = n.crl.as_mut() {
+        for p in [n.crl.as_mut(), n.revoked_certificates.as_mut()]
+            .into_iter()
+            .flatten()
+        {
             resolve(&base, p);
         }
         for p in &mut n.admins {

@@ -231,6 +231,9 @@ struct Host {
     sealable: Arc<AtomicU64>,
     /// The rosters as intake answers clients with them.
     rosters: Rosters,
+    /// Woken when an ordered CRL executes: the CRL watcher then orders the revoked
+    /// certificates (which the state takes only once the CRL that lists them is ordered).
+    crl_ordered: Arc<tokio::sync::Notify>,
 }
 
 /// The replicated state's roster log as client intake sees it: published by the state task
@@ -322,6 +325,7 @@ impl Host {
             }
         }
         metrics::gauge!("securesmart_node_members").set(m.replicas() as f64);
+        metrics::gauge!("securesmart_node_revoked_certificates").set(m.revoked_count() as f64);
         metrics::gauge!("securesmart_node_membership_epoch").set(m.epoch() as f64);
     }
 
@@ -574,6 +578,12 @@ async fn run_state<S: StateMachine>(
                     replies.clear();
                 }
                 let changes = executor.app_mut().take_changes();
+                if changes
+                    .iter()
+                    .any(|c| matches!(c, securesmart_membership::Applied::CrlUpdated { .. }))
+                {
+                    host.crl_ordered.notify_one();
+                }
                 let mut trust_changed = false;
                 if !changes.is_empty() {
                     let m = executor.app().membership();
@@ -824,8 +834,10 @@ impl Node {
             rosters: Rosters::new(crate::roster::RosterLog::new(crate::roster::Roster::of(
                 0, &genesis,
             ))),
+            crl_ordered: Arc::new(tokio::sync::Notify::new()),
         };
         let rosters = host.rosters.clone();
+        let crl_ordered = Arc::clone(&host.crl_ordered);
         let sealable = Arc::clone(&host.sealable);
         let member = GroupMember::new(
             &group_identity,
@@ -873,8 +885,12 @@ impl Node {
         // which then stay behind until the next checkpoint.
         let others = peers.len().saturating_sub(usize::from(!joining));
         let startup = {
-            let (plane, clients, crl) =
-                (replica_plane.clone(), client_plane.clone(), n.crl.clone());
+            let (plane, clients, crl, revoked) = (
+                replica_plane.clone(),
+                client_plane.clone(),
+                n.crl.clone(),
+                n.revoked_certificates.clone(),
+            );
             tokio::spawn(async move {
                 plane.wait_connected(others, STARTUP_WAIT).await;
                 ready.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -896,7 +912,10 @@ impl Node {
                 );
                 match crl {
                     Some(path) => {
-                        tokio::join!(intake, watch_crl(path, own, local_crl));
+                        tokio::join!(
+                            intake,
+                            watch_crl(path, revoked, own, local_crl, crl_ordered)
+                        );
                     }
                     None => intake.await,
                 }
@@ -983,25 +1002,78 @@ pub const STARTUP_WAIT: Duration = Duration::from_secs(3);
 /// How often the node looks at its CRL file.
 pub const CRL_POLL: Duration = Duration::from_secs(1);
 
+/// How many looks at the CRL file in a row order the revoked certificates after a change.
+const REVOKE_RETRIES: u32 = 3;
+
+/// Orders `RevokeCertificates` with the certificates in the PEM file `path` (in commands of at
+/// most `MAX_CERTS_PER_COMMAND`). A file that is missing or unreadable orders nothing.
+fn order_revoked_certificates(path: &std::path::Path, own: &SelfRequests) {
+    use rustls::pki_types::pem::PemObject;
+    let Ok(bytes) = crate::config::read_limited(path) else {
+        return;
+    };
+    let certificates: Vec<Vec<u8>> = rustls::pki_types::CertificateDer::pem_slice_iter(&bytes)
+        .filter_map(Result::ok)
+        .map(|c| c.to_vec())
+        .collect();
+    for chunk in certificates.chunks(securesmart_membership::epoch::MAX_CERTS_PER_COMMAND) {
+        let command = MembershipCommand::RevokeCertificates {
+            certificates: chunk.to_vec(),
+        };
+        let submitted = own.submit(Ordered::Command {
+            time: unix_now(),
+            command: Bytes::from(command.encode()),
+        });
+        tracing::debug!(
+            certificates = chunk.len(),
+            submitted = submitted.is_ok(),
+            "ordering the revoked certificates"
+        );
+    }
+}
+
 /// Watches the CRL file: when it changes (and on the first look, since it may have changed
 /// while the node started), the node submits it as an ordered `UpdateCrl`, and uses it for
 /// its planes until the membership carries a CRL. A file that cannot be read keeps the
-/// current CRL and is logged and counted.
+/// current CRL and is logged and counted. With a file of revoked certificates (PEM), the node
+/// also orders `RevokeCertificates` with them whenever either file changes and whenever an
+/// ordered CRL executes (the replicated state takes only certificates the ordered CRL lists).
 async fn watch_crl(
     path: std::path::PathBuf,
+    revoked: Option<std::path::PathBuf>,
     own: SelfRequests,
     local: Arc<Mutex<Option<CertificateRevocationListDer<'static>>>>,
+    crl_ordered: Arc<tokio::sync::Notify>,
 ) {
     let modified = |p: &std::path::Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
     let mut seen = None;
+    let mut seen_revoked = None;
+    // Looks left at which the revoked certificates are ordered again.
+    let mut revoke_again = 0u32;
     let mut tick = tokio::time::interval(CRL_POLL);
     loop {
-        tick.tick().await;
+        tokio::select! {
+            _ = tick.tick() => {}
+            // An ordered CRL executed: the certificates it lists can be recorded now.
+            () = crl_ordered.notified() => revoke_again = REVOKE_RETRIES,
+        }
+        if let Some(revoked) = &revoked {
+            let now = modified(revoked);
+            if now != seen_revoked {
+                seen_revoked = now;
+                revoke_again = REVOKE_RETRIES;
+            }
+            if revoke_again > 0 {
+                revoke_again -= 1;
+                order_revoked_certificates(revoked, &own);
+            }
+        }
         let now = modified(&path);
         if now == seen {
             continue;
         }
         seen = now;
+        revoke_again = REVOKE_RETRIES;
         let crl = match crate::config::load_crl(&path) {
             Ok(crl) => crl,
             Err(e) => {

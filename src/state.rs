@@ -875,7 +875,9 @@ impl<S: StateMachine> NodeState<S> {
             .map_err(|e| format!("malformed command: {e}"))
             .and_then(|cmd| {
                 let allowed = match &cmd {
-                    MembershipCommand::UpdateCrl { .. } => true,
+                    // Anyone: the CRL and the certificates prove themselves.
+                    MembershipCommand::UpdateCrl { .. }
+                    | MembershipCommand::RevokeCertificates { .. } => true,
                     MembershipCommand::RemoveNode { id } if *id == client => true,
                     // An administrator whose certificate the ordered CRL revokes is one no more.
                     _ => self
@@ -950,6 +952,23 @@ impl<S: StateMachine> StateMachine for NodeState<S> {
                     tracing::debug!(from = ?request.client, roster, %why, "roster acknowledgement refused");
                     Bytes::from(format!("refused: {why}"))
                 }
+            };
+        }
+        // A certificate the ordered CRL revokes (as an ordered `RevokeCertificates` proved)
+        // authorizes nothing, whichever replica relays its signed requests.
+        if self.membership.is_revoked(&request.client)
+            && let Ok(Submission { ordered, .. }) = &submission
+            && matches!(
+                ordered,
+                Ordered::App(_) | Ordered::Sealed { .. } | Ordered::Command { .. }
+            )
+        {
+            metrics::counter!("securesmart_node_revoked_requests_total").increment(1);
+            tracing::info!(client = ?request.client, "request of a revoked certificate refused");
+            return if matches!(ordered, Ordered::Command { .. }) {
+                Bytes::from_static(b"refused: revoked")
+            } else {
+                Bytes::new()
             };
         }
         match submission.map(|s| s.ordered) {
@@ -1713,6 +1732,70 @@ mod tests {
         let r = s.execute(&ordered(admin.id(), 1, remove));
         assert!(r.starts_with(b"refused: not an administrator"), "{r:?}");
         assert_eq!(s.membership().replicas(), 5);
+    }
+
+    #[test]
+    fn a_revoked_clients_signed_requests_are_refused_whoever_relays_them() {
+        let mut ca = DevCa::new("revoking ca").unwrap();
+        let (_, members) = five_replicas(&ca);
+        let genesis = Membership::genesis(ca.certificate(), members, UnixTime::now()).unwrap();
+        let relay = genesis.replica_ids()[0];
+        let mut s = NodeState::new(genesis, Vec::new(), KvStore::default());
+        let mallory = ca.issue_role("mallory", Role::Client).unwrap();
+        let put = |number: u64| {
+            ordered(
+                mallory.id(),
+                number,
+                Ordered::App(Bytes::from(
+                    KvOp::Put {
+                        key: "k".into(),
+                        value: "v".into(),
+                    }
+                    .encode(),
+                )),
+            )
+        };
+        assert!(
+            KvReply::decode(&s.execute(&put(1))).is_ok(),
+            "executes before"
+        );
+        let now = crate::node::unix_now();
+        let command = |c: MembershipCommand| Ordered::Command {
+            time: now,
+            command: Bytes::from(c.encode()),
+        };
+        let crl = ca.crl(&[&mallory.chain()[0]]).unwrap().to_vec();
+        let r = s.execute(&ordered(
+            relay,
+            1,
+            command(MembershipCommand::UpdateCrl { crl }),
+        ));
+        assert!(r.starts_with(b"ok"), "{r:?}");
+        // The CRL names a serial; the replicas cannot tell whose it is until its certificate is
+        // ordered (any replica's watcher, or anyone, may order it).
+        let revoke = MembershipCommand::RevokeCertificates {
+            certificates: vec![mallory.chain()[0].to_vec()],
+        };
+        let r = s.execute(&ordered(relay, 2, command(revoke)));
+        assert!(r.starts_with(b"ok"), "{r:?}");
+        // Mallory's validly signed requests, relayed by a faulty replica (correct ones refuse
+        // its TLS), execute nowhere.
+        assert!(s.execute(&put(2)).is_empty());
+        let own_command = command(MembershipCommand::RemoveNode { id: mallory.id() });
+        assert_eq!(
+            &s.execute(&ordered(mallory.id(), 3, own_command))[..],
+            b"refused: revoked"
+        );
+        assert_eq!(
+            KvReply::decode(&s.execute(&ordered(
+                relay,
+                3,
+                Ordered::App(Bytes::from(KvOp::Get { key: "k".into() }.encode()))
+            )))
+            .unwrap(),
+            KvReply::Value(Some(Bytes::from_static(b"v"))),
+            "its second put did not execute"
+        );
     }
 
     #[test]

@@ -124,8 +124,19 @@ fn init_token_keygen_sign_revoke_crl_list() {
             "n2/node.pem",
             "--reason",
             "key-compromise",
+            "--bundle",
+            "revoked.pem",
         ],
         &work,
+    );
+    // The bundle holds the revoked certificate as openssl reads it, for the nodes to order.
+    let bundle = std::fs::read_to_string(work.join("revoked.pem")).unwrap();
+    assert_eq!(bundle.matches("BEGIN CERTIFICATE").count(), 1);
+    assert_eq!(
+        bundle.trim(),
+        std::fs::read_to_string(work.join("n2/node.pem"))
+            .unwrap()
+            .trim()
     );
     ok(&["ca", "crl", "--dir", "ca", "--out", "crl.pem"], &work);
     assert!(work.join("crl.der").exists());

@@ -440,6 +440,20 @@ async fn a_client_whose_certificate_is_revoked_is_refused() {
         Some(Bytes::from("from the victim"))
     );
     bystander.close().await;
+    // Beyond TLS: the replicas ordered the revoked certificate itself, so the replicated state
+    // refuses the victim's signed requests even if a faulty replica relays them.
+    wait_for(
+        "every replica to know whom the CRL revokes",
+        Duration::from_secs(20),
+        || {
+            (0..4).all(|i| {
+                let metrics = scrape(c.replicas[i].metrics_addr).unwrap_or_default();
+                metric_sum(&metrics, "securesmart_node_revoked_certificates", &[]) >= 1.0
+            })
+        },
+    )
+    .await
+    .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

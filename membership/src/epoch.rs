@@ -20,7 +20,7 @@
 //! u32 length; limits [`MAX_CERT_BYTES`], [`MAX_KEY_PACKAGE_BYTES`], [`MAX_CRL_BYTES`]; the
 //! decoder must consume the whole input.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::{Ipv6Addr, SocketAddr};
 
 use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, UnixTime};
@@ -36,8 +36,10 @@ pub const MAX_CERT_BYTES: usize = 16 * 1024;
 pub const MAX_KEY_PACKAGE_BYTES: usize = 64 * 1024;
 /// Largest CRL in a command.
 pub const MAX_CRL_BYTES: usize = 1024 * 1024;
-/// Encoding version.
-const VERSION: u8 = 1;
+/// Encoding version of a membership (2: the revoked certificates).
+const VERSION: u8 = 2;
+/// Encoding version of a command (the `RevokeCertificates` tag is new; the others read as before).
+const COMMAND_VERSION: u8 = 1;
 
 /// One member of the system.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -79,6 +81,13 @@ pub enum MembershipCommand {
         /// The CRL (DER).
         crl: Vec<u8>,
     },
+    /// Record who the current CRL revokes: certificates our CA issued whose serials it lists
+    /// (clients' among them, whose ids the membership does not otherwise know). Anyone may
+    /// order it; each certificate proves itself.
+    RevokeCertificates {
+        /// The revoked certificates (DER).
+        certificates: Vec<Vec<u8>>,
+    },
 }
 
 /// Why a command was refused (identically at every correct replica).
@@ -106,6 +115,15 @@ pub enum CommandRefusal {
     /// The CRL does not parse or is not signed by the CA.
     #[error("bad CRL: {0}")]
     BadCrl(String),
+    /// A revoked certificate that our CA did not issue, or that the current CRL does not list.
+    #[error("not a certificate of our CA that the current CRL revokes: {0}")]
+    NotRevoked(String),
+    /// Every certificate is recorded as revoked already.
+    #[error("nothing new to revoke")]
+    NothingToRevoke,
+    /// The record of revoked certificates is full.
+    #[error("more than {MAX_REVOKED} revoked certificates recorded")]
+    TooManyRevoked,
     /// The CRL is not newer than the current one.
     #[error("CRL number {new} is not above the current {current}")]
     StaleCrl {
@@ -123,7 +141,14 @@ pub struct Membership {
     ca: CertificateDer<'static>,
     members: BTreeMap<NodeId, Member>,
     crl: Option<(u64, CertificateRevocationListDer<'static>)>,
+    /// Nodes whose certificates the ordered CRL revokes, as ordered `RevokeCertificates` proved.
+    revoked: BTreeSet<NodeId>,
 }
+
+/// Revoked certificates a membership records at most.
+pub const MAX_REVOKED: usize = 65_536;
+/// Certificates in one `RevokeCertificates` command at most.
+pub const MAX_CERTS_PER_COMMAND: usize = 256;
 
 /// What an applied command changed.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -138,6 +163,9 @@ pub enum Applied {
         /// Members removed because the CRL revokes them.
         removed: Vec<NodeId>,
     },
+    /// These nodes' certificates are revoked by the current CRL: from now on they authorize
+    /// nothing (see [`Membership::is_revoked`]).
+    CertificatesRevoked(Vec<NodeId>),
 }
 
 impl Membership {
@@ -156,6 +184,7 @@ impl Membership {
             ca,
             members: BTreeMap::new(),
             crl: None,
+            revoked: BTreeSet::new(),
         };
         for member in members {
             let id = m.admit(&member.certificate, now)?;
@@ -225,6 +254,17 @@ impl Membership {
             && crl
                 .iter_revoked_certificates()
                 .any(|r| r.raw_serial() == cert.raw_serial())
+    }
+
+    /// Whether `id`'s certificate is revoked (an ordered `RevokeCertificates` proved it): it
+    /// authorizes nothing, however its requests reach the order.
+    pub fn is_revoked(&self, id: &NodeId) -> bool {
+        self.revoked.contains(id)
+    }
+
+    /// How many revoked certificates it records.
+    pub fn revoked_count(&self) -> usize {
+        self.revoked.len()
     }
 
     /// The transport trust configuration this membership implies for the replica plane: the
@@ -318,6 +358,10 @@ impl Membership {
             MembershipCommand::UpdateCrl { crl } => {
                 let der = CertificateRevocationListDer::from(crl.clone());
                 let number = crl_number(&der)?;
+                // Signed by our CA, checked on its own: comparing members' verdicts at `now`
+                // alone let a CRL with any signature through at a time when no certificate
+                // was valid yet.
+                self.check_crl_signature(&der)?;
                 let current = self.crl.as_ref().map_or(0, |(n, _)| *n);
                 if number <= current {
                     return Err(CommandRefusal::StaleCrl {
@@ -355,9 +399,68 @@ impl Membership {
                 *self = next;
                 Applied::CrlUpdated { removed: revoked }
             }
+            MembershipCommand::RevokeCertificates { certificates } => {
+                // Cheap first: certificates of ids already recorded (or twice in the command)
+                // cost a parse, not a chain check.
+                let mut fresh = Vec::new();
+                for cert in certificates {
+                    let der = CertificateDer::from(cert.clone());
+                    let Ok(info) = CertInfo::parse(&der) else {
+                        continue;
+                    };
+                    if !self.revoked.contains(&info.id)
+                        && !fresh.iter().any(|(id, _)| *id == info.id)
+                    {
+                        fresh.push((info.id, der));
+                    }
+                }
+                if fresh.is_empty() {
+                    return Err(CommandRefusal::NothingToRevoke);
+                }
+                // Each one proves itself (our CA's, listed by the current CRL); one that does
+                // not is skipped, and does not keep the others out.
+                let ca = self.trust_with([])?;
+                let mut ids = Vec::new();
+                let mut last_refusal = String::new();
+                for (id, der) in fresh {
+                    match ca.issued(&der) {
+                        Ok(_) if self.revokes(der.as_ref()) => ids.push(id),
+                        Ok(_) => last_refusal = format!("the current CRL does not list {id}"),
+                        Err(r) => last_refusal = r.to_string(),
+                    }
+                }
+                if ids.is_empty() {
+                    return Err(CommandRefusal::NotRevoked(last_refusal));
+                }
+                if self.revoked.len() + ids.len() > MAX_REVOKED {
+                    return Err(CommandRefusal::TooManyRevoked);
+                }
+                self.revoked.extend(ids.iter().copied());
+                Applied::CertificatesRevoked(ids)
+            }
         };
         self.epoch += 1;
         Ok(applied)
+    }
+}
+
+impl Membership {
+    /// Whether our CA issued and signed `crl` (issuer name and signature, whatever the time).
+    fn check_crl_signature(
+        &self,
+        crl: &CertificateRevocationListDer<'_>,
+    ) -> Result<(), CommandRefusal> {
+        use x509_parser::prelude::{CertificateRevocationList, FromDer, X509Certificate};
+        let bad = |why: &str| CommandRefusal::BadCrl(why.to_owned());
+        let (_, ca) =
+            X509Certificate::from_der(self.ca.as_ref()).map_err(|_| bad("CA certificate"))?;
+        let (_, crl) =
+            CertificateRevocationList::from_der(crl.as_ref()).map_err(|e| bad(&e.to_string()))?;
+        if crl.issuer() != ca.subject() {
+            return Err(bad("not issued by our CA"));
+        }
+        crl.verify_signature(ca.public_key())
+            .map_err(|_| bad("not signed by our CA"))
     }
 }
 
@@ -380,7 +483,7 @@ fn crl_number(der: &CertificateRevocationListDer<'_>) -> Result<u64, CommandRefu
 pub const MAX_MEMBERS: usize = 1024;
 
 impl Membership {
-    /// Encodes the whole membership (version 1): epoch, CA certificate, members, CRL. Part of
+    /// Encodes the whole membership (version 2): epoch, CA certificate, members, CRL, revoked ids. Part of
     /// the replicated state (snapshots, state transfer).
     pub fn encode(&self) -> Vec<u8> {
         let mut w = Writer::default();
@@ -402,6 +505,10 @@ impl Membership {
             None => {
                 w.u8(0);
             }
+        }
+        w.count(self.revoked.len());
+        for id in &self.revoked {
+            w.raw(id.as_bytes());
         }
         w.buf
     }
@@ -471,12 +578,18 @@ impl Membership {
                 });
             }
         };
+        let n = r.count("revoked certificates", MAX_REVOKED)?;
+        let mut revoked = BTreeSet::new();
+        for _ in 0..n {
+            revoked.insert(NodeId::from_bytes(r.array()?));
+        }
         r.finish()?;
         Ok(Self {
             epoch,
             ca,
             members,
             crl,
+            revoked,
         })
     }
 
@@ -494,7 +607,7 @@ impl MembershipCommand {
     /// Encodes the command (version 1).
     pub fn encode(&self) -> Vec<u8> {
         let mut w = Writer::default();
-        w.u8(VERSION);
+        w.u8(COMMAND_VERSION);
         match self {
             MembershipCommand::AddNode {
                 certificate,
@@ -512,6 +625,12 @@ impl MembershipCommand {
             MembershipCommand::UpdateCrl { crl } => {
                 w.u8(3).bytes(crl);
             }
+            MembershipCommand::RevokeCertificates { certificates } => {
+                w.u8(4).count(certificates.len());
+                for c in certificates {
+                    w.bytes(c);
+                }
+            }
         }
         w.buf
     }
@@ -522,7 +641,7 @@ impl MembershipCommand {
     /// [`WireError`] saying what is wrong.
     pub fn decode(buf: &[u8]) -> Result<Self, WireError> {
         let mut r = Reader::new(buf);
-        r.version(VERSION)?;
+        r.version(COMMAND_VERSION)?;
         let cmd = match r.u8()? {
             1 => MembershipCommand::AddNode {
                 certificate: r.bytes("certificate", MAX_CERT_BYTES)?.to_vec(),
@@ -536,6 +655,13 @@ impl MembershipCommand {
             3 => MembershipCommand::UpdateCrl {
                 crl: r.bytes("crl", MAX_CRL_BYTES)?.to_vec(),
             },
+            4 => {
+                let n = r.count("revoked certificates", MAX_CERTS_PER_COMMAND)?;
+                let certificates = (0..n)
+                    .map(|_| r.bytes("certificate", MAX_CERT_BYTES).map(<[u8]>::to_vec))
+                    .collect::<Result<_, _>>()?;
+                MembershipCommand::RevokeCertificates { certificates }
+            }
             tag => {
                 return Err(WireError::Unknown {
                     what: "command",
@@ -702,6 +828,50 @@ mod tests {
     }
 
     #[test]
+    fn a_revoked_client_certificate_names_its_node_once_the_crl_lists_it() {
+        let mut fx = fixture();
+        let mut m = genesis(&mut fx, 4);
+        let now = UnixTime::now();
+        let client = issue(&mut fx.ca, "client.example", RoleName::Client);
+        let client_id = NodeId::from_certificate(&CertificateDer::from(client.clone())).unwrap();
+        let revoke = |certs: Vec<Vec<u8>>| MembershipCommand::RevokeCertificates {
+            certificates: certs,
+        };
+        // Not listed by the current CRL (there is none yet): refused.
+        assert!(matches!(
+            m.apply(&revoke(vec![client.clone()]), now),
+            Err(CommandRefusal::NotRevoked(_))
+        ));
+        fx.ca
+            .revoke(&RevokeTarget::NodeId(client_id), Reason::KeyCompromise)
+            .unwrap();
+        let crl = fx.ca.crl(Duration::from_secs(3600)).unwrap().to_vec();
+        m.apply(&MembershipCommand::UpdateCrl { crl }, now).unwrap();
+        assert!(!m.is_revoked(&client_id), "the CRL lists serials, not ids");
+        // A certificate of another CA with the same issuer name and a revoked serial proves
+        // nothing (a forger would otherwise revoke anyone's key).
+        let mut other = fixture();
+        let foreign = issue(&mut other.ca, "client.example", RoleName::Client);
+        assert!(matches!(
+            m.apply(&revoke(vec![foreign]), now),
+            Err(CommandRefusal::NotRevoked(_))
+        ));
+        // The revoked certificate itself names its node, once; the record survives encoding.
+        assert_eq!(
+            m.apply(&revoke(vec![client.clone(), client.clone()]), now),
+            Ok(Applied::CertificatesRevoked(vec![client_id]))
+        );
+        assert!(m.is_revoked(&client_id));
+        assert_eq!(
+            m.apply(&revoke(vec![client.clone()]), now),
+            Err(CommandRefusal::NothingToRevoke)
+        );
+        assert_eq!(Membership::decode(&m.encode()).unwrap(), m);
+        let command = revoke(vec![client]);
+        assert_eq!(MembershipCommand::decode(&command.encode()), Ok(command));
+    }
+
+    #[test]
     fn crl_updates_remove_revoked_members_and_refuse_stale_or_foreign_crls() {
         let mut fx = fixture();
         let mut m = genesis(&mut fx, 5);
@@ -723,6 +893,26 @@ mod tests {
             )
             .unwrap_err();
         assert!(matches!(err, CommandRefusal::BadCrl(_)), "{err}");
+        assert_eq!(m, before);
+        // Also when ordered with a time at which no member's certificate is valid yet (their
+        // verdicts then agree under both CRLs): the signature is checked on its own.
+        let epoch_start = UnixTime::since_unix_epoch(Duration::ZERO);
+        let err = m
+            .apply(
+                &MembershipCommand::UpdateCrl {
+                    crl: foreign.clone(),
+                },
+                epoch_start,
+            )
+            .unwrap_err();
+        assert!(matches!(err, CommandRefusal::BadCrl(_)), "{err}");
+        let mut tampered = crl.clone();
+        let last = tampered.len() - 1;
+        tampered[last] ^= 1;
+        assert!(matches!(
+            m.apply(&MembershipCommand::UpdateCrl { crl: tampered }, epoch_start),
+            Err(CommandRefusal::BadCrl(_))
+        ));
         assert_eq!(m, before);
         assert_eq!(
             m.apply(&MembershipCommand::UpdateCrl { crl: crl.clone() }, now),

@@ -167,6 +167,36 @@ impl TrustState {
         self.check_peer(PlaneKind::Replica, &algs, chain, now)
     }
 
+    /// Whether our CA issued `cert` (any role): its chain to the configured CA verifies at the
+    /// time it became valid, whatever the time now and whatever the CRLs say. For deciding
+    /// who a revoked certificate named (a certificate that was never ours names nobody).
+    ///
+    /// # Errors
+    /// [`Refusal::BadCertificate`] if it does not parse, [`Refusal::UnknownCa`] if our CA did
+    /// not sign it.
+    pub fn issued(&self, cert: &CertificateDer<'_>) -> Result<CertInfo, Refusal> {
+        use x509_parser::prelude::{FromDer, X509Certificate};
+        let info = CertInfo::parse(cert).map_err(|_| Refusal::BadCertificate)?;
+        let (_, x509) = X509Certificate::from_der(cert).map_err(|_| Refusal::BadCertificate)?;
+        let start = u64::try_from(x509.validity().not_before.timestamp()).unwrap_or(0);
+        let at =
+            UnixTime::since_unix_epoch(std::time::Duration::from_secs(start.saturating_add(1)));
+        let end_entity = EndEntityCert::try_from(cert).map_err(|_| Refusal::BadCertificate)?;
+        let algs = rustls::crypto::ring::default_provider().signature_verification_algorithms;
+        end_entity
+            .verify_for_usage(
+                algs.all,
+                &self.anchors,
+                &[],
+                at,
+                KeyUsage::client_auth(),
+                None,
+                None,
+            )
+            .map(|_| info)
+            .map_err(refusal_of)
+    }
+
     /// Whether `info` may hold a connection on `plane` under this state (without the chain check).
     pub(crate) fn admits(&self, plane: PlaneKind, info: &CertInfo) -> Result<(), Refusal> {
         if self.config.blocked_ids.contains(&info.id) {
@@ -480,6 +510,26 @@ impl ServerCertVerifier for PeerVerifier {
 mod tests {
     use super::*;
     use crate::pki::{CertRequest, DevCa};
+
+    #[test]
+    fn issued_tells_our_ca_s_certificates_from_others_whatever_the_time() {
+        let ca = DevCa::new("issuer").unwrap();
+        let other = DevCa::new("issuer").unwrap();
+        let state = TrustState::new(TrustConfig::new(ca.certificate())).unwrap();
+        let ours = ca.issue_role("c", Role::Client).unwrap();
+        assert_eq!(state.issued(&ours.chain()[0]).map(|i| i.id), Ok(ours.id()));
+        let theirs = other.issue_role("c", Role::Client).unwrap();
+        assert_eq!(
+            state.issued(&theirs.chain()[0]).map(|i| i.id),
+            Err(Refusal::UnknownCa)
+        );
+        assert_eq!(
+            state
+                .issued(&CertificateDer::from(vec![1, 2, 3]))
+                .map(|i| i.id),
+            Err(Refusal::BadCertificate)
+        );
+    }
 
     #[test]
     fn roles_fit_planes_and_a_replica_may_act_as_a_client_only_on_client_planes() {
