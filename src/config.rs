@@ -241,7 +241,7 @@ pub struct ClientSection {
     /// Give up on a request after this long, in milliseconds.
     #[serde(default = "default_timeout_ms")]
     pub timeout_ms: u64,
-    /// Send a request again after this long without a quorum of matching replies, in milliseconds.
+    /// Send a request again after this long without an accepted result, in milliseconds.
     #[serde(default = "default_retry_ms")]
     pub retry_ms: u64,
     /// Transport limits.

@@ -274,7 +274,7 @@ async fn drive(
     let ops = load.latencies.len();
     println!("\n== summary ==");
     println!(
-        "operations  : {ops} acknowledged (each on a quorum of matching replies from the current roster), {:.0} ops/s, {} failed or timed out",
+        "operations  : {ops} acknowledged (each on f+1 matching among a quorum of the current roster), {:.0} ops/s, {} failed or timed out",
         ops as f64 / load_secs,
         load.errors
     );

@@ -574,8 +574,21 @@ async fn run_state<S: StateMachine>(
                 group.acknowledge();
                 host.publish_sealable(executor.app());
                 if !executor.app().state_known() {
-                    // Replies computed on a lost state are not the agreed ones.
-                    replies.clear();
+                    // Replies computed on a lost state are not the agreed ones: the clients
+                    // hear only that this replica executed at its roster (they need a quorum
+                    // of answers), never a result.
+                    let roster = executor.app().rosters().certified().number();
+                    for r in replies.drain(..) {
+                        if r.client != host.id {
+                            send_reply(
+                                &host.client_plane,
+                                r.client,
+                                r.number,
+                                roster,
+                                Outcome::Lost,
+                            );
+                        }
+                    }
                 }
                 let changes = executor.app_mut().take_changes();
                 if changes

@@ -430,6 +430,10 @@ pub enum Outcome {
     /// The answer to a roster query: certified roster changes
     /// (`securesmart::roster::RosterChange::encode_list`).
     Rosters(Bytes),
+    /// The replica executed the request but cannot compute its result: its application state
+    /// is lost until state transfer. It tells the client its roster (a client needs a quorum
+    /// of answers at its roster), never a result.
+    Lost,
     /// The answer to a [`RequestKind::Seal`] request: the operation sealed with the group key
     /// for the client and request number, and the sealer's signature on it.
     Sealed {
@@ -660,6 +664,9 @@ impl ClientReply {
                 sealer.write(&mut auth);
                 w.u8(4).raw(&auth).bytes(sealed);
             }
+            Outcome::Lost => {
+                w.u8(5);
+            }
         }
         w.buf
     }
@@ -681,6 +688,7 @@ impl ClientReply {
             3 => Outcome::Rosters(Bytes::copy_from_slice(
                 r.bytes("roster changes", MAX_PAYLOAD_BYTES)?,
             )),
+            5 => Outcome::Lost,
             4 => Outcome::Sealed {
                 sealer: Auth {
                     public_key: r.array()?,
@@ -1198,6 +1206,7 @@ mod tests {
             Outcome::Executed(Bytes::from_static(b"r")),
             Outcome::Busy,
             Outcome::Rosters(Bytes::from_static(b"changes")),
+            Outcome::Lost,
         ] {
             let reply = ClientReply {
                 number: 9,

@@ -12,8 +12,8 @@
 //! hands them out ([`RosterLog::since`]).
 //!
 //! Replies name the newest certified roster the replica knows, and a client accepts a result
-//! only when a quorum of the replicas of its roster answered it *at that roster* (or an older
-//! one) (`securesmart::client`). A client on an old roster therefore cannot be
+//! only when a quorum of the replicas of its roster answered *at that roster* (or an older one)
+//! and f + 1 of them agree on it (`securesmart::client`). A client on an old roster therefore cannot be
 //! served a result by the replicas that were removed since, or by the f + 1 that a grown
 //! cluster's larger f allows to be faulty: the current replicas of its roster name a newer
 //! roster, and the client first follows the certified changes to it. What it assumes: fewer than

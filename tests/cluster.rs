@@ -838,6 +838,7 @@ async fn join_and_remove(crash: bool) {
     let last = load.await.unwrap();
     if result.is_err() || last.is_err() {
         dump_logs(&c);
+        eprintln!("the load ended with {last:?}");
     }
     result.unwrap();
     let (last, loader_roster) = last.unwrap();
