@@ -23,12 +23,15 @@
 //! TLS then refuses them.
 //!
 //! ```
-//! use securesmart::roster::{Roster, follow};
+//! use securesmart::roster::{Roster, RosterError, follow};
+//! # fn main() -> Result<(), RosterError> {
 //! # let membership = securesmart::membership::fuzzing::four_replicas();
 //! let genesis = Roster::of(0, &membership);
 //! assert_eq!(genesis.group().quorum(), 3);
 //! // Nothing to follow: a client stays where it is.
-//! assert_eq!(follow(&genesis, &[]).unwrap(), genesis);
+//! assert_eq!(follow(&genesis, &[])?, genesis);
+//! # Ok(())
+//! # }
 //! ```
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};

@@ -358,6 +358,16 @@ impl Report {
     }
 }
 
+/// A pre-prepare of `batch` (its digest computed) for `view` and `seq`.
+fn pre_prepare(view: crate::message::View, seq: Seq, batch: Vec<Request>) -> Message {
+    Message::PrePrepare {
+        view,
+        seq,
+        digest: batch_digest(&batch),
+        batch,
+    }
+}
+
 /// `m` (a pre-prepare, prepare or commit) with its digest replaced.
 fn with_digest(m: &Message, bogus: Digest) -> Option<Message> {
     let mut m = m.clone();
@@ -696,12 +706,7 @@ impl Sim {
                     payload: Bytes::from(vec![k; 1024]),
                 })
                 .collect();
-            messages.push(signer.sign(Message::PrePrepare {
-                view: n * 1_000_000 + from as u64,
-                seq,
-                digest: batch_digest(&batch),
-                batch,
-            }));
+            messages.push(signer.sign(pre_prepare(n * 1_000_000 + from as u64, seq, batch)));
         }
         messages.push(signer.sign(Message::Prepare {
             view: 1_000_000 + self.order,
@@ -750,12 +755,7 @@ impl Sim {
                     number: *seq,
                     payload: Bytes::from_static(b"equivocation"),
                 }];
-                signer.sign(Message::PrePrepare {
-                    view: *view,
-                    seq: *seq,
-                    digest: batch_digest(&batch),
-                    batch,
-                })
+                signer.sign(pre_prepare(*view, *seq, batch))
             }
             (Fault::WrongDigest, m) => {
                 with_digest(m, bogus).map_or_else(|| signed.clone(), |m| signer.sign(m))
@@ -784,12 +784,7 @@ impl Sim {
                         }
                     })
                     .collect();
-                signer.sign(Message::PrePrepare {
-                    view: *view,
-                    seq: *seq,
-                    digest: batch_digest(&batch),
-                    batch,
-                })
+                signer.sign(pre_prepare(*view, *seq, batch))
             }
             (
                 Fault::Censor(victim),
@@ -803,12 +798,7 @@ impl Sim {
                     .filter(|r| Some(r.client) != victim)
                     .cloned()
                     .collect();
-                signer.sign(Message::PrePrepare {
-                    view: *view,
-                    seq: *seq,
-                    digest: batch_digest(&batch),
-                    batch,
-                })
+                signer.sign(pre_prepare(*view, *seq, batch))
             }
             _ => signed.clone(),
         })
