@@ -479,15 +479,19 @@ impl<S: StateMachine> NodeState<S> {
     /// epoch is (a sealer that picks an epoch some correct replicas lack the key of would make
     /// their state lost).
     fn executes_sealed(&self, epoch: u64) -> bool {
-        if !self.accepts_sealed(epoch) {
-            return false;
-        }
+        self.accepts_sealed(epoch)
+            && (self.held_by_all(epoch) || !self.recent_epochs().any(|e| self.held_by_all(e)))
+    }
+
+    /// The current group epoch and the [`SEALED_EPOCHS_ACCEPTED`] before it.
+    fn recent_epochs(&self) -> std::ops::RangeInclusive<u64> {
         let current = self.group_epoch();
-        let recent = current.saturating_sub(SEALED_EPOCHS_ACCEPTED)..=current;
-        self.acked_by_all(epoch)
-            || !recent
-                .into_iter()
-                .any(|e| self.acked_by_all(e) && self.accepts_sealed(e))
+        current.saturating_sub(SEALED_EPOCHS_ACCEPTED)..=current
+    }
+
+    /// Whether `epoch` is accepted for sealing and every current replica acknowledged it.
+    fn held_by_all(&self, epoch: u64) -> bool {
+        self.acked_by_all(epoch) && self.accepts_sealed(epoch)
     }
 
     /// Whether `epoch` is recent and a quorum acknowledged its key.
@@ -500,13 +504,10 @@ impl<S: StateMachine> NodeState<S> {
     /// current replica that can hold it acknowledged, else the newest one a quorum did; `None`
     /// while there is none.
     pub fn sealable_epoch(&self) -> Option<u64> {
-        let current = self.group_epoch();
-        let recent = current.saturating_sub(SEALED_EPOCHS_ACCEPTED)..=current;
-        recent
-            .clone()
+        self.recent_epochs()
             .rev()
-            .find(|e| self.acked_by_all(*e) && self.accepts_sealed(*e))
-            .or_else(|| recent.rev().find(|e| self.accepts_sealed(*e)))
+            .find(|e| self.held_by_all(*e))
+            .or_else(|| self.recent_epochs().rev().find(|e| self.accepts_sealed(*e)))
     }
 
     /// A replica holds the key of `epoch`, which the commit `commit` made: it counts for the
