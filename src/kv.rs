@@ -7,8 +7,8 @@
 //! replies with a value: `put` and `delete` return the previous value, `get` the current one,
 //! so a client history can be checked for linearizability. A request that does not decode, or
 //! breaks [`MAX_KEY_BYTES`] / [`MAX_VALUE_BYTES`], or a put that would grow the store past its
-//! quota ([`DEFAULT_QUOTA_BYTES`], [`KvStore::with_quota`]: the snapshot must stay small enough
-//! for state transfer), gets [`KvReply::Refused`] at every replica alike (execution is
+//! quota ([`DEFAULT_QUOTA_BYTES`], [`KvStore::with_quota`]: a bound on what every replica holds
+//! and transfers), gets [`KvReply::Refused`] at every replica alike (execution is
 //! deterministic) and changes nothing.
 //!
 //! ```
@@ -42,10 +42,13 @@ use securesmart_transport::wire::{Reader, WireError, Writer};
 pub const MAX_KEY_BYTES: usize = 1024;
 /// Largest value.
 pub const MAX_VALUE_BYTES: usize = 256 * 1024;
-/// The store's default quota: its snapshot must cross the replica plane in one frame (16 MiB,
-/// with the node's own state and the state transfer's certificates beside it), or a replica
-/// that fell behind could never catch up. A put that would pass the quota is refused.
-pub const DEFAULT_QUOTA_BYTES: usize = 8 * 1024 * 1024;
+/// The store's default quota (64 MiB). State transfer fetches a snapshot in parts, so the
+/// frame size no longer bounds it; the quota bounds what one client's puts can make every
+/// replica hold in memory, copy at each checkpoint and write to its journal, and keeps the
+/// snapshot well below the replicas' decode limit
+/// ([`securesmart_consensus::message::Limits::max_snapshot_bytes`], 256 MiB). A put that would
+/// pass the quota is refused.
+pub const DEFAULT_QUOTA_BYTES: usize = 64 * 1024 * 1024;
 /// Bytes an entry counts for beyond its key and value (its length prefixes).
 const ENTRY_OVERHEAD: usize = 8;
 /// Encoding version of operations, replies and snapshots.

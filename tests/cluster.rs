@@ -362,6 +362,52 @@ async fn the_service_survives_a_crashed_primary_and_the_restarted_one_catches_up
     cl.close().await;
 }
 
+/// A replica that was down while the state grew past a replica-plane frame (16 MiB) catches
+/// up: it fetches the snapshot in parts, and the cluster then orders with it in the quorum.
+/// (Before parts, the state reply could not be sent at all and the replica never recovered.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_fetches_a_state_larger_than_a_frame_in_parts() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let mut c = cluster("bigstate", 1).await;
+    let mut cl = client(&c, 0).await;
+    let lagging = (first_primary(&c) + 1) % 4;
+    let value = Bytes::from(vec![0x5a; 256 * 1024]);
+    let result = async {
+        write_keys(&mut cl, "before", 4).await?;
+        c.kill(lagging);
+        // 20 MiB of values while it is down: the others' checkpoints move far past it.
+        for i in 0..80 {
+            cl.put(format!("big{i}"), value.clone())
+                .await
+                .map_err(|e| format!("put big{i}: {e}"))?;
+        }
+        let top = executed(&c, (lagging + 1) % 4);
+        c.start(lagging, &log_filter()).map_err(|e| e.to_string())?;
+        wait_for(
+            "the restarted replica to fetch the state",
+            Duration::from_secs(120),
+            || executed(&c, lagging) >= top,
+        )
+        .await?;
+        // With another replica down, every quorum needs the restarted one, past a window.
+        let other = (lagging + 2) % 4;
+        c.kill(other);
+        write_keys(&mut cl, "after", 60).await?;
+        read_keys(&mut cl, "after", 60).await?;
+        let got = cl.get("big79").await.map_err(|e| e.to_string())?;
+        if got.as_ref() != Some(&value) {
+            return Err("big79 lost".into());
+        }
+        Ok::<_, String>(())
+    }
+    .await;
+    if let Err(e) = result {
+        dump_logs(&c);
+        panic!("{e}");
+    }
+    cl.close().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_whole_cluster_restart_keeps_every_acknowledged_write() {
     let _one = ONE_AT_A_TIME.lock().await;

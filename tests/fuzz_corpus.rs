@@ -149,11 +149,32 @@ fn write_seeds() {
     let fetch = signer.sign(Message::FetchState { seq: 100 });
     write("consensus_message", "fetch_state", &fetch.encode());
     let state = signer.sign(Message::State {
-        checkpoint: vec![cp],
+        checkpoint: vec![cp.clone()],
+        parts: vec![Digest([3; 32])],
         snapshot: bytes::Bytes::from_static(b"snapshot"),
         committed: vec![],
     });
     write("consensus_message", "state", &state.encode());
+    let parts = signer.sign(Message::State {
+        checkpoint: vec![cp],
+        parts: vec![Digest([3; 32]), Digest([4; 32])],
+        snapshot: bytes::Bytes::new(),
+        committed: vec![],
+    });
+    write("consensus_message", "state_in_parts", &parts.encode());
+    let fetch_part = signer.sign(Message::FetchPart {
+        seq: 100,
+        state: Digest([3; 32]),
+        index: 1,
+    });
+    write("consensus_message", "fetch_part", &fetch_part.encode());
+    let part = signer.sign(Message::Part {
+        seq: 100,
+        state: Digest([3; 32]),
+        index: 1,
+        bytes: bytes::Bytes::from_static(b"part"),
+    });
+    write("consensus_message", "part", &part.encode());
 
     // The node's replicated state with a joiner, an unsettled commit and a cool-down
     // (snapshot version 6), and the envelopes of the group's answers.

@@ -31,6 +31,9 @@ pub fn consensus_message(data: &[u8]) {
     });
 }
 
+/// The part size of the replica the fuzzer drives (small, so that states come in parts).
+const PART_BYTES: usize = 16;
+
 thread_local! {
     /// Four replica identities whose keys the fuzzer "holds" (it plays Byzantine replicas).
     // invariant: a fixture from constants; no fuzz input reaches these expect calls.
@@ -47,8 +50,8 @@ thread_local! {
 
 /// Feeds a sequence of operations, four bytes each, to a backup replica core: client requests,
 /// ticks (which fire view changes), and pre-prepares, prepares, commits, checkpoints and view
-/// changes, state requests and certified state replies signed by any of the four
-/// replicas (the fuzzer may play all of them, so it can also equivocate). Oracles, independent
+/// changes, state requests, certified state replies (in one part or several) and their parts,
+/// signed by any of the four replicas (the fuzzer may play all of them, so it can also equivocate). Oracles, independent
 /// of the core: execution is gap-free and in order, never two batches at one sequence number,
 /// the low watermark never passes execution, and held state stays within its bounds.
 pub fn replica_ops(data: &[u8]) {
@@ -63,6 +66,7 @@ pub fn replica_ops(data: &[u8]) {
         config.checkpoint_interval = 2;
         config.view_change_timeout = Duration::from_millis(20);
         config.max_pending = 16;
+        config.state_part_bytes = PART_BYTES;
         // The last batch's requests are "unsigned": a pre-prepare carrying them is refused.
         config.request_check = Some(crate::replica::RequestCheck::new(|r| {
             r.payload.first() != Some(&2)
@@ -90,7 +94,30 @@ pub fn replica_ops(data: &[u8]) {
             let seq = u64::from(c % 20);
             let batch = batches[usize::from(b / 2 % 3)].clone();
             let digest = batch_digest(&batch);
-            let message = match kind % 9 {
+            // A state at `seq` certified by three of the four (the fuzzer holds their keys) over a
+            // well-formed or a garbage snapshot: its snapshot, part digests and certificate.
+            let certified = |seq: u64, a: u8, b: u8, c: u8| {
+                let snapshot = if b.is_multiple_of(2) {
+                    crate::view_change::Snapshot::join(
+                        &crate::view_change::Snapshot::encode_core(
+                            &std::collections::BTreeMap::from([(0, ids.clone())]),
+                            &std::collections::BTreeMap::from([(ids[0], u64::from(a))]),
+                        ),
+                        &vec![a; usize::from(b % 4) * PART_BYTES],
+                    )
+                } else {
+                    bytes::Bytes::from(vec![a, b, c])
+                };
+                let parts = crate::view_change::part_digests(&snapshot, PART_BYTES);
+                let state = crate::view_change::state_digest_of_parts(seq, &parts);
+                let checkpoint: Vec<Signed> = (0..3)
+                    .map(|i| {
+                        signers[(usize::from(a) + i) % 4].sign(Message::Checkpoint { seq, state })
+                    })
+                    .collect();
+                (snapshot, parts, state, checkpoint)
+            };
+            let message = match kind % 11 {
                 0 => {
                     let _ = replica.handle_request(
                         batch.first().cloned().unwrap_or(Request {
@@ -122,32 +149,41 @@ pub fn replica_ops(data: &[u8]) {
                 }),
                 6 => Some(Message::FetchState { seq }),
                 7 => {
-                    // A state reply whose checkpoint is honestly certified by three of the four
-                    // (the fuzzer holds their keys) over a well-formed or a garbage snapshot.
-                    let snapshot = if b % 2 == 0 {
-                        crate::view_change::Snapshot::join(
-                            &crate::view_change::Snapshot::encode_core(
-                                &std::collections::BTreeMap::from([(0, ids.clone())]),
-                                &std::collections::BTreeMap::from([(ids[0], u64::from(a))]),
-                            ),
-                            &[a],
-                        )
+                    // A state reply: the snapshot itself when it is one part, its part digests
+                    // otherwise.
+                    let (snapshot, parts, _, checkpoint) = certified(seq, a, b, c);
+                    let snapshot = if parts.len() == 1 {
+                        snapshot
                     } else {
-                        bytes::Bytes::from(vec![a, b, c])
+                        bytes::Bytes::new()
                     };
-                    let state = crate::view_change::state_digest(seq, &snapshot);
-                    let checkpoint = (0..3)
-                        .map(|i| {
-                            signers[(usize::from(a) + i) % 4]
-                                .sign(Message::Checkpoint { seq, state })
-                        })
-                        .collect();
                     Some(Message::State {
                         checkpoint,
+                        parts,
                         snapshot,
                         committed: Vec::new(),
                     })
                 }
+                8 => {
+                    // A part of such a state: right (for the state the same bytes name), or
+                    // taken from the wrong place when `c` is odd.
+                    let (snapshot, _, state, _) = certified(seq, a, b, 0);
+                    let index = u32::from(c % 4);
+                    let range = crate::transfer::part_range(snapshot.len(), PART_BYTES, index)
+                        .unwrap_or(0..0);
+                    let range = if c % 2 == 1 { 0..range.len() } else { range };
+                    Some(Message::Part {
+                        seq,
+                        state,
+                        index,
+                        bytes: snapshot.slice(range),
+                    })
+                }
+                9 => Some(Message::FetchPart {
+                    seq,
+                    state: Digest([a; 32]),
+                    index: u32::from(c % 4),
+                }),
                 _ => {
                     now += Duration::from_millis(u64::from(c));
                     replica.handle_tick(now);

@@ -50,8 +50,9 @@ use crate::replica::Output;
 
 /// BLAKE3 `derive_key` context of the frame checksum.
 pub const FRAME_CONTEXT: &str = "securesmart 2026-11-26 consensus journal frame v1";
-/// Record format version.
-const VERSION: u8 = 1;
+/// Record format version. Version 2: state digests cover a snapshot's part digests, and the
+/// consensus messages inside records are version 2.
+const VERSION: u8 = 2;
 /// Bytes of a frame's checksum.
 const CHECKSUM_BYTES: usize = 16;
 /// Bytes before a frame's record.
@@ -209,6 +210,15 @@ pub enum JournalError {
         #[source]
         source: std::io::Error,
     },
+    /// The journal was written by another version of this software: its records cannot be
+    /// read (remove the directory to start empty; the replica then fetches the state).
+    #[error("journal {path} holds records of format version {found}, this build reads {VERSION}")]
+    Version {
+        /// The segment.
+        path: PathBuf,
+        /// The version found.
+        found: u8,
+    },
 }
 
 /// Records in memory (the simulator's "disk", and tests).
@@ -292,6 +302,19 @@ pub(crate) fn read_frames(buf: &[u8], limits: &Limits) -> (Vec<Record>, usize) {
     (records, at)
 }
 
+/// The version byte of the frame at `at`, if the frame is whole and its checksum holds (a
+/// record that is intact but unreadable: written by another version, not torn).
+fn intact_version(buf: &[u8], at: usize) -> Option<u8> {
+    let header = buf.get(at..at.checked_add(FRAME_HEADER)?)?;
+    let (len, sum) = header.split_at(4);
+    let len = u32::from_be_bytes(len.try_into().ok()?) as usize;
+    let start = at + FRAME_HEADER;
+    let body = buf.get(start..start.checked_add(len)?)?;
+    (checksum(body) == sum)
+        .then(|| body.first().copied())
+        .flatten()
+}
+
 fn segment_name(n: u64) -> String {
     format!("journal-{n:020}.log")
 }
@@ -327,6 +350,11 @@ impl FileJournal {
         let mut buf = Vec::new();
         file.read_to_end(&mut buf).map_err(io(&path))?;
         let (records, valid) = read_frames(&buf, limits);
+        if let Some(found) = intact_version(&buf, valid)
+            && found != VERSION
+        {
+            return Err(JournalError::Version { path, found });
+        }
         if valid < buf.len() {
             metrics::counter!("securesmart_consensus_journal_truncated_total").increment(1);
             tracing::warn!(
@@ -595,6 +623,30 @@ mod tests {
             records.is_empty(),
             "a corrupt first record ends the journal"
         );
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    /// A journal of an older format is refused with its version, and left as it is (not cut
+    /// off as if torn).
+    #[test]
+    fn a_journal_of_another_version_is_refused_and_kept() {
+        let d = dir("version");
+        let limits = Limits::default();
+        let (mut j, _) = FileJournal::open(&d, &limits).unwrap();
+        j.append(&committed(1)).unwrap();
+        j.sync().unwrap();
+        drop(j);
+        let seg = d.join(segment_name(0));
+        let mut old = committed(2).encode();
+        old[0] = 1;
+        let mut bytes = std::fs::read(&seg).unwrap();
+        bytes.extend_from_slice(&frame(&old));
+        std::fs::write(&seg, &bytes).unwrap();
+        match FileJournal::open(&d, &limits) {
+            Err(JournalError::Version { found: 1, .. }) => {}
+            other => panic!("{:?}", other.map(|(_, r)| r)),
+        }
+        assert_eq!(std::fs::read(&seg).unwrap(), bytes, "not truncated");
         std::fs::remove_dir_all(&d).unwrap();
     }
 

@@ -43,8 +43,11 @@
 //!   them from the view changes and refuse a new view whose pre-prepares differ.
 //! - A committed certificate (pre-prepare and 2f+1 commits) suffices to execute a slot, so
 //!   state transfer can ship the batches after the checkpoint with their proof.
-//! - State transfer ships the whole snapshot (no partition tree of digests); snapshots are
-//!   bounded by [`message::Limits::max_snapshot_bytes`] and the transport's frame size.
+//! - State transfer ships the snapshot in fixed-size parts ([`transfer`]), each checked
+//!   against the part digests that the checkpoint's state digest covers (a flat list of
+//!   digests, not a partition tree: a replica fetches the whole snapshot, not the parts that
+//!   differ from its own, except parts unchanged at the same place); snapshots are bounded
+//!   by [`message::Limits::max_snapshot_bytes`], not by the transport's frame size.
 //! - A view change carries whole batches in its prepared certificates (no separate fetch of
 //!   batches by digest), so it is as large as the prepared batches above the checkpoint.
 //! - Reconfiguration: a group change executed at `s` applies above `s + window` (rounded up to
@@ -98,4 +101,5 @@ pub mod message;
 pub mod replica;
 pub mod service;
 pub mod sim;
+pub mod transfer;
 pub mod view_change;

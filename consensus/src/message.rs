@@ -9,7 +9,7 @@
 //! "Parse, don't validate": a [`Verified`] message can only be made by [`KeyRing::verify`] or
 //! [`KeyRing::verify_batch`], so code that takes a `Verified` cannot forget a check.
 //!
-//! Encoding (version 1): `version u8 | sender [32] | signature [64] | tag u8 | fields`; integers
+//! Encoding (version 2): `version u8 | sender [32] | signature [64] | tag u8 | fields`; integers
 //! big-endian; a request is `client [32] | number u64 | payload (u32 len)`; a batch is a u32
 //! count then requests; counts and sizes are checked against [`Limits`] and the decoder must
 //! consume the whole input.
@@ -47,12 +47,39 @@ pub mod domain {
     pub const NEW_VIEW: &str = "securesmart 2026-11-24 consensus new-view v1";
     /// Signed state-transfer request.
     pub const FETCH_STATE: &str = "securesmart 2026-11-24 consensus fetch-state v1";
-    /// Signed state-transfer reply.
-    pub const STATE: &str = "securesmart 2026-11-24 consensus state v1";
-    /// Digest of a replica state snapshot (the value a checkpoint signs).
-    pub const STATE_DIGEST: &str = "securesmart 2026-11-24 consensus state digest v1";
+    /// Signed state-transfer reply (a checkpoint's certificate and its snapshot's parts).
+    pub const STATE: &str = "securesmart 2026-12-01 consensus state v2";
+    /// Digest of a replica state snapshot (the value a checkpoint signs), over its parts'
+    /// digests.
+    pub const STATE_DIGEST: &str = "securesmart 2026-12-01 consensus state digest v2";
+    /// Digest of one part of a state snapshot.
+    pub const STATE_PART: &str = "securesmart 2026-12-01 consensus state part v1";
+    /// Signed request for one part of a state snapshot.
+    pub const FETCH_PART: &str = "securesmart 2026-12-01 consensus fetch-part v1";
+    /// Signed reply with one part of a state snapshot.
+    pub const PART: &str = "securesmart 2026-12-01 consensus part v1";
     /// Requests a replica forwards to others (signed over their batch digest).
     pub const FORWARD: &str = "securesmart 2026-11-26 consensus forward v1";
+
+    /// Every context above (each must be distinct; the precomputed hashers are built from
+    /// this list, so it is the one place a new context is registered).
+    pub const ALL: &[&str] = &[
+        REQUEST,
+        BATCH,
+        PRE_PREPARE,
+        PREPARE,
+        COMMIT,
+        CHECKPOINT,
+        VIEW_CHANGE,
+        NEW_VIEW,
+        FETCH_STATE,
+        STATE,
+        STATE_DIGEST,
+        STATE_PART,
+        FETCH_PART,
+        PART,
+        FORWARD,
+    ];
 }
 
 /// A BLAKE3 hasher in `derive_key` mode for `context`, from a precomputed state (deriving the
@@ -61,22 +88,11 @@ pub mod domain {
 pub(crate) fn hasher(context: &'static str) -> blake3::Hasher {
     use std::sync::LazyLock;
     static HASHERS: LazyLock<Vec<(&'static str, blake3::Hasher)>> = LazyLock::new(|| {
-        [
-            domain::REQUEST,
-            domain::BATCH,
-            domain::PRE_PREPARE,
-            domain::PREPARE,
-            domain::COMMIT,
-            domain::CHECKPOINT,
-            domain::VIEW_CHANGE,
-            domain::NEW_VIEW,
-            domain::FETCH_STATE,
-            domain::STATE,
-            domain::STATE_DIGEST,
-        ]
-        .into_iter()
-        .map(|c| (c, blake3::Hasher::new_derive_key(c)))
-        .collect()
+        domain::ALL
+            .iter()
+            .copied()
+            .map(|c| (c, blake3::Hasher::new_derive_key(c)))
+            .collect()
     });
     HASHERS
         .iter()
@@ -235,10 +251,37 @@ pub enum Message {
     State {
         /// The checkpoint's certificate (2f+1 matching signed checkpoints).
         checkpoint: Vec<Signed>,
-        /// The snapshot, which must hash to the certified state digest.
+        /// The digests of the snapshot's parts, which must hash to the certified state digest
+        /// ([`crate::view_change::state_digest_of_parts`]); empty in a reply that only fills
+        /// a gap above the checkpoint.
+        parts: Vec<Digest>,
+        /// The snapshot when it is one part; empty otherwise (the parts are fetched with
+        /// [`Message::FetchPart`]).
         snapshot: Bytes,
         /// Committed certificates of the batches after the checkpoint, in order.
         committed: Vec<Certificate>,
+    },
+    /// The sender fetches part `index` of the snapshot at checkpoint `seq` whose digest is
+    /// `state`.
+    FetchPart {
+        /// The checkpoint.
+        seq: Seq,
+        /// Its state digest.
+        state: Digest,
+        /// The part.
+        index: u32,
+    },
+    /// Part `index` of the snapshot at checkpoint `seq` with digest `state` (checked by the
+    /// receiver against the part digests that the certified state digest covers).
+    Part {
+        /// The checkpoint.
+        seq: Seq,
+        /// Its state digest.
+        state: Digest,
+        /// The part.
+        index: u32,
+        /// The part's bytes.
+        bytes: Bytes,
     },
 }
 
@@ -254,6 +297,8 @@ impl Message {
             Message::FetchState { .. } => 7,
             Message::State { .. } => 8,
             Message::Forward { .. } => 9,
+            Message::FetchPart { .. } => 10,
+            Message::Part { .. } => 11,
         }
     }
 
@@ -339,6 +384,8 @@ impl Message {
             Message::FetchState { .. } => domain::FETCH_STATE,
             Message::State { .. } => domain::STATE,
             Message::Forward { .. } => domain::FORWARD,
+            Message::FetchPart { .. } => domain::FETCH_PART,
+            Message::Part { .. } => domain::PART,
         }
     }
 
@@ -384,12 +431,29 @@ impl Message {
             }
             Message::State {
                 checkpoint,
+                parts,
                 snapshot,
                 committed,
             } => {
                 write_list(w, checkpoint);
+                w.u32(count(parts.len()));
+                for part in parts {
+                    w.raw(&part.0);
+                }
                 w.bytes(snapshot);
                 write_certs(w, committed);
+            }
+            Message::FetchPart { seq, state, index } => {
+                w.raw(&seq.to_be_bytes()).raw(&state.0).u32(*index);
+            }
+            Message::Part {
+                seq,
+                state,
+                index,
+                bytes,
+            } => {
+                w.raw(&seq.to_be_bytes()).raw(&state.0).u32(*index);
+                w.bytes(bytes);
             }
         }
     }
@@ -447,7 +511,7 @@ impl Default for Limits {
     }
 }
 
-const TOP_LEVEL: &[u8] = &[1, 2, 3, 4, 5, 6, 7, 8, 9];
+const TOP_LEVEL: &[u8] = &[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11];
 
 pub(crate) fn read_list(
     r: &mut Reader<'_>,
@@ -517,7 +581,9 @@ pub struct Signed {
     pub signature: [u8; 64],
 }
 
-const VERSION: u8 = 1;
+/// Version 2: state replies carry their snapshot's part digests, and parts travel on their
+/// own (`FetchPart`, `Part`).
+const VERSION: u8 = 2;
 
 impl Signed {
     /// Encodes the message (canonical: decoding and encoding again gives the same bytes).
@@ -612,8 +678,25 @@ impl Signed {
             }
             8 => Message::State {
                 checkpoint: read_list(&mut r, limits, &[4])?,
+                parts: {
+                    let n = read_bounded(&mut r, "parts", limits.max_list)?;
+                    (0..n)
+                        .map(|_| r.array().map(Digest))
+                        .collect::<Result<_, _>>()?
+                },
                 snapshot: Bytes::copy_from_slice(r.bytes("snapshot", limits.max_snapshot_bytes)?),
                 committed: read_certs(&mut r, limits, &[3])?,
+            },
+            10 => Message::FetchPart {
+                seq: u64_of(&mut r)?,
+                state: Digest(r.array()?),
+                index: r.u32()?,
+            },
+            11 => Message::Part {
+                seq: u64_of(&mut r)?,
+                state: Digest(r.array()?),
+                index: r.u32()?,
+                bytes: Bytes::copy_from_slice(r.bytes("part", limits.max_snapshot_bytes)?),
             },
             other => {
                 return Err(WireError::Unknown {

@@ -57,11 +57,13 @@
 //! A replica that learns of a stable checkpoint it has not reached (from `2f + 1` checkpoint
 //! messages that stay ahead of it for `state_transfer_delay`, at once if they are beyond its
 //! window, or from a new view) adopts the certificate and asks for the state. Any replica at
-//! that checkpoint or later replies with its certificate, the snapshot and the committed
+//! that checkpoint or later replies with its certificate, the digests of its snapshot's parts
+//! (the snapshot itself when it is one part; [`Config::state_part_bytes`]) and the committed
 //! certificates (pre-prepare and `2f + 1` commits) of the batches it executed after it; the
-//! lagging replica checks the snapshot against the certified digest, restores
-//! ([`Output::Restore`]) and executes the certified batches. Replies are rate-limited per
-//! requester.
+//! lagging replica checks the part digests against the certified digest, fetches the parts
+//! from every replica that sent the same digests, checking each ([`crate::transfer`]),
+//! restores ([`Output::Restore`]) and executes the certified batches. Replies and parts are
+//! rate-limited per requester, and a server keeps a snapshot while a replica fetches it.
 //!
 //! A replica whose *application* state is not the agreed one, though it executed the same
 //! batches, fetches the state the same way: when its host says so at a checkpoint
@@ -106,8 +108,10 @@ use crate::journal::Record;
 use crate::message::{
     Certificate, Digest, Message, Request, Seq, Signed, Signer, Verified, View, batch_digest,
 };
+use crate::transfer::{PIN_DELAYS, PartRefused, SERVED_PARTS_PER_DELAY, Transfer, part_range};
 use crate::view_change::{
-    Group, NewViewPlan, Snapshot, plan_new_view, state_digest, valid_view_change,
+    Group, NewViewPlan, Snapshot, part_digest, part_digests, plan_new_view, state_digest_of_parts,
+    valid_view_change,
 };
 
 /// Configuration of the replica group, identical at every replica.
@@ -141,6 +145,11 @@ pub struct Config {
     /// How long a replica stays behind a stable checkpoint before fetching the state, and how
     /// often it asks again.
     pub state_transfer_delay: Duration,
+    /// Snapshots are hashed and transferred in parts of this many bytes (see
+    /// [`crate::transfer`]): a state larger than a transport frame is fetched a part at a
+    /// time. Part of the state digest, so identical at every replica; keep it well below the
+    /// transport's frame size.
+    pub state_part_bytes: usize,
     /// Emit [`Output::Persist`] records (see [`crate::journal`]); without them a restarted
     /// replica has lost its memory and counts as one of the f faulty ones.
     pub durable: bool,
@@ -177,7 +186,7 @@ impl Config {
     /// Defaults for a deployment: batches of up to 256 requests or 1 ms, checkpoints every 64
     /// sequence numbers, a window of 128, a 500 ms view-change timeout; at most 100,000 held
     /// requests (1 GiB), 256 (16 MiB) of them from one client; 16 MiB of held messages per
-    /// replica and buffer.
+    /// replica and buffer; snapshots in parts of 1 MiB.
     pub fn new(replicas: Vec<NodeId>) -> Self {
         Self {
             replicas,
@@ -192,6 +201,7 @@ impl Config {
             max_pending_bytes: 1024 * 1024 * 1024,
             max_held_bytes: 16 * 1024 * 1024,
             state_transfer_delay: Duration::from_millis(200),
+            state_part_bytes: 1024 * 1024,
             durable: false,
             request_check: None,
         }
@@ -351,6 +361,27 @@ struct Held {
 struct Served {
     any: Option<Duration>,
     snapshot: Option<Duration>,
+    /// The start of the current period of part requests, and the parts served in it.
+    parts: Option<(Duration, u32)>,
+}
+
+/// One of this replica's own snapshots: its state digest, bytes and part digests.
+#[derive(Clone, Debug)]
+struct OwnSnapshot {
+    digest: Digest,
+    bytes: Bytes,
+    parts: Vec<Digest>,
+}
+
+impl OwnSnapshot {
+    fn new(seq: Seq, bytes: Bytes, part_bytes: usize) -> Self {
+        let parts = part_digests(&bytes, part_bytes);
+        Self {
+            digest: state_digest_of_parts(seq, &parts),
+            bytes,
+            parts,
+        }
+    }
 }
 
 /// A member gets a state reply with a snapshot at most once per this many
@@ -414,8 +445,14 @@ pub struct Replica {
     /// The certificate (2f+1 matching checkpoints) of the last stable checkpoint.
     stable: Vec<Verified>,
     stable_digest: Option<Digest>,
-    /// This replica's own snapshots at checkpoints at or above the low watermark.
-    snapshots: BTreeMap<Seq, (Digest, Bytes)>,
+    /// This replica's own snapshots at checkpoints at or above the low watermark, and older
+    /// ones that a replica is fetching (see `pins`).
+    snapshots: BTreeMap<Seq, OwnSnapshot>,
+    /// Per member, the checkpoint whose snapshot it fetches in parts and when it last asked
+    /// (kept [`PIN_DELAYS`] periods after that).
+    pins: BTreeMap<NodeId, (Seq, Duration)>,
+    /// The state this replica fetches in parts.
+    transfer: Option<Transfer>,
     /// The core's replicated state at checkpoints whose application snapshot is pending.
     core_at: BTreeMap<Seq, CoreState>,
     /// Messages up to one window beyond the current one, replayed when the window moves.
@@ -488,6 +525,8 @@ impl Replica {
             stable: Vec::new(),
             stable_digest: None,
             snapshots: BTreeMap::new(),
+            pins: BTreeMap::new(),
+            transfer: None,
             core_at: BTreeMap::new(),
             future: Hold::default(),
             ahead: Hold::default(),
@@ -549,12 +588,13 @@ impl Replica {
                     else {
                         return Err(RecoverError::Corrupt("checkpoint without a message".into()));
                     };
-                    if state_digest(seq, &snapshot) != state {
+                    let own = OwnSnapshot::new(seq, snapshot, r.config.state_part_bytes);
+                    if own.digest != state {
                         return Err(RecoverError::Corrupt(format!(
                             "snapshot at {seq} does not match its certificate"
                         )));
                     }
-                    let restored = Snapshot::decode(&snapshot)
+                    let restored = Snapshot::decode(&own.bytes)
                         .map_err(|e| RecoverError::Corrupt(format!("snapshot at {seq}: {e}")))?;
                     if seq <= r.low {
                         continue;
@@ -564,7 +604,7 @@ impl Replica {
                     r.next_seq = r.next_seq.max(seq);
                     r.last_executed = restored.last_executed;
                     r.groups = restored.groups;
-                    r.snapshots = BTreeMap::from([(seq, (state, snapshot))]);
+                    r.snapshots = BTreeMap::from([(seq, own)]);
                     r.stable = checkpoint.into_iter().map(Verified::trusted).collect();
                     r.stable_digest = Some(state);
                     r.persisted_stable = seq;
@@ -818,15 +858,15 @@ impl Replica {
         if !self.config.durable || self.persisted_stable >= self.low {
             return;
         }
-        let Some((digest, snapshot)) = self.snapshots.get(&self.low) else {
+        let Some(own) = self.snapshots.get(&self.low) else {
             return;
         };
-        if Some(*digest) != self.stable_digest {
+        if Some(own.digest) != self.stable_digest {
             return;
         }
         let record = Record::Stable {
             checkpoint: self.stable.iter().map(|v| v.signed().clone()).collect(),
-            snapshot: snapshot.clone(),
+            snapshot: own.bytes.clone(),
         };
         self.persisted_stable = self.low;
         self.outputs.push_back(Output::Persist(record));
@@ -1039,6 +1079,7 @@ impl Replica {
                 self.vc_deadline = Some(now + self.timeout());
             }
         }
+        self.advance_transfer();
         let delay = self.config.state_transfer_delay;
         if let Some((seq, asked)) = self.fetching {
             if now.saturating_sub(asked) >= delay {
@@ -1340,7 +1381,9 @@ impl Replica {
             Message::Prepare { .. }
             | Message::Commit { .. }
             | Message::Checkpoint { .. }
-            | Message::FetchState { .. } => Ok(()),
+            | Message::FetchState { .. }
+            | Message::FetchPart { .. }
+            | Message::Part { .. } => Ok(()),
         }
     }
 
@@ -1395,6 +1438,19 @@ impl Replica {
                 self.on_fetch_state(sender, seq)
             }
             Message::State { .. } => self.on_state(message),
+            Message::FetchPart { seq, state, index } => {
+                let (seq, state, index) = (*seq, *state, *index);
+                self.on_fetch_part(sender, seq, state, index)
+            }
+            Message::Part {
+                seq,
+                state,
+                index,
+                bytes,
+            } => {
+                let (seq, state, index, bytes) = (*seq, *state, *index, bytes.clone());
+                self.on_part(sender, seq, state, index, bytes)
+            }
             Message::Forward { requests } => {
                 if !self.group().contains(&sender) {
                     return Err(Ignored::NotMember);
@@ -1620,8 +1676,9 @@ impl Replica {
             return;
         };
         let snapshot = Snapshot::join(&Snapshot::encode_core(&groups, &last), &app_snapshot);
-        let state = state_digest(seq, &snapshot);
-        self.snapshots.insert(seq, (state, snapshot));
+        let own = OwnSnapshot::new(seq, snapshot, self.config.state_part_bytes);
+        let state = own.digest;
+        self.snapshots.insert(seq, own);
         self.persist_stable();
         if seq < self.low {
             return;
@@ -1722,7 +1779,7 @@ impl Replica {
         if self
             .snapshots
             .get(&seq)
-            .is_some_and(|(own, _)| *own != digest)
+            .is_some_and(|own| own.digest != digest)
         {
             // Our state at `seq` is not the one a quorum certified.
             self.snapshots.remove(&seq);
@@ -1733,7 +1790,7 @@ impl Replica {
         self.low = seq;
         self.slots.retain(|s, _| *s > seq);
         self.checkpoints.retain(|s, _| *s > seq);
-        self.snapshots.retain(|s, _| *s >= seq);
+        self.retain_snapshots();
         self.core_at.retain(|s, _| *s >= seq);
         // Older groups judge the checkpoint certificates that view changes and state transfers
         // carry, which may be older than ours: keep the last few (groups change rarely), and
@@ -2111,37 +2168,56 @@ impl Replica {
         if self.low == 0 || self.executed < self.low {
             return Err(Ignored::Stale);
         }
-        let Some((digest, snapshot)) = self.snapshots.get(&self.low) else {
+        let Some(own) = self.snapshots.get(&self.low) else {
             return Err(Ignored::Stale);
         };
-        if Some(*digest) != self.stable_digest {
+        if Some(own.digest) != self.stable_digest {
             return Err(Ignored::Stale);
         }
-        if !self.may_serve(sender, true) {
+        // A snapshot of one part travels in the reply; a larger one is fetched in parts,
+        // paced on their own, and the reply carries only the part digests.
+        let inline = own.parts.len() == 1;
+        if !self.may_serve(sender, inline) {
             return Err(Ignored::Busy);
         }
-        let snapshot = snapshot.clone();
-        self.send_state(sender, self.low + 1, Some(snapshot));
+        let (parts, snapshot) = (own.parts.clone(), own.bytes.clone());
+        if !inline {
+            self.pins.insert(sender, (self.low, self.now));
+        }
+        self.send_state(sender, self.low + 1, Some((parts, snapshot, inline)));
         Ok(())
     }
 
-    /// Sends `sender` our stable certificate with `snapshot` (if any) and the committed
-    /// certificates of the batches from `from` to what we executed, and notes when (see
-    /// [`Replica::may_serve`]). The signed reply is kept and sent again as it is to whoever
-    /// asks while nothing it holds has changed, so that many requests cost one signature.
-    fn send_state(&mut self, sender: NodeId, from: Seq, snapshot: Option<Bytes>) {
+    /// Sends `sender` our stable certificate with the snapshot's part digests (and the snapshot
+    /// itself if `inline`), if any, and the committed certificates of the batches from `from`
+    /// to what we executed, and notes when (see [`Replica::may_serve`]). The signed reply is
+    /// kept and sent again as it is to whoever asks while nothing it holds has changed, so
+    /// that many requests cost one signature.
+    fn send_state(
+        &mut self,
+        sender: NodeId,
+        from: Seq,
+        snapshot: Option<(Vec<Digest>, Bytes, bool)>,
+    ) {
         let served = self.served.entry(sender).or_default();
         served.any = Some(self.now);
-        if snapshot.is_some() {
+        if snapshot.as_ref().is_some_and(|(_, _, inline)| *inline) {
             served.snapshot = Some(self.now);
         }
         let key = (self.low, from, self.executed, snapshot.is_some());
         let message = match &self.state_reply {
             Some((k, message)) if *k == key => message.clone(),
             _ => {
+                let (parts, snapshot) = match snapshot {
+                    Some((parts, bytes, inline)) => {
+                        (parts, if inline { bytes } else { Bytes::new() })
+                    }
+                    None => (Vec::new(), Bytes::new()),
+                };
                 let message = self.signer.sign(Message::State {
                     checkpoint: self.stable.iter().map(|v| v.signed().clone()).collect(),
-                    snapshot: snapshot.unwrap_or_default(),
+                    parts,
+                    snapshot,
                     committed: self.committed_certificates(from),
                 });
                 self.state_reply = Some((key, message.clone()));
@@ -2168,6 +2244,63 @@ impl Replica {
         let served = self.served.get(&sender).copied().unwrap_or_default();
         !(within(served.any, delay)
             || (snapshot && within(served.snapshot, delay.saturating_mul(SNAPSHOT_SERVE_DELAYS))))
+    }
+
+    /// A member fetches part `index` of our snapshot at `seq` with digest `state` (see
+    /// [`crate::transfer`]): served from any of our snapshots with that digest, at most
+    /// [`SERVED_PARTS_PER_DELAY`] parts per `state_transfer_delay` to one member; the snapshot
+    /// is kept while it fetches.
+    fn on_fetch_part(
+        &mut self,
+        sender: NodeId,
+        seq: Seq,
+        state: Digest,
+        index: u32,
+    ) -> Result<(), Ignored> {
+        if !self.group().contains(&sender) {
+            return Err(Ignored::NotMember);
+        }
+        let Some(own) = self.snapshots.get(&seq).filter(|own| own.digest == state) else {
+            return Err(Ignored::Stale);
+        };
+        let Some(range) = part_range(own.bytes.len(), self.config.state_part_bytes, index) else {
+            return Err(Ignored::Invalid);
+        };
+        let bytes = own.bytes.slice(range);
+        let (now, delay) = (self.now, self.config.state_transfer_delay);
+        let served = self.served.entry(sender).or_default();
+        let (start, used) = served.parts.get_or_insert((now, 0));
+        if now.saturating_sub(*start) >= delay {
+            (*start, *used) = (now, 0);
+        }
+        if *used >= SERVED_PARTS_PER_DELAY {
+            return Err(Ignored::Busy);
+        }
+        *used += 1;
+        self.pins.insert(sender, (seq, now));
+        let message = self.signer.sign(Message::Part {
+            seq,
+            state,
+            index,
+            bytes,
+        });
+        self.outputs.push_back(Output::Send {
+            to: sender,
+            message,
+        });
+        Ok(())
+    }
+
+    /// Drops our snapshots below the low watermark, except those a member fetched from within
+    /// the last [`PIN_DELAYS`] periods (at most one per member).
+    fn retain_snapshots(&mut self) {
+        let keep = self.config.state_transfer_delay.saturating_mul(PIN_DELAYS);
+        let now = self.now;
+        self.pins
+            .retain(|_, (_, at)| now.saturating_sub(*at) < keep);
+        let (low, pins) = (self.low, &self.pins);
+        self.snapshots
+            .retain(|s, _| *s >= low || pins.values().any(|(p, _)| p == s));
     }
 
     /// A replica asks for the batches from `seq` on, above our stable checkpoint (it missed a
@@ -2213,8 +2346,10 @@ impl Replica {
     }
 
     fn on_state(&mut self, message: Verified) -> Result<(), Ignored> {
+        let sender = message.sender();
         let Message::State {
             checkpoint,
+            parts,
             snapshot,
             committed,
         } = message.message()
@@ -2233,45 +2368,22 @@ impl Replica {
         };
         let mut progress = false;
         if let Some(digest) = digest
-            && (seq > self.executed || (self.lost && seq >= self.low))
+            && !parts.is_empty()
+            && self.wants_state(seq)
         {
-            if state_digest(seq, snapshot) != digest {
+            if state_digest_of_parts(seq, parts) != digest {
                 return Err(Ignored::Invalid);
             }
-            let Ok(restored) = Snapshot::decode(snapshot) else {
-                return Err(Ignored::Invalid);
-            };
-            if self.lost {
-                // Execute the committed batches above `seq` again, on the agreed state.
-                for (_, slot) in self.slots.range_mut(seq + 1..) {
-                    slot.executed = false;
+            if let [part] = parts.as_slice() {
+                if part_digest(snapshot) != *part {
+                    return Err(Ignored::Invalid);
                 }
-                self.snapshots.retain(|s, _| *s < seq);
-                self.core_at.retain(|s, _| *s < seq);
-                self.lost = false;
-            }
-            self.executed = seq;
-            self.last_executed = restored.last_executed;
-            self.groups = restored.groups;
-            self.release_all();
-            self.snapshots.insert(seq, (digest, snapshot.clone()));
-            self.outputs.push_back(Output::Restore {
-                seq,
-                snapshot: restored.app,
-            });
-            let cert: Vec<Verified> = checkpoint.iter().cloned().map(Verified::trusted).collect();
-            self.stabilize(seq, cert.clone(), digest);
-            if seq == self.low {
-                self.stable_digest = Some(digest);
-                // This replica may have judged `seq` stable on a certificate sized for a group
-                // it had not yet seen change (a joiner learns the change only from the state):
-                // keep the transferred certificate if it holds under the restored groups, so
-                // that the view changes it sends are valid for the others.
-                if let Some(Some(d)) = self.group_at(seq).checkpoint_cert(seq, checkpoint)
-                    && d == digest
-                {
-                    self.stable = cert;
+                self.restore(seq, digest, checkpoint, parts.clone(), snapshot.clone())?;
+            } else {
+                if !snapshot.is_empty() {
+                    return Err(Ignored::Invalid);
                 }
+                self.begin_transfer(sender, seq, digest, checkpoint, parts);
             }
             progress = true;
         }
@@ -2305,6 +2417,183 @@ impl Replica {
             Ok(())
         } else {
             Err(Ignored::Stale)
+        }
+    }
+
+    /// Whether this replica takes the certified state at `seq`: it has not executed that far,
+    /// or its own state is lost and `seq` is at or above its low watermark.
+    fn wants_state(&self, seq: Seq) -> bool {
+        seq > self.executed || (self.lost && seq >= self.low)
+    }
+
+    /// Installs the certified state at `seq` (digest, certificate, part digests and snapshot).
+    fn restore(
+        &mut self,
+        seq: Seq,
+        digest: Digest,
+        checkpoint: &[Signed],
+        parts: Vec<Digest>,
+        snapshot: Bytes,
+    ) -> Result<(), Ignored> {
+        let Ok(restored) = Snapshot::decode(&snapshot) else {
+            return Err(Ignored::Invalid);
+        };
+        self.transfer = None;
+        if self.lost {
+            // Execute the committed batches above `seq` again, on the agreed state.
+            for (_, slot) in self.slots.range_mut(seq + 1..) {
+                slot.executed = false;
+            }
+            self.snapshots.retain(|s, _| *s < seq);
+            self.core_at.retain(|s, _| *s < seq);
+            self.lost = false;
+        }
+        self.executed = seq;
+        self.last_executed = restored.last_executed;
+        self.groups = restored.groups;
+        self.release_all();
+        self.snapshots.insert(
+            seq,
+            OwnSnapshot {
+                digest,
+                bytes: snapshot,
+                parts,
+            },
+        );
+        self.outputs.push_back(Output::Restore {
+            seq,
+            snapshot: restored.app,
+        });
+        let cert: Vec<Verified> = checkpoint.iter().cloned().map(Verified::trusted).collect();
+        self.stabilize(seq, cert.clone(), digest);
+        if seq == self.low {
+            self.stable_digest = Some(digest);
+            // This replica may have judged `seq` stable on a certificate sized for a group
+            // it had not yet seen change (a joiner learns the change only from the state):
+            // keep the transferred certificate if it holds under the restored groups, so
+            // that the view changes it sends are valid for the others.
+            if let Some(Some(d)) = self.group_at(seq).checkpoint_cert(seq, checkpoint)
+                && d == digest
+            {
+                self.stable = cert;
+            }
+        }
+        if !self.lost && self.fetching.is_some_and(|(want, _)| want <= self.executed) {
+            self.fetching = None;
+        }
+        Ok(())
+    }
+
+    /// A state reply with `parts` (more than one) for the certified state at `seq`: fetch the
+    /// parts from `sender` and every other replica that sends the same digests. A transfer
+    /// in progress gives way to a newer state unless it has f + 1 sources (so a correct one)
+    /// and has not stalled: a faulty replica that alone offers an older certified state and
+    /// trickles its parts cannot hold a replica back.
+    fn begin_transfer(
+        &mut self,
+        sender: NodeId,
+        seq: Seq,
+        digest: Digest,
+        checkpoint: &[Signed],
+        parts: &[Digest],
+    ) {
+        let (now, delay) = (self.now, self.config.state_transfer_delay);
+        let keep = self.transfer.as_ref().is_some_and(|t| {
+            let f = self.group_at(t.seq).f();
+            self.wants_state(t.seq)
+                && (seq <= t.seq || (t.source_count() > f && !t.stalled(now, delay)))
+        });
+        match &mut self.transfer {
+            Some(t) if t.is_of(seq, digest) => t.add_source(sender),
+            Some(_) if keep => {}
+            _ => {
+                // Parts unchanged since our newest snapshot, or held by the transfer this one
+                // replaces, need not travel again (each is checked against its digest).
+                let part_bytes = self.config.state_part_bytes;
+                let own = self.snapshots.values().next_back();
+                let old = self.transfer.take();
+                let reuse = |i: usize, d: &Digest| {
+                    if let Some(p) = old.as_ref().and_then(|t| t.part(i)) {
+                        return Some(p.clone());
+                    }
+                    let own = own?;
+                    if own.parts.get(i) != Some(d) {
+                        return None;
+                    }
+                    let range = part_range(own.bytes.len(), part_bytes, u32::try_from(i).ok()?)?;
+                    Some(own.bytes.slice(range))
+                };
+                self.transfer = Some(Transfer::new(
+                    seq,
+                    digest,
+                    checkpoint.to_vec(),
+                    parts.to_vec(),
+                    sender,
+                    self.now,
+                    reuse,
+                ));
+            }
+        }
+        self.advance_transfer();
+    }
+
+    /// Asks for the parts due now, or installs the state once every part is held.
+    fn advance_transfer(&mut self) {
+        let Some(seq) = self.transfer.as_ref().map(|t| t.seq) else {
+            return;
+        };
+        if !self.wants_state(seq) {
+            self.transfer = None;
+            return;
+        }
+        let Some(t) = &mut self.transfer else {
+            return;
+        };
+        if t.is_complete() {
+            let Some(t) = self.transfer.take() else {
+                return;
+            };
+            let (seq, digest, checkpoint) = (t.seq, t.digest, t.checkpoint.clone());
+            let (parts, snapshot) = t.assemble();
+            if self
+                .restore(seq, digest, &checkpoint, parts, snapshot)
+                .is_err()
+            {
+                tracing::warn!(seq, "a certified state does not decode");
+            }
+            self.execute_ready();
+            return;
+        }
+        let (seq, state) = (t.seq, t.digest);
+        for (to, index) in t.requests(self.now, self.config.state_transfer_delay) {
+            let message = self.signer.sign(Message::FetchPart { seq, state, index });
+            self.outputs.push_back(Output::Send { to, message });
+        }
+    }
+
+    /// Part `index` of the state `state` at `seq`, from `sender`.
+    fn on_part(
+        &mut self,
+        sender: NodeId,
+        seq: Seq,
+        state: Digest,
+        index: u32,
+        bytes: Bytes,
+    ) -> Result<(), Ignored> {
+        let now = self.now;
+        let Some(t) = self.transfer.as_mut().filter(|t| t.is_of(seq, state)) else {
+            return Err(Ignored::Stale);
+        };
+        match t.on_part(sender, index, bytes, now) {
+            Ok(()) => {
+                self.advance_transfer();
+                Ok(())
+            }
+            Err(PartRefused::Stale) => Err(Ignored::Stale),
+            Err(PartRefused::Wrong) => {
+                self.advance_transfer();
+                Err(Ignored::Invalid)
+            }
         }
     }
 
@@ -2909,6 +3198,190 @@ mod tests {
         }
     }
 
+    /// The stable checkpoint of replica `i`: its sequence number and state digest.
+    fn stable_of(c: &Cluster, i: usize) -> (Seq, Digest) {
+        match c.replicas[i]
+            .stable_certificate()
+            .first()
+            .map(|v| v.message())
+        {
+            Some(Message::Checkpoint { seq, state }) => (*seq, *state),
+            _ => panic!("no stable checkpoint"),
+        }
+    }
+
+    /// A state larger than one part travels in parts (here 16 bytes), fetched from several
+    /// replicas; a replica that sends a wrong part is dropped as a source and one that stays
+    /// silent is asked again elsewhere, so the lagging replica still gets the agreed state.
+    #[test]
+    fn a_state_larger_than_a_part_is_fetched_in_parts_despite_a_faulty_source() {
+        use std::cell::RefCell;
+        use std::rc::Rc;
+        let mut c = Cluster::new(4, |cfg| {
+            cfg.window = 4;
+            cfg.state_part_bytes = 16;
+        });
+        c.cut = Box::new(|from, to, _| from == 3 || to == 3);
+        for i in 1..=30 {
+            c.submit(1, i);
+            c.run_for(Duration::from_millis(2));
+        }
+        c.run_for(Duration::from_millis(50));
+        assert_eq!(c.replicas[3].executed(), 0);
+        let (low, _) = stable_of(&c, 0);
+        assert!(low > 4, "the others moved past replica 3's window");
+        // Replica 0 is faulty as a source: its parts never arrive (and one forged part does).
+        let seen: Rc<RefCell<(BTreeSet<usize>, usize)>> = Rc::default();
+        let log = seen.clone();
+        c.cut = Box::new(move |from, to, m| match m {
+            Message::Part { .. } if to == 3 => {
+                log.borrow_mut().0.insert(from);
+                from == 0
+            }
+            Message::State { snapshot, .. } if to == 3 => {
+                log.borrow_mut().1 += usize::from(!snapshot.is_empty());
+                false
+            }
+            _ => false,
+        });
+        let mut forged = false;
+        for _ in 0..400 {
+            c.run_for(Duration::from_millis(1));
+            if !forged && c.replicas[3].transfer.is_some() {
+                let (seq, state) = stable_of(&c, 0);
+                let wrong = c.signers[0].sign(Message::Part {
+                    seq,
+                    state,
+                    index: 0,
+                    bytes: Bytes::from_static(b"sixteen bytes!!!"),
+                });
+                assert_eq!(c.deliver(3, &wrong.encode()), Err(Ignored::Invalid));
+                let t = c.replicas[3].transfer.as_ref().unwrap();
+                assert!(t.is_of(seq, state));
+                forged = true;
+            }
+        }
+        assert!(forged, "replica 3 fetched in parts");
+        let (sources, inline) = seen.borrow().clone();
+        assert_eq!(inline, 0, "no state reply carried the whole snapshot");
+        assert!(sources.contains(&1) && sources.contains(&2), "{sources:?}");
+        assert!(c.replicas[3].executed() >= low);
+        assert_eq!(c.apps[3].app(), c.apps[1].app(), "the agreed state");
+        assert_agree(&c, &[0, 1, 2, 3]);
+    }
+
+    /// A faulty replica that alone offers an older certified state and then serves no parts
+    /// cannot hold a replica back: a newer state from the others replaces the transfer long
+    /// before it would count as stalled.
+    #[test]
+    fn a_transfer_with_one_source_gives_way_to_a_newer_state() {
+        use std::cell::RefCell;
+        use std::rc::Rc;
+        let mut c = Cluster::new(4, |cfg| {
+            cfg.window = 4;
+            cfg.state_part_bytes = 16;
+        });
+        let old: Rc<RefCell<Option<Signed>>> = Rc::default();
+        let keep = old.clone();
+        c.cut = Box::new(|from, to, _| from == 3 || to == 3);
+        for i in 1..=12 {
+            c.submit(1, i);
+            c.run_for(Duration::from_millis(2));
+        }
+        c.run_for(Duration::from_millis(20));
+        let (s1, _) = stable_of(&c, 0);
+        // Replica 0's state reply at s1, as a faulty replica would keep it for later.
+        let ask = c.signers[3].sign(Message::FetchState { seq: s1 });
+        let _ = c.replicas[0].handle_message(Verified::trusted(ask));
+        while let Some(out) = c.replicas[0].poll_output() {
+            if let Output::Send { message, .. } = out
+                && matches!(message.message, Message::State { .. })
+            {
+                *keep.borrow_mut() = Some(message);
+            }
+        }
+        for i in 13..=30 {
+            c.submit(1, i);
+            c.run_for(Duration::from_millis(2));
+        }
+        c.run_for(Duration::from_millis(20));
+        let (s2, _) = stable_of(&c, 1);
+        assert!(s2 > s1);
+        // Replica 0 now serves replica 3 no state and no parts; the others answer.
+        c.cut = Box::new(|from, to, m| {
+            from == 0 && to == 3 && matches!(m, Message::State { .. } | Message::Part { .. })
+        });
+        let stale = old.borrow().clone().unwrap();
+        assert_eq!(c.deliver(3, &stale.encode()), Ok(()));
+        assert_eq!(c.replicas[3].transfer.as_ref().map(|t| t.seq), Some(s1));
+        let delay = c.replicas[3].config.state_transfer_delay;
+        let start = c.now;
+        let mut n = 30;
+        while c.replicas[3].executed() < s2 {
+            assert!(
+                c.now - start < delay * crate::transfer::STALL_DELAYS,
+                "still on the faulty replica's old state"
+            );
+            n += 1;
+            c.submit(1, n);
+            c.run_for(Duration::from_millis(1));
+        }
+        c.run_for(Duration::from_millis(300));
+        assert_eq!(c.replicas[3].executed(), c.replicas[1].executed());
+        assert_eq!(c.apps[3].app(), c.apps[1].app());
+    }
+
+    /// What a faulty requester can get: parts only of snapshots this replica holds, at most
+    /// `SERVED_PARTS_PER_DELAY` per period, and a snapshot it fetches stays servable after the
+    /// stable checkpoint moved on, until it stops asking for `PIN_DELAYS` periods.
+    #[test]
+    fn parts_are_served_within_a_budget_and_a_fetched_snapshot_is_kept_a_while() {
+        let mut c = Cluster::new(4, |cfg| {
+            cfg.window = 4;
+            cfg.state_part_bytes = 8;
+        });
+        for i in 1..=12 {
+            c.submit(1, i);
+        }
+        c.run_for(Duration::from_millis(30));
+        let (seq, state) = stable_of(&c, 0);
+        let ask = |c: &mut Cluster, state: Digest, index: u32| {
+            let m = c.signers[3].sign(Message::FetchPart { seq, state, index });
+            let r = c.replicas[0].handle_message(Verified::trusted(m));
+            let mut parts = 0;
+            while let Some(out) = c.replicas[0].poll_output() {
+                if let Output::Send { message, .. } = out
+                    && matches!(message.message, Message::Part { .. })
+                {
+                    parts += 1;
+                }
+            }
+            (r, parts)
+        };
+        assert_eq!(ask(&mut c, Digest([9; 32]), 0), (Err(Ignored::Stale), 0));
+        assert_eq!(ask(&mut c, state, u32::MAX), (Err(Ignored::Invalid), 0));
+        let served: usize = (0..100).map(|_| ask(&mut c, state, 1).1).sum();
+        assert_eq!(
+            served, SERVED_PARTS_PER_DELAY as usize,
+            "one period's budget"
+        );
+        // The others move on; the snapshot replica 3 fetches is still served.
+        c.now += c.replicas[0].config.state_transfer_delay;
+        for i in 13..=24 {
+            c.submit(1, i);
+        }
+        c.run_for(Duration::from_millis(30));
+        assert!(stable_of(&c, 0).0 > seq);
+        assert_eq!(ask(&mut c, state, 0), (Ok(()), 1), "pinned while fetched");
+        // Once it stops asking, the pin expires at the next stable checkpoint.
+        c.now += c.replicas[0].config.state_transfer_delay * PIN_DELAYS;
+        for i in 25..=36 {
+            c.submit(1, i);
+        }
+        c.run_for(Duration::from_millis(30));
+        assert_eq!(ask(&mut c, state, 0), (Err(Ignored::Stale), 0));
+    }
+
     /// A timer that a message starts counts from when the message arrived, not from the
     /// replica's last tick: a quorum of view changes arriving after a long quiet spell must not
     /// make the replica escalate to the next view at once.
@@ -3257,14 +3730,17 @@ mod tests {
             Signer::new_from(&c.signers[3]),
         );
         c.replicas[3] = lagging;
+        let garbage = Bytes::from_static(b"not the certified state");
         let forged = c.signers[0].sign(Message::State {
             checkpoint: cert.clone(),
-            snapshot: Bytes::from_static(b"not the certified state"),
+            parts: part_digests(&garbage, c.replicas[0].config.state_part_bytes),
+            snapshot: garbage,
             committed: vec![],
         });
         assert_eq!(c.deliver(3, &forged.encode()), Err(Ignored::Invalid));
         let uncertified = c.signers[0].sign(Message::State {
             checkpoint: cert[..1].to_vec(),
+            parts: vec![],
             snapshot: Bytes::new(),
             committed: vec![],
         });

@@ -52,8 +52,11 @@ pub enum Fault {
     /// prepares for ever later views, and full pre-prepares for a far view it is primary of.
     Flood,
     /// Besides what it should send, asks every replica for the state with every message,
-    /// alternating between the whole state and the batches above a checkpoint.
+    /// alternating between the whole state and the batches above a checkpoint, and for a
+    /// part of its own stable snapshot.
     FetchFlood,
+    /// Serves state transfers with parts whose bytes are wrong (a faulty state source).
+    WrongParts,
     /// As primary, orders every request with another payload than its client sent (a
     /// ciphertext swapper): caught only where requests carry their client's signature
     /// ([`Scenario::signed_requests`]).
@@ -146,6 +149,8 @@ impl Scenario {
         core.view_change_timeout = Duration::from_millis(150);
         core.max_pending = 1000;
         core.state_transfer_delay = Duration::from_millis(60);
+        // Small parts, so that every state transfer fetches its snapshot in parts.
+        core.state_part_bytes = 64;
         Self {
             seed,
             replicas,
@@ -234,6 +239,8 @@ pub struct Report {
     pub max_held: usize,
     /// State replies sent to faulty replicas: (replies, with a snapshot).
     pub state_to_faulty: (u64, u64),
+    /// Snapshot parts sent to faulty replicas.
+    pub parts_to_faulty: u64,
     /// Each instance's protocol state at the end ([`Replica::summary`]).
     pub summaries: Vec<String>,
     /// Batches replicas executed before a restart and execute again after it (replica,
@@ -552,6 +559,7 @@ impl Sim {
             restores: 0,
             max_held: 0,
             state_to_faulty: (0, 0),
+            parts_to_faulty: 0,
             summaries: Vec::new(),
             earlier: Vec::new(),
             payloads: BTreeMap::new(),
@@ -732,7 +740,24 @@ impl Sim {
             low + 1
         };
         let ask = signer.sign(Message::FetchState { seq });
+        let stable = self
+            .instances
+            .iter()
+            .find(|i| i.replica == from)
+            .and_then(|i| i.core.as_ref())
+            .and_then(|c| c.stable_certificate().first())
+            .map(|v| v.message().clone());
+        let part = match stable {
+            Some(Message::Checkpoint { seq, state }) => {
+                let index = (self.order % 4) as u32;
+                Some(signer.sign(Message::FetchPart { seq, state, index }))
+            }
+            _ => None,
+        };
         self.post(from, to, &ask);
+        if let Some(part) = part {
+            self.post(from, to, &part);
+        }
     }
 
     /// What a faulty replica `from` sends to `to` instead of `signed` (`None`: nothing).
@@ -744,6 +769,27 @@ impl Sim {
         let bogus = Digest(*blake3::hash(&to.to_be_bytes()).as_bytes());
         Some(match (fault, &signed.message) {
             (Fault::Silent, _) => return None,
+            (
+                Fault::WrongParts,
+                Message::Part {
+                    seq,
+                    state,
+                    index,
+                    bytes,
+                },
+            ) => {
+                let mut wrong = bytes.to_vec();
+                match wrong.first_mut() {
+                    Some(b) => *b ^= 0x5a,
+                    None => wrong.push(0),
+                }
+                signer.sign(Message::Part {
+                    seq: *seq,
+                    state: *state,
+                    index: *index,
+                    bytes: Bytes::from(wrong),
+                })
+            }
             (Fault::BadSignature, _) => {
                 let mut s = signed.clone();
                 s.signature[0] ^= 0x40;
@@ -897,11 +943,16 @@ impl Sim {
                 }
                 Output::Send { to, message } => {
                     if let Some(to) = self.ids.iter().position(|id| *id == to) {
-                        if let Message::State { snapshot, .. } = &message.message
-                            && self.report.faulty.contains(&to)
-                        {
-                            self.report.state_to_faulty.0 += 1;
-                            self.report.state_to_faulty.1 += u64::from(!snapshot.is_empty());
+                        if self.report.faulty.contains(&to) {
+                            match &message.message {
+                                Message::State { snapshot, .. } => {
+                                    self.report.state_to_faulty.0 += 1;
+                                    self.report.state_to_faulty.1 +=
+                                        u64::from(!snapshot.is_empty());
+                                }
+                                Message::Part { .. } => self.report.parts_to_faulty += 1,
+                                _ => {}
+                            }
                         }
                         self.send_message(from, to, &message);
                     }

@@ -212,11 +212,40 @@ pub fn plan_new_view(view_changes: &[&Message]) -> NewViewPlan {
     }
 }
 
-/// The digest a checkpoint signs: over the sequence number and the replica's full snapshot.
-pub fn state_digest(seq: Seq, snapshot: &[u8]) -> Digest {
+/// The digest a checkpoint signs: over the sequence number and the digests of the replica's
+/// full snapshot cut into parts of `part_bytes` ([`part_digests`]), so that a replica that
+/// fetches the state can check each part on its own, from whichever replica sent it.
+pub fn state_digest(seq: Seq, snapshot: &[u8], part_bytes: usize) -> Digest {
+    state_digest_of_parts(seq, &part_digests(snapshot, part_bytes))
+}
+
+/// [`state_digest`] from the parts' digests.
+pub fn state_digest_of_parts(seq: Seq, parts: &[Digest]) -> Digest {
     let mut h = crate::message::hasher(domain::STATE_DIGEST);
     h.update(&seq.to_be_bytes());
-    h.update(snapshot);
+    h.update(&(parts.len() as u64).to_be_bytes());
+    for part in parts {
+        h.update(&part.0);
+    }
+    Digest(*h.finalize().as_bytes())
+}
+
+/// The digests of `snapshot` cut into parts of `part_bytes` (at least 1; the last part may be
+/// shorter). An empty snapshot is one empty part.
+pub fn part_digests(snapshot: &[u8], part_bytes: usize) -> Vec<Digest> {
+    if snapshot.is_empty() {
+        return vec![part_digest(&[])];
+    }
+    snapshot
+        .chunks(part_bytes.max(1))
+        .map(part_digest)
+        .collect()
+}
+
+/// The digest of one part of a snapshot (content only, so that an unchanged part keeps it).
+pub fn part_digest(part: &[u8]) -> Digest {
+    let mut h = crate::message::hasher(domain::STATE_PART);
+    h.update(part);
     Digest(*h.finalize().as_bytes())
 }
 

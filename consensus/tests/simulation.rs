@@ -303,7 +303,48 @@ fn a_state_fetch_amplifier_costs_each_replica_one_reply_per_period() {
             "{replies} replies in {periods} periods"
         );
         assert!(snapshots <= 3 * (periods / 4 + 1), "{snapshots} snapshots");
+        // It also asks for a part of the stable snapshot with every message: each of the
+        // others serves it at most SERVED_PARTS_PER_DELAY parts per period.
+        let budget = u64::from(securesmart_consensus::transfer::SERVED_PARTS_PER_DELAY);
+        assert!(
+            r.parts_to_faulty <= 3 * budget * periods,
+            "{} parts in {periods} periods",
+            r.parts_to_faulty
+        );
     }
+    assert!(
+        reports.iter().any(|r| r.parts_to_faulty > 0),
+        "the amplifier was served parts"
+    );
+}
+
+#[test]
+fn a_replica_serving_wrong_parts_cannot_keep_a_restarted_one_from_the_state() {
+    let reports = run(
+        "a_replica_serving_wrong_parts_cannot_keep_a_restarted_one_from_the_state",
+        40,
+        |seed| {
+            let mut s = Scenario::new(seed, 7);
+            s.requests = 30;
+            let restarted = 1 + (seed % 6) as usize;
+            s.crashes.push(Crash {
+                replica: restarted,
+                at: ms(10 + seed % 30),
+                restart: Some(ms(100)),
+            });
+            let faulty = if restarted == 6 { 5 } else { 6 };
+            s.faults.push((faulty, Fault::WrongParts));
+            s
+        },
+    );
+    // The restarted replica fetched the state in parts, and the wrong ones were refused.
+    assert!(reports.iter().any(|r| r.restores > 0));
+    assert!(
+        reports
+            .iter()
+            .any(|r| r.dropped.get("invalid certificate").copied().unwrap_or(0) > 0),
+        "wrong parts were refused"
+    );
 }
 
 #[test]
@@ -320,6 +361,7 @@ fn seven_replicas_two_byzantine_and_loss() {
         Fault::Flood,
         Fault::FetchFlood,
         Fault::SwapPayloads,
+        Fault::WrongParts,
     ];
     let k = faults.len() as u64;
     run("seven_replicas_two_byzantine_and_loss", 66, |seed| {

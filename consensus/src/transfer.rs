@@ -1,0 +1,377 @@
+//! Fetching a snapshot in parts, so that a state of any size (up to
+//! [`crate::message::Limits::max_snapshot_bytes`]) crosses a transport whose frames are smaller.
+//!
+//! A checkpoint signs the digest of the snapshot's part digests
+//! ([`crate::view_change::state_digest`]). A replica that fetches the state learns the part
+//! digests from a state reply whose certificate it checked, then asks for the parts, a few at a
+//! time, from every replica that sent it those digests, and checks each part against its digest
+//! as it arrives: a faulty replica can send a wrong part only once (it is then no source of
+//! this transfer any more), and cannot make the fetcher hold more than the certified size.
+//!
+//! Pacing: the fetcher asks each source for at most [`PARTS_PER_DELAY`] parts per
+//! `state_transfer_delay` and asks again, from another source, for a part not received within
+//! one; a server serves one requester at most twice that many per period
+//! ([`SERVED_PARTS_PER_DELAY`]), so a faulty requester costs each replica a bounded amount of
+//! sending. A server keeps the snapshot a requester is fetching for [`PIN_DELAYS`] periods after
+//! its last request, even once its stable checkpoint moved on.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use securesmart_transport::NodeId;
+
+use crate::message::{Digest, Seq};
+use crate::view_change::part_digest;
+
+/// Parts a fetcher asks one source for per `state_transfer_delay`.
+pub const PARTS_PER_DELAY: u32 = 8;
+/// Parts a replica serves one requester per `state_transfer_delay` (twice what a fetcher asks,
+/// so that periods that do not line up do not slow a correct fetcher).
+pub const SERVED_PARTS_PER_DELAY: u32 = 2 * PARTS_PER_DELAY;
+/// A server keeps a snapshot this many `state_transfer_delay`s after a requester last asked
+/// for one of its parts (or got its part digests).
+pub const PIN_DELAYS: u32 = 16;
+/// A transfer that received no part for this many `state_transfer_delay`s gives way to a newer
+/// certified state.
+pub const STALL_DELAYS: u32 = 4;
+
+/// The byte range of part `index` in a snapshot of `len` bytes cut into `part_bytes`; `None`
+/// past the end (an empty snapshot has one empty part).
+pub(crate) fn part_range(
+    len: usize,
+    part_bytes: usize,
+    index: u32,
+) -> Option<std::ops::Range<usize>> {
+    let part_bytes = part_bytes.max(1);
+    let start = usize::try_from(index).ok()?.checked_mul(part_bytes)?;
+    if start >= len && !(len == 0 && index == 0) {
+        return None;
+    }
+    Some(start..start.saturating_add(part_bytes).min(len))
+}
+
+/// Why a part was not taken.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum PartRefused {
+    /// Held already, or the index is past the end.
+    Stale,
+    /// The bytes do not hash to the part's certified digest: the sender is faulty.
+    Wrong,
+}
+
+/// A state transfer in progress: a certified snapshot's part digests and the parts held.
+#[derive(Debug)]
+pub(crate) struct Transfer {
+    /// The checkpoint.
+    pub(crate) seq: Seq,
+    /// Its certified state digest.
+    pub(crate) digest: Digest,
+    /// The certificate (signed checkpoints) it came with.
+    pub(crate) checkpoint: Vec<crate::message::Signed>,
+    parts: Vec<Digest>,
+    have: Vec<Option<Bytes>>,
+    missing: usize,
+    /// Replicas that sent these part digests, in the order heard.
+    sources: Vec<NodeId>,
+    /// Replicas that sent a wrong part: no sources of this transfer any more.
+    banned: BTreeSet<NodeId>,
+    /// Parts asked for and not received: by whom and when.
+    asked: BTreeMap<u32, (NodeId, Duration)>,
+    /// Per source: the start of its current period and the parts asked in it.
+    budget: BTreeMap<NodeId, (Duration, u32)>,
+    next_source: usize,
+    /// When the transfer started or last received a part.
+    progress_at: Duration,
+}
+
+impl Transfer {
+    /// A transfer of the snapshot with `parts` at `seq`, from `source`; `reuse` gives parts
+    /// already held here (e.g. unchanged since this replica's own last snapshot), which are
+    /// checked like received ones.
+    pub(crate) fn new(
+        seq: Seq,
+        digest: Digest,
+        checkpoint: Vec<crate::message::Signed>,
+        parts: Vec<Digest>,
+        source: NodeId,
+        now: Duration,
+        reuse: impl Fn(usize, &Digest) -> Option<Bytes>,
+    ) -> Self {
+        let have: Vec<Option<Bytes>> = parts
+            .iter()
+            .enumerate()
+            .map(|(i, d)| reuse(i, d).filter(|b| part_digest(b) == *d))
+            .collect();
+        let missing = have.iter().filter(|p| p.is_none()).count();
+        Self {
+            seq,
+            digest,
+            checkpoint,
+            parts,
+            have,
+            missing,
+            sources: vec![source],
+            banned: BTreeSet::new(),
+            asked: BTreeMap::new(),
+            budget: BTreeMap::new(),
+            next_source: 0,
+            progress_at: now,
+        }
+    }
+
+    /// Whether this is the transfer of the state `digest` at `seq`.
+    pub(crate) fn is_of(&self, seq: Seq, digest: Digest) -> bool {
+        self.seq == seq && self.digest == digest
+    }
+
+    /// `id` sent the same part digests: it holds the snapshot too.
+    pub(crate) fn add_source(&mut self, id: NodeId) {
+        if !self.sources.contains(&id) && !self.banned.contains(&id) {
+            self.sources.push(id);
+        }
+    }
+
+    /// Part `i`, if held.
+    pub(crate) fn part(&self, i: usize) -> Option<&Bytes> {
+        self.have.get(i).and_then(Option::as_ref)
+    }
+
+    /// How many replicas serve this transfer.
+    pub(crate) fn source_count(&self) -> usize {
+        self.sources.len()
+    }
+
+    /// Whether every part is held.
+    pub(crate) fn is_complete(&self) -> bool {
+        self.missing == 0
+    }
+
+    /// Whether no part arrived for [`STALL_DELAYS`] periods.
+    pub(crate) fn stalled(&self, now: Duration, delay: Duration) -> bool {
+        now.saturating_sub(self.progress_at) >= delay.saturating_mul(STALL_DELAYS)
+    }
+
+    /// The part requests to send now: every part not held and not asked for within `delay`
+    /// goes to the next source (round robin) that has budget left in its period.
+    pub(crate) fn requests(&mut self, now: Duration, delay: Duration) -> Vec<(NodeId, u32)> {
+        let mut out = Vec::new();
+        if self.sources.is_empty() {
+            return out;
+        }
+        // At most what the sources' budgets allow this period (so a tick costs little).
+        let left: usize = self
+            .sources
+            .iter()
+            .map(|s| match self.budget.get(s) {
+                Some((start, used)) if now.saturating_sub(*start) < delay => {
+                    PARTS_PER_DELAY.saturating_sub(*used) as usize
+                }
+                _ => PARTS_PER_DELAY as usize,
+            })
+            .sum();
+        let wanted: Vec<u32> = (0..self.have.len())
+            .filter(|i| self.have.get(*i).is_some_and(Option::is_none))
+            .filter_map(|i| u32::try_from(i).ok())
+            .filter(|i| {
+                self.asked
+                    .get(i)
+                    .is_none_or(|(_, at)| now.saturating_sub(*at) >= delay)
+            })
+            .take(left)
+            .collect();
+        for index in wanted {
+            let Some(source) = self.take_budget(now, delay) else {
+                break;
+            };
+            self.asked.insert(index, (source, now));
+            out.push((source, index));
+        }
+        out
+    }
+
+    /// The next source, round robin, with budget left in its period (and spends one).
+    fn take_budget(&mut self, now: Duration, delay: Duration) -> Option<NodeId> {
+        let n = self.sources.len();
+        for k in 0..n {
+            let source = *self.sources.get((self.next_source + k) % n)?;
+            let (start, used) = self.budget.entry(source).or_insert((now, 0));
+            if now.saturating_sub(*start) >= delay {
+                (*start, *used) = (now, 0);
+            }
+            if *used < PARTS_PER_DELAY {
+                *used += 1;
+                self.next_source = (self.next_source + k + 1) % n;
+                return Some(source);
+            }
+        }
+        None
+    }
+
+    /// Part `index` from `sender`. A wrong part bans its sender from this transfer, and the
+    /// parts asked of it are asked again elsewhere.
+    pub(crate) fn on_part(
+        &mut self,
+        sender: NodeId,
+        index: u32,
+        bytes: Bytes,
+        now: Duration,
+    ) -> Result<(), PartRefused> {
+        let i = usize::try_from(index).map_err(|_| PartRefused::Stale)?;
+        let (Some(slot), Some(digest)) = (self.have.get_mut(i), self.parts.get(i)) else {
+            return Err(PartRefused::Stale);
+        };
+        if slot.is_some() {
+            return Err(PartRefused::Stale);
+        }
+        if part_digest(&bytes) != *digest {
+            self.banned.insert(sender);
+            self.sources.retain(|s| *s != sender);
+            self.asked.retain(|_, (s, _)| *s != sender);
+            return Err(PartRefused::Wrong);
+        }
+        *slot = Some(bytes);
+        self.missing = self.missing.saturating_sub(1);
+        self.asked.remove(&index);
+        self.progress_at = now;
+        Ok(())
+    }
+
+    /// The part digests and the whole snapshot (call once [`Transfer::is_complete`]).
+    pub(crate) fn assemble(self) -> (Vec<Digest>, Bytes) {
+        let len = self.have.iter().flatten().map(Bytes::len).sum();
+        let mut out = BytesMut::with_capacity(len);
+        for part in self.have.into_iter().flatten() {
+            out.extend_from_slice(&part);
+        }
+        (self.parts, out.freeze())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::view_change::part_digests;
+
+    fn id(b: u8) -> NodeId {
+        NodeId::from_bytes([b; 32])
+    }
+
+    const MS: Duration = Duration::from_millis(1);
+    const DELAY: Duration = Duration::from_millis(200);
+
+    fn snapshot(len: usize) -> Bytes {
+        Bytes::from((0..len).map(|i| (i * 7 % 251) as u8).collect::<Vec<_>>())
+    }
+
+    fn transfer(snapshot: &Bytes, part_bytes: usize) -> Transfer {
+        let parts = part_digests(snapshot, part_bytes);
+        Transfer::new(7, Digest([1; 32]), Vec::new(), parts, id(1), MS, |_, _| {
+            None
+        })
+    }
+
+    fn part(snapshot: &Bytes, part_bytes: usize, index: u32) -> Bytes {
+        let r = part_range(snapshot.len(), part_bytes, index).unwrap();
+        snapshot.slice(r)
+    }
+
+    #[test]
+    fn part_ranges_cover_the_snapshot_and_nothing_past_it() {
+        assert_eq!(part_range(10, 4, 0), Some(0..4));
+        assert_eq!(part_range(10, 4, 2), Some(8..10));
+        assert_eq!(part_range(10, 4, 3), None);
+        assert_eq!(part_range(0, 4, 0), Some(0..0));
+        assert_eq!(part_range(0, 4, 1), None);
+        assert_eq!(part_range(8, 4, u32::MAX), None);
+        assert_eq!(part_digests(&[], 4).len(), 1);
+        assert_eq!(part_digests(&[0; 10], 4).len(), 3);
+    }
+
+    #[test]
+    fn parts_from_several_sources_assemble_the_snapshot() {
+        let s = snapshot(1000);
+        let mut t = transfer(&s, 64);
+        t.add_source(id(2));
+        t.add_source(id(3));
+        let asks = t.requests(MS, DELAY);
+        // 16 parts, 8 per source per period: all asked, spread over the three sources.
+        assert_eq!(asks.len(), 16);
+        for source in [1, 2, 3] {
+            assert!(asks.iter().any(|(s, _)| *s == id(source)), "{asks:?}");
+        }
+        assert!(t.requests(2 * MS, DELAY).is_empty(), "asked already");
+        for (source, index) in asks {
+            assert_eq!(
+                t.on_part(source, index, part(&s, 64, index), 3 * MS),
+                Ok(())
+            );
+        }
+        assert!(t.is_complete());
+        let (parts, got) = t.assemble();
+        assert_eq!(got, s);
+        assert_eq!(parts, part_digests(&s, 64));
+    }
+
+    #[test]
+    fn a_wrong_part_bans_its_sender_and_the_part_is_asked_of_another() {
+        let s = snapshot(256);
+        let mut t = transfer(&s, 64);
+        t.add_source(id(2));
+        let asks = t.requests(MS, DELAY);
+        let (bad, index) = asks.iter().copied().find(|(s, _)| *s == id(2)).unwrap();
+        assert_eq!(
+            t.on_part(bad, index, Bytes::from_static(b"garbage"), 2 * MS),
+            Err(PartRefused::Wrong)
+        );
+        // Asked again at once, of the remaining source; the banned one is not taken back.
+        t.add_source(id(2));
+        let again = t.requests(3 * MS, DELAY);
+        assert!(again.contains(&(id(1), index)), "{again:?}");
+        assert!(again.iter().all(|(s, _)| *s == id(1)));
+        assert_eq!(t.on_part(id(1), index, part(&s, 64, index), 4 * MS), Ok(()));
+        assert_eq!(
+            t.on_part(id(1), index, part(&s, 64, index), 4 * MS),
+            Err(PartRefused::Stale),
+            "held already"
+        );
+        assert_eq!(
+            t.on_part(id(1), 99, Bytes::new(), 4 * MS),
+            Err(PartRefused::Stale)
+        );
+    }
+
+    #[test]
+    fn each_source_is_asked_a_bounded_number_of_parts_per_period() {
+        let s = snapshot(64 * 40);
+        let mut t = transfer(&s, 64);
+        assert_eq!(t.requests(MS, DELAY).len(), PARTS_PER_DELAY as usize);
+        assert!(t.requests(DELAY / 2, DELAY).is_empty());
+        // A new period: the unanswered parts and the next ones, within the budget again.
+        let later = t.requests(MS + DELAY, DELAY);
+        assert_eq!(later.len(), PARTS_PER_DELAY as usize);
+        assert!(
+            later.iter().any(|(_, i)| *i == 0),
+            "unanswered part 0 asked again"
+        );
+        assert!(!t.stalled(MS + DELAY, DELAY));
+        assert!(t.stalled(MS + DELAY * STALL_DELAYS, DELAY));
+    }
+
+    #[test]
+    fn parts_held_already_are_reused_only_if_they_match() {
+        let s = snapshot(256);
+        let parts = part_digests(&s, 64);
+        let reuse = |i: usize, _: &Digest| {
+            // Part 1 is right, part 2 is stale content under the same index.
+            match i {
+                1 => Some(part(&s, 64, 1)),
+                2 => Some(Bytes::from_static(b"old")),
+                _ => None,
+            }
+        };
+        let mut t = Transfer::new(7, Digest([1; 32]), Vec::new(), parts, id(1), MS, reuse);
+        let asks: Vec<u32> = t.requests(MS, DELAY).into_iter().map(|(_, i)| i).collect();
+        assert_eq!(asks, vec![0, 2, 3]);
+    }
+}
