@@ -219,6 +219,15 @@ pub enum JournalError {
         /// The version found.
         found: u8,
     },
+    /// A record is whole and its checksum holds, but it does not decode (a limit lowered since
+    /// it was written, or a bug): refused rather than cut off with everything after it.
+    #[error("journal {path}: an intact record does not decode: {error}")]
+    Unreadable {
+        /// The segment.
+        path: PathBuf,
+        /// Why.
+        error: WireError,
+    },
 }
 
 /// Records in memory (the simulator's "disk", and tests).
@@ -302,17 +311,15 @@ pub(crate) fn read_frames(buf: &[u8], limits: &Limits) -> (Vec<Record>, usize) {
     (records, at)
 }
 
-/// The version byte of the frame at `at`, if the frame is whole and its checksum holds (a
-/// record that is intact but unreadable: written by another version, not torn).
-fn intact_version(buf: &[u8], at: usize) -> Option<u8> {
+/// The record of the frame at `at`, if the frame is whole and its checksum holds (where
+/// [`read_frames`] stopped: a record that is intact but unreadable, not torn).
+fn intact_body(buf: &[u8], at: usize) -> Option<&[u8]> {
     let header = buf.get(at..at.checked_add(FRAME_HEADER)?)?;
     let (len, sum) = header.split_at(4);
     let len = u32::from_be_bytes(len.try_into().ok()?) as usize;
     let start = at + FRAME_HEADER;
     let body = buf.get(start..start.checked_add(len)?)?;
-    (checksum(body) == sum)
-        .then(|| body.first().copied())
-        .flatten()
+    (checksum(body) == sum).then_some(body)
 }
 
 fn segment_name(n: u64) -> String {
@@ -350,10 +357,16 @@ impl FileJournal {
         let mut buf = Vec::new();
         file.read_to_end(&mut buf).map_err(io(&path))?;
         let (records, valid) = read_frames(&buf, limits);
-        if let Some(found) = intact_version(&buf, valid)
-            && found != VERSION
-        {
-            return Err(JournalError::Version { path, found });
+        if let Some(body) = intact_body(&buf, valid) {
+            return Err(match body.first() {
+                Some(&found) if found != VERSION => JournalError::Version { path, found },
+                _ => JournalError::Unreadable {
+                    path,
+                    error: Record::decode(body, limits)
+                        .err()
+                        .unwrap_or(WireError::Invalid("record")),
+                },
+            });
         }
         if valid < buf.len() {
             metrics::counter!("securesmart_consensus_journal_truncated_total").increment(1);
@@ -644,6 +657,20 @@ mod tests {
         std::fs::write(&seg, &bytes).unwrap();
         match FileJournal::open(&d, &limits) {
             Err(JournalError::Version { found: 1, .. }) => {}
+            other => panic!("{:?}", other.map(|(_, r)| r)),
+        }
+        assert_eq!(std::fs::read(&seg).unwrap(), bytes, "not truncated");
+        // Intact, of this version, but over a limit lowered since: refused too.
+        let mut bytes = std::fs::read(&seg).unwrap();
+        bytes.truncate(bytes.len() - frame(&old).len());
+        bytes.extend_from_slice(&frame(&stable(6).encode()));
+        std::fs::write(&seg, &bytes).unwrap();
+        let tight = Limits {
+            max_snapshot_bytes: 0,
+            ..limits
+        };
+        match FileJournal::open(&d, &tight) {
+            Err(JournalError::Unreadable { .. }) => {}
             other => panic!("{:?}", other.map(|(_, r)| r)),
         }
         assert_eq!(std::fs::read(&seg).unwrap(), bytes, "not truncated");

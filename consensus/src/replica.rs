@@ -108,7 +108,7 @@ use crate::journal::Record;
 use crate::message::{
     Certificate, Digest, Message, Request, Seq, Signed, Signer, Verified, View, batch_digest,
 };
-use crate::transfer::{PIN_DELAYS, PartRefused, SERVED_PARTS_PER_DELAY, Transfer, part_range};
+use crate::transfer::{Bucket, PIN_DELAYS, PINS_PER_MEMBER, PartRefused, Transfer, part_range};
 use crate::view_change::{
     Group, NewViewPlan, Snapshot, part_digest, part_digests, plan_new_view, state_digest_of_parts,
     valid_view_change,
@@ -147,8 +147,10 @@ pub struct Config {
     pub state_transfer_delay: Duration,
     /// Snapshots are hashed and transferred in parts of this many bytes (see
     /// [`crate::transfer`]): a state larger than a transport frame is fetched a part at a
-    /// time. Part of the state digest, so identical at every replica; keep it well below the
-    /// transport's frame size.
+    /// time. Part of the state digest, so identical at every replica (a journal written with
+    /// another size does not recover); keep it well below the transport's frame size, and
+    /// large enough that a snapshot has at most `Limits::max_list` parts (4,096: 4 GiB with
+    /// the default 1 MiB).
     pub state_part_bytes: usize,
     /// Emit [`Output::Persist`] records (see [`crate::journal`]); without them a restarted
     /// replica has lost its memory and counts as one of the f faulty ones.
@@ -361,8 +363,8 @@ struct Held {
 struct Served {
     any: Option<Duration>,
     snapshot: Option<Duration>,
-    /// The start of the current period of part requests, and the parts served in it.
-    parts: Option<(Duration, u32)>,
+    /// Its budget of parts.
+    parts: Bucket,
 }
 
 /// One of this replica's own snapshots: its state digest, bytes and part digests.
@@ -448,11 +450,13 @@ pub struct Replica {
     /// This replica's own snapshots at checkpoints at or above the low watermark, and older
     /// ones that a replica is fetching (see `pins`).
     snapshots: BTreeMap<Seq, OwnSnapshot>,
-    /// Per member, the checkpoint whose snapshot it fetches in parts and when it last asked
-    /// (kept [`PIN_DELAYS`] periods after that).
-    pins: BTreeMap<NodeId, (Seq, Duration)>,
+    /// Per member, the checkpoints whose snapshots it fetches in parts (or was told of) and
+    /// when it last asked, at most [`PINS_PER_MEMBER`] (kept [`PIN_DELAYS`] periods after that).
+    pins: BTreeMap<NodeId, Vec<(Seq, Duration)>>,
     /// The state this replica fetches in parts.
     transfer: Option<Transfer>,
+    /// Parts of the last transfer that gave way, by digest, for the next one.
+    held_parts: BTreeMap<Digest, Bytes>,
     /// The core's replicated state at checkpoints whose application snapshot is pending.
     core_at: BTreeMap<Seq, CoreState>,
     /// Messages up to one window beyond the current one, replayed when the window moves.
@@ -527,6 +531,7 @@ impl Replica {
             snapshots: BTreeMap::new(),
             pins: BTreeMap::new(),
             transfer: None,
+            held_parts: BTreeMap::new(),
             core_at: BTreeMap::new(),
             future: Hold::default(),
             ahead: Hold::default(),
@@ -2182,7 +2187,7 @@ impl Replica {
         }
         let (parts, snapshot) = (own.parts.clone(), own.bytes.clone());
         if !inline {
-            self.pins.insert(sender, (self.low, self.now));
+            self.pin(sender, self.low);
         }
         self.send_state(sender, self.low + 1, Some((parts, snapshot, inline)));
         Ok(())
@@ -2247,9 +2252,8 @@ impl Replica {
     }
 
     /// A member fetches part `index` of our snapshot at `seq` with digest `state` (see
-    /// [`crate::transfer`]): served from any of our snapshots with that digest, at most
-    /// [`SERVED_PARTS_PER_DELAY`] parts per `state_transfer_delay` to one member; the snapshot
-    /// is kept while it fetches.
+    /// [`crate::transfer`]): served from any of our snapshots with that digest, within the
+    /// member's [`Bucket`]; the snapshot is kept while it fetches.
     fn on_fetch_part(
         &mut self,
         sender: NodeId,
@@ -2268,16 +2272,16 @@ impl Replica {
         };
         let bytes = own.bytes.slice(range);
         let (now, delay) = (self.now, self.config.state_transfer_delay);
-        let served = self.served.entry(sender).or_default();
-        let (start, used) = served.parts.get_or_insert((now, 0));
-        if now.saturating_sub(*start) >= delay {
-            (*start, *used) = (now, 0);
-        }
-        if *used >= SERVED_PARTS_PER_DELAY {
+        if !self
+            .served
+            .entry(sender)
+            .or_default()
+            .parts
+            .take(now, delay)
+        {
             return Err(Ignored::Busy);
         }
-        *used += 1;
-        self.pins.insert(sender, (seq, now));
+        self.pin(sender, seq);
         let message = self.signer.sign(Message::Part {
             seq,
             state,
@@ -2291,16 +2295,39 @@ impl Replica {
         Ok(())
     }
 
+    /// Keeps our snapshot at `seq` for `member` while it fetches it: refreshes its pin on
+    /// `seq`, or replaces its oldest pin once it has [`PINS_PER_MEMBER`].
+    fn pin(&mut self, member: NodeId, seq: Seq) {
+        let now = self.now;
+        let pins = self.pins.entry(member).or_default();
+        if let Some(p) = pins.iter_mut().find(|(s, _)| *s == seq) {
+            p.1 = now;
+            return;
+        }
+        if pins.len() >= PINS_PER_MEMBER
+            && let Some(oldest) = pins
+                .iter()
+                .enumerate()
+                .min_by_key(|(_, (_, at))| *at)
+                .map(|(i, _)| i)
+        {
+            pins.remove(oldest);
+        }
+        pins.push((seq, now));
+    }
+
     /// Drops our snapshots below the low watermark, except those a member fetched from within
-    /// the last [`PIN_DELAYS`] periods (at most one per member).
+    /// the last [`PIN_DELAYS`] periods (at most [`PINS_PER_MEMBER`] per member).
     fn retain_snapshots(&mut self) {
         let keep = self.config.state_transfer_delay.saturating_mul(PIN_DELAYS);
         let now = self.now;
-        self.pins
-            .retain(|_, (_, at)| now.saturating_sub(*at) < keep);
+        for pins in self.pins.values_mut() {
+            pins.retain(|(_, at)| now.saturating_sub(*at) < keep);
+        }
+        self.pins.retain(|_, pins| !pins.is_empty());
         let (low, pins) = (self.low, &self.pins);
         self.snapshots
-            .retain(|s, _| *s >= low || pins.values().any(|(p, _)| p == s));
+            .retain(|s, _| *s >= low || pins.values().flatten().any(|(p, _)| p == s));
     }
 
     /// A replica asks for the batches from `seq` on, above our stable checkpoint (it missed a
@@ -2378,10 +2405,17 @@ impl Replica {
                 if part_digest(snapshot) != *part {
                     return Err(Ignored::Invalid);
                 }
+                // Not over a transfer of a newer state.
+                if self.transfer.as_ref().is_some_and(|t| t.seq >= seq) {
+                    return Err(Ignored::Stale);
+                }
                 self.restore(seq, digest, checkpoint, parts.clone(), snapshot.clone())?;
             } else {
                 if !snapshot.is_empty() {
                     return Err(Ignored::Invalid);
+                }
+                if !self.may_source(&sender, seq) {
+                    return Err(Ignored::NotMember);
                 }
                 self.begin_transfer(sender, seq, digest, checkpoint, parts);
             }
@@ -2423,7 +2457,20 @@ impl Replica {
     /// Whether this replica takes the certified state at `seq`: it has not executed that far,
     /// or its own state is lost and `seq` is at or above its low watermark.
     fn wants_state(&self, seq: Seq) -> bool {
-        seq > self.executed || (self.lost && seq >= self.low)
+        seq >= self.low && self.still_wants(seq)
+    }
+
+    /// Whether a transfer already under way for `seq` is still worth finishing: the state is
+    /// ahead of what this replica executed (or its own is lost). Finished below the low
+    /// watermark, it is the base whose unchanged parts the next transfer reuses.
+    fn still_wants(&self, seq: Seq) -> bool {
+        seq > self.executed || self.lost
+    }
+
+    /// Whether `id` may serve this replica a state: a member of the current group or of the
+    /// group at `seq`.
+    fn may_source(&self, id: &NodeId, seq: Seq) -> bool {
+        self.group().contains(id) || self.group_at(seq).contains(id)
     }
 
     /// Installs the certified state at `seq` (digest, certificate, part digests and snapshot).
@@ -2478,17 +2525,23 @@ impl Replica {
                 self.stable = cert;
             }
         }
+        self.held_parts.clear();
         if !self.lost && self.fetching.is_some_and(|(want, _)| want <= self.executed) {
             self.fetching = None;
+        }
+        if self.executed < self.low && self.fetching.is_none() {
+            // Restored a transfer finished below the low watermark: on to the stable state.
+            self.fetching = Some((self.low, self.now));
+            self.broadcast(Message::FetchState { seq: self.low });
         }
         Ok(())
     }
 
     /// A state reply with `parts` (more than one) for the certified state at `seq`: fetch the
     /// parts from `sender` and every other replica that sends the same digests. A transfer
-    /// in progress gives way to a newer state unless it has f + 1 sources (so a correct one)
-    /// and has not stalled: a faulty replica that alone offers an older certified state and
-    /// trickles its parts cannot hold a replica back.
+    /// in progress gives way to a newer state unless more than f of its sources are live (so
+    /// a correct one) and it has not stalled (see [`crate::transfer`]): faulty replicas that
+    /// alone offer an older certified state, or trickle its parts, cannot hold a replica back.
     fn begin_transfer(
         &mut self,
         sender: NodeId,
@@ -2499,39 +2552,46 @@ impl Replica {
     ) {
         let (now, delay) = (self.now, self.config.state_transfer_delay);
         let keep = self.transfer.as_ref().is_some_and(|t| {
-            let f = self.group_at(t.seq).f();
-            self.wants_state(t.seq)
-                && (seq <= t.seq || (t.source_count() > f && !t.stalled(now, delay)))
+            // The larger f of the group now and the group that certified the transfer's state.
+            let f = self.group().f().max(self.group_at(t.seq).f());
+            self.still_wants(t.seq)
+                && (seq <= t.seq || (t.live_sources(now, delay) > f && !t.stalled(now, delay)))
         });
         match &mut self.transfer {
-            Some(t) if t.is_of(seq, digest) => t.add_source(sender),
+            Some(t) if t.is_of(seq, digest) => t.add_source(sender, now),
             Some(_) if keep => {}
             _ => {
-                // Parts unchanged since our newest snapshot, or held by the transfer this one
-                // replaces, need not travel again (each is checked against its digest).
+                if let Some(old) = self.transfer.take() {
+                    self.held_parts.extend(old.into_held());
+                }
+                // Parts unchanged since our newest snapshot, or held by a transfer that gave
+                // way, need not travel again (each is checked against its digest).
                 let part_bytes = self.config.state_part_bytes;
                 let own = self.snapshots.values().next_back();
-                let old = self.transfer.take();
-                let reuse = |i: usize, d: &Digest| {
-                    if let Some(p) = old.as_ref().and_then(|t| t.part(i)) {
+                let own_parts: BTreeMap<&Digest, usize> = own
+                    .map(|o| o.parts.iter().enumerate().map(|(i, d)| (d, i)).collect())
+                    .unwrap_or_default();
+                let held = &self.held_parts;
+                let reuse = |_: usize, d: &Digest| {
+                    if let Some(p) = held.get(d) {
                         return Some(p.clone());
                     }
-                    let own = own?;
-                    if own.parts.get(i) != Some(d) {
-                        return None;
-                    }
+                    let (own, i) = (own?, *own_parts.get(d)?);
                     let range = part_range(own.bytes.len(), part_bytes, u32::try_from(i).ok()?)?;
                     Some(own.bytes.slice(range))
                 };
-                self.transfer = Some(Transfer::new(
+                let t = Transfer::new(
                     seq,
                     digest,
                     checkpoint.to_vec(),
                     parts.to_vec(),
+                    part_bytes,
                     sender,
-                    self.now,
+                    now,
                     reuse,
-                ));
+                );
+                self.held_parts.clear();
+                self.transfer = Some(t);
             }
         }
         self.advance_transfer();
@@ -2542,8 +2602,10 @@ impl Replica {
         let Some(seq) = self.transfer.as_ref().map(|t| t.seq) else {
             return;
         };
-        if !self.wants_state(seq) {
-            self.transfer = None;
+        if !self.still_wants(seq) {
+            if let Some(old) = self.transfer.take() {
+                self.held_parts = old.into_held();
+            }
             return;
         }
         let Some(t) = &mut self.transfer else {
@@ -2581,6 +2643,9 @@ impl Replica {
         bytes: Bytes,
     ) -> Result<(), Ignored> {
         let now = self.now;
+        if !self.may_source(&sender, seq) {
+            return Err(Ignored::NotMember);
+        }
         let Some(t) = self.transfer.as_mut().filter(|t| t.is_of(seq, state)) else {
             return Err(Ignored::Stale);
         };
@@ -3331,9 +3396,48 @@ mod tests {
         assert_eq!(c.apps[3].app(), c.apps[1].app());
     }
 
+    /// A replica outside the group (removed, its key still in the ring) can neither start a
+    /// transfer nor become one of its sources, nor have its parts hashed.
+    #[test]
+    fn a_replica_outside_the_group_is_no_state_source() {
+        let mut c = Cluster::new(5, |cfg| {
+            cfg.replicas.truncate(4);
+            cfg.window = 4;
+            cfg.state_part_bytes = 16;
+        });
+        c.cut = Box::new(|from, to, _| from == 3 || to == 3 || from == 4 || to == 4);
+        for i in 1..=12 {
+            c.submit(1, i);
+            c.run_for(Duration::from_millis(2));
+        }
+        c.run_for(Duration::from_millis(20));
+        let ask = c.signers[3].sign(Message::FetchState { seq: 1 });
+        let _ = c.replicas[0].handle_message(Verified::trusted(ask));
+        let mut reply = None;
+        while let Some(out) = c.replicas[0].poll_output() {
+            if let Output::Send { message, .. } = out
+                && matches!(message.message, Message::State { .. })
+            {
+                reply = Some(message.message);
+            }
+        }
+        let outsider = c.signers[4].sign(reply.unwrap());
+        assert_eq!(c.deliver(3, &outsider.encode()), Err(Ignored::NotMember));
+        assert!(c.replicas[3].transfer.is_none());
+        let (seq, state) = stable_of(&c, 0);
+        let part = c.signers[4].sign(Message::Part {
+            seq,
+            state,
+            index: 0,
+            bytes: Bytes::new(),
+        });
+        assert_eq!(c.deliver(3, &part.encode()), Err(Ignored::NotMember));
+    }
+
     /// What a faulty requester can get: parts only of snapshots this replica holds, at most
-    /// `SERVED_PARTS_PER_DELAY` per period, and a snapshot it fetches stays servable after the
-    /// stable checkpoint moved on, until it stops asking for `PIN_DELAYS` periods.
+    /// a burst of `SERVED_PARTS_BURST` and then `PARTS_PER_DELAY` per period, and a snapshot it
+    /// fetches stays servable after the stable checkpoint moved on (even while it is told of
+    /// newer ones), until it stops asking for `PIN_DELAYS` periods.
     #[test]
     fn parts_are_served_within_a_budget_and_a_fetched_snapshot_is_kept_a_while() {
         let mut c = Cluster::new(4, |cfg| {
@@ -3362,7 +3466,8 @@ mod tests {
         assert_eq!(ask(&mut c, state, u32::MAX), (Err(Ignored::Invalid), 0));
         let served: usize = (0..100).map(|_| ask(&mut c, state, 1).1).sum();
         assert_eq!(
-            served, SERVED_PARTS_PER_DELAY as usize,
+            served,
+            crate::transfer::SERVED_PARTS_BURST as usize,
             "one period's budget"
         );
         // The others move on; the snapshot replica 3 fetches is still served.
@@ -3373,9 +3478,21 @@ mod tests {
         c.run_for(Duration::from_millis(30));
         assert!(stable_of(&c, 0).0 > seq);
         assert_eq!(ask(&mut c, state, 0), (Ok(()), 1), "pinned while fetched");
+        // Told of the newer state meanwhile (which pins that one too), it can still finish
+        // the one it fetches after the others move on again.
+        let (newer, _) = stable_of(&c, 0);
+        let m = c.signers[3].sign(Message::FetchState { seq: newer });
+        assert_eq!(c.replicas[0].handle_message(Verified::trusted(m)), Ok(()));
+        while c.replicas[0].poll_output().is_some() {}
+        for i in 25..=36 {
+            c.submit(1, i);
+        }
+        c.run_for(Duration::from_millis(30));
+        assert!(stable_of(&c, 0).0 > newer);
+        assert_eq!(ask(&mut c, state, 0), (Ok(()), 1), "still pinned");
         // Once it stops asking, the pin expires at the next stable checkpoint.
         c.now += c.replicas[0].config.state_transfer_delay * PIN_DELAYS;
-        for i in 25..=36 {
+        for i in 37..=48 {
             c.submit(1, i);
         }
         c.run_for(Duration::from_millis(30));

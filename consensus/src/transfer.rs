@@ -10,10 +10,18 @@
 //!
 //! Pacing: the fetcher asks each source for at most [`PARTS_PER_DELAY`] parts per
 //! `state_transfer_delay` and asks again, from another source, for a part not received within
-//! one; a server serves one requester at most twice that many per period
-//! ([`SERVED_PARTS_PER_DELAY`]), so a faulty requester costs each replica a bounded amount of
-//! sending. A server keeps the snapshot a requester is fetching for [`PIN_DELAYS`] periods after
-//! its last request, even once its stable checkpoint moved on.
+//! one; a server serves one requester at that rate too (a bucket of twice as many, so that
+//! periods that do not line up do not slow a correct fetcher), so a faulty requester costs each
+//! replica at most 4 MiB per period of sending with the default 1 MiB parts. A server keeps the
+//! snapshots a requester fetches ([`PINS_PER_MEMBER`]) for [`PIN_DELAYS`] periods after its
+//! last request, even once its stable checkpoint moved on.
+//!
+//! Giving way: a transfer in progress is kept against a newer certified state only while more
+//! than f of its sources are live (sent a part within [`STALL_DELAYS`] periods, or were heard
+//! from within them) and it received at least [`STALL_MIN_PARTS`] parts in that time; so
+//! faulty replicas that alone offer an older state, or trickle its parts, hold a replica back
+//! by a few periods at most. Parts held when a transfer gives way are kept, by digest, for the
+//! next one.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -24,17 +32,53 @@ use securesmart_transport::NodeId;
 use crate::message::{Digest, Seq};
 use crate::view_change::part_digest;
 
-/// Parts a fetcher asks one source for per `state_transfer_delay`.
-pub const PARTS_PER_DELAY: u32 = 8;
-/// Parts a replica serves one requester per `state_transfer_delay` (twice what a fetcher asks,
-/// so that periods that do not line up do not slow a correct fetcher).
-pub const SERVED_PARTS_PER_DELAY: u32 = 2 * PARTS_PER_DELAY;
+/// Parts a fetcher asks one source for per `state_transfer_delay`, and a replica serves one
+/// requester per period in the long run.
+pub const PARTS_PER_DELAY: u32 = 4;
+/// Parts a replica serves one requester in a burst (its bucket's size).
+pub const SERVED_PARTS_BURST: u32 = 2 * PARTS_PER_DELAY;
 /// A server keeps a snapshot this many `state_transfer_delay`s after a requester last asked
 /// for one of its parts (or got its part digests).
 pub const PIN_DELAYS: u32 = 16;
-/// A transfer that received no part for this many `state_transfer_delay`s gives way to a newer
-/// certified state.
+/// Snapshots one member can have a server keep at once (the one it fetches and the newer one
+/// it was told of meanwhile).
+pub const PINS_PER_MEMBER: usize = 2;
+/// The period, in `state_transfer_delay`s, over which a transfer's progress is judged.
 pub const STALL_DELAYS: u32 = 4;
+/// Parts a transfer must receive per [`STALL_DELAYS`] periods not to count as stalled.
+pub const STALL_MIN_PARTS: usize = (STALL_DELAYS * PARTS_PER_DELAY / 2) as usize;
+
+/// A server's budget for one requester's parts: [`PARTS_PER_DELAY`] per period, up to
+/// [`SERVED_PARTS_BURST`] at once.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct Bucket {
+    /// The time the tokens were counted at, and the tokens.
+    at: Option<(Duration, u32)>,
+}
+
+impl Bucket {
+    /// Takes a token if there is one.
+    pub(crate) fn take(&mut self, now: Duration, delay: Duration) -> bool {
+        let per_token = (delay / PARTS_PER_DELAY).max(Duration::from_nanos(1));
+        let (mut at, mut tokens) = self.at.unwrap_or((now, SERVED_PARTS_BURST));
+        let gained = now.saturating_sub(at).as_nanos() / per_token.as_nanos();
+        if gained > 0 {
+            let gained = u32::try_from(gained).unwrap_or(u32::MAX);
+            tokens = tokens.saturating_add(gained).min(SERVED_PARTS_BURST);
+            at = if tokens == SERVED_PARTS_BURST {
+                now
+            } else {
+                at + per_token * gained
+            };
+        }
+        let ok = tokens > 0;
+        if ok {
+            tokens -= 1;
+        }
+        self.at = Some((at, tokens));
+        ok
+    }
+}
 
 /// The byte range of part `index` in a snapshot of `len` bytes cut into `part_bytes`; `None`
 /// past the end (an empty snapshot has one empty part).
@@ -72,8 +116,16 @@ pub(crate) struct Transfer {
     parts: Vec<Digest>,
     have: Vec<Option<Bytes>>,
     missing: usize,
-    /// Replicas that sent these part digests, in the order heard.
+    /// Replicas that sent these part digests, in the order heard, and when each last sent a
+    /// part (or, until it does, the digests).
     sources: Vec<NodeId>,
+    heard: BTreeMap<NodeId, Duration>,
+    /// When parts arrived, within the last [`STALL_DELAYS`] periods.
+    arrivals: std::collections::VecDeque<Duration>,
+    /// When the transfer started.
+    started: Duration,
+    /// Longest part (the configured part size).
+    part_bytes: usize,
     /// Replicas that sent a wrong part: no sources of this transfer any more.
     banned: BTreeSet<NodeId>,
     /// Parts asked for and not received: by whom and when.
@@ -81,19 +133,19 @@ pub(crate) struct Transfer {
     /// Per source: the start of its current period and the parts asked in it.
     budget: BTreeMap<NodeId, (Duration, u32)>,
     next_source: usize,
-    /// When the transfer started or last received a part.
-    progress_at: Duration,
 }
 
 impl Transfer {
-    /// A transfer of the snapshot with `parts` at `seq`, from `source`; `reuse` gives parts
-    /// already held here (e.g. unchanged since this replica's own last snapshot), which are
-    /// checked like received ones.
+    /// A transfer of the snapshot with `parts` (of at most `part_bytes` each) at `seq`, from
+    /// `source`; `reuse` gives parts already held here by digest (e.g. unchanged since this
+    /// replica's own last snapshot), which are checked like received ones.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         seq: Seq,
         digest: Digest,
         checkpoint: Vec<crate::message::Signed>,
         parts: Vec<Digest>,
+        part_bytes: usize,
         source: NodeId,
         now: Duration,
         reuse: impl Fn(usize, &Digest) -> Option<Bytes>,
@@ -112,11 +164,14 @@ impl Transfer {
             have,
             missing,
             sources: vec![source],
+            heard: BTreeMap::from([(source, now)]),
+            arrivals: std::collections::VecDeque::new(),
+            started: now,
+            part_bytes: part_bytes.max(1),
             banned: BTreeSet::new(),
             asked: BTreeMap::new(),
             budget: BTreeMap::new(),
             next_source: 0,
-            progress_at: now,
         }
     }
 
@@ -125,21 +180,32 @@ impl Transfer {
         self.seq == seq && self.digest == digest
     }
 
-    /// `id` sent the same part digests: it holds the snapshot too.
-    pub(crate) fn add_source(&mut self, id: NodeId) {
-        if !self.sources.contains(&id) && !self.banned.contains(&id) {
+    /// `id` sent the same part digests at `now`: it holds the snapshot too.
+    pub(crate) fn add_source(&mut self, id: NodeId, now: Duration) {
+        if self.banned.contains(&id) {
+            return;
+        }
+        if !self.sources.contains(&id) {
             self.sources.push(id);
         }
+        // Being told the digests again does not make a source live once it stopped sending
+        // parts: only its first hearing counts until it sends one.
+        self.heard.entry(id).or_insert(now);
     }
 
-    /// Part `i`, if held.
-    pub(crate) fn part(&self, i: usize) -> Option<&Bytes> {
-        self.have.get(i).and_then(Option::as_ref)
+    /// Whether `id` sent a part (or was first heard from) within [`STALL_DELAYS`] periods.
+    fn is_live(&self, id: &NodeId, now: Duration, delay: Duration) -> bool {
+        self.heard
+            .get(id)
+            .is_some_and(|at| now.saturating_sub(*at) < delay.saturating_mul(STALL_DELAYS))
     }
 
-    /// How many replicas serve this transfer.
-    pub(crate) fn source_count(&self) -> usize {
-        self.sources.len()
+    /// Sources that are live ([`Transfer::is_live`]).
+    pub(crate) fn live_sources(&self, now: Duration, delay: Duration) -> usize {
+        self.sources
+            .iter()
+            .filter(|s| self.is_live(s, now, delay))
+            .count()
     }
 
     /// Whether every part is held.
@@ -147,9 +213,17 @@ impl Transfer {
         self.missing == 0
     }
 
-    /// Whether no part arrived for [`STALL_DELAYS`] periods.
+    /// Whether, over the last [`STALL_DELAYS`] periods (the transfer being that old), fewer
+    /// than [`STALL_MIN_PARTS`] parts arrived.
     pub(crate) fn stalled(&self, now: Duration, delay: Duration) -> bool {
-        now.saturating_sub(self.progress_at) >= delay.saturating_mul(STALL_DELAYS)
+        let window = delay.saturating_mul(STALL_DELAYS);
+        now.saturating_sub(self.started) >= window
+            && self
+                .arrivals
+                .iter()
+                .filter(|at| now.saturating_sub(**at) < window)
+                .count()
+                < STALL_MIN_PARTS
     }
 
     /// The part requests to send now: every part not held and not asked for within `delay`
@@ -190,19 +264,25 @@ impl Transfer {
         out
     }
 
-    /// The next source, round robin, with budget left in its period (and spends one).
+    /// The next source, round robin, with budget left in its period (and spends one); live
+    /// sources first, so that one that stopped answering is asked only when no other can be.
     fn take_budget(&mut self, now: Duration, delay: Duration) -> Option<NodeId> {
         let n = self.sources.len();
-        for k in 0..n {
-            let source = *self.sources.get((self.next_source + k) % n)?;
-            let (start, used) = self.budget.entry(source).or_insert((now, 0));
-            if now.saturating_sub(*start) >= delay {
-                (*start, *used) = (now, 0);
-            }
-            if *used < PARTS_PER_DELAY {
-                *used += 1;
-                self.next_source = (self.next_source + k + 1) % n;
-                return Some(source);
+        for live in [true, false] {
+            for k in 0..n {
+                let source = *self.sources.get((self.next_source + k) % n)?;
+                if self.is_live(&source, now, delay) != live {
+                    continue;
+                }
+                let (start, used) = self.budget.entry(source).or_insert((now, 0));
+                if now.saturating_sub(*start) >= delay {
+                    (*start, *used) = (now, 0);
+                }
+                if *used < PARTS_PER_DELAY {
+                    *used += 1;
+                    self.next_source = (self.next_source + k + 1) % n;
+                    return Some(source);
+                }
             }
         }
         None
@@ -218,13 +298,17 @@ impl Transfer {
         now: Duration,
     ) -> Result<(), PartRefused> {
         let i = usize::try_from(index).map_err(|_| PartRefused::Stale)?;
+        if self.banned.contains(&sender) {
+            return Err(PartRefused::Stale);
+        }
         let (Some(slot), Some(digest)) = (self.have.get_mut(i), self.parts.get(i)) else {
             return Err(PartRefused::Stale);
         };
         if slot.is_some() {
             return Err(PartRefused::Stale);
         }
-        if part_digest(&bytes) != *digest {
+        // Cheap before hashing: no correct part is longer than the part size.
+        if bytes.len() > self.part_bytes || part_digest(&bytes) != *digest {
             self.banned.insert(sender);
             self.sources.retain(|s| *s != sender);
             self.asked.retain(|_, (s, _)| *s != sender);
@@ -233,8 +317,23 @@ impl Transfer {
         *slot = Some(bytes);
         self.missing = self.missing.saturating_sub(1);
         self.asked.remove(&index);
-        self.progress_at = now;
+        if self.sources.contains(&sender) {
+            self.heard.insert(sender, now);
+        }
+        self.arrivals.push_back(now);
+        while self.arrivals.len() > STALL_MIN_PARTS {
+            self.arrivals.pop_front();
+        }
         Ok(())
+    }
+
+    /// The parts held, by digest (for the transfer that replaces this one).
+    pub(crate) fn into_held(self) -> BTreeMap<Digest, Bytes> {
+        self.parts
+            .into_iter()
+            .zip(self.have)
+            .filter_map(|(d, p)| p.map(|p| (d, p)))
+            .collect()
     }
 
     /// The part digests and the whole snapshot (call once [`Transfer::is_complete`]).
@@ -266,9 +365,16 @@ mod tests {
 
     fn transfer(snapshot: &Bytes, part_bytes: usize) -> Transfer {
         let parts = part_digests(snapshot, part_bytes);
-        Transfer::new(7, Digest([1; 32]), Vec::new(), parts, id(1), MS, |_, _| {
-            None
-        })
+        Transfer::new(
+            7,
+            Digest([1; 32]),
+            Vec::new(),
+            parts,
+            part_bytes,
+            id(1),
+            MS,
+            |_, _| None,
+        )
     }
 
     fn part(snapshot: &Bytes, part_bytes: usize, index: u32) -> Bytes {
@@ -290,13 +396,13 @@ mod tests {
 
     #[test]
     fn parts_from_several_sources_assemble_the_snapshot() {
-        let s = snapshot(1000);
+        let s = snapshot(700);
         let mut t = transfer(&s, 64);
-        t.add_source(id(2));
-        t.add_source(id(3));
+        t.add_source(id(2), MS);
+        t.add_source(id(3), MS);
         let asks = t.requests(MS, DELAY);
-        // 16 parts, 8 per source per period: all asked, spread over the three sources.
-        assert_eq!(asks.len(), 16);
+        // 11 parts, 4 per source per period: all asked, spread over the three sources.
+        assert_eq!(asks.len(), 11);
         for source in [1, 2, 3] {
             assert!(asks.iter().any(|(s, _)| *s == id(source)), "{asks:?}");
         }
@@ -317,26 +423,37 @@ mod tests {
     fn a_wrong_part_bans_its_sender_and_the_part_is_asked_of_another() {
         let s = snapshot(256);
         let mut t = transfer(&s, 64);
-        t.add_source(id(2));
+        t.add_source(id(2), MS);
         let asks = t.requests(MS, DELAY);
         let (bad, index) = asks.iter().copied().find(|(s, _)| *s == id(2)).unwrap();
         assert_eq!(
             t.on_part(bad, index, Bytes::from_static(b"garbage"), 2 * MS),
             Err(PartRefused::Wrong)
         );
-        // Asked again at once, of the remaining source; the banned one is not taken back.
-        t.add_source(id(2));
-        let again = t.requests(3 * MS, DELAY);
+        // Asked again of the remaining source (in its next period: it has 4 asks out); the
+        // banned one is not taken back, and its other parts are refused unhashed.
+        t.add_source(id(2), 2 * MS);
+        assert_eq!(
+            t.on_part(bad, 3, part(&s, 64, 3), 2 * MS),
+            Err(PartRefused::Stale)
+        );
+        let again = t.requests(MS + DELAY, DELAY);
         assert!(again.contains(&(id(1), index)), "{again:?}");
         assert!(again.iter().all(|(s, _)| *s == id(1)));
-        assert_eq!(t.on_part(id(1), index, part(&s, 64, index), 4 * MS), Ok(()));
         assert_eq!(
-            t.on_part(id(1), index, part(&s, 64, index), 4 * MS),
+            t.on_part(id(1), 0, Bytes::from(vec![0; 65]), 4 * MS),
+            Err(PartRefused::Wrong),
+            "longer than a part"
+        );
+        t.add_source(id(1), 4 * MS);
+        assert_eq!(t.on_part(id(3), index, part(&s, 64, index), 4 * MS), Ok(()));
+        assert_eq!(
+            t.on_part(id(3), index, part(&s, 64, index), 4 * MS),
             Err(PartRefused::Stale),
             "held already"
         );
         assert_eq!(
-            t.on_part(id(1), 99, Bytes::new(), 4 * MS),
+            t.on_part(id(3), 99, Bytes::new(), 4 * MS),
             Err(PartRefused::Stale)
         );
     }
@@ -355,7 +472,55 @@ mod tests {
             "unanswered part 0 asked again"
         );
         assert!(!t.stalled(MS + DELAY, DELAY));
-        assert!(t.stalled(MS + DELAY * STALL_DELAYS, DELAY));
+        assert!(
+            t.stalled(MS + DELAY * STALL_DELAYS, DELAY),
+            "nothing arrived"
+        );
+    }
+
+    /// A trickle of parts does not keep a transfer from counting as stalled, and a source
+    /// that stopped sending parts stops counting as live (being told the digests again does
+    /// not revive it).
+    #[test]
+    fn a_trickle_is_a_stall_and_a_silent_source_is_not_live() {
+        let s = snapshot(64 * 40);
+        let mut t = transfer(&s, 64);
+        t.add_source(id(2), MS);
+        let window = DELAY * STALL_DELAYS;
+        assert_eq!(t.live_sources(MS, DELAY), 2);
+        // Source 2 sends one part per period.
+        for k in 0..8u32 {
+            let at = MS + DELAY * k;
+            assert_eq!(t.on_part(id(2), k, part(&s, 64, k), at), Ok(()));
+            t.add_source(id(1), at);
+        }
+        let now = MS + DELAY * 8;
+        assert!(t.stalled(now, DELAY), "a trickle of one part a period");
+        assert_eq!(t.live_sources(now, DELAY), 1, "source 1 never sent a part");
+        // A full rate counts as progress.
+        for k in 8..8 + STALL_MIN_PARTS as u32 {
+            assert_eq!(t.on_part(id(2), k, part(&s, 64, k), now), Ok(()));
+        }
+        assert!(!t.stalled(now + window / 2, DELAY));
+        // Source 1, not live, is asked only once source 2 has no budget left.
+        let asks = t.requests(now, DELAY);
+        let to_2 = asks.iter().filter(|(s, _)| *s == id(2)).count();
+        assert_eq!(to_2, PARTS_PER_DELAY as usize, "{asks:?}");
+        assert!(asks.iter().any(|(s, _)| *s == id(1)));
+    }
+
+    /// A server's bucket: a burst of twice the rate, then the rate.
+    #[test]
+    fn a_bucket_serves_a_burst_then_the_rate() {
+        let mut b = Bucket::default();
+        let burst = (0..100).filter(|_| b.take(MS, DELAY)).count();
+        assert_eq!(burst, SERVED_PARTS_BURST as usize);
+        let mut served = 0;
+        for k in 1..=100u32 {
+            served += usize::from(b.take(MS + DELAY * k / 10, DELAY));
+        }
+        // Ten periods at PARTS_PER_DELAY each, in 100 tries.
+        assert_eq!(served, 10 * PARTS_PER_DELAY as usize);
     }
 
     #[test]
@@ -370,7 +535,7 @@ mod tests {
                 _ => None,
             }
         };
-        let mut t = Transfer::new(7, Digest([1; 32]), Vec::new(), parts, id(1), MS, reuse);
+        let mut t = Transfer::new(7, Digest([1; 32]), Vec::new(), parts, 64, id(1), MS, reuse);
         let asks: Vec<u32> = t.requests(MS, DELAY).into_iter().map(|(_, i)| i).collect();
         assert_eq!(asks, vec![0, 2, 3]);
     }

@@ -304,10 +304,11 @@ fn a_state_fetch_amplifier_costs_each_replica_one_reply_per_period() {
         );
         assert!(snapshots <= 3 * (periods / 4 + 1), "{snapshots} snapshots");
         // It also asks for a part of the stable snapshot with every message: each of the
-        // others serves it at most SERVED_PARTS_PER_DELAY parts per period.
-        let budget = u64::from(securesmart_consensus::transfer::SERVED_PARTS_PER_DELAY);
+        // others serves it a burst and then at most PARTS_PER_DELAY parts per period.
+        use securesmart_consensus::transfer::{PARTS_PER_DELAY, SERVED_PARTS_BURST};
+        let budget = u64::from(SERVED_PARTS_BURST) + u64::from(PARTS_PER_DELAY) * periods;
         assert!(
-            r.parts_to_faulty <= 3 * budget * periods,
+            r.parts_to_faulty <= 3 * budget,
             "{} parts in {periods} periods",
             r.parts_to_faulty
         );
