@@ -367,6 +367,15 @@ struct Served {
     parts: Bucket,
 }
 
+/// Why a server keeps a snapshot for a member (see `Replica::pin`).
+#[derive(Clone, Copy, Debug)]
+enum Pin {
+    /// A state reply named it.
+    Told = 0,
+    /// The member fetched a part of it.
+    Fetched = 1,
+}
+
 /// One of this replica's own snapshots: its state digest, bytes and part digests.
 #[derive(Clone, Debug)]
 struct OwnSnapshot {
@@ -450,9 +459,9 @@ pub struct Replica {
     /// This replica's own snapshots at checkpoints at or above the low watermark, and older
     /// ones that a replica is fetching (see `pins`).
     snapshots: BTreeMap<Seq, OwnSnapshot>,
-    /// Per member, the checkpoints whose snapshots it fetches in parts (or was told of) and
-    /// when it last asked, at most [`PINS_PER_MEMBER`] (kept [`PIN_DELAYS`] periods after that).
-    pins: BTreeMap<NodeId, Vec<(Seq, Duration)>>,
+    /// Per member, the checkpoint whose snapshot it was last told of (in a state reply) and
+    /// the one it last fetched a part of, with when: kept [`PIN_DELAYS`] periods after that.
+    pins: BTreeMap<NodeId, [Option<(Seq, Duration)>; PINS_PER_MEMBER]>,
     /// The state this replica fetches in parts.
     transfer: Option<Transfer>,
     /// Parts of the last transfer that gave way, by digest, for the next one.
@@ -2187,7 +2196,7 @@ impl Replica {
         }
         let (parts, snapshot) = (own.parts.clone(), own.bytes.clone());
         if !inline {
-            self.pin(sender, self.low);
+            self.pin(sender, self.low, Pin::Told);
         }
         self.send_state(sender, self.low + 1, Some((parts, snapshot, inline)));
         Ok(())
@@ -2281,7 +2290,7 @@ impl Replica {
         {
             return Err(Ignored::Busy);
         }
-        self.pin(sender, seq);
+        self.pin(sender, seq, Pin::Fetched);
         let message = self.signer.sign(Message::Part {
             seq,
             state,
@@ -2295,25 +2304,15 @@ impl Replica {
         Ok(())
     }
 
-    /// Keeps our snapshot at `seq` for `member` while it fetches it: refreshes its pin on
-    /// `seq`, or replaces its oldest pin once it has [`PINS_PER_MEMBER`].
-    fn pin(&mut self, member: NodeId, seq: Seq) {
+    /// Keeps our snapshot at `seq` for `member`: as the one it was told of, or the one it
+    /// fetches (each kind replaces only its own, so being told of newer states never unpins
+    /// the one being fetched).
+    fn pin(&mut self, member: NodeId, seq: Seq, kind: Pin) {
         let now = self.now;
         let pins = self.pins.entry(member).or_default();
-        if let Some(p) = pins.iter_mut().find(|(s, _)| *s == seq) {
-            p.1 = now;
-            return;
+        if let Some(slot) = pins.get_mut(kind as usize) {
+            *slot = Some((seq, now));
         }
-        if pins.len() >= PINS_PER_MEMBER
-            && let Some(oldest) = pins
-                .iter()
-                .enumerate()
-                .min_by_key(|(_, (_, at))| *at)
-                .map(|(i, _)| i)
-        {
-            pins.remove(oldest);
-        }
-        pins.push((seq, now));
     }
 
     /// Drops our snapshots below the low watermark, except those a member fetched from within
@@ -2322,12 +2321,16 @@ impl Replica {
         let keep = self.config.state_transfer_delay.saturating_mul(PIN_DELAYS);
         let now = self.now;
         for pins in self.pins.values_mut() {
-            pins.retain(|(_, at)| now.saturating_sub(*at) < keep);
+            for slot in pins.iter_mut() {
+                if slot.is_some_and(|(_, at)| now.saturating_sub(at) >= keep) {
+                    *slot = None;
+                }
+            }
         }
-        self.pins.retain(|_, pins| !pins.is_empty());
+        self.pins.retain(|_, pins| pins.iter().any(Option::is_some));
         let (low, pins) = (self.low, &self.pins);
         self.snapshots
-            .retain(|s, _| *s >= low || pins.values().flatten().any(|(p, _)| p == s));
+            .retain(|s, _| *s >= low || pins.values().flatten().flatten().any(|(p, _)| p == s));
     }
 
     /// A replica asks for the batches from `seq` on, above our stable checkpoint (it missed a
@@ -2529,6 +2532,24 @@ impl Replica {
         if !self.lost && self.fetching.is_some_and(|(want, _)| want <= self.executed) {
             self.fetching = None;
         }
+        if self.executed < self.low {
+            // Restored a transfer finished below the low watermark: it is the base of the next
+            // one, whose unchanged parts need not travel (our snapshot below the watermark may
+            // be dropped before the next state reply comes).
+            if let Some(own) = self.snapshots.get(&seq) {
+                let part_bytes = self.config.state_part_bytes;
+                self.held_parts = own
+                    .parts
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(i, d)| {
+                        let range =
+                            part_range(own.bytes.len(), part_bytes, u32::try_from(i).ok()?)?;
+                        Some((*d, own.bytes.slice(range)))
+                    })
+                    .collect();
+            }
+        }
         if self.executed < self.low && self.fetching.is_none() {
             // Restored a transfer finished below the low watermark: on to the stable state.
             self.fetching = Some((self.low, self.now));
@@ -2552,10 +2573,11 @@ impl Replica {
     ) {
         let (now, delay) = (self.now, self.config.state_transfer_delay);
         let keep = self.transfer.as_ref().is_some_and(|t| {
-            // The larger f of the group now and the group that certified the transfer's state.
-            let f = self.group().f().max(self.group_at(t.seq).f());
+            // Live sources of the current group only: removed replicas count for nothing.
+            let group = self.group();
+            let live = t.live_sources(|id| group.contains(id));
             self.still_wants(t.seq)
-                && (seq <= t.seq || (t.live_sources(now, delay) > f && !t.stalled(now, delay)))
+                && (seq <= t.seq || (live > group.f() && !t.stalled(now, delay)))
         });
         match &mut self.transfer {
             Some(t) if t.is_of(seq, digest) => t.add_source(sender, now),
@@ -2603,9 +2625,9 @@ impl Replica {
             return;
         };
         if !self.still_wants(seq) {
-            if let Some(old) = self.transfer.take() {
-                self.held_parts = old.into_held();
-            }
+            // Caught up otherwise: its parts are of a state behind us.
+            self.transfer = None;
+            self.held_parts.clear();
             return;
         }
         let Some(t) = &mut self.transfer else {
@@ -2646,9 +2668,18 @@ impl Replica {
         if !self.may_source(&sender, seq) {
             return Err(Ignored::NotMember);
         }
-        let Some(t) = self.transfer.as_mut().filter(|t| t.is_of(seq, state)) else {
+        let Some(t) = self.transfer.as_mut() else {
             return Err(Ignored::Stale);
         };
+        if !t.is_of(seq, state) {
+            // For a transfer this one replaced: still good if it is a part this one lacks.
+            return if t.take_matching(bytes, now) {
+                self.advance_transfer();
+                Ok(())
+            } else {
+                Err(Ignored::Stale)
+            };
+        }
         match t.on_part(sender, index, bytes, now) {
             Ok(()) => {
                 self.advance_transfer();
@@ -3478,22 +3509,28 @@ mod tests {
         c.run_for(Duration::from_millis(30));
         assert!(stable_of(&c, 0).0 > seq);
         assert_eq!(ask(&mut c, state, 0), (Ok(()), 1), "pinned while fetched");
-        // Told of the newer state meanwhile (which pins that one too), it can still finish
+        // Told of newer states twice meanwhile (which pins those too), it can still finish
         // the one it fetches after the others move on again.
-        let (newer, _) = stable_of(&c, 0);
-        let m = c.signers[3].sign(Message::FetchState { seq: newer });
-        assert_eq!(c.replicas[0].handle_message(Verified::trusted(m)), Ok(()));
-        while c.replicas[0].poll_output().is_some() {}
-        for i in 25..=36 {
-            c.submit(1, i);
+        let mut number = 24;
+        for _ in 0..2 {
+            let (newer, _) = stable_of(&c, 0);
+            c.now += c.replicas[0].config.state_transfer_delay;
+            let m = c.signers[3].sign(Message::FetchState { seq: newer });
+            assert_eq!(c.replicas[0].handle_message(Verified::trusted(m)), Ok(()));
+            while c.replicas[0].poll_output().is_some() {}
+            for _ in 0..12 {
+                number += 1;
+                c.submit(1, number);
+            }
+            c.run_for(Duration::from_millis(30));
+            assert!(stable_of(&c, 0).0 > newer);
         }
-        c.run_for(Duration::from_millis(30));
-        assert!(stable_of(&c, 0).0 > newer);
         assert_eq!(ask(&mut c, state, 0), (Ok(()), 1), "still pinned");
         // Once it stops asking, the pin expires at the next stable checkpoint.
         c.now += c.replicas[0].config.state_transfer_delay * PIN_DELAYS;
-        for i in 37..=48 {
-            c.submit(1, i);
+        for _ in 0..12 {
+            number += 1;
+            c.submit(1, number);
         }
         c.run_for(Duration::from_millis(30));
         assert_eq!(ask(&mut c, state, 0), (Err(Ignored::Stale), 0));

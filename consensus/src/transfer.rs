@@ -17,8 +17,9 @@
 //! last request, even once its stable checkpoint moved on.
 //!
 //! Giving way: a transfer in progress is kept against a newer certified state only while more
-//! than f of its sources are live (sent a part within [`STALL_DELAYS`] periods, or were heard
-//! from within them) and it received at least [`STALL_MIN_PARTS`] parts in that time; so
+//! than f of its sources in the current group are live (none of their asks went unanswered
+//! since the last part they sent) and it received at least [`STALL_MIN_PARTS`] parts in the
+//! last [`STALL_DELAYS`] periods; so
 //! faulty replicas that alone offer an older state, or trickle its parts, hold a replica back
 //! by a few periods at most. Parts held when a transfer gives way are kept, by digest, for the
 //! next one.
@@ -61,6 +62,8 @@ impl Bucket {
     pub(crate) fn take(&mut self, now: Duration, delay: Duration) -> bool {
         let per_token = (delay / PARTS_PER_DELAY).max(Duration::from_nanos(1));
         let (mut at, mut tokens) = self.at.unwrap_or((now, SERVED_PARTS_BURST));
+        // A clock stepped back counts from now.
+        at = at.min(now);
         let gained = now.saturating_sub(at).as_nanos() / per_token.as_nanos();
         if gained > 0 {
             let gained = u32::try_from(gained).unwrap_or(u32::MAX);
@@ -120,6 +123,8 @@ pub(crate) struct Transfer {
     /// part (or, until it does, the digests).
     sources: Vec<NodeId>,
     heard: BTreeMap<NodeId, Duration>,
+    /// When an ask of each source last went unanswered for a period.
+    missed: BTreeMap<NodeId, Duration>,
     /// When parts arrived, within the last [`STALL_DELAYS`] periods.
     arrivals: std::collections::VecDeque<Duration>,
     /// When the transfer started.
@@ -165,6 +170,7 @@ impl Transfer {
             missing,
             sources: vec![source],
             heard: BTreeMap::from([(source, now)]),
+            missed: BTreeMap::new(),
             arrivals: std::collections::VecDeque::new(),
             started: now,
             part_bytes: part_bytes.max(1),
@@ -193,19 +199,28 @@ impl Transfer {
         self.heard.entry(id).or_insert(now);
     }
 
-    /// Whether `id` sent a part (or was first heard from) within [`STALL_DELAYS`] periods.
-    fn is_live(&self, id: &NodeId, now: Duration, delay: Duration) -> bool {
-        self.heard
-            .get(id)
-            .is_some_and(|at| now.saturating_sub(*at) < delay.saturating_mul(STALL_DELAYS))
+    /// Whether `id` is live: no ask of it went unanswered since it last sent a part (or was
+    /// first heard from). A source that was not asked stays live.
+    fn is_live(&self, id: &NodeId) -> bool {
+        match (self.missed.get(id), self.heard.get(id)) {
+            (Some(missed), Some(heard)) => missed < heard,
+            (Some(_), None) => false,
+            (None, _) => true,
+        }
     }
 
-    /// Sources that are live ([`Transfer::is_live`]).
-    pub(crate) fn live_sources(&self, now: Duration, delay: Duration) -> usize {
+    /// Live sources among those `counts` accepts (the current group's).
+    pub(crate) fn live_sources(&self, counts: impl Fn(&NodeId) -> bool) -> usize {
         self.sources
             .iter()
-            .filter(|s| self.is_live(s, now, delay))
+            .filter(|s| counts(s) && self.is_live(s))
             .count()
+    }
+
+    /// Part `i`, if held.
+    #[cfg(test)]
+    fn part(&self, i: usize) -> Option<&Bytes> {
+        self.have.get(i).and_then(Option::as_ref)
     }
 
     /// Whether every part is held.
@@ -258,7 +273,10 @@ impl Transfer {
             let Some(source) = self.take_budget(now, delay) else {
                 break;
             };
-            self.asked.insert(index, (source, now));
+            if let Some((late, _)) = self.asked.insert(index, (source, now)) {
+                // Asked a period ago and not answered.
+                self.missed.insert(late, now);
+            }
             out.push((source, index));
         }
         out
@@ -271,7 +289,7 @@ impl Transfer {
         for live in [true, false] {
             for k in 0..n {
                 let source = *self.sources.get((self.next_source + k) % n)?;
-                if self.is_live(&source, now, delay) != live {
+                if self.is_live(&source) != live {
                     continue;
                 }
                 let (start, used) = self.budget.entry(source).or_insert((now, 0));
@@ -325,6 +343,35 @@ impl Transfer {
             self.arrivals.pop_front();
         }
         Ok(())
+    }
+
+    /// A part that arrived for another transfer (one this replaced): taken if its bytes are
+    /// a missing part of this one.
+    pub(crate) fn take_matching(&mut self, bytes: Bytes, now: Duration) -> bool {
+        if bytes.len() > self.part_bytes {
+            return false;
+        }
+        let digest = part_digest(&bytes);
+        let Some(i) = self
+            .parts
+            .iter()
+            .zip(&self.have)
+            .position(|(d, held)| *d == digest && held.is_none())
+        else {
+            return false;
+        };
+        if let Some(slot) = self.have.get_mut(i) {
+            *slot = Some(bytes);
+            self.missing = self.missing.saturating_sub(1);
+            if let Ok(index) = u32::try_from(i) {
+                self.asked.remove(&index);
+            }
+            self.arrivals.push_back(now);
+            while self.arrivals.len() > STALL_MIN_PARTS {
+                self.arrivals.pop_front();
+            }
+        }
+        true
     }
 
     /// The parts held, by digest (for the transfer that replaces this one).
@@ -478,35 +525,74 @@ mod tests {
         );
     }
 
-    /// A trickle of parts does not keep a transfer from counting as stalled, and a source
-    /// that stopped sending parts stops counting as live (being told the digests again does
-    /// not revive it).
+    /// A trickle of parts does not keep a transfer from counting as stalled; a source whose
+    /// ask went unanswered for a period stops counting as live (being told the digests again
+    /// does not revive it, a part does) and is asked only when the live ones have no budget.
     #[test]
     fn a_trickle_is_a_stall_and_a_silent_source_is_not_live() {
         let s = snapshot(64 * 40);
         let mut t = transfer(&s, 64);
         t.add_source(id(2), MS);
-        let window = DELAY * STALL_DELAYS;
-        assert_eq!(t.live_sources(MS, DELAY), 2);
-        // Source 2 sends one part per period.
-        for k in 0..8u32 {
-            let at = MS + DELAY * k;
-            assert_eq!(t.on_part(id(2), k, part(&s, 64, k), at), Ok(()));
-            t.add_source(id(1), at);
+        let all = |_: &NodeId| true;
+        assert_eq!(t.live_sources(all), 2, "not asked yet");
+        let asks = t.requests(MS, DELAY);
+        // Source 2 answers; source 1 stays silent.
+        for (source, index) in &asks {
+            if *source == id(2) {
+                assert_eq!(
+                    t.on_part(id(2), *index, part(&s, 64, *index), 2 * MS),
+                    Ok(())
+                );
+            }
         }
-        let now = MS + DELAY * 8;
-        assert!(t.stalled(now, DELAY), "a trickle of one part a period");
-        assert_eq!(t.live_sources(now, DELAY), 1, "source 1 never sent a part");
+        let again = t.requests(MS + DELAY, DELAY);
+        assert_eq!(t.live_sources(all), 1, "source 1 left its asks unanswered");
+        assert_eq!(
+            t.live_sources(|id: &NodeId| *id != NodeId::from_bytes([2; 32])),
+            0
+        );
+        t.add_source(id(1), MS + DELAY);
+        assert_eq!(t.live_sources(all), 1, "told again, still not live");
+        // Live first: source 2's budget, then source 1 for the rest.
+        let to_2 = again.iter().filter(|(s, _)| *s == id(2)).count();
+        assert_eq!(to_2, PARTS_PER_DELAY as usize, "{again:?}");
+        assert!(again.iter().any(|(s, _)| *s == id(1)));
+        let (_, index) = *again.iter().find(|(s, _)| *s == id(1)).unwrap();
+        assert_eq!(
+            t.on_part(id(1), index, part(&s, 64, index), MS + DELAY + MS),
+            Ok(())
+        );
+        assert_eq!(t.live_sources(all), 2, "a part revives it");
+        // One part a period from here on: a stall.
+        let start = MS + DELAY * 2;
+        let missing: Vec<u32> = (0..40).filter(|i| t.part(*i as usize).is_none()).collect();
+        for (k, index) in missing.iter().take(6).enumerate() {
+            let at = start + DELAY * k as u32;
+            assert_eq!(t.on_part(id(2), *index, part(&s, 64, *index), at), Ok(()));
+        }
+        assert!(
+            t.stalled(start + DELAY * 6, DELAY),
+            "a trickle of one part a period"
+        );
         // A full rate counts as progress.
-        for k in 8..8 + STALL_MIN_PARTS as u32 {
-            assert_eq!(t.on_part(id(2), k, part(&s, 64, k), now), Ok(()));
+        let now = start + DELAY * 6;
+        for index in missing.iter().skip(6).take(STALL_MIN_PARTS) {
+            assert_eq!(t.on_part(id(2), *index, part(&s, 64, *index), now), Ok(()));
         }
-        assert!(!t.stalled(now + window / 2, DELAY));
-        // Source 1, not live, is asked only once source 2 has no budget left.
-        let asks = t.requests(now, DELAY);
-        let to_2 = asks.iter().filter(|(s, _)| *s == id(2)).count();
-        assert_eq!(to_2, PARTS_PER_DELAY as usize, "{asks:?}");
-        assert!(asks.iter().any(|(s, _)| *s == id(1)));
+        assert!(!t.stalled(now + DELAY, DELAY));
+    }
+
+    /// A part that arrives for a transfer this one replaced is kept if this one lacks it.
+    #[test]
+    fn a_part_for_a_replaced_transfer_is_taken_if_it_is_missing_here() {
+        let s = snapshot(256);
+        let mut t = transfer(&s, 64);
+        assert!(t.take_matching(part(&s, 64, 2), MS));
+        assert!(!t.take_matching(part(&s, 64, 2), MS), "held already");
+        assert!(!t.take_matching(Bytes::from_static(b"other"), MS));
+        assert!(!t.take_matching(Bytes::from(vec![0; 65]), MS), "too long");
+        let asks: Vec<u32> = t.requests(MS, DELAY).into_iter().map(|(_, i)| i).collect();
+        assert_eq!(asks, vec![0, 1, 3]);
     }
 
     /// A server's bucket: a burst of twice the rate, then the rate.
