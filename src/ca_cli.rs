@@ -96,6 +96,14 @@ pub(crate) enum CaCommand {
         /// Extra DNS name or IP nodes dial (the listen IP and loopback are always included).
         #[arg(long = "name")]
         names: Vec<String>,
+        /// Keep a fresh CRL here (PEM, DER beside it): written at start and again every half
+        /// of --crl-validity, so that the nodes watching it order the next CRL long before the
+        /// current one expires.
+        #[arg(long)]
+        crl: Option<PathBuf>,
+        /// Validity of the CRLs written to --crl.
+        #[arg(long, default_value = "7d", value_parser = humantime::parse_duration)]
+        crl_validity: Duration,
     },
     /// List issued certificates.
     List {
@@ -152,11 +160,25 @@ fn add_to_bundle(path: &Path, cert: &[u8]) -> CliResult {
         .unwrap_or_else(|_| rustls::pki_types::CertificateDer::from(cert.to_vec()));
     let mut all = std::fs::read(path).unwrap_or_default();
     all.extend_from_slice(pem_encode("CERTIFICATE", der.as_ref()).as_bytes());
+    write_atomic(path, &all)
+}
+
+/// Writes `data` to `path` through a temporary file and a rename, so that a node watching the
+/// file never reads half of it.
+fn write_atomic(path: &Path, data: &[u8]) -> CliResult {
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(".tmp");
     let tmp = PathBuf::from(tmp);
-    write(&tmp, &all)?;
+    write(&tmp, data)?;
     std::fs::rename(&tmp, path).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// Issues a CRL valid for `validity` and writes it, atomically, as PEM at `out` and DER beside
+/// it (`.der`).
+fn write_crl(ca: &mut TrustCenter, out: &Path, validity: Duration) -> CliResult {
+    let crl = ca.crl(validity).map_err(|e| e.to_string())?;
+    write_atomic(out, pem_encode("X509 CRL", crl.as_ref()).as_bytes())?;
+    write_atomic(&out.with_extension("der"), crl.as_ref())
 }
 
 pub(crate) fn keygen(args: &KeygenArgs) -> CliResult {
@@ -199,7 +221,16 @@ pub(crate) async fn enroll(args: &EnrollArgs) -> CliResult {
     Ok(())
 }
 
-async fn serve(dir: &Path, listen: std::net::SocketAddr, names: &[String]) -> CliResult {
+async fn serve(
+    dir: &Path,
+    listen: std::net::SocketAddr,
+    names: &[String],
+    crl: Option<&Path>,
+    crl_validity: Duration,
+) -> CliResult {
+    // A second handle for the CRLs: every trust-center operation takes the directory's lock
+    // and reads its state afresh, so the two never disagree.
+    let mut crls = TrustCenter::open(dir).map_err(|e| e.to_string())?;
     let ca = TrustCenter::open(dir).map_err(|e| e.to_string())?;
     let server = securesmart_membership::EnrollmentServer::start(
         ca,
@@ -213,7 +244,29 @@ async fn serve(dir: &Path, listen: std::net::SocketAddr, names: &[String]) -> Cl
     println!("listening on {addr}");
     use std::io::Write;
     let _ = std::io::stdout().flush();
-    tokio::signal::ctrl_c().await.map_err(|e| e.to_string())?;
+    let refresh = (crl_validity / 2).max(Duration::from_secs(1));
+    let mut tick = tokio::time::interval(refresh);
+    let stop = tokio::signal::ctrl_c();
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            r = &mut stop => {
+                r.map_err(|e| e.to_string())?;
+                break;
+            }
+            _ = tick.tick(), if crl.is_some() => {
+                if let Some(out) = crl {
+                    match write_crl(&mut crls, out, crl_validity) {
+                        Ok(()) => tracing::info!(crl = %out.display(), "fresh CRL written"),
+                        Err(e) => {
+                            metrics::counter!("securesmart_ca_crl_errors_total").increment(1);
+                            tracing::error!(error = %e, "cannot write the CRL; retrying at the next refresh");
+                        }
+                    }
+                }
+            }
+        }
+    }
     server.shutdown().await;
     Ok(())
 }
@@ -277,13 +330,16 @@ pub(crate) async fn run(cmd: CaCommand) -> CliResult {
             }
         }
         CaCommand::Crl { dir, out, validity } => {
-            let crl = open(&dir)?.crl(validity).map_err(|e| e.to_string())?;
-            write(&out, pem_encode("X509 CRL", crl.as_ref()).as_bytes())?;
-            let der = out.with_extension("der");
-            write(&der, crl.as_ref())?;
-            println!("{}\n{}", out.display(), der.display());
+            write_crl(&mut open(&dir)?, &out, validity)?;
+            println!("{}\n{}", out.display(), out.with_extension("der").display());
         }
-        CaCommand::Serve { dir, listen, names } => serve(&dir, listen, &names).await?,
+        CaCommand::Serve {
+            dir,
+            listen,
+            names,
+            crl,
+            crl_validity,
+        } => serve(&dir, listen, &names, crl.as_deref(), crl_validity).await?,
         CaCommand::List { dir } => {
             let ca = open(&dir)?;
             println!(

@@ -399,6 +399,16 @@ impl LocalCluster {
             .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
     }
 
+    /// Writes a fresh CRL valid for `validity` to `crl.pem` (the replicas order it), as
+    /// `securesmart ca serve --crl` does on its schedule; returns its path.
+    ///
+    /// # Errors
+    /// [`ClusterError`].
+    pub fn refresh_crl(&self, validity: Duration) -> Result<PathBuf, ClusterError> {
+        let mut ca = TrustCenter::open(&self.dir.join("ca")).map_err(tc)?;
+        write_crl_for(&self.dir, &mut ca, validity)
+    }
+
     /// Revokes `certificate` at the trust center, writes a fresh CRL to `crl.pem` and adds the
     /// certificate to `revoked.pem` (the replicas order both); returns the CRL's path.
     ///
@@ -466,7 +476,16 @@ async fn enroll_all(dir: &Path, names: &[(String, RoleName)]) -> Result<Vec<Node
 
 /// Writes the trust center's current CRL to `dir/crl.pem` atomically (the nodes watch it).
 fn write_crl(dir: &Path, ca: &mut TrustCenter) -> Result<PathBuf, ClusterError> {
-    let crl = ca.crl(Duration::from_secs(24 * 3600)).map_err(tc)?;
+    write_crl_for(dir, ca, Duration::from_secs(24 * 3600))
+}
+
+/// [`write_crl`] with a CRL valid for `validity`.
+fn write_crl_for(
+    dir: &Path,
+    ca: &mut TrustCenter,
+    validity: Duration,
+) -> Result<PathBuf, ClusterError> {
+    let crl = ca.crl(validity).map_err(tc)?;
     let path = dir.join("crl.pem");
     write_atomic(
         &path,

@@ -34,8 +34,10 @@
 //! administrator orders its `AddNode`) and fetches the state. A client plane answers a replica
 //! only its roster queries. The CRL file, if configured,
 //! is watched: when it changes the node submits it as an ordered `UpdateCrl`, so that every
-//! replica switches CRLs at the same log position; until the first ordered CRL, the planes use
-//! the file's.
+//! replica switches CRLs at the same log position; until the first ordered CRL, and whenever the
+//! file holds a newer CRL of our CA than the ordered one (one that expired, say), the planes use
+//! the file's. The genesis membership is read as history (its certificates checked as of
+//! their issue), so a node restarts from its journal whatever their age.
 //!
 //! # Recovery
 //! A restarted node recovers from its journal ([`Replica::recover`]): the last stable
@@ -58,12 +60,12 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use rustls::pki_types::{CertificateRevocationListDer, UnixTime};
+use rustls::pki_types::CertificateRevocationListDer;
 use securesmart_consensus::driver::{Pbft, PbftError, Submitter};
 use securesmart_consensus::journal::FileJournal;
 use securesmart_consensus::message::{KeyRing, Limits, Request, Seq, Signer};
@@ -234,6 +236,10 @@ struct Host {
     /// Woken when an ordered CRL executes: the CRL watcher then orders the revoked
     /// certificates (which the state takes only once the CRL that lists them is ordered).
     crl_ordered: Arc<tokio::sync::Notify>,
+    /// Set by the CRL watcher when the file changed: the planes' trust is refreshed at the
+    /// next tick (a CRL file newer than an expired ordered CRL must reach the planes before
+    /// it can be ordered).
+    crl_file_changed: Arc<AtomicBool>,
 }
 
 /// The replicated state's roster log as client intake sees it: published by the state task
@@ -290,10 +296,18 @@ impl Host {
     }
 
     /// Gives both planes the trust the membership implies (members, CRL), keeping blocklists;
-    /// `leaving` replicas stay admitted until the group without them takes over.
+    /// `leaving` replicas stay admitted until the group without them takes over. The planes use
+    /// the ordered CRL, or the CRL file when our CA signed it with a higher number: an ordered
+    /// CRL that expired would otherwise refuse every reconnect, and with them the ordering of
+    /// the fresh one.
     fn update_trust(&self, m: &Membership, leaving: &[Leaving]) {
         let local = self.local_crl.lock().ok().and_then(|c| c.clone());
         let crls = match (m.crl(), local) {
+            (Some((number, _)), Some(file))
+                if m.our_crl_number(&file).is_some_and(|n| n > *number) =>
+            {
+                vec![file]
+            }
             (Some((_, crl)), _) => vec![crl.clone()],
             (None, Some(crl)) => vec![crl],
             (None, None) => Vec::new(),
@@ -530,6 +544,9 @@ async fn run_state<S: StateMachine>(
                 group.acknowledge_roster(state.rosters());
                 // A removed replica may hear of no batch after the switch: look here as well.
                 let (stable, m) = (pbft.low_watermark(), executor.app().membership());
+                if host.crl_file_changed.swap(false, std::sync::atomic::Ordering::Relaxed) {
+                    host.update_trust(m, &leaving);
+                }
                 if host.settle_leaving(&mut leaving, stable, m) {
                     return Ok(());
                 }
@@ -767,7 +784,9 @@ impl Node {
             .first()
             .cloned()
             .ok_or_else(|| ConfigError::Invalid("no CA certificate".into()))?;
-        let genesis = Membership::genesis(
+        // Genesis is history: its certificates are checked as of their issue, so that a
+        // replica restarts from its journal (and a joiner starts) whatever the time now.
+        let genesis = Membership::genesis_history(
             ca,
             peers
                 .values()
@@ -779,7 +798,6 @@ impl Node {
                     key_package: Vec::new(),
                 })
                 .collect(),
-            UnixTime::now(),
         )
         .map_err(|e| NodeError::Genesis(e.to_string()))?;
         let mut admins = Vec::new();
@@ -848,9 +866,11 @@ impl Node {
                 0, &genesis,
             ))),
             crl_ordered: Arc::new(tokio::sync::Notify::new()),
+            crl_file_changed: Arc::new(AtomicBool::new(false)),
         };
         let rosters = host.rosters.clone();
         let crl_ordered = Arc::clone(&host.crl_ordered);
+        let crl_changed = Arc::clone(&host.crl_file_changed);
         let sealable = Arc::clone(&host.sealable);
         let member = GroupMember::new(
             &group_identity,
@@ -927,7 +947,7 @@ impl Node {
                     Some(path) => {
                         tokio::join!(
                             intake,
-                            watch_crl(path, revoked, own, local_crl, crl_ordered)
+                            watch_crl(path, revoked, own, local_crl, crl_ordered, crl_changed)
                         );
                     }
                     None => intake.await,
@@ -1057,6 +1077,7 @@ async fn watch_crl(
     own: SelfRequests,
     local: Arc<Mutex<Option<CertificateRevocationListDer<'static>>>>,
     crl_ordered: Arc<tokio::sync::Notify>,
+    changed: Arc<AtomicBool>,
 ) {
     let modified = |p: &std::path::Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
     let mut seen = None;
@@ -1098,6 +1119,7 @@ async fn watch_crl(
         if let Ok(mut l) = local.lock() {
             *l = Some(crl.clone());
         }
+        changed.store(true, std::sync::atomic::Ordering::Relaxed);
         let command = MembershipCommand::UpdateCrl { crl: crl.to_vec() };
         let submitted = own.submit(Ordered::Command {
             time: unix_now(),

@@ -241,3 +241,55 @@ fn serve_and_enroll_over_the_network() {
     assert!(list.contains("c1"), "{list}");
     std::fs::remove_dir_all(&work).unwrap();
 }
+
+/// `ca serve --crl` keeps a fresh CRL on disk: written at start and rewritten (atomically,
+/// PEM and DER) every half of its validity, so that watching nodes order the next one before
+/// the current expires.
+#[test]
+fn serve_keeps_a_fresh_crl_on_disk() {
+    let work = std::env::temp_dir().join(format!("ss-cli-crl-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&work);
+    std::fs::create_dir_all(&work).unwrap();
+    ok(&["ca", "init", "--dir", "ca"], &work);
+    let mut server = Command::new(env!("CARGO_BIN_EXE_securesmart"))
+        .args([
+            "ca",
+            "serve",
+            "--dir",
+            "ca",
+            "--listen",
+            "127.0.0.1:0",
+            "--crl",
+            "crl.pem",
+            "--crl-validity",
+            "2s",
+        ])
+        .current_dir(&work)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let read_when = |pred: &dyn Fn(&[u8]) -> bool| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        loop {
+            if let Ok(bytes) = std::fs::read(work.join("crl.pem"))
+                && pred(&bytes)
+            {
+                return Some(bytes);
+            }
+            if std::time::Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    };
+    let first = read_when(&|b| b.starts_with(b"-----BEGIN X509 CRL-----"));
+    let second = first
+        .clone()
+        .and_then(|f| read_when(&|b| b.starts_with(b"-----BEGIN X509 CRL-----") && b != f));
+    server.kill().unwrap();
+    let _ = server.wait();
+    assert!(first.is_some(), "a CRL at start");
+    assert!(second.is_some(), "a fresh CRL a second later");
+    assert!(work.join("crl.der").exists());
+    std::fs::remove_dir_all(&work).unwrap();
+}

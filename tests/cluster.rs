@@ -408,6 +408,54 @@ async fn a_replica_fetches_a_state_larger_than_a_frame_in_parts() {
     cl.close().await;
 }
 
+/// The ordered CRL expires (here after a few seconds, as after 7 days without `ca serve
+/// --crl`): a replica that restarts then is refused by every peer until a fresh CRL replaces
+/// the expired one. The fresh file reaches the planes at once and is ordered; the restarted
+/// replica reconnects and is needed in the quorum afterwards. (Before, a fresh CRL changed the
+/// members' verdicts from "revocation unknown" to "ok" and was refused as "not a current CRL".)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_ordered_crl_is_replaced_and_a_restarted_replica_reconnects() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let mut c = cluster("crlexpiry", 1).await;
+    let mut cl = client(&c, 0).await;
+    let restarted = (first_primary(&c) + 1) % 4;
+    let result = async {
+        write_keys(&mut cl, "before", 4).await?;
+        let short = c
+            .refresh_crl(Duration::from_secs(4))
+            .map_err(|e| e.to_string())?;
+        // Ordered within a second or two (the nodes poll the file every second).
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        write_keys(&mut cl, "short", 4).await?;
+        c.kill(restarted);
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        c.refresh_crl(Duration::from_secs(3600))
+            .map_err(|e| e.to_string())?;
+        assert!(short.exists());
+        c.start(restarted, &log_filter())
+            .map_err(|e| e.to_string())?;
+        write_keys(&mut cl, "fresh", 4).await?;
+        let top = executed(&c, (restarted + 1) % 4);
+        wait_for(
+            "the restarted replica to catch up",
+            Duration::from_secs(60),
+            || executed(&c, restarted) >= top,
+        )
+        .await?;
+        // With another replica down, every quorum needs the restarted one.
+        c.kill((restarted + 2) % 4);
+        write_keys(&mut cl, "after", 40).await?;
+        read_keys(&mut cl, "after", 40).await?;
+        Ok::<_, String>(())
+    }
+    .await;
+    if let Err(e) = result {
+        dump_logs(&c);
+        panic!("{e}");
+    }
+    cl.close().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_whole_cluster_restart_keeps_every_acknowledged_write() {
     let _one = ONE_AT_A_TIME.lock().await;

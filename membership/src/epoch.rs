@@ -13,7 +13,9 @@
 //! Validation: an `AddNode` certificate must chain to the CA, not be revoked by the current CRL,
 //! name role replica, and not belong to a member already; `RemoveNode` must name a member and may
 //! never leave fewer than [`MIN_REPLICAS`] replicas; `UpdateCrl` must carry a CRL signed by the CA
-//! with a CRL number above the current one, and removes every member it revokes (keeping at
+//! with a CRL number above the current one, current at the ordered time (issued no later than
+//! it, give or take [`CRL_CLOCK_SKEW`], and not past its next update: an expired CRL is
+//! replaced by the next one), and removes every member it revokes (keeping at
 //! least [`MIN_REPLICAS`], or the update is refused).
 //!
 //! Encoding (version 1): `version u8 | tag u8 | fields`, integers big-endian, byte strings with a
@@ -179,6 +181,31 @@ impl Membership {
         members: Vec<Member>,
         now: UnixTime,
     ) -> Result<Self, CommandRefusal> {
+        Self::genesis_checked_at(ca, members, |_| Ok(now))
+    }
+
+    /// The genesis membership read as history: each certificate is checked against the CA
+    /// (chain, role, and no ordered CRL yet) at the start of its own validity, not at the
+    /// current time. A node that restarts from its journal, or joins, years after genesis
+    /// starts from this and then from the ordered membership (journal or state transfer),
+    /// which is what decides who is a member now; the planes check current validity on every
+    /// connection.
+    ///
+    /// # Errors
+    /// As [`Membership::genesis`].
+    pub fn genesis_history(
+        ca: CertificateDer<'static>,
+        members: Vec<Member>,
+    ) -> Result<Self, CommandRefusal> {
+        Self::genesis_checked_at(ca, members, |m| not_before(&m.certificate))
+    }
+
+    /// A genesis membership whose certificates are each checked at the time `at` gives.
+    fn genesis_checked_at(
+        ca: CertificateDer<'static>,
+        members: Vec<Member>,
+        at: impl Fn(&Member) -> Result<UnixTime, CommandRefusal>,
+    ) -> Result<Self, CommandRefusal> {
         let mut m = Self {
             epoch: 0,
             ca,
@@ -187,7 +214,7 @@ impl Membership {
             revoked: BTreeSet::new(),
         };
         for member in members {
-            let id = m.admit(&member.certificate, now)?;
+            let id = m.admit(&member.certificate, at(&member)?)?;
             m.members.insert(id, member);
         }
         if m.replicas() < MIN_REPLICAS {
@@ -362,6 +389,7 @@ impl Membership {
                 // alone let a CRL with any signature through at a time when no certificate
                 // was valid yet.
                 self.check_crl_signature(&der)?;
+                check_crl_current(&der, now)?;
                 let current = self.crl.as_ref().map_or(0, |(n, _)| *n);
                 if number <= current {
                     return Err(CommandRefusal::StaleCrl {
@@ -371,22 +399,18 @@ impl Membership {
                 }
                 let mut next = self.clone();
                 next.crl = Some((number, der));
-                let (old_state, new_state) = (self.member_trust()?, next.member_trust()?);
-                // Members the new CRL revokes leave. Any other change of a member's verdict
-                // (a CRL from another issuer, a forged signature, one expired at `now`) means
-                // the CRL is not one our CA issued for now: refuse it rather than cut everyone
-                // off.
+                let new_state = next.member_trust()?;
+                // Members the new CRL revokes leave. Its issuer, signature and currency at
+                // `now` are checked above on their own; so any other change of a verdict is
+                // the CRL doing its job (e.g. "revocation unknown" under an expired CRL
+                // becoming "ok" under a fresh one).
                 let mut revoked = Vec::new();
                 for (id, m) in self.members.iter().filter(|(_, m)| m.role == Role::Replica) {
                     let chain = [m.certificate.clone()];
-                    match new_state.verify_replica(&chain, now).map(|_| ()) {
-                        Err(securesmart_transport::Refusal::Revoked) => revoked.push(*id),
-                        verdict if verdict != old_state.verify_replica(&chain, now).map(|_| ()) => {
-                            return Err(CommandRefusal::BadCrl(
-                                "not a current CRL of our CA".into(),
-                            ));
-                        }
-                        _ => {}
+                    if let Err(securesmart_transport::Refusal::Revoked) =
+                        new_state.verify_replica(&chain, now)
+                    {
+                        revoked.push(*id);
                     }
                 }
                 let remaining = self.replicas() - revoked.len();
@@ -446,6 +470,13 @@ impl Membership {
 
 impl Membership {
     /// Whether our CA issued and signed `crl` (issuer name and signature, whatever the time).
+    /// The CRL number of `crl` if our CA issued and signed it (so a node can tell a CRL file
+    /// newer than the ordered one from a stale or foreign one).
+    pub fn our_crl_number(&self, crl: &CertificateRevocationListDer<'_>) -> Option<u64> {
+        self.check_crl_signature(crl).ok()?;
+        crl_number(crl).ok()
+    }
+
     fn check_crl_signature(
         &self,
         crl: &CertificateRevocationListDer<'_>,
@@ -464,7 +495,49 @@ impl Membership {
     }
 }
 
-/// The CRL number of a CRL (strict parse; the signature is checked against members' chains).
+/// A second into a certificate's validity (its notBefore, plus one).
+fn not_before(cert: &[u8]) -> Result<UnixTime, CommandRefusal> {
+    use x509_parser::prelude::{FromDer, X509Certificate};
+    let (_, x509) = X509Certificate::from_der(cert)
+        .map_err(|e| CommandRefusal::BadCertificate(e.to_string()))?;
+    let secs = x509.validity().not_before.timestamp().saturating_add(1);
+    let secs =
+        u64::try_from(secs).map_err(|_| CommandRefusal::BadCertificate("notBefore".into()))?;
+    Ok(UnixTime::since_unix_epoch(std::time::Duration::from_secs(
+        secs,
+    )))
+}
+
+/// How far ahead of the ordered time a CRL's thisUpdate may lie (the CA's and the submitter's
+/// clocks differ; the ordered time is bounded at intake by as much).
+pub const CRL_CLOCK_SKEW: std::time::Duration = std::time::Duration::from_secs(10 * 60);
+
+/// A CRL is current at `now`: issued no later than `now` (give or take [`CRL_CLOCK_SKEW`]) and,
+/// if it names a next update, not past it.
+fn check_crl_current(
+    der: &CertificateRevocationListDer<'_>,
+    now: UnixTime,
+) -> Result<(), CommandRefusal> {
+    use x509_parser::prelude::FromDer;
+    let (_, crl) = x509_parser::revocation_list::CertificateRevocationList::from_der(der.as_ref())
+        .map_err(|e| CommandRefusal::BadCrl(e.to_string()))?;
+    let now = i64::try_from(now.as_secs()).unwrap_or(i64::MAX);
+    let skew = CRL_CLOCK_SKEW.as_secs() as i64;
+    if crl.last_update().timestamp() > now.saturating_add(skew) {
+        return Err(CommandRefusal::BadCrl(
+            "issued after the ordered time".into(),
+        ));
+    }
+    if crl
+        .next_update()
+        .is_some_and(|next| next.timestamp() <= now)
+    {
+        return Err(CommandRefusal::BadCrl("expired at the ordered time".into()));
+    }
+    Ok(())
+}
+
+/// The CRL number of a CRL (strict parse; the signature is checked on its own).
 fn crl_number(der: &CertificateRevocationListDer<'_>) -> Result<u64, CommandRefusal> {
     use x509_parser::prelude::FromDer;
     let (rest, crl) =
@@ -869,6 +942,81 @@ mod tests {
         assert_eq!(Membership::decode(&m.encode()).unwrap(), m);
         let command = revoke(vec![client]);
         assert_eq!(MembershipCommand::decode(&command.encode()), Ok(command));
+    }
+
+    /// Genesis read as history: long after its certificates expired, the genesis membership
+    /// still forms (a node restarts from its journal on it), and a certificate of another CA
+    /// is refused in it as before.
+    #[test]
+    fn genesis_is_history_and_does_not_expire() {
+        let mut fx = fixture();
+        let members: Vec<Member> = (0..4)
+            .map(|i| {
+                member(
+                    issue(&mut fx.ca, &format!("r{i}"), RoleName::Replica),
+                    7000 + i,
+                )
+            })
+            .collect();
+        let years = UnixTime::since_unix_epoch(
+            Duration::from_secs(UnixTime::now().as_secs())
+                + Duration::from_secs(3 * 365 * 24 * 3600),
+        );
+        assert!(Membership::genesis(fx.ca.ca_certificate(), members.clone(), years).is_err());
+        let m = Membership::genesis_history(fx.ca.ca_certificate(), members.clone()).unwrap();
+        assert_eq!(m.replicas(), 4);
+        let mut other = fixture();
+        let mut mixed = members;
+        mixed[0] = member(issue(&mut other.ca, "stranger", RoleName::Replica), 7100);
+        assert!(matches!(
+            Membership::genesis_history(fx.ca.ca_certificate(), mixed),
+            Err(CommandRefusal::CertificateRefused(_))
+        ));
+    }
+
+    /// A week after the ordered CRL expired, a fresh CRL of our CA replaces it (members'
+    /// verdicts go from "revocation unknown" to "ok"), and adding a replica works again; a CRL
+    /// already expired, or issued after the ordered time, is refused.
+    #[test]
+    fn an_expired_ordered_crl_is_replaced_by_a_fresh_one() {
+        use std::time::{SystemTime, UNIX_EPOCH};
+        let mut fx = fixture();
+        let mut m = genesis(&mut fx, 4);
+        let hour = Duration::from_secs(3600);
+        let t0 = SystemTime::now();
+        let at = |t: SystemTime| UnixTime::since_unix_epoch(t.duration_since(UNIX_EPOCH).unwrap());
+        let first = fx.ca.crl_at(hour, t0).unwrap().to_vec();
+        m.apply(&MembershipCommand::UpdateCrl { crl: first }, at(t0))
+            .unwrap();
+        // A week later the ordered CRL has expired: nobody can be added.
+        let later = t0 + Duration::from_secs(7 * 24 * 3600);
+        let joiner = member(issue(&mut fx.ca, "r9", RoleName::Replica), 7009);
+        let add = MembershipCommand::AddNode {
+            certificate: joiner.certificate.to_vec(),
+            key_package: Vec::new(),
+            replica_addr: joiner.replica_addr,
+            client_addr: joiner.client_addr,
+        };
+        assert!(matches!(
+            m.clone().apply(&add, at(later)),
+            Err(CommandRefusal::CertificateRefused(_))
+        ));
+        let stale = fx.ca.crl_at(hour, later - 2 * hour).unwrap().to_vec();
+        assert!(matches!(
+            m.apply(&MembershipCommand::UpdateCrl { crl: stale }, at(later)),
+            Err(CommandRefusal::BadCrl(_))
+        ));
+        let early = fx.ca.crl_at(hour, later + 2 * hour).unwrap().to_vec();
+        assert!(matches!(
+            m.apply(&MembershipCommand::UpdateCrl { crl: early }, at(later)),
+            Err(CommandRefusal::BadCrl(_))
+        ));
+        let fresh = fx.ca.crl_at(hour, later).unwrap().to_vec();
+        assert_eq!(
+            m.apply(&MembershipCommand::UpdateCrl { crl: fresh }, at(later)),
+            Ok(Applied::CrlUpdated { removed: vec![] })
+        );
+        assert!(m.apply(&add, at(later)).is_ok(), "AddNode works again");
     }
 
     #[test]

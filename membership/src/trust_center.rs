@@ -718,12 +718,27 @@ impl TrustCenter {
         &mut self,
         validity: Duration,
     ) -> Result<CertificateRevocationListDer<'static>, TrustCenterError> {
-        self.locked(|tc| tc.crl_locked(validity))
+        self.crl_at(validity, std::time::SystemTime::now())
+    }
+
+    /// [`TrustCenter::crl`] issued at `at` (its thisUpdate) instead of now: for a trust center
+    /// run on a clock of its own, and tests of lifetimes.
+    ///
+    /// # Errors
+    /// As [`TrustCenter::crl`].
+    pub fn crl_at(
+        &mut self,
+        validity: Duration,
+        at: std::time::SystemTime,
+    ) -> Result<CertificateRevocationListDer<'static>, TrustCenterError> {
+        let at = OffsetDateTime::from(at);
+        self.locked(|tc| tc.crl_locked(validity, at))
     }
 
     fn crl_locked(
         &mut self,
         validity: Duration,
+        at: OffsetDateTime,
     ) -> Result<CertificateRevocationListDer<'static>, TrustCenterError> {
         let number = self.commit(|s| {
             s.crl_number += 1;
@@ -743,7 +758,7 @@ impl TrustCenter {
             }
         }
         let validity = time::Duration::try_from(validity).map_err(pki_err)?;
-        let params = pki::crl_params(number, OffsetDateTime::now_utc(), validity, revoked);
+        let params = pki::crl_params(number, at, validity, revoked);
         let crl = params.signed_by(&self.issuer).map_err(pki_err)?;
         Ok(crl.der().clone())
     }
