@@ -637,6 +637,16 @@ async fn run_state<S: StateMachine>(
                             leaving.push(Leaving { id, addr, until });
                         }
                     }
+                    metrics::gauge!("securesmart_node_degraded")
+                        .set(f64::from(u8::from(m.is_degraded())));
+                    if m.is_degraded() {
+                        tracing::warn!(
+                            replicas = m.replicas(),
+                            f = m.f(),
+                            "fewer than four replicas (a CRL revoked some): the group tolerates \
+                             fewer faults until an operator adds replicas"
+                        );
+                    }
                     trust_changed = true;
                 }
                 // Every replica names the roster after the batch: the same for the same request.

@@ -456,6 +456,70 @@ async fn an_expired_ordered_crl_is_replaced_and_a_restarted_replica_reconnects()
     cl.close().await;
 }
 
+/// Revocation always works: revoking a replica of a group of four removes its vote (it stops,
+/// and the three others go on, degraded), and a client revoked after it is refused. (Before, a
+/// CRL that left fewer than four replicas was refused whole, and with it every later CRL: the
+/// revoked replica kept voting and revoked clients stayed admitted.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_revoked_at_n_4_leaves_and_a_client_revoked_after_it_is_refused() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let mut c = cluster("revoke4", 2).await;
+    let mut bystander = client(&c, 1).await;
+    let victim = 3;
+    let result = async {
+        write_keys(&mut bystander, "before", 4).await?;
+        c.revoke(&c.replicas[victim].certificate)
+            .map_err(|e| e.to_string())?;
+        wait_for(
+            "the revoked replica to stop",
+            Duration::from_secs(60),
+            || !c.is_running(victim),
+        )
+        .await?;
+        wait_for(
+            "the others to see three replicas",
+            Duration::from_secs(20),
+            || {
+                (0..3).all(|i| {
+                    let metrics = scrape(c.replicas[i].metrics_addr).unwrap_or_default();
+                    metric_sum(&metrics, "securesmart_node_degraded", &[]) == 1.0
+                })
+            },
+        )
+        .await?;
+        write_keys(&mut bystander, "three", 20).await?;
+        read_keys(&mut bystander, "before", 4).await?;
+        // A client revoked now is refused.
+        let config = ClientConfig::load(&c.clients[0]).map_err(|e| e.to_string())?;
+        c.revoke(&config.client.certificate)
+            .map_err(|e| e.to_string())?;
+        let mut short = config.clone();
+        short.client.timeout_ms = 1000;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            match Client::from_config(&short).await {
+                Err(ClientError::Unreachable { reached: 0, .. }) => break,
+                other if Instant::now() > deadline => {
+                    return Err(format!(
+                        "a client revoked after the replica connected: {other:?}"
+                    ));
+                }
+                Ok(cl) => cl.close().await,
+                Err(_) => {}
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        write_keys(&mut bystander, "after", 4).await?;
+        Ok::<_, String>(())
+    }
+    .await;
+    if let Err(e) = result {
+        dump_logs(&c);
+        panic!("{e}");
+    }
+    bystander.close().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_whole_cluster_restart_keeps_every_acknowledged_write() {
     let _one = ONE_AT_A_TIME.lock().await;

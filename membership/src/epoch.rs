@@ -15,8 +15,10 @@
 //! never leave fewer than [`MIN_REPLICAS`] replicas; `UpdateCrl` must carry a CRL signed by the CA
 //! with a CRL number above the current one, current at the ordered time (issued no later than
 //! it, give or take [`CRL_CLOCK_SKEW`], and not past its next update: an expired CRL is
-//! replaced by the next one), and removes every member it revokes (keeping at
-//! least [`MIN_REPLICAS`], or the update is refused).
+//! replaced by the next one), and removes every member it revokes, even
+//! below [`MIN_REPLICAS`] (a revoked replica never keeps its vote, and a refused CRL would
+//! block every later revocation); only a CRL that revokes every replica is refused. A group
+//! left with fewer than [`MIN_REPLICAS`] is [`Membership::is_degraded`].
 //!
 //! Encoding (version 1): `version u8 | tag u8 | fields`, integers big-endian, byte strings with a
 //! u32 length; limits [`MAX_CERT_BYTES`], [`MAX_KEY_PACKAGE_BYTES`], [`MAX_CRL_BYTES`]; the
@@ -114,6 +116,9 @@ pub enum CommandRefusal {
     /// The change would leave fewer than the minimum replicas.
     #[error("would leave {0} replicas, fewer than the minimum of {MIN_REPLICAS}")]
     TooFewReplicas(usize),
+    /// The CRL revokes every replica: nothing could order anything after it.
+    #[error("the CRL revokes every replica")]
+    NoReplicaLeft,
     /// The CRL does not parse or is not signed by the CA.
     #[error("bad CRL: {0}")]
     BadCrl(String),
@@ -239,6 +244,13 @@ impl Membership {
             .values()
             .filter(|m| m.role == Role::Replica)
             .count()
+    }
+
+    /// Whether fewer than [`MIN_REPLICAS`] replicas remain (a CRL revoked replicas of a
+    /// group of four): the group then tolerates fewer faults than it was built for, and an
+    /// operator should add replicas.
+    pub fn is_degraded(&self) -> bool {
+        self.replicas() < MIN_REPLICAS
     }
 
     /// Faults tolerated: f = (n - 1) / 3.
@@ -413,9 +425,12 @@ impl Membership {
                         revoked.push(*id);
                     }
                 }
-                let remaining = self.replicas() - revoked.len();
-                if remaining < MIN_REPLICAS {
-                    return Err(CommandRefusal::TooFewReplicas(remaining));
+                // Revocation always works: a revoked replica never keeps its vote, and refusing
+                // the CRL would also keep every later revocation (all CRLs are cumulative) from
+                // taking effect. Below MIN_REPLICAS the group tolerates fewer faults (three
+                // replicas: none) until an operator adds replicas; see `is_degraded`.
+                if self.replicas() == revoked.len() {
+                    return Err(CommandRefusal::NoReplicaLeft);
                 }
                 for id in &revoked {
                     next.members.remove(id);
@@ -1079,15 +1094,39 @@ mod tests {
             m.apply(&add(victim_cert, 1), now),
             Err(CommandRefusal::CertificateRefused(_))
         ));
-        // A CRL that would leave fewer than four replicas is refused.
-        let two: Vec<NodeId> = m.members().keys().take(1).copied().collect();
+        // Revocation always works: at n = 4 the revoked replica leaves all the same and the
+        // group shrinks to three (degraded, until an operator adds a replica) ...
+        let second = *m.members().keys().next().unwrap();
         fx.ca
-            .revoke(&RevokeTarget::NodeId(two[0]), Reason::Superseded)
+            .revoke(&RevokeTarget::NodeId(second), Reason::KeyCompromise)
             .unwrap();
         let crl2 = fx.ca.crl(Duration::from_secs(3600)).unwrap().to_vec();
         assert_eq!(
             m.apply(&MembershipCommand::UpdateCrl { crl: crl2 }, now),
-            Err(CommandRefusal::TooFewReplicas(3))
+            Ok(Applied::CrlUpdated {
+                removed: vec![second]
+            })
+        );
+        assert_eq!(m.replicas(), 3);
+        assert!(m.is_degraded());
+        assert!(!m.members().contains_key(&second));
+        // ... later CRLs still apply (a client revoked after it is refused) ...
+        let crl3 = fx.ca.crl(Duration::from_secs(3600)).unwrap().to_vec();
+        assert!(
+            m.apply(&MembershipCommand::UpdateCrl { crl: crl3 }, now)
+                .is_ok()
+        );
+        // ... and only a CRL that revokes every replica is refused.
+        let rest: Vec<NodeId> = m.members().keys().copied().collect();
+        for id in rest {
+            fx.ca
+                .revoke(&RevokeTarget::NodeId(id), Reason::KeyCompromise)
+                .unwrap();
+        }
+        let all = fx.ca.crl(Duration::from_secs(3600)).unwrap().to_vec();
+        assert_eq!(
+            m.apply(&MembershipCommand::UpdateCrl { crl: all }, now),
+            Err(CommandRefusal::NoReplicaLeft)
         );
     }
 
