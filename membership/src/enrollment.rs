@@ -3,7 +3,10 @@
 //! hand gets its identity from the trust center.
 //!
 //! TLS is server-authenticated only (the node has no certificate yet): the node checks the
-//! endpoint's certificate against the CA certificate it was given and the address it dialled;
+//! endpoint's certificate against the CA certificate it was given and the address it dialled,
+//! and that it is the trust center's service certificate (it names
+//! [`securesmart_transport::SERVICE_URI_ENROLLMENT`] and no role: a replica of the same CA
+//! cannot pose as the endpoint); the CA certificate returned must be the pinned one;
 //! the enrollment token authorizes the request. The endpoint's certificate is ephemeral, issued
 //! by the CA at start for the names it serves.
 //!
@@ -396,6 +399,65 @@ async fn serve(state: &Arc<ServerState>, incoming: quinn::Incoming) -> Result<()
     Ok(())
 }
 
+/// Checks the enrollment endpoint: the usual chain and name checks against the pinned CA, and
+/// then that its certificate is the trust center's service certificate
+/// ([`securesmart_transport::is_enrollment_service`]), not a replica's or a client's of the
+/// same CA whose names happen to cover the address.
+#[derive(Debug)]
+struct ServiceVerifier {
+    inner: Arc<rustls::client::WebPkiServerVerifier>,
+}
+
+impl rustls::client::danger::ServerCertVerifier for ServiceVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        self.inner.verify_server_cert(
+            end_entity,
+            intermediates,
+            server_name,
+            ocsp_response,
+            now,
+        )?;
+        if !securesmart_transport::is_enrollment_service(end_entity) {
+            tracing::warn!(
+                "enrollment endpoint presents a certificate that is not the trust center's service certificate"
+            );
+            return Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::ApplicationVerificationFailure,
+            ));
+        }
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
 /// A node's identity obtained by enrollment.
 pub struct Enrolled {
     /// The identity (certificate and key) for the transport.
@@ -434,10 +496,17 @@ pub async fn enroll(
     let mut roots = rustls::RootCertStore::empty();
     roots.add(ca_cert.clone()).map_err(setup_err)?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(
+        Arc::new(roots),
+        Arc::clone(&provider),
+    )
+    .build()
+    .map_err(setup_err)?;
     let mut tls = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(setup_err)?
-        .with_root_certificates(roots)
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(ServiceVerifier { inner }))
         .with_no_client_auth();
     tls.alpn_protocols = vec![ALPN_ENROLL.to_vec()];
     let quic = QuicClientConfig::try_from(Arc::new(tls)).map_err(setup_err)?;
@@ -489,6 +558,13 @@ pub async fn enroll(
         } => (certificate, ca_certificate),
         EnrollResponse::Refused(reason) => return Err(EnrollError::Refused(reason)),
     };
+    // The CA certificate returned must be the one we pinned: a server of another CA (or one
+    // that lies about ours) must not get its certificate written as our `ca.pem`.
+    if ca_certificate != ca_cert.as_ref() {
+        return Err(EnrollError::Mismatch(
+            "the endpoint returned another CA certificate than the pinned one".into(),
+        ));
+    }
     let certificate = CertificateDer::from(certificate);
     let certificate_pem =
         securesmart_transport::pki::pem_encode("CERTIFICATE", certificate.as_ref());
@@ -544,5 +620,99 @@ mod tests {
             assert_eq!(EnrollResponse::decode(&resp.encode()), Ok(resp));
         }
         assert!(EnrollResponse::decode(&[VERSION, 7]).is_err());
+    }
+
+    fn trust_center(name: &str) -> TrustCenter {
+        let dir =
+            std::env::temp_dir().join(format!("ss-enroll-{name}-{:016x}", rand::random::<u64>()));
+        TrustCenter::init(&dir, name).unwrap()
+    }
+
+    /// A replica certificate of `ca` for 127.0.0.1, with its key (PKCS#8 DER).
+    fn replica_at_loopback(ca: &mut TrustCenter) -> (CertificateDer<'static>, Vec<u8>) {
+        let names = ["127.0.0.1".to_owned()];
+        let token = ca
+            .create_token(
+                crate::trust_center::RoleName::Replica,
+                &names,
+                Duration::from_secs(60),
+            )
+            .unwrap();
+        let (key, csr) = key_and_csr(&names).unwrap();
+        let csr = CertificateSigningRequestDer::from_pem_slice(csr.as_bytes()).unwrap();
+        let issued = ca.sign_csr(&csr, &token).unwrap();
+        let key = PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap();
+        (issued.certificate, key.secret_der().to_vec())
+    }
+
+    /// A one-shot endpoint on loopback presenting `cert` that answers any request with
+    /// `response`, as a faulty or foreign server would.
+    async fn fake_endpoint(
+        cert: CertificateDer<'static>,
+        key: Vec<u8>,
+        response: EnrollResponse,
+    ) -> (SocketAddr, tokio::task::JoinHandle<()>) {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(vec![cert], PrivateKeyDer::try_from(key).unwrap())
+            .unwrap();
+        tls.alpn_protocols = vec![ALPN_ENROLL.to_vec()];
+        let quic = QuicServerConfig::try_from(Arc::new(tls)).unwrap();
+        let server = quinn::ServerConfig::with_crypto(Arc::new(quic));
+        let endpoint = quinn::Endpoint::server(server, "127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = endpoint.local_addr().unwrap();
+        let task = tokio::spawn(async move {
+            while let Some(incoming) = endpoint.accept().await {
+                let Ok(conn) = incoming.await else { continue };
+                if let Ok((mut send, mut recv)) = conn.accept_bi().await {
+                    let _ = recv.read_to_end(MAX_REQUEST_BYTES).await;
+                    let _ = send.write_all(&response.encode()).await;
+                    let _ = send.finish();
+                    let _ = conn.closed().await;
+                }
+            }
+        });
+        (addr, task)
+    }
+
+    /// `enroll` trusts only the trust center: an endpoint presenting a replica's certificate of
+    /// the same CA (whose names cover the address) is refused at the handshake, and one that
+    /// returns another CA certificate than the pinned one is refused before anything is kept.
+    #[tokio::test]
+    async fn enroll_refuses_a_replica_posing_as_the_endpoint_and_another_ca() {
+        let mut ca = trust_center("pinned");
+        let pinned = ca.ca_certificate();
+        // A replica of our CA, listening at the address the node dials.
+        let (cert, key) = replica_at_loopback(&mut ca);
+        let (stolen, _) = replica_at_loopback(&mut ca);
+        let forged = EnrollResponse::Issued {
+            certificate: stolen.to_vec(),
+            ca_certificate: pinned.to_vec(),
+        };
+        let (addr, task) = fake_endpoint(cert, key, forged).await;
+        let err = enroll(addr, &pinned, "token", &[]).await.unwrap_err();
+        assert!(matches!(err, EnrollError::Connection(_)), "{err}");
+        task.abort();
+        // Our CA's genuine service certificate, but the CA certificate returned is another.
+        let (service, service_key) = ca
+            .service_certificate(&["127.0.0.1".into()], Duration::from_secs(60))
+            .unwrap();
+        let other = trust_center("other").ca_certificate();
+        // A certificate for the key enroll makes cannot be forged here; the check on the CA
+        // comes first, so any certificate shows it.
+        let lying = EnrollResponse::Issued {
+            certificate: stolen.to_vec(),
+            ca_certificate: other.to_vec(),
+        };
+        let (addr, task) = fake_endpoint(service, service_key.to_vec(), lying).await;
+        let err = enroll(addr, &pinned, "token", &[]).await.unwrap_err();
+        assert!(
+            matches!(&err, EnrollError::Mismatch(m) if m.contains("another CA")),
+            "{err}"
+        );
+        task.abort();
     }
 }

@@ -22,6 +22,31 @@ use crate::error::IdentityError;
 pub const ROLE_URI_REPLICA: &str = "urn:securesmart:role:replica";
 /// URI SAN naming a certificate of role [`Role::Client`].
 pub const ROLE_URI_CLIENT: &str = "urn:securesmart:role:client";
+/// URI SAN naming the trust center's enrollment endpoint (a service certificate: no role, so
+/// no plane accepts it, and the only certificate `enroll` accepts from the endpoint).
+pub const SERVICE_URI_ENROLLMENT: &str = "urn:securesmart:service:enrollment";
+
+/// Whether `cert` is an enrollment-endpoint certificate: it names
+/// [`SERVICE_URI_ENROLLMENT`] and no role (a replica's or client's certificate, whatever its
+/// names, is not one). The chain is not checked here.
+pub fn is_enrollment_service(cert: &CertificateDer<'_>) -> bool {
+    let Ok((_, x509)) = X509Certificate::from_der(cert.as_ref()) else {
+        return false;
+    };
+    let Ok(Some(san)) = x509.subject_alternative_name() else {
+        return false;
+    };
+    let uris: Vec<&str> = san
+        .value
+        .general_names
+        .iter()
+        .filter_map(|n| match n {
+            GeneralName::URI(u) => Some(*u),
+            _ => None,
+        })
+        .collect();
+    uris.contains(&SERVICE_URI_ENROLLMENT) && !uris.iter().any(|u| Role::from_uri(u).is_some())
+}
 
 /// A node's identity: BLAKE3 of its certificate's DER-encoded SubjectPublicKeyInfo.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]

@@ -101,7 +101,8 @@ pub use frame::{
     Class, FRAME_HEADER_BYTES, FrameDecoder, MAX_FRAME_BYTES_LIMIT, encode_frame, frame_header,
 };
 pub use identity::{
-    CertInfo, Identity, NodeId, ROLE_URI_CLIENT, ROLE_URI_REPLICA, Role, ed25519_public_key,
+    CertInfo, Identity, NodeId, ROLE_URI_CLIENT, ROLE_URI_REPLICA, Role, SERVICE_URI_ENROLLMENT,
+    ed25519_public_key, is_enrollment_service,
 };
 pub use plane::{Inbox, Message, Plane, PlaneConfig};
 pub use stats::StatsSnapshot;

@@ -198,8 +198,9 @@ pub struct NodeProfile {
     pub common_name: String,
     /// DNS and IP SANs.
     pub sans: Vec<SanName>,
-    /// Role URI SAN. `None` makes a service certificate (serverAuth only, no role), which no
-    /// plane accepts as a peer: the trust center's enrollment endpoint uses one.
+    /// Role URI SAN. `None` makes a service certificate (serverAuth only, no role, the
+    /// enrollment-service URI instead), which no plane accepts as a peer: the trust center's
+    /// enrollment endpoint uses one.
     pub role: Option<Role>,
     /// Validity start.
     pub not_before: OffsetDateTime,
@@ -235,11 +236,10 @@ pub fn node_params(profile: &NodeProfile) -> Result<CertificateParams, PkiError>
         ],
         None => vec![ExtendedKeyUsagePurpose::ServerAuth],
     };
-    if let Some(role) = profile.role {
-        params
-            .subject_alt_names
-            .push(SanType::URI(role.uri().try_into()?));
-    }
+    let uri = profile
+        .role
+        .map_or(crate::identity::SERVICE_URI_ENROLLMENT, Role::uri);
+    params.subject_alt_names.push(SanType::URI(uri.try_into()?));
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     params.is_ca = IsCa::ExplicitNoCa;
     params.serial_number = Some(profile.serial.clone());
