@@ -16,8 +16,13 @@
 //! <= 16 KiB), tag 1 `reason (u32 len, <= 1 KiB UTF-8)`.
 //!
 //! Anti-DoS, cheapest first: stateless address validation (a QUIC Retry for every new source),
-//! a per-source-IP request rate (governor, keyed), a cap on concurrent requests, a size limit on
-//! the request and a time limit on each connection.
+//! a request rate per source subnet (/24 for IPv4, /56 for IPv6; governor, keyed), caps on the
+//! connections in progress from one subnet and from all, a size limit on the request and a
+//! short time limit on the handshake and the request ([`EnrollLimits::request_deadline`]); then
+//! the token is checked without the trust center's lock ([`TrustCenter::precheck_token`]), and
+//! only requests with a live token wait for the CA (at most
+//! [`EnrollLimits::max_signing`] at once). So a few addresses cannot hold the endpoint, and
+//! made-up tokens cost neither the lock nor a parse of the CA's state.
 
 use std::net::{IpAddr, SocketAddr};
 use std::num::NonZeroU32;
@@ -176,12 +181,18 @@ impl EnrollResponse {
 #[derive(Clone, Debug)]
 #[non_exhaustive]
 pub struct EnrollLimits {
-    /// Requests per second per source IP (sustained).
+    /// Requests per second per source subnet (/24, or /56 for IPv6), sustained.
     pub requests_per_ip_per_sec: u32,
-    /// Request burst per source IP.
+    /// Request burst per source subnet.
     pub request_burst_per_ip: u32,
-    /// Requests in progress at once.
+    /// Connections in progress at once, all sources together.
     pub max_in_flight: usize,
+    /// Connections in progress at once from one source subnet.
+    pub max_in_flight_per_subnet: usize,
+    /// Requests with a live token at the CA at once (signing writes and fsyncs files).
+    pub max_signing: usize,
+    /// How long a connection may take to complete its handshake and send its request.
+    pub request_deadline: Duration,
 }
 
 impl Default for EnrollLimits {
@@ -189,7 +200,25 @@ impl Default for EnrollLimits {
         Self {
             requests_per_ip_per_sec: 2,
             request_burst_per_ip: 10,
-            max_in_flight: 32,
+            max_in_flight: 256,
+            max_in_flight_per_subnet: 4,
+            max_signing: 4,
+            request_deadline: Duration::from_secs(3),
+        }
+    }
+}
+
+/// The subnet a source address counts against: its /24 (IPv4) or /56 (IPv6).
+fn subnet(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V4(v4) => {
+            let [a, b, c, _] = v4.octets();
+            IpAddr::from([a, b, c, 0])
+        }
+        IpAddr::V6(v6) => {
+            let mut o = v6.octets();
+            o.iter_mut().skip(7).for_each(|b| *b = 0);
+            IpAddr::from(o)
         }
     }
 }
@@ -209,6 +238,9 @@ struct ServerState {
     ca: Mutex<TrustCenter>,
     limiter: DefaultKeyedRateLimiter<IpAddr>,
     in_flight: AtomicUsize,
+    /// Connections in progress per source subnet.
+    per_subnet: Mutex<std::collections::HashMap<IpAddr, usize>>,
+    signing: tokio::sync::Semaphore,
     limits: EnrollLimits,
 }
 
@@ -264,6 +296,8 @@ impl EnrollmentServer {
             ca: Mutex::new(ca),
             limiter: RateLimiter::keyed(quota),
             in_flight: AtomicUsize::new(0),
+            per_subnet: Mutex::new(std::collections::HashMap::new()),
+            signing: tokio::sync::Semaphore::new(limits.max_signing.max(1)),
             limits,
         });
         let ep = endpoint.clone();
@@ -296,12 +330,44 @@ fn count(outcome: &'static str) {
     metrics::counter!("securesmart_enroll_requests_total", "outcome" => outcome).increment(1);
 }
 
-/// Releases an in-flight slot when dropped.
-struct Slot(Arc<ServerState>);
+/// A connection in progress from `subnet`, released when dropped.
+struct Slot(Arc<ServerState>, IpAddr);
+
+impl Slot {
+    /// Takes a slot, if neither the global nor the subnet's cap is reached.
+    fn take(state: &Arc<ServerState>, subnet: IpAddr) -> Option<Self> {
+        let mut per = match state.per_subnet.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        let mine = per.entry(subnet).or_insert(0);
+        if *mine >= state.limits.max_in_flight_per_subnet
+            || state.in_flight.load(Relaxed) >= state.limits.max_in_flight
+        {
+            if *mine == 0 {
+                per.remove(&subnet);
+            }
+            return None;
+        }
+        *mine += 1;
+        state.in_flight.fetch_add(1, Relaxed);
+        Some(Self(Arc::clone(state), subnet))
+    }
+}
 
 impl Drop for Slot {
     fn drop(&mut self) {
         self.0.in_flight.fetch_sub(1, Relaxed);
+        let mut per = match self.0.per_subnet.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        if let Some(n) = per.get_mut(&self.1) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                per.remove(&self.1);
+            }
+        }
     }
 }
 
@@ -313,19 +379,18 @@ fn admit(state: &Arc<ServerState>, incoming: quinn::Incoming) {
         }
         return;
     }
-    if state.limiter.check_key(&ip).is_err() {
+    let net = subnet(ip);
+    if state.limiter.check_key(&net).is_err() {
         count("rate_limited");
         tracing::debug!(%ip, "enrollment rate limit");
         incoming.refuse();
         return;
     }
-    if state.in_flight.fetch_add(1, Relaxed) >= state.limits.max_in_flight {
-        state.in_flight.fetch_sub(1, Relaxed);
+    let Some(slot) = Slot::take(state, net) else {
         count("busy");
         incoming.refuse();
         return;
-    }
-    let slot = Slot(Arc::clone(state));
+    };
     let state = Arc::clone(state);
     tokio::spawn(async move {
         let _slot = slot;
@@ -344,20 +409,52 @@ fn admit(state: &Arc<ServerState>, incoming: quinn::Incoming) {
 }
 
 async fn serve(state: &Arc<ServerState>, incoming: quinn::Incoming) -> Result<(), EnrollError> {
-    let conn = incoming
-        .accept()
-        .map_err(|e| EnrollError::Connection(e.to_string()))?
+    let receive = async {
+        let conn = incoming
+            .accept()
+            .map_err(|e| EnrollError::Connection(e.to_string()))?
+            .await
+            .map_err(|e| EnrollError::Connection(e.to_string()))?;
+        let (send, mut recv) = conn
+            .accept_bi()
+            .await
+            .map_err(|e| EnrollError::Connection(e.to_string()))?;
+        let request = recv
+            .read_to_end(MAX_REQUEST_BYTES)
+            .await
+            .map_err(|e| EnrollError::Connection(e.to_string()))?;
+        Ok::<_, EnrollError>((conn, send, EnrollRequest::decode(&request)?))
+    };
+    let (conn, mut send, request) = tokio::time::timeout(state.limits.request_deadline, receive)
+        .await
+        .map_err(|_| EnrollError::Connection("no request in time".into()))??;
+    // The token before anything costly: made-up ones cost neither the lock nor a parse.
+    // (Off the async workers: the CA's mutex may be held by a signing that fsyncs.)
+    let (state1, token) = (Arc::clone(state), Zeroizing::new(request.token.clone()));
+    let prechecked = tokio::task::spawn_blocking(move || {
+        let mut ca = match state1.ca.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        ca.precheck_token(&token)
+    })
+    .await
+    .map_err(|e| EnrollError::Connection(e.to_string()))?;
+    if let Err(r) = prechecked {
+        count("refused");
+        tracing::info!(ip = %conn.remote_address().ip(), reason = %r, "enrollment refused");
+        send.write_all(&EnrollResponse::Refused(r.to_string()).encode())
+            .await
+            .map_err(|e| EnrollError::Connection(e.to_string()))?;
+        let _ = send.finish();
+        let _ = tokio::time::timeout(Duration::from_secs(2), conn.closed()).await;
+        return Ok(());
+    }
+    let _signing = state
+        .signing
+        .acquire()
         .await
         .map_err(|e| EnrollError::Connection(e.to_string()))?;
-    let (mut send, mut recv) = conn
-        .accept_bi()
-        .await
-        .map_err(|e| EnrollError::Connection(e.to_string()))?;
-    let request = recv
-        .read_to_end(MAX_REQUEST_BYTES)
-        .await
-        .map_err(|e| EnrollError::Connection(e.to_string()))?;
-    let request = EnrollRequest::decode(&request)?;
     let state2 = Arc::clone(state);
     // Signing writes and fsyncs files: keep it off the async workers.
     let outcome = tokio::task::spawn_blocking(move || {
@@ -676,6 +773,48 @@ mod tests {
             }
         });
         (addr, task)
+    }
+
+    #[test]
+    fn sources_count_against_their_subnet() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert_eq!(subnet(ip("10.1.2.3")), ip("10.1.2.0"));
+        assert_eq!(subnet(ip("10.1.2.200")), ip("10.1.2.0"));
+        assert_ne!(subnet(ip("10.1.3.3")), ip("10.1.2.0"));
+        assert_eq!(subnet(ip("::ffff:10.1.2.3")), ip("10.1.2.0"));
+        assert_eq!(subnet(ip("2001:db8:0:ab::1")), ip("2001:db8:0::"));
+        assert_eq!(subnet(ip("2001:db8:0:ff::9")), ip("2001:db8:0::"));
+    }
+
+    /// Two addresses of one subnet hold at most its share of the connections in progress;
+    /// another subnet still gets in, and a slot comes back when its connection ends.
+    #[test]
+    fn one_subnet_cannot_take_every_slot() {
+        let limits = EnrollLimits::default();
+        let state = Arc::new(ServerState {
+            ca: Mutex::new(trust_center("slots")),
+            limiter: RateLimiter::keyed(Quota::per_second(NonZeroU32::MIN)),
+            in_flight: AtomicUsize::new(0),
+            per_subnet: Mutex::new(std::collections::HashMap::new()),
+            signing: tokio::sync::Semaphore::new(1),
+            limits: limits.clone(),
+        });
+        let attacker = subnet("192.0.2.7".parse().unwrap());
+        let held: Vec<Slot> = (0..100)
+            .filter_map(|_| Slot::take(&state, attacker))
+            .collect();
+        assert_eq!(held.len(), limits.max_in_flight_per_subnet);
+        let other = subnet("198.51.100.1".parse().unwrap());
+        assert!(
+            Slot::take(&state, other).is_some(),
+            "another subnet gets in"
+        );
+        drop(held);
+        assert!(
+            Slot::take(&state, attacker).is_some(),
+            "released slots come back"
+        );
+        assert_eq!(state.in_flight.load(Relaxed), 0);
     }
 
     /// `enroll` trusts only the trust center: an endpoint presenting a replica's certificate of

@@ -283,6 +283,8 @@ pub struct TrustCenter {
     issuer: Issuer<'static, KeyPair>,
     ca_cert: CertificateDer<'static>,
     state: State,
+    /// When `state.json` was last read without the lock ([`TrustCenter::precheck_token`]).
+    state_seen: Option<std::time::SystemTime>,
     faults: Faults,
 }
 
@@ -379,6 +381,7 @@ impl TrustCenter {
             issuer: Issuer::new(params, key),
             ca_cert: cert.der().clone(),
             state,
+            state_seen: None,
             faults,
         };
         tc.save()?;
@@ -415,8 +418,45 @@ impl TrustCenter {
             issuer,
             ca_cert,
             state,
+            state_seen: None,
             faults: Faults::default(),
         })
+    }
+
+    /// A cheap check of `token`, without the directory's lock: its form (32 bytes in hex), and
+    /// that the state last read (read again when `state.json`, which is replaced atomically,
+    /// changed) holds it unused and unexpired. An enrollment endpoint runs it before the
+    /// locked [`TrustCenter::sign_csr`], so that requests with made-up tokens cost neither the
+    /// lock nor a parse of the state; a token it passes is checked again under the lock.
+    ///
+    /// # Errors
+    /// The [`EnrollmentRefusal`] for an unknown, used or expired token.
+    pub fn precheck_token(&mut self, token: &str) -> Result<(), EnrollmentRefusal> {
+        if token.len() != 64 || !token.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(EnrollmentRefusal::UnknownToken);
+        }
+        let path = self.dir.join("state.json");
+        let modified = std::fs::metadata(&path).and_then(|m| m.modified()).ok();
+        // A file changed within the last two seconds may change again within the same
+        // timestamp on a file system with coarse times: read it again then too.
+        let recent = modified.is_none_or(|m| {
+            std::time::SystemTime::now()
+                .duration_since(m)
+                .is_ok_and(|age| age < Duration::from_secs(2))
+        });
+        if recent || modified != self.state_seen {
+            if let Ok(state) = Self::load_state(&self.dir) {
+                self.state = state;
+            }
+            self.state_seen = modified;
+        }
+        let t = self.find_token(token)?;
+        match self.state.tokens.get(t) {
+            Some(r) if r.used_by.is_some() => Err(EnrollmentRefusal::TokenUsed),
+            Some(r) if r.expires_at <= now_unix() => Err(EnrollmentRefusal::TokenExpired),
+            Some(_) => Ok(()),
+            None => Err(EnrollmentRefusal::UnknownToken),
+        }
     }
 
     /// Runs a state change under an exclusive lock on the CA directory, on the state as it is on
@@ -926,6 +966,37 @@ mod tests {
     }
 
     const HOUR: Duration = Duration::from_secs(3600);
+
+    /// The endpoint's cheap token check: made-up and malformed tokens are refused, a fresh one
+    /// passes, and once used (by another handle, as `ca sign` in another process) it is seen
+    /// as used from the changed state file.
+    #[test]
+    fn tokens_are_prechecked_without_the_lock() {
+        let dir = std::env::temp_dir().join(format!("ss-precheck-{:016x}", rand::random::<u64>()));
+        let mut ca = TrustCenter::init(&dir, "precheck CA").unwrap();
+        let mut endpoint = TrustCenter::open(&dir).unwrap();
+        assert_eq!(
+            endpoint.precheck_token("not hex"),
+            Err(EnrollmentRefusal::UnknownToken)
+        );
+        assert_eq!(
+            endpoint.precheck_token(&"ab".repeat(32)),
+            Err(EnrollmentRefusal::UnknownToken)
+        );
+        let names = ["n1".to_owned()];
+        let token = ca
+            .create_token(RoleName::Client, &names, Duration::from_secs(60))
+            .unwrap();
+        assert_eq!(endpoint.precheck_token(&token), Ok(()));
+        let (_, csr) = key_and_csr(&names).unwrap();
+        let csr = CertificateSigningRequestDer::from_pem_slice(csr.as_bytes()).unwrap();
+        ca.sign_csr(&csr, &token).unwrap();
+        assert_eq!(
+            endpoint.precheck_token(&token),
+            Err(EnrollmentRefusal::TokenUsed)
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn every_refusal_has_its_reason_and_changes_nothing() {
