@@ -37,6 +37,18 @@ pub(crate) enum CaCommand {
         /// How long the token stays valid (e.g. 30m, 1h, 2d).
         #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
         ttl: Duration,
+        /// Write the token to this file (mode 0600) instead of printing it.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Withdraw an unused enrollment token (given by the file `ca token --out` wrote).
+    Untoken {
+        /// CA directory.
+        #[arg(long)]
+        dir: PathBuf,
+        /// File holding the token.
+        #[arg(long)]
+        token_file: PathBuf,
     },
     /// Sign a CSR under a token.
     Sign {
@@ -122,9 +134,16 @@ pub(crate) struct EnrollArgs {
     /// The CA certificate (PEM), obtained out of band.
     #[arg(long)]
     ca_cert: PathBuf,
-    /// Enrollment token.
+    /// Enrollment token (visible in the process list and shell history: prefer --token-file).
+    #[arg(
+        long,
+        conflicts_with = "token_file",
+        required_unless_present = "token_file"
+    )]
+    token: Option<String>,
+    /// File holding the enrollment token (as `ca token --out` writes it, mode 0600).
     #[arg(long)]
-    token: String,
+    token_file: Option<PathBuf>,
     /// Output directory: node.key (mode 0600), node.pem, ca.pem.
     #[arg(long)]
     out: PathBuf,
@@ -197,7 +216,17 @@ pub(crate) async fn enroll(args: &EnrollArgs) -> CliResult {
     let ca_pem = read(&args.ca_cert)?;
     let ca_cert = rustls::pki_types::CertificateDer::from_pem_slice(&ca_pem)
         .map_err(|e| format!("{}: {e}", args.ca_cert.display()))?;
-    let enrolled = securesmart_membership::enroll(args.ca, &ca_cert, &args.token, &args.names)
+    let token = match (&args.token, &args.token_file) {
+        (Some(t), _) => zeroize::Zeroizing::new(t.clone()),
+        (None, Some(path)) => zeroize::Zeroizing::new(
+            String::from_utf8(read(path)?)
+                .map_err(|_| format!("{}: not UTF-8", path.display()))?
+                .trim()
+                .to_owned(),
+        ),
+        (None, None) => return Err("give --token or --token-file".into()),
+    };
+    let enrolled = securesmart_membership::enroll(args.ca, &ca_cert, &token, &args.names)
         .await
         .map_err(|e| e.to_string())?;
     std::fs::create_dir_all(&args.out).map_err(|e| format!("{}: {e}", args.out.display()))?;
@@ -283,11 +312,29 @@ pub(crate) async fn run(cmd: CaCommand) -> CliResult {
             role,
             names,
             ttl,
+            out,
         } => {
             let token = open(&dir)?
                 .create_token(role, &names, ttl)
                 .map_err(|e| e.to_string())?;
-            println!("{}", token.as_str());
+            match out {
+                Some(path) => {
+                    write_secret_file(&path, token.as_bytes())
+                        .map_err(|e| format!("{}: {e}", path.display()))?;
+                    println!("{}", path.display());
+                }
+                None => println!("{}", token.as_str()),
+            }
+        }
+        CaCommand::Untoken { dir, token_file } => {
+            let token = zeroize::Zeroizing::new(
+                String::from_utf8(read(&token_file)?)
+                    .map_err(|_| format!("{}: not UTF-8", token_file.display()))?,
+            );
+            open(&dir)?
+                .revoke_token(token.trim())
+                .map_err(|e| e.to_string())?;
+            println!("token withdrawn");
         }
         CaCommand::Sign {
             dir,

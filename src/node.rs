@@ -530,6 +530,7 @@ async fn run_state<S: StateMachine>(
     host.update_trust(executor.app().membership(), &leaving);
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     let mut cut_off_ticks = 0u32;
+    let mut trust_checked = std::time::Instant::now();
     // A joiner starts from the genesis membership, which does not name it: only a replica
     // that has been a member can find itself removed.
     let mut was_member = false;
@@ -544,7 +545,13 @@ async fn run_state<S: StateMachine>(
                 group.acknowledge_roster(state.rosters());
                 // A removed replica may hear of no batch after the switch: look here as well.
                 let (stable, m) = (pbft.low_watermark(), executor.app().membership());
-                if host.crl_file_changed.swap(false, std::sync::atomic::Ordering::Relaxed) {
+                // Live links are checked again now and then, not only when trust changes: a
+                // certificate that expires on a long-lived link (or a CRL that does) must not
+                // stay admitted.
+                if host.crl_file_changed.swap(false, std::sync::atomic::Ordering::Relaxed)
+                    || trust_checked.elapsed() >= TRUST_RECHECK
+                {
+                    trust_checked = std::time::Instant::now();
                     host.update_trust(m, &leaving);
                 }
                 if host.settle_leaving(&mut leaving, stable, m) {
@@ -1041,6 +1048,10 @@ impl Node {
 
 /// How long a starting replica waits for its peers before it takes requests.
 pub const STARTUP_WAIT: Duration = Duration::from_secs(3);
+
+/// How often the node checks its live links against the current trust (certificate and CRL
+/// expiry) even when nothing changed.
+pub const TRUST_RECHECK: Duration = Duration::from_secs(60);
 
 /// How often the node looks at its CRL file.
 pub const CRL_POLL: Duration = Duration::from_secs(1);

@@ -207,6 +207,27 @@ fn serve_and_enroll_over_the_network() {
     };
     let out = enroll("c1");
     let again = enroll("c1b");
+    // A token kept out of the process list and shell history: written 0600, read from a file.
+    ok(
+        &[
+            "ca", "token", "--dir", "ca", "--role", "client", "--name", "c2", "--out", "c2.token",
+        ],
+        &work,
+    );
+    let from_file = bin(
+        &[
+            "enroll",
+            "--ca",
+            &addr,
+            "--ca-cert",
+            "ca/ca.pem",
+            "--token-file",
+            "c2.token",
+            "--out",
+            "c2",
+        ],
+        &work,
+    );
     server.kill().unwrap();
     let _ = server.wait();
     assert!(
@@ -215,6 +236,21 @@ fn serve_and_enroll_over_the_network() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(!again.status.success(), "a token enrolls once");
+    assert!(
+        from_file.status.success(),
+        "{}",
+        String::from_utf8_lossy(&from_file.stderr)
+    );
+    assert!(work.join("c2/node.pem").exists());
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(work.join("c2.token"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "the token file is private");
+    }
     let id = securesmart::transport::Identity::from_pem_files(
         &work.join("c1/node.pem"),
         &work.join("c1/node.key"),

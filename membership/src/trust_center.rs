@@ -86,6 +86,10 @@ pub enum EnrollmentRefusal {
     /// The CSR names nothing.
     #[error("the CSR names no DNS name or IP")]
     NoNames,
+    /// A certificate of the CSR's key was revoked for key compromise: the key is never
+    /// certified again.
+    #[error("the CSR's key was revoked for key compromise")]
+    KeyCompromised,
 }
 
 /// Errors of the trust center.
@@ -296,6 +300,9 @@ impl std::fmt::Debug for TrustCenter {
     }
 }
 
+/// How long an unused token is kept once expired (seconds) before `create_token` prunes it.
+const TOKEN_KEPT_AFTER_EXPIRY: i64 = 24 * 3600;
+
 fn now_unix() -> i64 {
     OffsetDateTime::now_utc().unix_timestamp()
 }
@@ -351,12 +358,15 @@ impl TrustCenter {
     /// [`TrustCenterError::AlreadyInitialized`] if `dir` holds a CA; I/O and generation errors.
     pub fn init(dir: &Path, name: &str) -> Result<Self, TrustCenterError> {
         let (cert_path, key_path, state_path, certs) = Self::paths(dir);
+        store::create_dir(&certs)?;
+        // Under the lock from the check to the last write: two `init`s racing on one directory
+        // cannot both see it empty.
+        let _lock = Self::lock_dir(dir)?;
         if cert_path.exists() || key_path.exists() || state_path.exists() {
             return Err(TrustCenterError::AlreadyInitialized(
                 dir.display().to_string(),
             ));
         }
-        store::create_dir(&certs)?;
         let (key, _) = pki::generate_ed25519().map_err(pki_err)?;
         let now = OffsetDateTime::now_utc();
         let validity = time::Duration::try_from(CA_VALIDITY).map_err(pki_err)?;
@@ -367,9 +377,8 @@ impl TrustCenter {
         let key_pem = Zeroizing::new(key.serialize_pem());
         store::write_atomic(&key_path, key_pem.as_bytes(), 0o600, &mut faults)?;
         store::write_atomic(&cert_path, cert.pem().as_bytes(), 0o644, &mut faults)?;
-        // The lock file exists from the start, so that no later operation (not even a refused
-        // one) adds a file to the directory.
-        store::write_atomic(&dir.join("lock"), b"", 0o600, &mut faults)?;
+        // (The lock file, taken above, exists from the start, so that no later operation, not
+        // even a refused one, adds a file to the directory.)
         let state = State {
             version: STATE_VERSION,
             crl_number: 0,
@@ -395,6 +404,14 @@ impl TrustCenter {
     /// [`TrustCenterError::State`] when files are missing or corrupt; I/O errors.
     pub fn open(dir: &Path) -> Result<Self, TrustCenterError> {
         let (cert_path, key_path, state_path, certs) = Self::paths(dir);
+        if !state_path.exists() {
+            return Err(TrustCenterError::State(format!(
+                "{}: not a trust center directory",
+                dir.display()
+            )));
+        }
+        // Under the lock: another process's write in progress has its temporary file too.
+        let _lock = Self::lock_dir(dir)?;
         store::clean_temporaries(dir);
         store::clean_temporaries(&certs);
         let bad =
@@ -466,24 +483,29 @@ impl TrustCenter {
         &mut self,
         op: impl FnOnce(&mut Self) -> Result<T, TrustCenterError>,
     ) -> Result<T, TrustCenterError> {
-        let lock_path = self.dir.join("lock");
+        let lock = Self::lock_dir(&self.dir)?;
+        self.state = Self::load_state(&self.dir)?;
+        let out = op(self);
+        let _ = lock.unlock();
+        out
+    }
+
+    /// Takes the directory's exclusive lock (released when the file is dropped), creating the
+    /// lock file if needed.
+    fn lock_dir(dir: &Path) -> Result<std::fs::File, TrustCenterError> {
+        let lock_path = dir.join("lock");
+        let io = |e| TrustCenterError::Io {
+            path: lock_path.display().to_string(),
+            source: e,
+        };
         let lock = std::fs::OpenOptions::new()
             .create(true)
             .truncate(false)
             .write(true)
             .open(&lock_path)
-            .map_err(|e| TrustCenterError::Io {
-                path: lock_path.display().to_string(),
-                source: e,
-            })?;
-        lock.lock().map_err(|e| TrustCenterError::Io {
-            path: lock_path.display().to_string(),
-            source: e,
-        })?;
-        self.state = Self::load_state(&self.dir)?;
-        let out = op(self);
-        let _ = lock.unlock();
-        out
+            .map_err(io)?;
+        lock.lock().map_err(io)?;
+        Ok(lock)
     }
 
     fn load_state(dir: &Path) -> Result<State, TrustCenterError> {
@@ -569,10 +591,34 @@ impl TrustCenter {
             used_by: None,
         };
         self.commit(|s| {
+            // Tokens that expired unused a day ago are of no use, not even to the audit.
+            let cutoff = now_unix().saturating_sub(TOKEN_KEPT_AFTER_EXPIRY);
+            s.tokens
+                .retain(|t| t.used_by.is_some() || t.expires_at > cutoff);
             s.tokens.push(record);
             Ok(())
         })?;
         Ok(token)
+    }
+
+    /// Withdraws an unused token (given as its secret, which only its holder knows): it can
+    /// no longer enroll anything.
+    ///
+    /// # Errors
+    /// [`TrustCenterError::Refused`] if the token is unknown or was used; I/O errors.
+    pub fn revoke_token(&mut self, token: &str) -> Result<(), TrustCenterError> {
+        self.locked(|tc| {
+            let t = tc.find_token(token)?;
+            if tc.state.tokens.get(t).is_some_and(|r| r.used_by.is_some()) {
+                return Err(EnrollmentRefusal::TokenUsed.into());
+            }
+            tc.commit(|s| {
+                if t < s.tokens.len() {
+                    s.tokens.remove(t);
+                }
+                Ok(())
+            })
+        })
     }
 
     /// Index of the token whose hash matches `token` (constant-time hash comparison).
@@ -622,6 +668,17 @@ impl TrustCenter {
             return Err(EnrollmentRefusal::TokenExpired.into());
         }
         let (public_key, sans) = check_csr(csr, &record.names)?;
+        let node =
+            NodeId::from_spki(&rcgen::PublicKeyData::subject_public_key_info(&public_key)).to_hex();
+        let compromised = self.state.certificates.iter().any(|c| {
+            c.node_id == node
+                && c.revoked
+                    .as_ref()
+                    .is_some_and(|r| r.reason == Reason::KeyCompromise)
+        });
+        if compromised {
+            return Err(EnrollmentRefusal::KeyCompromised.into());
+        }
         let Some(first) = sans.first() else {
             return Err(EnrollmentRefusal::NoNames.into());
         };
@@ -715,23 +772,28 @@ impl TrustCenter {
         };
         let what = serial.clone().or(node.clone()).unwrap_or_default();
         self.commit(|s| {
-            let entry = s
+            let mut matching: Vec<&mut IssuedRecord> = s
                 .certificates
                 .iter_mut()
                 .filter(|c| {
                     serial.as_ref().is_none_or(|x| *x == c.serial)
                         && node.as_ref().is_none_or(|x| *x == c.node_id)
                 })
-                .find(|c| c.revoked.is_none() || serial.is_some())
-                .ok_or_else(|| TrustCenterError::UnknownCertificate(what.clone()))?;
-            if entry.revoked.is_some() {
-                return Err(TrustCenterError::AlreadyRevoked(what.clone()));
+                .collect();
+            if matching.is_empty() {
+                return Err(TrustCenterError::UnknownCertificate(what.clone()));
             }
-            entry.revoked = Some(Revocation {
-                at: now_unix(),
-                reason,
-            });
-            Ok(entry.clone())
+            // By node id: every certificate of that key (the replicated state bans the key,
+            // so its other certificates must not stay valid in TLS).
+            let mut first = None;
+            for entry in matching.iter_mut().filter(|c| c.revoked.is_none()) {
+                entry.revoked = Some(Revocation {
+                    at: now_unix(),
+                    reason,
+                });
+                first.get_or_insert_with(|| entry.clone());
+            }
+            first.ok_or_else(|| TrustCenterError::AlreadyRevoked(what.clone()))
         })
     }
 
@@ -1207,6 +1269,97 @@ mod tests {
         let fresh = TrustCenter::open(&dir.0).unwrap();
         assert_eq!(fresh.certificates().len(), 2);
         assert!(fresh.certificates()[0].revoked.is_some());
+    }
+
+    /// Revoking by node id revokes every certificate of that key, and a key revoked for key
+    /// compromise is never certified again (a fresh token does not help).
+    #[test]
+    fn a_compromised_key_loses_all_its_certificates_and_is_never_certified_again() {
+        let dir = TempDir::new("compromised");
+        let mut ca = TrustCenter::init(&dir.0, "ca").unwrap();
+        let (key, _) = pki::generate_ed25519().unwrap();
+        let csr_for = |name: &str| {
+            let params = rcgen::CertificateParams::new(vec![name.to_owned()]).unwrap();
+            csr_der(&params.serialize_request(&key).unwrap().pem().unwrap())
+        };
+        let sign = |ca: &mut TrustCenter, name: &str| {
+            let token = ca
+                .create_token(RoleName::Replica, &[name.into()], HOUR)
+                .unwrap();
+            ca.sign_csr(&csr_for(name), &token)
+        };
+        let one = sign(&mut ca, "a").unwrap();
+        let two = sign(&mut ca, "b").unwrap();
+        let id = NodeId::from_certificate(&one.certificate).unwrap();
+        assert_eq!(id, NodeId::from_certificate(&two.certificate).unwrap());
+        ca.revoke(&RevokeTarget::NodeId(id), Reason::KeyCompromise)
+            .unwrap();
+        assert!(
+            ca.certificates().iter().all(|c| c.revoked.is_some()),
+            "both"
+        );
+        assert!(matches!(
+            ca.revoke(&RevokeTarget::NodeId(id), Reason::KeyCompromise),
+            Err(TrustCenterError::AlreadyRevoked(_))
+        ));
+        assert!(matches!(
+            sign(&mut ca, "c"),
+            Err(TrustCenterError::Refused(EnrollmentRefusal::KeyCompromised))
+        ));
+    }
+
+    /// Two `init`s racing on one directory: exactly one makes the CA, the other is refused
+    /// (the check and the writes are under the directory's lock).
+    #[test]
+    fn racing_inits_make_one_ca() {
+        for round in 0..8 {
+            let dir = TempDir::new(&format!("race{round}"));
+            let results: Vec<bool> = std::thread::scope(|s| {
+                let a = s.spawn(|| TrustCenter::init(&dir.0, "a").is_ok());
+                let b = s.spawn(|| TrustCenter::init(&dir.0, "b").is_ok());
+                vec![a.join().unwrap(), b.join().unwrap()]
+            });
+            assert_eq!(results.iter().filter(|ok| **ok).count(), 1, "{results:?}");
+            assert!(TrustCenter::open(&dir.0).is_ok());
+        }
+    }
+
+    /// An unused token can be withdrawn (it then enrolls nothing), a used one cannot, and
+    /// tokens that expired unused are pruned.
+    #[test]
+    fn unused_tokens_can_be_withdrawn_and_expired_ones_are_pruned() {
+        let dir = TempDir::new("tokens");
+        let mut ca = TrustCenter::init(&dir.0, "ca").unwrap();
+        let names = ["a".to_owned()];
+        let token = ca.create_token(RoleName::Client, &names, HOUR).unwrap();
+        ca.revoke_token(&token).unwrap();
+        let (_k, csr) = key_and_csr(&names).unwrap();
+        assert!(matches!(
+            ca.sign_csr(&csr_der(&csr), &token),
+            Err(TrustCenterError::Refused(EnrollmentRefusal::UnknownToken))
+        ));
+        let used = ca.create_token(RoleName::Client, &names, HOUR).unwrap();
+        ca.sign_csr(&csr_der(&csr), &used).unwrap();
+        assert!(matches!(
+            ca.revoke_token(&used),
+            Err(TrustCenterError::Refused(EnrollmentRefusal::TokenUsed))
+        ));
+        // An unused token that expired more than a day ago goes at the next change.
+        ca.create_token(RoleName::Client, &names, HOUR).unwrap();
+        ca.commit(|s| {
+            if let Some(t) = s.tokens.last_mut() {
+                t.expires_at = now_unix() - TOKEN_KEPT_AFTER_EXPIRY - 1;
+            }
+            Ok(())
+        })
+        .unwrap();
+        let before = ca.state.tokens.len();
+        ca.create_token(RoleName::Client, &names, HOUR).unwrap();
+        assert_eq!(ca.state.tokens.len(), before, "one pruned, one added");
+        assert!(
+            ca.state.tokens.iter().any(|t| t.used_by.is_some()),
+            "used kept"
+        );
     }
 
     #[test]
