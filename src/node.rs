@@ -138,6 +138,17 @@ struct SelfRequests {
 }
 
 impl SelfRequests {
+    /// Request `number` of this replica executed (replayed from the journal, restored with a
+    /// snapshot, or ordered now): later requests are numbered above it. The first number
+    /// comes from the wall clock, so without this a clock stepped back across a restart would
+    /// number new requests below executed ones, and they would be dropped as duplicates.
+    fn passed(&self, number: u64) {
+        self.number.fetch_max(
+            number.saturating_add(1),
+            std::sync::atomic::Ordering::Relaxed,
+        );
+    }
+
     /// Signs `payload` as this replica's next request and submits it.
     fn submit(&self, payload: Ordered) -> Result<(), PbftError> {
         let number = self
@@ -581,6 +592,9 @@ async fn run_state<S: StateMachine>(
                     .iter()
                     .map(|(id, m)| (*id, m.replica_addr))
                     .collect();
+                for r in batch.iter().filter(|r| r.client == group.own.signer.id()) {
+                    group.own.passed(r.number);
+                }
                 // A group commit past its deadline is voided here, at every replica alike.
                 executor.app_mut().begin_batch(seq);
                 for e in executor.app_mut().take_group_events() {
@@ -686,6 +700,12 @@ async fn run_state<S: StateMachine>(
                 executor
                     .restore_checkpoint(seq, &snapshot)
                     .map_err(|e| e.to_string())?;
+                if let Some((_, (number, _))) = executor
+                    .cached_replies()
+                    .find(|(client, _)| **client == host.id)
+                {
+                    group.own.passed(*number);
+                }
                 // The snapshot's recent group commits: the member catches up on those it
                 // missed (a joiner's Welcome may be among them) ...
                 for e in executor.app_mut().take_group_events() {
