@@ -257,9 +257,12 @@ async fn serve(
     crl: Option<&Path>,
     crl_validity: Duration,
 ) -> CliResult {
+    if crl.is_some_and(|p| p.extension().is_some_and(|e| e == "der")) {
+        return Err("--crl names the PEM file (the DER is written beside it as .der)".into());
+    }
     // A second handle for the CRLs: every trust-center operation takes the directory's lock
     // and reads its state afresh, so the two never disagree.
-    let mut crls = TrustCenter::open(dir).map_err(|e| e.to_string())?;
+    let mut crls = Some(TrustCenter::open(dir).map_err(|e| e.to_string())?);
     let ca = TrustCenter::open(dir).map_err(|e| e.to_string())?;
     let server = securesmart_membership::EnrollmentServer::start(
         ca,
@@ -284,13 +287,22 @@ async fn serve(
                 break;
             }
             _ = tick.tick(), if crl.is_some() => {
-                if let Some(out) = crl {
-                    match write_crl(&mut crls, out, crl_validity) {
-                        Ok(()) => tracing::info!(crl = %out.display(), "fresh CRL written"),
-                        Err(e) => {
-                            metrics::counter!("securesmart_ca_crl_errors_total").increment(1);
-                            tracing::error!(error = %e, "cannot write the CRL; retrying at the next refresh");
-                        }
+                let (Some(out), Some(mut tc)) = (crl.map(Path::to_path_buf), crls.take()) else {
+                    continue;
+                };
+                // Off the async workers: it takes the directory's lock and fsyncs.
+                let (tc, written) = tokio::task::spawn_blocking(move || {
+                    let r = write_crl(&mut tc, &out, crl_validity).map(|()| out);
+                    (tc, r)
+                })
+                .await
+                .map_err(|e| e.to_string())?;
+                crls = Some(tc);
+                match written {
+                    Ok(out) => tracing::info!(crl = %out.display(), "fresh CRL written"),
+                    Err(e) => {
+                        metrics::counter!("securesmart_ca_crl_errors_total").increment(1);
+                        tracing::error!(error = %e, "cannot write the CRL; retrying at the next refresh");
                     }
                 }
             }

@@ -36,8 +36,9 @@
 //! is watched: when it changes the node submits it as an ordered `UpdateCrl`, so that every
 //! replica switches CRLs at the same log position; until the first ordered CRL, and whenever the
 //! file holds a newer CRL of our CA than the ordered one (one that expired, say), the planes use
-//! the file's. The genesis membership is read as history (its certificates checked as of
-//! their issue), so a node restarts from its journal whatever their age.
+//! the file's. With a journal, the genesis membership is read as history (its certificates
+//! checked as of their issue), so a node restarts from its journal whatever their age; with an
+//! empty one, the configured replicas must be valid now and not revoked by the CRL file.
 //!
 //! # Recovery
 //! A restarted node recovers from its journal ([`Replica::recover`]): the last stable
@@ -664,8 +665,8 @@ async fn run_state<S: StateMachine>(
                         tracing::warn!(
                             replicas = m.replicas(),
                             f = m.f(),
-                            "fewer than four replicas (a CRL revoked some): the group tolerates \
-                             fewer faults until an operator adds replicas"
+                            "fewer than four replicas (a CRL revoked some): every replica is \
+                             needed to order until an operator adds replicas"
                         );
                     }
                     trust_changed = true;
@@ -821,21 +822,45 @@ impl Node {
             .first()
             .cloned()
             .ok_or_else(|| ConfigError::Invalid("no CA certificate".into()))?;
-        // Genesis is history: its certificates are checked as of their issue, so that a
-        // replica restarts from its journal (and a joiner starts) whatever the time now.
-        let genesis = Membership::genesis_history(
-            ca,
-            peers
-                .values()
-                .map(|p| securesmart_membership::Member {
-                    certificate: p.certificate.clone(),
-                    replica_addr: p.replica.unwrap_or(p.client),
-                    client_addr: p.client,
-                    role: Role::Replica,
-                    key_package: Vec::new(),
-                })
-                .collect(),
-        )
+        let wire_limits = Limits::default();
+        let (journal, records) = FileJournal::open(&n.data_dir.join("consensus"), &wire_limits)
+            .map_err(|e| NodeError::Journal(e.to_string()))?;
+        let members: Vec<securesmart_membership::Member> = peers
+            .values()
+            .map(|p| securesmart_membership::Member {
+                certificate: p.certificate.clone(),
+                replica_addr: p.replica.unwrap_or(p.client),
+                client_addr: p.client,
+                role: Role::Replica,
+                key_package: Vec::new(),
+            })
+            .collect();
+        // With a journal, genesis is history: its certificates are checked as of their
+        // issue, so that a replica restarts from its journal whatever the time now (its
+        // ordered membership then decides who is a member). With none, the configured
+        // replicas are the ones it trusts for its state: they must be valid now and not
+        // revoked by the CRL file (a replica that lost its journal long after genesis is
+        // configured with the current roster, as a joiner is).
+        let genesis = if records.is_empty() {
+            let now = rustls::pki_types::UnixTime::now();
+            let check = securesmart_transport::TrustState::new(TrustConfig {
+                peers: peers.keys().map(|id| (*id, n.replica_listen)).collect(),
+                ..trust.clone()
+            })
+            .map_err(|e| NodeError::Genesis(e.to_string()))?;
+            for (peer_id, peer) in &peers {
+                if let Err(why) = check.verify_replica(std::slice::from_ref(&peer.certificate), now)
+                {
+                    return Err(NodeError::Genesis(format!(
+                        "configured replica {peer_id} is refused now ({why}); with an empty \
+                         journal, configure the current roster"
+                    )));
+                }
+            }
+            Membership::genesis(ca, members, now)
+        } else {
+            Membership::genesis_history(ca, members)
+        }
         .map_err(|e| NodeError::Genesis(e.to_string()))?;
         let mut admins = Vec::new();
         for path in &n.admins {
@@ -868,9 +893,6 @@ impl Node {
         core.view_change_timeout = Duration::from_millis(k.view_change_timeout_ms);
         core.durable = true;
         core.request_check = Some(crate::protocol::request_check());
-        let wire_limits = Limits::default();
-        let (journal, records) = FileJournal::open(&n.data_dir.join("consensus"), &wire_limits)
-            .map_err(|e| NodeError::Journal(e.to_string()))?;
         let recovered = records.len();
         let replica = Replica::recover(core, signer, records)
             .map_err(|e| NodeError::Journal(e.to_string()))?;
@@ -1073,6 +1095,9 @@ pub const STARTUP_WAIT: Duration = Duration::from_secs(3);
 /// expiry) even when nothing changed.
 pub const TRUST_RECHECK: Duration = Duration::from_secs(60);
 
+/// Looks at the CRL file after which a CRL not yet seen ordered is submitted again.
+const CRL_RESUBMIT_LOOKS: u32 = 30;
+
 /// How often the node looks at its CRL file.
 pub const CRL_POLL: Duration = Duration::from_secs(1);
 
@@ -1125,12 +1150,33 @@ async fn watch_crl(
     let mut seen_revoked = None;
     // Looks left at which the revoked certificates are ordered again.
     let mut revoke_again = 0u32;
+    // The file's CRL until an ordered CRL executes, and looks since it was last submitted: a
+    // submission can be lost (a view change, a full queue), so it is submitted again.
+    let mut unordered: Option<(MembershipCommand, u32)> = None;
     let mut tick = tokio::time::interval(CRL_POLL);
     loop {
         tokio::select! {
             _ = tick.tick() => {}
             // An ordered CRL executed: the certificates it lists can be recorded now.
-            () = crl_ordered.notified() => revoke_again = REVOKE_RETRIES,
+            () = crl_ordered.notified() => {
+                revoke_again = REVOKE_RETRIES;
+                unordered = None;
+            }
+        }
+        if let Some((command, looks)) = &mut unordered {
+            *looks += 1;
+            if *looks >= CRL_RESUBMIT_LOOKS {
+                *looks = 0;
+                let submitted = own.submit(Ordered::Command {
+                    time: unix_now(),
+                    command: Bytes::from(command.encode()),
+                });
+                metrics::counter!("securesmart_node_crl_resubmits_total").increment(1);
+                tracing::info!(
+                    submitted = submitted.is_ok(),
+                    "CRL file not ordered yet; submitting it again"
+                );
+            }
         }
         if let Some(revoked) = &revoked {
             let now = modified(revoked);
@@ -1166,6 +1212,7 @@ async fn watch_crl(
             time: unix_now(),
             command: Bytes::from(command.encode()),
         });
+        unordered = Some((command, 0));
         metrics::counter!("securesmart_node_crl_reloads_total").increment(1);
         tracing::info!(
             submitted = submitted.is_ok(),

@@ -6,7 +6,9 @@
 //! inputs in the same order give the same outputs, which is what the simulator relies on.
 //!
 //! # Quorums
-//! With n replicas, f = (n - 1) / 3 and a quorum is q = ceil((n + f + 1) / 2)
+//! With n replicas, f = (n - 1) / 3 (at least 1 for n >= 2, so that a group shrunk below four
+//! stays safe against one fault; see [`securesmart_transport::quorum`]) and a quorum is
+//! q = ceil((n + f + 1) / 2)
 //! ([`Group::quorum`]): any two quorums share f + 1 replicas. Below, "2f + 1" means q and
 //! "2f" means q - 1; they are equal when n = 3f + 1, and differ while members join and leave
 //! (n = 5 has f = 1 and q = 4).
@@ -209,9 +211,9 @@ impl Config {
         }
     }
 
-    /// Faults tolerated by the initial group: f = (n - 1) / 3.
+    /// Faults tolerated by the initial group ([`securesmart_transport::quorum::faults`]).
     pub fn f(&self) -> usize {
-        self.replicas.len().saturating_sub(1) / 3
+        securesmart_transport::quorum::faults(self.replicas.len())
     }
 }
 

@@ -58,6 +58,8 @@ const MAX_REQUEST_BYTES: usize = 1 + 4 + MAX_TOKEN_BYTES + 4 + MAX_CSR_BYTES;
 const MAX_RESPONSE_BYTES: usize = 2 + 8 + 2 * MAX_CERT_BYTES;
 /// How long one enrollment connection may take.
 const CONNECTION_DEADLINE: Duration = Duration::from_secs(10);
+/// How long the endpoint waits for a node to take its answer.
+const RESPONSE_DEADLINE: Duration = Duration::from_secs(2);
 /// Validity of the endpoint's ephemeral certificate.
 const SERVICE_CERT_VALIDITY: Duration = Duration::from_secs(24 * 3600);
 
@@ -189,6 +191,9 @@ pub struct EnrollLimits {
     pub max_in_flight: usize,
     /// Connections in progress at once from one source subnet.
     pub max_in_flight_per_subnet: usize,
+    /// Connections in progress at once from one wider network (/16, or /48 for IPv6: one
+    /// site's worth of subnets).
+    pub max_in_flight_per_network: usize,
     /// Requests with a live token at the CA at once (signing writes and fsyncs files).
     pub max_signing: usize,
     /// How long a connection may take to complete its handshake and send its request.
@@ -202,6 +207,7 @@ impl Default for EnrollLimits {
             request_burst_per_ip: 10,
             max_in_flight: 256,
             max_in_flight_per_subnet: 4,
+            max_in_flight_per_network: 32,
             max_signing: 4,
             request_deadline: Duration::from_secs(3),
         }
@@ -210,16 +216,61 @@ impl Default for EnrollLimits {
 
 /// The subnet a source address counts against: its /24 (IPv4) or /56 (IPv6).
 fn subnet(ip: IpAddr) -> IpAddr {
+    prefix(ip, 3, 7)
+}
+
+/// The wider network a source counts against too: its /16 (IPv4) or /48 (IPv6).
+fn network(ip: IpAddr) -> IpAddr {
+    prefix(ip, 2, 6)
+}
+
+/// `ip` with all but its first `v4` (IPv4) or `v6` (IPv6) bytes zeroed.
+fn prefix(ip: IpAddr, v4: usize, v6: usize) -> IpAddr {
     match ip.to_canonical() {
-        IpAddr::V4(v4) => {
-            let [a, b, c, _] = v4.octets();
-            IpAddr::from([a, b, c, 0])
-        }
-        IpAddr::V6(v6) => {
-            let mut o = v6.octets();
-            o.iter_mut().skip(7).for_each(|b| *b = 0);
+        IpAddr::V4(a) => {
+            let mut o = a.octets();
+            o.iter_mut().skip(v4).for_each(|b| *b = 0);
             IpAddr::from(o)
         }
+        IpAddr::V6(a) => {
+            let mut o = a.octets();
+            o.iter_mut().skip(v6).for_each(|b| *b = 0);
+            IpAddr::from(o)
+        }
+    }
+}
+
+/// The endpoint's QUIC configuration with a fresh service certificate of `ca` for `names`.
+fn server_config(ca: &TrustCenter, names: &[String]) -> Result<quinn::ServerConfig, EnrollError> {
+    let (cert, key) = ca.service_certificate(names, SERVICE_CERT_VALIDITY)?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(setup_err)?
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![cert],
+            PrivateKeyDer::try_from(key.to_vec()).map_err(setup_err)?,
+        )
+        .map_err(setup_err)?;
+    tls.alpn_protocols = vec![ALPN_ENROLL.to_vec()];
+    let quic = QuicServerConfig::try_from(Arc::new(tls)).map_err(setup_err)?;
+    let mut server = quinn::ServerConfig::with_crypto(Arc::new(quic));
+    let mut transport = quinn::TransportConfig::default();
+    transport
+        .max_concurrent_bidi_streams(1u32.into())
+        .max_concurrent_uni_streams(0u32.into())
+        .max_idle_timeout(Some(CONNECTION_DEADLINE.try_into().map_err(setup_err)?));
+    server.transport_config(Arc::new(transport));
+    Ok(server)
+}
+
+/// Aborts a task when dropped (the accept loop's helpers end with it).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
@@ -236,10 +287,13 @@ pub struct EnrollmentServer {
 
 struct ServerState {
     ca: Mutex<TrustCenter>,
+    /// A second handle on the CA directory for the token precheck, so that made-up tokens
+    /// never wait for a signing that holds `ca`.
+    tokens: Mutex<TrustCenter>,
     limiter: DefaultKeyedRateLimiter<IpAddr>,
     in_flight: AtomicUsize,
-    /// Connections in progress per source subnet.
-    per_subnet: Mutex<std::collections::HashMap<IpAddr, usize>>,
+    /// Connections in progress per source subnet (`false`) and per wider network (`true`).
+    per_subnet: Mutex<std::collections::HashMap<(bool, IpAddr), usize>>,
     signing: tokio::sync::Semaphore,
     limits: EnrollLimits,
 }
@@ -267,43 +321,62 @@ impl EnrollmentServer {
                 all.push(n);
             }
         }
-        let (cert, key) = ca.service_certificate(&all, SERVICE_CERT_VALIDITY)?;
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut tls = rustls::ServerConfig::builder_with_provider(provider)
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .map_err(setup_err)?
-            .with_no_client_auth()
-            .with_single_cert(
-                vec![cert],
-                PrivateKeyDer::try_from(key.to_vec()).map_err(setup_err)?,
-            )
-            .map_err(setup_err)?;
-        tls.alpn_protocols = vec![ALPN_ENROLL.to_vec()];
-        let quic = QuicServerConfig::try_from(Arc::new(tls)).map_err(setup_err)?;
-        let mut server = quinn::ServerConfig::with_crypto(Arc::new(quic));
-        let mut transport = quinn::TransportConfig::default();
-        transport
-            .max_concurrent_bidi_streams(1u32.into())
-            .max_concurrent_uni_streams(0u32.into())
-            .max_idle_timeout(Some(CONNECTION_DEADLINE.try_into().map_err(setup_err)?));
-        server.transport_config(Arc::new(transport));
-        let endpoint = quinn::Endpoint::server(server, listen).map_err(setup_err)?;
+        let endpoint =
+            quinn::Endpoint::server(server_config(&ca, &all)?, listen).map_err(setup_err)?;
         let quota = Quota::per_second(
             NonZeroU32::new(limits.requests_per_ip_per_sec).unwrap_or(NonZeroU32::MIN),
         )
         .allow_burst(NonZeroU32::new(limits.request_burst_per_ip).unwrap_or(NonZeroU32::MIN));
+        let tokens = ca.reopen()?;
         let state = Arc::new(ServerState {
             ca: Mutex::new(ca),
+            tokens: Mutex::new(tokens),
             limiter: RateLimiter::keyed(quota),
             in_flight: AtomicUsize::new(0),
             per_subnet: Mutex::new(std::collections::HashMap::new()),
             signing: tokio::sync::Semaphore::new(limits.max_signing.max(1)),
             limits,
         });
+        // The service certificate is ephemeral: a fresh one every half of its validity, for
+        // the connections that follow (a `ca serve` runs for weeks).
+        let (ep, st) = (endpoint.clone(), Arc::clone(&state));
+        let refresh = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(SERVICE_CERT_VALIDITY / 2);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let (st, names) = (Arc::clone(&st), all.clone());
+                let config = tokio::task::spawn_blocking(move || {
+                    let ca = match st.ca.lock() {
+                        Ok(g) => g,
+                        Err(p) => p.into_inner(),
+                    };
+                    server_config(&ca, &names)
+                })
+                .await;
+                match config {
+                    Ok(Ok(config)) => {
+                        ep.set_server_config(Some(config));
+                        tracing::info!("enrollment endpoint certificate renewed");
+                    }
+                    Ok(Err(e)) => {
+                        tracing::error!(error = %e, "cannot renew the endpoint certificate")
+                    }
+                    Err(e) => tracing::error!(error = %e, "cannot renew the endpoint certificate"),
+                }
+            }
+        });
         let ep = endpoint.clone();
         let task = tokio::spawn(async move {
+            let _refresh = AbortOnDrop(refresh);
+            let mut accepted = 0u64;
             while let Some(incoming) = ep.accept().await {
                 admit(&state, incoming);
+                accepted += 1;
+                if accepted.is_multiple_of(4096) {
+                    // Sources gone quiet need no rate state.
+                    state.limiter.retain_recent();
+                }
             }
         });
         tracing::info!(addr = ?endpoint.local_addr().ok(), "enrollment endpoint started");
@@ -330,28 +403,34 @@ fn count(outcome: &'static str) {
     metrics::counter!("securesmart_enroll_requests_total", "outcome" => outcome).increment(1);
 }
 
-/// A connection in progress from `subnet`, released when dropped.
+/// A connection in progress from the source `ip`, released when dropped.
 struct Slot(Arc<ServerState>, IpAddr);
 
 impl Slot {
-    /// Takes a slot, if neither the global nor the subnet's cap is reached.
-    fn take(state: &Arc<ServerState>, subnet: IpAddr) -> Option<Self> {
+    /// Takes a slot, if none of the global, the subnet's and the wider network's caps is
+    /// reached.
+    fn take(state: &Arc<ServerState>, ip: IpAddr) -> Option<Self> {
         let mut per = match state.per_subnet.lock() {
             Ok(g) => g,
             Err(p) => p.into_inner(),
         };
-        let mine = per.entry(subnet).or_insert(0);
-        if *mine >= state.limits.max_in_flight_per_subnet
-            || state.in_flight.load(Relaxed) >= state.limits.max_in_flight
-        {
-            if *mine == 0 {
-                per.remove(&subnet);
-            }
+        let keys = [(false, subnet(ip)), (true, network(ip))];
+        let caps = [
+            state.limits.max_in_flight_per_subnet,
+            state.limits.max_in_flight_per_network,
+        ];
+        let full = keys
+            .iter()
+            .zip(caps)
+            .any(|(k, cap)| per.get(k).copied().unwrap_or(0) >= cap);
+        if full || state.in_flight.load(Relaxed) >= state.limits.max_in_flight {
             return None;
         }
-        *mine += 1;
+        for k in keys {
+            *per.entry(k).or_insert(0) += 1;
+        }
         state.in_flight.fetch_add(1, Relaxed);
-        Some(Self(Arc::clone(state), subnet))
+        Some(Self(Arc::clone(state), ip))
     }
 }
 
@@ -362,10 +441,12 @@ impl Drop for Slot {
             Ok(g) => g,
             Err(p) => p.into_inner(),
         };
-        if let Some(n) = per.get_mut(&self.1) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                per.remove(&self.1);
+        for k in [(false, subnet(self.1)), (true, network(self.1))] {
+            if let Some(n) = per.get_mut(&k) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    per.remove(&k);
+                }
             }
         }
     }
@@ -386,7 +467,7 @@ fn admit(state: &Arc<ServerState>, incoming: quinn::Incoming) {
         incoming.refuse();
         return;
     }
-    let Some(slot) = Slot::take(state, net) else {
+    let Some(slot) = Slot::take(state, ip) else {
         count("busy");
         incoming.refuse();
         return;
@@ -425,30 +506,25 @@ async fn serve(state: &Arc<ServerState>, incoming: quinn::Incoming) -> Result<()
             .map_err(|e| EnrollError::Connection(e.to_string()))?;
         Ok::<_, EnrollError>((conn, send, EnrollRequest::decode(&request)?))
     };
-    let (conn, mut send, request) = tokio::time::timeout(state.limits.request_deadline, receive)
+    let (conn, send, request) = tokio::time::timeout(state.limits.request_deadline, receive)
         .await
         .map_err(|_| EnrollError::Connection("no request in time".into()))??;
     // The token before anything costly: made-up ones cost neither the lock nor a parse.
-    // (Off the async workers: the CA's mutex may be held by a signing that fsyncs.)
+    // (Off the async workers: reading the state is file I/O.)
     let (state1, token) = (Arc::clone(state), Zeroizing::new(request.token.clone()));
     let prechecked = tokio::task::spawn_blocking(move || {
-        let mut ca = match state1.ca.lock() {
+        let mut tokens = match state1.tokens.lock() {
             Ok(g) => g,
             Err(p) => p.into_inner(),
         };
-        ca.precheck_token(&token)
+        tokens.precheck_token(&token)
     })
     .await
     .map_err(|e| EnrollError::Connection(e.to_string()))?;
     if let Err(r) = prechecked {
         count("refused");
         tracing::info!(ip = %conn.remote_address().ip(), reason = %r, "enrollment refused");
-        send.write_all(&EnrollResponse::Refused(r.to_string()).encode())
-            .await
-            .map_err(|e| EnrollError::Connection(e.to_string()))?;
-        let _ = send.finish();
-        let _ = tokio::time::timeout(Duration::from_secs(2), conn.closed()).await;
-        return Ok(());
+        return respond(&conn, send, &EnrollResponse::Refused(r.to_string())).await;
     }
     let _signing = state
         .signing
@@ -487,12 +563,22 @@ async fn serve(state: &Arc<ServerState>, incoming: quinn::Incoming) -> Result<()
             EnrollResponse::Refused("internal error".into())
         }
     };
-    send.write_all(&response.encode())
+    respond(&conn, send, &response).await
+}
+
+/// Sends `response` and waits a little for the node to read it and close. A node that does
+/// not read (a zero flow-control window) holds its slot for [`RESPONSE_DEADLINE`] at most.
+async fn respond(
+    conn: &quinn::Connection,
+    mut send: quinn::SendStream,
+    response: &EnrollResponse,
+) -> Result<(), EnrollError> {
+    tokio::time::timeout(RESPONSE_DEADLINE, send.write_all(&response.encode()))
         .await
+        .map_err(|_| EnrollError::Connection("the node does not read its answer".into()))?
         .map_err(|e| EnrollError::Connection(e.to_string()))?;
     let _ = send.finish();
-    // Wait for the node to read the answer and close.
-    let _ = tokio::time::timeout(Duration::from_secs(2), conn.closed()).await;
+    let _ = tokio::time::timeout(RESPONSE_DEADLINE, conn.closed()).await;
     Ok(())
 }
 
@@ -784,6 +870,8 @@ mod tests {
         assert_eq!(subnet(ip("::ffff:10.1.2.3")), ip("10.1.2.0"));
         assert_eq!(subnet(ip("2001:db8:0:ab::1")), ip("2001:db8:0::"));
         assert_eq!(subnet(ip("2001:db8:0:ff::9")), ip("2001:db8:0::"));
+        assert_eq!(network(ip("10.1.2.3")), ip("10.1.0.0"));
+        assert_eq!(network(ip("2001:db8:7:ab00::1")), ip("2001:db8:7::"));
     }
 
     /// Two addresses of one subnet hold at most its share of the connections in progress;
@@ -793,6 +881,7 @@ mod tests {
         let limits = EnrollLimits::default();
         let state = Arc::new(ServerState {
             ca: Mutex::new(trust_center("slots")),
+            tokens: Mutex::new(trust_center("slots-tokens")),
             limiter: RateLimiter::keyed(Quota::per_second(NonZeroU32::MIN)),
             in_flight: AtomicUsize::new(0),
             per_subnet: Mutex::new(std::collections::HashMap::new()),
@@ -815,6 +904,17 @@ mod tests {
             "released slots come back"
         );
         assert_eq!(state.in_flight.load(Relaxed), 0);
+        // Many subnets of one network (a /48 of IPv6 has 256 /56s) hold its share only.
+        let site: Vec<Slot> = (0..=255u16)
+            .flat_map(|k| {
+                let ip: IpAddr = format!("2001:db8:7:{:x}00::1", k).parse().unwrap();
+                (0..4)
+                    .filter_map(|_| Slot::take(&state, ip))
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        assert_eq!(site.len(), limits.max_in_flight_per_network);
+        assert!(Slot::take(&state, "2001:db8:8::1".parse().unwrap()).is_some());
     }
 
     /// `enroll` trusts only the trust center: an endpoint presenting a replica's certificate of

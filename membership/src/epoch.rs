@@ -13,9 +13,10 @@
 //! Validation: an `AddNode` certificate must chain to the CA, not be revoked by the current CRL,
 //! name role replica, and not belong to a member already; `RemoveNode` must name a member and may
 //! never leave fewer than [`MIN_REPLICAS`] replicas; `UpdateCrl` must carry a CRL signed by the CA
-//! with a CRL number above the current one, current at the ordered time (issued no later than
-//! it, give or take [`CRL_CLOCK_SKEW`], and not past its next update: an expired CRL is
-//! replaced by the next one), and removes every member it revokes, even
+//! with a CRL number above the current one, whatever its dates (the CA's CRLs are cumulative
+//! and numbered, so a higher number only ever adds revocations; an expired ordered CRL is
+//! replaced by the next one, and a clock that is off refuses none), and removes every member
+//! it lists (by issuer and serial, whatever the time), even
 //! below [`MIN_REPLICAS`] (a revoked replica never keeps its vote, and a refused CRL would
 //! block every later revocation); only a CRL that revokes every replica is refused. A group
 //! left with fewer than [`MIN_REPLICAS`] is [`Membership::is_degraded`].
@@ -247,21 +248,22 @@ impl Membership {
     }
 
     /// Whether fewer than [`MIN_REPLICAS`] replicas remain (a CRL revoked replicas of a
-    /// group of four): the group then tolerates fewer faults than it was built for, and an
-    /// operator should add replicas.
+    /// group of four): the group keeps f = 1, so every replica is needed to make progress
+    /// (it stays safe against one faulty replica), and an operator should add replicas.
     pub fn is_degraded(&self) -> bool {
         self.replicas() < MIN_REPLICAS
     }
 
-    /// Faults tolerated: f = (n - 1) / 3.
+    /// Faults tolerated ([`securesmart_transport::quorum::faults`]: (n - 1) / 3, and at
+    /// least 1 for n >= 2, so that a group a CRL shrank stays safe against one fault).
     pub fn f(&self) -> usize {
-        self.replicas().saturating_sub(1) / 3
+        securesmart_transport::quorum::faults(self.replicas())
     }
 
     /// Quorum size: ceil((n + f + 1) / 2), the smallest size whose any two sets share f + 1
     /// replicas (2f + 1 when n = 3f + 1; the ordering layer uses the same rule).
     pub fn quorum(&self) -> usize {
-        (self.replicas() + self.f() + 2) / 2
+        securesmart_transport::quorum::quorum(self.replicas())
     }
 
     /// Replies a client needs: f + 1.
@@ -401,7 +403,6 @@ impl Membership {
                 // alone let a CRL with any signature through at a time when no certificate
                 // was valid yet.
                 self.check_crl_signature(&der)?;
-                check_crl_current(&der, now)?;
                 let current = self.crl.as_ref().map_or(0, |(n, _)| *n);
                 if number <= current {
                     return Err(CommandRefusal::StaleCrl {
@@ -411,24 +412,21 @@ impl Membership {
                 }
                 let mut next = self.clone();
                 next.crl = Some((number, der));
-                let new_state = next.member_trust()?;
-                // Members the new CRL revokes leave. Its issuer, signature and currency at
-                // `now` are checked above on their own; so any other change of a verdict is
-                // the CRL doing its job (e.g. "revocation unknown" under an expired CRL
-                // becoming "ok" under a fresh one).
-                let mut revoked = Vec::new();
-                for (id, m) in self.members.iter().filter(|(_, m)| m.role == Role::Replica) {
-                    let chain = [m.certificate.clone()];
-                    if let Err(securesmart_transport::Refusal::Revoked) =
-                        new_state.verify_replica(&chain, now)
-                    {
-                        revoked.push(*id);
-                    }
-                }
+                next.member_trust()?;
+                // Members the new CRL lists leave, whatever `now` is: a verdict at `now` would
+                // say "expired" or "not valid yet" before "revoked", and keep a revoked
+                // replica whose certificate expired (or that a primary's early time made not
+                // yet valid) voting.
+                let revoked: Vec<NodeId> = self
+                    .members
+                    .iter()
+                    .filter(|(_, m)| m.role == Role::Replica && next.revokes(&m.certificate))
+                    .map(|(id, _)| *id)
+                    .collect();
                 // Revocation always works: a revoked replica never keeps its vote, and refusing
                 // the CRL would also keep every later revocation (all CRLs are cumulative) from
-                // taking effect. Below MIN_REPLICAS the group tolerates fewer faults (three
-                // replicas: none) until an operator adds replicas; see `is_degraded`.
+                // taking effect. Below MIN_REPLICAS the group keeps f = 1 (every replica is
+                // needed to make progress) until an operator adds replicas; see `is_degraded`.
                 if self.replicas() == revoked.len() {
                     return Err(CommandRefusal::NoReplicaLeft);
                 }
@@ -521,35 +519,6 @@ fn not_before(cert: &[u8]) -> Result<UnixTime, CommandRefusal> {
     Ok(UnixTime::since_unix_epoch(std::time::Duration::from_secs(
         secs,
     )))
-}
-
-/// How far ahead of the ordered time a CRL's thisUpdate may lie (the CA's and the submitter's
-/// clocks differ; the ordered time is bounded at intake by as much).
-pub const CRL_CLOCK_SKEW: std::time::Duration = std::time::Duration::from_secs(10 * 60);
-
-/// A CRL is current at `now`: issued no later than `now` (give or take [`CRL_CLOCK_SKEW`]) and,
-/// if it names a next update, not past it.
-fn check_crl_current(
-    der: &CertificateRevocationListDer<'_>,
-    now: UnixTime,
-) -> Result<(), CommandRefusal> {
-    use x509_parser::prelude::FromDer;
-    let (_, crl) = x509_parser::revocation_list::CertificateRevocationList::from_der(der.as_ref())
-        .map_err(|e| CommandRefusal::BadCrl(e.to_string()))?;
-    let now = i64::try_from(now.as_secs()).unwrap_or(i64::MAX);
-    let skew = CRL_CLOCK_SKEW.as_secs() as i64;
-    if crl.last_update().timestamp() > now.saturating_add(skew) {
-        return Err(CommandRefusal::BadCrl(
-            "issued after the ordered time".into(),
-        ));
-    }
-    if crl
-        .next_update()
-        .is_some_and(|next| next.timestamp() <= now)
-    {
-        return Err(CommandRefusal::BadCrl("expired at the ordered time".into()));
-    }
-    Ok(())
 }
 
 /// The CRL number of a CRL (strict parse; the signature is checked on its own).
@@ -959,6 +928,38 @@ mod tests {
         assert_eq!(MembershipCommand::decode(&command.encode()), Ok(command));
     }
 
+    /// A CRL removes the replicas it lists whatever the ordered time: one whose certificate
+    /// expired (or, at a time a faulty primary chose, is not valid yet) leaves all the same.
+    #[test]
+    fn a_crl_removes_the_replicas_it_lists_whatever_the_time() {
+        let mut fx = fixture();
+        let mut m = genesis(&mut fx, 5);
+        let victim = *m.members().keys().nth(1).unwrap();
+        fx.ca
+            .revoke(&RevokeTarget::NodeId(victim), Reason::KeyCompromise)
+            .unwrap();
+        let crl = fx.ca.crl(Duration::from_secs(3600)).unwrap().to_vec();
+        let years = UnixTime::since_unix_epoch(Duration::from_secs(
+            UnixTime::now().as_secs() + 2 * 365 * 24 * 3600,
+        ));
+        assert_eq!(
+            m.clone()
+                .apply(&MembershipCommand::UpdateCrl { crl: crl.clone() }, years),
+            Ok(Applied::CrlUpdated {
+                removed: vec![victim]
+            }),
+            "its certificate expired long ago"
+        );
+        let before = UnixTime::since_unix_epoch(Duration::from_secs(1));
+        assert_eq!(
+            m.apply(&MembershipCommand::UpdateCrl { crl }, before),
+            Ok(Applied::CrlUpdated {
+                removed: vec![victim]
+            }),
+            "not valid yet at the ordered time"
+        );
+    }
+
     /// Genesis read as history: long after its certificates expired, the genesis membership
     /// still forms (a node restarts from its journal on it), and a certificate of another CA
     /// is refused in it as before.
@@ -990,8 +991,9 @@ mod tests {
     }
 
     /// A week after the ordered CRL expired, a fresh CRL of our CA replaces it (members'
-    /// verdicts go from "revocation unknown" to "ok"), and adding a replica works again; a CRL
-    /// already expired, or issued after the ordered time, is refused.
+    /// verdicts go from "revocation unknown" to "ok"), and adding a replica works again. The
+    /// dates refuse nothing: a newer CRL that expired already, or one from a CA whose clock is
+    /// ahead, is taken too (a higher number only adds revocations).
     #[test]
     fn an_expired_ordered_crl_is_replaced_by_a_fresh_one() {
         use std::time::{SystemTime, UNIX_EPOCH};
@@ -1017,15 +1019,16 @@ mod tests {
             Err(CommandRefusal::CertificateRefused(_))
         ));
         let stale = fx.ca.crl_at(hour, later - 2 * hour).unwrap().to_vec();
-        assert!(matches!(
-            m.apply(&MembershipCommand::UpdateCrl { crl: stale }, at(later)),
-            Err(CommandRefusal::BadCrl(_))
-        ));
+        assert!(
+            m.apply(&MembershipCommand::UpdateCrl { crl: stale }, at(later))
+                .is_ok()
+        );
+        assert!(m.clone().apply(&add, at(later)).is_err(), "still expired");
         let early = fx.ca.crl_at(hour, later + 2 * hour).unwrap().to_vec();
-        assert!(matches!(
-            m.apply(&MembershipCommand::UpdateCrl { crl: early }, at(later)),
-            Err(CommandRefusal::BadCrl(_))
-        ));
+        assert!(
+            m.apply(&MembershipCommand::UpdateCrl { crl: early }, at(later))
+                .is_ok()
+        );
         let fresh = fx.ca.crl_at(hour, later).unwrap().to_vec();
         assert_eq!(
             m.apply(&MembershipCommand::UpdateCrl { crl: fresh }, at(later)),
@@ -1109,6 +1112,8 @@ mod tests {
         );
         assert_eq!(m.replicas(), 3);
         assert!(m.is_degraded());
+        // Still safe against one faulty replica: every replica is needed now.
+        assert_eq!((m.f(), m.quorum(), m.reply_quorum()), (1, 3, 2));
         assert!(!m.members().contains_key(&second));
         // ... later CRLs still apply (a client revoked after it is refused) ...
         let crl3 = fx.ca.crl(Duration::from_secs(3600)).unwrap().to_vec();

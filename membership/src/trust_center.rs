@@ -287,8 +287,9 @@ pub struct TrustCenter {
     issuer: Issuer<'static, KeyPair>,
     ca_cert: CertificateDer<'static>,
     state: State,
-    /// When `state.json` was last read without the lock ([`TrustCenter::precheck_token`]).
-    state_seen: Option<std::time::SystemTime>,
+    /// The time and size of `state.json` when it was last read without the lock
+    /// ([`TrustCenter::precheck_token`]).
+    state_seen: Option<(std::time::SystemTime, u64)>,
     faults: Faults,
 }
 
@@ -440,6 +441,15 @@ impl TrustCenter {
         })
     }
 
+    /// Another handle on the same directory (each operation takes the lock and reads the state
+    /// afresh, so handles never disagree).
+    ///
+    /// # Errors
+    /// As [`TrustCenter::open`].
+    pub fn reopen(&self) -> Result<Self, TrustCenterError> {
+        Self::open(&self.dir)
+    }
+
     /// A cheap check of `token`, without the directory's lock: its form (32 bytes in hex), and
     /// that the state last read (read again when `state.json`, which is replaced atomically,
     /// changed) holds it unused and unexpired. An enrollment endpoint runs it before the
@@ -453,19 +463,16 @@ impl TrustCenter {
             return Err(EnrollmentRefusal::UnknownToken);
         }
         let path = self.dir.join("state.json");
-        let modified = std::fs::metadata(&path).and_then(|m| m.modified()).ok();
-        // A file changed within the last two seconds may change again within the same
-        // timestamp on a file system with coarse times: read it again then too.
-        let recent = modified.is_none_or(|m| {
-            std::time::SystemTime::now()
-                .duration_since(m)
-                .is_ok_and(|age| age < Duration::from_secs(2))
-        });
-        if recent || modified != self.state_seen {
-            if let Ok(state) = Self::load_state(&self.dir) {
-                self.state = state;
-            }
-            self.state_seen = modified;
+        // Time and size: every change of a token (made, used, withdrawn) changes the size, so
+        // a file system with coarse times does not hide one.
+        let seen = std::fs::metadata(&path)
+            .ok()
+            .and_then(|m| Some((m.modified().ok()?, m.len())));
+        if (seen.is_none() || seen != self.state_seen)
+            && let Ok(state) = Self::load_state(&self.dir)
+        {
+            self.state = state;
+            self.state_seen = seen;
         }
         let t = self.find_token(token)?;
         match self.state.tokens.get(t) {

@@ -86,6 +86,7 @@ mod frame;
 mod identity;
 pub mod pki;
 mod plane;
+pub mod quorum;
 mod stats;
 mod trust;
 pub mod wire;
