@@ -359,7 +359,8 @@ impl Client {
     }
 
     /// Orders a membership command (administrators only; see `securesmart::state`) and
-    /// returns the replicas' verdict (`ok epoch N` or `refused: ...`).
+    /// returns the replicas' verdict (`ok epoch N`, `ok administrators N` for an
+    /// administrator command, or `refused: ...`).
     ///
     /// # Errors
     /// [`ClientError::Timeout`], or [`ClientError::Refused`] with the replicas' reason.

@@ -61,6 +61,18 @@ enum ClientOp {
         #[arg(long)]
         certificate: PathBuf,
     },
+    /// Make a client an administrator (administrators only): orders its `AddAdmin`.
+    AddAdmin {
+        /// The client's certificate (PEM).
+        #[arg(long)]
+        certificate: PathBuf,
+    },
+    /// Withdraw an administrator (administrators only; never the last one).
+    RemoveAdmin {
+        /// The administrator's certificate (PEM).
+        #[arg(long)]
+        certificate: PathBuf,
+    },
 }
 
 pub(crate) async fn node(command: NodeCommand) -> CliResult {
@@ -129,6 +141,19 @@ pub(crate) async fn client(args: ClientArgs) -> CliResult {
             let cert = load_certificate(&certificate).map_err(|e| e.to_string())?;
             let id = NodeId::from_certificate(&cert).map_err(|e| e.to_string())?;
             let command = MembershipCommand::RemoveNode { id };
+            client.command(&command).await.map(|v| Some(v.into()))
+        }
+        ClientOp::AddAdmin { certificate } => {
+            let cert = load_certificate(&certificate).map_err(|e| e.to_string())?;
+            let command = MembershipCommand::AddAdmin {
+                certificate: cert.to_vec(),
+            };
+            client.command(&command).await.map(|v| Some(v.into()))
+        }
+        ClientOp::RemoveAdmin { certificate } => {
+            let cert = load_certificate(&certificate).map_err(|e| e.to_string())?;
+            let id = NodeId::from_certificate(&cert).map_err(|e| e.to_string())?;
+            let command = MembershipCommand::RemoveAdmin { id };
             client.command(&command).await.map(|v| Some(v.into()))
         }
     };

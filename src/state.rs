@@ -5,8 +5,11 @@
 //! the membership at every log position. A membership command is applied with
 //! `securesmart_membership::Membership::apply` at the time the submitter stamped on it. Who may
 //! submit what (checked at execution, identically everywhere):
-//! - `AddNode` and `RemoveNode`: an administrator (a client id named in the genesis
-//!   configuration); a replica may also remove itself (leave).
+//! - `AddNode` and `RemoveNode`: an administrator; a replica may also remove itself (leave).
+//! - `AddAdmin` and `RemoveAdmin`: an administrator. The administrators are replicated state:
+//!   the genesis configuration names the first ones, ordered commands add and withdraw the
+//!   others (a client certificate of our CA that no CRL revokes; never the last one). One whose
+//!   certificate the ordered CRL revokes authorizes nothing.
 //! - `UpdateCrl`: anyone; the CRL must be signed by the CA and newer than the current one (the
 //!   replicas submit the CRL file they watch), and it removes the members it revokes.
 //!
@@ -871,22 +874,69 @@ impl<S: StateMachine> NodeState<S> {
         std::mem::take(&mut self.changes)
     }
 
+    /// The administrators' own commands (`AddAdmin`, `RemoveAdmin`, ordered by an
+    /// administrator): applied here, to the replicated list, not to the membership. Returns
+    /// the reply (`ok administrators N` or `refused: why`), or `None` for a membership command.
+    fn admin_command(&mut self, cmd: &MembershipCommand) -> Option<String> {
+        let reply = match cmd {
+            MembershipCommand::AddAdmin { certificate } => {
+                match self.membership.admissible_admin(certificate) {
+                    Ok(id) if self.admins.contains_key(&id) => {
+                        "refused: already an administrator".to_string()
+                    }
+                    Ok(id) => {
+                        self.admins.insert(id, Bytes::copy_from_slice(certificate));
+                        tracing::info!(admin = ?id, "administrator added");
+                        format!("ok administrators {}", self.admins.len())
+                    }
+                    Err(e) => format!("refused: {e}"),
+                }
+            }
+            MembershipCommand::RemoveAdmin { id } => {
+                if !self.admins.contains_key(id) {
+                    "refused: not an administrator".to_string()
+                } else if self.admins.len() <= 1 {
+                    "refused: the last administrator stays".to_string()
+                } else {
+                    self.admins.remove(id);
+                    tracing::info!(admin = ?id, "administrator removed");
+                    format!("ok administrators {}", self.admins.len())
+                }
+            }
+            _ => return None,
+        };
+        Some(reply)
+    }
+
+    /// Whether `client` may order `cmd`.
+    fn allowed(&self, client: NodeId, cmd: &MembershipCommand) -> bool {
+        match cmd {
+            // Anyone: the CRL and the certificates prove themselves.
+            MembershipCommand::UpdateCrl { .. } | MembershipCommand::RevokeCertificates { .. } => {
+                true
+            }
+            MembershipCommand::RemoveNode { id } if *id == client => true,
+            // An administrator whose certificate the ordered CRL revokes is one no more.
+            _ => self
+                .admins
+                .get(&client)
+                .is_some_and(|cert| !self.membership.revokes(cert)),
+        }
+    }
+
     fn command(&mut self, client: NodeId, time: u64, command: &[u8]) -> Bytes {
-        let result = MembershipCommand::decode(command)
+        let decoded = MembershipCommand::decode(command);
+        if let Ok(cmd) = &decoded
+            && self.allowed(client, cmd)
+            && let Some(reply) = self.admin_command(cmd)
+        {
+            metrics::counter!("securesmart_node_admin_commands_total").increment(1);
+            return Bytes::from(reply);
+        }
+        let result = decoded
             .map_err(|e| format!("malformed command: {e}"))
             .and_then(|cmd| {
-                let allowed = match &cmd {
-                    // Anyone: the CRL and the certificates prove themselves.
-                    MembershipCommand::UpdateCrl { .. }
-                    | MembershipCommand::RevokeCertificates { .. } => true,
-                    MembershipCommand::RemoveNode { id } if *id == client => true,
-                    // An administrator whose certificate the ordered CRL revokes is one no more.
-                    _ => self
-                        .admins
-                        .get(&client)
-                        .is_some_and(|cert| !self.membership.revokes(cert)),
-                };
-                if !allowed {
+                if !self.allowed(client, &cmd) {
                     return Err("not an administrator (or revoked)".to_string());
                 }
                 self.membership
@@ -1733,6 +1783,81 @@ mod tests {
         let r = s.execute(&ordered(admin.id(), 1, remove));
         assert!(r.starts_with(b"refused: not an administrator"), "{r:?}");
         assert_eq!(s.membership().replicas(), 5);
+    }
+
+    /// Administrators are replicated state: one adds another by an ordered command, the new
+    /// one then removes a replica; a non-administrator cannot add itself; a replica's or a
+    /// revoked certificate cannot become an administrator; the last one cannot be removed.
+    /// The list survives a snapshot.
+    #[test]
+    fn administrators_are_added_and_removed_by_ordered_commands() {
+        let mut ca = DevCa::new("admins ca").unwrap();
+        let (_, members) = five_replicas(&ca);
+        let first = ca.issue_role("first", Role::Client).unwrap();
+        let second = ca.issue_role("second", Role::Client).unwrap();
+        let stranger = ca.issue_role("stranger", Role::Client).unwrap();
+        let revoked = ca.issue_role("revoked", Role::Client).unwrap();
+        let genesis = Membership::genesis(ca.certificate(), members, UnixTime::now()).unwrap();
+        let replica = genesis.replica_ids()[4];
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let command = |c: MembershipCommand| Ordered::Command {
+            time: now,
+            command: Bytes::from(c.encode()),
+        };
+        let add = |cert: &rustls::pki_types::CertificateDer<'_>| {
+            command(MembershipCommand::AddAdmin {
+                certificate: cert.to_vec(),
+            })
+        };
+        let mut s = NodeState::new(
+            genesis.clone(),
+            vec![first.chain()[0].clone()],
+            KvStore::default(),
+        );
+        let mut n = 0;
+        let mut run = |s: &mut NodeState<KvStore>, who: NodeId, o: Ordered| {
+            n += 1;
+            s.execute(&ordered(who, n, o))
+        };
+        let r = run(&mut s, stranger.id(), add(&stranger.chain()[0]));
+        assert!(r.starts_with(b"refused: not an administrator"), "{r:?}");
+        let r = run(&mut s, first.id(), add(&second.chain()[0]));
+        assert_eq!(r, Bytes::from("ok administrators 2"));
+        let replica_cert = genesis.members()[&replica].certificate.clone();
+        let r = run(&mut s, first.id(), add(&replica_cert));
+        assert!(r.starts_with(b"refused: certificate refused"), "{r:?}");
+        let crl = command(MembershipCommand::UpdateCrl {
+            crl: ca.crl(&[&revoked.chain()[0]]).unwrap().to_vec(),
+        });
+        assert!(run(&mut s, replica, crl).starts_with(b"ok"));
+        let r = run(&mut s, first.id(), add(&revoked.chain()[0]));
+        assert!(
+            r.starts_with(b"refused: certificate refused: revoked"),
+            "{r:?}"
+        );
+        // The new administrator acts; the first one is withdrawn; the last one stays.
+        let remove = command(MembershipCommand::RemoveNode { id: replica });
+        assert!(run(&mut s, second.id(), remove).starts_with(b"ok epoch"));
+        let withdraw = |id| command(MembershipCommand::RemoveAdmin { id });
+        assert_eq!(
+            run(&mut s, second.id(), withdraw(first.id())),
+            Bytes::from("ok administrators 1")
+        );
+        let r = run(&mut s, second.id(), withdraw(second.id()));
+        assert!(
+            r.starts_with(b"refused: the last administrator stays"),
+            "{r:?}"
+        );
+        let r = run(&mut s, first.id(), add(&first.chain()[0]));
+        assert!(r.starts_with(b"refused: not an administrator"), "{r:?}");
+        // Replicated: a replica restored from the snapshot knows the same administrators.
+        let mut restored = NodeState::new(genesis, Vec::new(), KvStore::default());
+        restored.restore(&s.snapshot()).unwrap();
+        let r = run(&mut restored, second.id(), add(&stranger.chain()[0]));
+        assert_eq!(r, Bytes::from("ok administrators 2"));
     }
 
     #[test]

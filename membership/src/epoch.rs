@@ -93,6 +93,18 @@ pub enum MembershipCommand {
         /// The revoked certificates (DER).
         certificates: Vec<Vec<u8>>,
     },
+    /// Make a client an administrator (ordered by an administrator; the node's replicated
+    /// state keeps the administrators, [`Membership::admissible_admin`] checks the
+    /// certificate).
+    AddAdmin {
+        /// Its certificate (DER): a client certificate of our CA that no CRL revokes.
+        certificate: Vec<u8>,
+    },
+    /// Withdraw an administrator (ordered by an administrator; never the last one).
+    RemoveAdmin {
+        /// Its node id.
+        id: NodeId,
+    },
 }
 
 /// Why a command was refused (identically at every correct replica).
@@ -123,6 +135,9 @@ pub enum CommandRefusal {
     /// The CRL does not parse or is not signed by the CA.
     #[error("bad CRL: {0}")]
     BadCrl(String),
+    /// Administrators are the node's replicated state, not the membership's.
+    #[error("an administrator command, applied by the node's replicated state")]
+    NotMembership,
     /// A revoked certificate that our CA did not issue, or that the current CRL does not list.
     #[error("not a certificate of our CA that the current CRL revokes: {0}")]
     NotRevoked(String),
@@ -436,6 +451,9 @@ impl Membership {
                 *self = next;
                 Applied::CrlUpdated { removed: revoked }
             }
+            MembershipCommand::AddAdmin { .. } | MembershipCommand::RemoveAdmin { .. } => {
+                return Err(CommandRefusal::NotMembership);
+            }
             MembershipCommand::RevokeCertificates { certificates } => {
                 // Cheap first: certificates of ids already recorded (or twice in the command)
                 // cost a parse, not a chain check.
@@ -483,6 +501,29 @@ impl Membership {
 
 impl Membership {
     /// Whether our CA issued and signed `crl` (issuer name and signature, whatever the time).
+    /// Checks a certificate for [`MembershipCommand::AddAdmin`]: a client certificate our CA
+    /// issued, that neither the ordered CRL nor an ordered `RevokeCertificates` revokes.
+    ///
+    /// # Errors
+    /// [`CommandRefusal::BadCertificate`] or [`CommandRefusal::CertificateRefused`].
+    pub fn admissible_admin(&self, cert: &[u8]) -> Result<NodeId, CommandRefusal> {
+        let der = CertificateDer::from(cert.to_vec());
+        let info =
+            CertInfo::parse(&der).map_err(|e| CommandRefusal::BadCertificate(e.to_string()))?;
+        if info.role != Role::Client {
+            return Err(CommandRefusal::CertificateRefused(
+                "an administrator has a client certificate".into(),
+            ));
+        }
+        self.trust_with([])?
+            .issued(&der)
+            .map_err(|r| CommandRefusal::CertificateRefused(r.to_string()))?;
+        if self.revokes(cert) || self.is_revoked(&info.id) {
+            return Err(CommandRefusal::CertificateRefused("revoked".into()));
+        }
+        Ok(info.id)
+    }
+
     /// The CRL number of `crl` if our CA issued and signed it (so a node can tell a CRL file
     /// newer than the ordered one from a stale or foreign one).
     pub fn our_crl_number(&self, crl: &CertificateRevocationListDer<'_>) -> Option<u64> {
@@ -688,6 +729,12 @@ impl MembershipCommand {
                     w.bytes(c);
                 }
             }
+            MembershipCommand::AddAdmin { certificate } => {
+                w.u8(5).bytes(certificate);
+            }
+            MembershipCommand::RemoveAdmin { id } => {
+                w.u8(6).raw(id.as_bytes());
+            }
         }
         w.buf
     }
@@ -719,6 +766,12 @@ impl MembershipCommand {
                     .collect::<Result<_, _>>()?;
                 MembershipCommand::RevokeCertificates { certificates }
             }
+            5 => MembershipCommand::AddAdmin {
+                certificate: r.bytes("certificate", MAX_CERT_BYTES)?.to_vec(),
+            },
+            6 => MembershipCommand::RemoveAdmin {
+                id: NodeId::from_bytes(r.array()?),
+            },
             tag => {
                 return Err(WireError::Unknown {
                     what: "command",
