@@ -41,6 +41,22 @@ pub(crate) enum CaCommand {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// Renew a certificate for its own key (the CSR's signature is its authority; no token):
+    /// same role, the names asked for among the old ones, a fresh validity.
+    Renew {
+        /// CA directory.
+        #[arg(long)]
+        dir: PathBuf,
+        /// The certificate to renew (PEM or DER).
+        #[arg(long)]
+        cert: PathBuf,
+        /// CSR made with the same key (`keygen --key`).
+        #[arg(long)]
+        csr: PathBuf,
+        /// Output certificate (PEM).
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Withdraw an unused enrollment token (given by the file `ca token --out` wrote).
     Untoken {
         /// CA directory.
@@ -161,6 +177,10 @@ pub(crate) struct KeygenArgs {
     /// A DNS name or IP for the CSR (repeat for several).
     #[arg(long = "name", required = true)]
     names: Vec<String>,
+    /// Make the CSR for this existing key (PEM) instead of a new one, to renew its
+    /// certificate (`ca renew`); only node.csr is written.
+    #[arg(long)]
+    key: Option<PathBuf>,
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, String> {
@@ -202,6 +222,17 @@ fn write_crl(ca: &mut TrustCenter, out: &Path, validity: Duration) -> CliResult 
 
 pub(crate) fn keygen(args: &KeygenArgs) -> CliResult {
     std::fs::create_dir_all(&args.out).map_err(|e| format!("{}: {e}", args.out.display()))?;
+    if let Some(key) = &args.key {
+        let pem = zeroize::Zeroizing::new(
+            String::from_utf8(read(key)?).map_err(|_| format!("{}: not UTF-8", key.display()))?,
+        );
+        let csr = securesmart_membership::trust_center::csr_for_key(&pem, &args.names)
+            .map_err(|e| format!("{}: {e}", key.display()))?;
+        let csr_path = args.out.join("node.csr");
+        write(&csr_path, csr.as_bytes())?;
+        println!("{}", csr_path.display());
+        return Ok(());
+    }
     let (key, csr) = key_and_csr(&args.names).map_err(|e| e.to_string())?;
     let key_path = args.out.join("node.key");
     let csr_path = args.out.join("node.csr");
@@ -337,6 +368,27 @@ pub(crate) async fn run(cmd: CaCommand) -> CliResult {
                 }
                 None => println!("{}", token.as_str()),
             }
+        }
+        CaCommand::Renew {
+            dir,
+            cert,
+            csr,
+            out,
+        } => {
+            let bytes = read(&csr)?;
+            let csr = CertificateSigningRequestDer::from_pem_slice(&bytes)
+                .unwrap_or_else(|_| CertificateSigningRequestDer::from(bytes));
+            let issued = open(&dir)?
+                .renew(&read(&cert)?, &csr)
+                .map_err(|e| e.to_string())?;
+            write(&out, issued.pem().as_bytes())?;
+            println!(
+                "serial {} node {} role {:?} -> {}",
+                issued.record.serial,
+                issued.record.node_id,
+                issued.record.role,
+                out.display()
+            );
         }
         CaCommand::Untoken { dir, token_file } => {
             let token = zeroize::Zeroizing::new(

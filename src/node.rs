@@ -636,8 +636,13 @@ async fn run_state<S: StateMachine>(
                 {
                     host.crl_ordered.notify_one();
                 }
-                let mut trust_changed = false;
-                if !changes.is_empty() {
+                // A renewal changes a certificate, not the replica set: new trust, no group
+                // change for the engine.
+                let trust_changed = !changes.is_empty();
+                if changes
+                    .iter()
+                    .any(|c| !matches!(c, securesmart_membership::Applied::Renewed(_)))
+                {
                     let m = executor.app().membership();
                     let until = match pbft.reconfigure(engine_members(m), seq).await {
                         Ok(from) => {
@@ -669,7 +674,6 @@ async fn run_state<S: StateMachine>(
                              needed to order until an operator adds replicas"
                         );
                     }
-                    trust_changed = true;
                 }
                 // Every replica names the roster after the batch: the same for the same request.
                 let state = executor.app();

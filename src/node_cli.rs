@@ -61,6 +61,14 @@ enum ClientOp {
         #[arg(long)]
         certificate: PathBuf,
     },
+    /// Replace a replica's certificate with its renewal (same key; administrators only, or
+    /// the replica itself): orders its `RenewNode`. Restart the replica with the new
+    /// certificate afterwards.
+    RenewReplica {
+        /// The renewed certificate (PEM).
+        #[arg(long)]
+        certificate: PathBuf,
+    },
     /// Make a client an administrator (administrators only): orders its `AddAdmin`.
     AddAdmin {
         /// The client's certificate (PEM).
@@ -141,6 +149,13 @@ pub(crate) async fn client(args: ClientArgs) -> CliResult {
             let cert = load_certificate(&certificate).map_err(|e| e.to_string())?;
             let id = NodeId::from_certificate(&cert).map_err(|e| e.to_string())?;
             let command = MembershipCommand::RemoveNode { id };
+            client.command(&command).await.map(|v| Some(v.into()))
+        }
+        ClientOp::RenewReplica { certificate } => {
+            let cert = load_certificate(&certificate).map_err(|e| e.to_string())?;
+            let command = MembershipCommand::RenewNode {
+                certificate: cert.to_vec(),
+            };
             client.command(&command).await.map(|v| Some(v.into()))
         }
         ClientOp::AddAdmin { certificate } => {

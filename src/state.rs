@@ -916,6 +916,15 @@ impl<S: StateMachine> NodeState<S> {
                 true
             }
             MembershipCommand::RemoveNode { id } if *id == client => true,
+            // A replica renews its own certificate (the same key: the same id).
+            MembershipCommand::RenewNode { certificate }
+                if NodeId::from_certificate(&rustls::pki_types::CertificateDer::from(
+                    certificate.as_slice(),
+                ))
+                .is_ok_and(|id| id == client) =>
+            {
+                true
+            }
             // An administrator whose certificate the ordered CRL revokes is one no more.
             _ => self
                 .admins

@@ -148,9 +148,66 @@ fn init_token_keygen_sign_revoke_crl_list() {
         !openssl_verify(&work, "n2/node.pem"),
         "a revoked certificate fails"
     );
+    // Renewal: a CSR for the same key, no token; the renewed certificate goes with the old
+    // key, verifies with openssl, and a CSR for another key is refused.
+    ok(
+        &[
+            "keygen",
+            "--out",
+            "n1r",
+            "--name",
+            "n1",
+            "--key",
+            "n1/node.key",
+        ],
+        &work,
+    );
+    assert!(!work.join("n1r/node.key").exists(), "no new key");
+    ok(
+        &[
+            "ca",
+            "renew",
+            "--dir",
+            "ca",
+            "--cert",
+            "n1/node.pem",
+            "--csr",
+            "n1r/node.csr",
+            "--out",
+            "n1r/node.pem",
+        ],
+        &work,
+    );
+    let renewed = securesmart::transport::Identity::from_pem_files(
+        &work.join("n1r/node.pem"),
+        &work.join("n1/node.key"),
+    )
+    .unwrap();
+    assert_ne!(
+        std::fs::read(work.join("n1r/node.pem")).unwrap(),
+        std::fs::read(work.join("n1/node.pem")).unwrap()
+    );
+    assert!(openssl_verify(&work, "n1r/node.pem"));
+    ok(&["keygen", "--out", "fresh", "--name", "n1"], &work);
+    let other = bin(
+        &[
+            "ca",
+            "renew",
+            "--dir",
+            "ca",
+            "--cert",
+            "n1/node.pem",
+            "--csr",
+            "fresh/node.csr",
+            "--out",
+            "fresh/node.pem",
+        ],
+        &work,
+    );
+    assert!(!other.status.success(), "a CSR for another key is refused");
     let list = ok(&["ca", "list", "--dir", "ca"], &work);
     assert_eq!(list.lines().filter(|l| l.contains("revoked")).count(), 1);
-    assert_eq!(list.lines().filter(|l| l.contains("valid")).count(), 1);
+    assert_eq!(list.lines().filter(|l| l.contains("valid")).count(), 2);
     // The issued files make a transport identity.
     let id = securesmart::transport::Identity::from_pem_files(
         &work.join("n1/node.pem"),
@@ -158,6 +215,7 @@ fn init_token_keygen_sign_revoke_crl_list() {
     )
     .unwrap();
     assert_eq!(id.role(), securesmart::transport::Role::Replica);
+    assert_eq!(renewed.id(), id.id(), "the same key, the same node");
     std::fs::remove_dir_all(&work).unwrap();
 }
 

@@ -105,6 +105,13 @@ pub enum MembershipCommand {
         /// Its node id.
         id: NodeId,
     },
+    /// Replace a replica's certificate with its renewal (same key, so the same node id):
+    /// ordered by the replica itself or an administrator, before the old one expires.
+    RenewNode {
+        /// The new certificate (DER): our CA's, role replica, valid at the ordered time, not
+        /// revoked, for a current replica's key.
+        certificate: Vec<u8>,
+    },
 }
 
 /// Why a command was refused (identically at every correct replica).
@@ -189,6 +196,8 @@ pub enum Applied {
     /// These nodes' certificates are revoked by the current CRL: from now on they authorize
     /// nothing (see [`Membership::is_revoked`]).
     CertificatesRevoked(Vec<NodeId>),
+    /// A replica's certificate was replaced by its renewal (the replica set is unchanged).
+    Renewed(NodeId),
 }
 
 impl Membership {
@@ -453,6 +462,28 @@ impl Membership {
             }
             MembershipCommand::AddAdmin { .. } | MembershipCommand::RemoveAdmin { .. } => {
                 return Err(CommandRefusal::NotMembership);
+            }
+            MembershipCommand::RenewNode { certificate } => {
+                let der = CertificateDer::from(certificate.clone());
+                let info = CertInfo::parse(&der)
+                    .map_err(|e| CommandRefusal::BadCertificate(e.to_string()))?;
+                match self.members.get(&info.id) {
+                    Some(m) if m.role == Role::Replica => {}
+                    _ => return Err(CommandRefusal::NotMember),
+                }
+                if info.role != Role::Replica {
+                    return Err(CommandRefusal::NotReplica);
+                }
+                if self.revokes(certificate) || self.is_revoked(&info.id) {
+                    return Err(CommandRefusal::CertificateRefused("revoked".into()));
+                }
+                self.trust_with([info.id])?
+                    .verify_replica(std::slice::from_ref(&der), now)
+                    .map_err(|r| CommandRefusal::CertificateRefused(r.to_string()))?;
+                if let Some(m) = self.members.get_mut(&info.id) {
+                    m.certificate = der;
+                }
+                Applied::Renewed(info.id)
             }
             MembershipCommand::RevokeCertificates { certificates } => {
                 // Cheap first: certificates of ids already recorded (or twice in the command)
@@ -735,6 +766,9 @@ impl MembershipCommand {
             MembershipCommand::RemoveAdmin { id } => {
                 w.u8(6).raw(id.as_bytes());
             }
+            MembershipCommand::RenewNode { certificate } => {
+                w.u8(7).bytes(certificate);
+            }
         }
         w.buf
     }
@@ -771,6 +805,9 @@ impl MembershipCommand {
             },
             6 => MembershipCommand::RemoveAdmin {
                 id: NodeId::from_bytes(r.array()?),
+            },
+            7 => MembershipCommand::RenewNode {
+                certificate: r.bytes("certificate", MAX_CERT_BYTES)?.to_vec(),
             },
             tag => {
                 return Err(WireError::Unknown {
@@ -979,6 +1016,80 @@ mod tests {
         assert_eq!(Membership::decode(&m.encode()).unwrap(), m);
         let command = revoke(vec![client]);
         assert_eq!(MembershipCommand::decode(&command.encode()), Ok(command));
+    }
+
+    /// A replica's renewed certificate (same key) replaces the old one in the membership, so
+    /// that a later CRL listing the new serial removes it; a certificate for a key that is no
+    /// member, of another role, or revoked is refused.
+    #[test]
+    fn a_renewed_certificate_replaces_the_old_one() {
+        let mut fx = fixture();
+        let names = ["r1".to_owned()];
+        let token = fx
+            .ca
+            .create_token(RoleName::Replica, &names, Duration::from_secs(600))
+            .unwrap();
+        let (key, csr) = key_and_csr(&names).unwrap();
+        let csr_der = |pem: &str| {
+            rustls::pki_types::CertificateSigningRequestDer::from_pem_slice(pem.as_bytes()).unwrap()
+        };
+        let old = fx.ca.sign_csr(&csr_der(&csr), &token).unwrap();
+        let mut members: Vec<Member> = (0..3)
+            .map(|i| {
+                member(
+                    issue(&mut fx.ca, &format!("x{i}"), RoleName::Replica),
+                    7000 + i,
+                )
+            })
+            .collect();
+        members.push(member(old.certificate.to_vec(), 7010));
+        let mut m = Membership::genesis(fx.ca.ca_certificate(), members, UnixTime::now()).unwrap();
+        let id = NodeId::from_certificate(&old.certificate).unwrap();
+        let pair = rcgen::KeyPair::from_pem(&key).unwrap();
+        let again = rcgen::CertificateParams::new(names.to_vec())
+            .unwrap()
+            .serialize_request(&pair)
+            .unwrap()
+            .pem()
+            .unwrap();
+        let renewed = fx
+            .ca
+            .renew(old.certificate.as_ref(), &csr_der(&again))
+            .unwrap();
+        let renew = |c: &[u8]| MembershipCommand::RenewNode {
+            certificate: c.to_vec(),
+        };
+        assert_eq!(
+            m.apply(&renew(renewed.certificate.as_ref()), UnixTime::now()),
+            Ok(Applied::Renewed(id))
+        );
+        assert_eq!(m.members()[&id].certificate, renewed.certificate);
+        assert_eq!(m.replicas(), 4);
+        let stranger = issue(&mut fx.ca, "stranger", RoleName::Replica);
+        assert_eq!(
+            m.apply(&renew(&stranger), UnixTime::now()),
+            Err(CommandRefusal::NotMember)
+        );
+        // Revoking the renewed certificate's serial now removes the replica.
+        fx.ca
+            .revoke(
+                &RevokeTarget::Serial(renewed.record.serial.clone()),
+                Reason::KeyCompromise,
+            )
+            .unwrap();
+        let crl = fx.ca.crl(Duration::from_secs(3600)).unwrap().to_vec();
+        let mut more = m.clone();
+        assert!(matches!(
+            more.apply(&MembershipCommand::UpdateCrl { crl: crl.clone() }, UnixTime::now()),
+            Ok(Applied::CrlUpdated { removed }) if removed == vec![id]
+        ));
+        m.apply(&MembershipCommand::UpdateCrl { crl }, UnixTime::now())
+            .unwrap();
+        assert!(!m.members().contains_key(&id));
+        assert!(
+            m.apply(&renew(renewed.certificate.as_ref()), UnixTime::now())
+                .is_err()
+        );
     }
 
     /// A CRL removes the replicas it lists whatever the ordered time: one whose certificate

@@ -86,6 +86,10 @@ pub enum EnrollmentRefusal {
     /// The CSR names nothing.
     #[error("the CSR names no DNS name or IP")]
     NoNames,
+    /// A renewal was refused: the old certificate is not ours, revoked or expired, or the CSR
+    /// is for another key.
+    #[error("renewal refused: {0}")]
+    RenewalRefused(String),
     /// A certificate of the CSR's key was revoked for key compromise: the key is never
     /// certified again.
     #[error("the CSR's key was revoked for key compromise")]
@@ -675,6 +679,81 @@ impl TrustCenter {
             return Err(EnrollmentRefusal::TokenExpired.into());
         }
         let (public_key, sans) = check_csr(csr, &record.names)?;
+        self.issue_locked(public_key, sans, record.role, Some(t))
+    }
+
+    /// Renews `old` (a certificate of ours, PEM or DER, not revoked, not expired) for the key
+    /// that signed `csr`, which must be the same key: the CSR's signature is the old
+    /// identity's authority, so no token is needed. The new certificate has the old one's role
+    /// and the names the CSR asks for among the old one's (all of them if it names none), and a
+    /// fresh validity. (Rotating to a new key is enrollment with a token, then a membership
+    /// change.)
+    ///
+    /// # Errors
+    /// [`TrustCenterError::Refused`] with the reason; I/O and generation errors.
+    pub fn renew(
+        &mut self,
+        old: &[u8],
+        csr: &CertificateSigningRequestDer<'_>,
+    ) -> Result<Issued, TrustCenterError> {
+        let der = CertificateDer::from_pem_slice(old)
+            .unwrap_or_else(|_| CertificateDer::from(old.to_vec()));
+        self.locked(|tc| tc.renew_locked(&der, csr))
+    }
+
+    fn renew_locked(
+        &mut self,
+        old: &CertificateDer<'_>,
+        csr: &CertificateSigningRequestDer<'_>,
+    ) -> Result<Issued, TrustCenterError> {
+        let info = CertInfo::parse(old)
+            .map_err(|e| EnrollmentRefusal::RenewalRefused(format!("certificate: {e}")))?;
+        let serial = hex(&info.serial);
+        let record = self
+            .state
+            .certificates
+            .iter()
+            .find(|c| c.serial == serial && c.node_id == info.id.to_hex())
+            .cloned()
+            .ok_or_else(|| {
+                EnrollmentRefusal::RenewalRefused("not a certificate we issued".into())
+            })?;
+        // The index holds what we issued; the bytes must be that certificate, not one with
+        // the same serial from elsewhere.
+        let ours = store::read(&self.dir.join("certs").join(format!("{serial}.pem")))
+            .ok()
+            .and_then(|pem| CertificateDer::from_pem_slice(&pem).ok());
+        if ours.as_ref().map(|c| c.as_ref()) != Some(old.as_ref()) {
+            return Err(
+                EnrollmentRefusal::RenewalRefused("not a certificate we issued".into()).into(),
+            );
+        }
+        if record.revoked.is_some() {
+            return Err(EnrollmentRefusal::RenewalRefused("revoked".into()).into());
+        }
+        if record.not_after <= now_unix() {
+            return Err(EnrollmentRefusal::RenewalRefused("expired".into()).into());
+        }
+        let (public_key, sans) = check_csr(csr, &record.names)?;
+        let key = NodeId::from_spki(&rcgen::PublicKeyData::subject_public_key_info(&public_key));
+        if key != info.id {
+            return Err(EnrollmentRefusal::RenewalRefused(
+                "the CSR is for another key (a new key enrolls with a token)".into(),
+            )
+            .into());
+        }
+        self.issue_locked(public_key, sans, record.role, None)
+    }
+
+    /// Issues a certificate for `public_key` and `sans` with `role` (marking token `token`
+    /// used, if any), unless the key was revoked for key compromise.
+    fn issue_locked(
+        &mut self,
+        public_key: rcgen::PublicKey,
+        sans: Vec<SanName>,
+        role: RoleName,
+        token: Option<usize>,
+    ) -> Result<Issued, TrustCenterError> {
         let node =
             NodeId::from_spki(&rcgen::PublicKeyData::subject_public_key_info(&public_key)).to_hex();
         let compromised = self.state.certificates.iter().any(|c| {
@@ -695,7 +774,7 @@ impl TrustCenter {
         let profile = NodeProfile {
             common_name: first.to_string(),
             sans: sans.clone(),
-            role: Some(record.role.role()),
+            role: Some(role.role()),
             not_before: now - time::Duration::MINUTE,
             not_after: now + validity,
             serial: SerialNumber::from_slice(&serial),
@@ -712,7 +791,7 @@ impl TrustCenter {
             serial: hex(&info.serial),
             node_id: info.id.to_hex(),
             names: sans.iter().map(ToString::to_string).collect(),
-            role: record.role,
+            role,
             not_before: profile.not_before.unix_timestamp(),
             not_after: profile.not_after.unix_timestamp(),
             revoked: None,
@@ -723,7 +802,7 @@ impl TrustCenter {
         store::write_atomic(&cert_path, signed.pem().as_bytes(), 0o644, &mut self.faults)?;
         let serial_hex = entry.serial.clone();
         self.commit(|s| {
-            if let Some(tok) = s.tokens.get_mut(t) {
+            if let Some(tok) = token.and_then(|t| s.tokens.get_mut(t)) {
                 tok.used_by = Some(serial_hex);
             }
             s.certificates.push(entry.clone());
@@ -979,6 +1058,20 @@ pub fn key_and_csr(names: &[String]) -> Result<(Zeroizing<String>, String), Trus
         Zeroizing::new(key.serialize_pem()),
         csr.pem().map_err(pki_err)?,
     ))
+}
+
+/// A CSR (PEM) naming `names` for an existing key (PKCS#8 PEM), to renew its certificate
+/// ([`TrustCenter::renew`]).
+///
+/// # Errors
+/// [`TrustCenterError::Pki`] if the key does not parse or the CSR cannot be made.
+pub fn csr_for_key(key_pem: &str, names: &[String]) -> Result<String, TrustCenterError> {
+    let key = KeyPair::from_pem(key_pem).map_err(pki_err)?;
+    let params = rcgen::CertificateParams::new(names.to_vec()).map_err(pki_err)?;
+    params
+        .serialize_request(&key)
+        .and_then(|c| c.pem())
+        .map_err(pki_err)
 }
 
 #[cfg(test)]
@@ -1276,6 +1369,61 @@ mod tests {
         let fresh = TrustCenter::open(&dir.0).unwrap();
         assert_eq!(fresh.certificates().len(), 2);
         assert!(fresh.certificates()[0].revoked.is_some());
+    }
+
+    /// A certificate is renewed under its own key's authority (the CSR's signature), with its
+    /// role and a subset of its names; not for another key, not once revoked, not for a
+    /// certificate we did not issue, and not for names it did not have.
+    #[test]
+    fn a_certificate_is_renewed_for_its_own_key_only() {
+        let dir = TempDir::new("renew");
+        let mut ca = TrustCenter::init(&dir.0, "ca").unwrap();
+        let (key, _) = pki::generate_ed25519().unwrap();
+        let csr_of = |key: &KeyPair, names: &[&str]| {
+            let names = names.iter().map(|n| (*n).to_owned()).collect::<Vec<_>>();
+            let params = rcgen::CertificateParams::new(names).unwrap();
+            csr_der(&params.serialize_request(key).unwrap().pem().unwrap())
+        };
+        let token = ca
+            .create_token(RoleName::Replica, &["a".into(), "b".into()], HOUR)
+            .unwrap();
+        let old = ca.sign_csr(&csr_of(&key, &["a", "b"]), &token).unwrap();
+        let renewed = ca
+            .renew(old.certificate.as_ref(), &csr_of(&key, &["a"]))
+            .unwrap();
+        assert_ne!(renewed.record.serial, old.record.serial);
+        assert_eq!(
+            renewed.record.node_id, old.record.node_id,
+            "same key, same node"
+        );
+        assert_eq!(renewed.record.role, RoleName::Replica);
+        assert_eq!(renewed.record.names, vec!["a".to_owned()]);
+        let refused =
+            |r: Result<Issued, TrustCenterError>| matches!(r, Err(TrustCenterError::Refused(_)));
+        let (other_key, _) = pki::generate_ed25519().unwrap();
+        assert!(refused(
+            ca.renew(old.certificate.as_ref(), &csr_of(&other_key, &["a"]))
+        ));
+        assert!(refused(
+            ca.renew(old.certificate.as_ref(), &csr_of(&key, &["c"]))
+        ));
+        let stranger = TempDir::new("renew-other");
+        let mut other = TrustCenter::init(&stranger.0, "other").unwrap();
+        let t = other
+            .create_token(RoleName::Replica, &["a".into()], HOUR)
+            .unwrap();
+        let foreign = other.sign_csr(&csr_of(&key, &["a"]), &t).unwrap();
+        assert!(refused(
+            ca.renew(foreign.certificate.as_ref(), &csr_of(&key, &["a"]))
+        ));
+        ca.revoke(
+            &RevokeTarget::Serial(renewed.record.serial.clone()),
+            Reason::Superseded,
+        )
+        .unwrap();
+        assert!(refused(
+            ca.renew(renewed.certificate.as_ref(), &csr_of(&key, &["a"]))
+        ));
     }
 
     /// Revoking by node id revokes every certificate of that key, and a key revoked for key
