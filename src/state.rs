@@ -877,10 +877,11 @@ impl<S: StateMachine> NodeState<S> {
     /// The administrators' own commands (`AddAdmin`, `RemoveAdmin`, ordered by an
     /// administrator): applied here, to the replicated list, not to the membership. Returns
     /// the reply (`ok administrators N` or `refused: why`), or `None` for a membership command.
-    fn admin_command(&mut self, cmd: &MembershipCommand) -> Option<String> {
+    fn admin_command(&mut self, cmd: &MembershipCommand, time: u64) -> Option<String> {
+        let now = UnixTime::since_unix_epoch(std::time::Duration::from_secs(time));
         let reply = match cmd {
             MembershipCommand::AddAdmin { certificate } => {
-                match self.membership.admissible_admin(certificate) {
+                match self.membership.admissible_admin(certificate, now) {
                     Ok(id) if self.admins.contains_key(&id) => {
                         "refused: already an administrator".to_string()
                     }
@@ -893,10 +894,18 @@ impl<S: StateMachine> NodeState<S> {
                 }
             }
             MembershipCommand::RemoveAdmin { id } => {
+                // The working ones (not revoked, not expired) must not all go: a stolen
+                // administrator key must not be able to remove the others before its own
+                // revocation leaves nobody.
+                let working_after = self
+                    .admins
+                    .keys()
+                    .filter(|a| *a != id && self.is_admin(a, time))
+                    .count();
                 if !self.admins.contains_key(id) {
                     "refused: not an administrator".to_string()
-                } else if self.admins.len() <= 1 {
-                    "refused: the last administrator stays".to_string()
+                } else if working_after == 0 {
+                    "refused: the last working administrator stays".to_string()
                 } else {
                     self.admins.remove(id);
                     tracing::info!(admin = ?id, "administrator removed");
@@ -908,8 +917,19 @@ impl<S: StateMachine> NodeState<S> {
         Some(reply)
     }
 
-    /// Whether `client` may order `cmd`.
-    fn allowed(&self, client: NodeId, cmd: &MembershipCommand) -> bool {
+    /// Whether `id` is a working administrator at `time`: listed, its certificate valid then,
+    /// and revoked neither by the ordered CRL nor by an ordered `RevokeCertificates`.
+    fn is_admin(&self, id: &NodeId, time: u64) -> bool {
+        let now = UnixTime::since_unix_epoch(std::time::Duration::from_secs(time));
+        self.admins.get(id).is_some_and(|cert| {
+            !self.membership.revokes(cert)
+                && !self.membership.is_revoked(id)
+                && securesmart_membership::epoch::valid_at(cert, now)
+        })
+    }
+
+    /// Whether `client` may order `cmd` (at the ordered `time`).
+    fn allowed(&self, client: NodeId, time: u64, cmd: &MembershipCommand) -> bool {
         match cmd {
             // Anyone: the CRL and the certificates prove themselves.
             MembershipCommand::UpdateCrl { .. } | MembershipCommand::RevokeCertificates { .. } => {
@@ -925,19 +945,16 @@ impl<S: StateMachine> NodeState<S> {
             {
                 true
             }
-            // An administrator whose certificate the ordered CRL revokes is one no more.
-            _ => self
-                .admins
-                .get(&client)
-                .is_some_and(|cert| !self.membership.revokes(cert)),
+            // An administrator whose certificate is revoked or expired is one no more.
+            _ => self.is_admin(&client, time),
         }
     }
 
     fn command(&mut self, client: NodeId, time: u64, command: &[u8]) -> Bytes {
         let decoded = MembershipCommand::decode(command);
         if let Ok(cmd) = &decoded
-            && self.allowed(client, cmd)
-            && let Some(reply) = self.admin_command(cmd)
+            && self.allowed(client, time, cmd)
+            && let Some(reply) = self.admin_command(cmd, time)
         {
             metrics::counter!("securesmart_node_admin_commands_total").increment(1);
             return Bytes::from(reply);
@@ -945,7 +962,7 @@ impl<S: StateMachine> NodeState<S> {
         let result = decoded
             .map_err(|e| format!("malformed command: {e}"))
             .and_then(|cmd| {
-                if !self.allowed(client, &cmd) {
+                if !self.allowed(client, time, &cmd) {
                     return Err("not an administrator (or revoked)".to_string());
                 }
                 self.membership
@@ -1847,6 +1864,14 @@ mod tests {
             r.starts_with(b"refused: certificate refused: revoked"),
             "{r:?}"
         );
+        let expired = ca
+            .issue(&securesmart_transport::pki::CertRequest::new("old", Role::Client).expired())
+            .unwrap();
+        let r = run(&mut s, first.id(), add(&expired.chain()[0]));
+        assert!(
+            r.starts_with(b"refused: certificate refused: not valid"),
+            "{r:?}"
+        );
         // The new administrator acts; the first one is withdrawn; the last one stays.
         let remove = command(MembershipCommand::RemoveNode { id: replica });
         assert!(run(&mut s, second.id(), remove).starts_with(b"ok epoch"));
@@ -1857,7 +1882,7 @@ mod tests {
         );
         let r = run(&mut s, second.id(), withdraw(second.id()));
         assert!(
-            r.starts_with(b"refused: the last administrator stays"),
+            r.starts_with(b"refused: the last working administrator stays"),
             "{r:?}"
         );
         let r = run(&mut s, first.id(), add(&first.chain()[0]));

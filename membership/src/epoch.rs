@@ -467,9 +467,17 @@ impl Membership {
                 let der = CertificateDer::from(certificate.clone());
                 let info = CertInfo::parse(&der)
                     .map_err(|e| CommandRefusal::BadCertificate(e.to_string()))?;
-                match self.members.get(&info.id) {
-                    Some(m) if m.role == Role::Replica => {}
+                let current = match self.members.get(&info.id) {
+                    Some(m) if m.role == Role::Replica => m.certificate.clone(),
                     _ => return Err(CommandRefusal::NotMember),
+                };
+                // Only forward: a renewal issued after the current certificate. Swapping back
+                // to an older certificate of the same key would dodge a CRL that names the
+                // newer one's serial (and churn rosters).
+                if not_before(certificate)? <= not_before(current.as_ref())? {
+                    return Err(CommandRefusal::CertificateRefused(
+                        "not issued after the current certificate".into(),
+                    ));
                 }
                 if info.role != Role::Replica {
                     return Err(CommandRefusal::NotReplica);
@@ -533,11 +541,17 @@ impl Membership {
 impl Membership {
     /// Whether our CA issued and signed `crl` (issuer name and signature, whatever the time).
     /// Checks a certificate for [`MembershipCommand::AddAdmin`]: a client certificate our CA
-    /// issued, that neither the ordered CRL nor an ordered `RevokeCertificates` revokes.
+    /// issued, valid at `now`, that neither the ordered CRL nor an ordered
+    /// `RevokeCertificates` revokes.
     ///
     /// # Errors
     /// [`CommandRefusal::BadCertificate`] or [`CommandRefusal::CertificateRefused`].
-    pub fn admissible_admin(&self, cert: &[u8]) -> Result<NodeId, CommandRefusal> {
+    pub fn admissible_admin(&self, cert: &[u8], now: UnixTime) -> Result<NodeId, CommandRefusal> {
+        if !valid_at(cert, now) {
+            return Err(CommandRefusal::CertificateRefused(
+                "not valid at the ordered time".into(),
+            ));
+        }
         let der = CertificateDer::from(cert.to_vec());
         let info =
             CertInfo::parse(&der).map_err(|e| CommandRefusal::BadCertificate(e.to_string()))?;
@@ -578,6 +592,17 @@ impl Membership {
         crl.verify_signature(ca.public_key())
             .map_err(|_| bad("not signed by our CA"))
     }
+}
+
+/// Whether `cert` is within its validity at `now` (a certificate that does not parse is not).
+pub fn valid_at(cert: &[u8], now: UnixTime) -> bool {
+    use x509_parser::prelude::{FromDer, X509Certificate};
+    let Ok((_, x509)) = X509Certificate::from_der(cert) else {
+        return false;
+    };
+    let now = i64::try_from(now.as_secs()).unwrap_or(i64::MAX);
+    let v = x509.validity();
+    v.not_before.timestamp() <= now && now <= v.not_after.timestamp()
 }
 
 /// A second into a certificate's validity (its notBefore, plus one).
@@ -1065,6 +1090,14 @@ mod tests {
         );
         assert_eq!(m.members()[&id].certificate, renewed.certificate);
         assert_eq!(m.replicas(), 4);
+        // Never back to an older certificate of the key (it would dodge a CRL naming the new
+        // serial), nor the same one again.
+        for back in [old.certificate.as_ref(), renewed.certificate.as_ref()] {
+            assert!(matches!(
+                m.apply(&renew(back), UnixTime::now()),
+                Err(CommandRefusal::CertificateRefused(_))
+            ));
+        }
         let stranger = issue(&mut fx.ca, "stranger", RoleName::Replica);
         assert_eq!(
             m.apply(&renew(&stranger), UnixTime::now()),

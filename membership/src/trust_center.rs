@@ -679,7 +679,7 @@ impl TrustCenter {
             return Err(EnrollmentRefusal::TokenExpired.into());
         }
         let (public_key, sans) = check_csr(csr, &record.names)?;
-        self.issue_locked(public_key, sans, record.role, Some(t))
+        self.issue_locked(public_key, sans, record.role, Some(t), None)
     }
 
     /// Renews `old` (a certificate of ours, PEM or DER, not revoked, not expired) for the key
@@ -742,17 +742,27 @@ impl TrustCenter {
             )
             .into());
         }
-        self.issue_locked(public_key, sans, record.role, None)
+        // Issued after the old one, whatever the clock: the membership takes a renewal only
+        // if it starts later than the certificate it replaces.
+        self.issue_locked(
+            public_key,
+            sans,
+            record.role,
+            None,
+            Some(record.not_before.saturating_add(1)),
+        )
     }
 
     /// Issues a certificate for `public_key` and `sans` with `role` (marking token `token`
-    /// used, if any), unless the key was revoked for key compromise.
+    /// used, if any), valid from a minute ago (or from `starts_at`, Unix seconds, if later),
+    /// unless the key was revoked for key compromise.
     fn issue_locked(
         &mut self,
         public_key: rcgen::PublicKey,
         sans: Vec<SanName>,
         role: RoleName,
         token: Option<usize>,
+        starts_at: Option<i64>,
     ) -> Result<Issued, TrustCenterError> {
         let node =
             NodeId::from_spki(&rcgen::PublicKeyData::subject_public_key_info(&public_key)).to_hex();
@@ -775,7 +785,10 @@ impl TrustCenter {
             common_name: first.to_string(),
             sans: sans.clone(),
             role: Some(role.role()),
-            not_before: now - time::Duration::MINUTE,
+            not_before: match starts_at.and_then(|t| OffsetDateTime::from_unix_timestamp(t).ok()) {
+                Some(t) if t > now - time::Duration::MINUTE => t,
+                _ => now - time::Duration::MINUTE,
+            },
             not_after: now + validity,
             serial: SerialNumber::from_slice(&serial),
         };
@@ -846,7 +859,7 @@ impl TrustCenter {
         target: &RevokeTarget,
         reason: Reason,
     ) -> Result<IssuedRecord, TrustCenterError> {
-        let (serial, node) = match target {
+        let (mut serial, mut node) = match target {
             RevokeTarget::Serial(s) => (
                 Some(
                     normalize_serial(s)
@@ -856,6 +869,18 @@ impl TrustCenter {
             ),
             RevokeTarget::NodeId(id) => (None, Some(id.to_hex())),
         };
+        // A compromised key is compromised in every certificate it has (a renewal keeps the
+        // key): revoking one of them for key compromise revokes them all.
+        if reason == Reason::KeyCompromise
+            && let Some(s) = &serial
+            && let Some(c) = self.state.certificates.iter().find(|c| c.serial == *s)
+        {
+            if c.revoked.is_some() {
+                return Err(TrustCenterError::AlreadyRevoked(s.clone()));
+            }
+            node = Some(c.node_id.clone());
+            serial = None;
+        }
         let what = serial.clone().or(node.clone()).unwrap_or_default();
         self.commit(|s| {
             let mut matching: Vec<&mut IssuedRecord> = s
@@ -1461,6 +1486,27 @@ mod tests {
             sign(&mut ca, "c"),
             Err(TrustCenterError::Refused(EnrollmentRefusal::KeyCompromised))
         ));
+        // Revoking one certificate (by serial) for key compromise revokes the key's others.
+        let (key2, _) = pki::generate_ed25519().unwrap();
+        let sign2 = |ca: &mut TrustCenter, name: &str| {
+            let token = ca
+                .create_token(RoleName::Replica, &[name.into()], HOUR)
+                .unwrap();
+            let params = rcgen::CertificateParams::new(vec![name.to_owned()]).unwrap();
+            let csr = csr_der(&params.serialize_request(&key2).unwrap().pem().unwrap());
+            ca.sign_csr(&csr, &token).unwrap()
+        };
+        let first = sign2(&mut ca, "d");
+        let _second = sign2(&mut ca, "e");
+        ca.revoke(
+            &RevokeTarget::Serial(first.record.serial),
+            Reason::KeyCompromise,
+        )
+        .unwrap();
+        assert!(
+            ca.certificates().iter().all(|c| c.revoked.is_some()),
+            "all of key2's"
+        );
     }
 
     /// Two `init`s racing on one directory: exactly one makes the CA, the other is refused
