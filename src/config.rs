@@ -154,6 +154,11 @@ pub struct NodeSection {
     /// refuses their requests whichever replica relays them.
     #[serde(default)]
     pub revoked_certificates: Option<PathBuf>,
+    /// Recovery of administrators: a client certificate (PEM) this replica votes to make an
+    /// administrator, ordered once it is connected. A quorum of the current replicas voting
+    /// for the same certificate adds it, when no administrator can (see `securesmart::state`).
+    #[serde(default)]
+    pub recover_admin: Option<PathBuf>,
     /// Data directory (journal).
     pub data_dir: PathBuf,
     /// Replica-plane listen address.
@@ -326,9 +331,13 @@ impl NodeConfig {
         for p in [&mut n.certificate, &mut n.key, &mut n.ca, &mut n.data_dir] {
             resolve(&base, p);
         }
-        for p in [n.crl.as_mut(), n.revoked_certificates.as_mut()]
-            .into_iter()
-            .flatten()
+        for p in [
+            n.crl.as_mut(),
+            n.revoked_certificates.as_mut(),
+            n.recover_admin.as_mut(),
+        ]
+        .into_iter()
+        .flatten()
         {
             resolve(&base, p);
         }

@@ -987,9 +987,13 @@ impl Node {
                 n.crl.clone(),
                 n.revoked_certificates.clone(),
             );
+            let recover_admin = n.recover_admin.clone();
             tokio::spawn(async move {
                 plane.wait_connected(others, STARTUP_WAIT).await;
                 ready.store(true, std::sync::atomic::Ordering::Relaxed);
+                if let Some(path) = recover_admin {
+                    vote_for_admin(&path, &own);
+                }
                 // Both run inside this task, so stopping the node stops them.
                 let sealer = Sealer {
                     keys,
@@ -1110,6 +1114,29 @@ const REVOKE_RETRIES: u32 = 3;
 
 /// Orders `RevokeCertificates` with the certificates in the PEM file `path` (in commands of at
 /// most `MAX_CERTS_PER_COMMAND`). A file that is missing or unreadable orders nothing.
+/// Orders this replica's vote to make the client certificate at `path` an administrator
+/// (`recover_admin`; a quorum of the replicas' votes adds it).
+fn vote_for_admin(path: &std::path::Path, own: &SelfRequests) {
+    let certificate = match crate::config::load_certificate(path) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "recover_admin: cannot read the certificate");
+            return;
+        }
+    };
+    let command = MembershipCommand::AddAdmin {
+        certificate: certificate.to_vec(),
+    };
+    let submitted = own.submit(Ordered::Command {
+        time: unix_now(),
+        command: Bytes::from(command.encode()),
+    });
+    tracing::warn!(
+        submitted = submitted.is_ok(),
+        "voting to make the recover_admin certificate an administrator"
+    );
+}
+
 fn order_revoked_certificates(path: &std::path::Path, own: &SelfRequests) {
     use rustls::pki_types::pem::PemObject;
     let Ok(bytes) = crate::config::read_limited(path) else {

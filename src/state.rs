@@ -8,8 +8,11 @@
 //! - `AddNode` and `RemoveNode`: an administrator; a replica may also remove itself (leave).
 //! - `AddAdmin` and `RemoveAdmin`: an administrator. The administrators are replicated state:
 //!   the genesis configuration names the first ones, ordered commands add and withdraw the
-//!   others (a client certificate of our CA that no CRL revokes; never the last one). One whose
-//!   certificate the ordered CRL revokes authorizes nothing.
+//!   others (a client certificate of our CA that no CRL revokes, valid at the ordered time;
+//!   never the last working one). One whose certificate is revoked or expired authorizes
+//!   nothing. Recovery: an `AddAdmin` ordered by a current replica is its vote; a quorum of the
+//!   current replicas voting for the same certificate adds it (the node orders its vote from
+//!   `recover_admin` in its configuration).
 //! - `UpdateCrl`: anyone; the CRL must be signed by the CA and newer than the current one (the
 //!   replicas submit the CRL file they watch), and it removes the members it revokes.
 //!
@@ -138,8 +141,9 @@ use crate::roster::{Roster, RosterLog};
 
 /// Snapshot format (4: settled group commits; 5: administrators by certificate; 6: holders,
 /// creator and cool-downs by sequence number, #13; 7: the roster log; 8: no exemption of
-/// joiners from the epochs every replica must hold).
-const VERSION: u8 = 8;
+/// joiners from the epochs every replica must hold; 9: the replicas' votes for an
+/// administrator).
+const VERSION: u8 = 9;
 /// Group commits a snapshot carries (see the module doc, "Checkpoints").
 pub const COMMIT_HISTORY: usize = 8;
 /// A checkpoint whose state is in the clear.
@@ -237,6 +241,10 @@ pub struct NodeState<S> {
     /// The administrators, by node id, with their certificates (DER): one that the ordered CRL
     /// revokes authorizes nothing from then on.
     admins: BTreeMap<NodeId, Bytes>,
+    /// Recovery of administrators by the replicas: each current replica's vote (the last
+    /// `AddAdmin` it ordered, a certificate); a quorum of matching votes adds that
+    /// administrator.
+    admin_votes: BTreeMap<NodeId, Bytes>,
     app: S,
     changes: Vec<Applied>,
     group: Vec<GroupEvent>,
@@ -358,6 +366,7 @@ impl<S: StateMachine> NodeState<S> {
             rosters,
             membership,
             admins,
+            admin_votes: BTreeMap::new(),
             app,
             changes: Vec::new(),
             group: Vec::new(),
@@ -747,6 +756,10 @@ impl<S: StateMachine> NodeState<S> {
         for cert in self.admins.values() {
             w.bytes(cert);
         }
+        w.u32(u32::try_from(self.admin_votes.len()).unwrap_or(u32::MAX));
+        for (voter, cert) in &self.admin_votes {
+            w.raw(voter.as_bytes()).bytes(cert);
+        }
         w.raw(&self.group_epoch.to_be_bytes());
         w.u32(u32::try_from(self.epoch_commits.len()).unwrap_or(u32::MAX));
         for (epoch, digest) in &self.epoch_commits {
@@ -801,6 +814,7 @@ impl<S: StateMachine> NodeState<S> {
         self.membership = p.membership;
         self.rosters = p.rosters;
         self.admins = p.admins;
+        self.admin_votes = p.admin_votes;
         self.group_epoch = p.group_epoch;
         self.epoch_commits = p.epoch_commits;
         self.barred = p.barred;
@@ -877,13 +891,40 @@ impl<S: StateMachine> NodeState<S> {
     /// The administrators' own commands (`AddAdmin`, `RemoveAdmin`, ordered by an
     /// administrator): applied here, to the replicated list, not to the membership. Returns
     /// the reply (`ok administrators N` or `refused: why`), or `None` for a membership command.
-    fn admin_command(&mut self, cmd: &MembershipCommand, time: u64) -> Option<String> {
+    fn admin_command(
+        &mut self,
+        client: NodeId,
+        cmd: &MembershipCommand,
+        time: u64,
+    ) -> Option<String> {
         let now = UnixTime::since_unix_epoch(std::time::Duration::from_secs(time));
         let reply = match cmd {
             MembershipCommand::AddAdmin { certificate } => {
                 match self.membership.admissible_admin(certificate, now) {
                     Ok(id) if self.admins.contains_key(&id) => {
                         "refused: already an administrator".to_string()
+                    }
+                    Ok(id) if !self.is_admin(&client, time) => {
+                        // A replica's vote (recovery when no administrator works): a quorum
+                        // of the current replicas naming the same certificate adds it.
+                        let replicas = self.membership.replica_ids();
+                        self.admin_votes.retain(|voter, _| replicas.contains(voter));
+                        self.admin_votes
+                            .insert(client, Bytes::copy_from_slice(certificate));
+                        let votes = self
+                            .admin_votes
+                            .values()
+                            .filter(|c| c.as_ref() == certificate.as_slice())
+                            .count();
+                        if votes < self.membership.quorum() {
+                            format!("ok votes {votes} of {}", self.membership.quorum())
+                        } else {
+                            self.admin_votes
+                                .retain(|_, c| c.as_ref() != certificate.as_slice());
+                            self.admins.insert(id, Bytes::copy_from_slice(certificate));
+                            tracing::warn!(admin = ?id, "administrator added by a quorum of the replicas");
+                            format!("ok administrators {}", self.admins.len())
+                        }
                     }
                     Ok(id) => {
                         self.admins.insert(id, Bytes::copy_from_slice(certificate));
@@ -945,6 +986,12 @@ impl<S: StateMachine> NodeState<S> {
             {
                 true
             }
+            // A current replica: as a vote for recovering administrators.
+            MembershipCommand::AddAdmin { .. }
+                if self.membership.replica_ids().contains(&client) =>
+            {
+                true
+            }
             // An administrator whose certificate is revoked or expired is one no more.
             _ => self.is_admin(&client, time),
         }
@@ -954,7 +1001,7 @@ impl<S: StateMachine> NodeState<S> {
         let decoded = MembershipCommand::decode(command);
         if let Ok(cmd) = &decoded
             && self.allowed(client, time, cmd)
-            && let Some(reply) = self.admin_command(cmd, time)
+            && let Some(reply) = self.admin_command(client, cmd, time)
         {
             metrics::counter!("securesmart_node_admin_commands_total").increment(1);
             return Bytes::from(reply);
@@ -1181,6 +1228,7 @@ impl<S: StateMachine> StateMachine for NodeState<S> {
 /// The replicated state besides the application: what a sealed checkpoint keeps in the clear.
 struct Public {
     admins: BTreeMap<NodeId, Bytes>,
+    admin_votes: BTreeMap<NodeId, Bytes>,
     group_epoch: u64,
     epoch_commits: BTreeMap<u64, [u8; 32]>,
     tentative: Option<Tentative>,
@@ -1239,6 +1287,21 @@ impl Public {
             let id = NodeId::from_certificate(&rustls::pki_types::CertificateDer::from(cert))
                 .map_err(|e| RestoreError::Malformed(format!("administrator: {e}")))?;
             admins.insert(id, Bytes::copy_from_slice(cert));
+        }
+        let n = r.u32()? as usize;
+        if n > MAX_ACKS {
+            return Err(RestoreError::Malformed(
+                "too many administrator votes".into(),
+            ));
+        }
+        let mut admin_votes = BTreeMap::new();
+        for _ in 0..n {
+            let voter = NodeId::from_bytes(r.array()?);
+            let cert = r.bytes(
+                "administrator vote",
+                securesmart_membership::epoch::MAX_CERT_BYTES,
+            )?;
+            admin_votes.insert(voter, Bytes::copy_from_slice(cert));
         }
         let group_epoch = u64::from_be_bytes(r.array()?);
         let n = r.u32()? as usize;
@@ -1349,6 +1412,7 @@ impl Public {
         }
         Ok(Self {
             admins,
+            admin_votes,
             group_epoch,
             epoch_commits,
             tentative,
@@ -1892,6 +1956,69 @@ mod tests {
         restored.restore(&s.snapshot()).unwrap();
         let r = run(&mut restored, second.id(), add(&stranger.chain()[0]));
         assert_eq!(r, Bytes::from("ok administrators 2"));
+    }
+
+    /// Recovery: once no administrator works (the only one is revoked), a quorum of the
+    /// current replicas voting for the same client certificate makes it an administrator;
+    /// fewer votes, or votes split between certificates, do not; a client cannot vote; the
+    /// votes are replicated state.
+    #[test]
+    fn a_quorum_of_replicas_recovers_an_administrator() {
+        let mut ca = DevCa::new("recovery ca").unwrap();
+        let (_, members) = five_replicas(&ca);
+        let lost = ca.issue_role("lost", Role::Client).unwrap();
+        let new = ca.issue_role("new", Role::Client).unwrap();
+        let other = ca.issue_role("other", Role::Client).unwrap();
+        let genesis = Membership::genesis(ca.certificate(), members, UnixTime::now()).unwrap();
+        let replicas = genesis.replica_ids();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let command = |c: MembershipCommand| Ordered::Command {
+            time: now,
+            command: Bytes::from(c.encode()),
+        };
+        let vote = |cert: &rustls::pki_types::CertificateDer<'_>| {
+            command(MembershipCommand::AddAdmin {
+                certificate: cert.to_vec(),
+            })
+        };
+        let mut s = NodeState::new(genesis, vec![lost.chain()[0].clone()], KvStore::default());
+        let mut n = 0;
+        let mut run = |s: &mut NodeState<KvStore>, who: NodeId, o: Ordered| {
+            n += 1;
+            s.execute(&ordered(who, n, o))
+        };
+        let crl = command(MembershipCommand::UpdateCrl {
+            crl: ca.crl(&[&lost.chain()[0]]).unwrap().to_vec(),
+        });
+        assert!(run(&mut s, replicas[0], crl).starts_with(b"ok"));
+        let remove = command(MembershipCommand::RemoveNode { id: replicas[4] });
+        assert!(run(&mut s, lost.id(), remove.clone()).starts_with(b"refused"));
+        // A client cannot vote; split votes add nobody.
+        let r = run(&mut s, other.id(), vote(&other.chain()[0]));
+        assert!(r.starts_with(b"refused: not an administrator"), "{r:?}");
+        for r in &replicas[..3] {
+            let reply = run(&mut s, *r, vote(&new.chain()[0]));
+            assert!(reply.starts_with(b"ok votes"), "{reply:?}");
+        }
+        let r = run(&mut s, replicas[3], vote(&other.chain()[0]));
+        assert!(r.starts_with(b"ok votes 1 of 4"), "{r:?}");
+        // The votes are replicated: a restored replica counts them too.
+        let mut restored = NodeState::new(
+            Membership::decode(&s.membership().encode()).unwrap(),
+            Vec::new(),
+            KvStore::default(),
+        );
+        restored.restore(&s.snapshot()).unwrap();
+        // The fourth replica changes its vote: a quorum (4 of 5) names `new`.
+        for state in [&mut s, &mut restored] {
+            let r = run(state, replicas[3], vote(&new.chain()[0]));
+            assert_eq!(r, Bytes::from("ok administrators 2"));
+            let r = run(state, new.id(), remove.clone());
+            assert!(r.starts_with(b"ok epoch"), "{r:?}");
+        }
     }
 
     #[test]
