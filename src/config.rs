@@ -155,8 +155,9 @@ pub struct NodeSection {
     #[serde(default)]
     pub revoked_certificates: Option<PathBuf>,
     /// Recovery of administrators: a client certificate (PEM) this replica votes to make an
-    /// administrator, ordered once it is connected. A quorum of the current replicas voting
-    /// for the same certificate adds it, when no administrator can (see `securesmart::state`).
+    /// administrator, ordered at every start once it is connected. A quorum of the current
+    /// replicas voting for the same certificate adds it, while no administrator works (see
+    /// `securesmart::state`). Remove it once recovered.
     #[serde(default)]
     pub recover_admin: Option<PathBuf>,
     /// Data directory (journal).

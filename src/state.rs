@@ -904,6 +904,13 @@ impl<S: StateMachine> NodeState<S> {
                     Ok(id) if self.admins.contains_key(&id) => {
                         "refused: already an administrator".to_string()
                     }
+                    Ok(_)
+                        if !self.is_admin(&client, time)
+                            && self.admins.keys().any(|a| self.is_admin(a, time)) =>
+                    {
+                        "refused: a working administrator exists (replicas vote only when none does)"
+                            .to_string()
+                    }
                     Ok(id) if !self.is_admin(&client, time) => {
                         // A replica's vote (recovery when no administrator works): a quorum
                         // of the current replicas naming the same certificate adds it.
@@ -919,15 +926,19 @@ impl<S: StateMachine> NodeState<S> {
                         if votes < self.membership.quorum() {
                             format!("ok votes {votes} of {}", self.membership.quorum())
                         } else {
-                            self.admin_votes
-                                .retain(|_, c| c.as_ref() != certificate.as_slice());
-                            self.admins.insert(id, Bytes::copy_from_slice(certificate));
+                            // Recovered: every vote is spent (a stale one must not count
+                            // towards a later recovery).
+                            self.admin_votes.clear();
+                            self.admins
+                                .insert(id, Bytes::copy_from_slice(certificate));
                             tracing::warn!(admin = ?id, "administrator added by a quorum of the replicas");
                             format!("ok administrators {}", self.admins.len())
                         }
                     }
                     Ok(id) => {
-                        self.admins.insert(id, Bytes::copy_from_slice(certificate));
+                        self.admin_votes.clear();
+                        self.admins
+                            .insert(id, Bytes::copy_from_slice(certificate));
                         tracing::info!(admin = ?id, "administrator added");
                         format!("ok administrators {}", self.admins.len())
                     }
@@ -949,6 +960,7 @@ impl<S: StateMachine> NodeState<S> {
                     "refused: the last working administrator stays".to_string()
                 } else {
                     self.admins.remove(id);
+                    self.admin_votes.clear();
                     tracing::info!(admin = ?id, "administrator removed");
                     format!("ok administrators {}", self.admins.len())
                 }
@@ -1028,6 +1040,10 @@ impl<S: StateMachine> NodeState<S> {
                     "membership changed"
                 );
                 let m = &self.membership;
+                // A replica that leaves takes its vote with it (were it to rejoin, the old vote
+                // must not count in the new membership).
+                self.admin_votes
+                    .retain(|id, _| m.members().contains_key(id));
                 self.barred.retain(|id, _| m.members().contains_key(id));
                 self.joining.retain(|id, _| m.members().contains_key(id));
                 self.joining_at.retain(|id, _| m.members().contains_key(id));
@@ -1990,6 +2006,12 @@ mod tests {
             n += 1;
             s.execute(&ordered(who, n, o))
         };
+        // While an administrator works, the replicas do not vote.
+        let r = run(&mut s, replicas[0], vote(&new.chain()[0]));
+        assert!(
+            r.starts_with(b"refused: a working administrator exists"),
+            "{r:?}"
+        );
         let crl = command(MembershipCommand::UpdateCrl {
             crl: ca.crl(&[&lost.chain()[0]]).unwrap().to_vec(),
         });
