@@ -187,6 +187,34 @@ fn read(path: &Path) -> Result<Vec<u8>, String> {
     std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))
 }
 
+/// A CSR file, PEM or DER.
+fn read_csr(path: &Path) -> Result<CertificateSigningRequestDer<'static>, String> {
+    let bytes = read(path)?;
+    Ok(CertificateSigningRequestDer::from_pem_slice(&bytes)
+        .unwrap_or_else(|_| CertificateSigningRequestDer::from(bytes)))
+}
+
+/// An enrollment token from a file (as `ca token --out` writes it), trimmed.
+fn read_token(path: &Path) -> Result<zeroize::Zeroizing<String>, String> {
+    let text = zeroize::Zeroizing::new(
+        String::from_utf8(read(path)?).map_err(|_| format!("{}: not UTF-8", path.display()))?,
+    );
+    Ok(zeroize::Zeroizing::new(text.trim().to_owned()))
+}
+
+/// Writes an issued certificate (PEM) to `out` and says what it is.
+fn write_issued(issued: &securesmart_membership::Issued, out: &Path) -> CliResult {
+    write(out, issued.pem().as_bytes())?;
+    println!(
+        "serial {} node {} role {:?} -> {}",
+        issued.record.serial,
+        issued.record.node_id,
+        issued.record.role,
+        out.display()
+    );
+    Ok(())
+}
+
 fn write(path: &Path, data: &[u8]) -> CliResult {
     std::fs::write(path, data).map_err(|e| format!("{}: {e}", path.display()))
 }
@@ -249,12 +277,7 @@ pub(crate) async fn enroll(args: &EnrollArgs) -> CliResult {
         .map_err(|e| format!("{}: {e}", args.ca_cert.display()))?;
     let token = match (&args.token, &args.token_file) {
         (Some(t), _) => zeroize::Zeroizing::new(t.clone()),
-        (None, Some(path)) => zeroize::Zeroizing::new(
-            String::from_utf8(read(path)?)
-                .map_err(|_| format!("{}: not UTF-8", path.display()))?
-                .trim()
-                .to_owned(),
-        ),
+        (None, Some(path)) => read_token(path)?,
         (None, None) => return Err("give --token or --token-file".into()),
     };
     let enrolled = securesmart_membership::enroll(args.ca, &ca_cert, &token, &args.names)
@@ -375,28 +398,14 @@ pub(crate) async fn run(cmd: CaCommand) -> CliResult {
             csr,
             out,
         } => {
-            let bytes = read(&csr)?;
-            let csr = CertificateSigningRequestDer::from_pem_slice(&bytes)
-                .unwrap_or_else(|_| CertificateSigningRequestDer::from(bytes));
             let issued = open(&dir)?
-                .renew(&read(&cert)?, &csr)
+                .renew(&read(&cert)?, &read_csr(&csr)?)
                 .map_err(|e| e.to_string())?;
-            write(&out, issued.pem().as_bytes())?;
-            println!(
-                "serial {} node {} role {:?} -> {}",
-                issued.record.serial,
-                issued.record.node_id,
-                issued.record.role,
-                out.display()
-            );
+            write_issued(&issued, &out)?;
         }
         CaCommand::Untoken { dir, token_file } => {
-            let token = zeroize::Zeroizing::new(
-                String::from_utf8(read(&token_file)?)
-                    .map_err(|_| format!("{}: not UTF-8", token_file.display()))?,
-            );
             open(&dir)?
-                .revoke_token(token.trim())
+                .revoke_token(&read_token(&token_file)?)
                 .map_err(|e| e.to_string())?;
             println!("token withdrawn");
         }
@@ -406,19 +415,10 @@ pub(crate) async fn run(cmd: CaCommand) -> CliResult {
             token,
             out,
         } => {
-            let mut ca = open(&dir)?;
-            let bytes = read(&csr)?;
-            let csr = CertificateSigningRequestDer::from_pem_slice(&bytes)
-                .unwrap_or_else(|_| CertificateSigningRequestDer::from(bytes));
-            let issued = ca.sign_csr(&csr, &token).map_err(|e| e.to_string())?;
-            write(&out, issued.pem().as_bytes())?;
-            println!(
-                "serial {} node {} role {:?} -> {}",
-                issued.record.serial,
-                issued.record.node_id,
-                issued.record.role,
-                out.display()
-            );
+            let issued = open(&dir)?
+                .sign_csr(&read_csr(&csr)?, &token)
+                .map_err(|e| e.to_string())?;
+            write_issued(&issued, &out)?;
         }
         CaCommand::Revoke {
             dir,
