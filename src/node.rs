@@ -150,6 +150,14 @@ impl SelfRequests {
         );
     }
 
+    /// Submits a membership command in this replica's name, stamped with the time now.
+    fn submit_command(&self, command: &MembershipCommand) -> Result<(), PbftError> {
+        self.submit(Ordered::Command {
+            time: unix_now(),
+            command: Bytes::from(command.encode()),
+        })
+    }
+
     /// Signs `payload` as this replica's next request and submits it.
     fn submit(&self, payload: Ordered) -> Result<(), PbftError> {
         let number = self
@@ -1127,10 +1135,7 @@ fn vote_for_admin(path: &std::path::Path, own: &SelfRequests) {
     let command = MembershipCommand::AddAdmin {
         certificate: certificate.to_vec(),
     };
-    let submitted = own.submit(Ordered::Command {
-        time: unix_now(),
-        command: Bytes::from(command.encode()),
-    });
+    let submitted = own.submit_command(&command);
     tracing::warn!(
         submitted = submitted.is_ok(),
         "voting to make the recover_admin certificate an administrator"
@@ -1150,10 +1155,7 @@ fn order_revoked_certificates(path: &std::path::Path, own: &SelfRequests) {
         let command = MembershipCommand::RevokeCertificates {
             certificates: chunk.to_vec(),
         };
-        let submitted = own.submit(Ordered::Command {
-            time: unix_now(),
-            command: Bytes::from(command.encode()),
-        });
+        let submitted = own.submit_command(&command);
         tracing::debug!(
             certificates = chunk.len(),
             submitted = submitted.is_ok(),
@@ -1198,10 +1200,7 @@ async fn watch_crl(
             *looks += 1;
             if *looks >= CRL_RESUBMIT_LOOKS {
                 *looks = 0;
-                let submitted = own.submit(Ordered::Command {
-                    time: unix_now(),
-                    command: Bytes::from(command.encode()),
-                });
+                let submitted = own.submit_command(command);
                 metrics::counter!("securesmart_node_crl_resubmits_total").increment(1);
                 tracing::info!(
                     submitted = submitted.is_ok(),
@@ -1239,10 +1238,7 @@ async fn watch_crl(
         }
         changed.store(true, std::sync::atomic::Ordering::Relaxed);
         let command = MembershipCommand::UpdateCrl { crl: crl.to_vec() };
-        let submitted = own.submit(Ordered::Command {
-            time: unix_now(),
-            command: Bytes::from(command.encode()),
-        });
+        let submitted = own.submit_command(&command);
         unordered = Some((command, 0));
         metrics::counter!("securesmart_node_crl_reloads_total").increment(1);
         tracing::info!(
