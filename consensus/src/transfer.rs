@@ -319,12 +319,9 @@ impl Transfer {
         if self.banned.contains(&sender) {
             return Err(PartRefused::Stale);
         }
-        let (Some(slot), Some(digest)) = (self.have.get_mut(i), self.parts.get(i)) else {
+        let (Some(None), Some(digest)) = (self.have.get(i), self.parts.get(i)) else {
             return Err(PartRefused::Stale);
         };
-        if slot.is_some() {
-            return Err(PartRefused::Stale);
-        }
         // Cheap before hashing: no correct part is longer than the part size.
         if bytes.len() > self.part_bytes || part_digest(&bytes) != *digest {
             self.banned.insert(sender);
@@ -332,17 +329,27 @@ impl Transfer {
             self.asked.retain(|_, (s, _)| *s != sender);
             return Err(PartRefused::Wrong);
         }
-        *slot = Some(bytes);
-        self.missing = self.missing.saturating_sub(1);
-        self.asked.remove(&index);
         if self.sources.contains(&sender) {
             self.heard.insert(sender, now);
+        }
+        self.store(i, bytes, now);
+        Ok(())
+    }
+
+    /// Holds `bytes` (checked) as missing part `i`, received at `now`.
+    fn store(&mut self, i: usize, bytes: Bytes, now: Duration) {
+        let Some(slot) = self.have.get_mut(i) else {
+            return;
+        };
+        *slot = Some(bytes);
+        self.missing = self.missing.saturating_sub(1);
+        if let Ok(index) = u32::try_from(i) {
+            self.asked.remove(&index);
         }
         self.arrivals.push_back(now);
         while self.arrivals.len() > STALL_MIN_PARTS {
             self.arrivals.pop_front();
         }
-        Ok(())
     }
 
     /// A part that arrived for another transfer (one this replaced): taken if its bytes are
@@ -360,17 +367,7 @@ impl Transfer {
         else {
             return false;
         };
-        if let Some(slot) = self.have.get_mut(i) {
-            *slot = Some(bytes);
-            self.missing = self.missing.saturating_sub(1);
-            if let Ok(index) = u32::try_from(i) {
-                self.asked.remove(&index);
-            }
-            self.arrivals.push_back(now);
-            while self.arrivals.len() > STALL_MIN_PARTS {
-                self.arrivals.pop_front();
-            }
-        }
+        self.store(i, bytes, now);
         true
     }
 
