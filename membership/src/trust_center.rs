@@ -478,13 +478,25 @@ impl TrustCenter {
             self.state = state;
             self.state_seen = seen;
         }
+        self.live_token(token).map(|_| ())
+    }
+
+    /// The index and record of `token` if it is known, unused and unexpired.
+    fn live_token(&self, token: &str) -> Result<(usize, TokenRecord), EnrollmentRefusal> {
         let t = self.find_token(token)?;
-        match self.state.tokens.get(t) {
-            Some(r) if r.used_by.is_some() => Err(EnrollmentRefusal::TokenUsed),
-            Some(r) if r.expires_at <= now_unix() => Err(EnrollmentRefusal::TokenExpired),
-            Some(_) => Ok(()),
-            None => Err(EnrollmentRefusal::UnknownToken),
+        let record = self
+            .state
+            .tokens
+            .get(t)
+            .cloned()
+            .ok_or(EnrollmentRefusal::UnknownToken)?;
+        if record.used_by.is_some() {
+            return Err(EnrollmentRefusal::TokenUsed);
         }
+        if record.expires_at <= now_unix() {
+            return Err(EnrollmentRefusal::TokenExpired);
+        }
+        Ok((t, record))
     }
 
     /// Runs a state change under an exclusive lock on the CA directory, on the state as it is on
@@ -665,19 +677,7 @@ impl TrustCenter {
         token: &str,
     ) -> Result<Issued, TrustCenterError> {
         // Cheapest first: the token, then parsing and the CSR signature.
-        let t = self.find_token(token)?;
-        let record = self
-            .state
-            .tokens
-            .get(t)
-            .cloned()
-            .ok_or(EnrollmentRefusal::UnknownToken)?;
-        if record.used_by.is_some() {
-            return Err(EnrollmentRefusal::TokenUsed.into());
-        }
-        if record.expires_at <= now_unix() {
-            return Err(EnrollmentRefusal::TokenExpired.into());
-        }
+        let (t, record) = self.live_token(token)?;
         let (public_key, sans) = check_csr(csr, &record.names)?;
         self.issue_locked(public_key, sans, record.role, Some(t), None)
     }
