@@ -296,6 +296,44 @@ async fn concurrent_clients_see_linearizable_results() {
 }
 
 /// Index of the primary of view 0 (the replica with the smallest node id).
+/// Waits (up to `within`) until replica `restarted` executed up to `top`, then stops another
+/// replica so that every quorum needs it, and writes and reads `keys` keys through `cl`.
+async fn needed_in_the_quorum(
+    c: &mut LocalCluster,
+    cl: &mut Client,
+    restarted: usize,
+    top: u64,
+    within: Duration,
+    keys: usize,
+) -> Result<(), String> {
+    wait_for("the restarted replica to catch up", within, || {
+        executed(c, restarted) >= top
+    })
+    .await?;
+    c.kill((restarted + 2) % 4);
+    write_keys(cl, "after", keys).await?;
+    read_keys(cl, "after", keys).await
+}
+
+/// Retries connecting as the client of `config` (1 s timeouts) until no replica admits it
+/// (until the replicas ordered the CRL that revokes it, it still gets in), for `within`.
+async fn until_refused(config: &ClientConfig, within: Duration) -> Result<(), String> {
+    let mut short = config.clone();
+    short.client.timeout_ms = 1000;
+    let deadline = Instant::now() + within;
+    loop {
+        match Client::from_config(&short).await {
+            Err(ClientError::Unreachable { reached: 0, .. }) => return Ok(()),
+            other if Instant::now() > deadline => {
+                return Err(format!("a revoked client connected: {other:?}"));
+            }
+            Ok(cl) => cl.close().await,
+            Err(_) => {}
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 fn first_primary(c: &LocalCluster) -> usize {
     (0..c.replicas.len())
         .min_by_key(|i| c.replicas[*i].id)
@@ -383,17 +421,7 @@ async fn a_replica_fetches_a_state_larger_than_a_frame_in_parts() {
         }
         let top = executed(&c, (lagging + 1) % 4);
         c.start(lagging, &log_filter()).map_err(|e| e.to_string())?;
-        wait_for(
-            "the restarted replica to fetch the state",
-            Duration::from_secs(120),
-            || executed(&c, lagging) >= top,
-        )
-        .await?;
-        // With another replica down, every quorum needs the restarted one, past a window.
-        let other = (lagging + 2) % 4;
-        c.kill(other);
-        write_keys(&mut cl, "after", 60).await?;
-        read_keys(&mut cl, "after", 60).await?;
+        needed_in_the_quorum(&mut c, &mut cl, lagging, top, Duration::from_secs(120), 60).await?;
         let got = cl.get("big79").await.map_err(|e| e.to_string())?;
         if got.as_ref() != Some(&value) {
             return Err("big79 lost".into());
@@ -436,16 +464,7 @@ async fn an_expired_ordered_crl_is_replaced_and_a_restarted_replica_reconnects()
             .map_err(|e| e.to_string())?;
         write_keys(&mut cl, "fresh", 4).await?;
         let top = executed(&c, (restarted + 1) % 4);
-        wait_for(
-            "the restarted replica to catch up",
-            Duration::from_secs(60),
-            || executed(&c, restarted) >= top,
-        )
-        .await?;
-        // With another replica down, every quorum needs the restarted one.
-        c.kill((restarted + 2) % 4);
-        write_keys(&mut cl, "after", 40).await?;
-        read_keys(&mut cl, "after", 40).await?;
+        needed_in_the_quorum(&mut c, &mut cl, restarted, top, Duration::from_secs(60), 40).await?;
         Ok::<_, String>(())
     }
     .await;
@@ -493,22 +512,7 @@ async fn a_replica_revoked_at_n_4_leaves_and_a_client_revoked_after_it_is_refuse
         let config = ClientConfig::load(&c.clients[0]).map_err(|e| e.to_string())?;
         c.revoke(&config.client.certificate)
             .map_err(|e| e.to_string())?;
-        let mut short = config.clone();
-        short.client.timeout_ms = 1000;
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            match Client::from_config(&short).await {
-                Err(ClientError::Unreachable { reached: 0, .. }) => break,
-                other if Instant::now() > deadline => {
-                    return Err(format!(
-                        "a client revoked after the replica connected: {other:?}"
-                    ));
-                }
-                Ok(cl) => cl.close().await,
-                Err(_) => {}
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+        until_refused(&config, Duration::from_secs(20)).await?;
         write_keys(&mut bystander, "after", 4).await?;
         Ok::<_, String>(())
     }
@@ -575,20 +579,9 @@ async fn a_client_whose_certificate_is_revoked_is_refused() {
     let config = ClientConfig::load(&c.clients[0]).unwrap();
     c.revoke(&config.client.certificate).unwrap();
     // The replicas pick up the new CRL file, order it, and close the victim's connections.
-    let short = |mut config: ClientConfig| {
-        config.client.timeout_ms = 1000;
-        config
-    };
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        match Client::from_config(&short(config.clone())).await {
-            Err(ClientError::Unreachable { reached: 0, .. }) => break,
-            other if Instant::now() > deadline => panic!("a revoked client connected: {other:?}"),
-            // Until the replicas have ordered the new CRL, the client still gets in.
-            Ok(c) => c.close().await,
-            Err(_) => {}
-        }
-    }
+    until_refused(&config, Duration::from_secs(15))
+        .await
+        .unwrap();
     assert!(
         victim.get("k").await.is_err(),
         "its old connections are closed"
