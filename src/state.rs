@@ -1694,6 +1694,14 @@ mod tests {
     }
 
     /// An ordered request of `client` with `ordered` as its payload.
+    /// `c` as an ordered command stamped with the time now.
+    fn command_now(c: MembershipCommand) -> Ordered {
+        Ordered::Command {
+            time: crate::node::unix_now(),
+            command: Bytes::from(c.encode()),
+        }
+    }
+
     fn ordered(client: NodeId, number: u64, ordered: Ordered) -> Request {
         Request {
             client,
@@ -1860,14 +1868,7 @@ mod tests {
         let admin_cert = admin.chain()[0].clone();
         let genesis = Membership::genesis(ca.certificate(), members, UnixTime::now()).unwrap();
         let victim = genesis.replica_ids()[4];
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_secs();
-        let command = |c: MembershipCommand| Ordered::Command {
-            time: now,
-            command: Bytes::from(c.encode()),
-        };
+        let command = command_now;
         let remove = command(MembershipCommand::RemoveNode { id: victim });
         let crl = command(MembershipCommand::UpdateCrl {
             crl: ca.crl(&[&admin_cert]).unwrap().to_vec(),
@@ -1905,14 +1906,7 @@ mod tests {
         let revoked = ca.issue_role("revoked", Role::Client).unwrap();
         let genesis = Membership::genesis(ca.certificate(), members, UnixTime::now()).unwrap();
         let replica = genesis.replica_ids()[4];
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_secs();
-        let command = |c: MembershipCommand| Ordered::Command {
-            time: now,
-            command: Bytes::from(c.encode()),
-        };
+        let command = command_now;
         let add = |cert: &rustls::pki_types::CertificateDer<'_>| {
             command(MembershipCommand::AddAdmin {
                 certificate: cert.to_vec(),
@@ -1987,14 +1981,7 @@ mod tests {
         let other = ca.issue_role("other", Role::Client).unwrap();
         let genesis = Membership::genesis(ca.certificate(), members, UnixTime::now()).unwrap();
         let replicas = genesis.replica_ids();
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_secs();
-        let command = |c: MembershipCommand| Ordered::Command {
-            time: now,
-            command: Bytes::from(c.encode()),
-        };
+        let command = command_now;
         let vote = |cert: &rustls::pki_types::CertificateDer<'_>| {
             command(MembershipCommand::AddAdmin {
                 certificate: cert.to_vec(),
