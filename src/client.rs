@@ -223,6 +223,21 @@ impl Client {
         &self.roster
     }
 
+    /// Presents `identity`, a renewed certificate of this client's key (`securesmart ca
+    /// renew`), from now on: each connection to a replica is replaced by one made with it
+    /// before the old one closes. Requests are signed with the same key, so nothing else
+    /// changes. A client process that is restarted reads the renewed file instead.
+    ///
+    /// # Errors
+    /// [`ClientError::Transport`] when `identity` has another key or role.
+    pub fn renew_identity(
+        &self,
+        identity: securesmart_transport::Identity,
+    ) -> Result<(), ClientError> {
+        self.plane.renew_identity(identity)?;
+        Ok(())
+    }
+
     /// This client's node id.
     pub fn id(&self) -> NodeId {
         self.plane.id()

@@ -46,6 +46,9 @@ pub enum ClusterError {
     /// The cluster has no client to ask with.
     #[error("the cluster has no client")]
     NoClient,
+    /// The cluster has no replica with this index.
+    #[error("the cluster has no replica {0}")]
+    NoReplica(usize),
 }
 
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ClusterError {
@@ -432,6 +435,45 @@ impl LocalCluster {
         );
         write_atomic(&bundle, &all)?;
         Ok(crl)
+    }
+}
+
+impl LocalCluster {
+    /// Renews replica `i`'s certificate for its own key at the trust center (a CSR made with
+    /// its key: `securesmart keygen --key` and `securesmart ca renew`), keeps the old one as
+    /// `replica{i}.old.pem` and writes the renewal over `replica{i}.pem` (the running replica
+    /// orders it and presents it); returns the old certificate's path.
+    ///
+    /// # Errors
+    /// [`ClusterError`].
+    pub fn renew(&self, i: usize) -> Result<PathBuf, ClusterError> {
+        let replica = self.replicas.get(i).ok_or(ClusterError::NoReplica(i))?;
+        let cert = &replica.certificate;
+        let key = cert.with_extension("key");
+        let old_pem = std::fs::read(cert).map_err(io(cert.display().to_string()))?;
+        let key_pem = std::fs::read_to_string(&key).map_err(io(key.display().to_string()))?;
+        let csr = securesmart_membership::trust_center::csr_for_key(&key_pem, &[]).map_err(tc)?;
+        let csr = <rustls::pki_types::CertificateSigningRequestDer as rustls::pki_types::pem::PemObject>::from_pem_slice(csr.as_bytes())
+            .map_err(tc)?;
+        let mut ca = TrustCenter::open(&self.dir.join("ca")).map_err(tc)?;
+        let renewed = ca.renew(&old_pem, &csr).map_err(tc)?;
+        let old = cert.with_extension("old.pem");
+        write_atomic(&old, &old_pem)?;
+        write_atomic(cert, renewed.pem().as_bytes())?;
+        Ok(old)
+    }
+
+    /// Revokes `certificate` as superseded (a renewal replaced it; the key is not
+    /// compromised, so its other certificates stay good) and writes a fresh CRL to `crl.pem`.
+    ///
+    /// # Errors
+    /// [`ClusterError`].
+    pub fn supersede(&self, certificate: &Path) -> Result<PathBuf, ClusterError> {
+        let mut ca = TrustCenter::open(&self.dir.join("ca")).map_err(tc)?;
+        let pem = std::fs::read(certificate).map_err(io(certificate.display().to_string()))?;
+        ca.revoke_certificate(&pem, securesmart_membership::Reason::Superseded)
+            .map_err(tc)?;
+        write_crl(&self.dir, &mut ca)
     }
 }
 

@@ -260,6 +260,9 @@ struct Host {
     /// next tick (a CRL file newer than an expired ordered CRL must reach the planes before
     /// it can be ordered).
     crl_file_changed: Arc<AtomicBool>,
+    /// The renewed identity from the certificate file, until the membership orders its
+    /// certificate (`RenewNode`): then both planes present it ([`Host::install_renewal`]).
+    renewed: Arc<Mutex<Option<securesmart_transport::Identity>>>,
 }
 
 /// The replicated state's roster log as client intake sees it: published by the state task
@@ -369,6 +372,26 @@ impl Host {
     /// tell it so (cutting it off at the switch itself could leave it without the last
     /// checkpoint message it needs, running forever). Returns whether this replica is one of
     /// them (it should stop).
+    /// Once the membership holds the renewed certificate from the file, both planes present
+    /// it and replace their links with connections made with it.
+    fn install_renewal(&self, m: &Membership) {
+        let Ok(mut pending) = self.renewed.lock() else {
+            return;
+        };
+        let ordered = m.members().get(&self.id).map(|mem| &mem.certificate);
+        let Some(identity) = pending.take_if(|i| i.chain().first() == ordered) else {
+            return;
+        };
+        drop(pending);
+        for plane in [&self.replica_plane, &self.client_plane] {
+            match plane.renew_identity(identity.clone()) {
+                Ok(replacing) => tracing::info!(replacing, "presenting the renewed certificate"),
+                Err(e) => tracing::error!(error = %e, "cannot present the renewed certificate"),
+            }
+        }
+        metrics::counter!("securesmart_node_certificate_renewals_total").increment(1);
+    }
+
     fn settle_leaving(&self, leaving: &mut Vec<Leaving>, stable: u64, m: &Membership) -> bool {
         let gone = leaving.iter().any(|l| l.until < stable);
         if !gone {
@@ -578,6 +601,7 @@ async fn run_state<S: StateMachine>(
                     return Ok(());
                 }
                 pin_journal_keys(&mut group, &mut checkpoint_epochs, stable);
+                host.install_renewal(m);
                 was_member |= m.members().contains_key(&host.id);
                 cut_off_ticks = if was_member && host.cut_off(m) {
                     cut_off_ticks + 1
@@ -691,6 +715,7 @@ async fn run_state<S: StateMachine>(
                 group.acknowledge_roster(state.rosters());
                 if trust_changed {
                     host.update_trust(executor.app().membership(), &leaving);
+                    host.install_renewal(executor.app().membership());
                 }
                 if host.settle_leaving(
                     &mut leaving,
@@ -938,7 +963,10 @@ impl Node {
             ))),
             crl_ordered: Arc::new(tokio::sync::Notify::new()),
             crl_file_changed: Arc::new(AtomicBool::new(false)),
+            renewed: Arc::default(),
         };
+        let renewed = Arc::clone(&host.renewed);
+        let identity_files = (n.certificate.clone(), n.key.clone());
         let rosters = host.rosters.clone();
         let crl_ordered = Arc::clone(&host.crl_ordered);
         let crl_changed = Arc::clone(&host.crl_file_changed);
@@ -1018,14 +1046,18 @@ impl Node {
                     sealer,
                     rosters,
                 );
+                let certificate = watch_certificate(identity_files, own.clone(), renewed);
                 match crl {
                     Some(path) => {
                         tokio::join!(
                             intake,
+                            certificate,
                             watch_crl(path, revoked, own, local_crl, crl_ordered, crl_changed)
                         );
                     }
-                    None => intake.await,
+                    None => {
+                        tokio::join!(intake, certificate);
+                    }
                 }
             })
         };
@@ -1114,6 +1146,9 @@ pub const TRUST_RECHECK: Duration = Duration::from_secs(60);
 /// Looks at the CRL file after which a CRL not yet seen ordered is submitted again.
 const CRL_RESUBMIT_LOOKS: u32 = 30;
 
+/// Resubmissions of a renewed certificate after which the node gives it up.
+const RENEWAL_RESUBMITS: u32 = 10;
+
 /// How often the node looks at its CRL file.
 pub const CRL_POLL: Duration = Duration::from_secs(1);
 
@@ -1160,6 +1195,98 @@ fn order_revoked_certificates(path: &std::path::Path, own: &SelfRequests) {
             certificates = chunk.len(),
             submitted = submitted.is_ok(),
             "ordering the revoked certificates"
+        );
+    }
+}
+
+/// Watches the node's certificate file: a renewal written there (a certificate of the same
+/// key, e.g. from `securesmart ca renew`) is ordered as this replica's `RenewNode`, submitted
+/// again every [`CRL_RESUBMIT_LOOKS`] looks until the membership holds it; the planes then
+/// present it ([`Host::install_renewal`]). A file that does not load, or names another key,
+/// is logged and counted and changes nothing (rotating the key is a new enrollment).
+async fn watch_certificate(
+    (certificate, key): (std::path::PathBuf, std::path::PathBuf),
+    own: SelfRequests,
+    renewed: Arc<Mutex<Option<securesmart_transport::Identity>>>,
+) {
+    let modified = |p: &std::path::Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    // The node started with the file as it is now.
+    let mut seen = modified(&certificate);
+    let mut current = crate::config::load_identity(&certificate, &key)
+        .ok()
+        .and_then(|i| i.chain().first().cloned());
+    let (mut looks, mut resubmits) = (0u32, 0u32);
+    let mut tick = tokio::time::interval(CRL_POLL);
+    loop {
+        tick.tick().await;
+        let pending = renewed
+            .lock()
+            .ok()
+            .and_then(|r| r.as_ref().and_then(|i| i.chain().first().cloned()));
+        if let Some(cert) = &pending {
+            looks += 1;
+            if looks >= CRL_RESUBMIT_LOOKS {
+                looks = 0;
+                resubmits += 1;
+                if resubmits > RENEWAL_RESUBMITS {
+                    metrics::counter!("securesmart_node_certificate_reload_errors_total")
+                        .increment(1);
+                    tracing::error!(
+                        "the renewed certificate was never ordered (the membership refuses it: \
+                         another CA, or not later than the current one); keeping the current one"
+                    );
+                    if let Ok(mut r) = renewed.lock() {
+                        *r = None;
+                    }
+                    continue;
+                }
+                let submitted = own.submit_command(&MembershipCommand::RenewNode {
+                    certificate: cert.to_vec(),
+                });
+                tracing::info!(
+                    submitted = submitted.is_ok(),
+                    "renewed certificate not ordered yet; submitting it again"
+                );
+            }
+        }
+        let now = modified(&certificate);
+        if now == seen {
+            continue;
+        }
+        seen = now;
+        let identity = match crate::config::load_identity(&certificate, &key) {
+            Ok(i) if i.id() == own.signer.id() => i,
+            Ok(_) => {
+                metrics::counter!("securesmart_node_certificate_reload_errors_total").increment(1);
+                tracing::error!(
+                    "the certificate file now names another key; keeping the current one                      (a new key is a new enrollment)"
+                );
+                continue;
+            }
+            Err(e) => {
+                metrics::counter!("securesmart_node_certificate_reload_errors_total").increment(1);
+                tracing::warn!(error = %e, "certificate file unreadable; keeping the current one");
+                continue;
+            }
+        };
+        let Some(cert) = identity.chain().first().cloned() else {
+            continue;
+        };
+        if current.as_ref() == Some(&cert) {
+            continue;
+        }
+        current = Some(cert.clone());
+        if let Ok(mut r) = renewed.lock() {
+            *r = Some(identity);
+        }
+        (looks, resubmits) = (0, 0);
+        let submitted = own.submit_command(&MembershipCommand::RenewNode {
+            certificate: cert.to_vec(),
+        });
+        metrics::counter!("securesmart_node_certificate_reloads_total").increment(1);
+        tracing::info!(
+            submitted = submitted.is_ok(),
+            "certificate file renewed; ordering the renewal"
         );
     }
 }

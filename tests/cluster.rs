@@ -524,6 +524,46 @@ async fn a_replica_revoked_at_n_4_leaves_and_a_client_revoked_after_it_is_refuse
     bystander.close().await;
 }
 
+/// Renewal in place: a renewed certificate written over a running replica's file is ordered
+/// (`RenewNode`) and presented on new links that replace the old ones, so revoking the old
+/// certificate (superseded) afterwards cuts nothing: the replica is needed in the quorum and
+/// never restarted. (Before, the replica took a renewal only at a restart: its links carried
+/// the old certificate, the CRL cut them, and its reconnects presented the revoked one.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renewed_replica_replaces_its_links_and_its_old_certificate_can_be_revoked() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let mut c = cluster("renew", 1).await;
+    let mut cl = client(&c, 0).await;
+    let renewing = (first_primary(&c) + 1) % 4;
+    let result = async {
+        write_keys(&mut cl, "before", 4).await?;
+        let old = c.renew(renewing).map_err(|e| e.to_string())?;
+        wait_for(
+            "the renewal to be ordered and presented",
+            Duration::from_secs(30),
+            || c.metric(renewing, "securesmart_node_certificate_renewals_total") >= 1.0,
+        )
+        .await?;
+        // Links are replaced with the renewal's connections a moment after it is presented.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        c.supersede(&old).map_err(|e| e.to_string())?;
+        // The nodes order the CRL file within a second or two; then the old serial is revoked
+        // on every plane.
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        write_keys(&mut cl, "renewed", 4).await?;
+        let top = executed(&c, (renewing + 1) % 4);
+        needed_in_the_quorum(&mut c, &mut cl, renewing, top, Duration::from_secs(30), 20).await?;
+        assert!(c.is_running(renewing), "renewed without a restart");
+        Ok::<_, String>(())
+    }
+    .await;
+    if let Err(e) = result {
+        dump_logs(&c);
+        panic!("{e}");
+    }
+    cl.close().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_whole_cluster_restart_keeps_every_acknowledged_write() {
     let _one = ONE_AT_A_TIME.lock().await;

@@ -177,6 +177,9 @@ pub struct CertInfo {
     pub role: Role,
     /// The serial number, big-endian, without leading zeros.
     pub serial: Vec<u8>,
+    /// The start of its validity (`notBefore`), in seconds since the Unix epoch: a renewal
+    /// starts later than the certificate it replaces.
+    pub not_before: i64,
 }
 
 impl CertInfo {
@@ -214,6 +217,7 @@ impl CertInfo {
             id,
             role,
             serial: x509.tbs_certificate.raw_serial().to_vec(),
+            not_before: x509.validity().not_before.timestamp(),
         })
     }
 }

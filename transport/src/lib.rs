@@ -30,6 +30,12 @@
 //!   handshake before the acceptor has checked the dialler's certificate, the acceptor confirms
 //!   admission on a one-byte stream and the dialler treats the connection as live only then, so
 //!   nothing is sent into a connection the other side refuses.
+//! - **Renewal in place.** [`Plane::renew_identity`] presents a renewed certificate of the
+//!   same key from the next handshake on, and replaces each live connection by one made with
+//!   it before the old one closes (make before break: no gap on the link, its queues stay).
+//!   The renewing side dials even where it is the larger id; the peer takes such a connection
+//!   only while it holds a live one whose certificate of that peer started earlier, so a
+//!   faulty peer cannot churn its peers' links with older certificates.
 //! - **Messages.** [`Plane::try_send`], [`Plane::send`], [`Plane::broadcast`], and an [`Inbox`]
 //!   of [`Message`]s. Each [`Class`] has its own unidirectional QUIC stream per connection,
 //!   consensus at a higher stream priority than bulk, so bulk transfers never delay consensus;

@@ -117,6 +117,26 @@ impl DevCa {
     /// [`PkiError`] if generation or signing fails.
     pub fn issue(&self, request: &CertRequest) -> Result<Identity, PkiError> {
         let (key, key_der) = generate_ed25519()?;
+        self.certify(request, &key, &key_der)
+    }
+
+    /// Issues a certificate for `request` to the key of `identity` (a renewal: the same node
+    /// id, a new serial).
+    ///
+    /// # Errors
+    /// [`PkiError`] if the key does not load or signing fails.
+    pub fn renew(&self, identity: &Identity, request: &CertRequest) -> Result<Identity, PkiError> {
+        let key_der = identity.private_key();
+        let key = KeyPair::try_from(&key_der)?;
+        self.certify(request, &key, key_der.secret_der())
+    }
+
+    fn certify(
+        &self,
+        request: &CertRequest,
+        key: &KeyPair,
+        key_der: &[u8],
+    ) -> Result<Identity, PkiError> {
         let now = OffsetDateTime::now_utc();
         let mut sans: Vec<SanName> = vec![SanName::Dns(request.name.clone())];
         sans.extend(request.ips.iter().map(|ip| SanName::Ip(*ip)));
@@ -128,7 +148,7 @@ impl DevCa {
             not_after: now + request.not_after_offset,
             serial: random_serial(),
         })?;
-        let cert = params.signed_by(&key, &self.issuer)?;
+        let cert = params.signed_by(key, &self.issuer)?;
         let key_der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key_der.to_vec()));
         Ok(Identity::new(vec![cert.der().clone()], key_der)?)
     }

@@ -240,7 +240,10 @@ impl Drop for Reservation<'_> {
 
 struct Shared {
     kind: PlaneKind,
-    identity: Identity,
+    id: NodeId,
+    role: crate::identity::Role,
+    /// The certificate and key presented in handshakes, both ways (see [`Plane::renew_identity`]).
+    cert: Arc<CurrentCert>,
     endpoint: quinn::Endpoint,
     trust: TrustHandle,
     limits: Limits,
@@ -265,8 +268,63 @@ impl std::fmt::Debug for Shared {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Plane")
             .field("kind", &self.kind)
-            .field("id", &self.identity.id())
+            .field("id", &self.id)
             .finish_non_exhaustive()
+    }
+}
+
+/// The certificate a plane presents, replaced in place when the node's certificate is
+/// renewed: new handshakes (dialled or accepted) present the new one.
+#[derive(Debug)]
+struct CurrentCert(RwLock<Arc<rustls::sign::CertifiedKey>>);
+
+impl CurrentCert {
+    fn of(
+        identity: &Identity,
+        provider: &rustls::crypto::CryptoProvider,
+    ) -> Result<rustls::sign::CertifiedKey, TransportError> {
+        Ok(rustls::sign::CertifiedKey::from_der(
+            identity.chain().to_vec(),
+            identity.private_key(),
+            provider,
+        )?)
+    }
+
+    fn get(&self) -> Arc<rustls::sign::CertifiedKey> {
+        match self.0.read() {
+            Ok(c) => Arc::clone(&c),
+            Err(p) => Arc::clone(&p.into_inner()),
+        }
+    }
+
+    fn set(&self, key: rustls::sign::CertifiedKey) {
+        match self.0.write() {
+            Ok(mut c) => *c = Arc::new(key),
+            Err(p) => *p.into_inner() = Arc::new(key),
+        }
+    }
+}
+
+impl rustls::server::ResolvesServerCert for CurrentCert {
+    fn resolve(
+        &self,
+        _hello: rustls::server::ClientHello<'_>,
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        Some(self.get())
+    }
+}
+
+impl rustls::client::ResolvesClientCert for CurrentCert {
+    fn resolve(
+        &self,
+        _root_hints: &[&[u8]],
+        _schemes: &[rustls::SignatureScheme],
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        Some(self.get())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
     }
 }
 
@@ -361,6 +419,9 @@ impl Plane {
         let trust = TrustHandle::new(TrustState::new(trust)?);
         let stats = Arc::new(PlaneStats::new(kind.as_str()));
         let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let cert = Arc::new(CurrentCert(RwLock::new(Arc::new(CurrentCert::of(
+            &identity, &provider,
+        )?))));
         let transport = Arc::new(transport_config(&limits)?);
         let server_config = if kind.we_accept() {
             let verifier = Arc::new(PeerVerifier::new(
@@ -372,7 +433,9 @@ impl Plane {
             let mut tls = rustls::ServerConfig::builder_with_provider(Arc::clone(&provider))
                 .with_protocol_versions(&[&rustls::version::TLS13])?
                 .with_client_cert_verifier(verifier)
-                .with_single_cert(identity.chain().to_vec(), identity.private_key())?;
+                .with_cert_resolver(
+                    Arc::clone(&cert) as Arc<dyn rustls::server::ResolvesServerCert>
+                );
             tls.alpn_protocols = vec![kind.alpn().to_vec()];
             let quic = QuicServerConfig::try_from(Arc::new(tls))
                 .map_err(|e| TransportError::Config(e.to_string()))?;
@@ -411,7 +474,9 @@ impl Plane {
         let (inbound_bulk, bulk) = mpsc::channel(limits.inbound_queue);
         let shared = Arc::new(Shared {
             kind,
-            identity,
+            id: identity.id(),
+            role: identity.role(),
+            cert,
             endpoint,
             trust,
             handshake_limiter: RateLimiter::keyed(quota(
@@ -445,7 +510,7 @@ impl Plane {
         tokio::spawn(Arc::clone(&shared).housekeeping());
         tracing::info!(
             plane = kind.as_str(),
-            id = %shared.identity.id(),
+            id = %shared.id,
             addr = ?shared.endpoint.local_addr().ok(),
             "plane started"
         );
@@ -469,7 +534,7 @@ impl Plane {
 
     /// This node's id.
     pub fn id(&self) -> NodeId {
-        self.shared().identity.id()
+        self.shared().id
     }
 
     /// The bound UDP address.
@@ -589,6 +654,53 @@ impl Plane {
         let shared = self.shared();
         shared.trust.replace(TrustState::new(trust)?);
         Ok(shared.reconcile())
+    }
+
+    /// Presents a renewed certificate of this node's key from now on, and replaces every
+    /// live connection by one made with it (returns how many it is replacing).
+    ///
+    /// The new connection is made before the old one closes ("newest connection wins"), so a
+    /// link has no gap: on the replica plane this side dials the peer even where the peer is
+    /// the usual dialler, and the peer takes such a connection only while it holds a live one
+    /// with a certificate of ours that started earlier (so a faulty peer cannot make its
+    /// peers churn with old certificates). On a client listener the clients' connections stay
+    /// until they reconnect (they carry a certificate that was valid when they were made;
+    /// the clients' checks of live links cut them when it expires or is revoked).
+    ///
+    /// # Errors
+    /// [`TransportError::Config`] when `identity` has another key (node id) or role than
+    /// this plane's, or its key does not match its certificate; the old identity stays.
+    pub fn renew_identity(&self, identity: Identity) -> Result<usize, TransportError> {
+        let shared = self.shared();
+        if identity.id() != shared.id || identity.role() != shared.role {
+            return Err(TransportError::Config(
+                "a renewed identity keeps the key (node id) and the role".into(),
+            ));
+        }
+        shared
+            .cert
+            .set(CurrentCert::of(&identity, &shared.provider)?);
+        tracing::info!(
+            plane = shared.kind.as_str(),
+            "presenting a renewed certificate"
+        );
+        if shared.kind == PlaneKind::ClientListener {
+            return Ok(0);
+        }
+        let mut replacing = 0;
+        for link in shared.links_snapshot() {
+            if link.live().is_some() {
+                replacing += 1;
+                let span =
+                    tracing::info_span!("peer", plane = shared.kind.as_str(), peer = %link.id);
+                tokio::spawn(
+                    Arc::clone(shared)
+                        .replace_connection(link.id)
+                        .instrument(span),
+                );
+            }
+        }
+        Ok(replacing)
     }
 
     /// A copy of the counters.
@@ -797,7 +909,7 @@ impl Shared {
     /// smaller node id dials, so both sides agree on one connection per pair.
     fn dials(&self, peer: NodeId) -> bool {
         match self.kind {
-            PlaneKind::Replica => self.identity.id() < peer,
+            PlaneKind::Replica => self.id < peer,
             PlaneKind::Client => true,
             PlaneKind::ClientListener => false,
         }
@@ -810,7 +922,7 @@ impl Shared {
         let cfg = trust.config();
         if self.kind.needs_peer_set() {
             for id in cfg.peers.keys() {
-                if *id != self.identity.id() {
+                if *id != self.id {
                     self.ensure_link(*id);
                 }
             }
@@ -984,7 +1096,9 @@ impl Shared {
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .dangerous()
             .with_custom_certificate_verifier(verifier)
-            .with_client_auth_cert(self.identity.chain().to_vec(), self.identity.private_key())?;
+            .with_client_cert_resolver(
+                Arc::clone(&self.cert) as Arc<dyn rustls::client::ResolvesClientCert>
+            );
         tls.alpn_protocols = vec![self.kind.alpn().to_vec()];
         let quic = QuicClientConfig::try_from(Arc::new(tls))
             .map_err(|e| TransportError::Config(e.to_string()))?;
@@ -993,14 +1107,59 @@ impl Shared {
         Ok(config)
     }
 
+    /// Dials `peer` once with the current certificate and serves the connection, which
+    /// replaces the live one (see [`Plane::renew_identity`]).
+    async fn replace_connection(self: Arc<Self>, peer: NodeId) {
+        let Some(addr) = self.trust.current().config().peers.get(&peer).copied() else {
+            return;
+        };
+        match self.dial(peer, addr).await {
+            Ok(conn) => self.run_connection(conn, true, None).await,
+            Err(e) => tracing::warn!(%addr, %e, "replacing a connection failed; the old one stays"),
+        }
+    }
+
+    /// Whether a connection from `info` (a replica that is not the dialler of our pair)
+    /// replaces a live connection whose certificate of the same peer started earlier: the
+    /// peer renewed its certificate (see [`Plane::renew_identity`]).
+    fn renews_live_connection(&self, info: &CertInfo) -> bool {
+        let held = self
+            .link(&info.id)
+            .and_then(|l| l.live())
+            .and_then(|c| peer_chain(&c))
+            .and_then(|chain| chain.first().and_then(|c| CertInfo::parse(c).ok()));
+        held.is_some_and(|old| old.id == info.id && info.not_before > old.not_before)
+    }
+
+    /// Waits until `link` has no live connection (another one, e.g. a renewal's, may have
+    /// replaced the one this side dialled); false when the plane stops or the link goes.
+    async fn until_down(&self, link: &PeerLink, shutdown: &mut watch::Receiver<bool>) -> bool {
+        let mut conn = link.conn.subscribe();
+        while let Some(live) = link.live() {
+            tokio::select! {
+                _ = shutdown.changed() => return false,
+                changed = conn.changed() => if changed.is_err() { return false },
+                _ = live.closed() => {}
+            }
+        }
+        true
+    }
+
     /// Dials `peer` until it is removed or the plane stops, with exponential back-off and jitter.
     async fn dial_loop(self: Arc<Self>, peer: NodeId) {
         let mut delay = self.limits.reconnect_min;
         let mut shutdown = self.shutdown.subscribe();
         loop {
-            if self.is_stopping() || self.link(&peer).is_none() {
+            if self.is_stopping() {
                 return;
             }
+            let Some(link) = self.link(&peer) else {
+                return;
+            };
+            if !self.until_down(&link, &mut shutdown).await {
+                return;
+            }
+            drop(link);
             let Some(addr) = self.trust.current().config().peers.get(&peer).copied() else {
                 return;
             };
@@ -1038,7 +1197,11 @@ impl Shared {
     ) {
         let remote = conn.remote_address();
         let admitted = self.verdict(&self.trust.current(), &conn).and_then(|info| {
-            if self.kind == PlaneKind::Replica && !dialled && info.id > self.identity.id() {
+            if self.kind == PlaneKind::Replica
+                && !dialled
+                && info.id > self.id
+                && !self.renews_live_connection(&info)
+            {
                 Err(Refusal::WrongDialer)
             } else {
                 Ok(info)

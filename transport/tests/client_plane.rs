@@ -188,3 +188,28 @@ async fn a_client_flood_does_not_starve_the_replica_plane() {
     assert_eq!(seqs, (0..200).collect::<Vec<_>>());
     let _ = flood.await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_renews_its_certificate_keeps_its_connection_through_the_revocation() {
+    let mut ca = DevCa::new("ca").unwrap();
+    let l = listener(&ca).await;
+    let (old, c, _ci) = client(&ca, "client", &l).await;
+    assert!(c.wait_connected(1, WAIT).await);
+    let mut later = securesmart_transport::pki::CertRequest::new("client", Role::Client);
+    later.not_before_offset = -time::Duration::MINUTE;
+    let renewed = ca.renew(&old, &later).unwrap();
+    let before = l.plane.stats().handshakes_accepted;
+    assert_eq!(c.renew_identity(renewed).unwrap(), 1);
+    eventually("the connection replaced", || {
+        l.plane.stats().handshakes_accepted > before && l.plane.open_connections() == 1
+    })
+    .await;
+    let mut trust = l.plane.trust();
+    trust.crls = vec![ca.crl(&[&old.chain()[0]]).unwrap()];
+    assert_eq!(
+        l.plane.update_trust(trust).unwrap(),
+        0,
+        "the old certificate is on no live connection"
+    );
+    assert_eq!(l.plane.connected_peers(), vec![old.id()]);
+}

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use bytes::Bytes;
 use common::*;
 use securesmart_transport::pki::DevCa;
-use securesmart_transport::{Class, Limits, NodeId};
+use securesmart_transport::{Class, Limits, NodeId, Refusal, Role};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn four_nodes_exchange_messages_in_order_per_peer_and_class() {
@@ -194,4 +194,75 @@ async fn the_inbox_serves_consensus_first_and_ends_after_shutdown() {
             .try_send(nodes[0].identity.id(), Class::Consensus, Bytes::new())
             .is_err()
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renewed_certificate_replaces_every_link_before_the_old_one_is_revoked() {
+    let mut ca = DevCa::new("renew ca").unwrap();
+    let mut nodes = mesh(&ca, 3, Limits::test()).await;
+    for n in &nodes {
+        assert!(n.plane.wait_connected(2, WAIT).await);
+    }
+    // The largest id renews: the other two dial it, so its replacements go against the usual
+    // direction, which the peers take only for a renewal.
+    nodes.sort_by_key(|n| n.identity.id());
+    let old = nodes[2].identity.clone();
+    let mut later = securesmart_transport::pki::CertRequest::new("replica-renewed", Role::Replica);
+    later.not_before_offset = -time::Duration::MINUTE;
+    let renewed = ca.renew(&old, &later).unwrap();
+    assert_eq!(renewed.id(), old.id(), "a renewal keeps the node id");
+    let before = nodes[2].plane.stats().handshakes_accepted;
+    assert_eq!(nodes[2].plane.renew_identity(renewed.clone()).unwrap(), 2);
+    eventually("both links replaced", || {
+        nodes[2].plane.stats().handshakes_accepted >= before + 2
+            && nodes.iter().all(|n| n.plane.open_connections() == 2)
+    })
+    .await;
+
+    // The old certificate is revoked: no link carries it any more, so nothing closes and the
+    // renewed node keeps talking to both peers.
+    let mut trust = peer_trust(&ca, &nodes);
+    trust.crls = vec![ca.crl(&[&old.chain()[0]]).unwrap()];
+    for n in &nodes {
+        assert_eq!(
+            n.plane.update_trust(trust.clone()).unwrap(),
+            0,
+            "no live link carries the revoked certificate"
+        );
+    }
+    for i in 0..2 {
+        let to = nodes[i].identity.id();
+        nodes[2]
+            .plane
+            .send(to, Class::Consensus, Bytes::from_static(b"renewed"))
+            .await
+            .unwrap();
+        let got = recv_n(&mut nodes[i].inbox, 1).await;
+        assert_eq!(&got[0].payload[..], b"renewed");
+    }
+    for n in &nodes {
+        assert_eq!(n.plane.connected_peers().len(), 2);
+    }
+
+    // A peer cannot make the others churn by "renewing" back to an older certificate: its
+    // connections against the usual direction are refused while the newer one is live.
+    let mut older = securesmart_transport::pki::CertRequest::new("replica-older", Role::Replica);
+    older.not_before_offset = -time::Duration::HOUR * 2;
+    let older = ca.renew(&old, &older).unwrap();
+    nodes[2].plane.renew_identity(older).unwrap();
+    eventually("the step back refused", || {
+        nodes[..2]
+            .iter()
+            .map(|n| n.plane.stats().refused(Refusal::WrongDialer))
+            .sum::<u64>()
+            == 2
+    })
+    .await;
+    for n in &nodes {
+        assert_eq!(n.plane.connected_peers().len(), 2, "the renewed links stay");
+    }
+
+    // Another key is no renewal.
+    let stranger = ca.issue_role("stranger", Role::Replica).unwrap();
+    assert!(nodes[2].plane.renew_identity(stranger).is_err());
 }
