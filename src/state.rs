@@ -175,6 +175,13 @@ pub const KEY_PACKAGE_REFRESH_SEQS: Seq = 64;
 pub const BACKUP_SEQS: Seq = 32;
 
 /// Whether `id` may order no commit at `seq` (one of its commits was voided or expired lately).
+/// When `cert` (DER) starts to be valid (`notBefore`), or `None` if it does not parse.
+fn starts(cert: &[u8]) -> Option<i64> {
+    securesmart_transport::CertInfo::parse(&rustls::pki_types::CertificateDer::from(cert))
+        .ok()
+        .map(|i| i.not_before)
+}
+
 fn cooling_down(barred: &BTreeMap<NodeId, Seq>, id: &NodeId, seq: Seq) -> bool {
     barred.get(id).is_some_and(|until| *until > seq)
 }
@@ -901,8 +908,21 @@ impl<S: StateMachine> NodeState<S> {
         let reply = match cmd {
             MembershipCommand::AddAdmin { certificate } => {
                 match self.membership.admissible_admin(certificate, now) {
+                    // A renewal of an administrator's certificate (the same key), ordered by a
+                    // working administrator: only forward, as a replica's (a step back would
+                    // dodge a CRL naming the newer serial).
                     Ok(id) if self.admins.contains_key(&id) => {
-                        "refused: already an administrator".to_string()
+                        let later = self.admins.get(&id).is_some_and(|held| {
+                            starts(certificate).is_some_and(|new| Some(new) > starts(held))
+                        });
+                        if later && self.is_admin(&client, time) {
+                            self.admins
+                                .insert(id, Bytes::copy_from_slice(certificate));
+                            tracing::info!(admin = ?id, "administrator certificate renewed");
+                            format!("ok administrators {}", self.admins.len())
+                        } else {
+                            "refused: already an administrator".to_string()
+                        }
                     }
                     Ok(_)
                         if !self.is_admin(&client, time)
@@ -1966,6 +1986,26 @@ mod tests {
         restored.restore(&s.snapshot()).unwrap();
         let r = run(&mut restored, second.id(), add(&stranger.chain()[0]));
         assert_eq!(r, Bytes::from("ok administrators 2"));
+
+        // Renewal: the same key with a later certificate replaces the administrator's, and
+        // the renewed certificate works; a step back to an older one is refused.
+        let mut later = securesmart_transport::pki::CertRequest::new("second", Role::Client);
+        later.not_before_offset = -time::Duration::MINUTE;
+        let renewed = ca.renew(&second, &later).unwrap();
+        let r = run(&mut restored, second.id(), add(&renewed.chain()[0]));
+        assert_eq!(r, Bytes::from("ok administrators 2"));
+        let r = run(&mut restored, second.id(), add(&second.chain()[0]));
+        assert!(r.starts_with(b"refused: already an administrator"), "{r:?}");
+        // Only an administrator renews one.
+        let mut stranger_later =
+            securesmart_transport::pki::CertRequest::new("stranger", Role::Client);
+        stranger_later.not_before_offset = -time::Duration::MINUTE;
+        let r = run(
+            &mut restored,
+            first.id(),
+            add(&ca.renew(&stranger, &stranger_later).unwrap().chain()[0]),
+        );
+        assert!(r.starts_with(b"refused: not an administrator"), "{r:?}");
     }
 
     /// Recovery: once no administrator works (the only one is revoked), a quorum of the

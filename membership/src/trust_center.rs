@@ -295,6 +295,42 @@ pub struct TrustCenter {
     /// ([`TrustCenter::precheck_token`]).
     state_seen: Option<(std::time::SystemTime, u64)>,
     faults: Faults,
+    clock: Clock,
+}
+
+/// The time a [`TrustCenter`] issues and judges by: the system clock, or one a test drives
+/// ([`Clock::manual`]). Certificates, CRLs, tokens and renewals all read it.
+#[derive(Clone)]
+pub struct Clock(std::sync::Arc<dyn Fn() -> OffsetDateTime + Send + Sync>);
+
+impl Clock {
+    /// The system clock (the default).
+    pub fn system() -> Self {
+        Self(std::sync::Arc::new(OffsetDateTime::now_utc))
+    }
+
+    /// A clock that reads `now` (unix seconds), which the caller moves.
+    pub fn manual(now: std::sync::Arc<std::sync::atomic::AtomicI64>) -> Self {
+        Self(std::sync::Arc::new(move || {
+            let t = now.load(std::sync::atomic::Ordering::Relaxed);
+            OffsetDateTime::from_unix_timestamp(t).unwrap_or(OffsetDateTime::UNIX_EPOCH)
+        }))
+    }
+
+    /// The time now.
+    pub fn now(&self) -> OffsetDateTime {
+        (self.0)()
+    }
+
+    fn unix(&self) -> i64 {
+        self.now().unix_timestamp()
+    }
+}
+
+impl std::fmt::Debug for Clock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("Clock").field(&self.now()).finish()
+    }
 }
 
 impl std::fmt::Debug for TrustCenter {
@@ -307,10 +343,6 @@ impl std::fmt::Debug for TrustCenter {
 
 /// How long an unused token is kept once expired (seconds) before `create_token` prunes it.
 const TOKEN_KEPT_AFTER_EXPIRY: i64 = 24 * 3600;
-
-fn now_unix() -> i64 {
-    OffsetDateTime::now_utc().unix_timestamp()
-}
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
@@ -397,6 +429,7 @@ impl TrustCenter {
             state,
             state_seen: None,
             faults,
+            clock: Clock::system(),
         };
         tc.save()?;
         tracing::info!(dir = %dir.display(), "trust center initialized");
@@ -442,6 +475,7 @@ impl TrustCenter {
             state,
             state_seen: None,
             faults: Faults::default(),
+            clock: Clock::system(),
         })
     }
 
@@ -493,7 +527,7 @@ impl TrustCenter {
         if record.used_by.is_some() {
             return Err(EnrollmentRefusal::TokenUsed);
         }
-        if record.expires_at <= now_unix() {
+        if record.expires_at <= self.clock.unix() {
             return Err(EnrollmentRefusal::TokenExpired);
         }
         Ok((t, record))
@@ -610,12 +644,12 @@ impl TrustCenter {
             hash: token_hash(secret.as_ref()).to_hex().to_string(),
             role,
             names: names.to_vec(),
-            expires_at: now_unix().saturating_add(ttl),
+            expires_at: self.clock.unix().saturating_add(ttl),
             used_by: None,
         };
+        // Tokens that expired unused a day ago are of no use, not even to the audit.
+        let cutoff = self.clock.unix().saturating_sub(TOKEN_KEPT_AFTER_EXPIRY);
         self.commit(|s| {
-            // Tokens that expired unused a day ago are of no use, not even to the audit.
-            let cutoff = now_unix().saturating_sub(TOKEN_KEPT_AFTER_EXPIRY);
             s.tokens
                 .retain(|t| t.used_by.is_some() || t.expires_at > cutoff);
             s.tokens.push(record);
@@ -731,7 +765,7 @@ impl TrustCenter {
         if record.revoked.is_some() {
             return Err(EnrollmentRefusal::RenewalRefused("revoked".into()).into());
         }
-        if record.not_after <= now_unix() {
+        if record.not_after <= self.clock.unix() {
             return Err(EnrollmentRefusal::RenewalRefused("expired".into()).into());
         }
         let (public_key, sans) = check_csr(csr, &record.names)?;
@@ -779,7 +813,7 @@ impl TrustCenter {
             return Err(EnrollmentRefusal::NoNames.into());
         };
         let serial = self.fresh_serial();
-        let now = OffsetDateTime::now_utc();
+        let now = self.clock.now();
         let validity = time::Duration::try_from(DEFAULT_CERT_VALIDITY).map_err(pki_err)?;
         let profile = NodeProfile {
             common_name: first.to_string(),
@@ -869,6 +903,7 @@ impl TrustCenter {
             ),
             RevokeTarget::NodeId(id) => (None, Some(id.to_hex())),
         };
+        let at = self.clock.unix();
         // A compromised key is compromised in every certificate it has (a renewal keeps the
         // key): revoking one of them for key compromise revokes them all.
         if reason == Reason::KeyCompromise
@@ -898,10 +933,7 @@ impl TrustCenter {
             // so its other certificates must not stay valid in TLS).
             let mut first = None;
             for entry in matching.iter_mut().filter(|c| c.revoked.is_none()) {
-                entry.revoked = Some(Revocation {
-                    at: now_unix(),
-                    reason,
-                });
+                entry.revoked = Some(Revocation { at, reason });
                 first.get_or_insert_with(|| entry.clone());
             }
             first.ok_or_else(|| TrustCenterError::AlreadyRevoked(what.clone()))
@@ -923,6 +955,12 @@ impl TrustCenter {
         self.revoke(&RevokeTarget::Serial(hex(&info.serial)), reason)
     }
 
+    /// Makes the trust center issue and judge by `clock` from now on (a test's simulated
+    /// time; the default is the system clock).
+    pub fn set_clock(&mut self, clock: Clock) {
+        self.clock = clock;
+    }
+
     /// Issues a new CRL (the CRL number is advanced durably first), valid for `validity`.
     ///
     /// # Errors
@@ -931,7 +969,8 @@ impl TrustCenter {
         &mut self,
         validity: Duration,
     ) -> Result<CertificateRevocationListDer<'static>, TrustCenterError> {
-        self.crl_at(validity, std::time::SystemTime::now())
+        let at = self.clock.now();
+        self.locked(|tc| tc.crl_locked(validity, at))
     }
 
     /// [`TrustCenter::crl`] issued at `at` (its thisUpdate) instead of now: for a trust center
@@ -988,7 +1027,7 @@ impl TrustCenter {
         validity: Duration,
     ) -> Result<(CertificateDer<'static>, Zeroizing<Vec<u8>>), TrustCenterError> {
         let (key, der) = pki::generate_ed25519().map_err(pki_err)?;
-        let now = OffsetDateTime::now_utc();
+        let now = self.clock.now();
         let profile = NodeProfile {
             common_name: "securesmart enrollment".into(),
             sans: names.iter().map(|n| san_of(n)).collect(),
@@ -1549,7 +1588,8 @@ mod tests {
         ca.create_token(RoleName::Client, &names, HOUR).unwrap();
         ca.commit(|s| {
             if let Some(t) = s.tokens.last_mut() {
-                t.expires_at = now_unix() - TOKEN_KEPT_AFTER_EXPIRY - 1;
+                t.expires_at =
+                    OffsetDateTime::now_utc().unix_timestamp() - TOKEN_KEPT_AFTER_EXPIRY - 1;
             }
             Ok(())
         })

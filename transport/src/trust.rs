@@ -167,6 +167,20 @@ impl TrustState {
         self.check_peer(PlaneKind::Replica, &algs, chain, now)
     }
 
+    /// Checks a client's chain (leaf first) exactly as a replica's client plane does in a
+    /// handshake: blocklist, role, then CA, validity at `now`, key usage and the CRLs.
+    ///
+    /// # Errors
+    /// The [`Refusal`] the client plane would give.
+    pub fn verify_client(
+        &self,
+        chain: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<CertInfo, Refusal> {
+        let algs = rustls::crypto::ring::default_provider().signature_verification_algorithms;
+        self.check_peer(PlaneKind::ClientListener, &algs, chain, now)
+    }
+
     /// Whether our CA issued `cert` (any role): its chain to the configured CA verifies at the
     /// time it became valid, whatever the time now and whatever the CRLs say. For deciding
     /// who a revoked certificate named (a certificate that was never ours names nobody).
