@@ -39,6 +39,9 @@
 //! the file's. With a journal, the genesis membership is read as history (its certificates
 //! checked as of their issue), so a node restarts from its journal whatever their age; with an
 //! empty one, the configured replicas must be valid now and not revoked by the CRL file.
+//! The certificate file is watched too: a renewal of the node's key written there is ordered
+//! as its `RenewNode`, and once the membership holds it both planes present it and replace
+//! their links with connections made with it (`Plane::renew_identity`), without a restart.
 //!
 //! # Recovery
 //! A restarted node recovers from its journal ([`Replica::recover`]): the last stable

@@ -62,8 +62,10 @@ enum ClientOp {
         certificate: PathBuf,
     },
     /// Replace a replica's certificate with its renewal (same key; administrators only, or
-    /// the replica itself): orders its `RenewNode`. Restart the replica with the new
-    /// certificate afterwards.
+    /// the replica itself): orders its `RenewNode`. (A running replica orders the renewal
+    /// itself when it is written over its certificate file, and presents it at once; with
+    /// this command, write it there too, or restart the replica with the new
+    /// certificate afterwards.)
     RenewReplica {
         /// The renewed certificate (PEM).
         #[arg(long)]
