@@ -266,6 +266,8 @@ struct Host {
     /// The renewed identity from the certificate file, until the membership orders its
     /// certificate (`RenewNode`): then both planes present it ([`Host::install_renewal`]).
     renewed: Arc<Mutex<Option<securesmart_transport::Identity>>>,
+    /// The certificate both planes present.
+    presented: Arc<Mutex<rustls::pki_types::CertificateDer<'static>>>,
 }
 
 /// The replicated state's roster log as client intake sees it: published by the state task
@@ -369,32 +371,58 @@ impl Host {
         metrics::gauge!("securesmart_node_membership_epoch").set(m.epoch() as f64);
     }
 
+    /// Brings the certificate the planes present in line with the one the membership holds
+    /// for this node. The certificate file's identity waits in [`Host::renewed`] (from the
+    /// start: a renewal written while the node was down is ordered too) until the membership
+    /// holds it; then both planes present it, unless they already do, and replace their links
+    /// with connections made with it. A node that is not a member (a joiner) has nothing to
+    /// renew: it is added with the certificate it presents.
+    fn install_renewal(&self, m: &Membership) {
+        let Ok(mut pending) = self.renewed.lock() else {
+            return;
+        };
+        let Ok(mut presented) = self.presented.lock() else {
+            return;
+        };
+        let Some(file) = pending.as_ref().and_then(|i| i.chain().first().cloned()) else {
+            return;
+        };
+        let ordered = m.members().get(&self.id).map(|mem| &mem.certificate);
+        match ordered {
+            None if file == *presented => {
+                *pending = None;
+                return;
+            }
+            Some(c) if *c == file => {}
+            _ => return,
+        }
+        let Some(identity) = pending.take() else {
+            return;
+        };
+        if file == *presented {
+            return;
+        }
+        for plane in [&self.replica_plane, &self.client_plane] {
+            match plane.renew_identity(identity.clone()) {
+                Ok(replacing) => tracing::info!(replacing, "presenting the renewed certificate"),
+                Err(e) => {
+                    metrics::counter!("securesmart_node_certificate_reload_errors_total")
+                        .increment(1);
+                    tracing::error!(error = %e, "cannot present the renewed certificate");
+                    return;
+                }
+            }
+        }
+        *presented = file;
+        metrics::counter!("securesmart_node_certificate_renewals_total").increment(1);
+    }
+
     /// Drops the leaving replicas once a checkpoint after their switch is stable (`stable`):
     /// the group without them executed past the switch, laggards can fetch the state, and the
     /// leaving replica, admitted until then, has received the checkpoints of the new group that
     /// tell it so (cutting it off at the switch itself could leave it without the last
     /// checkpoint message it needs, running forever). Returns whether this replica is one of
     /// them (it should stop).
-    /// Once the membership holds the renewed certificate from the file, both planes present
-    /// it and replace their links with connections made with it.
-    fn install_renewal(&self, m: &Membership) {
-        let Ok(mut pending) = self.renewed.lock() else {
-            return;
-        };
-        let ordered = m.members().get(&self.id).map(|mem| &mem.certificate);
-        let Some(identity) = pending.take_if(|i| i.chain().first() == ordered) else {
-            return;
-        };
-        drop(pending);
-        for plane in [&self.replica_plane, &self.client_plane] {
-            match plane.renew_identity(identity.clone()) {
-                Ok(replacing) => tracing::info!(replacing, "presenting the renewed certificate"),
-                Err(e) => tracing::error!(error = %e, "cannot present the renewed certificate"),
-            }
-        }
-        metrics::counter!("securesmart_node_certificate_renewals_total").increment(1);
-    }
-
     fn settle_leaving(&self, leaving: &mut Vec<Leaving>, stable: u64, m: &Membership) -> bool {
         let gone = leaving.iter().any(|l| l.until < stable);
         if !gone {
@@ -809,6 +837,11 @@ impl Node {
                 .map_err(|e| NodeError::Metrics(e.to_string()))?;
         }
         let identity = load_identity(&n.certificate, &n.key)?;
+        let presented = identity
+            .chain()
+            .first()
+            .cloned()
+            .ok_or_else(|| ConfigError::Invalid("an empty certificate file".into()))?;
         let group_identity = identity.clone();
         let id = identity.id();
         let not_ed25519 =
@@ -967,6 +1000,7 @@ impl Node {
             crl_ordered: Arc::new(tokio::sync::Notify::new()),
             crl_file_changed: Arc::new(AtomicBool::new(false)),
             renewed: Arc::default(),
+            presented: Arc::new(Mutex::new(presented)),
         };
         let renewed = Arc::clone(&host.renewed);
         let identity_files = (n.certificate.clone(), n.key.clone());
@@ -1213,11 +1247,11 @@ async fn watch_certificate(
     renewed: Arc<Mutex<Option<securesmart_transport::Identity>>>,
 ) {
     let modified = |p: &std::path::Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
-    // The node started with the file as it is now.
-    let mut seen = modified(&certificate);
-    let mut current = crate::config::load_identity(&certificate, &key)
-        .ok()
-        .and_then(|i| i.chain().first().cloned());
+    // The first look takes the file as changed: the membership may hold an older certificate
+    // (a renewal written while the node was down). `Host::install_renewal` clears the pending
+    // identity at once when the membership already holds it.
+    let mut seen = None;
+    let mut current = None;
     let (mut looks, mut resubmits) = (0u32, 0u32);
     let mut tick = tokio::time::interval(CRL_POLL);
     loop {
@@ -1226,21 +1260,21 @@ async fn watch_certificate(
             .lock()
             .ok()
             .and_then(|r| r.as_ref().and_then(|i| i.chain().first().cloned()));
-        if let Some(cert) = &pending {
+        if let Some(cert) = &pending
+            && resubmits <= RENEWAL_RESUBMITS
+        {
             looks += 1;
             if looks >= CRL_RESUBMIT_LOOKS {
                 looks = 0;
                 resubmits += 1;
                 if resubmits > RENEWAL_RESUBMITS {
+                    // It stays pending: if a submission is ordered after all, it is presented.
                     metrics::counter!("securesmart_node_certificate_reload_errors_total")
                         .increment(1);
                     tracing::error!(
-                        "the renewed certificate was never ordered (the membership refuses it: \
-                         another CA, or not later than the current one); keeping the current one"
+                        "the renewed certificate was not ordered (the membership refuses it: \
+                         another CA, or not later than the current one); no more submissions"
                     );
-                    if let Ok(mut r) = renewed.lock() {
-                        *r = None;
-                    }
                     continue;
                 }
                 let submitted = own.submit_command(&MembershipCommand::RenewNode {
@@ -1248,7 +1282,7 @@ async fn watch_certificate(
                 });
                 tracing::info!(
                     submitted = submitted.is_ok(),
-                    "renewed certificate not ordered yet; submitting it again"
+                    "renewed certificate not ordered yet; submitting it"
                 );
             }
         }
@@ -1258,11 +1292,12 @@ async fn watch_certificate(
         }
         seen = now;
         let identity = match crate::config::load_identity(&certificate, &key) {
-            Ok(i) if i.id() == own.signer.id() => i,
+            Ok(i) if i.id() == own.signer.id() && matching_key(&i) => i,
             Ok(_) => {
                 metrics::counter!("securesmart_node_certificate_reload_errors_total").increment(1);
                 tracing::error!(
-                    "the certificate file now names another key; keeping the current one                      (a new key is a new enrollment)"
+                    "the certificate and key files now name another key, or two keys; keeping \
+                     the current certificate (a new key is a new enrollment)"
                 );
                 continue;
             }
@@ -1275,6 +1310,7 @@ async fn watch_certificate(
         let Some(cert) = identity.chain().first().cloned() else {
             continue;
         };
+        let first_look = current.is_none();
         if current.as_ref() == Some(&cert) {
             continue;
         }
@@ -1283,6 +1319,10 @@ async fn watch_certificate(
             *r = Some(identity);
         }
         (looks, resubmits) = (0, 0);
+        if first_look {
+            // Submitted after CRL_RESUBMIT_LOOKS only if still pending then.
+            continue;
+        }
         let submitted = own.submit_command(&MembershipCommand::RenewNode {
             certificate: cert.to_vec(),
         });
@@ -1291,6 +1331,19 @@ async fn watch_certificate(
             submitted = submitted.is_ok(),
             "certificate file renewed; ordering the renewal"
         );
+    }
+}
+
+/// Whether `identity`'s private key is the key its certificate names (Ed25519).
+fn matching_key(identity: &securesmart_transport::Identity) -> bool {
+    match (identity.ed25519_seed(), identity.ed25519_public()) {
+        (Some(seed), Some(public)) => {
+            ed25519_dalek::SigningKey::from_bytes(&seed)
+                .verifying_key()
+                .to_bytes()
+                == public
+        }
+        _ => false,
     }
 }
 

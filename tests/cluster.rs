@@ -551,9 +551,22 @@ async fn a_renewed_replica_replaces_its_links_and_its_old_certificate_can_be_rev
         // on every plane.
         tokio::time::sleep(Duration::from_secs(4)).await;
         write_keys(&mut cl, "renewed", 4).await?;
-        let top = executed(&c, (renewing + 1) % 4);
+        // A renewal written while a replica is down is ordered when it is back (its first
+        // look at the file), so superseding its old certificate leaves it a member.
+        let down = (renewing + 1) % 4;
+        c.kill(down);
+        let old_down = c.renew(down).map_err(|e| e.to_string())?;
+        c.start(down, &log_filter()).map_err(|e| e.to_string())?;
+        write_keys(&mut cl, "restarted", 4).await?;
+        // Submitted after 30 looks at the file (one a second).
+        tokio::time::sleep(Duration::from_secs(36)).await;
+        c.supersede(&old_down).map_err(|e| e.to_string())?;
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        write_keys(&mut cl, "superseded", 4).await?;
+        let top = executed(&c, (renewing + 2) % 4);
         needed_in_the_quorum(&mut c, &mut cl, renewing, top, Duration::from_secs(30), 20).await?;
         assert!(c.is_running(renewing), "renewed without a restart");
+        assert!(c.is_running(down), "renewed while down, still a member");
         Ok::<_, String>(())
     }
     .await;

@@ -341,6 +341,11 @@ impl std::fmt::Debug for TrustCenter {
     }
 }
 
+/// How far back a certificate's validity starts: a renewal is presented at once, and peers
+/// whose clocks are behind by up to this (the skew the nodes allow for ordered commands) must
+/// not refuse it as not yet valid.
+const BACKDATE: time::Duration = time::Duration::minutes(10);
+
 /// How long an unused token is kept once expired (seconds) before `create_token` prunes it.
 const TOKEN_KEPT_AFTER_EXPIRY: i64 = 24 * 3600;
 
@@ -788,7 +793,7 @@ impl TrustCenter {
     }
 
     /// Issues a certificate for `public_key` and `sans` with `role` (marking token `token`
-    /// used, if any), valid from a minute ago (or from `starts_at`, Unix seconds, if later),
+    /// used, if any), valid from [`BACKDATE`] ago (or from `starts_at`, Unix seconds, if later),
     /// unless the key was revoked for key compromise.
     fn issue_locked(
         &mut self,
@@ -820,8 +825,8 @@ impl TrustCenter {
             sans: sans.clone(),
             role: Some(role.role()),
             not_before: match starts_at.and_then(|t| OffsetDateTime::from_unix_timestamp(t).ok()) {
-                Some(t) if t > now - time::Duration::MINUTE => t,
-                _ => now - time::Duration::MINUTE,
+                Some(t) if t > now - BACKDATE => t,
+                _ => now - BACKDATE,
             },
             not_after: now + validity,
             serial: SerialNumber::from_slice(&serial),

@@ -35,7 +35,9 @@
 //!   it before the old one closes (make before break: no gap on the link, its queues stay).
 //!   The renewing side dials even where it is the larger id; the peer takes such a connection
 //!   only while it holds a live one whose certificate of that peer started earlier, so a
-//!   faulty peer cannot churn its peers' links with older certificates.
+//!   faulty peer with several certificates can churn only its own links (as it could by
+//!   going silent), not those between correct nodes. When both ends of a link renew at once,
+//!   each may keep another connection; both close and the dialler reconnects (a short gap).
 //! - **Messages.** [`Plane::try_send`], [`Plane::send`], [`Plane::broadcast`], and an [`Inbox`]
 //!   of [`Message`]s. Each [`Class`] has its own unidirectional QUIC stream per connection,
 //!   consensus at a higher stream priority than bulk, so bulk transfers never delay consensus;

@@ -662,8 +662,8 @@ impl Plane {
     /// The new connection is made before the old one closes ("newest connection wins"), so a
     /// link has no gap: on the replica plane this side dials the peer even where the peer is
     /// the usual dialler, and the peer takes such a connection only while it holds a live one
-    /// with a certificate of ours that started earlier (so a faulty peer cannot make its
-    /// peers churn with old certificates). On a client listener the clients' connections stay
+    /// with a certificate of ours that started earlier (so a faulty peer with several
+    /// certificates can churn only its own links). On a client listener the clients' connections stay
     /// until they reconnect (they carry a certificate that was valid when they were made;
     /// the clients' checks of live links cut them when it expires or is revoked).
     ///
