@@ -116,6 +116,9 @@ pub struct ClientOptions {
     pub retry: Duration,
     /// Transport limits.
     pub limits: Limits,
+    /// The local address to send from (any, by default). Many clients on one host can be
+    /// spread over loopback addresses so that the replicas' per-address caps hold.
+    pub bind: Option<std::net::IpAddr>,
 }
 
 impl Default for ClientOptions {
@@ -124,6 +127,7 @@ impl Default for ClientOptions {
             timeout: Duration::from_secs(10),
             retry: Duration::from_secs(1),
             limits: Limits::production(),
+            bind: None,
         }
     }
 }
@@ -165,10 +169,10 @@ impl Client {
         // client connects to the new replicas when it follows them.
         let needed = roster.group().f() + 1;
         trust.peers = replicas.clone();
-        let local = if replicas.values().any(SocketAddr::is_ipv6) {
-            SocketAddr::from(([0u16; 8], 0))
-        } else {
-            SocketAddr::from(([0u8; 4], 0))
+        let local = match options.bind {
+            Some(ip) => SocketAddr::new(ip, 0),
+            None if replicas.values().any(SocketAddr::is_ipv6) => SocketAddr::from(([0u16; 8], 0)),
+            None => SocketAddr::from(([0u8; 4], 0)),
         };
         let (plane, inbox) = Plane::client(
             PlaneConfig::new(identity, local, trust).with_limits(options.limits.clone()),
@@ -201,6 +205,17 @@ impl Client {
     /// # Errors
     /// As [`Client::connect`], and [`ClientError::Config`].
     pub async fn from_config(config: &ClientConfig) -> Result<Self, ClientError> {
+        Self::from_config_with(config, None).await
+    }
+
+    /// As [`Client::from_config`], sending from `bind` (see [`ClientOptions::bind`]).
+    ///
+    /// # Errors
+    /// As [`Client::from_config`].
+    pub async fn from_config_with(
+        config: &ClientConfig,
+        bind: Option<std::net::IpAddr>,
+    ) -> Result<Self, ClientError> {
         let c = &config.client;
         let identity = load_identity(&c.certificate, &c.key)?;
         let trust = load_trust(&c.ca, c.crl.as_deref())?;
@@ -209,6 +224,7 @@ impl Client {
             timeout: config.timeout(),
             retry: config.retry(),
             limits: c.limits.limits(),
+            bind,
         };
         Self::connect(identity, trust, roster, options).await
     }

@@ -618,6 +618,7 @@ async fn try_intruder(
         timeout: Duration::from_millis(800),
         retry: Duration::from_millis(200),
         limits: Limits::local(),
+        bind: None,
     };
     Ok(matches!(
         Client::connect(rogue, trust, replicas, options).await,

@@ -74,6 +74,14 @@ pub enum KvOp {
         /// The key.
         key: Bytes,
     },
+    /// Sets `key` to `value`, like [`KvOp::Put`], but replies with no value (a write whose
+    /// reply carries nothing back).
+    Set {
+        /// The key.
+        key: Bytes,
+        /// The value.
+        value: Bytes,
+    },
 }
 
 /// The store's reply.
@@ -89,7 +97,10 @@ impl KvOp {
     /// The key the operation touches.
     pub fn key(&self) -> &Bytes {
         match self {
-            KvOp::Put { key, .. } | KvOp::Get { key } | KvOp::Delete { key } => key,
+            KvOp::Put { key, .. }
+            | KvOp::Set { key, .. }
+            | KvOp::Get { key }
+            | KvOp::Delete { key } => key,
         }
     }
 
@@ -106,6 +117,9 @@ impl KvOp {
             }
             KvOp::Delete { key } => {
                 w.u8(3).bytes(key);
+            }
+            KvOp::Set { key, value } => {
+                w.u8(4).bytes(key).bytes(value);
             }
         }
         w.buf
@@ -128,6 +142,10 @@ impl KvOp {
             },
             3 => KvOp::Delete {
                 key: Bytes::copy_from_slice(r.bytes("key", MAX_KEY_BYTES)?),
+            },
+            4 => KvOp::Set {
+                key: Bytes::copy_from_slice(r.bytes("key", MAX_KEY_BYTES)?),
+                value: Bytes::copy_from_slice(r.bytes("value", MAX_VALUE_BYTES)?),
             },
             other => {
                 return Err(WireError::Unknown {
@@ -240,6 +258,12 @@ impl KvStore {
     /// Applies a decoded operation.
     pub fn apply(&mut self, op: KvOp) -> KvReply {
         KvReply::Value(match op {
+            KvOp::Set { key, value } => {
+                return match self.apply(KvOp::Put { key, value }) {
+                    KvReply::Value(_) => KvReply::Value(None),
+                    refused => refused,
+                };
+            }
             KvOp::Put { key, value } => {
                 let old = self.map.get(&key).map_or(0, |v| entry_bytes(&key, v));
                 let after = self
@@ -358,7 +382,7 @@ mod tests {
                 key: k.clone(),
                 value: v2.clone()
             }),
-            KvReply::Value(Some(v1))
+            KvReply::Value(Some(v1.clone()))
         );
         assert_eq!(
             run(KvOp::Get { key: k.clone() }),
@@ -368,7 +392,21 @@ mod tests {
             run(KvOp::Delete { key: k.clone() }),
             KvReply::Value(Some(v2))
         );
-        assert_eq!(run(KvOp::Get { key: k }), KvReply::Value(None));
+        assert_eq!(run(KvOp::Get { key: k.clone() }), KvReply::Value(None));
+        // A set writes like a put and replies with nothing, also past the quota's checks.
+        let set = |value: &Bytes| KvOp::Set {
+            key: k.clone(),
+            value: value.clone(),
+        };
+        assert_eq!(run(set(&v1)), KvReply::Value(None));
+        assert_eq!(run(set(&v1)), KvReply::Value(None));
+        assert_eq!(run(KvOp::Get { key: k.clone() }), KvReply::Value(Some(v1)));
+        let mut small = KvStore::with_quota(10);
+        let big = KvOp::Set {
+            key: k,
+            value: Bytes::from(vec![0; 64]),
+        };
+        assert!(matches!(small.apply(big), KvReply::Refused(_)));
     }
 
     #[test]

@@ -22,6 +22,7 @@ pub use securesmart_consensus as consensus;
 pub use securesmart_membership as membership;
 pub use securesmart_transport as transport;
 
+pub mod bench;
 pub mod client;
 pub mod cluster;
 pub mod config;

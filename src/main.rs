@@ -20,6 +20,9 @@ enum Command {
     /// Run a local secure cluster under load on loopback, with embedded defaults, and print a
     /// summary. Needs no set-up files.
     Demo(securesmart::demo::DemoArgs),
+    /// Measure throughput and latency: n replica processes on loopback, closed-loop clients,
+    /// modes side by side; a table, and a CSV in the results directory. Needs no set-up files.
+    Bench(securesmart::bench::BenchArgs),
     /// The trust center: CA directory, enrollment tokens, signing, revocation, CRLs.
     Ca {
         #[command(subcommand)]
@@ -60,6 +63,10 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Demo(args) => runtime
             .block_on(securesmart::demo::run(args))
+            .map_err(|e| e.to_string()),
+        Command::Bench(args) => runtime
+            .block_on(securesmart::bench::run(args))
+            .map(|_| ())
             .map_err(|e| e.to_string()),
         Command::Ca { command } => runtime.block_on(ca_cli::run(command)),
         Command::Enroll(args) => runtime.block_on(ca_cli::enroll(&args)),

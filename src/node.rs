@@ -196,6 +196,7 @@ async fn current_roster(
         timeout: Duration::from_secs(5),
         retry: Duration::from_millis(500),
         limits: node.limits.limits(),
+        bind: None,
     };
     let mut client =
         crate::client::Client::connect(identity.clone(), trust.clone(), roster, options).await?;

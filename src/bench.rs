@@ -1,0 +1,997 @@
+//! `securesmart bench`: a throughput and latency harness in the manner of BFT-SMaRt's
+//! ThroughputLatency microbenchmark, runnable on a fresh checkout with no set-up files.
+//!
+//! For each replica count it makes a [`LocalCluster`] (n `securesmart node run` processes on
+//! loopback, enrolled by a trust center, as the demo runs them) and runs closed-loop clients
+//! in this process: each client has its own certificate and one request outstanding. Clients
+//! send from loopback addresses 127.0.0.2 and up, 32 to an address, so the replicas'
+//! per-address connection caps stay as they are. Every cell (replicas, mode, sizes, clients)
+//! warms up, then measures a window and reports:
+//! - ordered operations per second, and latency p50/p90/p99/max from a histogram
+//!   (hdrhistogram, microseconds);
+//! - CPU seconds per 1,000 operations, of the replica processes and of this process (the
+//!   clients), apart (from `/proc/<pid>/stat`; not measured elsewhere);
+//! - bytes the replicas' transport sent per operation (frame payloads, without QUIC and UDP
+//!   headers), and the mean batch size the replicas executed.
+//!
+//! Modes:
+//! - `full`: as the demo runs: mutual TLS, signed requests and consensus messages,
+//!   confidential requests sealed with the group key, fsynced journals;
+//! - `signed`: the same without sealing;
+//! - `unreplicated`: one [`KvStore`](crate::kv::KvStore) in this process behind raw quinn (server-authenticated
+//!   TLS only, no replication, no signatures, no journal), the reference for what a plain
+//!   networked key-value server costs here. The table gives each cell's ratio to it.
+//!
+//! Sizes are `request/reply` in bytes of the application payload: `R/0` is a write that
+//! replies with nothing ([`KvOp::Set`]), `R/R` a write that replies with the value it
+//! replaced ([`KvOp::Put`]), `0/S` a read of an `S`-byte value ([`KvOp::Get`]); `0/0` reads
+//! a missing key. Results go to `DIR/results.csv` (`--out`, default `bench-results`) and to a
+//! table on the terminal; a progress line shows each cell's running rate.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), securesmart::bench::BenchError> {
+//! use clap::Parser;
+//! #[derive(Parser)]
+//! struct Cli {
+//!     #[command(flatten)]
+//!     bench: securesmart::bench::BenchArgs,
+//! }
+//! let cli = Cli::parse_from(["bench", "--quick"]);
+//! let cells = securesmart::bench::run(cli.bench).await?;
+//! assert!(cells.iter().all(|c| c.ops_per_sec > 0.0));
+//! # Ok(()) }
+//! ```
+
+use std::fmt;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use hdrhistogram::Histogram;
+use tokio::sync::Mutex;
+
+use crate::client::Client;
+use crate::cluster::{LocalCluster, LocalClusterOptions, metric_sum, scrape};
+use crate::config::{ClientConfig, ConsensusSection};
+use crate::kv::{KvOp, KvReply};
+
+/// A security mode of a cell (see the module doc).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum)]
+pub enum Mode {
+    /// Mutual TLS, signatures, sealing, fsynced journals.
+    Full,
+    /// As `full`, without sealing.
+    Signed,
+    /// One store in this process behind raw quinn: no replication, no signatures.
+    Unreplicated,
+}
+
+impl Mode {
+    /// Its name in tables and files.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Mode::Full => "full",
+            Mode::Signed => "signed",
+            Mode::Unreplicated => "unreplicated",
+        }
+    }
+}
+
+impl fmt::Display for Mode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Request and reply payload sizes in bytes (`R/S`; see the module doc).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Size {
+    /// Request payload (the value written).
+    pub request: usize,
+    /// Reply payload (the value read back).
+    pub reply: usize,
+}
+
+impl FromStr for Size {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (r, q) = s
+            .split_once('/')
+            .ok_or_else(|| format!("{s:?}: sizes are request/reply, e.g. 1024/1024"))?;
+        let parse = |v: &str| {
+            v.trim()
+                .parse::<usize>()
+                .map_err(|e| format!("{s:?}: {e}"))
+                .and_then(|n| {
+                    (n <= MAX_PAYLOAD)
+                        .then_some(n)
+                        .ok_or_else(|| format!("{s:?}: at most {MAX_PAYLOAD} bytes"))
+                })
+        };
+        let size = Size {
+            request: parse(r)?,
+            reply: parse(q)?,
+        };
+        if size.request > 0 && size.reply > 0 && size.request != size.reply {
+            return Err(format!(
+                "{s:?}: the store answers a write with nothing (R/0) or with the value it \
+                 replaced (R/R), and a read with the value (0/S)"
+            ));
+        }
+        Ok(size)
+    }
+}
+
+impl fmt::Display for Size {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.request, self.reply)
+    }
+}
+
+/// The largest request or reply payload a cell may ask for.
+const MAX_PAYLOAD: usize = 64 * 1024;
+/// Keys each client writes in turn (bounds what the store holds: clients x keys x size).
+const KEYS_PER_CLIENT: u64 = 16;
+/// Clients per loopback source address.
+const CLIENTS_PER_ADDRESS: usize = 32;
+
+/// What `securesmart bench` runs.
+#[derive(Clone, Debug, clap::Args)]
+pub struct BenchArgs {
+    /// A few short cells (4 replicas, 1 and 16 clients, 0/0 and 1024/1024, the modes asked for), in
+    /// under a minute: what CI runs.
+    #[arg(long)]
+    pub quick: bool,
+    /// Replica counts (at least 4 each).
+    #[arg(long, value_delimiter = ',', default_values_t = [4, 7])]
+    pub replicas: Vec<usize>,
+    /// Closed-loop client counts.
+    #[arg(long, value_delimiter = ',', default_values_t = [1, 16, 64, 200])]
+    pub clients: Vec<usize>,
+    /// Request/reply payload sizes in bytes.
+    #[arg(long, value_delimiter = ',', default_values = ["0/0", "1024/1024", "4096/0"])]
+    pub sizes: Vec<Size>,
+    /// Modes, side by side in the same run.
+    #[arg(long, value_delimiter = ',', default_values = ["full", "signed", "unreplicated"])]
+    pub modes: Vec<Mode>,
+    /// Seconds of warm-up per cell.
+    #[arg(long, default_value_t = 5)]
+    pub warmup: u64,
+    /// Seconds measured per cell.
+    #[arg(long, default_value_t = 10)]
+    pub seconds: u64,
+    /// Results directory (`results.csv`).
+    #[arg(long, default_value = "bench-results")]
+    pub out: PathBuf,
+    /// Log filter of the node processes (their logs are in the cluster directory's `logs/`).
+    #[arg(long, default_value = "warn")]
+    pub node_log: String,
+    /// The `securesmart` executable the replicas run (this one by default).
+    #[arg(long)]
+    pub exe: Option<PathBuf>,
+}
+
+impl BenchArgs {
+    /// The arguments with `--quick` applied.
+    fn effective(mut self) -> Self {
+        if self.quick {
+            self.replicas = vec![4];
+            self.clients = vec![1, 16];
+            self.sizes = vec![
+                Size {
+                    request: 0,
+                    reply: 0,
+                },
+                Size {
+                    request: 1024,
+                    reply: 1024,
+                },
+            ];
+            self.warmup = 1;
+            self.seconds = 2;
+        }
+        self.clients.retain(|c| *c > 0);
+        self.clients.sort_unstable();
+        self.clients.dedup();
+        self.modes.sort_unstable();
+        self.modes.dedup();
+        self
+    }
+}
+
+/// What one cell measured.
+#[derive(Clone, Debug)]
+pub struct CellResult {
+    /// Replicas (0 for `unreplicated`).
+    pub replicas: usize,
+    /// Mode.
+    pub mode: Mode,
+    /// Payload sizes.
+    pub size: Size,
+    /// Closed-loop clients.
+    pub clients: usize,
+    /// Operations completed per second in the measured window.
+    pub ops_per_sec: f64,
+    /// Latency percentiles and maximum.
+    pub p50: Duration,
+    /// 90th percentile.
+    pub p90: Duration,
+    /// 99th percentile.
+    pub p99: Duration,
+    /// Maximum.
+    pub max: Duration,
+    /// CPU seconds of the replica processes per 1,000 operations (NaN where unknown).
+    pub replica_cpu_per_kop: f64,
+    /// CPU seconds of this process (the clients) per 1,000 operations (NaN where unknown).
+    pub client_cpu_per_kop: f64,
+    /// Bytes the replicas' transport sent per operation (NaN for `unreplicated`).
+    pub wire_bytes_per_op: f64,
+    /// Client operations per batch the first replica executed (NaN for `unreplicated`).
+    pub mean_batch: f64,
+    /// Operations that failed (timed out or refused) in the window.
+    pub errors: u64,
+}
+
+/// A failure of the harness itself (not of a cell's operations, which are counted).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BenchError {
+    /// The arguments ask for something the harness cannot run.
+    #[error("arguments: {0}")]
+    Arguments(String),
+    /// Making or starting a cluster, or connecting its clients, failed.
+    #[error("setup: {0}")]
+    Setup(String),
+    /// Writing the results failed.
+    #[error("writing {path}: {source}")]
+    Write {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn setup(e: impl fmt::Display) -> BenchError {
+    BenchError::Setup(e.to_string())
+}
+
+/// The operation number `i` of client `j` for `size` (see the module doc).
+fn op(j: usize, i: u64, size: Size) -> KvOp {
+    if size.request == 0 {
+        return KvOp::Get {
+            key: Bytes::from(if size.reply == 0 {
+                format!("c{j}/none")
+            } else {
+                format!("c{j}/read{}", size.reply)
+            }),
+        };
+    }
+    let key = Bytes::from(format!("c{j}/k{}", i % KEYS_PER_CLIENT));
+    let value = Bytes::from(vec![b'v'; size.request]);
+    if size.reply == 0 {
+        KvOp::Set { key, value }
+    } else {
+        KvOp::Put { key, value }
+    }
+}
+
+/// The writes that make `size`'s operations reply with `size.reply` bytes from the start.
+fn preload(j: usize, size: Size) -> Vec<KvOp> {
+    if size.request == 0 && size.reply > 0 {
+        return vec![KvOp::Set {
+            key: Bytes::from(format!("c{j}/read{}", size.reply)),
+            value: Bytes::from(vec![b'r'; size.reply]),
+        }];
+    }
+    if size.reply > 0 {
+        return (0..KEYS_PER_CLIENT)
+            .map(|i| KvOp::Set {
+                key: Bytes::from(format!("c{j}/k{i}")),
+                value: Bytes::from(vec![b'v'; size.reply]),
+            })
+            .collect();
+    }
+    Vec::new()
+}
+
+/// Whether `reply` is a store reply that carries no refusal.
+fn accepted(reply: &[u8]) -> bool {
+    matches!(KvReply::decode(reply), Ok(KvReply::Value(_)))
+}
+
+/// CPU seconds (user and system) of process `pid` so far, from `/proc`.
+fn cpu_seconds(pid: Option<u32>) -> Option<f64> {
+    let path = match pid {
+        Some(p) => format!("/proc/{p}/stat"),
+        None => "/proc/self/stat".to_owned(),
+    };
+    let stat = std::fs::read_to_string(path).ok()?;
+    // The command name (field 2) may hold spaces; fields after its closing parenthesis.
+    let rest = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
+    let ticks: f64 = fields
+        .get(11..13)?
+        .iter()
+        .map(|f| f.parse::<f64>().ok())
+        .sum::<Option<f64>>()?;
+    // USER_HZ, 100 on every Linux.
+    Some(ticks / 100.0)
+}
+
+/// The counters read before and after a window.
+#[derive(Clone, Copy, Default)]
+struct Counters {
+    replica_cpu: Option<f64>,
+    client_cpu: Option<f64>,
+    wire_bytes: f64,
+    batches: f64,
+}
+
+fn counters(cluster: Option<&LocalCluster>) -> Counters {
+    let mut c = Counters {
+        client_cpu: cpu_seconds(None),
+        ..Counters::default()
+    };
+    let Some(cluster) = cluster else {
+        return c;
+    };
+    c.replica_cpu = (0..cluster.replicas.len())
+        .map(|i| cpu_seconds(Some(cluster.pid(i)?)))
+        .sum();
+    for (i, r) in cluster.replicas.iter().enumerate() {
+        let Ok(body) = scrape(r.metrics_addr) else {
+            continue;
+        };
+        c.wire_bytes += metric_sum(
+            &body,
+            "securesmart_transport_bytes_total",
+            &["direction=\"out\""],
+        );
+        if i == 0 {
+            c.batches = metric_sum(&body, "securesmart_consensus_executed_batches_total", &[]);
+        }
+    }
+    c
+}
+
+/// One closed loop per client over `call` (client index, op number -> success): warm-up,
+/// then the measured window with a progress line.
+async fn closed_loops<F, Fut>(
+    label: &str,
+    clients: usize,
+    warmup: Duration,
+    window: Duration,
+    cluster: Option<&LocalCluster>,
+    call: F,
+) -> (Histogram<u64>, u64, Duration, Counters, Counters)
+where
+    F: Fn(usize, u64) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = bool> + Send,
+{
+    let stop = Arc::new(AtomicBool::new(false));
+    let counting = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for j in 0..clients {
+        let (stop, counting, done, call) = (
+            Arc::clone(&stop),
+            Arc::clone(&counting),
+            Arc::clone(&done),
+            call.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            // 1 us to 100 s, 3 significant digits.
+            let mut h = Histogram::<u64>::new_with_bounds(1, 100_000_000, 3).ok();
+            let mut errors = 0u64;
+            let mut i = 0;
+            while !stop.load(Relaxed) {
+                i += 1;
+                let t = Instant::now();
+                let ok = call(j, i).await;
+                if counting.load(Relaxed) {
+                    if ok {
+                        let us = u64::try_from(t.elapsed().as_micros()).unwrap_or(u64::MAX);
+                        if let Some(h) = h.as_mut() {
+                            h.saturating_record(us.max(1));
+                        }
+                        done.fetch_add(1, Relaxed);
+                    } else {
+                        errors += 1;
+                    }
+                }
+            }
+            (h, errors)
+        }));
+    }
+    tokio::time::sleep(warmup).await;
+    let before = counters(cluster);
+    counting.store(true, Relaxed);
+    let start = Instant::now();
+    let secs = window.as_secs().max(1);
+    for second in 1..=secs {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        eprint!(
+            "\r  {label}: {second}/{secs} s, {:.0} ops/s      ",
+            done.load(Relaxed) as f64 / start.elapsed().as_secs_f64()
+        );
+    }
+    counting.store(false, Relaxed);
+    let elapsed = start.elapsed();
+    let after = counters(cluster);
+    stop.store(true, Relaxed);
+    eprintln!();
+    let mut all = Histogram::<u64>::new_with_bounds(1, 100_000_000, 3)
+        .unwrap_or_else(|_| Histogram::new(3).unwrap_or_else(|_| unreachable_histogram()));
+    let mut errors = 0;
+    for t in tasks {
+        if let Ok((h, e)) = t.await {
+            if let Some(h) = h {
+                let _ = all.add(h);
+            }
+            errors += e;
+        }
+    }
+    (all, errors, elapsed, before, after)
+}
+
+/// (hdrhistogram accepts 3 significant digits; this is never reached.)
+fn unreachable_histogram() -> Histogram<u64> {
+    Histogram::new_with_max(100_000_000, 2).unwrap_or_else(|_| std::process::abort())
+}
+
+fn result(
+    replicas: usize,
+    mode: Mode,
+    size: Size,
+    clients: usize,
+    (h, errors, elapsed, before, after): (Histogram<u64>, u64, Duration, Counters, Counters),
+) -> CellResult {
+    let ops = h.len() as f64;
+    let per_kop = |b: Option<f64>, a: Option<f64>| match (b, a) {
+        (Some(b), Some(a)) if ops > 0.0 => (a - b) / ops * 1000.0,
+        _ => f64::NAN,
+    };
+    let us = |q: f64| Duration::from_micros(h.value_at_quantile(q));
+    let replicated = mode != Mode::Unreplicated;
+    let batches = after.batches - before.batches;
+    CellResult {
+        replicas,
+        mode,
+        size,
+        clients,
+        ops_per_sec: ops / elapsed.as_secs_f64(),
+        p50: us(0.50),
+        p90: us(0.90),
+        p99: us(0.99),
+        max: Duration::from_micros(h.max()),
+        replica_cpu_per_kop: per_kop(before.replica_cpu, after.replica_cpu),
+        client_cpu_per_kop: per_kop(before.client_cpu, after.client_cpu),
+        wire_bytes_per_op: if replicated && ops > 0.0 {
+            (after.wire_bytes - before.wire_bytes) / ops
+        } else {
+            f64::NAN
+        },
+        mean_batch: if replicated && batches > 0.0 {
+            ops / batches
+        } else {
+            f64::NAN
+        },
+        errors,
+    }
+}
+
+/// The clients of a cluster, connected once and shared by its cells.
+struct Clients(Vec<Arc<Mutex<Client>>>);
+
+impl Clients {
+    async fn connect(cluster: &LocalCluster, n: usize) -> Result<Self, BenchError> {
+        let mut clients = Vec::with_capacity(n);
+        for j in 0..n {
+            let path = cluster
+                .clients
+                .get(j)
+                .ok_or_else(|| setup("fewer client configurations than clients"))?;
+            let config = ClientConfig::load(path).map_err(setup)?;
+            let source = u8::try_from(2 + j / CLIENTS_PER_ADDRESS)
+                .map_err(|_| BenchError::Arguments("too many clients".into()))?;
+            let bind = IpAddr::from([127, 0, 0, source]);
+            let client = Client::from_config_with(&config, Some(bind))
+                .await
+                .map_err(setup)?;
+            clients.push(Arc::new(Mutex::new(client)));
+            if (j + 1) % 25 == 0 || j + 1 == n {
+                eprint!("\r  connected {}/{n} clients", j + 1);
+            }
+        }
+        eprintln!();
+        Ok(Self(clients))
+    }
+
+    async fn cell(
+        &self,
+        cluster: &LocalCluster,
+        mode: Mode,
+        size: Size,
+        clients: usize,
+        args: &BenchArgs,
+    ) -> CellResult {
+        let n = cluster.replicas.len();
+        for (j, c) in self.0.iter().take(clients).enumerate() {
+            let mut c = c.lock().await;
+            c.set_confidential(mode == Mode::Full);
+            for write in preload(j, size) {
+                let _ = c.invoke(Bytes::from(write.encode())).await;
+            }
+        }
+        let connected: Vec<Arc<Mutex<Client>>> = self.0.iter().take(clients).cloned().collect();
+        let label = format!("n={n} {mode} {size} x{clients}");
+        let measured = closed_loops(
+            &label,
+            clients,
+            Duration::from_secs(args.warmup),
+            Duration::from_secs(args.seconds),
+            Some(cluster),
+            move |j, i| {
+                let client = connected.get(j).cloned();
+                async move {
+                    let Some(client) = client else { return false };
+                    let request = Bytes::from(op(j, i, size).encode());
+                    let reply = client.lock().await.invoke(request).await;
+                    reply.is_ok_and(|r| accepted(&r))
+                }
+            },
+        )
+        .await;
+        result(n, mode, size, clients, measured)
+    }
+}
+
+/// The unreplicated reference server (see the module doc): a `KvStore` behind raw quinn,
+/// one bidirectional stream of length-prefixed operations and replies per client.
+mod unreplicated {
+    use super::{BenchError, Size, setup};
+    use crate::consensus::message::Request;
+    use crate::consensus::service::StateMachine;
+    use crate::kv::KvStore;
+    use crate::transport::pki::{CertRequest, DevCa};
+    use crate::transport::{NodeId, Role};
+    use bytes::Bytes;
+    use std::sync::Arc;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::sync::Mutex;
+
+    const ALPN: &[u8] = b"securesmart-bench-kv";
+    /// The largest frame the reference server reads.
+    const MAX_FRAME: usize = 1 << 20;
+
+    type Stream = (
+        quinn::Endpoint,
+        quinn::Connection,
+        quinn::SendStream,
+        quinn::RecvStream,
+    );
+
+    pub(super) struct Server {
+        accept: tokio::task::JoinHandle<()>,
+        pub(super) streams: Vec<Arc<Mutex<Stream>>>,
+    }
+
+    impl Drop for Server {
+        fn drop(&mut self) {
+            self.accept.abort();
+        }
+    }
+
+    async fn serve(incoming: quinn::Incoming, store: Arc<std::sync::Mutex<KvStore>>) {
+        let Ok(conn) = incoming.await else { return };
+        let Ok((mut send, mut recv)) = conn.accept_bi().await else {
+            return;
+        };
+        let mut number = 0;
+        loop {
+            let Ok(len) = recv.read_u32().await else {
+                return;
+            };
+            let Ok(len) = usize::try_from(len) else {
+                return;
+            };
+            if len > MAX_FRAME {
+                return;
+            }
+            let mut buf = vec![0; len];
+            if recv.read_exact(&mut buf).await.is_err() {
+                return;
+            }
+            number += 1;
+            let reply = match store.lock() {
+                Ok(mut s) => s.execute(&Request {
+                    client: NodeId::from_bytes([0; 32]),
+                    number,
+                    payload: Bytes::from(buf),
+                }),
+                Err(_) => return,
+            };
+            let Ok(n) = u32::try_from(reply.len()) else {
+                return;
+            };
+            if send.write_u32(n).await.is_err() || send.write_all(&reply).await.is_err() {
+                return;
+            }
+        }
+    }
+
+    pub(super) async fn start(clients: usize) -> Result<Server, BenchError> {
+        let ca = DevCa::new("bench ca").map_err(setup)?;
+        let server = ca
+            .issue(&CertRequest::new("server", Role::Replica))
+            .map_err(setup)?;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut sc = rustls::ServerConfig::builder_with_provider(Arc::clone(&provider))
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(setup)?
+            .with_no_client_auth()
+            .with_single_cert(server.chain().to_vec(), server.private_key())
+            .map_err(setup)?;
+        sc.alpn_protocols = vec![ALPN.to_vec()];
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(ca.certificate()).map_err(setup)?;
+        let mut cc = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(setup)?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        cc.alpn_protocols = vec![ALPN.to_vec()];
+        let quic =
+            quinn::crypto::rustls::QuicServerConfig::try_from(Arc::new(sc)).map_err(setup)?;
+        let endpoint = quinn::Endpoint::server(
+            quinn::ServerConfig::with_crypto(Arc::new(quic)),
+            ([127, 0, 0, 1], 0).into(),
+        )
+        .map_err(setup)?;
+        let addr = endpoint.local_addr().map_err(setup)?;
+        let store = Arc::new(std::sync::Mutex::new(KvStore::default()));
+        let accept = tokio::spawn(async move {
+            while let Some(incoming) = endpoint.accept().await {
+                tokio::spawn(serve(incoming, Arc::clone(&store)));
+            }
+        });
+        let client_crypto = Arc::new(
+            quinn::crypto::rustls::QuicClientConfig::try_from(Arc::new(cc)).map_err(setup)?,
+        );
+        let mut streams = Vec::with_capacity(clients);
+        for _ in 0..clients {
+            let mut endpoint =
+                quinn::Endpoint::client(([127, 0, 0, 1], 0).into()).map_err(setup)?;
+            endpoint.set_default_client_config(quinn::ClientConfig::new(client_crypto.clone()));
+            let conn = endpoint
+                .connect(addr, "server")
+                .map_err(setup)?
+                .await
+                .map_err(setup)?;
+            let (send, recv) = conn.open_bi().await.map_err(setup)?;
+            streams.push(Arc::new(Mutex::new((endpoint, conn, send, recv))));
+        }
+        Ok(Server { accept, streams })
+    }
+
+    /// One operation over `stream`; whether a store reply came back.
+    pub(super) async fn call(stream: &Mutex<Stream>, request: &[u8]) -> bool {
+        let mut s = stream.lock().await;
+        let (_, _, send, recv) = &mut *s;
+        let Ok(n) = u32::try_from(request.len()) else {
+            return false;
+        };
+        if send.write_u32(n).await.is_err() || send.write_all(request).await.is_err() {
+            return false;
+        }
+        let Ok(len) = recv.read_u32().await else {
+            return false;
+        };
+        let Ok(len) = usize::try_from(len) else {
+            return false;
+        };
+        if len > MAX_FRAME {
+            return false;
+        }
+        let mut buf = vec![0; len];
+        recv.read_exact(&mut buf).await.is_ok() && super::accepted(&buf)
+    }
+
+    /// Writes `size`'s preload through the first stream of each client.
+    pub(super) async fn preload(server: &Server, size: Size) {
+        for (j, s) in server.streams.iter().enumerate() {
+            for write in super::preload(j, size) {
+                let _ = call(s, &write.encode()).await;
+            }
+        }
+    }
+}
+
+async fn unreplicated_cell(
+    size: Size,
+    clients: usize,
+    args: &BenchArgs,
+) -> Result<CellResult, BenchError> {
+    let server = unreplicated::start(clients).await?;
+    unreplicated::preload(&server, size).await;
+    let streams = server.streams.clone();
+    let label = format!("{} {size} x{clients}", Mode::Unreplicated);
+    let measured = closed_loops(
+        &label,
+        clients,
+        Duration::from_secs(args.warmup),
+        Duration::from_secs(args.seconds),
+        None,
+        move |j, i| {
+            let stream = streams.get(j).cloned();
+            async move {
+                let Some(stream) = stream else { return false };
+                unreplicated::call(&stream, &op(j, i, size).encode()).await
+            }
+        },
+    )
+    .await;
+    drop(server);
+    Ok(result(0, Mode::Unreplicated, size, clients, measured))
+}
+
+/// Makes and starts a cluster of `n` replicas with `clients` client identities, and waits
+/// until every replica holds the group key (`full` seals with it).
+async fn cluster(n: usize, clients: usize, args: &BenchArgs) -> Result<LocalCluster, BenchError> {
+    let exe = match &args.exe {
+        Some(exe) => exe.clone(),
+        None => std::env::current_exe().map_err(setup)?,
+    };
+    let dir = std::env::temp_dir().join(format!("securesmart-bench-{}-{n}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let options = LocalClusterOptions {
+        replicas: n,
+        clients,
+        consensus: ConsensusSection::default(),
+        client_timeout_ms: 20_000,
+        log: args.node_log.clone(),
+        rekey_seconds: 600,
+    };
+    eprintln!(
+        "  {n} replicas and {clients} client identities in {}",
+        dir.display()
+    );
+    let mut cluster = LocalCluster::create(&dir, &exe, &options)
+        .await
+        .map_err(setup)?;
+    for i in 0..n {
+        cluster.start(i, &args.node_log).map_err(setup)?;
+    }
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let epochs: Vec<u64> = (0..n)
+            .map(|i| cluster.metric(i, "securesmart_node_group_epoch") as u64)
+            .collect();
+        if epochs.first().is_some_and(|e| *e > 0)
+            && epochs.iter().all(|e| Some(e) == epochs.first())
+        {
+            return Ok(cluster);
+        }
+        if Instant::now() > deadline {
+            return Err(setup(format!("the group key did not form: {epochs:?}")));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Runs every cell `args` asks for, prints the table and writes `results.csv`; returns the
+/// cells.
+///
+/// # Errors
+/// [`BenchError`] when the arguments are unusable, a cluster cannot be set up or the results
+/// cannot be written. Failed operations are counted in the cells, not errors.
+pub async fn run(args: BenchArgs) -> Result<Vec<CellResult>, BenchError> {
+    let args = args.effective();
+    if args.replicas.iter().any(|n| *n < 4) {
+        return Err(BenchError::Arguments("at least 4 replicas".into()));
+    }
+    let max_clients = args.clients.last().copied().unwrap_or(1);
+    if max_clients > CLIENTS_PER_ADDRESS * 250 {
+        return Err(BenchError::Arguments("too many clients".into()));
+    }
+    std::fs::create_dir_all(&args.out).map_err(|source| BenchError::Write {
+        path: args.out.clone(),
+        source,
+    })?;
+    let cells_total = args.sizes.len() * args.clients.len() * {
+        let replicated = args
+            .modes
+            .iter()
+            .filter(|m| **m != Mode::Unreplicated)
+            .count();
+        replicated * args.replicas.len() + usize::from(args.modes.contains(&Mode::Unreplicated))
+    };
+    eprintln!(
+        "securesmart bench: {cells_total} cells, {} s warm-up and {} s measured each",
+        args.warmup, args.seconds
+    );
+    let mut cells = Vec::new();
+    if args.modes.contains(&Mode::Unreplicated) {
+        for size in &args.sizes {
+            for k in &args.clients {
+                cells.push(unreplicated_cell(*size, *k, &args).await?);
+            }
+        }
+    }
+    let replicated: Vec<Mode> = args
+        .modes
+        .iter()
+        .copied()
+        .filter(|m| *m != Mode::Unreplicated)
+        .collect();
+    if !replicated.is_empty() {
+        for n in &args.replicas {
+            let cluster = cluster(*n, max_clients, &args).await?;
+            let clients = Clients::connect(&cluster, max_clients).await?;
+            for size in &args.sizes {
+                for mode in &replicated {
+                    for k in &args.clients {
+                        cells.push(clients.cell(&cluster, *mode, *size, *k, &args).await);
+                    }
+                }
+            }
+            for c in clients.0 {
+                if let Ok(c) = Arc::try_unwrap(c) {
+                    c.into_inner().close().await;
+                }
+            }
+            drop(cluster);
+        }
+    }
+    print_table(&cells);
+    let path = args.out.join("results.csv");
+    write_csv(&path, &cells).map_err(|source| BenchError::Write { path, source })?;
+    Ok(cells)
+}
+
+/// The `unreplicated` cell with the same sizes and clients as `cell`.
+fn reference<'a>(cells: &'a [CellResult], cell: &CellResult) -> Option<&'a CellResult> {
+    cells
+        .iter()
+        .find(|c| c.mode == Mode::Unreplicated && c.size == cell.size && c.clients == cell.clients)
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+fn print_table(cells: &[CellResult]) {
+    println!();
+    println!(
+        "{:>3} {:<13} {:>10} {:>5} {:>9} {:>8} {:>8} {:>8} {:>8} {:>9} {:>9} {:>8} {:>6} {:>7} {:>6}",
+        "n",
+        "mode",
+        "size",
+        "cli",
+        "ops/s",
+        "p50 ms",
+        "p90 ms",
+        "p99 ms",
+        "max ms",
+        "rep cpu",
+        "cli cpu",
+        "B/op",
+        "batch",
+        "vs unr",
+        "errors"
+    );
+    for c in cells {
+        let ratio = reference(cells, c).map_or(f64::NAN, |r| {
+            c.ops_per_sec / r.ops_per_sec.max(f64::MIN_POSITIVE)
+        });
+        println!(
+            "{:>3} {:<13} {:>10} {:>5} {:>9.0} {:>8.2} {:>8.2} {:>8.2} {:>8.1} {:>9.3} {:>9.3} {:>8.0} {:>6.1} {:>7.3} {:>6}",
+            c.replicas,
+            c.mode.as_str(),
+            c.size.to_string(),
+            c.clients,
+            c.ops_per_sec,
+            ms(c.p50),
+            ms(c.p90),
+            ms(c.p99),
+            ms(c.max),
+            c.replica_cpu_per_kop,
+            c.client_cpu_per_kop,
+            c.wire_bytes_per_op,
+            c.mean_batch,
+            ratio,
+            c.errors
+        );
+    }
+    println!(
+        "(cpu: CPU seconds per 1,000 operations; B/op: bytes the replicas sent per operation)"
+    );
+}
+
+fn write_csv(path: &Path, cells: &[CellResult]) -> std::io::Result<()> {
+    use std::fmt::Write as _;
+    let mut out = String::from(
+        "replicas,mode,request_bytes,reply_bytes,clients,ops_per_sec,p50_us,p90_us,p99_us,\
+         max_us,replica_cpu_s_per_kop,client_cpu_s_per_kop,wire_bytes_per_op,mean_batch,errors\n",
+    );
+    for c in cells {
+        let _ = writeln!(
+            out,
+            "{},{},{},{},{},{:.1},{},{},{},{},{:.4},{:.4},{:.1},{:.2},{}",
+            c.replicas,
+            c.mode.as_str(),
+            c.size.request,
+            c.size.reply,
+            c.clients,
+            c.ops_per_sec,
+            c.p50.as_micros(),
+            c.p90.as_micros(),
+            c.p99.as_micros(),
+            c.max.as_micros(),
+            c.replica_cpu_per_kop,
+            c.client_cpu_per_kop,
+            c.wire_bytes_per_op,
+            c.mean_batch,
+            c.errors
+        );
+    }
+    std::fs::write(path, out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kv::KvStore;
+
+    #[test]
+    fn sizes_parse_and_refuse_what_the_store_cannot_answer() {
+        let s: Size = "1024/1024".parse().unwrap();
+        assert_eq!((s.request, s.reply), (1024, 1024));
+        assert!("4096/0".parse::<Size>().is_ok());
+        assert!("0/512".parse::<Size>().is_ok());
+        for bad in ["1024", "1024/512", "x/0", "999999/0"] {
+            assert!(bad.parse::<Size>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn operations_carry_the_asked_sizes() {
+        let mut kv = KvStore::default();
+        for (j, size) in ["0/0", "0/512", "1024/1024", "4096/0"]
+            .iter()
+            .map(|s| s.parse::<Size>().unwrap())
+            .enumerate()
+        {
+            for write in preload(j, size) {
+                kv.apply(write);
+            }
+            for i in 1..=KEYS_PER_CLIENT * 2 {
+                let op = op(j, i, size);
+                let encoded = op.encode();
+                assert!(encoded.len() >= size.request, "{size}");
+                assert!(encoded.len() <= size.request + 32, "{size}");
+                let reply = kv.apply(op);
+                let got = match reply {
+                    KvReply::Value(v) => v.map_or(0, |v| v.len()),
+                    KvReply::Refused(why) => panic!("{size}: {why}"),
+                };
+                assert_eq!(got, size.reply, "{size}");
+            }
+        }
+    }
+
+    #[test]
+    fn this_process_has_a_cpu_time() {
+        if cfg!(target_os = "linux") {
+            assert!(cpu_seconds(None).is_some_and(|s| s >= 0.0));
+        }
+    }
+}
