@@ -818,11 +818,20 @@ pub async fn run(args: BenchArgs) -> Result<Vec<CellResult>, BenchError> {
         "securesmart bench: {cells_total} cells, {} s warm-up and {} s measured each",
         args.warmup, args.seconds
     );
+    let path = args.out.join("results.csv");
+    // Written after every cell, so that an interrupted run keeps what it measured.
+    let save = |cells: &[CellResult]| {
+        write_csv(&path, cells).map_err(|source| BenchError::Write {
+            path: path.clone(),
+            source,
+        })
+    };
     let mut cells = Vec::new();
     if args.modes.contains(&Mode::Unreplicated) {
         for size in &args.sizes {
             for k in &args.clients {
                 cells.push(unreplicated_cell(*size, *k, &args).await?);
+                save(&cells)?;
             }
         }
     }
@@ -840,20 +849,23 @@ pub async fn run(args: BenchArgs) -> Result<Vec<CellResult>, BenchError> {
                 for mode in &replicated {
                     for k in &args.clients {
                         cells.push(clients.cell(&cluster, *mode, *size, *k, &args).await);
+                        save(&cells)?;
                     }
                 }
             }
+            // Closed side by side: each close waits a grace period for the replicas to hear it.
+            let mut closing = tokio::task::JoinSet::new();
             for c in clients.0 {
                 if let Ok(c) = Arc::try_unwrap(c) {
-                    c.into_inner().close().await;
+                    closing.spawn(c.into_inner().close());
                 }
             }
+            closing.join_all().await;
             drop(cluster);
         }
     }
     print_table(&cells);
-    let path = args.out.join("results.csv");
-    write_csv(&path, &cells).map_err(|source| BenchError::Write { path, source })?;
+    save(&cells)?;
     Ok(cells)
 }
 

@@ -14,8 +14,10 @@
 //! (n = 5 has f = 1 and q = 4).
 //!
 //! # Normal case
-//! The primary of view `v` is `members[v mod n]`; it batches requests (by size, or when the
-//! oldest has waited `batch_delay`), assigns the next sequence number inside the watermarks and
+//! The primary of view `v` is `members[v mod n]`; it batches requests (adaptively: at once
+//! when no batch of its own is in flight, else when that one executes or a batch is full; or,
+//! with [`Config::propose_when_idle`] off, by size or when the oldest has waited
+//! `batch_delay`), assigns the next sequence number inside the watermarks and
 //! broadcasts a signed pre-prepare. A backup accepts a pre-prepare from the primary of its
 //! current view for a sequence number in `(low, low + window]` unless it accepted another digest
 //! for that view and number, and broadcasts a prepare. A slot is *prepared* with the pre-prepare
@@ -125,6 +127,12 @@ pub struct Config {
     pub max_batch: usize,
     /// How long the primary holds a non-full batch.
     pub batch_delay: Duration,
+    /// Adaptive batching (on by default): when every batch it proposed has executed, the
+    /// primary proposes what it holds at once, and while a batch is in flight it holds
+    /// requests until that batch executes or `max_batch` fill one (not `batch_delay`). A lone
+    /// client waits for no timer, and under load the batches grow with it. Off: batches are
+    /// cut by `max_batch` and `batch_delay` alone.
+    pub propose_when_idle: bool,
     /// Sequence numbers accepted above the low watermark (PBFT's L; typically 2K).
     pub window: Seq,
     /// A checkpoint every this many sequence numbers (PBFT's K).
@@ -196,6 +204,7 @@ impl Config {
             replicas,
             max_batch: 256,
             batch_delay: Duration::from_millis(1),
+            propose_when_idle: true,
             window: 128,
             checkpoint_interval: 64,
             view_change_timeout: Duration::from_millis(500),
@@ -833,7 +842,7 @@ impl Replica {
     pub fn next_deadline(&self) -> Option<Duration> {
         let batch = self
             .oldest_queued
-            .filter(|_| self.active && self.is_primary())
+            .filter(|_| self.active && self.is_primary() && self.holds_for_the_timer())
             .map(|t| t + self.config.batch_delay);
         let fetch = self
             .fetching
@@ -1011,11 +1020,29 @@ impl Replica {
         if self.active && self.is_primary() {
             self.queue.push_back(key);
             self.oldest_queued.get_or_insert(self.now);
-            if self.queue.len() >= self.config.max_batch {
-                self.propose(false);
+            // Adaptive batching: with nothing in flight a request goes out at once (a lone
+            // client waits for no timer); under load batches fill while earlier ones are
+            // ordered, up to `max_batch` or `batch_delay`.
+            let idle = self.config.propose_when_idle && self.pipeline_idle();
+            if idle || self.queue.len() >= self.config.max_batch {
+                self.propose(idle);
             }
         }
         Ok(())
+    }
+
+    /// Whether every sequence number this primary proposed has executed here. (One batch in
+    /// flight measured best on two cores: two in flight made more, smaller batches and cost
+    /// 10 to 25 % under load.)
+    fn pipeline_idle(&self) -> bool {
+        self.next_seq <= self.executed
+    }
+
+    /// Whether queued requests go out when `batch_delay` passes. With adaptive batching they
+    /// go out when the batch in flight executes (or the queue fills a batch) instead: the
+    /// fewer, larger batches cost fewer signatures per request.
+    fn holds_for_the_timer(&self) -> bool {
+        !self.config.propose_when_idle || self.pipeline_idle()
     }
 
     /// Whether this replica holds `request` as it is (it was checked when it arrived).
@@ -1070,6 +1097,7 @@ impl Replica {
         let now = self.now;
         if self.active
             && self.is_primary()
+            && self.holds_for_the_timer()
             && let Some(since) = self.oldest_queued
             && now.saturating_sub(since) >= self.config.batch_delay
         {
@@ -1613,8 +1641,16 @@ impl Replica {
         self.execute_ready();
     }
 
-    /// Executes committed slots in sequence order.
+    /// Executes committed slots in sequence order; a primary whose pipeline drained then
+    /// proposes what queued meanwhile.
     fn execute_ready(&mut self) {
+        self.execute_committed();
+        if self.config.propose_when_idle && !self.queue.is_empty() && self.pipeline_idle() {
+            self.propose(true);
+        }
+    }
+
+    fn execute_committed(&mut self) {
         loop {
             let seq = self.executed + 1;
             let group = self.group_at(seq);
@@ -3099,6 +3135,9 @@ mod tests {
         let mut c = Config::new(replicas);
         c.max_batch = 4;
         c.batch_delay = Duration::from_millis(5);
+        // These tests cut batches by size and time; `a_lone_request_goes_out_at_once` covers
+        // adaptive batching.
+        c.propose_when_idle = false;
         c.window = 64;
         c.checkpoint_interval = 2;
         c.view_change_timeout = Duration::from_millis(100);
@@ -3249,6 +3288,28 @@ mod tests {
         }
         c.settle();
         assert!(c.log.iter().all(|l| l.len() == 3));
+    }
+
+    /// Adaptive batching: with nothing in flight the primary proposes a lone request at once
+    /// (no batch delay); what arrives while a batch is in flight waits for it, and goes out
+    /// together when it executes.
+    #[test]
+    fn a_lone_request_goes_out_at_once() {
+        let mut c = Cluster::new(4, |cfg| cfg.propose_when_idle = true);
+        c.submit(1, 1);
+        c.settle();
+        assert!(
+            c.log.iter().all(|l| l.len() == 1),
+            "ordered without waiting for the batch delay"
+        );
+        // Three requests in a row: the first goes out alone, the next two queue behind it
+        // and form one batch when it executes.
+        c.submit(2, 1);
+        c.submit(3, 1);
+        c.submit(4, 1);
+        c.settle();
+        assert!(c.log.iter().all(|l| l.len() == 3), "{:?}", c.log[0]);
+        assert_agree(&c, &[0, 1, 2, 3]);
     }
 
     #[test]
