@@ -526,6 +526,39 @@ impl GroupKey {
                 });
             }
         }
+        // While the holders are f or fewer (a group that starts with its creator alone), every
+        // replica waiting to be added goes into one commit, and an add commit waits until the
+        // holders and the added make more than f: a commit is kept with f + 1
+        // acknowledgements, so a first commit that adds one replica could never settle once
+        // f >= 2 (and no other commit is taken while it is unsettled). Beyond that, one add
+        // per commit, so that a faulty replica's key package voids only its own. Key packages
+        // that do not check out are left to the loop below (it drops them).
+        let holders = members.iter().filter(|id| replicas.contains(id)).count();
+        let settles = |added: usize| holders + added > m.f();
+        let mut adds: Vec<(NodeId, Bytes, rustls::pki_types::CertificateDer<'static>)> = Vec::new();
+        for work in &self.todo {
+            if let Work::Add(id, kp) = work
+                && !members.contains(id)
+                && view.joining.get(id) == Some(&securesmart_membership::key_package_digest(kp))
+                && let Some(cert) = m.members().get(id).map(|mem| mem.certificate.clone())
+                && self.member.check_key_package(kp, &cert).is_ok()
+            {
+                adds.push((*id, kp.clone(), cert));
+            }
+        }
+        if holders <= m.f() && adds.len() > 1 && settles(adds.len()) {
+            self.todo
+                .retain(|w| !matches!(w, Work::Add(id, _) if adds.iter().any(|(a, _, _)| a == id)));
+            let joiners: Vec<(&[u8], &rustls::pki_types::CertificateDer<'_>)> = adds
+                .iter()
+                .map(|(_, kp, cert)| (kp.as_ref(), cert))
+                .collect();
+            for _ in &joiners {
+                commit_counter("add");
+            }
+            let proposal = self.member.propose_add_many(&joiners);
+            return self.submit(proposal);
+        }
         while let Some(work) = self.todo.pop_front() {
             // Only with the key package the replica is to be added with now (the commit policy
             // refuses any other, and the commit would be voided).
@@ -535,7 +568,7 @@ impl GroupKey {
                 continue;
             }
             let proposal = match &work {
-                Work::Add(id, kp) if !members.contains(id) => {
+                Work::Add(id, kp) if !members.contains(id) && settles(1) => {
                     let Some(cert) = m.members().get(id).map(|mem| mem.certificate.clone()) else {
                         continue;
                     };
@@ -553,7 +586,7 @@ impl GroupKey {
                     commit_counter("readd");
                     self.member.propose_readd(*id, kp, &cert)
                 }
-                Work::Readd(id, kp) => {
+                Work::Readd(id, kp) if settles(1) => {
                     let Some(cert) = m.members().get(id).map(|mem| mem.certificate.clone()) else {
                         continue;
                     };

@@ -757,6 +757,44 @@ async fn wait_for_group_key(c: &LocalCluster) {
     .unwrap();
 }
 
+/// Seven replicas (f = 2) form the group key and order confidential requests. (Before, each
+/// commit added one replica: with the creator that made two holders, short of the f + 1 = 3
+/// acknowledgements that keep a commit, and no other commit is taken while one is unsettled,
+/// so the group of seven never formed.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seven_replicas_form_the_group_key_and_seal() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let mut c = created("seven", 1, |o| {
+        o.replicas = 7;
+        o.rekey_seconds = 600;
+    })
+    .await;
+    for i in 0..7 {
+        c.start(i, &log_filter()).unwrap();
+    }
+    let formed = wait_for(
+        "the group key at all seven replicas",
+        Duration::from_secs(90),
+        || {
+            let e: Vec<u64> = (0..7).map(|i| group_epoch(&c, i)).collect();
+            e[0] > 0 && e.iter().all(|x| *x == e[0])
+        },
+    )
+    .await;
+    if let Err(e) = formed {
+        dump_logs(&c);
+        panic!("{e}");
+    }
+    let mut cl = client(&c, 0).await;
+    cl.set_confidential(true);
+    assert_eq!(cl.put("seven", "sealed").await.unwrap(), None);
+    assert_eq!(
+        cl.get("seven").await.unwrap(),
+        Some(Bytes::from_static(b"sealed"))
+    );
+    cl.close().await;
+}
+
 /// The group epoch replica `i` is in, from its metrics (0 if unreachable or not a member).
 fn group_epoch(c: &LocalCluster, i: usize) -> u64 {
     c.metric(i, "securesmart_node_group_epoch") as u64
