@@ -526,13 +526,18 @@ impl GroupKey {
                 });
             }
         }
-        // While the holders are f or fewer (a group that starts with its creator alone), every
-        // replica waiting to be added goes into one commit, and an add commit waits until the
-        // holders and the added make more than f: a commit is kept with f + 1
-        // acknowledgements, so a first commit that adds one replica could never settle once
-        // f >= 2 (and no other commit is taken while it is unsettled). Beyond that, one add
-        // per commit, so that a faulty replica's key package voids only its own. Key packages
-        // that do not check out are left to the loop below (it drops them).
+        // A commit is kept with f + 1 acknowledgements, and no other commit is taken while one
+        // is unsettled: so an add commit waits until the holders and the added make more than
+        // f. With f >= 2, a group that starts with its creator alone could not settle single
+        // adds, and f faulty replicas added first would leave too few correct holders to
+        // settle later ones: so while fewer than 2f + 1 replicas hold the key, the committer
+        // waits for 2f + 1 of holders and joiners together and adds them in one commit (at
+        // least f + 1 of them correct). Its members are drawn at random, as many as wait
+        // first, and fewer while building fails (openmls refuses a batch with a duplicated
+        // key, which a faulty replica can copy from another's key package), so that faulty key
+        // packages cannot block it for good. Otherwise (f = 1: n = 4 to 6; or 2f + 1 holders)
+        // one add per commit, so that a faulty replica's key package voids only its own. Key
+        // packages that do not check out are left to the loop below (it drops them).
         let holders = members.iter().filter(|id| replicas.contains(id)).count();
         let settles = |added: usize| holders + added > m.f();
         let mut adds: Vec<(NodeId, Bytes, rustls::pki_types::CertificateDer<'static>)> = Vec::new();
@@ -546,18 +551,35 @@ impl GroupKey {
                 adds.push((*id, kp.clone(), cert));
             }
         }
-        if holders <= m.f() && adds.len() > 1 && settles(adds.len()) {
-            self.todo
-                .retain(|w| !matches!(w, Work::Add(id, _) if adds.iter().any(|(a, _, _)| a == id)));
-            let joiners: Vec<(&[u8], &rustls::pki_types::CertificateDer<'_>)> = adds
-                .iter()
-                .map(|(_, kp, cert)| (kp.as_ref(), cert))
-                .collect();
-            for _ in &joiners {
-                commit_counter("add");
+        let quorum = m.f().saturating_mul(2).saturating_add(1);
+        if m.f() >= 2 && holders < quorum && !adds.is_empty() {
+            use rand::seq::SliceRandom;
+            let needed = quorum.saturating_sub(holders);
+            if adds.len() < needed {
+                return None;
             }
-            let proposal = self.member.propose_add_many(&joiners);
-            return self.submit(proposal);
+            adds.shuffle(&mut rand::rng());
+            for take in (needed..=adds.len()).rev() {
+                let joiners: Vec<(&[u8], &rustls::pki_types::CertificateDer<'_>)> = adds
+                    .iter()
+                    .take(take)
+                    .map(|(_, kp, cert)| (kp.as_ref(), cert))
+                    .collect();
+                if let Ok(proposal) = self.member.propose_add_many(&joiners) {
+                    for _ in &joiners {
+                        commit_counter("add");
+                    }
+                    self.todo.retain(|w| {
+                        !matches!(w, Work::Add(id, _) if adds.iter().take(take).any(|(a, _, _)| a == id))
+                    });
+                    return self.submit(Ok(proposal));
+                }
+            }
+            tracing::warn!(
+                waiting = adds.len(),
+                "group key: no batch of the waiting replicas builds; trying other ones next time"
+            );
+            return None;
         }
         while let Some(work) = self.todo.pop_front() {
             // Only with the key package the replica is to be added with now (the commit policy

@@ -842,8 +842,8 @@ impl Replica {
     pub fn next_deadline(&self) -> Option<Duration> {
         let batch = self
             .oldest_queued
-            .filter(|_| self.active && self.is_primary() && self.holds_for_the_timer())
-            .map(|t| t + self.config.batch_delay);
+            .filter(|_| self.active && self.is_primary())
+            .map(|t| t + self.hold_delay());
         let fetch = self
             .fetching
             .map(|(_, asked)| asked + self.config.state_transfer_delay);
@@ -1038,11 +1038,17 @@ impl Replica {
         self.next_seq <= self.executed
     }
 
-    /// Whether queued requests go out when `batch_delay` passes. With adaptive batching they
-    /// go out when the batch in flight executes (or the queue fills a batch) instead: the
-    /// fewer, larger batches cost fewer signatures per request.
-    fn holds_for_the_timer(&self) -> bool {
-        !self.config.propose_when_idle || self.pipeline_idle()
+    /// How long queued requests wait before they go out as a batch: `batch_delay`, or with
+    /// adaptive batching while a batch is in flight, until it executes (the fewer, larger
+    /// batches cost fewer signatures per request) but at most a quarter of the view-change
+    /// timeout (a primary whose batch does not execute here, a lost commit say, goes on
+    /// ordering instead of holding until the backups change views).
+    fn hold_delay(&self) -> Duration {
+        if !self.config.propose_when_idle || self.pipeline_idle() {
+            self.config.batch_delay
+        } else {
+            (self.config.view_change_timeout / 4).max(self.config.batch_delay)
+        }
     }
 
     /// Whether this replica holds `request` as it is (it was checked when it arrived).
@@ -1097,9 +1103,8 @@ impl Replica {
         let now = self.now;
         if self.active
             && self.is_primary()
-            && self.holds_for_the_timer()
             && let Some(since) = self.oldest_queued
-            && now.saturating_sub(since) >= self.config.batch_delay
+            && now.saturating_sub(since) >= self.hold_delay()
         {
             self.propose(true);
         }
