@@ -3317,6 +3317,32 @@ mod tests {
         assert_agree(&c, &[0, 1, 2, 3]);
     }
 
+    /// A primary whose batch in flight does not execute here (its commits for it are lost)
+    /// holds what queued behind it for a quarter of the view-change timeout at most, and goes
+    /// on ordering: the backups need no view change. (Held until the batch executes, the
+    /// requests waited for the backups' timers.)
+    #[test]
+    fn a_primary_whose_batch_does_not_execute_here_goes_on_ordering() {
+        let mut c = Cluster::new(4, |cfg| cfg.propose_when_idle = true);
+        c.cut = Box::new(|_, to, m| to == 0 && matches!(m, Message::Commit { seq: 1, .. }));
+        c.submit(1, 1);
+        c.settle();
+        assert!(
+            c.log[0].is_empty(),
+            "the primary lacks the commits of seq 1"
+        );
+        assert!(c.log[1..].iter().all(|l| l.len() == 1));
+        c.submit(2, 1);
+        // view_change_timeout is 100 ms in these tests: well before it, the request went out.
+        c.run_for(Duration::from_millis(40));
+        assert!(
+            c.log[1..].iter().all(|l| l.len() == 2),
+            "the second batch is ordered: {:?}",
+            c.log.iter().map(Vec::len).collect::<Vec<_>>()
+        );
+        assert!(c.replicas.iter().all(|r| r.view() == 0), "no view change");
+    }
+
     #[test]
     fn stable_checkpoints_move_the_window_and_bound_the_log() {
         let mut c = Cluster::new(4, |cfg| cfg.window = 4);
