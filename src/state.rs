@@ -233,6 +233,10 @@ impl GroupView<'_> {
     }
 }
 
+/// The largest key package a replica may ask to be added with (ours are under 1 KiB): the
+/// Welcome that adds it carries it, and a Welcome must fit in a snapshot.
+pub const MAX_KEY_PACKAGE_BYTES: usize = 16 * 1024;
+
 /// Administrators in a snapshot at most.
 const MAX_ADMINS: usize = 1024;
 /// Acknowledgements of one epoch's key in a snapshot at most (one per replica).
@@ -589,6 +593,11 @@ impl<S: StateMachine> NodeState<S> {
     fn group_commit(&mut self, client: NodeId, commit: Bytes, welcome: Bytes) -> Bytes {
         if !self.membership.replica_ids().contains(&client) {
             return Bytes::from_static(b"refused: not a replica");
+        }
+        // Within what a snapshot holds: an oversized one would make every checkpoint taken
+        // while it is pending, or in the history, impossible to restore.
+        if commit.len() > MAX_MLS_MESSAGE_BYTES || welcome.len() > MAX_MLS_MESSAGE_BYTES {
+            return Bytes::from_static(b"refused: too large");
         }
         if self.group_view().is_barred(&client) {
             return Bytes::from_static(b"refused: a commit of this replica was voided lately");
@@ -1142,6 +1151,11 @@ impl<S: StateMachine> StateMachine for NodeState<S> {
             Ok(Ordered::KeyAck { epoch, commit }) => self.key_ack(request.client, epoch, commit),
             Ok(Ordered::CommitRefused(commit)) => self.commit_refused(request.client, commit),
             Ok(Ordered::Command { time, command }) => self.command(request.client, time, &command),
+            Ok(Ordered::KeyPackage(key_package)) if key_package.len() > MAX_KEY_PACKAGE_BYTES => {
+                // (A Welcome carries the key packages it adds: a huge one would make it too
+                // large for a snapshot.)
+                Bytes::from_static(b"refused: key package too large")
+            }
             Ok(Ordered::KeyPackage(key_package)) => {
                 let digest = securesmart_membership::key_package_digest(&key_package);
                 let kept_package = key_package.clone();
@@ -1728,6 +1742,26 @@ mod tests {
             number,
             payload: ordered.encode(),
         }
+    }
+
+    /// A faulty replica cannot make a Welcome too large for a snapshot: an oversized key
+    /// package, or an oversized commit or Welcome, is refused at execution.
+    #[test]
+    fn oversized_key_packages_and_welcomes_are_refused() {
+        let mut s = state();
+        let ids = four_replicas().replica_ids();
+        let huge = Ordered::KeyPackage(Bytes::from(vec![0u8; MAX_KEY_PACKAGE_BYTES + 1]));
+        let r = s.execute(&ordered(ids[1], 10, huge));
+        assert_eq!(&r[..], b"refused: key package too large");
+        let commit = Ordered::GroupCommit {
+            commit: Bytes::from_static(b"c"),
+            welcome: Bytes::from(vec![0u8; MAX_MLS_MESSAGE_BYTES + 1]),
+        };
+        let r = s.execute(&ordered(ids[0], 11, commit));
+        assert_eq!(&r[..], b"refused: too large");
+        // The state went on: the snapshot still restores.
+        let mut copy = NodeState::new(four_replicas(), Vec::new(), KvStore::default());
+        copy.restore(&s.snapshot()).unwrap();
     }
 
     /// A valid MLS commit made for epoch 0 of some group of one (the test does not need the
