@@ -371,25 +371,26 @@ async fn closed_loops<F, Fut>(
     window: Duration,
     cluster: Option<&LocalCluster>,
     call: F,
-) -> (Histogram<u64>, u64, Duration, Counters, Counters)
+) -> Result<(Histogram<u64>, u64, Duration, Counters, Counters), BenchError>
 where
     F: Fn(usize, u64) -> Fut + Clone + Send + 'static,
     Fut: std::future::Future<Output = bool> + Send,
 {
+    // Latencies in microseconds, 1 us to 100 s, 3 significant digits.
+    let empty = Histogram::<u64>::new_with_bounds(1, 100_000_000, 3).map_err(setup)?;
     let stop = Arc::new(AtomicBool::new(false));
     let counting = Arc::new(AtomicBool::new(false));
     let done = Arc::new(AtomicU64::new(0));
     let mut tasks = Vec::new();
     for j in 0..clients {
-        let (stop, counting, done, call) = (
+        let (stop, counting, done, call, mut h) = (
             Arc::clone(&stop),
             Arc::clone(&counting),
             Arc::clone(&done),
             call.clone(),
+            empty.clone(),
         );
         tasks.push(tokio::spawn(async move {
-            // 1 us to 100 s, 3 significant digits.
-            let mut h = Histogram::<u64>::new_with_bounds(1, 100_000_000, 3).ok();
             let mut errors = 0u64;
             let mut i = 0;
             while !stop.load(Relaxed) {
@@ -399,9 +400,7 @@ where
                 if counting.load(Relaxed) {
                     if ok {
                         let us = u64::try_from(t.elapsed().as_micros()).unwrap_or(u64::MAX);
-                        if let Some(h) = h.as_mut() {
-                            h.saturating_record(us.max(1));
-                        }
+                        h.saturating_record(us.max(1));
                         done.fetch_add(1, Relaxed);
                     } else {
                         errors += 1;
@@ -428,23 +427,16 @@ where
     let after = counters(cluster);
     stop.store(true, Relaxed);
     eprintln!();
-    let mut all = Histogram::<u64>::new_with_bounds(1, 100_000_000, 3)
-        .unwrap_or_else(|_| Histogram::new(3).unwrap_or_else(|_| unreachable_histogram()));
+    let mut all = empty;
     let mut errors = 0;
     for t in tasks {
         if let Ok((h, e)) = t.await {
-            if let Some(h) = h {
-                let _ = all.add(h);
-            }
+            // (Same bounds: adding cannot fail.)
+            let _ = all.add(h);
             errors += e;
         }
     }
-    (all, errors, elapsed, before, after)
-}
-
-/// (hdrhistogram accepts 3 significant digits; this is never reached.)
-fn unreachable_histogram() -> Histogram<u64> {
-    Histogram::new_with_max(100_000_000, 2).unwrap_or_else(|_| std::process::abort())
+    Ok((all, errors, elapsed, before, after))
 }
 
 fn result(
@@ -522,7 +514,7 @@ impl Clients {
         size: Size,
         clients: usize,
         args: &BenchArgs,
-    ) -> CellResult {
+    ) -> Result<CellResult, BenchError> {
         let n = cluster.replicas.len();
         for (j, c) in self.0.iter().take(clients).enumerate() {
             let mut c = c.lock().await;
@@ -549,8 +541,8 @@ impl Clients {
                 }
             },
         )
-        .await;
-        result(n, mode, size, clients, measured)
+        .await?;
+        Ok(result(n, mode, size, clients, measured))
     }
 }
 
@@ -597,19 +589,9 @@ mod unreplicated {
         };
         let mut number = 0;
         loop {
-            let Ok(len) = recv.read_u32().await else {
+            let Some(buf) = read_frame(&mut recv).await else {
                 return;
             };
-            let Ok(len) = usize::try_from(len) else {
-                return;
-            };
-            if len > MAX_FRAME {
-                return;
-            }
-            let mut buf = vec![0; len];
-            if recv.read_exact(&mut buf).await.is_err() {
-                return;
-            }
             number += 1;
             let reply = match store.lock() {
                 Ok(mut s) => s.execute(&Request {
@@ -619,13 +601,29 @@ mod unreplicated {
                 }),
                 Err(_) => return,
             };
-            let Ok(n) = u32::try_from(reply.len()) else {
-                return;
-            };
-            if send.write_u32(n).await.is_err() || send.write_all(&reply).await.is_err() {
+            if !write_frame(&mut send, &reply).await {
                 return;
             }
         }
+    }
+
+    /// Writes one length-prefixed frame; whether it went out.
+    async fn write_frame(send: &mut quinn::SendStream, frame: &[u8]) -> bool {
+        let Ok(n) = u32::try_from(frame.len()) else {
+            return false;
+        };
+        send.write_u32(n).await.is_ok() && send.write_all(frame).await.is_ok()
+    }
+
+    /// Reads one length-prefixed frame of at most [`MAX_FRAME`] bytes.
+    async fn read_frame(recv: &mut quinn::RecvStream) -> Option<Vec<u8>> {
+        let len = usize::try_from(recv.read_u32().await.ok()?).ok()?;
+        if len > MAX_FRAME {
+            return None;
+        }
+        let mut buf = vec![0; len];
+        recv.read_exact(&mut buf).await.ok()?;
+        Some(buf)
     }
 
     pub(super) async fn start(clients: usize) -> Result<Server, BenchError> {
@@ -686,23 +684,10 @@ mod unreplicated {
     pub(super) async fn call(stream: &Mutex<Stream>, request: &[u8]) -> bool {
         let mut s = stream.lock().await;
         let (_, _, send, recv) = &mut *s;
-        let Ok(n) = u32::try_from(request.len()) else {
-            return false;
-        };
-        if send.write_u32(n).await.is_err() || send.write_all(request).await.is_err() {
-            return false;
-        }
-        let Ok(len) = recv.read_u32().await else {
-            return false;
-        };
-        let Ok(len) = usize::try_from(len) else {
-            return false;
-        };
-        if len > MAX_FRAME {
-            return false;
-        }
-        let mut buf = vec![0; len];
-        recv.read_exact(&mut buf).await.is_ok() && super::accepted(&buf)
+        write_frame(send, request).await
+            && read_frame(recv)
+                .await
+                .is_some_and(|reply| super::accepted(&reply))
     }
 
     /// Writes `size`'s preload through the first stream of each client.
@@ -738,7 +723,7 @@ async fn unreplicated_cell(
             }
         },
     )
-    .await;
+    .await?;
     drop(server);
     Ok(result(0, Mode::Unreplicated, size, clients, measured))
 }
@@ -848,7 +833,7 @@ pub async fn run(args: BenchArgs) -> Result<Vec<CellResult>, BenchError> {
             for size in &args.sizes {
                 for mode in &replicated {
                     for k in &args.clients {
-                        cells.push(clients.cell(&cluster, *mode, *size, *k, &args).await);
+                        cells.push(clients.cell(&cluster, *mode, *size, *k, &args).await?);
                         save(&cells)?;
                     }
                 }

@@ -1237,6 +1237,12 @@ fn order_revoked_certificates(path: &std::path::Path, own: &SelfRequests) {
     }
 }
 
+/// When the file at `p` was last modified (`None` if it cannot be read): the watchers
+/// reload a file when this changes.
+fn modified(p: &std::path::Path) -> Option<std::time::SystemTime> {
+    std::fs::metadata(p).and_then(|m| m.modified()).ok()
+}
+
 /// Watches the node's certificate file: a renewal written there (a certificate of the same
 /// key, e.g. from `securesmart ca renew`) is ordered as this replica's `RenewNode`, submitted
 /// again every [`CRL_RESUBMIT_LOOKS`] looks until the membership holds it; the planes then
@@ -1247,13 +1253,17 @@ async fn watch_certificate(
     own: SelfRequests,
     renewed: Arc<Mutex<Option<securesmart_transport::Identity>>>,
 ) {
-    let modified = |p: &std::path::Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
     // The first look takes the file as changed: the membership may hold an older certificate
     // (a renewal written while the node was down). `Host::install_renewal` clears the pending
     // identity at once when the membership already holds it.
     let mut seen = None;
     let mut current = None;
     let (mut looks, mut resubmits) = (0u32, 0u32);
+    let order = |cert: &rustls::pki_types::CertificateDer<'static>| {
+        own.submit_command(&MembershipCommand::RenewNode {
+            certificate: cert.to_vec(),
+        })
+    };
     let mut tick = tokio::time::interval(CRL_POLL);
     loop {
         tick.tick().await;
@@ -1278,9 +1288,7 @@ async fn watch_certificate(
                     );
                     continue;
                 }
-                let submitted = own.submit_command(&MembershipCommand::RenewNode {
-                    certificate: cert.to_vec(),
-                });
+                let submitted = order(cert);
                 tracing::info!(
                     submitted = submitted.is_ok(),
                     "renewed certificate not ordered yet; submitting it"
@@ -1324,9 +1332,7 @@ async fn watch_certificate(
             // Submitted after CRL_RESUBMIT_LOOKS only if still pending then.
             continue;
         }
-        let submitted = own.submit_command(&MembershipCommand::RenewNode {
-            certificate: cert.to_vec(),
-        });
+        let submitted = order(&cert);
         metrics::counter!("securesmart_node_certificate_reloads_total").increment(1);
         tracing::info!(
             submitted = submitted.is_ok(),
@@ -1362,7 +1368,6 @@ async fn watch_crl(
     crl_ordered: Arc<tokio::sync::Notify>,
     changed: Arc<AtomicBool>,
 ) {
-    let modified = |p: &std::path::Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
     let mut seen = None;
     let mut seen_revoked = None;
     // Looks left at which the revoked certificates are ordered again.

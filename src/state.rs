@@ -174,13 +174,6 @@ pub const KEY_PACKAGE_REFRESH_SEQS: Seq = 64;
 /// designated one may be down), so that a faulty replica cannot win every race to commit.
 pub const BACKUP_SEQS: Seq = 32;
 
-/// When `cert` (DER) starts to be valid (`notBefore`), or `None` if it does not parse.
-fn starts(cert: &[u8]) -> Option<i64> {
-    securesmart_transport::CertInfo::parse(&rustls::pki_types::CertificateDer::from(cert))
-        .ok()
-        .map(|i| i.not_before)
-}
-
 /// Whether `id` may order no commit at `seq` (one of its commits was voided or expired lately).
 fn cooling_down(barred: &BTreeMap<NodeId, Seq>, id: &NodeId, seq: Seq) -> bool {
     barred.get(id).is_some_and(|until| *until > seq)
@@ -922,7 +915,8 @@ impl<S: StateMachine> NodeState<S> {
                     // dodge a CRL naming the newer serial).
                     Ok(id) if self.admins.contains_key(&id) => {
                         let later = self.admins.get(&id).is_some_and(|held| {
-                            starts(certificate).is_some_and(|new| Some(new) > starts(held))
+                            securesmart_membership::epoch::starts_later(certificate, held)
+                                .unwrap_or(false)
                         });
                         if later && self.is_admin(&client, time) {
                             self.admins

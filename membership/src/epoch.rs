@@ -474,7 +474,7 @@ impl Membership {
                 // Only forward: a renewal issued after the current certificate. Swapping back
                 // to an older certificate of the same key would dodge a CRL that names the
                 // newer one's serial (and churn rosters).
-                if not_before(certificate)? <= not_before(current.as_ref())? {
+                if !starts_later(certificate, current.as_ref())? {
                     return Err(CommandRefusal::CertificateRefused(
                         "not issued after the current certificate".into(),
                     ));
@@ -603,6 +603,16 @@ pub fn valid_at(cert: &[u8], now: UnixTime) -> bool {
     let now = i64::try_from(now.as_secs()).unwrap_or(i64::MAX);
     let v = x509.validity();
     v.not_before.timestamp() <= now && now <= v.not_after.timestamp()
+}
+
+/// Whether certificate `new` starts to be valid later than `held` (a renewal goes only
+/// forward: swapping back to an older certificate of the same key would dodge a CRL naming
+/// the newer one's serial).
+///
+/// # Errors
+/// [`CommandRefusal::BadCertificate`] if either does not parse.
+pub fn starts_later(new: &[u8], held: &[u8]) -> Result<bool, CommandRefusal> {
+    Ok(not_before(new)? > not_before(held)?)
 }
 
 /// A second into a certificate's validity (its notBefore, plus one).

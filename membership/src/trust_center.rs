@@ -974,8 +974,7 @@ impl TrustCenter {
         &mut self,
         validity: Duration,
     ) -> Result<CertificateRevocationListDer<'static>, TrustCenterError> {
-        let at = self.clock.now();
-        self.locked(|tc| tc.crl_locked(validity, at))
+        self.crl_at(validity, self.clock.now().into())
     }
 
     /// [`TrustCenter::crl`] issued at `at` (its thisUpdate) instead of now: for a trust center

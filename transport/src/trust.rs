@@ -163,8 +163,7 @@ impl TrustState {
         chain: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<CertInfo, Refusal> {
-        let algs = rustls::crypto::ring::default_provider().signature_verification_algorithms;
-        self.check_peer(PlaneKind::Replica, &algs, chain, now)
+        self.check_as(PlaneKind::Replica, chain, now)
     }
 
     /// Checks a client's chain (leaf first) exactly as a replica's client plane does in a
@@ -177,8 +176,18 @@ impl TrustState {
         chain: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<CertInfo, Refusal> {
+        self.check_as(PlaneKind::ClientListener, chain, now)
+    }
+
+    /// [`TrustState::check_peer`] with the default provider's algorithms.
+    fn check_as(
+        &self,
+        plane: PlaneKind,
+        chain: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<CertInfo, Refusal> {
         let algs = rustls::crypto::ring::default_provider().signature_verification_algorithms;
-        self.check_peer(PlaneKind::ClientListener, &algs, chain, now)
+        self.check_peer(plane, &algs, chain, now)
     }
 
     /// Whether our CA issued `cert` (any role): its chain to the configured CA verifies at the
