@@ -90,6 +90,14 @@ async fn client(c: &LocalCluster, j: usize) -> Client {
 }
 
 /// Shows the replicas' logs when a test fails.
+/// Panics with `result`'s error after printing the replicas' last log lines.
+fn or_dump(c: &LocalCluster, result: Result<(), String>) {
+    if let Err(e) = result {
+        dump_logs(c);
+        panic!("{e}");
+    }
+}
+
 fn dump_logs(c: &LocalCluster) {
     for i in 0..c.replicas.len() {
         let log = c.dir.join("logs").join(format!("replica{i}.log"));
@@ -285,10 +293,7 @@ async fn concurrent_clients_see_linearizable_results() {
         }));
     }
     for t in tasks {
-        if let Err(e) = t.await.unwrap() {
-            dump_logs(&c);
-            panic!("{e}");
-        }
+        or_dump(&c, t.await.unwrap());
     }
     let history = history.lock().await;
     assert_eq!(history.len(), 120);
@@ -392,10 +397,7 @@ async fn the_service_survives_a_crashed_primary_and_the_restarted_one_catches_up
         Ok::<_, String>(())
     }
     .await;
-    if let Err(e) = result {
-        dump_logs(&c);
-        panic!("{e}");
-    }
+    or_dump(&c, result);
     assert!(c.is_running(primary), "the restarted replica is still up");
     cl.close().await;
 }
@@ -429,10 +431,7 @@ async fn a_replica_fetches_a_state_larger_than_a_frame_in_parts() {
         Ok::<_, String>(())
     }
     .await;
-    if let Err(e) = result {
-        dump_logs(&c);
-        panic!("{e}");
-    }
+    or_dump(&c, result);
     cl.close().await;
 }
 
@@ -468,10 +467,7 @@ async fn an_expired_ordered_crl_is_replaced_and_a_restarted_replica_reconnects()
         Ok::<_, String>(())
     }
     .await;
-    if let Err(e) = result {
-        dump_logs(&c);
-        panic!("{e}");
-    }
+    or_dump(&c, result);
     cl.close().await;
 }
 
@@ -517,10 +513,7 @@ async fn a_replica_revoked_at_n_4_leaves_and_a_client_revoked_after_it_is_refuse
         Ok::<_, String>(())
     }
     .await;
-    if let Err(e) = result {
-        dump_logs(&c);
-        panic!("{e}");
-    }
+    or_dump(&c, result);
     bystander.close().await;
 }
 
@@ -570,10 +563,7 @@ async fn a_renewed_replica_replaces_its_links_and_its_old_certificate_can_be_rev
         Ok::<_, String>(())
     }
     .await;
-    if let Err(e) = result {
-        dump_logs(&c);
-        panic!("{e}");
-    }
+    or_dump(&c, result);
     cl.close().await;
 }
 
@@ -586,10 +576,7 @@ async fn a_whole_cluster_restart_keeps_every_acknowledged_write() {
     wait_for_group_key(&c).await;
     let mut cl = client(&c, 0).await;
     cl.set_confidential(true);
-    if let Err(e) = write_keys(&mut cl, "acked", 100).await {
-        dump_logs(&c);
-        panic!("{e}");
-    }
+    or_dump(&c, write_keys(&mut cl, "acked", 100).await);
     cl.close().await;
     // Several rotations after the last write, before the crash.
     let written_in = group_epoch(&c, 0);
@@ -613,10 +600,7 @@ async fn a_whole_cluster_restart_keeps_every_acknowledged_write() {
         read_keys(&mut cl, "later", 10).await
     }
     .await;
-    if let Err(e) = result {
-        dump_logs(&c);
-        panic!("{e}");
-    }
+    or_dump(&c, result);
     cl.close().await;
 }
 
@@ -781,10 +765,7 @@ async fn seven_replicas_form_the_group_key_and_seal() {
         },
     )
     .await;
-    if let Err(e) = formed {
-        dump_logs(&c);
-        panic!("{e}");
-    }
+    or_dump(&c, formed);
     let mut cl = client(&c, 0).await;
     cl.set_confidential(true);
     assert_eq!(cl.put("seven", "sealed").await.unwrap(), None);
