@@ -18,6 +18,10 @@
 //! - `full`: as the demo runs: mutual TLS, signed requests and consensus messages,
 //!   confidential requests sealed with the group key, fsynced journals;
 //! - `signed`: the same without sealing;
+//! - `baseline`: the same engine, processes, QUIC with mutual TLS and fsynced journals, with
+//!   request signatures, consensus signatures and sealing switched off (the replicas run with
+//!   `[consensus] insecure_baseline`, on a cluster of their own): the ratios `full/base` and
+//!   `signed/base` price the security, not replication;
 //! - `unreplicated`: one [`KvStore`](crate::kv::KvStore) in this process behind raw quinn (server-authenticated
 //!   TLS only, no replication, no signatures, no journal), the reference for what a plain
 //!   networked key-value server costs here. The table gives each cell's ratio to it.
@@ -25,8 +29,9 @@
 //! Sizes are `request/reply` in bytes of the application payload: `R/0` is a write that
 //! replies with nothing ([`KvOp::Set`]), `R/R` a write that replies with the value it
 //! replaced ([`KvOp::Put`]), `0/S` a read of an `S`-byte value ([`KvOp::Get`]); `0/0` reads
-//! a missing key. Results go to `DIR/results.csv` (`--out`, default `bench-results`) and to a
-//! table on the terminal; a progress line shows each cell's running rate.
+//! a missing key. Results go to `DIR/results.csv` (`--out`, default `bench-results`), to PNG
+//! plots `DIR/throughput.png` and `DIR/latency.png`, and to a table on the terminal; a
+//! progress line shows each cell's running rate.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), securesmart::bench::BenchError> {
@@ -47,7 +52,7 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -59,6 +64,8 @@ use crate::cluster::{LocalCluster, LocalClusterOptions, metric_sum, scrape};
 use crate::config::{ClientConfig, ConsensusSection};
 use crate::kv::{KvOp, KvReply};
 
+pub mod plot;
+
 /// A security mode of a cell (see the module doc).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum)]
 pub enum Mode {
@@ -66,6 +73,8 @@ pub enum Mode {
     Full,
     /// As `full`, without sealing.
     Signed,
+    /// The same engine with request and consensus signatures and sealing off.
+    Baseline,
     /// One store in this process behind raw quinn: no replication, no signatures.
     Unreplicated,
 }
@@ -76,6 +85,7 @@ impl Mode {
         match self {
             Mode::Full => "full",
             Mode::Signed => "signed",
+            Mode::Baseline => "baseline",
             Mode::Unreplicated => "unreplicated",
         }
     }
@@ -157,7 +167,7 @@ pub struct BenchArgs {
     #[arg(long, value_delimiter = ',', default_values = ["0/0", "1024/1024", "4096/0"])]
     pub sizes: Vec<Size>,
     /// Modes, side by side in the same run.
-    #[arg(long, value_delimiter = ',', default_values = ["full", "signed", "unreplicated"])]
+    #[arg(long, value_delimiter = ',', default_values = ["full", "signed", "baseline", "unreplicated"])]
     pub modes: Vec<Mode>,
     /// Seconds of warm-up per cell.
     #[arg(long, default_value_t = 5)]
@@ -165,6 +175,10 @@ pub struct BenchArgs {
     /// Seconds measured per cell.
     #[arg(long, default_value_t = 10)]
     pub seconds: u64,
+    /// Measured windows per cell, back to back: each cell reports the window of median
+    /// throughput.
+    #[arg(long, default_value_t = 1)]
+    pub runs: usize,
     /// Results directory (`results.csv`).
     #[arg(long, default_value = "bench-results")]
     pub out: PathBuf,
@@ -194,7 +208,9 @@ impl BenchArgs {
             ];
             self.warmup = 1;
             self.seconds = 2;
+            self.runs = 1;
         }
+        self.runs = self.runs.max(1);
         self.clients.retain(|c| *c > 0);
         self.clients.sort_unstable();
         self.clients.dedup();
@@ -235,6 +251,8 @@ pub struct CellResult {
     pub mean_batch: f64,
     /// Operations that failed (timed out or refused) in the window.
     pub errors: u64,
+    /// Windows measured; the cell is the one of median throughput.
+    pub runs: usize,
 }
 
 /// A failure of the harness itself (not of a cell's operations, which are counted).
@@ -247,6 +265,9 @@ pub enum BenchError {
     /// Making or starting a cluster, or connecting its clients, failed.
     #[error("setup: {0}")]
     Setup(String),
+    /// Drawing a plot failed.
+    #[error(transparent)]
+    Plot(#[from] plot::PlotError),
     /// Writing the results failed.
     #[error("writing {path}: {source}")]
     Write {
@@ -369,9 +390,10 @@ async fn closed_loops<F, Fut>(
     clients: usize,
     warmup: Duration,
     window: Duration,
+    runs: usize,
     cluster: Option<&LocalCluster>,
     call: F,
-) -> Result<(Histogram<u64>, u64, Duration, Counters, Counters), BenchError>
+) -> Result<Vec<Window>, BenchError>
 where
     F: Fn(usize, u64) -> Fut + Clone + Send + 'static,
     Fut: std::future::Future<Output = bool> + Send,
@@ -379,7 +401,8 @@ where
     // Latencies in microseconds, 1 us to 100 s, 3 significant digits.
     let empty = Histogram::<u64>::new_with_bounds(1, 100_000_000, 3).map_err(setup)?;
     let stop = Arc::new(AtomicBool::new(false));
-    let counting = Arc::new(AtomicBool::new(false));
+    // The window being measured, from 1 (0: warming up or between windows).
+    let counting = Arc::new(AtomicUsize::new(0));
     let done = Arc::new(AtomicU64::new(0));
     let mut tasks = Vec::new();
     for j in 0..clients {
@@ -388,55 +411,100 @@ where
             Arc::clone(&counting),
             Arc::clone(&done),
             call.clone(),
-            empty.clone(),
+            vec![(empty.clone(), 0u64); runs],
         );
         tasks.push(tokio::spawn(async move {
-            let mut errors = 0u64;
             let mut i = 0;
             while !stop.load(Relaxed) {
                 i += 1;
                 let t = Instant::now();
                 let ok = call(j, i).await;
-                if counting.load(Relaxed) {
+                let window = counting.load(Relaxed);
+                if let Some((h, errors)) = window.checked_sub(1).and_then(|w| h.get_mut(w)) {
                     if ok {
                         let us = u64::try_from(t.elapsed().as_micros()).unwrap_or(u64::MAX);
                         h.saturating_record(us.max(1));
                         done.fetch_add(1, Relaxed);
                     } else {
-                        errors += 1;
+                        *errors += 1;
                     }
                 }
             }
-            (h, errors)
+            h
         }));
     }
     tokio::time::sleep(warmup).await;
-    let before = counters(cluster);
-    counting.store(true, Relaxed);
-    let start = Instant::now();
     let secs = window.as_secs().max(1);
-    for second in 1..=secs {
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        eprint!(
-            "\r  {label}: {second}/{secs} s, {:.0} ops/s      ",
-            done.load(Relaxed) as f64 / start.elapsed().as_secs_f64()
-        );
+    let mut measured = Vec::with_capacity(runs);
+    for run in 1..=runs {
+        done.store(0, Relaxed);
+        let before = counters(cluster);
+        counting.store(run, Relaxed);
+        let start = Instant::now();
+        for second in 1..=secs {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            eprint!(
+                "\r  {label}: run {run}/{runs}, {second}/{secs} s, {:.0} ops/s      ",
+                done.load(Relaxed) as f64 / start.elapsed().as_secs_f64()
+            );
+        }
+        counting.store(0, Relaxed);
+        measured.push((start.elapsed(), before, counters(cluster)));
     }
-    counting.store(false, Relaxed);
-    let elapsed = start.elapsed();
-    let after = counters(cluster);
     stop.store(true, Relaxed);
     eprintln!();
-    let mut all = empty;
-    let mut errors = 0;
+    let mut all: Vec<(Histogram<u64>, u64)> = vec![(empty, 0); runs];
     for t in tasks {
-        if let Ok((h, e)) = t.await {
-            // (Same bounds: adding cannot fail.)
-            let _ = all.add(h);
-            errors += e;
+        if let Ok(h) = t.await {
+            for ((all, errors), (h, e)) in all.iter_mut().zip(h) {
+                // (Same bounds: adding cannot fail.)
+                let _ = all.add(h);
+                *errors += e;
+            }
         }
     }
-    Ok((all, errors, elapsed, before, after))
+    Ok(all
+        .into_iter()
+        .zip(measured)
+        .map(|((histogram, errors), (elapsed, before, after))| Window {
+            histogram,
+            errors,
+            elapsed,
+            before,
+            after,
+        })
+        .collect())
+}
+
+/// What one measured window of a cell saw.
+struct Window {
+    histogram: Histogram<u64>,
+    errors: u64,
+    elapsed: Duration,
+    before: Counters,
+    after: Counters,
+}
+
+/// The cell of the window with the median throughput.
+fn median(
+    replicas: usize,
+    mode: Mode,
+    size: Size,
+    clients: usize,
+    windows: Vec<Window>,
+) -> Result<CellResult, BenchError> {
+    let runs = windows.len();
+    let mut cells: Vec<CellResult> = windows
+        .into_iter()
+        .map(|w| result(replicas, mode, size, clients, w))
+        .collect();
+    cells.sort_by(|a, b| a.ops_per_sec.total_cmp(&b.ops_per_sec));
+    let mut cell = cells
+        .get(runs / 2)
+        .cloned()
+        .ok_or_else(|| setup("no measured window"))?;
+    cell.runs = runs;
+    Ok(cell)
 }
 
 fn result(
@@ -444,7 +512,13 @@ fn result(
     mode: Mode,
     size: Size,
     clients: usize,
-    (h, errors, elapsed, before, after): (Histogram<u64>, u64, Duration, Counters, Counters),
+    Window {
+        histogram: h,
+        errors,
+        elapsed,
+        before,
+        after,
+    }: Window,
 ) -> CellResult {
     let ops = h.len() as f64;
     let per_kop = |b: Option<f64>, a: Option<f64>| match (b, a) {
@@ -477,6 +551,7 @@ fn result(
             f64::NAN
         },
         errors,
+        runs: 1,
     }
 }
 
@@ -519,6 +594,7 @@ impl Clients {
         for (j, c) in self.0.iter().take(clients).enumerate() {
             let mut c = c.lock().await;
             c.set_confidential(mode == Mode::Full);
+            c.set_insecure_unsigned(mode == Mode::Baseline);
             for write in preload(j, size) {
                 let _ = c.invoke(Bytes::from(write.encode())).await;
             }
@@ -530,6 +606,7 @@ impl Clients {
             clients,
             Duration::from_secs(args.warmup),
             Duration::from_secs(args.seconds),
+            args.runs,
             Some(cluster),
             move |j, i| {
                 let client = connected.get(j).cloned();
@@ -542,7 +619,7 @@ impl Clients {
             },
         )
         .await?;
-        Ok(result(n, mode, size, clients, measured))
+        median(n, mode, size, clients, measured)
     }
 }
 
@@ -714,6 +791,7 @@ async fn unreplicated_cell(
         clients,
         Duration::from_secs(args.warmup),
         Duration::from_secs(args.seconds),
+        args.runs,
         None,
         move |j, i| {
             let stream = streams.get(j).cloned();
@@ -725,22 +803,34 @@ async fn unreplicated_cell(
     )
     .await?;
     drop(server);
-    Ok(result(0, Mode::Unreplicated, size, clients, measured))
+    median(0, Mode::Unreplicated, size, clients, measured)
 }
 
 /// Makes and starts a cluster of `n` replicas with `clients` client identities, and waits
 /// until every replica holds the group key (`full` seals with it).
-async fn cluster(n: usize, clients: usize, args: &BenchArgs) -> Result<LocalCluster, BenchError> {
+async fn cluster(
+    n: usize,
+    clients: usize,
+    baseline: bool,
+    args: &BenchArgs,
+) -> Result<LocalCluster, BenchError> {
     let exe = match &args.exe {
         Some(exe) => exe.clone(),
         None => std::env::current_exe().map_err(setup)?,
     };
-    let dir = std::env::temp_dir().join(format!("securesmart-bench-{}-{n}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!(
+        "securesmart-bench-{}-{n}{}",
+        std::process::id(),
+        if baseline { "-baseline" } else { "" }
+    ));
     let _ = std::fs::remove_dir_all(&dir);
     let options = LocalClusterOptions {
         replicas: n,
         clients,
-        consensus: ConsensusSection::default(),
+        consensus: ConsensusSection {
+            insecure_baseline: baseline,
+            ..ConsensusSection::default()
+        },
         client_timeout_ms: 20_000,
         log: args.node_log.clone(),
         rekey_seconds: 600,
@@ -826,12 +916,25 @@ pub async fn run(args: BenchArgs) -> Result<Vec<CellResult>, BenchError> {
         .copied()
         .filter(|m| *m != Mode::Unreplicated)
         .collect();
-    if !replicated.is_empty() {
-        for n in &args.replicas {
-            let cluster = cluster(*n, max_clients, &args).await?;
+    // The secure modes share a cluster; `baseline` runs on one of its own.
+    let kinds: Vec<(bool, Vec<Mode>)> = [false, true]
+        .into_iter()
+        .map(|base| {
+            let modes = replicated
+                .iter()
+                .copied()
+                .filter(|m| (*m == Mode::Baseline) == base)
+                .collect();
+            (base, modes)
+        })
+        .filter(|(_, modes): &(bool, Vec<Mode>)| !modes.is_empty())
+        .collect();
+    for n in &args.replicas {
+        for (base, modes) in &kinds {
+            let cluster = cluster(*n, max_clients, *base, &args).await?;
             let clients = Clients::connect(&cluster, max_clients).await?;
             for size in &args.sizes {
-                for mode in &replicated {
+                for mode in modes {
                     for k in &args.clients {
                         cells.push(clients.cell(&cluster, *mode, *size, *k, &args).await?);
                         save(&cells)?;
@@ -851,14 +954,26 @@ pub async fn run(args: BenchArgs) -> Result<Vec<CellResult>, BenchError> {
     }
     print_table(&cells);
     save(&cells)?;
+    for path in plot::draw(&args.out, &cells)? {
+        eprintln!("  plot: {}", path.display());
+    }
     Ok(cells)
 }
 
-/// The `unreplicated` cell with the same sizes and clients as `cell`.
-fn reference<'a>(cells: &'a [CellResult], cell: &CellResult) -> Option<&'a CellResult> {
+/// `cell`'s throughput over that of the `to` cell with the same sizes and clients (and
+/// replicas, for `baseline`); NaN without one.
+pub fn ratio(cells: &[CellResult], cell: &CellResult, to: Mode) -> f64 {
     cells
         .iter()
-        .find(|c| c.mode == Mode::Unreplicated && c.size == cell.size && c.clients == cell.clients)
+        .find(|c| {
+            c.mode == to
+                && c.size == cell.size
+                && c.clients == cell.clients
+                && (to == Mode::Unreplicated || c.replicas == cell.replicas)
+        })
+        .map_or(f64::NAN, |r| {
+            cell.ops_per_sec / r.ops_per_sec.max(f64::MIN_POSITIVE)
+        })
 }
 
 fn ms(d: Duration) -> f64 {
@@ -868,7 +983,7 @@ fn ms(d: Duration) -> f64 {
 fn print_table(cells: &[CellResult]) {
     println!();
     println!(
-        "{:>3} {:<13} {:>10} {:>5} {:>9} {:>8} {:>8} {:>8} {:>8} {:>9} {:>9} {:>8} {:>6} {:>7} {:>6}",
+        "{:>3} {:<13} {:>10} {:>5} {:>9} {:>8} {:>8} {:>8} {:>8} {:>9} {:>9} {:>8} {:>6} {:>7} {:>7} {:>6}",
         "n",
         "mode",
         "size",
@@ -882,15 +997,13 @@ fn print_table(cells: &[CellResult]) {
         "cli cpu",
         "B/op",
         "batch",
+        "vs base",
         "vs unr",
         "errors"
     );
     for c in cells {
-        let ratio = reference(cells, c).map_or(f64::NAN, |r| {
-            c.ops_per_sec / r.ops_per_sec.max(f64::MIN_POSITIVE)
-        });
         println!(
-            "{:>3} {:<13} {:>10} {:>5} {:>9.0} {:>8.2} {:>8.2} {:>8.2} {:>8.1} {:>9.3} {:>9.3} {:>8.0} {:>6.1} {:>7.3} {:>6}",
+            "{:>3} {:<13} {:>10} {:>5} {:>9.0} {:>8.2} {:>8.2} {:>8.2} {:>8.1} {:>9.3} {:>9.3} {:>8.0} {:>6.1} {:>7.3} {:>7.3} {:>6}",
             c.replicas,
             c.mode.as_str(),
             c.size.to_string(),
@@ -904,12 +1017,14 @@ fn print_table(cells: &[CellResult]) {
             c.client_cpu_per_kop,
             c.wire_bytes_per_op,
             c.mean_batch,
-            ratio,
+            ratio(cells, c, Mode::Baseline),
+            ratio(cells, c, Mode::Unreplicated),
             c.errors
         );
     }
     println!(
-        "(cpu: CPU seconds per 1,000 operations; B/op: bytes the replicas sent per operation)"
+        "(cpu: CPU seconds per 1,000 operations; B/op: bytes the replicas sent per operation; \
+         vs base: throughput over the same cell in `baseline`, e.g. full/baseline)"
     );
 }
 
@@ -917,12 +1032,12 @@ fn write_csv(path: &Path, cells: &[CellResult]) -> std::io::Result<()> {
     use std::fmt::Write as _;
     let mut out = String::from(
         "replicas,mode,request_bytes,reply_bytes,clients,ops_per_sec,p50_us,p90_us,p99_us,\
-         max_us,replica_cpu_s_per_kop,client_cpu_s_per_kop,wire_bytes_per_op,mean_batch,errors\n",
+         max_us,replica_cpu_s_per_kop,client_cpu_s_per_kop,wire_bytes_per_op,mean_batch,errors,runs\n",
     );
     for c in cells {
         let _ = writeln!(
             out,
-            "{},{},{},{},{},{:.1},{},{},{},{},{:.4},{:.4},{:.1},{:.2},{}",
+            "{},{},{},{},{},{:.1},{},{},{},{},{:.4},{:.4},{:.1},{:.2},{},{}",
             c.replicas,
             c.mode.as_str(),
             c.size.request,
@@ -937,7 +1052,8 @@ fn write_csv(path: &Path, cells: &[CellResult]) -> std::io::Result<()> {
             c.client_cpu_per_kop,
             c.wire_bytes_per_op,
             c.mean_batch,
-            c.errors
+            c.errors,
+            c.runs
         );
     }
     std::fs::write(path, out)

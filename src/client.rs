@@ -259,6 +259,12 @@ impl Client {
         self.plane.id()
     }
 
+    /// INSECURE, for the bench's `baseline` mode only: requests that follow carry no signature
+    /// (see [`RequestSigner::set_insecure_unsigned`]).
+    pub fn set_insecure_unsigned(&mut self, unsigned: bool) {
+        self.signer.set_insecure_unsigned(unsigned);
+    }
+
     /// Marks the application requests that follow as confidential (or not): see the module doc.
     pub fn set_confidential(&mut self, confidential: bool) {
         self.confidential = confidential;

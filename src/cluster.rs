@@ -309,7 +309,7 @@ impl LocalCluster {
              crl = \"crl.pem\"\nrevoked_certificates = \"revoked.pem\"\ndata_dir = \"data/replica{i}\"\nreplica_listen = \"{}\"\n\
              client_listen = \"{}\"\nmetrics_listen = \"{}\"\nlimits = \"local\"\n\
              admins = [\"client0.pem\"]\nrekey_seconds = {}\nroster = {roster}\n\n[consensus]\nmax_batch = {}\nbatch_delay_ms = {}\n\
-             checkpoint_interval = {}\nwindow = {}\nview_change_timeout_ms = {}\n{list}",
+             checkpoint_interval = {}\nwindow = {}\nview_change_timeout_ms = {}\n{}{list}",
             r.replica_addr,
             r.client_addr,
             r.metrics_addr,
@@ -318,7 +318,12 @@ impl LocalCluster {
             k.batch_delay_ms,
             k.checkpoint_interval,
             k.window,
-            k.view_change_timeout_ms
+            k.view_change_timeout_ms,
+            if k.insecure_baseline {
+                "insecure_baseline = true\n"
+            } else {
+                ""
+            }
         );
         std::fs::write(&r.config, text).map_err(io(r.config.display().to_string()))
     }

@@ -204,6 +204,12 @@ pub struct ConsensusSection {
     pub window: u64,
     /// View-change timeout before back-off, in milliseconds.
     pub view_change_timeout_ms: u64,
+    /// INSECURE, for `securesmart bench --modes baseline` only: this replica signs no
+    /// consensus message and checks no consensus or request signature (mutual TLS, the
+    /// journal and the rest stay), so that the bench can price signing against the same
+    /// engine. A cluster must run all in this mode or none; the node warns at start and sets
+    /// the gauge `securesmart_node_insecure_baseline`. Never in a deployment.
+    pub insecure_baseline: bool,
 }
 
 impl Default for ConsensusSection {
@@ -214,6 +220,7 @@ impl Default for ConsensusSection {
             checkpoint_interval: 64,
             window: 128,
             view_change_timeout_ms: 500,
+            insecure_baseline: false,
         }
     }
 }

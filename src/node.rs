@@ -59,8 +59,10 @@
 //! `securesmart_node_state_lost_total` and `securesmart_node_unsigned_requests_total` (requests
 //! the engine refused before ordering: not signed by their client).
 //!
-//! The engine checks every request's signature before it orders it
-//! ([`crate::protocol::request_check`]); the node signs its own requests with its key.
+//! Intake takes a client's requests from its mutual-TLS connection, which proves they are the
+//! client's, without checking their signatures; the engine checks them where no channel
+//! vouches for them ([`crate::protocol::request_check`], see
+//! `Replica::handle_authenticated_request`). The node signs its own requests with its key.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -847,7 +849,17 @@ impl Node {
         let id = identity.id();
         let not_ed25519 =
             || NodeError::Config(ConfigError::Invalid("the node key is not Ed25519".into()));
-        let signer = Signer::new(&identity).ok_or_else(not_ed25519)?;
+        let baseline = config.consensus.insecure_baseline;
+        let signer = if baseline {
+            tracing::warn!(
+                "INSECURE: [consensus] insecure_baseline is on: this replica signs and checks \
+                 no consensus or request signatures (for `securesmart bench` only)"
+            );
+            metrics::gauge!("securesmart_node_insecure_baseline").set(1.0);
+            Signer::unsigned(id)
+        } else {
+            Signer::new(&identity).ok_or_else(not_ed25519)?
+        };
         let request_signer = RequestSigner::new(&identity).ok_or_else(not_ed25519)?;
         let trust = load_trust(&n.ca, n.crl.as_deref())?;
         let local_crl = Arc::new(Mutex::new(trust.crls.first().cloned()));
@@ -966,7 +978,7 @@ impl Node {
         core.window = k.window;
         core.view_change_timeout = Duration::from_millis(k.view_change_timeout_ms);
         core.durable = true;
-        core.request_check = Some(crate::protocol::request_check());
+        core.request_check = (!baseline).then(crate::protocol::request_check);
         let recovered = records.len();
         let replica = Replica::recover(core, signer, records)
             .map_err(|e| NodeError::Journal(e.to_string()))?;
@@ -978,7 +990,12 @@ impl Node {
             view = replica.view(),
             "replica starting"
         );
-        let ring = KeyRing::new(engine_members(&genesis).into_iter().map(|m| (m.id, m.key)));
+        let members = engine_members(&genesis);
+        let ring = if baseline {
+            KeyRing::unsigned(members.into_iter().map(|m| m.id))
+        } else {
+            KeyRing::new(members.into_iter().map(|m| (m.id, m.key)))
+        };
         let network = ReplicaNetwork::new(replica_plane.clone(), replica_inbox);
         let (pbft, driver) =
             Pbft::spawn_durable(replica, ring, network, wire_limits, Some(Box::new(journal)));
@@ -1595,9 +1612,11 @@ async fn intake(
             }
         }
         let number = request.number;
-        // Cheap checks, then the signature, and only then sealing: a request that is not the
-        // client's costs one verification and is neither sealed nor counted towards the key's
-        // rotation.
+        // The connection's certificate proves that these bytes are the client's (mutual TLS),
+        // so intake checks no signature: the engine checks a request's signature where no
+        // channel vouches for it (when it proposes it, a backup when it does not hold it
+        // byte for byte, and when it times out here; see
+        // `Replica::handle_authenticated_request`).
         if request
             .command_time()
             .is_some_and(|t| t.abs_diff(unix_now()) > crate::protocol::COMMAND_SKEW_SECS)
@@ -1607,11 +1626,6 @@ async fn intake(
             continue;
         }
         if request.kind == RequestKind::Seal {
-            if let Err(e) = request.verify(&m.from) {
-                client_counter("bad_signature");
-                tracing::debug!(client = ?m.from, error = %e, "request to seal refused");
-                continue;
-            }
             // Sealed for this client and number only; what the client then orders carries its
             // signature on this ciphertext, so no replica can put another in its place.
             let outcome = match sealer.seal(&m.from, number, &request.payload) {
@@ -1634,24 +1648,17 @@ async fn intake(
             send_reply(&clients, m.from, number, roster, outcome);
             continue;
         }
-        // Everything the engine's check verifies (a confidential request's sealer signature
-        // too): the engine takes what intake submits as checked.
-        let submission = match request.into_checked_submission(&m.from) {
-            Ok(s) => s,
-            Err(e) => {
-                client_counter("bad_signature");
-                tracing::debug!(client = ?m.from, error = %e, "client request refused before ordering");
-                continue;
-            }
+        let Some(submission) = request.into_submission() else {
+            client_counter("undecodable");
+            tracing::debug!(client = ?m.from, "client request without an order to take");
+            continue;
         };
         let ordered = Request {
             client: m.from,
             number,
             payload: submission.encode(),
         };
-        // Checked above (`into_checked_submission`: what the engine's `protocol::request_check`
-        // checks): the engine takes it without checking it again.
-        match submitter.submit_checked(ordered) {
+        match submitter.submit_authenticated(ordered) {
             Ok(()) => client_counter("submitted"),
             Err(PbftError::Busy) => {
                 client_counter("busy");

@@ -15,9 +15,13 @@
 //! updates). The signature is Ed25519 over a BLAKE3 digest with its own domain tag
 //! ([`REQUEST_SIGNATURE_TAG`]) of the client id, the request number, the [`SignedKind`] and the
 //! body (the client's payload; for a replica's own request the envelope's encoding). The public
-//! key travels with it and must be the key of the request's client id. Replicas check it at
-//! intake and again when they execute (identically everywhere), so a faulty replica cannot
-//! order a request in anyone else's name, not even an administrator's. The ordered payload is a
+//! key travels with it and must be the key of the request's client id. A replica takes a
+//! client's request from the client's mutual-TLS connection without checking it (the
+//! channel proves the bytes are the client's) and checks signatures where no channel vouches:
+//! as primary before it proposes, as backup for what a pre-prepare carries that it does not
+//! hold byte for byte, and when a held request times out, so a faulty replica cannot order a
+//! request in anyone else's name, not even an administrator's. Every request-level signature
+//! is checked by one rule, ZIP-215, alone and in batches alike. The ordered payload is a
 //! [`Submission`]: `0xA1 | public key [32] | signature [64] | envelope`; the ordering engine
 //! checks it before it orders anything (`securesmart_consensus::replica::Config::request_check`),
 //! so a request that is not its client's takes no sequence number and uses up no request
@@ -31,7 +35,7 @@
 //! so a sealer that sealed something else only gets the request refused.
 
 use bytes::Bytes;
-use ed25519_dalek::{Signature, Signer as _, SigningKey, VerifyingKey};
+use ed25519_dalek::{Signer as _, SigningKey};
 use securesmart_transport::wire::{Reader, WireError, Writer};
 use securesmart_transport::{Identity, NodeId};
 
@@ -96,19 +100,26 @@ impl SealerSignature {
         number: u64,
         sealed: &[u8],
     ) -> Result<NodeId, AuthError> {
+        let (sender, digest) = Self::checked_digest(auth, client, number, sealed)?;
+        zip215::verify(&auth.public_key, &digest, &auth.signature)?;
+        Ok(sender)
+    }
+
+    /// The sender the sealed header names and the digest its signature covers, if `auth` is
+    /// that sender's key.
+    fn checked_digest(
+        auth: &Auth,
+        client: &NodeId,
+        number: u64,
+        sealed: &[u8],
+    ) -> Result<(NodeId, [u8; 32]), AuthError> {
         let sender = securesmart_membership::sealed_header(sealed)
             .map(|(_, sender)| sender)
             .map_err(|_| AuthError::WrongKey)?;
         if NodeId::from_ed25519(&auth.public_key) != sender {
             return Err(AuthError::WrongKey);
         }
-        let key = VerifyingKey::from_bytes(&auth.public_key).map_err(|_| AuthError::WrongKey)?;
-        key.verify_strict(
-            &Self::digest(client, number, sealed),
-            &Signature::from_bytes(&auth.signature),
-        )
-        .map_err(|_| AuthError::BadSignature)?;
-        Ok(sender)
+        Ok((sender, Self::digest(client, number, sealed)))
     }
 }
 
@@ -195,15 +206,22 @@ impl Auth {
         kind: SignedKind,
         body: &[u8],
     ) -> Result<(), AuthError> {
+        let digest = self.checked_digest(client, number, kind, body)?;
+        zip215::verify(&self.public_key, &digest, &self.signature)
+    }
+
+    /// The digest `client`'s signature on request `number` covers, if this is `client`'s key.
+    fn checked_digest(
+        &self,
+        client: &NodeId,
+        number: u64,
+        kind: SignedKind,
+        body: &[u8],
+    ) -> Result<[u8; 32], AuthError> {
         if NodeId::from_ed25519(&self.public_key) != *client {
             return Err(AuthError::WrongKey);
         }
-        let key = VerifyingKey::from_bytes(&self.public_key).map_err(|_| AuthError::WrongKey)?;
-        key.verify_strict(
-            &signing_digest(client, number, kind, body),
-            &Signature::from_bytes(&self.signature),
-        )
-        .map_err(|_| AuthError::BadSignature)
+        Ok(signing_digest(client, number, kind, body))
     }
 
     pub(crate) fn write(&self, out: &mut Vec<u8>) {
@@ -225,6 +243,9 @@ impl Auth {
 pub struct RequestSigner {
     id: NodeId,
     key: SigningKey,
+    /// The bench's `baseline` mode: all-zero signatures, which only replicas with
+    /// `[consensus] insecure_baseline` accept.
+    insecure_unsigned: bool,
 }
 
 impl std::fmt::Debug for RequestSigner {
@@ -242,7 +263,15 @@ impl RequestSigner {
         Some(Self {
             id: identity.id(),
             key: SigningKey::from_bytes(&seed),
+            insecure_unsigned: false,
         })
+    }
+
+    /// INSECURE, for the bench's `baseline` mode only: with `true` it signs nothing (all-zero
+    /// signatures), which replicas refuse unless their configuration says
+    /// `[consensus] insecure_baseline = true`.
+    pub fn set_insecure_unsigned(&mut self, unsigned: bool) {
+        self.insecure_unsigned = unsigned;
     }
 
     /// The id it signs as.
@@ -252,9 +281,16 @@ impl RequestSigner {
 
     /// Signs request `number` of `kind` with `body`.
     pub fn sign(&self, number: u64, kind: SignedKind, body: &[u8]) -> Auth {
+        let public_key = self.key.verifying_key().to_bytes();
+        if self.insecure_unsigned {
+            return Auth {
+                public_key,
+                signature: [0; 64],
+            };
+        }
         let digest = signing_digest(&self.id, number, kind, body);
         Auth {
-            public_key: self.key.verifying_key().to_bytes(),
+            public_key,
             signature: self.key.sign(&digest).to_bytes(),
         }
     }
@@ -311,6 +347,20 @@ impl Submission {
         auth.verify(client, number, kind, &body)
     }
 
+    /// The signatures [`Submission::verify_all`] checks, as (public key, digest, signature),
+    /// after the checks that need no cryptography.
+    fn signatures(&self, client: &NodeId, number: u64) -> Result<Vec<zip215::Item>, AuthError> {
+        let auth = self.auth.as_ref().ok_or(AuthError::Unsigned)?;
+        let (kind, body) = Self::signed_part(&self.ordered);
+        let digest = auth.checked_digest(client, number, kind, &body)?;
+        let mut out = vec![(auth.public_key, digest, auth.signature)];
+        if let Ordered::Sealed { sealer, sealed, .. } = &self.ordered {
+            let (_, digest) = SealerSignature::checked_digest(sealer, client, number, sealed)?;
+            out.push((sealer.public_key, digest, sealer.signature));
+        }
+        Ok(out)
+    }
+
     /// [`Submission::verify`], and for a sealed request also its sealer's signature (whether
     /// the sealer is a replica is for the replicated state to say): what the engine checks
     /// before it orders a request ([`request_check`]).
@@ -318,11 +368,9 @@ impl Submission {
     /// # Errors
     /// [`AuthError`] saying what is wrong.
     pub fn verify_all(&self, client: &NodeId, number: u64) -> Result<(), AuthError> {
-        self.verify(client, number)?;
-        if let Ordered::Sealed { sealer, sealed, .. } = &self.ordered {
-            SealerSignature::verify(sealer, client, number, sealed)?;
-        }
-        Ok(())
+        self.signatures(client, number)?
+            .iter()
+            .try_for_each(|(key, digest, sig)| zip215::verify(key, digest, sig))
     }
 
     /// Encodes it.
@@ -359,20 +407,78 @@ impl Submission {
     }
 }
 
-/// The ordering engine's check of every request (see the module doc): its payload is a
-/// [`Submission`] signed by its client. Refusals are counted in
-/// `securesmart_node_unsigned_requests_total`.
+/// The ordering engine's check of requests (see the module doc), a batch at a time: each
+/// payload is a [`Submission`] signed by its client (and a sealed one by its sealer). All the
+/// signatures of a batch are checked in one ZIP-215 batch verification; if it fails, each
+/// alone by the same rule, so every request gets the verdict it gets alone. Refusals are
+/// counted in `securesmart_node_unsigned_requests_total`.
 pub fn request_check() -> securesmart_consensus::replica::RequestCheck {
-    securesmart_consensus::replica::RequestCheck::new(|r| {
-        let verdict = Submission::decode(&r.payload)
-            .map_err(|_| AuthError::Unsigned)
-            .and_then(|s| s.verify_all(&r.client, r.number));
-        if let Err(e) = verdict {
-            metrics::counter!("securesmart_node_unsigned_requests_total").increment(1);
-            tracing::debug!(client = ?r.client, number = r.number, error = %e, "request refused before ordering");
-        }
-        verdict.is_ok()
+    securesmart_consensus::replica::RequestCheck::batched(|requests| {
+        let prechecked: Vec<_> = requests
+            .iter()
+            .map(|r| {
+                Submission::decode(&r.payload)
+                    .map_err(|_| AuthError::Unsigned)
+                    .and_then(|s| s.signatures(&r.client, r.number))
+            })
+            .collect();
+        let all: Vec<_> = prechecked.iter().flatten().flatten().copied().collect();
+        let batch_good = all.len() > 1 && zip215::verify_batch(&all);
+        requests
+            .iter()
+            .zip(prechecked)
+            .map(|(r, checks)| {
+                let verdict = checks.and_then(|sigs| {
+                    if batch_good {
+                        return Ok(());
+                    }
+                    sigs.iter()
+                        .try_for_each(|(key, digest, sig)| zip215::verify(key, digest, sig))
+                });
+                if let Err(e) = &verdict {
+                    metrics::counter!("securesmart_node_unsigned_requests_total").increment(1);
+                    tracing::debug!(client = ?r.client, number = r.number, error = %e, "request refused before ordering");
+                }
+                verdict.is_ok()
+            })
+            .collect()
     })
+}
+
+/// One rule for every request-level signature (clients', sealers', replicas' own requests):
+/// ZIP-215 (ed25519-zebra), which accepts exactly the same signatures alone and in a batch.
+/// Strict single checks beside dalek's cofactored batch equation would let a crafted
+/// signature pass at a replica that checks a batch and fail at one that checks it alone.
+mod zip215 {
+    use super::AuthError;
+
+    /// A signature to check: public key, the 32-byte digest signed, signature.
+    pub(super) type Item = ([u8; 32], [u8; 32], [u8; 64]);
+
+    /// Checks one signature on a 32-byte digest.
+    pub(super) fn verify(
+        key: &[u8; 32],
+        digest: &[u8; 32],
+        sig: &[u8; 64],
+    ) -> Result<(), AuthError> {
+        let key =
+            ed25519_zebra::VerificationKey::try_from(*key).map_err(|_| AuthError::WrongKey)?;
+        key.verify(&ed25519_zebra::Signature::from_bytes(sig), digest)
+            .map_err(|_| AuthError::BadSignature)
+    }
+
+    /// Whether all `items` (key, digest, signature) pass one batch check.
+    pub(super) fn verify_batch(items: &[Item]) -> bool {
+        let mut batch = ed25519_zebra::batch::Verifier::new();
+        for (key, digest, sig) in items {
+            batch.queue((
+                ed25519_zebra::VerificationKeyBytes::from(*key),
+                ed25519_zebra::Signature::from_bytes(sig),
+                digest,
+            ));
+        }
+        batch.verify(rand_010::rng()).is_ok()
+    }
 }
 
 /// A client's request to a replica.
@@ -1192,6 +1298,64 @@ mod tests {
         assert!(!check.allows(&request(mallory.id(), signed)));
         assert!(!check.allows(&request(alice.id(), Ordered::App(Bytes::new()).encode())));
         assert!(!check.allows(&request(alice.id(), Bytes::from_static(&[0xA1, 1]))));
+    }
+
+    #[test]
+    fn a_batch_check_gives_each_request_its_own_verdict() {
+        // The engine checks what a pre-prepare carries, or what a primary proposes, as one
+        // batch: each request must get the verdict it gets alone, whatever else is in it.
+        let (mut alice, mallory) = signers();
+        let id = alice.id();
+        let request = |number: u64, payload: Bytes| securesmart_consensus::message::Request {
+            client: id,
+            number,
+            payload,
+        };
+        let app = |signer: &RequestSigner, n: u64| {
+            request(
+                n,
+                signer
+                    .submission(n, Ordered::App(Bytes::from_static(b"op")))
+                    .encode(),
+            )
+        };
+        let mut flipped = alice.submission(3, Ordered::App(Bytes::from_static(b"op")));
+        if let Some(a) = flipped.auth.as_mut() {
+            a.signature[5] ^= 1;
+        }
+        let ask = ClientRequest::signed(&alice, 5, RequestKind::Seal, Bytes::from_static(b"x"));
+        let (sealer, sealed) = sealed_by_replica(&alice.id(), 5, &ask.payload);
+        let good_sealed = ClientRequest::confidential(&alice, 5, &ask.payload, &sealer, &sealed);
+        let mut bad_sealer = sealer;
+        bad_sealer.signature[0] ^= 1;
+        let bad_sealed = ClientRequest::confidential(&alice, 6, &ask.payload, &bad_sealer, &sealed);
+        let sealed_request =
+            |r: ClientRequest| request(r.number, r.into_submission().unwrap().encode());
+        alice.set_insecure_unsigned(true);
+        let unsigned = app(&alice, 7);
+        alice.set_insecure_unsigned(false);
+        let cases = [
+            (app(&alice, 1), true),
+            (app(&mallory, 2), false),
+            (request(3, flipped.encode()), false),
+            (request(4, Bytes::from_static(&[0xA1, 1, 2])), false),
+            (sealed_request(good_sealed), true),
+            (sealed_request(bad_sealed), false),
+            (unsigned, false),
+            (app(&alice, 8), true),
+        ];
+        let check = request_check();
+        let all: Vec<&securesmart_consensus::message::Request> =
+            cases.iter().map(|(r, _)| r).collect();
+        let expected: Vec<bool> = cases.iter().map(|(_, ok)| *ok).collect();
+        assert_eq!(check.allows_all(&all), expected);
+        for (r, ok) in &cases {
+            assert_eq!(check.allows(r), *ok, "request {}", r.number);
+        }
+        // Only good ones: the batch equation decides for all at once.
+        let good: Vec<_> = cases.iter().filter(|(_, ok)| *ok).map(|(r, _)| r).collect();
+        assert!(check.allows_all(&good).iter().all(|ok| *ok));
+        assert!(check.allows_all(&[]).is_empty());
     }
 
     #[test]

@@ -703,15 +703,19 @@ async fn a_request_signed_with_another_key_is_not_ordered() {
         "a forged request executed"
     );
     for r in &c.replicas {
-        // Refused at intake, before it is sealed or ordered (the engine would refuse it too).
+        // Intake holds it unchecked (the channel is client 1's); the primary checks it before
+        // it would propose it, each backup when it times out there: every replica refuses it,
+        // and nobody changes views over it.
         let body = scrape(r.metrics_addr).unwrap();
         assert!(
-            metric_sum(
-                &body,
-                "securesmart_node_client_requests_total",
-                &["outcome=\"bad_signature\""]
-            ) >= 1.0,
+            metric_sum(&body, "securesmart_node_unsigned_requests_total", &[]) >= 1.0,
             "replica {} did not refuse it",
+            r.id
+        );
+        assert_eq!(
+            metric_sum(&body, "securesmart_consensus_view", &[]),
+            0.0,
+            "replica {} changed views",
             r.id
         );
     }

@@ -143,8 +143,9 @@ pub struct Submitter(mpsc::Sender<(Request, Submitted)>);
 enum Submitted {
     /// From a client.
     Client,
-    /// From a client, already checked by the host with [`crate::replica::Config::request_check`].
-    Checked,
+    /// From a client, over its authenticated channel
+    /// ([`crate::replica::Replica::handle_authenticated_request`]).
+    Authenticated,
     /// Made by the node itself: forwarded to the others too.
     Forward,
 }
@@ -158,15 +159,15 @@ impl Submitter {
         self.send(request, Submitted::Client)
     }
 
-    /// Submits a client request that the caller has already checked with the engine's
-    /// [`crate::replica::Config::request_check`], on exactly these bytes (a node's intake
-    /// verifies the client's signature before anything else): the core does not check it
-    /// again. Backups still check it in the pre-prepare unless they hold it themselves.
+    /// Submits a client request that arrived over its client's own authenticated channel,
+    /// exactly these bytes: the core checks it with
+    /// [`crate::replica::Config::request_check`] only when it proposes it or its timer expires
+    /// ([`crate::replica::Replica::handle_authenticated_request`]).
     ///
     /// # Errors
     /// As [`Submitter::submit`].
-    pub fn submit_checked(&self, request: Request) -> Result<(), PbftError> {
-        self.send(request, Submitted::Checked)
+    pub fn submit_authenticated(&self, request: Request) -> Result<(), PbftError> {
+        self.send(request, Submitted::Authenticated)
     }
 
     /// Submits a request that reached only this replica (one the node makes itself): it is
@@ -342,7 +343,7 @@ impl<N: Network> Driver<N> {
                         let now = self.now();
                         let result = match how {
                             Submitted::Forward => self.replica.handle_request_and_forward(r, now),
-                            Submitted::Checked => self.replica.handle_checked_request(r, now),
+                            Submitted::Authenticated => self.replica.handle_authenticated_request(r, now),
                             Submitted::Client => self.replica.handle_request(r, now),
                         };
                         if let Err(e) = result {

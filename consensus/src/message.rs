@@ -823,6 +823,8 @@ pub struct KeyRing {
     keys: BTreeMap<NodeId, VerifyingKey>,
     /// Members accepted without signature checks (`insecure-unsigned` benchmark mode only).
     unsigned: std::collections::BTreeSet<NodeId>,
+    /// The whole ring is in the unsigned benchmark mode: members added later are unsigned too.
+    insecure: bool,
 }
 
 impl KeyRing {
@@ -836,6 +838,7 @@ impl KeyRing {
                 .filter(|(_, k)| !k.is_weak())
                 .collect(),
             unsigned: Default::default(),
+            insecure: false,
         }
     }
 
@@ -846,11 +849,17 @@ impl KeyRing {
         Self {
             keys: BTreeMap::new(),
             unsigned: members.into_iter().collect(),
+            insecure: true,
         }
     }
 
-    /// Adds (or replaces) a member's key; `false` if the key is invalid or weak.
+    /// Adds (or replaces) a member's key; `false` if the key is invalid or weak. (A ring of
+    /// the unsigned benchmark mode adds the member without its key.)
     pub fn insert(&mut self, id: NodeId, key: [u8; 32]) -> bool {
+        if self.insecure {
+            self.unsigned.insert(id);
+            return true;
+        }
         match VerifyingKey::from_bytes(&key) {
             Ok(k) if !k.is_weak() => {
                 self.keys.insert(id, k);

@@ -165,26 +165,48 @@ pub struct Config {
     /// Emit [`Output::Persist`] records (see [`crate::journal`]); without them a restarted
     /// replica has lost its memory and counts as one of the f faulty ones.
     pub durable: bool,
-    /// Which client requests are valid (e.g. carry their client's signature): checked when a
-    /// request arrives and for every request of a pre-prepare, whose primary is then ignored
-    /// (so a faulty replica cannot order requests in a client's name, or use up its request
-    /// numbers). `None`: every request is. Must give the same answer at every replica.
+    /// Which client requests are valid (e.g. carry their client's signature), checked in
+    /// batches where it counts (see [`Replica::handle_authenticated_request`]): a request
+    /// forwarded by a replica when it arrives; a request that arrived over its client's
+    /// authenticated channel when this replica proposes it, or when its timer first expires;
+    /// every request of a pre-prepare that this replica does not hold byte for byte, whose
+    /// primary is ignored if one fails (so a faulty replica cannot order requests in a
+    /// client's name, or use up its request numbers). `None`: every request is. Must give
+    /// the same answer at every replica, for one request as within any batch.
     pub request_check: Option<RequestCheck>,
 }
 
-/// A validity check of client requests ([`Config::request_check`]).
+/// The verdicts of a [`RequestCheck`] on a batch, one per request in order.
+type BatchCheck = dyn Fn(&[&Request]) -> Vec<bool> + Send + Sync;
+
+/// A validity check of client requests ([`Config::request_check`]), of one request or of a
+/// batch at once (e.g. one batch signature verification).
 #[derive(Clone)]
-pub struct RequestCheck(std::sync::Arc<dyn Fn(&Request) -> bool + Send + Sync>);
+pub struct RequestCheck(std::sync::Arc<BatchCheck>);
 
 impl RequestCheck {
-    /// A check that runs `valid`.
+    /// A check that runs `valid` on each request.
     pub fn new(valid: impl Fn(&Request) -> bool + Send + Sync + 'static) -> Self {
+        Self::batched(move |requests| requests.iter().map(|r| valid(r)).collect())
+    }
+
+    /// A check of a batch at once: `valid` returns one verdict per request, in order, and
+    /// must give each request the verdict it gives it alone (a missing verdict counts as a
+    /// refusal).
+    pub fn batched(valid: impl Fn(&[&Request]) -> Vec<bool> + Send + Sync + 'static) -> Self {
         Self(std::sync::Arc::new(valid))
     }
 
     /// Whether `request` is valid.
     pub fn allows(&self, request: &Request) -> bool {
-        (self.0)(request)
+        self.allows_all(&[request]).first() == Some(&true)
+    }
+
+    /// Whether each of `requests` is valid, in order.
+    pub fn allows_all(&self, requests: &[&Request]) -> Vec<bool> {
+        let mut verdicts = (self.0)(requests);
+        verdicts.resize(requests.len(), false);
+        verdicts
     }
 }
 
@@ -366,7 +388,22 @@ struct Held {
     since: Duration,
     /// Its first timeout passed and it went to the primary; the next one changes views.
     forwarded: bool,
+    /// It passed [`Config::request_check`] here (a request from its client's authenticated
+    /// channel is checked only when it is proposed or times out).
+    checked: bool,
     request: Request,
+}
+
+/// How a request reaches [`Replica::take_request`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Intake {
+    /// Checked now ([`Config::request_check`]).
+    Check,
+    /// Already checked by the caller.
+    Checked,
+    /// From its client's authenticated channel: held unchecked (see
+    /// [`Replica::handle_authenticated_request`]).
+    Vouched,
 }
 
 /// When a member was last served state (see [`Replica::may_serve`]).
@@ -945,20 +982,26 @@ impl Replica {
     /// `max_pending` requests are held, [`Ignored::Invalid`] for one the
     /// [`Config::request_check`] refuses.
     pub fn handle_request(&mut self, request: Request, now: Duration) -> Result<(), Ignored> {
-        self.take_request(request, now, false, false)
+        self.take_request(request, now, false, Intake::Check)
     }
 
-    /// [`Replica::handle_request`] for a request the host already checked with
-    /// [`Config::request_check`] (on exactly these bytes): it is not checked again.
+    /// [`Replica::handle_request`] for a request that arrived over its client's own
+    /// authenticated channel (mutual TLS: the channel proves that the client sent exactly
+    /// these bytes). It is held without [`Config::request_check`]; the check runs, in a batch,
+    /// only where no channel vouches for it to the others or where a refusal saves work: when
+    /// this replica proposes it as primary (so a correct primary proposes only requests that
+    /// every correct replica accepts, whether it holds them or checks them), and when its
+    /// timer first expires (so a request that fails is dropped instead of being forwarded or
+    /// changing views). A backup that holds it byte for byte prepares it without a check.
     ///
     /// # Errors
     /// As [`Replica::handle_request`], but never [`Ignored::Invalid`].
-    pub fn handle_checked_request(
+    pub fn handle_authenticated_request(
         &mut self,
         request: Request,
         now: Duration,
     ) -> Result<(), Ignored> {
-        self.take_request(request, now, false, true)
+        self.take_request(request, now, false, Intake::Vouched)
     }
 
     /// [`Replica::handle_request`] for a request from a client (`forwarded` false) or
@@ -970,10 +1013,10 @@ impl Replica {
         request: Request,
         now: Duration,
         forwarded: bool,
-        checked: bool,
+        intake: Intake,
     ) -> Result<(), Ignored> {
         self.now = self.now.max(now);
-        if !checked && !self.request_valid(&request) {
+        if intake == Intake::Check && !self.request_valid(&request) {
             return Err(Ignored::Invalid);
         }
         let key = (request.client, request.number);
@@ -1014,6 +1057,7 @@ impl Replica {
                 arrival: self.arrivals,
                 since: self.now,
                 forwarded: false,
+                checked: intake != Intake::Vouched,
                 request,
             },
         );
@@ -1059,10 +1103,47 @@ impl Replica {
     }
 
     fn request_valid(&self, request: &Request) -> bool {
-        self.config
-            .request_check
-            .as_ref()
-            .is_none_or(|check| check.allows(request))
+        self.requests_valid(&[request]).first() == Some(&true)
+    }
+
+    /// [`Config::request_check`] on `requests` at once, one verdict each.
+    fn requests_valid(&self, requests: &[&Request]) -> Vec<bool> {
+        match &self.config.request_check {
+            Some(check) if !requests.is_empty() => check.allows_all(requests),
+            _ => vec![true; requests.len()],
+        }
+    }
+
+    /// Checks the held requests of `keys` that were not checked here yet, in one batch:
+    /// those that fail are dropped, the rest marked checked. Returns the keys that failed.
+    fn check_held(&mut self, keys: &[(NodeId, u64)]) -> Vec<(NodeId, u64)> {
+        let unchecked: Vec<(NodeId, u64)> = keys
+            .iter()
+            .filter(|k| self.waiting.get(k).is_some_and(|h| !h.checked))
+            .copied()
+            .collect();
+        if unchecked.is_empty() {
+            return Vec::new();
+        }
+        let verdicts = {
+            let requests: Vec<&Request> = unchecked
+                .iter()
+                .filter_map(|k| self.waiting.get(k).map(|h| &h.request))
+                .collect();
+            self.requests_valid(&requests)
+        };
+        let mut failed = Vec::new();
+        for (key, ok) in unchecked.into_iter().zip(verdicts) {
+            if ok {
+                if let Some(held) = self.waiting.get_mut(&key) {
+                    held.checked = true;
+                }
+            } else {
+                self.unhold(key);
+                failed.push(key);
+            }
+        }
+        failed
     }
 
     /// Whether a quorum committed, in the current view, a slot above the next one this replica
@@ -1199,6 +1280,10 @@ impl Replica {
         if expired.is_empty() {
             return;
         }
+        // A request that fails the check is dropped here, neither forwarded nor left to change
+        // views: a client's bad signatures cost the group nothing beyond its own budget.
+        let refused = self.check_held(&expired);
+        self.count_refused(refused.len());
         let mut requests = Vec::with_capacity(expired.len());
         for key in expired {
             if let Some(held) = self.waiting.get_mut(&key) {
@@ -1235,18 +1320,33 @@ impl Replica {
             .map(|(k, _)| *k)
             .collect();
         for key in done {
-            if let Some(held) = self.waiting.remove(&key) {
-                self.timers
-                    .remove(&(held.since, held.arrival, key.0, key.1));
-                let bytes = held.request.payload.len();
-                self.pending_bytes = self.pending_bytes.saturating_sub(bytes);
-                if let Some((count, client_bytes)) = self.pending_by_client.get_mut(&key.0) {
-                    *count = count.saturating_sub(1);
-                    *client_bytes = client_bytes.saturating_sub(bytes);
-                    if *count == 0 {
-                        self.pending_by_client.remove(&key.0);
-                    }
-                }
+            self.unhold(key);
+        }
+    }
+
+    /// Counts held requests that failed [`Config::request_check`] and were dropped.
+    fn count_refused(&self, n: usize) {
+        if n > 0 {
+            metrics::counter!("securesmart_consensus_requests_refused_total", "reason" => "invalid_held")
+                .increment(n as u64);
+            tracing::debug!(n, "held requests failed the request check and were dropped");
+        }
+    }
+
+    /// Drops one held request, with its timer and its share of the budgets.
+    fn unhold(&mut self, key: (NodeId, u64)) {
+        let Some(held) = self.waiting.remove(&key) else {
+            return;
+        };
+        self.timers
+            .remove(&(held.since, held.arrival, key.0, key.1));
+        let bytes = held.request.payload.len();
+        self.pending_bytes = self.pending_bytes.saturating_sub(bytes);
+        if let Some((count, client_bytes)) = self.pending_by_client.get_mut(&key.0) {
+            *count = count.saturating_sub(1);
+            *client_bytes = client_bytes.saturating_sub(bytes);
+            if *count == 0 {
+                self.pending_by_client.remove(&key.0);
             }
         }
     }
@@ -1278,11 +1378,18 @@ impl Replica {
                 break;
             }
             let take = self.queue.len().min(max);
-            let batch: Vec<Request> = self
-                .queue
-                .drain(..take)
-                .filter_map(|k| self.waiting.get(&k).map(|h| h.request.clone()))
+            let keys: Vec<(NodeId, u64)> = self.queue.drain(..take).collect();
+            // Only what passes the check goes out: every correct backup accepts this batch,
+            // whether it holds a request from the client or checks it itself.
+            let refused = self.check_held(&keys);
+            self.count_refused(refused.len());
+            let batch: Vec<Request> = keys
+                .iter()
+                .filter_map(|k| self.waiting.get(k).map(|h| h.request.clone()))
                 .collect();
+            if batch.is_empty() {
+                continue;
+            }
             self.next_seq += 1;
             let (view, seq) = (self.view, self.next_seq);
             let digest = batch_digest(&batch);
@@ -1505,9 +1612,17 @@ impl Replica {
                     return Err(Ignored::NotMember);
                 }
                 let now = self.now;
+                // Checked on arrival, as one batch: a faulty replica that forwards a forged
+                // request under a client's number must not take that number from the client.
+                let verdicts = self.requests_valid(&requests.iter().collect::<Vec<_>>());
                 let taken = requests
                     .iter()
-                    .filter(|r| self.take_request((*r).clone(), now, true, false).is_ok())
+                    .zip(verdicts)
+                    .filter(|(r, ok)| {
+                        *ok && self
+                            .take_request((*r).clone(), now, true, Intake::Checked)
+                            .is_ok()
+                    })
                     .count();
                 if taken == 0 {
                     return Err(Ignored::Stale);
@@ -1566,7 +1681,8 @@ impl Replica {
         }
         match message.message() {
             Message::PrePrepare { digest, batch, .. } => {
-                if !batch.iter().all(|r| self.holds(r) || self.request_valid(r)) {
+                let unheld: Vec<&Request> = batch.iter().filter(|r| !self.holds(r)).collect();
+                if !self.requests_valid(&unheld).iter().all(|ok| *ok) {
                     // A faulty primary: no prepare from this replica, and the view-change timer
                     // runs on for the requests it holds.
                     return Err(Ignored::Invalid);
@@ -2817,12 +2933,55 @@ mod tests {
         );
         let fine = propose(&c, 1, b"put");
         assert_eq!(c.deliver(1, &fine.encode()), Ok(()));
-        // A request the host says it checked is taken as it is (the node's intake verifies
-        // the client's signature before sealing, and the core does not verify it twice).
+        // A request from the client's own channel is held unchecked (the channel vouches
+        // for it), but a primary checks it before it proposes it: the forged one never goes
+        // out, the good one does.
         let mut vouched = request(b"forged");
         vouched.number = 2;
         assert_eq!(
-            c.replicas[2].handle_checked_request(vouched, Duration::ZERO),
+            c.replicas[2].handle_authenticated_request(vouched.clone(), Duration::ZERO),
+            Ok(())
+        );
+        while c.replicas[0].poll_output().is_some() {}
+        assert_eq!(
+            c.replicas[0].handle_authenticated_request(vouched, Duration::ZERO),
+            Ok(())
+        );
+        let mut good = request(b"put");
+        good.number = 3;
+        assert_eq!(
+            c.replicas[0].handle_authenticated_request(good, Duration::from_millis(5)),
+            Ok(())
+        );
+        c.replicas[0].handle_tick(Duration::from_millis(50));
+        let proposed: Vec<Vec<u8>> = std::iter::from_fn(|| c.replicas[0].poll_output())
+            .filter_map(|o| match o {
+                Output::Broadcast(s) => match s.message {
+                    Message::PrePrepare { batch, .. } => Some(batch),
+                    _ => None,
+                },
+                _ => None,
+            })
+            .flatten()
+            .map(|r| r.payload.to_vec())
+            .collect();
+        assert_eq!(
+            proposed,
+            vec![b"put".to_vec()],
+            "only the request that passes"
+        );
+        // A forwarded request is checked when it arrives: a faulty replica that forwards a
+        // forged one under a client's number does not take that number from the client.
+        let mut forged = request(b"forged");
+        forged.number = 9;
+        let forward = c.signers[2].sign(Message::Forward {
+            requests: vec![forged],
+        });
+        assert_eq!(c.deliver(1, &forward.encode()), Err(Ignored::Stale));
+        let mut real = request(b"put");
+        real.number = 9;
+        assert_eq!(
+            c.replicas[1].handle_authenticated_request(real, Duration::from_millis(60)),
             Ok(())
         );
     }

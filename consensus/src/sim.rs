@@ -63,6 +63,21 @@ pub enum Fault {
     SwapPayloads,
 }
 
+/// How a faulty client misbehaves ([`Scenario::client_faults`]; with
+/// [`Scenario::signed_requests`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ClientFault {
+    /// Every request carries a tag that fails the check, sent to every replica.
+    BadSignatures,
+    /// Each request goes to half of the replicas with one payload and to the other half with
+    /// another, both correctly tagged.
+    Equivocate,
+    /// Each request goes correctly tagged to half of the replicas and with the same payload
+    /// but a bad tag to the other half (which half alternates with the request number).
+    EquivocateBadly,
+}
+
 /// A network partition: between `from` and `until`, messages between different sides are
 /// lost. Replicas not named are on a side of their own.
 #[derive(Clone, Debug)]
@@ -133,6 +148,12 @@ pub struct Scenario {
     /// ([`Config::request_check`], as a node checks client signatures): a keyed BLAKE3 tag
     /// stands in for the signature, with a key only the client and the check know.
     pub signed_requests: bool,
+    /// Replicas take client requests as from their client's authenticated channel
+    /// ([`Replica::handle_authenticated_request`], as a node does), not checked on arrival.
+    pub authenticated_channels: bool,
+    /// Faulty clients (by index). Their requests need not be accepted; with no faulty
+    /// replicas, none of them that fails the check may execute.
+    pub client_faults: Vec<(usize, ClientFault)>,
     /// Core parameters (the replica list is filled in).
     pub core: Config,
 }
@@ -171,6 +192,8 @@ impl Scenario {
             client_retry: Duration::from_millis(100),
             signatures: true,
             signed_requests: false,
+            authenticated_channels: false,
+            client_faults: Vec::new(),
             core,
         }
     }
@@ -291,11 +314,23 @@ impl Report {
         }
         // Integrity: what executed is what the clients sent.
         let clients = client_ids(self.scenario.clients);
+        let faulty_client = |c: usize| self.scenario.client_faults.iter().any(|(f, _)| *f == c);
         for (seq, (_, batch)) in &agreed {
             for r in batch.iter() {
                 let Some(c) = clients.iter().position(|id| *id == r.client) else {
                     continue;
                 };
+                if faulty_client(c) {
+                    // It sent several versions: any may execute, but with only correct
+                    // replicas none that fails the check.
+                    if self.faulty.is_empty() && self.scenario.signed_requests && !tagged(r) {
+                        return fail(format!(
+                            "faulty client {c}'s request {} executed at {seq} with a bad tag",
+                            r.number
+                        ));
+                    }
+                    continue;
+                }
                 if self.payloads.get(&(c, r.number)) != Some(&r.payload) {
                     return fail(format!(
                         "client {c} request {} executed at {seq} with a payload it did not send",
@@ -341,7 +376,7 @@ impl Report {
             }
         }
         let bound = self.scenario.heal_at + self.scenario.liveness_bound;
-        for c in 0..self.scenario.clients {
+        for c in (0..self.scenario.clients).filter(|c| !faulty_client(*c)) {
             for n in 1..=self.scenario.requests {
                 match self.accepted.get(&(c, n)) {
                     Some((_, at)) if *at <= bound => {}
@@ -410,6 +445,40 @@ fn tagged(request: &Request) -> bool {
     };
     let (body, tag) = request.payload.split_at(split);
     client_tag(&request.client, request.number, body) == tag
+}
+
+/// What a client with `fault` sends replica `to` instead of its (tagged) `request`.
+fn faulty_version(fault: Option<ClientFault>, request: &Request, to: usize) -> Request {
+    let spoil = |r: &Request| {
+        let mut p = r.payload.to_vec();
+        if let Some(last) = p.last_mut() {
+            *last ^= 1;
+        }
+        Request {
+            payload: Bytes::from(p),
+            ..r.clone()
+        }
+    };
+    let half = (to as u64 + request.number).is_multiple_of(2);
+    match fault {
+        None => request.clone(),
+        Some(ClientFault::BadSignatures) => spoil(request),
+        Some(ClientFault::EquivocateBadly) if half => spoil(request),
+        Some(ClientFault::Equivocate) if half => {
+            let split = request.payload.len().saturating_sub(TAG_LEN);
+            let mut body = request.payload.get(..split).unwrap_or_default().to_vec();
+            if let Some(first) = body.first_mut() {
+                *first ^= 0x80;
+            }
+            let tag = client_tag(&request.client, request.number, &body);
+            body.extend_from_slice(&tag);
+            Request {
+                payload: Bytes::from(body),
+                ..request.clone()
+            }
+        }
+        Some(_) => request.clone(),
+    }
 }
 
 fn client_ids(n: usize) -> Vec<NodeId> {
@@ -886,6 +955,7 @@ impl Sim {
             .payloads
             .entry((client, request.number))
             .or_insert_with(|| request.payload.clone());
+        let fault = self.client_fault(client);
         for to in 0..self.ids.len() {
             // Clients are not partitioned, but lose messages like everyone before healing.
             if !self.healed()
@@ -897,13 +967,8 @@ impl Sim {
             let (lo, hi) = self.scenario.delay;
             let d = lo + (hi - lo) / 2;
             if let Some(inst) = self.route(to, client) {
-                self.schedule(
-                    self.now + d,
-                    Event::Request {
-                        to: inst,
-                        request: request.clone(),
-                    },
-                );
+                let request = faulty_version(fault, &request, to);
+                self.schedule(self.now + d, Event::Request { to: inst, request });
             }
         }
         let retry = self.now + self.scenario.client_retry;
@@ -1081,7 +1146,18 @@ impl Sim {
     }
 
     fn all_accepted(&self) -> bool {
-        self.report.accepted.len() as u64 == self.scenario.requests * self.scenario.clients as u64
+        let correct = (0..self.scenario.clients).filter(|c| self.client_fault(*c).is_none());
+        correct.into_iter().all(|c| {
+            (1..=self.scenario.requests).all(|n| self.report.accepted.contains_key(&(c, n)))
+        })
+    }
+
+    fn client_fault(&self, client: usize) -> Option<ClientFault> {
+        self.scenario
+            .client_faults
+            .iter()
+            .find(|(c, _)| *c == client)
+            .map(|(_, f)| *f)
     }
 
     /// Runs until every request is accepted and the replicas have settled, or until the
@@ -1153,7 +1229,11 @@ impl Sim {
                     if let Some(reply) = inst.executor.cached(&request.client, request.number) {
                         self.reply(from, reply);
                     } else if let Some(core) = inst.core.as_mut() {
-                        let _ = core.handle_request(request, self.now);
+                        let _ = if self.scenario.authenticated_channels {
+                            core.handle_authenticated_request(request, self.now)
+                        } else {
+                            core.handle_request(request, self.now)
+                        };
                     }
                     self.drain(to);
                 }

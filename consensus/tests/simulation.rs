@@ -10,7 +10,7 @@
 
 use std::time::Duration;
 
-use securesmart_consensus::sim::{Crash, Fault, Partition, Report, Scenario, Sim};
+use securesmart_consensus::sim::{ClientFault, Crash, Fault, Partition, Report, Scenario, Sim};
 
 fn ms(n: u64) -> Duration {
     Duration::from_millis(n)
@@ -240,6 +240,80 @@ fn a_primary_that_swaps_payloads_is_replaced_and_alters_nothing() {
         },
     );
     assert!(reports.iter().all(|r| r.views[1..].iter().all(|v| *v > 0)));
+}
+
+#[test]
+fn on_the_fast_path_a_primary_that_swaps_payloads_is_replaced_and_alters_nothing() {
+    // As above, with requests taken from the clients' authenticated channels unchecked (as a
+    // node takes them): the backups hold what the clients sent, so a swapped payload is one
+    // they do not hold, check, and refuse.
+    let reports = run(
+        "on_the_fast_path_a_primary_that_swaps_payloads_is_replaced_and_alters_nothing",
+        40,
+        |seed| {
+            let mut s = Scenario::new(seed, 4);
+            s.signed_requests = true;
+            s.authenticated_channels = true;
+            s.faults.push((0, Fault::SwapPayloads));
+            s
+        },
+    );
+    assert!(reports.iter().all(|r| r.views[1..].iter().all(|v| *v > 0)));
+}
+
+/// Four clients, three of them faulty (bad signatures, equivocation with good and with bad
+/// signatures), against correct replicas, with or without the fast path.
+fn faulty_clients(seed: u64, n: usize, fast_path: bool) -> Scenario {
+    let mut s = Scenario::new(seed, n);
+    s.signed_requests = true;
+    s.authenticated_channels = fast_path;
+    s.clients = 4;
+    s.client_faults = vec![
+        (1, ClientFault::BadSignatures),
+        (2, ClientFault::Equivocate),
+        (3, ClientFault::EquivocateBadly),
+    ];
+    s
+}
+
+#[test]
+fn on_the_fast_path_faulty_clients_split_no_replicas_and_change_no_views() {
+    // Replicas hold what a client's channel delivered without checking it; a primary checks
+    // what it proposes, a backup what it does not hold and what times out. Whatever the
+    // faulty clients send, the correct client's requests are all ordered, the replicas agree,
+    // no request with a bad signature executes, and nobody changes views.
+    for n in [4, 7] {
+        for fast_path in [true, false] {
+            let reports = run(
+                "on_the_fast_path_faulty_clients_split_no_replicas_and_change_no_views",
+                30,
+                |seed| faulty_clients(seed, n, fast_path),
+            );
+            for r in &reports {
+                assert!(
+                    r.views.iter().all(|v| *v == 0),
+                    "n {n}, fast path {fast_path}, seed {}: views {:?}",
+                    r.scenario.seed,
+                    r.views
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn on_the_fast_path_faulty_clients_and_a_faulty_primary_split_no_replicas() {
+    for fault in [Fault::Equivocate, Fault::SwapPayloads, Fault::Censor(0)] {
+        run(
+            "on_the_fast_path_faulty_clients_and_a_faulty_primary_split_no_replicas",
+            20,
+            |seed| {
+                let mut s = faulty_clients(seed, 4, true);
+                s.faults.push((0, fault));
+                s
+            },
+        );
+    }
 }
 
 #[test]
