@@ -253,6 +253,9 @@ pub struct CellResult {
     pub errors: u64,
     /// Windows measured; the cell is the one of median throughput.
     pub runs: usize,
+    /// The largest resident set of any replica process, sampled every second of the window
+    /// (MiB; NaN for `unreplicated`).
+    pub replica_peak_rss_mib: f64,
 }
 
 /// A failure of the harness itself (not of a cell's operations, which are counted).
@@ -345,6 +348,28 @@ fn cpu_seconds(pid: Option<u32>) -> Option<f64> {
         .sum::<Option<f64>>()?;
     // USER_HZ, 100 on every Linux.
     Some(ticks / 100.0)
+}
+
+/// The largest resident set of the replica processes now, in MiB (`VmRSS`; NaN where unknown).
+fn replica_rss_mib(cluster: Option<&LocalCluster>) -> f64 {
+    let Some(cluster) = cluster else {
+        return f64::NAN;
+    };
+    (0..cluster.replicas.len())
+        .filter_map(|i| {
+            let status =
+                std::fs::read_to_string(format!("/proc/{}/status", cluster.pid(i)?)).ok()?;
+            let kib = status
+                .lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))?
+                .trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse::<f64>()
+                .ok()?;
+            Some(kib / 1024.0)
+        })
+        .fold(f64::NAN, f64::max)
 }
 
 /// The counters read before and after a window.
@@ -441,15 +466,17 @@ where
         let before = counters(cluster);
         counting.store(run, Relaxed);
         let start = Instant::now();
+        let mut peak_rss = replica_rss_mib(cluster);
         for second in 1..=secs {
             tokio::time::sleep(Duration::from_secs(1)).await;
+            peak_rss = peak_rss.max(replica_rss_mib(cluster));
             eprint!(
                 "\r  {label}: run {run}/{runs}, {second}/{secs} s, {:.0} ops/s      ",
                 done.load(Relaxed) as f64 / start.elapsed().as_secs_f64()
             );
         }
         counting.store(0, Relaxed);
-        measured.push((start.elapsed(), before, counters(cluster)));
+        measured.push((start.elapsed(), before, counters(cluster), peak_rss));
     }
     stop.store(true, Relaxed);
     eprintln!();
@@ -466,13 +493,16 @@ where
     Ok(all
         .into_iter()
         .zip(measured)
-        .map(|((histogram, errors), (elapsed, before, after))| Window {
-            histogram,
-            errors,
-            elapsed,
-            before,
-            after,
-        })
+        .map(
+            |((histogram, errors), (elapsed, before, after, peak_rss))| Window {
+                histogram,
+                errors,
+                elapsed,
+                before,
+                after,
+                peak_rss,
+            },
+        )
         .collect())
 }
 
@@ -483,6 +513,8 @@ struct Window {
     elapsed: Duration,
     before: Counters,
     after: Counters,
+    /// The largest replica resident set sampled (MiB).
+    peak_rss: f64,
 }
 
 /// The cell of the window with the median throughput.
@@ -518,6 +550,7 @@ fn result(
         elapsed,
         before,
         after,
+        peak_rss,
     }: Window,
 ) -> CellResult {
     let ops = h.len() as f64;
@@ -552,6 +585,7 @@ fn result(
         },
         errors,
         runs: 1,
+        replica_peak_rss_mib: peak_rss,
     }
 }
 
@@ -842,8 +876,13 @@ async fn cluster(
     let mut cluster = LocalCluster::create(&dir, &exe, &options)
         .await
         .map_err(setup)?;
+    let env: &[(&str, &str)] = if baseline {
+        &[(crate::node::INSECURE_BASELINE_ENV, "1")]
+    } else {
+        &[]
+    };
     for i in 0..n {
-        cluster.start(i, &args.node_log).map_err(setup)?;
+        cluster.start_with(i, &args.node_log, env).map_err(setup)?;
     }
     let deadline = Instant::now() + Duration::from_secs(90);
     loop {
@@ -983,7 +1022,7 @@ fn ms(d: Duration) -> f64 {
 fn print_table(cells: &[CellResult]) {
     println!();
     println!(
-        "{:>3} {:<13} {:>10} {:>5} {:>9} {:>8} {:>8} {:>8} {:>8} {:>9} {:>9} {:>8} {:>6} {:>7} {:>7} {:>6}",
+        "{:>3} {:<13} {:>10} {:>5} {:>9} {:>8} {:>8} {:>8} {:>8} {:>9} {:>9} {:>8} {:>6} {:>7} {:>7} {:>7} {:>6}",
         "n",
         "mode",
         "size",
@@ -999,11 +1038,12 @@ fn print_table(cells: &[CellResult]) {
         "batch",
         "vs base",
         "vs unr",
+        "rss MiB",
         "errors"
     );
     for c in cells {
         println!(
-            "{:>3} {:<13} {:>10} {:>5} {:>9.0} {:>8.2} {:>8.2} {:>8.2} {:>8.1} {:>9.3} {:>9.3} {:>8.0} {:>6.1} {:>7.3} {:>7.3} {:>6}",
+            "{:>3} {:<13} {:>10} {:>5} {:>9.0} {:>8.2} {:>8.2} {:>8.2} {:>8.1} {:>9.3} {:>9.3} {:>8.0} {:>6.1} {:>7.3} {:>7.3} {:>7.0} {:>6}",
             c.replicas,
             c.mode.as_str(),
             c.size.to_string(),
@@ -1019,12 +1059,14 @@ fn print_table(cells: &[CellResult]) {
             c.mean_batch,
             ratio(cells, c, Mode::Baseline),
             ratio(cells, c, Mode::Unreplicated),
+            c.replica_peak_rss_mib,
             c.errors
         );
     }
     println!(
         "(cpu: CPU seconds per 1,000 operations; B/op: bytes the replicas sent per operation; \
-         vs base: throughput over the same cell in `baseline`, e.g. full/baseline)"
+         vs base: throughput over the same cell in `baseline`, e.g. full/baseline; rss: the largest \
+         replica resident set in the window)"
     );
 }
 
@@ -1032,12 +1074,12 @@ fn write_csv(path: &Path, cells: &[CellResult]) -> std::io::Result<()> {
     use std::fmt::Write as _;
     let mut out = String::from(
         "replicas,mode,request_bytes,reply_bytes,clients,ops_per_sec,p50_us,p90_us,p99_us,\
-         max_us,replica_cpu_s_per_kop,client_cpu_s_per_kop,wire_bytes_per_op,mean_batch,errors,runs\n",
+         max_us,replica_cpu_s_per_kop,client_cpu_s_per_kop,wire_bytes_per_op,mean_batch,errors,runs,replica_peak_rss_mib\n",
     );
     for c in cells {
         let _ = writeln!(
             out,
-            "{},{},{},{},{},{:.1},{},{},{},{},{:.4},{:.4},{:.1},{:.2},{},{}",
+            "{},{},{},{},{},{:.1},{},{},{},{},{:.4},{:.4},{:.1},{:.2},{},{},{:.1}",
             c.replicas,
             c.mode.as_str(),
             c.size.request,
@@ -1053,7 +1095,8 @@ fn write_csv(path: &Path, cells: &[CellResult]) -> std::io::Result<()> {
             c.wire_bytes_per_op,
             c.mean_batch,
             c.errors,
-            c.runs
+            c.runs,
+            c.replica_peak_rss_mib
         );
     }
     std::fs::write(path, out)

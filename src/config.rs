@@ -207,8 +207,10 @@ pub struct ConsensusSection {
     /// INSECURE, for `securesmart bench --modes baseline` only: this replica signs no
     /// consensus message and checks no consensus or request signature (mutual TLS, the
     /// journal and the rest stay), so that the bench can price signing against the same
-    /// engine. A cluster must run all in this mode or none; the node warns at start and sets
-    /// the gauge `securesmart_node_insecure_baseline`. Never in a deployment.
+    /// engine. The node starts in this mode only with `SECURESMART_INSECURE_BASELINE=1` in its
+    /// environment too, warns, sets the gauge `securesmart_node_insecure_baseline`, and uses
+    /// a replica-plane ALPN of its own, so that it and signing replicas refuse each other
+    /// (such a replica counts as faulty wherever it ends up). Never in a deployment.
     pub insecure_baseline: bool,
 }
 

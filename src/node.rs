@@ -97,6 +97,24 @@ use crate::replica_network::ReplicaNetwork;
 use crate::roster::{RosterChange, RosterLog};
 use crate::state::NodeState;
 
+/// The environment variable that must be `1` besides `[consensus] insecure_baseline` (two
+/// switches, one in the file and one in the process, for the bench's `baseline` mode).
+pub const INSECURE_BASELINE_ENV: &str = "SECURESMART_INSECURE_BASELINE";
+/// The replica plane's ALPN in the `baseline` mode (signing replicas refuse it).
+const INSECURE_BASELINE_ALPN: &[u8] = b"securesmart-replica-INSECURE-baseline/1";
+
+/// The `baseline` mode runs only with both switches on: the configuration's and the
+/// environment's ([`INSECURE_BASELINE_ENV`] = `1`).
+fn baseline_allowed(baseline: bool, env: Option<&str>) -> Result<(), NodeError> {
+    if baseline && env != Some("1") {
+        return Err(NodeError::Config(ConfigError::Invalid(format!(
+            "[consensus] insecure_baseline switches off every signature check; it runs only \
+             with {INSECURE_BASELINE_ENV}=1 in the environment as well (securesmart bench)"
+        ))));
+    }
+    Ok(())
+}
+
 /// Why a node could not start.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -850,6 +868,10 @@ impl Node {
         let not_ed25519 =
             || NodeError::Config(ConfigError::Invalid("the node key is not Ed25519".into()));
         let baseline = config.consensus.insecure_baseline;
+        baseline_allowed(
+            baseline,
+            std::env::var(INSECURE_BASELINE_ENV).ok().as_deref(),
+        )?;
         let signer = if baseline {
             tracing::warn!(
                 "INSECURE: [consensus] insecure_baseline is on: this replica signs and checks \
@@ -960,11 +982,15 @@ impl Node {
         let mut replica_trust = genesis.replica_trust();
         replica_trust.crls = trust.crls.clone();
         let limits = n.limits.limits();
-        let (replica_plane, replica_inbox) = Plane::replica(
+        let mut replica_config =
             PlaneConfig::new(identity.clone(), n.replica_listen, replica_trust)
-                .with_limits(limits.clone()),
-        )
-        .await?;
+                .with_limits(limits.clone());
+        if baseline {
+            // Fail closed on a mix: a baseline replica and a signing one refuse each other's
+            // handshakes, so a replica configured so by mistake joins no secure cluster.
+            replica_config = replica_config.with_alpn(INSECURE_BASELINE_ALPN);
+        }
+        let (replica_plane, replica_inbox) = Plane::replica(replica_config).await?;
         let (client_plane, client_inbox) = Plane::client_listener(
             PlaneConfig::new(identity, n.client_listen, trust).with_limits(limits),
         )
@@ -1672,6 +1698,15 @@ async fn intake(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_insecure_baseline_needs_both_switches() {
+        assert!(baseline_allowed(false, None).is_ok());
+        assert!(baseline_allowed(false, Some("0")).is_ok());
+        assert!(baseline_allowed(true, None).is_err());
+        assert!(baseline_allowed(true, Some("yes")).is_err());
+        assert!(baseline_allowed(true, Some("1")).is_ok());
+    }
 
     #[test]
     fn one_client_flooding_roster_queries_or_seals_spends_only_its_own_budget() {

@@ -358,6 +358,9 @@ impl Submission {
             let (_, digest) = SealerSignature::checked_digest(sealer, client, number, sealed)?;
             out.push((sealer.public_key, digest, sealer.signature));
         }
+        if !out.iter().all(|(key, ..)| zip215::key_ok(key)) {
+            return Err(AuthError::WrongKey);
+        }
         Ok(out)
     }
 
@@ -455,12 +458,22 @@ mod zip215 {
     /// A signature to check: public key, the 32-byte digest signed, signature.
     pub(super) type Item = ([u8; 32], [u8; 32], [u8; 64]);
 
+    /// Whether `key` is a usable public key: a valid point of more than small order. ZIP-215
+    /// alone accepts small-order keys, for which any signature verifies; certificates carry
+    /// none, so refusing them changes no honest verdict.
+    pub(super) fn key_ok(key: &[u8; 32]) -> bool {
+        ed25519_dalek::VerifyingKey::from_bytes(key).is_ok_and(|k| !k.is_weak())
+    }
+
     /// Checks one signature on a 32-byte digest.
     pub(super) fn verify(
         key: &[u8; 32],
         digest: &[u8; 32],
         sig: &[u8; 64],
     ) -> Result<(), AuthError> {
+        if !key_ok(key) {
+            return Err(AuthError::WrongKey);
+        }
         let key =
             ed25519_zebra::VerificationKey::try_from(*key).map_err(|_| AuthError::WrongKey)?;
         key.verify(&ed25519_zebra::Signature::from_bytes(sig), digest)
@@ -1300,6 +1313,48 @@ mod tests {
         assert!(!check.allows(&request(alice.id(), Bytes::from_static(&[0xA1, 1]))));
     }
 
+    /// A request signed by its own (fresh) key with R = rB + T for an 8-torsion point T, and
+    /// whether ed25519-dalek's strict check refuses it.
+    fn torsioned_request() -> (securesmart_consensus::message::Request, bool) {
+        use curve25519_dalek::constants::{ED25519_BASEPOINT_POINT as B, EIGHT_TORSION};
+        use curve25519_dalek::scalar::Scalar;
+        use sha2::Digest as _;
+        let a = Scalar::from_bytes_mod_order(rand::random());
+        let r = Scalar::from_bytes_mod_order(rand::random());
+        let public = (a * B).compress().to_bytes();
+        let big_r = (r * B + EIGHT_TORSION[1]).compress().to_bytes();
+        let client = NodeId::from_ed25519(&public);
+        let ordered = Ordered::App(Bytes::from_static(b"op"));
+        let (kind, body) = Submission::signed_part(&ordered);
+        let digest = signing_digest(&client, 1, kind, &body);
+        let k = Scalar::from_hash(
+            sha2::Sha512::new()
+                .chain_update(big_r)
+                .chain_update(public)
+                .chain_update(digest),
+        );
+        let mut signature = [0u8; 64];
+        signature[..32].copy_from_slice(&big_r);
+        signature[32..].copy_from_slice((r + k * a).as_bytes());
+        let strict_refuses = ed25519_dalek::VerifyingKey::from_bytes(&public)
+            .unwrap()
+            .verify_strict(&digest, &ed25519_dalek::Signature::from_bytes(&signature))
+            .is_err();
+        let request = securesmart_consensus::message::Request {
+            client,
+            number: 1,
+            payload: Submission {
+                auth: Some(Auth {
+                    public_key: public,
+                    signature,
+                }),
+                ordered,
+            }
+            .encode(),
+        };
+        (request, strict_refuses)
+    }
+
     #[test]
     fn a_batch_check_gives_each_request_its_own_verdict() {
         // The engine checks what a pre-prepare carries, or what a primary proposes, as one
@@ -1352,6 +1407,51 @@ mod tests {
         for (r, ok) in &cases {
             assert_eq!(check.allows(r), *ok, "request {}", r.number);
         }
+        // A small-order key (here the identity point) verifies any message under ZIP-215
+        // alone; it is refused as a key, alone and in a batch.
+        let mut weak = [0u8; 32];
+        weak[0] = 1;
+        let mut any = [0u8; 64];
+        any[0] = 1;
+        assert!(
+            ed25519_zebra::VerificationKey::try_from(weak)
+                .unwrap()
+                .verify(&ed25519_zebra::Signature::from_bytes(&any), b"anything")
+                .is_ok(),
+            "ZIP-215 alone takes it"
+        );
+        let weak_id = NodeId::from_ed25519(&weak);
+        let weak_request = securesmart_consensus::message::Request {
+            client: weak_id,
+            number: 1,
+            payload: Submission {
+                auth: Some(Auth {
+                    public_key: weak,
+                    signature: any,
+                }),
+                ordered: Ordered::App(Bytes::from_static(b"op")),
+            }
+            .encode(),
+        };
+        assert!(!check.allows(&weak_request));
+        assert_eq!(
+            check.allows_all(&[&weak_request, &cases[0].0]),
+            vec![false, true]
+        );
+        // A key holder can add a small-order component to R: the cofactorless (strict) check
+        // refuses such a signature, the cofactored one takes it. ZIP-215 is cofactored alone
+        // and in batches, so every replica gives it the same verdict however it checks.
+        let (torsioned, strict_refuses) = torsioned_request();
+        assert!(strict_refuses, "dalek's strict check refuses it");
+        assert!(check.allows(&torsioned));
+        assert_eq!(
+            check.allows_all(&[&cases[0].0, &torsioned, &cases[1].0]),
+            vec![true, true, false]
+        );
+        assert_eq!(
+            check.allows_all(&[&cases[0].0, &torsioned]),
+            vec![true, true]
+        );
         // Only good ones: the batch equation decides for all at once.
         let good: Vec<_> = cases.iter().filter(|(_, ok)| *ok).map(|(r, _)| r).collect();
         assert!(check.allows_all(&good).iter().all(|ok| *ok));

@@ -714,10 +714,13 @@ impl<S: StateMachine> NodeState<S> {
         let Ok((epoch, sealer)) = securesmart_membership::sealed_header(sealed) else {
             return refused("malformed");
         };
-        // Its sealer signed it (checked before ordering, the key bound to the sender the
-        // header names): only a current replica may seal. A client, or a removed replica,
-        // that made up a ciphertext is refused here, before anyone tries to open it, so a
-        // replica that lacks some key cannot be made to lose its state by it.
+        // Only a current replica may seal: a client, or a removed replica, that made up a
+        // ciphertext is refused here, before anyone tries to open it, so a replica that lacks
+        // some key cannot be made to lose its state by it. (The sealer's signature, bound to
+        // the sender the header names, is checked before ordering wherever no client channel
+        // vouches for the request; a faulty primary that orders a faulty client's made-up
+        // ciphertext, held byte for byte by the backups it sent it to, can name a correct
+        // sealer, which is no more than it could do by sealing in its own name.)
         if !self.membership.replica_ids().contains(&sealer) {
             return refused("sealer");
         }
@@ -1091,7 +1094,8 @@ impl<S: StateMachine> NodeState<S> {
 
 impl<S: StateMachine> StateMachine for NodeState<S> {
     fn execute(&mut self, request: &Request) -> Bytes {
-        // The submitter's signature was checked before ordering (`node::request_check`).
+        // The submitter's signature was checked before ordering where no channel vouched for
+        // the request (`protocol::request_check`); execution does not check it again.
         let submission = Submission::decode(&request.payload);
         if let Ok(Submission {
             auth: Some(auth),

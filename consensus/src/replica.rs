@@ -1016,17 +1016,21 @@ impl Replica {
         intake: Intake,
     ) -> Result<(), Ignored> {
         self.now = self.now.max(now);
+        // Under pressure (the hold half full) a request from a channel is checked on arrival:
+        // requests that fail the check, which would sit unchecked until they time out, cannot
+        // keep the hold full for others.
+        let intake = if intake == Intake::Vouched
+            && self.waiting.len() >= self.config.max_pending.div_ceil(2)
+        {
+            Intake::Check
+        } else {
+            intake
+        };
+        self.request_admissible(&request, intake)?;
         if intake == Intake::Check && !self.request_valid(&request) {
             return Err(Ignored::Invalid);
         }
         let key = (request.client, request.number);
-        let done = self
-            .last_executed
-            .get(&request.client)
-            .is_some_and(|n| request.number <= *n);
-        if done || self.waiting.contains_key(&key) {
-            return Err(Ignored::Stale);
-        }
         let bytes = request.payload.len();
         let (count, client_bytes) = self
             .pending_by_client
@@ -1324,6 +1328,42 @@ impl Replica {
         }
     }
 
+    /// The checks of an arriving request that need no signature: it has not executed, and it
+    /// is not held as it is. A different copy held unchecked (from the client's channel) gives
+    /// way to a checked one if it fails the check itself: otherwise a client that sends a
+    /// badly signed copy to the primary and a good one to the backups would make the primary
+    /// refuse the good one the backups forward, and the backups change views. Each held copy
+    /// is checked at most once this way.
+    fn request_admissible(&mut self, request: &Request, intake: Intake) -> Result<(), Ignored> {
+        let key = (request.client, request.number);
+        if self
+            .last_executed
+            .get(&request.client)
+            .is_some_and(|n| request.number <= *n)
+        {
+            return Err(Ignored::Stale);
+        }
+        match self.waiting.get(&key) {
+            None => Ok(()),
+            Some(held)
+                if held.checked
+                    || intake == Intake::Vouched
+                    || held.request.payload == request.payload =>
+            {
+                Err(Ignored::Stale)
+            }
+            Some(_) => {
+                let refused = self.check_held(&[key]);
+                self.count_refused(refused.len());
+                if refused.is_empty() {
+                    Err(Ignored::Stale)
+                } else {
+                    Ok(())
+                }
+            }
+        }
+    }
+
     /// Counts held requests that failed [`Config::request_check`] and were dropped.
     fn count_refused(&self, n: usize) {
         if n > 0 {
@@ -1378,7 +1418,10 @@ impl Replica {
                 break;
             }
             let take = self.queue.len().min(max);
-            let keys: Vec<(NodeId, u64)> = self.queue.drain(..take).collect();
+            let mut keys: Vec<(NodeId, u64)> = self.queue.drain(..take).collect();
+            // (A held copy that gave way to another leaves its key queued twice.)
+            let mut seen = BTreeSet::new();
+            keys.retain(|k| seen.insert(*k));
             // Only what passes the check goes out: every correct backup accepts this batch,
             // whether it holds a request from the client or checks it itself.
             let refused = self.check_held(&keys);
@@ -1612,11 +1655,16 @@ impl Replica {
                     return Err(Ignored::NotMember);
                 }
                 let now = self.now;
-                // Checked on arrival, as one batch: a faulty replica that forwards a forged
-                // request under a client's number must not take that number from the client.
-                let verdicts = self.requests_valid(&requests.iter().collect::<Vec<_>>());
-                let taken = requests
+                // Cheap checks first, then the rest as one batch, on arrival: a faulty replica
+                // that forwards a forged request under a client's number must not take that
+                // number from the client.
+                let fresh: Vec<&Request> = requests
                     .iter()
+                    .filter(|r| self.request_admissible(r, Intake::Checked).is_ok())
+                    .collect();
+                let verdicts = self.requests_valid(&fresh);
+                let taken = fresh
+                    .into_iter()
                     .zip(verdicts)
                     .filter(|(r, ok)| {
                         *ok && self
@@ -2954,15 +3002,8 @@ mod tests {
             Ok(())
         );
         c.replicas[0].handle_tick(Duration::from_millis(50));
-        let proposed: Vec<Vec<u8>> = std::iter::from_fn(|| c.replicas[0].poll_output())
-            .filter_map(|o| match o {
-                Output::Broadcast(s) => match s.message {
-                    Message::PrePrepare { batch, .. } => Some(batch),
-                    _ => None,
-                },
-                _ => None,
-            })
-            .flatten()
+        let proposed: Vec<Vec<u8>> = proposed(&mut c.replicas[0])
+            .into_iter()
             .map(|r| r.payload.to_vec())
             .collect();
         assert_eq!(
@@ -2984,6 +3025,71 @@ mod tests {
             c.replicas[1].handle_authenticated_request(real, Duration::from_millis(60)),
             Ok(())
         );
+    }
+
+    /// The requests of the pre-prepares `r` put out since its outputs were last taken.
+    fn proposed(r: &mut Replica) -> Vec<Request> {
+        std::iter::from_fn(|| r.poll_output())
+            .filter_map(|o| match o {
+                Output::Broadcast(s) => match s.message {
+                    Message::PrePrepare { batch, .. } => Some(batch),
+                    _ => None,
+                },
+                _ => None,
+            })
+            .flatten()
+            .collect()
+    }
+
+    #[test]
+    fn a_bad_copy_neither_keeps_a_good_request_out_nor_junk_fills_the_hold() {
+        let mut c = Cluster::new(4, |cfg| {
+            cfg.request_check = Some(RequestCheck::new(|r| &r.payload[..] != b"forged"));
+            cfg.max_pending = 4;
+        });
+        let client = c.replicas[3].id();
+        let request = |number: u64, payload: &'static [u8]| Request {
+            client,
+            number,
+            payload: Bytes::from_static(payload),
+        };
+        // The client sends the primary a badly signed copy and the backups a good one; a
+        // backup's timer forwards the good one. The primary checks its unchecked copy, drops
+        // it and takes the good one (it used to answer Stale, and the backups changed views).
+        assert_eq!(
+            c.replicas[0].handle_authenticated_request(request(1, b"forged"), Duration::ZERO),
+            Ok(())
+        );
+        let forward = c.signers[2].sign(Message::Forward {
+            requests: vec![request(1, b"put")],
+        });
+        assert_eq!(c.deliver(0, &forward.encode()), Ok(()));
+        // Forwarding it again, or the client's own copies, change nothing.
+        assert_eq!(c.deliver(0, &forward.encode()), Err(Ignored::Stale));
+        c.replicas[0].handle_tick(Duration::from_millis(50));
+        let proposed: Vec<(u64, Vec<u8>)> = proposed(&mut c.replicas[0])
+            .into_iter()
+            .map(|r| (r.number, r.payload.to_vec()))
+            .collect();
+        assert_eq!(proposed, vec![(1, b"put".to_vec())], "once, the good copy");
+        // Junk from a client's channel is held unchecked only while the hold is less than
+        // half full; beyond, it is checked on arrival and refused, and good requests get in.
+        let b = &mut c.replicas[1];
+        for n in 10..12 {
+            assert_eq!(
+                b.handle_authenticated_request(request(n, b"forged"), Duration::ZERO),
+                Ok(())
+            );
+        }
+        assert_eq!(
+            b.handle_authenticated_request(request(12, b"forged"), Duration::ZERO),
+            Err(Ignored::Invalid)
+        );
+        assert_eq!(
+            b.handle_authenticated_request(request(13, b"put"), Duration::ZERO),
+            Ok(())
+        );
+        assert_eq!(b.pending_requests(), 3);
     }
 
     #[test]

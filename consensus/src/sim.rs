@@ -76,6 +76,10 @@ pub enum ClientFault {
     /// Each request goes correctly tagged to half of the replicas and with the same payload
     /// but a bad tag to the other half (which half alternates with the request number).
     EquivocateBadly,
+    /// Each request goes with a bad tag to replica 0 (the first primary) and correctly
+    /// tagged to the others, so that the backups must forward it to a primary that holds a
+    /// bad copy.
+    BadToPrimary,
 }
 
 /// A network partition: between `from` and `until`, messages between different sides are
@@ -464,6 +468,7 @@ fn faulty_version(fault: Option<ClientFault>, request: &Request, to: usize) -> R
         None => request.clone(),
         Some(ClientFault::BadSignatures) => spoil(request),
         Some(ClientFault::EquivocateBadly) if half => spoil(request),
+        Some(ClientFault::BadToPrimary) if to == 0 => spoil(request),
         Some(ClientFault::Equivocate) if half => {
             let split = request.payload.len().saturating_sub(TAG_LEN);
             let mut body = request.payload.get(..split).unwrap_or_default().to_vec();

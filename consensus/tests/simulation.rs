@@ -261,17 +261,20 @@ fn on_the_fast_path_a_primary_that_swaps_payloads_is_replaced_and_alters_nothing
     assert!(reports.iter().all(|r| r.views[1..].iter().all(|v| *v > 0)));
 }
 
-/// Four clients, three of them faulty (bad signatures, equivocation with good and with bad
-/// signatures), against correct replicas, with or without the fast path.
+/// Five clients, four of them faulty (bad signatures, equivocation with good and with bad
+/// signatures, a bad copy to the first primary only), against correct replicas, with or
+/// without the fast path.
 fn faulty_clients(seed: u64, n: usize, fast_path: bool) -> Scenario {
     let mut s = Scenario::new(seed, n);
     s.signed_requests = true;
     s.authenticated_channels = fast_path;
-    s.clients = 4;
+    s.clients = 5;
+
     s.client_faults = vec![
         (1, ClientFault::BadSignatures),
         (2, ClientFault::Equivocate),
         (3, ClientFault::EquivocateBadly),
+        (4, ClientFault::BadToPrimary),
     ];
     s
 }

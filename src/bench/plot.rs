@@ -279,6 +279,7 @@ mod tests {
             mean_batch: 4.0,
             errors: 0,
             runs: 1,
+            replica_peak_rss_mib: 40.0,
         }
     }
 

@@ -57,17 +57,28 @@ pub struct PlaneConfig {
     pub trust: TrustConfig,
     /// Caps and budgets.
     pub limits: Limits,
+    /// The application protocol (ALPN) in place of the plane's default ([`crate::ALPN_REPLICA`],
+    /// [`crate::ALPN_CLIENT`]): planes with different ones refuse each other's handshakes.
+    pub alpn: Option<Vec<u8>>,
 }
 
 impl PlaneConfig {
-    /// A configuration with [`Limits::production`].
+    /// A configuration with [`Limits::production`] and the plane's default ALPN.
     pub fn new(identity: Identity, listen: SocketAddr, trust: TrustConfig) -> Self {
         Self {
             identity,
             listen,
             trust,
             limits: Limits::production(),
+            alpn: None,
         }
+    }
+
+    /// Replaces the ALPN (builder style; see [`PlaneConfig::alpn`]).
+    #[must_use]
+    pub fn with_alpn(mut self, alpn: &[u8]) -> Self {
+        self.alpn = Some(alpn.to_vec());
+        self
     }
 
     /// Replaces the limits (builder style).
@@ -240,6 +251,8 @@ impl Drop for Reservation<'_> {
 
 struct Shared {
     kind: PlaneKind,
+    /// The application protocol of its handshakes.
+    alpn: Vec<u8>,
     id: NodeId,
     role: crate::identity::Role,
     /// The certificate and key presented in handshakes, both ways (see [`Plane::renew_identity`]).
@@ -407,7 +420,9 @@ impl Plane {
             listen,
             trust,
             limits,
+            alpn,
         } = config;
+        let alpn = alpn.unwrap_or_else(|| kind.alpn().to_vec());
         limits.validate()?;
         if !kind.runs_as(identity.role()) {
             return Err(TransportError::Config(format!(
@@ -436,7 +451,7 @@ impl Plane {
                 .with_cert_resolver(
                     Arc::clone(&cert) as Arc<dyn rustls::server::ResolvesServerCert>
                 );
-            tls.alpn_protocols = vec![kind.alpn().to_vec()];
+            tls.alpn_protocols = vec![alpn.clone()];
             let quic = QuicServerConfig::try_from(Arc::new(tls))
                 .map_err(|e| TransportError::Config(e.to_string()))?;
             let mut server = quinn::ServerConfig::with_crypto(Arc::new(quic));
@@ -474,6 +489,7 @@ impl Plane {
         let (inbound_bulk, bulk) = mpsc::channel(limits.inbound_queue);
         let shared = Arc::new(Shared {
             kind,
+            alpn,
             id: identity.id(),
             role: identity.role(),
             cert,
@@ -1099,7 +1115,7 @@ impl Shared {
             .with_client_cert_resolver(
                 Arc::clone(&self.cert) as Arc<dyn rustls::client::ResolvesClientCert>
             );
-        tls.alpn_protocols = vec![self.kind.alpn().to_vec()];
+        tls.alpn_protocols = vec![self.alpn.clone()];
         let quic = QuicClientConfig::try_from(Arc::new(tls))
             .map_err(|e| TransportError::Config(e.to_string()))?;
         let mut config = quinn::ClientConfig::new(Arc::new(quic));

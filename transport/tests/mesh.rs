@@ -266,3 +266,54 @@ async fn a_renewed_certificate_replaces_every_link_before_the_old_one_is_revoked
     let stranger = ca.issue_role("stranger", Role::Replica).unwrap();
     assert!(nodes[2].plane.renew_identity(stranger).is_err());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn planes_with_different_alpns_refuse_each_other() {
+    // A plane started with another application protocol (the bench's insecure baseline
+    // does this) and a default one trust each other's certificates, yet never connect; two
+    // with the same custom ALPN do.
+    use securesmart_transport::{Plane, PlaneConfig, TrustConfig};
+    let ca = DevCa::new("alpn ca").unwrap();
+    let start = |name: &str, alpn: Option<&'static [u8]>| {
+        let identity = ca.issue_role(name, Role::Replica).unwrap();
+        let mut cfg = PlaneConfig::new(
+            identity.clone(),
+            "127.0.0.1:0".parse().unwrap(),
+            TrustConfig::new(ca.certificate()),
+        )
+        .with_limits(Limits::test());
+        if let Some(alpn) = alpn {
+            cfg = cfg.with_alpn(alpn);
+        }
+        async move {
+            let (plane, inbox) = Plane::replica(cfg).await.unwrap();
+            let addr = plane.local_addr().unwrap();
+            Member {
+                identity,
+                plane,
+                inbox,
+                addr,
+            }
+        }
+    };
+    let other: &'static [u8] = b"securesmart-replica-other/1";
+    let pairs = [
+        (start("a", None).await, start("b", Some(other)).await, false),
+        (
+            start("c", Some(other)).await,
+            start("d", Some(other)).await,
+            true,
+        ),
+    ];
+    for (x, y, connects) in &pairs {
+        let mut trust = peer_trust(&ca, &[]);
+        for m in [x, y] {
+            trust.peers.insert(m.identity.id(), m.addr);
+        }
+        x.plane.update_trust(trust.clone()).unwrap();
+        y.plane.update_trust(trust).unwrap();
+        let wait = std::time::Duration::from_secs(if *connects { 10 } else { 3 });
+        assert_eq!(x.plane.wait_connected(1, wait).await, *connects);
+        assert_eq!(y.plane.wait_connected(1, wait).await, *connects);
+    }
+}
