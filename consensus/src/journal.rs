@@ -308,7 +308,8 @@ pub(crate) fn read_frames(buf: &[u8], limits: &Limits) -> (Vec<Record>, usize) {
     while let Some(header) = buf.get(at..at + FRAME_HEADER) {
         let (len, sum) = header.split_at(4);
         let len = u32::from_be_bytes(len.try_into().unwrap_or([0xff; 4])) as usize;
-        let Some(body) = buf.get(at + FRAME_HEADER..at + FRAME_HEADER + len) else {
+        let start = at + FRAME_HEADER;
+        let Some(body) = start.checked_add(len).and_then(|end| buf.get(start..end)) else {
             break;
         };
         if checksum(body) != sum {
@@ -367,6 +368,10 @@ impl FileJournal {
         #[cfg(unix)]
         std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
         let mut file = options.open(&path).map_err(io(&path))?;
+        if segments.is_empty() {
+            // A new journal: its first segment's name must survive a crash too.
+            sync_dir(dir)?;
+        }
         let mut buf = Vec::new();
         file.read_to_end(&mut buf).map_err(io(&path))?;
         let (records, valid) = read_frames(&buf, limits);

@@ -496,7 +496,9 @@ pub struct Replica {
     /// replica last asked for batches it missed.
     timer_floor: Duration,
     /// The primary's requests not yet proposed, in arrival order.
-    queue: VecDeque<(NodeId, u64)>,
+    /// Held requests to propose, with their arrival numbers (an entry whose held copy gave way
+    /// to another is stale and skipped).
+    queue: VecDeque<((NodeId, u64), u64)>,
     oldest_queued: Option<Duration>,
     slots: BTreeMap<Seq, Slot>,
     /// Checkpoint messages above the low watermark, by sequence number and sender.
@@ -956,7 +958,18 @@ impl Replica {
     /// connections were down, it restarted) can order them instead of timing out.
     fn forward_held(&mut self, primary: NodeId) {
         let max = self.config.max_batch.max(1);
-        let mut held: Vec<&Held> = self.waiting.values().collect();
+        // What goes out is checked first (one batch): the new primary is not sent junk.
+        let mut first: Vec<(u64, (NodeId, u64))> =
+            self.waiting.iter().map(|(k, h)| (h.arrival, *k)).collect();
+        first.sort_unstable();
+        let keys: Vec<(NodeId, u64)> = first
+            .into_iter()
+            .take(max.saturating_mul(FORWARD_BATCHES))
+            .map(|(_, k)| k)
+            .collect();
+        let refused = self.check_held(&keys);
+        self.count_refused(refused.len());
+        let mut held: Vec<&Held> = keys.iter().filter_map(|k| self.waiting.get(k)).collect();
         held.sort_unstable_by_key(|h| h.arrival);
         let messages: Vec<Signed> = held
             .chunks(max)
@@ -1020,13 +1033,14 @@ impl Replica {
         // requests that fail the check, which would sit unchecked until they time out, cannot
         // keep the hold full for others.
         let intake = if intake == Intake::Vouched
-            && self.waiting.len() >= self.config.max_pending.div_ceil(2)
+            && (self.waiting.len() >= self.config.max_pending.div_ceil(2)
+                || self.pending_bytes >= self.config.max_pending_bytes.div_ceil(2))
         {
             Intake::Check
         } else {
             intake
         };
-        self.request_admissible(&request, intake)?;
+        self.request_admissible(&request, forwarded, intake)?;
         if intake == Intake::Check && !self.request_valid(&request) {
             return Err(Ignored::Invalid);
         }
@@ -1037,18 +1051,6 @@ impl Replica {
             .get(&request.client)
             .copied()
             .unwrap_or_default();
-        let share = if forwarded { 2 } else { 1 };
-        if self.waiting.len() >= self.config.max_pending
-            || count >= self.config.max_pending_per_client.saturating_mul(share)
-            || client_bytes.saturating_add(bytes)
-                > self
-                    .config
-                    .max_pending_bytes_per_client
-                    .saturating_mul(share)
-            || self.pending_bytes.saturating_add(bytes) > self.config.max_pending_bytes
-        {
-            return Err(Ignored::Busy);
-        }
         self.pending_by_client
             .insert(request.client, (count + 1, client_bytes + bytes));
         self.pending_bytes += bytes;
@@ -1066,7 +1068,7 @@ impl Replica {
             },
         );
         if self.active && self.is_primary() {
-            self.queue.push_back(key);
+            self.queue.push_back((key, self.arrivals));
             self.oldest_queued.get_or_insert(self.now);
             // Adaptive batching: with nothing in flight a request goes out at once (a lone
             // client waits for no timer); under load batches fill while earlier ones are
@@ -1328,13 +1330,42 @@ impl Replica {
         }
     }
 
-    /// The checks of an arriving request that need no signature: it has not executed, and it
-    /// is not held as it is. A different copy held unchecked (from the client's channel) gives
-    /// way to a checked one if it fails the check itself: otherwise a client that sends a
-    /// badly signed copy to the primary and a good one to the backups would make the primary
-    /// refuse the good one the backups forward, and the backups change views. Each held copy
-    /// is checked at most once this way.
-    fn request_admissible(&mut self, request: &Request, intake: Intake) -> Result<(), Ignored> {
+    /// The checks of an arriving request that need no signature of it: it has not executed, it
+    /// is not held as it is, and it fits the budgets. A different copy held unchecked (from the
+    /// client's channel) gives way to a checked one if it fails the check itself: otherwise a
+    /// client that sends a badly signed copy to the primary and a good one to the backups
+    /// would make the primary refuse the good one the backups forward, and the backups change
+    /// views. Each held copy is checked at most once this way.
+    fn request_admissible(
+        &mut self,
+        request: &Request,
+        forwarded: bool,
+        intake: Intake,
+    ) -> Result<(), Ignored> {
+        self.request_fresh(request, intake)?;
+        let bytes = request.payload.len();
+        let (count, client_bytes) = self
+            .pending_by_client
+            .get(&request.client)
+            .copied()
+            .unwrap_or_default();
+        let share = if forwarded { 2 } else { 1 };
+        if self.waiting.len() >= self.config.max_pending
+            || count >= self.config.max_pending_per_client.saturating_mul(share)
+            || client_bytes.saturating_add(bytes)
+                > self
+                    .config
+                    .max_pending_bytes_per_client
+                    .saturating_mul(share)
+            || self.pending_bytes.saturating_add(bytes) > self.config.max_pending_bytes
+        {
+            return Err(Ignored::Busy);
+        }
+        Ok(())
+    }
+
+    /// [`Replica::request_admissible`] without the budgets: not executed, not held as it is.
+    fn request_fresh(&mut self, request: &Request, intake: Intake) -> Result<(), Ignored> {
         let key = (request.client, request.number);
         if self
             .last_executed
@@ -1407,7 +1438,8 @@ impl Replica {
         }
         let max = self.config.max_batch.max(1);
         loop {
-            self.queue.retain(|k| self.waiting.contains_key(k));
+            self.queue
+                .retain(|(k, arrival)| self.waiting.get(k).is_some_and(|h| h.arrival == *arrival));
             let seq = self.next_seq + 1;
             if self.queue.is_empty()
                 || (self.queue.len() < max && !flush)
@@ -1418,10 +1450,7 @@ impl Replica {
                 break;
             }
             let take = self.queue.len().min(max);
-            let mut keys: Vec<(NodeId, u64)> = self.queue.drain(..take).collect();
-            // (A held copy that gave way to another leaves its key queued twice.)
-            let mut seen = BTreeSet::new();
-            keys.retain(|k| seen.insert(*k));
+            let keys: Vec<(NodeId, u64)> = self.queue.drain(..take).map(|(k, _)| k).collect();
             // Only what passes the check goes out: every correct backup accepts this batch,
             // whether it holds a request from the client or checks it itself.
             let refused = self.check_held(&keys);
@@ -1660,7 +1689,7 @@ impl Replica {
                 // number from the client.
                 let fresh: Vec<&Request> = requests
                     .iter()
-                    .filter(|r| self.request_admissible(r, Intake::Checked).is_ok())
+                    .filter(|r| self.request_admissible(r, true, Intake::Checked).is_ok())
                     .collect();
                 let verdicts = self.requests_valid(&fresh);
                 let taken = fresh
@@ -2375,7 +2404,7 @@ impl Replica {
             .map(|(k, held)| (held.arrival, *k))
             .collect();
         keys.sort_unstable();
-        self.queue = keys.into_iter().map(|(_, k)| k).collect();
+        self.queue = keys.into_iter().map(|(a, k)| (k, a)).collect();
         self.oldest_queued = (!self.queue.is_empty()).then_some(self.now);
     }
 
