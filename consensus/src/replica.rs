@@ -1046,11 +1046,7 @@ impl Replica {
         }
         let key = (request.client, request.number);
         let bytes = request.payload.len();
-        let (count, client_bytes) = self
-            .pending_by_client
-            .get(&request.client)
-            .copied()
-            .unwrap_or_default();
+        let (count, client_bytes) = self.held_of(&request.client);
         self.pending_by_client
             .insert(request.client, (count + 1, client_bytes + bytes));
         self.pending_bytes += bytes;
@@ -1344,11 +1340,7 @@ impl Replica {
     ) -> Result<(), Ignored> {
         self.request_fresh(request, intake)?;
         let bytes = request.payload.len();
-        let (count, client_bytes) = self
-            .pending_by_client
-            .get(&request.client)
-            .copied()
-            .unwrap_or_default();
+        let (count, client_bytes) = self.held_of(&request.client);
         let share = if forwarded { 2 } else { 1 };
         if self.waiting.len() >= self.config.max_pending
             || count >= self.config.max_pending_per_client.saturating_mul(share)
@@ -1362,6 +1354,14 @@ impl Replica {
             return Err(Ignored::Busy);
         }
         Ok(())
+    }
+
+    /// Requests and payload bytes held for `client`.
+    fn held_of(&self, client: &NodeId) -> (usize, usize) {
+        self.pending_by_client
+            .get(client)
+            .copied()
+            .unwrap_or_default()
     }
 
     /// [`Replica::request_admissible`] without the budgets: not executed, not held as it is.
