@@ -920,14 +920,16 @@ pub async fn run(args: BenchArgs) -> Result<Vec<CellResult>, BenchError> {
         path: args.out.clone(),
         source,
     })?;
-    let cells_total = args.sizes.len() * args.clients.len() * {
-        let replicated = args
-            .modes
-            .iter()
-            .filter(|m| **m != Mode::Unreplicated)
-            .count();
-        replicated * args.replicas.len() + usize::from(args.modes.contains(&Mode::Unreplicated))
-    };
+    let replicated: Vec<Mode> = args
+        .modes
+        .iter()
+        .copied()
+        .filter(|m| *m != Mode::Unreplicated)
+        .collect();
+    let cells_total = args.sizes.len()
+        * args.clients.len()
+        * (replicated.len() * args.replicas.len()
+            + usize::from(args.modes.contains(&Mode::Unreplicated)));
     eprintln!(
         "securesmart bench: {cells_total} cells, {} s warm-up and {} s measured each",
         args.warmup, args.seconds
@@ -949,12 +951,6 @@ pub async fn run(args: BenchArgs) -> Result<Vec<CellResult>, BenchError> {
             }
         }
     }
-    let replicated: Vec<Mode> = args
-        .modes
-        .iter()
-        .copied()
-        .filter(|m| *m != Mode::Unreplicated)
-        .collect();
     // The secure modes share a cluster; `baseline` runs on one of its own.
     let kinds: Vec<(bool, Vec<Mode>)> = [false, true]
         .into_iter()

@@ -116,7 +116,7 @@ impl SealerSignature {
         let sender = securesmart_membership::sealed_header(sealed)
             .map(|(_, sender)| sender)
             .map_err(|_| AuthError::WrongKey)?;
-        if NodeId::from_ed25519(&auth.public_key) != sender {
+        if NodeId::from_ed25519(&auth.public_key) != sender || !zip215::key_ok(&auth.public_key) {
             return Err(AuthError::WrongKey);
         }
         Ok((sender, Self::digest(client, number, sealed)))
@@ -210,7 +210,8 @@ impl Auth {
         zip215::verify(&self.public_key, &digest, &self.signature)
     }
 
-    /// The digest `client`'s signature on request `number` covers, if this is `client`'s key.
+    /// The digest `client`'s signature on request `number` covers, if this is `client`'s key
+    /// (and a usable one: [`zip215::key_ok`]).
     fn checked_digest(
         &self,
         client: &NodeId,
@@ -218,7 +219,7 @@ impl Auth {
         kind: SignedKind,
         body: &[u8],
     ) -> Result<[u8; 32], AuthError> {
-        if NodeId::from_ed25519(&self.public_key) != *client {
+        if NodeId::from_ed25519(&self.public_key) != *client || !zip215::key_ok(&self.public_key) {
             return Err(AuthError::WrongKey);
         }
         Ok(signing_digest(client, number, kind, body))
@@ -358,9 +359,6 @@ impl Submission {
             let (_, digest) = SealerSignature::checked_digest(sealer, client, number, sealed)?;
             out.push((sealer.public_key, digest, sealer.signature));
         }
-        if !out.iter().all(|(key, ..)| zip215::key_ok(key)) {
-            return Err(AuthError::WrongKey);
-        }
         Ok(out)
     }
 
@@ -465,15 +463,13 @@ mod zip215 {
         ed25519_dalek::VerifyingKey::from_bytes(key).is_ok_and(|k| !k.is_weak())
     }
 
-    /// Checks one signature on a 32-byte digest.
+    /// Checks one signature on a 32-byte digest (the key passed [`key_ok`] in the caller's
+    /// `checked_digest`).
     pub(super) fn verify(
         key: &[u8; 32],
         digest: &[u8; 32],
         sig: &[u8; 64],
     ) -> Result<(), AuthError> {
-        if !key_ok(key) {
-            return Err(AuthError::WrongKey);
-        }
         let key =
             ed25519_zebra::VerificationKey::try_from(*key).map_err(|_| AuthError::WrongKey)?;
         key.verify(&ed25519_zebra::Signature::from_bytes(sig), digest)
@@ -617,8 +613,9 @@ impl ClientRequest {
             .map(u64::from_be_bytes)
     }
 
-    /// Checks that it is `client`'s signature on it, before anything is done with it (a
-    /// replica checks this before it seals a confidential operation).
+    /// Checks that it is `client`'s signature on it, by the rule the engine checks ordered
+    /// requests with. (A node's intake does not: the client's mutual-TLS connection proves
+    /// the request is the client's.)
     ///
     /// # Errors
     /// [`AuthError`] saying what is wrong.
@@ -687,21 +684,6 @@ impl ClientRequest {
             auth: Some(self.auth),
             ordered,
         })
-    }
-
-    /// [`ClientRequest::into_submission`], checked as the engine checks what it orders
-    /// ([`Submission::verify_all`]: the client's signature and, for a confidential request,
-    /// its sealer's). A node's intake hands the engine only what passes, and the engine then
-    /// takes it without checking it again.
-    ///
-    /// # Errors
-    /// [`AuthError`] saying what is wrong ([`AuthError::Unsigned`] for the kinds a replica
-    /// answers itself).
-    pub fn into_checked_submission(self, client: &NodeId) -> Result<Submission, AuthError> {
-        let number = self.number;
-        let submission = self.into_submission().ok_or(AuthError::Unsigned)?;
-        submission.verify_all(client, number)?;
-        Ok(submission)
     }
 
     /// Encodes the request.
@@ -1237,14 +1219,24 @@ mod tests {
         forged_sealer.signature[0] ^= 1;
         let made_up = ClientRequest::confidential(&alice, 4, &ask.payload, &forged_sealer, &sealed);
         assert!(!check.allows(&ordered(&made_up.clone().into_submission().unwrap())));
-        // Intake checks the same before it hands a request to the engine as checked: the
-        // client's own signature on it is not enough.
+        // The client's own signature on it is not enough: the submission's check covers the
+        // sealer's too.
         assert_eq!(made_up.verify(&alice.id()), Ok(()));
         assert_eq!(
-            made_up.into_checked_submission(&alice.id()),
+            made_up
+                .into_submission()
+                .unwrap()
+                .verify_all(&alice.id(), 4),
             Err(AuthError::BadSignature)
         );
-        assert!(request.clone().into_checked_submission(&alice.id()).is_ok());
+        assert!(
+            request
+                .clone()
+                .into_submission()
+                .unwrap()
+                .verify_all(&alice.id(), 4)
+                .is_ok()
+        );
         let not_the_sender = SealerSignature::sign(&mallory, &alice.id(), 4, &sealed);
         assert_eq!(
             SealerSignature::verify(&not_the_sender, &alice.id(), 4, &sealed),

@@ -474,22 +474,18 @@ impl FileJournal {
         Ok(())
     }
 
-    /// Writes `frame` at the end of the records, growing the zero-filled part first if it
-    /// does not fit.
+    /// Writes `frame` at the end of the records; if it reaches past the zero-filled part, a
+    /// new chunk of zeros follows it (the frame itself is not zero-filled first).
     fn write_frame(&mut self, frame: &[u8], path: &Path) -> Result<(), JournalError> {
         let end = self.len + frame.len() as u64;
-        if end > self.allocated {
-            let grown = end + PREALLOCATE;
-            self.file
-                .seek(SeekFrom::Start(self.allocated))
-                .and_then(|_| write_zeros(&mut self.file, grown - self.allocated))
-                .map_err(io(path))?;
-            self.allocated = grown;
-        }
         self.file
             .seek(SeekFrom::Start(self.len))
             .and_then(|_| self.file.write_all(frame))
             .map_err(io(path))?;
+        if end > self.allocated {
+            write_zeros(&mut self.file, PREALLOCATE).map_err(io(path))?;
+            self.allocated = end + PREALLOCATE;
+        }
         self.len = end;
         Ok(())
     }

@@ -967,10 +967,9 @@ impl Replica {
             .take(max.saturating_mul(FORWARD_BATCHES))
             .map(|(_, k)| k)
             .collect();
-        let refused = self.check_held(&keys);
-        self.count_refused(refused.len());
-        let mut held: Vec<&Held> = keys.iter().filter_map(|k| self.waiting.get(k)).collect();
-        held.sort_unstable_by_key(|h| h.arrival);
+        self.check_held(&keys);
+        // (`keys` are in arrival order.)
+        let held: Vec<&Held> = keys.iter().filter_map(|k| self.waiting.get(k)).collect();
         let messages: Vec<Signed> = held
             .chunks(max)
             .take(FORWARD_BATCHES)
@@ -1117,15 +1116,16 @@ impl Replica {
     }
 
     /// Checks the held requests of `keys` that were not checked here yet, in one batch:
-    /// those that fail are dropped, the rest marked checked. Returns the keys that failed.
-    fn check_held(&mut self, keys: &[(NodeId, u64)]) -> Vec<(NodeId, u64)> {
+    /// those that fail are dropped (and counted), the rest marked checked. Returns how many
+    /// failed.
+    fn check_held(&mut self, keys: &[(NodeId, u64)]) -> usize {
         let unchecked: Vec<(NodeId, u64)> = keys
             .iter()
             .filter(|k| self.waiting.get(k).is_some_and(|h| !h.checked))
             .copied()
             .collect();
         if unchecked.is_empty() {
-            return Vec::new();
+            return 0;
         }
         let verdicts = {
             let requests: Vec<&Request> = unchecked
@@ -1134,7 +1134,7 @@ impl Replica {
                 .collect();
             self.requests_valid(&requests)
         };
-        let mut failed = Vec::new();
+        let mut failed = 0;
         for (key, ok) in unchecked.into_iter().zip(verdicts) {
             if ok {
                 if let Some(held) = self.waiting.get_mut(&key) {
@@ -1142,8 +1142,16 @@ impl Replica {
                 }
             } else {
                 self.unhold(key);
-                failed.push(key);
+                failed += 1;
             }
+        }
+        if failed > 0 {
+            metrics::counter!("securesmart_consensus_requests_refused_total", "reason" => "invalid_held")
+                .increment(failed as u64);
+            tracing::debug!(
+                failed,
+                "held requests failed the request check and were dropped"
+            );
         }
         failed
     }
@@ -1284,8 +1292,7 @@ impl Replica {
         }
         // A request that fails the check is dropped here, neither forwarded nor left to change
         // views: a client's bad signatures cost the group nothing beyond its own budget.
-        let refused = self.check_held(&expired);
-        self.count_refused(refused.len());
+        self.check_held(&expired);
         let mut requests = Vec::with_capacity(expired.len());
         for key in expired {
             if let Some(held) = self.waiting.get_mut(&key) {
@@ -1384,23 +1391,12 @@ impl Replica {
                 Err(Ignored::Stale)
             }
             Some(_) => {
-                let refused = self.check_held(&[key]);
-                self.count_refused(refused.len());
-                if refused.is_empty() {
+                if self.check_held(&[key]) == 0 {
                     Err(Ignored::Stale)
                 } else {
                     Ok(())
                 }
             }
-        }
-    }
-
-    /// Counts held requests that failed [`Config::request_check`] and were dropped.
-    fn count_refused(&self, n: usize) {
-        if n > 0 {
-            metrics::counter!("securesmart_consensus_requests_refused_total", "reason" => "invalid_held")
-                .increment(n as u64);
-            tracing::debug!(n, "held requests failed the request check and were dropped");
         }
     }
 
@@ -1453,8 +1449,7 @@ impl Replica {
             let keys: Vec<(NodeId, u64)> = self.queue.drain(..take).map(|(k, _)| k).collect();
             // Only what passes the check goes out: every correct backup accepts this batch,
             // whether it holds a request from the client or checks it itself.
-            let refused = self.check_held(&keys);
-            self.count_refused(refused.len());
+            self.check_held(&keys);
             let batch: Vec<Request> = keys
                 .iter()
                 .filter_map(|k| self.waiting.get(k).map(|h| h.request.clone()))

@@ -163,6 +163,13 @@ pub struct Scenario {
 }
 
 impl Scenario {
+    /// How client `client` misbehaves, if it does ([`Scenario::client_faults`]).
+    pub fn client_fault(&self, client: usize) -> Option<ClientFault> {
+        self.client_faults
+            .iter()
+            .find(|(c, _)| *c == client)
+            .map(|(_, f)| *f)
+    }
     /// A fault-free scenario with small delays, quick timers and small windows (so that
     /// checkpoints, garbage collection and view changes happen within short runs).
     pub fn new(seed: u64, replicas: usize) -> Self {
@@ -318,7 +325,7 @@ impl Report {
         }
         // Integrity: what executed is what the clients sent.
         let clients = client_ids(self.scenario.clients);
-        let faulty_client = |c: usize| self.scenario.client_faults.iter().any(|(f, _)| *f == c);
+        let faulty_client = |c: usize| self.scenario.client_fault(c).is_some();
         for (seq, (_, batch)) in &agreed {
             for r in batch.iter() {
                 let Some(c) = clients.iter().position(|id| *id == r.client) else {
@@ -451,6 +458,13 @@ fn tagged(request: &Request) -> bool {
     client_tag(&request.client, request.number, body) == tag
 }
 
+/// `body` followed by `client`'s tag for request `number` ([`Scenario::signed_requests`]).
+fn tagged_payload(client: &NodeId, number: u64, body: &[u8]) -> Bytes {
+    let mut out = body.to_vec();
+    out.extend_from_slice(&client_tag(client, number, body));
+    Bytes::from(out)
+}
+
 /// What a client with `fault` sends replica `to` instead of its (tagged) `request`.
 fn faulty_version(fault: Option<ClientFault>, request: &Request, to: usize) -> Request {
     let spoil = |r: &Request| {
@@ -475,10 +489,8 @@ fn faulty_version(fault: Option<ClientFault>, request: &Request, to: usize) -> R
             if let Some(first) = body.first_mut() {
                 *first ^= 0x80;
             }
-            let tag = client_tag(&request.client, request.number, &body);
-            body.extend_from_slice(&tag);
             Request {
-                payload: Bytes::from(body),
+                payload: tagged_payload(&request.client, request.number, &body),
                 ..request.clone()
             }
         }
@@ -948,19 +960,13 @@ impl Sim {
             payload: Bytes::from(payload),
         };
         if self.scenario.signed_requests {
-            let mut signed = request.payload.to_vec();
-            signed.extend_from_slice(&client_tag(
-                &request.client,
-                request.number,
-                &request.payload,
-            ));
-            request.payload = Bytes::from(signed);
+            request.payload = tagged_payload(&request.client, request.number, &request.payload);
         }
         self.report
             .payloads
             .entry((client, request.number))
             .or_insert_with(|| request.payload.clone());
-        let fault = self.client_fault(client);
+        let fault = self.scenario.client_fault(client);
         for to in 0..self.ids.len() {
             // Clients are not partitioned, but lose messages like everyone before healing.
             if !self.healed()
@@ -1151,18 +1157,11 @@ impl Sim {
     }
 
     fn all_accepted(&self) -> bool {
-        let correct = (0..self.scenario.clients).filter(|c| self.client_fault(*c).is_none());
-        correct.into_iter().all(|c| {
+        let mut correct =
+            (0..self.scenario.clients).filter(|c| self.scenario.client_fault(*c).is_none());
+        correct.all(|c| {
             (1..=self.scenario.requests).all(|n| self.report.accepted.contains_key(&(c, n)))
         })
-    }
-
-    fn client_fault(&self, client: usize) -> Option<ClientFault> {
-        self.scenario
-            .client_faults
-            .iter()
-            .find(|(c, _)| *c == client)
-            .map(|(_, f)| *f)
     }
 
     /// Runs until every request is accepted and the replicas have settled, or until the
