@@ -8,7 +8,8 @@
 //! - the PBFT driver ([`securesmart_consensus::driver::Pbft`]) over
 //!   [`crate::replica_network::ReplicaNetwork`], durable through a
 //!   [`securesmart_consensus::journal::FileJournal`] in `data_dir/consensus` (write-ahead:
-//!   a vote leaves the node, and a batch executes, only after its record is fsynced);
+//!   a vote leaves the node, and a batch executes, only after its record is written, and a
+//!   commit only after the prepared certificate is fsynced);
 //! - the [`NodeState`] behind [`securesmart_consensus::service::Executor`] (reply cache,
 //!   at-most-once execution);
 //! - client intake: each [`ClientRequest`] is wrapped in the [`Ordered`] envelope and
@@ -47,7 +48,11 @@
 //! A restarted node recovers from its journal ([`Replica::recover`]): the last stable
 //! checkpoint, the committed batches after it (executed again, so the state is back), its
 //! accepted and prepared slots and its view; then it catches up by the normal protocol or by
-//! state transfer. A damaged journal (a snapshot that does not match its certificate) stops the
+//! state transfer. Only view records and prepared certificates are synced before the node
+//! goes on (see `securesmart_consensus::journal`), so a replica whose machine restarted sends
+//! no new pre-prepare or prepare in the view it was in: it commits, executes and answers
+//! there, and votes again in the next view it enters. After a stop of the process alone (the
+//! journal's boot id is this boot's) it votes on at once. A damaged journal (a snapshot that does not match its certificate) stops the
 //! start rather than let the node vote with a forgotten past.
 //!
 //! Metrics (if `metrics_listen` is set, a Prometheus endpoint serves them): the transport's
@@ -1006,8 +1011,22 @@ impl Node {
         core.durable = true;
         core.request_check = (!baseline).then(crate::protocol::request_check);
         let recovered = records.len();
-        let replica = Replica::recover(core, signer, records)
-            .map_err(|e| NodeError::Journal(e.to_string()))?;
+        // A journal that existed may have lost votes with a crashed machine: recover from it
+        // even when it holds no records (`Replica::recover` abstains where it may have voted),
+        // unless only the process stopped.
+        let replica = if !journal.resumed() {
+            Replica::new(core, signer)
+        } else if journal.intact() {
+            Replica::recover_intact(core, signer, records)
+                .map_err(|e| NodeError::Journal(e.to_string()))?
+        } else {
+            tracing::warn!(
+                "the machine restarted since this replica last entered a view: it sends no new \
+                 votes in that view (its journal may have lost the last ones)"
+            );
+            Replica::recover(core, signer, records)
+                .map_err(|e| NodeError::Journal(e.to_string()))?
+        };
         tracing::info!(
             node = %id,
             joining,

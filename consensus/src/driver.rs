@@ -89,9 +89,9 @@ impl Pbft {
         Self::spawn_durable(replica, ring, network, limits, None)
     }
 
-    /// Like [`Pbft::spawn`], writing the core's records to `journal` (write-ahead: records are
-    /// synced before any message goes out or any batch reaches the application; see
-    /// [`crate::journal`]). A journal that fails stops the driver: a replica that cannot
+    /// Like [`Pbft::spawn`], writing the core's records to `journal` (write-ahead: a record
+    /// for which [`crate::journal::Record::needs_sync`] holds is synced before any later
+    /// message goes out or batch reaches the application; see [`crate::journal`]). A journal that fails stops the driver: a replica that cannot
     /// remember its votes must not vote.
     pub fn spawn_durable<N: Network>(
         replica: Replica,
@@ -452,8 +452,8 @@ impl<N: Network> Driver<N> {
         }
     }
 
-    /// Makes appended records durable before an output that depends on them; `false` if the
-    /// journal failed.
+    /// Makes appended records durable before an output that depends on one of them; `false` if
+    /// the journal failed.
     fn sync(&mut self) -> bool {
         if !self.unsynced {
             return true;
@@ -474,7 +474,8 @@ impl<N: Network> Driver<N> {
                     if let Err(e) = journal.append(record) {
                         return journal_failed("append", &e);
                     }
-                    self.unsynced = true;
+                    // Pre-prepares and committed certificates ride on the next sync.
+                    self.unsynced |= record.needs_sync();
                 }
                 continue;
             }

@@ -1,24 +1,40 @@
 //! Durability: what a replica must remember across a crash, and a file journal that keeps it.
 //!
 //! With [`crate::replica::Config::durable`] set, the core emits [`Output::Persist`] records
-//! *before* the outputs that depend on them, and the driver writes them to a [`Journal`] and
-//! makes them durable ([`Journal::sync`]) before it sends anything or hands a batch to the
-//! application (write-ahead). The records are exactly what keeps a restarted replica from
-//! contradicting itself or losing an acknowledged write:
+//! *before* the outputs that depend on them, and the driver writes them to a [`Journal`] in
+//! order. Records that [`Record::needs_sync`] are made durable ([`Journal::sync`]) before
+//! anything after them is sent or handed to the application (write-ahead); the others are
+//! written and become durable with the next sync. A crashed process loses nothing written
+//! (the operating system holds it); a crashed machine loses the records after the last sync,
+//! never one before a later survivor (the journal is append-only). So one sync lies on the
+//! path of a batch, before the commit, instead of one per record:
 //!
-//! | record | written before | so that after a restart |
+//! | record | durable before | so that after a restart |
 //! |---|---|---|
 //! | [`Record::ViewChange`] | the view change is sent | the replica never returns to a view it left |
-//! | [`Record::EnteredView`] | prepares of the new view | it resumes in the view it was in |
-//! | [`Record::PrePrepare`] | its prepare (or, at the primary, the pre-prepare) | it never prepares two batches for one slot and view |
-//! | [`Record::Prepared`] | its commit | its view changes still carry the prepared certificate |
-//! | [`Record::Committed`] | the batch executes (and replies go out) | an executed batch is executed again from disk |
-//! | [`Record::Stable`] | nothing (it replaces everything older) | recovery starts from the last stable checkpoint |
+//! | [`Record::EnteredView`] | prepares of the new view | it resumes in the view it was in, and knows where it may have voted |
+//! | [`Record::PrePrepare`] | nothing: it rides on the next sync | it re-sends the same prepare (or pre-prepare) |
+//! | [`Record::Prepared`] | its commit | its view changes carry the prepared certificate |
+//! | [`Record::Committed`] | nothing: it rides on the next sync | the batch executes again from disk |
+//! | [`Record::Stable`] | (it is its own sync, and replaces everything older) | recovery starts from the last stable checkpoint |
 //!
-//! [`crate::replica::Replica::recover`] rebuilds a core from the records. A whole cluster that
-//! restarts therefore loses no acknowledged write: a reply went out only after its batch's
-//! committed certificate was on disk, and the prepared certificates on disk carry every
-//! committed batch through the view change that follows.
+//! A pre-prepare record lost with the machine hides a prepare (or, at the primary, a
+//! pre-prepare) the replica sent. So a recovered replica votes no new pre-prepare or prepare
+//! in the last view it entered, nor before: it still re-sends the votes its records show,
+//! commits what the others prepared, executes, and takes part in the next view change
+//! ([`crate::replica::Replica::recover`]). A lost committed record costs nothing either: the
+//! prepared certificate is on disk, and the replica commits the batch again once the others'
+//! commits for it arrive, or fetches the state.
+//!
+//! A whole cluster that restarts therefore loses no acknowledged write: a batch executes
+//! only after 2f+1 commits, each sent after its replica's prepared certificate was on disk,
+//! and those certificates carry every committed batch through the view change that follows.
+//! A fresh journal ([`FileJournal::resumed`] false) belongs to a replica that never ran: it
+//! starts with [`crate::replica::Replica::new`] (a directory removed by hand makes a replica
+//! that forgot its votes: it counts as one of the f faulty ones). A journal whose replica last
+//! entered a view in this boot of the machine, or that was created in it, and saw no failed
+//! write or sync ([`FileJournal::intact`]) lost nothing: its replica votes on at once
+//! ([`crate::replica::Replica::recover_intact`]).
 //!
 //! [`FileJournal`] keeps the records in one segment file per stable checkpoint in a directory:
 //! each frame is `length u32 | checksum [16] | record`, the checksum a BLAKE3 `derive_key` hash
@@ -62,8 +78,7 @@ const CHECKSUM_BYTES: usize = 16;
 const FRAME_HEADER: usize = 4 + CHECKSUM_BYTES;
 /// Segments grow by zero-filled chunks of this many bytes, written ahead of the records: an
 /// `fdatasync` after an append then writes data blocks only, no file size or block map
-/// (about 0.1 ms instead of 0.3 ms per sync here, and three syncs lie on the path of every
-/// batch).
+/// (about 0.1 ms instead of 0.3 ms per sync here).
 const PREALLOCATE: u64 = 256 * 1024;
 
 /// Something a replica must remember across a crash (see the module doc).
@@ -98,6 +113,13 @@ impl Record {
             Record::Stable { checkpoint, .. } => checkpoint.first().and_then(|s| s.message.seq()),
             Record::ViewChange(_) | Record::EnteredView(_) => None,
         }
+    }
+
+    /// Whether outputs after this record wait until it is durable (view records, prepared
+    /// certificates and stable checkpoints); pre-prepares and committed certificates become
+    /// durable with the next sync (see the module doc).
+    pub fn needs_sync(&self) -> bool {
+        !matches!(self, Record::PrePrepare(_) | Record::Committed(_))
     }
 
     /// Encodes the record.
@@ -219,7 +241,9 @@ pub enum JournalError {
         source: std::io::Error,
     },
     /// The journal was written by another version of this software: its records cannot be
-    /// read (remove the directory to start empty; the replica then fetches the state).
+    /// read. Removing the directory starts the replica empty (it fetches the state), but a
+    /// replica that forgot its votes counts as one of the f faulty ones until the cluster has
+    /// left the views it voted in: better run the version that wrote it.
     #[error("journal {path} holds records of format version {found}, this build reads {VERSION}")]
     Version {
         /// The segment.
@@ -267,6 +291,13 @@ pub struct FileJournal {
     /// Bytes of the segment file, zero-filled past `len` (see [`PREALLOCATE`]).
     allocated: u64,
     dirty: bool,
+    /// The directory held a journal when opened.
+    resumed: bool,
+    /// See [`FileJournal::intact`].
+    intact: bool,
+    /// This boot's id, and whether [`BOOT_FILE`] holds it.
+    boot: Option<String>,
+    boot_recorded: bool,
     /// Encoded records of slots above the last stable checkpoint, by sequence number.
     carry: BTreeMap<Seq, Vec<Vec<u8>>>,
     /// The latest view record, encoded.
@@ -369,8 +400,12 @@ impl FileJournal {
         std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
         let mut file = options.open(&path).map_err(io(&path))?;
         if segments.is_empty() {
-            // A new journal: its first segment's name must survive a crash too.
+            // A new journal: its first segment's name, and the directory's own, must survive
+            // a crash too (else the replica would come back as one that never ran).
             sync_dir(dir)?;
+            if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+                sync_dir(parent)?;
+            }
         }
         let mut buf = Vec::new();
         file.read_to_end(&mut buf).map_err(io(&path))?;
@@ -403,6 +438,16 @@ impl FileJournal {
             file.set_len(valid as u64).map_err(io(&path))?;
             file.sync_all().map_err(io(&path))?;
         }
+        // Which boot the replica last entered a view in (or created the journal in): if it is
+        // this one, only the process stopped, and the operating system kept every write.
+        let boot = current_boot();
+        let stored = std::fs::read_to_string(dir.join(BOOT_FILE)).ok();
+        let mut boot_recorded =
+            boot.is_some() && stored.as_deref().map(str::trim) == boot.as_deref();
+        let intact = !segments.is_empty() && boot_recorded;
+        if segments.is_empty() && !boot_recorded {
+            boot_recorded = record_boot(dir, boot.as_deref())?;
+        }
         for old in segments.iter().filter(|n| **n < current) {
             let p = dir.join(segment_name(*old));
             std::fs::remove_file(&p).map_err(io(&p))?;
@@ -414,6 +459,10 @@ impl FileJournal {
             len: valid as u64,
             allocated,
             dirty: false,
+            resumed: !segments.is_empty(),
+            intact,
+            boot,
+            boot_recorded,
             carry: BTreeMap::new(),
             view: None,
         };
@@ -421,6 +470,24 @@ impl FileJournal {
             journal.remember(r, r.encode());
         }
         Ok((journal, records))
+    }
+
+    /// Whether the directory held a journal when it was opened: the replica ran before, and may
+    /// have sent votes that records lost with a crashed machine no longer show (recover it with
+    /// [`crate::replica::Replica::recover`], even with no records; a fresh journal's replica
+    /// starts with [`crate::replica::Replica::new`]).
+    pub fn resumed(&self) -> bool {
+        self.resumed
+    }
+
+    /// Whether nothing written to the journal was lost: it [`FileJournal::resumed`], and in
+    /// this boot of the machine (Linux's boot id) the journal was created or its replica
+    /// entered a view, and no write or sync failed since (a stopped process loses nothing the
+    /// operating system holds; a crashed machine changes the boot id). Recover such a journal with
+    /// [`crate::replica::Replica::recover_intact`]; any other that resumed with
+    /// [`crate::replica::Replica::recover`].
+    pub fn intact(&self) -> bool {
+        self.intact
     }
 
     /// Keeps what the next segment must carry.
@@ -503,8 +570,18 @@ fn write_zeros(file: &mut File, n: u64) -> std::io::Result<()> {
     Ok(())
 }
 
-impl Journal for FileJournal {
-    fn append(&mut self, record: &Record) -> Result<(), JournalError> {
+impl FileJournal {
+    /// After a failed write or sync the journal may have lost records while the machine runs
+    /// on (a failed fsync may drop dirty pages): it must not count as intact at the next start.
+    fn distrust<T>(&self, result: Result<T, JournalError>) -> Result<T, JournalError> {
+        if result.is_err() {
+            let _ = std::fs::remove_file(self.dir.join(BOOT_FILE));
+            let _ = sync_dir(&self.dir);
+        }
+        result
+    }
+
+    fn append_record(&mut self, record: &Record) -> Result<(), JournalError> {
         let encoded = record.encode();
         if matches!(record, Record::Stable { .. }) {
             self.remember(record, Vec::new());
@@ -513,11 +590,16 @@ impl Journal for FileJournal {
         let path = self.dir.join(segment_name(self.segment));
         self.write_frame(&frame(&encoded), &path)?;
         self.dirty = true;
+        if matches!(record, Record::EnteredView(_)) && !self.boot_recorded {
+            // The replica votes in this view from this boot on: a later stop of the process
+            // alone loses nothing (see `FileJournal::intact`).
+            self.boot_recorded = record_boot(&self.dir, self.boot.as_deref())?;
+        }
         self.remember(record, encoded);
         Ok(())
     }
 
-    fn sync(&mut self) -> Result<(), JournalError> {
+    fn sync_records(&mut self) -> Result<(), JournalError> {
         if self.dirty {
             let path = self.dir.join(segment_name(self.segment));
             self.file.sync_data().map_err(io(&path))?;
@@ -525,6 +607,42 @@ impl Journal for FileJournal {
         }
         Ok(())
     }
+}
+
+impl Journal for FileJournal {
+    fn append(&mut self, record: &Record) -> Result<(), JournalError> {
+        let result = self.append_record(record);
+        self.distrust(result)
+    }
+
+    fn sync(&mut self) -> Result<(), JournalError> {
+        let result = self.sync_records();
+        self.distrust(result)
+    }
+}
+
+/// The file in a journal's directory naming the boot the replica last entered a view in.
+pub const BOOT_FILE: &str = "boot-id";
+
+/// This boot's id (Linux), if known.
+fn current_boot() -> Option<String> {
+    let id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?;
+    let id = id.trim();
+    (!id.is_empty()).then(|| id.to_owned())
+}
+
+/// Writes `boot` to [`BOOT_FILE`]; whether it did. It needs no sync: a crash of the machine
+/// changes the boot id, so a lost or torn write can only make the journal count as not
+/// intact.
+fn record_boot(dir: &Path, boot: Option<&str>) -> Result<bool, JournalError> {
+    let Some(boot) = boot else {
+        return Ok(false);
+    };
+    let path = dir.join(BOOT_FILE);
+    private_file(&path)?
+        .write_all(boot.as_bytes())
+        .map_err(io(&path))?;
+    Ok(true)
 }
 
 fn create_private_dir(dir: &Path) -> Result<(), JournalError> {
@@ -661,8 +779,67 @@ mod tests {
             "{records:?}"
         );
         assert_eq!(records.get(3), Some(&Record::EnteredView(2)));
-        let files: Vec<_> = std::fs::read_dir(&d).unwrap().collect();
-        assert_eq!(files.len(), 1, "the old segment is gone");
+        let segments = std::fs::read_dir(&d)
+            .unwrap()
+            .filter(|e| {
+                segment_number(&e.as_ref().unwrap().file_name().to_string_lossy()).is_some()
+            })
+            .count();
+        assert_eq!(segments, 1, "the old segment is gone");
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn a_journal_knows_whether_it_resumed_and_whether_the_machine_restarted_since() {
+        let d = dir("boot");
+        let limits = Limits::default();
+        let open = || FileJournal::open(&d, &limits).unwrap().0;
+        let j = open();
+        assert!(!j.resumed() && !j.intact(), "fresh");
+        drop(j);
+        // On Linux the boot id tells a stopped process from a restarted machine; elsewhere a
+        // journal is never known intact.
+        let linux = current_boot().is_some();
+        let j = open();
+        assert!(j.resumed());
+        assert_eq!(
+            j.intact(),
+            linux,
+            "the process stopped, the machine did not"
+        );
+        drop(j);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(d.join(BOOT_FILE))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
+        // Another boot: the journal stays suspect, restart after restart, until its replica
+        // enters a view in this boot.
+        std::fs::write(d.join(BOOT_FILE), "another boot").unwrap();
+        let mut j = open();
+        assert!(j.resumed() && !j.intact());
+        j.append(&Record::PrePrepare(pre_prepare(1))).unwrap();
+        j.append(&Record::ViewChange(1)).unwrap();
+        drop(j);
+        let mut j = open();
+        assert!(!j.intact(), "no view entered in this boot yet");
+        j.append(&Record::EnteredView(1)).unwrap();
+        drop(j);
+        assert_eq!(open().intact(), linux);
+        // A write or sync that failed (the pages it dropped may be gone while the machine
+        // runs on): the next start does not trust the journal.
+        let j = open();
+        let failed: Result<(), _> = Err(JournalError::Io {
+            path: d.clone(),
+            source: std::io::Error::other("injected"),
+        });
+        assert!(j.distrust(failed).is_err());
+        drop(j);
+        assert!(!open().intact(), "after a failed sync");
         std::fs::remove_dir_all(&d).unwrap();
     }
 

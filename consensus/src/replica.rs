@@ -286,8 +286,8 @@ pub enum Output {
         /// The application's snapshot (as it gave it to `handle_checkpoint_state`).
         snapshot: Bytes,
     },
-    /// Write this record to the journal, and make it durable before carrying out any later
-    /// output (only with [`Config::durable`]; see [`crate::journal`]).
+    /// Write this record to the journal; if it [`Record::needs_sync`], make it durable before
+    /// carrying out any later output (only with [`Config::durable`]; see [`crate::journal`]).
     Persist(Record),
     /// The replica entered `view`.
     ViewEntered {
@@ -560,6 +560,12 @@ pub struct Replica {
     state_reply: Option<((Seq, Seq, Seq, bool), Signed)>,
     /// The stable checkpoint last written to the journal.
     persisted_stable: Seq,
+    /// The view this replica sends new pre-prepares and prepares in: the one whose
+    /// `EnteredView` record it wrote in this run (view 0 for a replica that never ran). A
+    /// replica recovered from a journal that may have lost records has none until it enters a
+    /// view: it may have voted in its last view for slots whose records the crashed machine
+    /// lost (see [`Replica::recover`]).
+    voting_view: Option<View>,
     outputs: VecDeque<Output>,
 }
 
@@ -611,6 +617,7 @@ impl Replica {
             served: BTreeMap::new(),
             state_reply: None,
             persisted_stable: 0,
+            voting_view: Some(0),
             outputs: VecDeque::new(),
         }
     }
@@ -620,18 +627,54 @@ impl Replica {
     /// (executed again through [`Output::Execute`]), the slots it accepted and prepared, and its
     /// view. It resumes where it stopped: in its view it re-sends its votes (the same ones: it
     /// never votes for two batches in one slot and view), and if it was changing views it
-    /// changes views again. With no records it is [`Replica::new`].
+    /// changes views again.
+    ///
+    /// Records that do not [`Record::needs_sync`] may have been lost with a crashed machine,
+    /// and with them votes it sent (see [`crate::journal`]). So in the last view it entered
+    /// (view 0 if none) it sends no new pre-prepare or prepare: it still re-sends the votes
+    /// its pre-prepare records show, commits what the others prepared, executes, and changes
+    /// views with them; it votes again in the next view it enters. Call it for every journal
+    /// that existed before, even one with no records; [`Replica::recover_intact`] for one
+    /// known to have lost nothing; a replica that never ran starts with [`Replica::new`].
     ///
     /// # Errors
     /// [`RecoverError`] when a checkpoint's snapshot does not match its certificate or does not
-    /// decode (the journal is damaged; the caller may start empty and fetch the state).
+    /// decode (the journal is damaged; the caller may start empty and fetch the state, as a
+    /// replica that forgot its votes: one of the f faulty ones until the cluster left its
+    /// views).
     pub fn recover(
         config: Config,
         signer: Signer,
         records: impl IntoIterator<Item = Record>,
     ) -> Result<Self, RecoverError> {
+        Self::rebuild(config, signer, records, false)
+    }
+
+    /// [`Replica::recover`] from a journal that lost nothing (the process stopped, the machine
+    /// did not: [`crate::journal::FileJournal::intact`]): it votes on in the view it was in
+    /// (if it was changing views, from the view it enters next).
+    ///
+    /// # Errors
+    /// As [`Replica::recover`].
+    pub fn recover_intact(
+        config: Config,
+        signer: Signer,
+        records: impl IntoIterator<Item = Record>,
+    ) -> Result<Self, RecoverError> {
+        Self::rebuild(config, signer, records, true)
+    }
+
+    fn rebuild(
+        config: Config,
+        signer: Signer,
+        records: impl IntoIterator<Item = Record>,
+        intact: bool,
+    ) -> Result<Self, RecoverError> {
         let mut r = Self::new(config, signer);
         let mut restore = None;
+        // The votes the records show: a pre-prepare record precedes every prepare (and, at a
+        // primary, every pre-prepare) the replica sent.
+        let mut voted: BTreeMap<Seq, (View, Digest)> = BTreeMap::new();
         for record in records {
             match record {
                 Record::ViewChange(v) if v >= r.view => {
@@ -676,6 +719,11 @@ impl Replica {
                     restore = Some((seq, restored.app));
                 }
                 Record::PrePrepare(pp) => {
+                    if let (Some(seq), Some(view), Some(digest)) =
+                        (pp.message.seq(), pp.message.view(), pp.message.digest())
+                    {
+                        voted.insert(seq, (view, digest));
+                    }
                     r.recover_proposal(pp);
                 }
                 Record::Prepared(cert) => {
@@ -697,6 +745,8 @@ impl Replica {
             }
         }
         let view = r.view;
+        // Active in a view: its entry is the latest view record (or it is view 0).
+        r.voting_view = (intact && r.active).then_some(view);
         // The primary of this view proposed up to the highest slot it holds for the view.
         r.next_seq = r
             .slots
@@ -713,13 +763,15 @@ impl Replica {
             return Ok(r);
         }
         let (me, primary) = (r.id(), r.primary());
+        // Only the votes it sent: a slot it holds from a prepared or committed certificate
+        // alone was prepared by the others.
         let slots: Vec<(Seq, Digest, Signed)> = r
             .slots
             .iter()
             .filter_map(|(s, slot)| {
                 let (v, d) = slot.proposal()?;
                 let pp = slot.pre_prepare.as_ref()?.signed().clone();
-                (v == view).then_some((*s, d, pp))
+                (v == view && voted.get(s) == Some(&(v, d))).then_some((*s, d, pp))
             })
             .collect();
         for (seq, digest, pp) in slots {
@@ -908,6 +960,18 @@ impl Replica {
         let signed = self.signer.sign(message);
         self.outputs.push_back(Output::Broadcast(signed.clone()));
         Verified::trusted(signed)
+    }
+
+    /// Whether this replica may send new pre-prepares and prepares in `view`: only in the view
+    /// whose entry it journaled in this run (see [`Replica::recover`]).
+    fn may_vote(&self, view: View) -> bool {
+        self.voting_view == Some(view)
+    }
+
+    /// Journals that this replica entered `view`, and votes there from now on.
+    fn record_entered(&mut self, view: View) {
+        self.persist(|| Record::EnteredView(view));
+        self.voting_view = Some(view);
     }
 
     /// Emits a journal record (durable replicas only); `record` is built only then.
@@ -1429,7 +1493,7 @@ impl Replica {
     /// The primary proposes batches from its queue: full ones, or also a partial one when
     /// `flush` (the batch delay passed).
     fn propose(&mut self, flush: bool) {
-        if !self.active || !self.is_primary() {
+        if !self.active || !self.is_primary() || !self.may_vote(self.view) {
             return;
         }
         let max = self.config.max_batch.max(1);
@@ -1767,14 +1831,16 @@ impl Replica {
                     _ => {}
                 }
                 slot.pre_prepare = Some(message.clone());
-                self.persist(|| Record::PrePrepare(message.signed().clone()));
-                let prepare = self.broadcast(Message::Prepare { view, seq, digest });
-                let me = self.id();
-                self.slots
-                    .entry(seq)
-                    .or_default()
-                    .prepares
-                    .insert(me, prepare);
+                if self.may_vote(view) {
+                    self.persist(|| Record::PrePrepare(message.signed().clone()));
+                    let prepare = self.broadcast(Message::Prepare { view, seq, digest });
+                    let me = self.id();
+                    self.slots
+                        .entry(seq)
+                        .or_default()
+                        .prepares
+                        .insert(me, prepare);
+                }
             }
             Message::Prepare { .. } => {
                 self.slots
@@ -2155,7 +2221,7 @@ impl Replica {
                 })
             })
             .collect();
-        self.persist(|| Record::EnteredView(view));
+        self.record_entered(view);
         for pp in &pre_prepares {
             self.persist(|| Record::PrePrepare(pp.clone()));
         }
@@ -2331,8 +2397,10 @@ impl Replica {
         }
         let me = self.id();
         let primary = self.primary();
-        if primary != Some(me) {
-            self.persist(|| Record::EnteredView(view));
+        // (The primary that built the new view journaled it already; a replica that finds
+        // itself primary of a view another replica's new view started journals it here.)
+        if self.voting_view != Some(view) {
+            self.record_entered(view);
         }
         let mut proposed = std::collections::BTreeSet::new();
         let mut touched = Vec::new();
@@ -4191,8 +4259,10 @@ mod tests {
         assert!((1..=2).contains(&snapshots), "{snapshots} snapshots");
     }
 
-    #[test]
-    fn a_recovered_replica_resumes_and_does_not_contradict_its_journal() {
+    /// Four durable replicas order ten requests; then replica 1 accepts one more pre-prepare
+    /// and sends its prepare, but hears no prepares (it is about to crash). Returns what it
+    /// executed; the slot is the next one.
+    fn one_pre_prepare_before_a_crash() -> (Cluster, Seq) {
         let mut c = Cluster::new(4, |cfg| {
             cfg.durable = true;
             cfg.window = 8;
@@ -4204,23 +4274,24 @@ mod tests {
         c.run_for(Duration::from_millis(50));
         let executed = c.replicas[1].executed();
         assert!(executed >= 3, "{executed}");
-        // Replica 1 accepts one more pre-prepare, hears no prepares, and crashes.
         c.cut = Box::new(|from, to, _| from == 1 || (to == 1 && from != 0));
         c.submit(1, 11);
         c.run_for(Duration::from_millis(20));
         assert_eq!(c.replicas[1].executed(), executed);
-        let app_before = c.apps[1].app().clone();
-        let config = c.replicas[1].config.clone();
-        let journal = c.journals[1].clone();
-        c.journals[1].clear();
-        c.replicas[1] = Replica::recover(config, Signer::new_from(&c.signers[1]), journal).unwrap();
-        c.apps[1] = Executor::new(Chain::default());
-        c.log[1].clear();
-        c.drain(1);
-        assert_eq!(c.replicas[1].executed(), executed, "recovered from disk");
-        assert_eq!(c.apps[1].app(), &app_before, "the same application state");
-        // The primary's second pre-prepare for the slot it accepted is refused.
-        let seq = executed + 1;
+        (c, executed)
+    }
+
+    /// Replica `i` restarts from `journal` with an empty application.
+    fn restart_from(c: &mut Cluster, i: usize, journal: Vec<Record>) {
+        let config = c.replicas[i].config.clone();
+        c.journals[i] = journal.clone();
+        c.replicas[i] = Replica::recover(config, Signer::new_from(&c.signers[i]), journal).unwrap();
+        c.apps[i] = Executor::new(Chain::default());
+        c.log[i].clear();
+    }
+
+    /// The primary's second pre-prepare for `seq` in view 0, with another batch.
+    fn second_pre_prepare(c: &Cluster, seq: Seq) -> Verified {
         let other = vec![Request {
             client: NodeId::from_bytes([2; 32]),
             number: 1,
@@ -4232,21 +4303,159 @@ mod tests {
             digest: batch_digest(&other),
             batch: other,
         });
-        let forged = c.ring.verify(forged).unwrap();
-        assert_eq!(
-            c.replicas[1].handle_message(forged),
-            Err(Ignored::Conflicting)
-        );
-        // Healed, it catches up and agrees with the others.
+        c.ring.verify(forged).unwrap()
+    }
+
+    /// Heals the network, orders more requests, and checks that every replica executed the
+    /// same batches (at least `at_least`) to the same state.
+    fn heal_and_agree(c: &mut Cluster, at_least: Seq) {
         c.cut = Box::new(|_, _, _| false);
         for i in 12..=30 {
             c.submit(1, i);
         }
         c.run_for(Duration::from_millis(300));
-        assert_agree(&c, &[0, 1, 2, 3]);
+        assert_agree(c, &[0, 1, 2, 3]);
         let top = c.replicas[0].executed();
+        assert!(top >= at_least, "{top}");
         assert!(c.replicas.iter().all(|r| r.executed() == top));
         assert_eq!(c.apps[1].app(), c.apps[0].app());
+    }
+
+    #[test]
+    fn a_recovered_replica_resumes_and_does_not_contradict_its_journal() {
+        let (mut c, executed) = one_pre_prepare_before_a_crash();
+        let app_before = c.apps[1].app().clone();
+        let journal = c.journals[1].clone();
+        restart_from(&mut c, 1, journal);
+        c.drain(1);
+        assert_eq!(c.replicas[1].executed(), executed, "recovered from disk");
+        assert_eq!(c.apps[1].app(), &app_before, "the same application state");
+        // The primary's second pre-prepare for the slot it accepted is refused.
+        let forged = second_pre_prepare(&c, executed + 1);
+        assert_eq!(
+            c.replicas[1].handle_message(forged),
+            Err(Ignored::Conflicting)
+        );
+        // Healed, it catches up and agrees with the others.
+        heal_and_agree(&mut c, executed + 1);
+    }
+
+    /// What a crashed machine leaves of a journal: the records up to the last one that needed
+    /// a sync (the driver syncs it before anything after it happens).
+    fn after_power_loss(journal: &[Record]) -> Vec<Record> {
+        let durable = journal
+            .iter()
+            .rposition(Record::needs_sync)
+            .map_or(0, |i| i + 1);
+        journal[..durable].to_vec()
+    }
+
+    #[test]
+    fn a_replica_whose_machine_lost_its_last_votes_casts_no_new_ones_in_that_view() {
+        // The machine crashes before anything synced the last pre-prepare's record.
+        let (mut c, executed) = one_pre_prepare_before_a_crash();
+        let seq = executed + 1;
+        let recorded = |j: &[Record]| {
+            j.iter()
+                .any(|r| matches!(r, Record::PrePrepare(pp) if pp.message.seq() == Some(seq)))
+        };
+        assert!(recorded(&c.journals[1]), "written");
+        let journal = after_power_loss(&c.journals[1]);
+        assert!(!recorded(&journal), "and lost");
+        restart_from(&mut c, 1, journal);
+        c.drain(1);
+        // A faulty primary offers it another batch for that slot: it does not prepare it (it
+        // may have prepared the first one; two prepares from it would let the primary and f
+        // faulty replicas make two prepared certificates in one view).
+        let forged = second_pre_prepare(&c, seq);
+        let _ = c.replicas[1].handle_message(forged);
+        let mut prepares = 0;
+        while let Some(out) = c.replicas[1].poll_output() {
+            if let Output::Broadcast(s) = out
+                && matches!(s.message, Message::Prepare { .. })
+            {
+                prepares += 1;
+            }
+        }
+        assert_eq!(prepares, 0, "a second prepare for one slot and view");
+        // Healed, the others order on without its prepares; it commits and executes with them
+        // (fetching the state past the slot it holds the forged batch for) and agrees.
+        heal_and_agree(&mut c, seq + 4);
+        // Restarted once more, it re-sends only the votes its records show, not prepares for
+        // the slots it holds from the others' certificates (prepared without it).
+        let journal = c.journals[1].clone();
+        let voted: BTreeSet<(Seq, Digest)> = journal
+            .iter()
+            .filter_map(|r| match r {
+                Record::PrePrepare(pp) => Some((pp.message.seq()?, pp.message.digest()?)),
+                _ => None,
+            })
+            .collect();
+        let stable = journal
+            .iter()
+            .filter(|r| matches!(r, Record::Stable { .. }))
+            .filter_map(Record::seq)
+            .max()
+            .unwrap_or(0);
+        let from_certificates = journal
+            .iter()
+            .filter_map(|r| match r {
+                Record::Prepared(cert) | Record::Committed(cert) => Some(&cert.proposal.message),
+                _ => None,
+            })
+            .filter(|m| m.seq() > Some(stable))
+            .filter(|m| !voted.contains(&(m.seq().unwrap(), m.digest().unwrap())))
+            .count();
+        assert!(from_certificates > 0, "slots held from certificates alone");
+        restart_from(&mut c, 1, journal);
+        let mut resent = Vec::new();
+        while let Some(out) = c.replicas[1].poll_output() {
+            if let Output::Broadcast(s) = out
+                && let Message::Prepare { seq, digest, .. } = s.message
+            {
+                resent.push((seq, digest));
+            }
+        }
+        assert!(
+            resent.iter().all(|v| voted.contains(v)),
+            "prepares it never sent: {resent:?}"
+        );
+    }
+
+    #[test]
+    fn a_restarted_primary_proposes_again_at_once_only_if_nothing_was_lost() {
+        for intact in [false, true] {
+            let mut c = Cluster::new(4, |cfg| cfg.durable = true);
+            for i in 1..=8 {
+                c.submit(1, i);
+            }
+            c.run_for(Duration::from_millis(30));
+            let executed = c.replicas[0].executed();
+            assert!(executed >= 2, "{executed}");
+            let journal = c.journals[0].clone();
+            if intact {
+                let config = c.replicas[0].config.clone();
+                c.replicas[0] =
+                    Replica::recover_intact(config, Signer::new_from(&c.signers[0]), journal)
+                        .unwrap();
+                c.apps[0] = Executor::new(Chain::default());
+                c.log[0].clear();
+            } else {
+                restart_from(&mut c, 0, journal);
+            }
+            c.drain(0);
+            for i in 9..=12 {
+                c.submit(1, i);
+            }
+            c.run_for(Duration::from_millis(400));
+            assert_agree(&c, &[0, 1, 2, 3]);
+            let top = c.replicas[1].executed();
+            assert!(top > executed, "ordered on ({intact})");
+            // Its machine restarted: it proposes nothing in view 0, and the others change
+            // views to order. Only its process stopped: it goes on in view 0.
+            let view = c.replicas[1].view();
+            assert_eq!(view == 0, intact, "view {view} ({intact})");
+        }
     }
 
     #[test]

@@ -3,7 +3,8 @@
 //!
 //! The network delays (uniformly within a range), reorders, loses and duplicates messages and
 //! can be partitioned; replicas crash and restart (with empty memory: they catch up by state
-//! transfer); faulty replicas misbehave as [`Fault`] says, Twins included. Every message goes
+//! transfer; or from their journals, which a crashed machine cuts back to the last sync, see
+//! [`Scenario::power_loss`]); faulty replicas misbehave as [`Fault`] says, Twins included. Every message goes
 //! through the real codec and [`KeyRing`] verification. Clients send each request to every
 //! replica, retransmit until `f + 1` replicas return matching replies, then send the next one.
 //!
@@ -135,6 +136,9 @@ pub struct Scenario {
     pub partitions: Vec<Partition>,
     /// Crashes.
     pub crashes: Vec<Crash>,
+    /// Crashes are of the machine, not only of the process: a replica loses the journal
+    /// records written after its last sync (see [`crate::journal`]).
+    pub power_loss: bool,
     /// Faulty replicas.
     pub faults: Vec<(usize, Fault)>,
     /// When loss and partitions stop.
@@ -196,6 +200,7 @@ impl Scenario {
             duplicate: 0.0,
             partitions: Vec::new(),
             crashes: Vec::new(),
+            power_loss: false,
             faults: Vec::new(),
             heal_at: Duration::ZERO,
             liveness_bound: Duration::from_secs(20),
@@ -269,6 +274,9 @@ pub struct Report {
     pub views: Vec<u64>,
     /// State transfers completed.
     pub restores: u64,
+    /// Journal records lost with crashed machines ([`Scenario::power_loss`]): pre-prepares
+    /// and committed certificates written after the last sync.
+    pub records_lost: usize,
     /// The most messages any instance held for a later view or window at once.
     pub max_held: usize,
     /// State replies sent to faulty replicas: (replies, with a snapshot).
@@ -540,6 +548,10 @@ struct Instance {
     fault: Option<Fault>,
     /// What the replica journaled (with `core.durable`): its "disk", kept across a crash.
     journal: Vec<crate::journal::Record>,
+    /// How many of `journal`'s records are durable (the rest are lost with the machine).
+    synced: usize,
+    /// A record that needs a sync was written after the last one (as the driver's flag).
+    unsynced: bool,
 }
 
 struct Client {
@@ -612,6 +624,8 @@ impl Sim {
                     executor: Executor::new(Chain::default()),
                     fault,
                     journal: Vec::new(),
+                    synced: 0,
+                    unsynced: false,
                 });
             }
         }
@@ -643,6 +657,7 @@ impl Sim {
             dropped: BTreeMap::new(),
             views: Vec::new(),
             restores: 0,
+            records_lost: 0,
             max_held: 0,
             state_to_faulty: (0, 0),
             parts_to_faulty: 0,
@@ -1009,6 +1024,11 @@ impl Sim {
             let Some(out) = inst.core.as_mut().and_then(Replica::poll_output) else {
                 return;
             };
+            // As the driver: what needs a sync is durable before anything after it happens.
+            if inst.unsynced && !matches!(out, Output::Persist(_)) {
+                inst.synced = inst.journal.len();
+                inst.unsynced = false;
+            }
             match out {
                 Output::Broadcast(s) => {
                     for to in 0..self.ids.len() {
@@ -1072,7 +1092,10 @@ impl Sim {
                         core.handle_checkpoint_state(seq, snapshot);
                     }
                 }
-                Output::Persist(record) => inst.journal.push(record),
+                Output::Persist(record) => {
+                    inst.unsynced |= record.needs_sync();
+                    inst.journal.push(record);
+                }
                 Output::Restore { snapshot, .. } => {
                     self.report.restores += 1;
                     if inst.executor.restore(&snapshot).is_err() {
@@ -1256,8 +1279,14 @@ impl Sim {
                 }
             }
             Event::Crash(r) => {
+                let power_loss = self.scenario.power_loss;
                 for inst in self.instances.iter_mut().filter(|i| i.replica == r) {
                     inst.core = None;
+                    if power_loss {
+                        self.report.records_lost += inst.journal.len() - inst.synced;
+                        inst.journal.truncate(inst.synced);
+                    }
+                    inst.unsynced = false;
                 }
             }
             Event::Restart(r) => {
@@ -1269,7 +1298,14 @@ impl Sim {
                 };
                 let signer = Signer::new_from(signer);
                 let core = if self.config.durable {
-                    match Replica::recover(self.config.clone(), signer, inst.journal.clone()) {
+                    let records = inst.journal.clone();
+                    let recovered = if self.scenario.power_loss {
+                        Replica::recover(self.config.clone(), signer, records)
+                    } else {
+                        // Only the process stopped: the journal is whole.
+                        Replica::recover_intact(self.config.clone(), signer, records)
+                    };
+                    match recovered {
                         Ok(core) => core,
                         Err(e) => {
                             *self
@@ -1282,6 +1318,7 @@ impl Sim {
                     }
                 } else {
                     inst.journal.clear();
+                    inst.synced = 0;
                     Replica::new(self.config.clone(), signer)
                 };
                 // The log keeps what the replica remembers; it executes the rest again.

@@ -537,8 +537,10 @@ fn a_durable_replica_restarts_from_its_journal_beside_a_byzantine_one() {
             s.core.durable = true;
             s.requests = 30;
             // Replica 3 is Byzantine; replica 0 or 1 crashes and comes back from its journal,
-            // and counts as correct: it must not contradict anything it signed before.
+            // and counts as correct: it must not contradict anything it signed before, not
+            // even when its machine lost the records after the last sync.
             s.faults.push((3, Fault::ConflictingVotes));
+            s.power_loss = seed % 3 == 0;
             let victim = (seed % 2) as usize;
             let restart = ms(150 + seed % 100);
             s.crashes.push(Crash {
@@ -552,6 +554,7 @@ fn a_durable_replica_restarts_from_its_journal_beside_a_byzantine_one() {
     );
     // Restarted replicas executed again from their journals, not only by state transfer.
     assert!(reports.iter().any(|r| !r.earlier.is_empty()));
+    assert!(reports.iter().any(|r| r.records_lost > 0));
 }
 
 #[test]
@@ -564,6 +567,8 @@ fn the_whole_cluster_restarts_from_journals_and_keeps_every_accepted_reply() {
             s.core.durable = true;
             s.requests = 30;
             s.loss = 0.02;
+            // Half the runs, the machines lose the records after their last sync.
+            s.power_loss = seed % 2 == 0;
             let at = ms(40 + seed % 60);
             for replica in 0..4 {
                 let restart = at + ms(50 + 20 * replica as u64 + seed % 7);
@@ -580,6 +585,11 @@ fn the_whole_cluster_restarts_from_journals_and_keeps_every_accepted_reply() {
     // Batches executed before the crash were executed again from the journals and agreed on
     // (the oracle compares them with `earlier`); in some runs nothing had executed yet.
     assert!(reports.iter().any(|r| !r.earlier.is_empty()));
+    assert!(
+        reports
+            .iter()
+            .any(|r| r.records_lost > 0 && !r.earlier.is_empty())
+    );
 }
 
 #[test]
@@ -601,8 +611,10 @@ fn a_restarted_primary_carries_the_group_when_the_next_primary_crashes() {
                 s.core.max_batch = 256;
                 s.client_retry = ms(500);
             }
-            // The primary of view 0 crashes and comes back from its journal; then the primary
-            // of view 1 crashes for good, and the group needs the restarted replica.
+            // The primary of view 0 crashes and comes back from its journal (in half the runs
+            // without what it wrote after its last sync); then the primary of view 1 crashes
+            // for good, and the group needs the restarted replica.
+            s.power_loss = seed % 2 == 1;
             let restart = ms(150 + seed % 50);
             s.crashes.push(Crash {
                 replica: 0,
@@ -633,7 +645,9 @@ fn a_late_joiner_carries_the_group_when_a_member_crashes() {
             s.clients = 1;
             // The spare is started only after the group change that adds it (empty: it
             // catches up by state transfer), as a real joiner is; then a member crashes and
-            // the five-replica group (quorum 4) needs the joiner.
+            // the five-replica group (quorum 4) needs the joiner. In half the runs the
+            // joiner's machine loses what it wrote after its last sync.
+            s.power_loss = seed % 2 == 0;
             s.group_changes = vec![(2, vec![0, 1, 2, 3, 4])];
             s.crashes.push(Crash {
                 replica: 4,
@@ -661,9 +675,11 @@ fn a_joiner_arriving_during_a_view_change_ends_in_the_others_view() {
             s.spares = 1;
             s.requests = 80;
             s.clients = 2;
-            // As in the demo: the primary crashes and restarts from its journal; a fifth
-            // replica is added, starts empty and catches up by state transfer while the
-            // others are in a later view.
+            // As in the demo: the primary crashes and restarts from its journal (in half the
+            // runs without what it wrote after its last sync); a fifth replica is added,
+            // starts empty and catches up by state transfer while the others are in a later
+            // view.
+            s.power_loss = seed % 2 == 1;
             s.group_changes = vec![(10, vec![0, 1, 2, 3, 4])];
             s.crashes.push(Crash {
                 replica: 0,
