@@ -91,8 +91,8 @@ impl Pbft {
 
     /// Like [`Pbft::spawn`], writing the core's records to `journal` (write-ahead: a record
     /// for which [`crate::journal::Record::needs_sync`] holds is synced before any later
-    /// message goes out or batch reaches the application; see [`crate::journal`]). A journal that fails stops the driver: a replica that cannot
-    /// remember its votes must not vote.
+    /// message goes out or batch reaches the application; see [`crate::journal`]). A journal
+    /// that fails stops the driver: a replica that cannot remember its votes must not vote.
     pub fn spawn_durable<N: Network>(
         replica: Replica,
         ring: KeyRing,

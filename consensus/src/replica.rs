@@ -4281,11 +4281,18 @@ mod tests {
         (c, executed)
     }
 
-    /// Replica `i` restarts from `journal` with an empty application.
-    fn restart_from(c: &mut Cluster, i: usize, journal: Vec<Record>) {
+    /// Replica `i` restarts from `journal` with an empty application, by
+    /// [`Replica::recover`], or [`Replica::recover_intact`] if `intact`.
+    fn restart_from(c: &mut Cluster, i: usize, journal: Vec<Record>, intact: bool) {
         let config = c.replicas[i].config.clone();
+        let signer = Signer::new_from(&c.signers[i]);
         c.journals[i] = journal.clone();
-        c.replicas[i] = Replica::recover(config, Signer::new_from(&c.signers[i]), journal).unwrap();
+        c.replicas[i] = if intact {
+            Replica::recover_intact(config, signer, journal)
+        } else {
+            Replica::recover(config, signer, journal)
+        }
+        .unwrap();
         c.apps[i] = Executor::new(Chain::default());
         c.log[i].clear();
     }
@@ -4326,7 +4333,7 @@ mod tests {
         let (mut c, executed) = one_pre_prepare_before_a_crash();
         let app_before = c.apps[1].app().clone();
         let journal = c.journals[1].clone();
-        restart_from(&mut c, 1, journal);
+        restart_from(&mut c, 1, journal, false);
         c.drain(1);
         assert_eq!(c.replicas[1].executed(), executed, "recovered from disk");
         assert_eq!(c.apps[1].app(), &app_before, "the same application state");
@@ -4362,7 +4369,7 @@ mod tests {
         assert!(recorded(&c.journals[1]), "written");
         let journal = after_power_loss(&c.journals[1]);
         assert!(!recorded(&journal), "and lost");
-        restart_from(&mut c, 1, journal);
+        restart_from(&mut c, 1, journal, false);
         c.drain(1);
         // A faulty primary offers it another batch for that slot: it does not prepare it (it
         // may have prepared the first one; two prepares from it would let the primary and f
@@ -4407,7 +4414,7 @@ mod tests {
             .filter(|m| !voted.contains(&(m.seq().unwrap(), m.digest().unwrap())))
             .count();
         assert!(from_certificates > 0, "slots held from certificates alone");
-        restart_from(&mut c, 1, journal);
+        restart_from(&mut c, 1, journal, false);
         let mut resent = Vec::new();
         while let Some(out) = c.replicas[1].poll_output() {
             if let Output::Broadcast(s) = out
@@ -4433,16 +4440,7 @@ mod tests {
             let executed = c.replicas[0].executed();
             assert!(executed >= 2, "{executed}");
             let journal = c.journals[0].clone();
-            if intact {
-                let config = c.replicas[0].config.clone();
-                c.replicas[0] =
-                    Replica::recover_intact(config, Signer::new_from(&c.signers[0]), journal)
-                        .unwrap();
-                c.apps[0] = Executor::new(Chain::default());
-                c.log[0].clear();
-            } else {
-                restart_from(&mut c, 0, journal);
-            }
+            restart_from(&mut c, 0, journal, intact);
             c.drain(0);
             for i in 9..=12 {
                 c.submit(1, i);

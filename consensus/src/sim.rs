@@ -4,9 +4,10 @@
 //! The network delays (uniformly within a range), reorders, loses and duplicates messages and
 //! can be partitioned; replicas crash and restart (with empty memory: they catch up by state
 //! transfer; or from their journals, which a crashed machine cuts back to the last sync, see
-//! [`Scenario::power_loss`]); faulty replicas misbehave as [`Fault`] says, Twins included. Every message goes
-//! through the real codec and [`KeyRing`] verification. Clients send each request to every
-//! replica, retransmit until `f + 1` replicas return matching replies, then send the next one.
+//! [`Scenario::power_loss`]); faulty replicas misbehave as [`Fault`] says, Twins included.
+//! Every message goes through the real codec and [`KeyRing`] verification. Clients send each
+//! request to every replica, retransmit until `f + 1` replicas return matching replies, then
+//! send the next one.
 //!
 //! [`Sim::run`] returns a [`Report`]; [`Report::check`] applies the oracles, which are
 //! independent of the core: no two correct replicas execute different batches at one sequence
