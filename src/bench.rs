@@ -16,7 +16,9 @@
 //!
 //! Modes:
 //! - `full`: as the demo runs: mutual TLS, signed requests and consensus messages,
-//!   confidential requests sealed with the group key, fsynced journals;
+//!   confidential requests sealed by their clients with the keys the replicas derive for them
+//!   from the group key (`--replica-sealing`: sealed by a replica instead, one more round trip
+//!   per operation), fsynced journals;
 //! - `signed`: the same without sealing;
 //! - `baseline`: the same engine, processes, QUIC with mutual TLS and fsynced journals, with
 //!   request signatures, consensus signatures and sealing switched off (the replicas run with
@@ -188,6 +190,10 @@ pub struct BenchArgs {
     /// The `securesmart` executable the replicas run (this one by default).
     #[arg(long)]
     pub exe: Option<PathBuf>,
+    /// `full` mode with every confidential request sealed by a replica, instead of by its
+    /// client (`Client::set_replica_sealing`): the path before client sealing.
+    #[arg(long)]
+    pub replica_sealing: bool,
 }
 
 impl BenchArgs {
@@ -628,6 +634,7 @@ impl Clients {
         for (j, c) in self.0.iter().take(clients).enumerate() {
             let mut c = c.lock().await;
             c.set_confidential(mode == Mode::Full);
+            c.set_replica_sealing(args.replica_sealing);
             c.set_insecure_unsigned(mode == Mode::Baseline);
             for write in preload(j, size) {
                 let _ = c.invoke(Bytes::from(write.encode())).await;

@@ -19,14 +19,24 @@
 //! their reply cache) and gives up after `timeout` with [`ClientError::Timeout`]; a later
 //! request never reuses the number.
 //!
-//! With [`Client::set_confidential`], application requests are confidential: the client has
-//! one replica seal the operation (with a random nonce in front) with the replicas' group key
-//! ([`RequestKind::Seal`], over its TLS link), and then sends every replica the ciphertext with
-//! its signature on it and on the operation's commitment, so it is ciphertext in the log, the
-//! journals and state transfer (see `securesmart::state`), and no replica can put another
-//! ciphertext in its place. A confidential request the replicas refuse (the replica that sealed
-//! it sealed something else, or an epoch they no longer accept) was not executed; the client
-//! tries again under a new number with the next replica as sealer, up to f + 1 of them.
+//! With [`Client::set_confidential`], application requests are confidential, ciphertext in the
+//! log, the journals and state transfer (see `securesmart::state`), and no replica can put
+//! another ciphertext in their place:
+//! - By default the client seals the operation itself with its sealing key
+//!   ([`ClientSealingKey`], derived by the replicas from the group epoch's key for this client)
+//!   and signs the ciphertext ([`RequestKind::ClientSealed`]). It asks every replica for the key
+//!   ([`RequestKind::SealingKey`], over its TLS links) and takes the one f + 1 of them hand out
+//!   alike, so f faulty replicas cannot give it a wrong one. The replicas execute a
+//!   client-sealed request only in the epoch they seal in then; a refused one (the epoch moved
+//!   on) makes the client fetch the key again and try once more under a new number.
+//! - Without an agreed key (the group forming, a rotation in flight: it asks again after
+//!   `retry`), after a second refusal, or with [`Client::set_replica_sealing`], the client has
+//!   one replica seal the operation (with a random nonce in front) with the group key
+//!   ([`RequestKind::Seal`]), and then sends every replica the ciphertext with its signature on
+//!   it and on the operation's commitment. A confidential request the replicas refuse (the
+//!   replica that sealed it sealed something else, or an epoch they no longer accept) was not
+//!   executed; the client tries again under a new number with the next replica as sealer, up
+//!   to f + 1 of them.
 //!
 //! Every request is signed with the client's key (Ed25519, see `securesmart::protocol`): the
 //! replicas order a request only in the name of the client whose signature it carries, so a
@@ -62,7 +72,7 @@ use crate::protocol::{
     Auth, ClientReply, ClientRequest, Outcome, RequestKind, RequestSigner, SealerSignature,
 };
 use crate::roster::{Roster, RosterChange, RosterError};
-use securesmart_membership::MembershipCommand;
+use securesmart_membership::{ClientSealingKey, MembershipCommand};
 
 /// A client failure.
 #[derive(Debug, thiserror::Error)]
@@ -142,6 +152,18 @@ pub struct Client {
     options: ClientOptions,
     confidential: bool,
     signer: RequestSigner,
+    /// The sealing key f + 1 replicas handed out alike, while the replicas accept it.
+    sealing_key: Option<ClientSealingKey>,
+    /// When f + 1 replicas last could not agree on a key (asked again only after `retry`).
+    key_unavailable: Option<Instant>,
+    /// Have a replica seal every confidential request (the path before client sealing).
+    replica_sealing: bool,
+}
+
+/// The application's result in the replicas' reply to a confidential request, `None` if they
+/// refused it (see `securesmart::protocol::CONFIDENTIAL_EXECUTED`).
+fn confidential_result(reply: &Bytes) -> Option<Bytes> {
+    (reply.first() == Some(&crate::protocol::CONFIDENTIAL_EXECUTED)).then(|| reply.slice(1..))
 }
 
 fn now_micros() -> u64 {
@@ -197,6 +219,9 @@ impl Client {
             options,
             confidential: false,
             signer,
+            sealing_key: None,
+            key_unavailable: None,
+            replica_sealing: false,
         })
     }
 
@@ -270,6 +295,12 @@ impl Client {
         self.confidential = confidential;
     }
 
+    /// Has a replica seal every confidential request (`true`) instead of sealing it with the
+    /// client's own key (the default; see the module doc).
+    pub fn set_replica_sealing(&mut self, replica_sealing: bool) {
+        self.replica_sealing = replica_sealing;
+    }
+
     /// Orders `payload` and returns the result f+1 replicas agree on.
     ///
     /// # Errors
@@ -291,6 +322,27 @@ impl Client {
                 crate::protocol::MAX_PAYLOAD_BYTES - framing
             )));
         }
+        // Sealed with the client's own key: with the key it holds, and once more with a fresh
+        // one if the replicas refused it (the epoch they seal in moved on, or the key was
+        // wrong); then through a replica.
+        for _ in 0..2 {
+            if self.replica_sealing {
+                break;
+            }
+            let Some(key) = self.sealing_key().await else {
+                break;
+            };
+            self.number += 1;
+            let number = self.number;
+            let request = ClientRequest::client_sealed(&self.signer, number, &key, &payload)
+                .map_err(|e| ClientError::Refused(format!("cannot seal: {e}")))?;
+            let result = self.order(number, Bytes::from(request.encode())).await?;
+            if let Some(result) = confidential_result(&result) {
+                return Ok(result);
+            }
+            metrics::counter!("securesmart_client_sealed_refused_total").increment(1);
+            self.sealing_key = None;
+        }
         let mut tried = std::collections::BTreeSet::new();
         for _ in 0..self.roster.replicas().len().max(1) {
             self.number += 1;
@@ -304,7 +356,7 @@ impl Client {
             let result = self.order(number, Bytes::from(request.encode())).await?;
             // An empty reply is the replicas' refusal of a sealed request: not executed (the
             // replica that sealed it sealed something else, or an epoch no longer accepted).
-            if !result.is_empty() {
+            if let Some(result) = confidential_result(&result) {
                 return Ok(result);
             }
             metrics::counter!("securesmart_client_sealed_refused_total").increment(1);
@@ -312,6 +364,75 @@ impl Client {
         Err(ClientError::Refused(
             "the replicas could not open the sealed request".into(),
         ))
+    }
+
+    /// The sealing key to use: the one held, or one that f + 1 replicas of the roster hand out
+    /// alike (one of them correct, so it is the key of an epoch a correct replica seals in),
+    /// of the newest such epoch among the answers of a quorum (so that a faulty replica with
+    /// a genuine old key and one correct replica a batch behind do not make it pick an epoch
+    /// the others moved past). `None` when they did not agree within `retry`; then it asks
+    /// again only `retry` later.
+    async fn sealing_key(&mut self) -> Option<ClientSealingKey> {
+        if let Some(key) = &self.sealing_key {
+            return Some(key.clone());
+        }
+        if self
+            .key_unavailable
+            .is_some_and(|at| at.elapsed() < self.options.retry)
+        {
+            return None;
+        }
+        self.number += 1;
+        let number = self.number;
+        let ask =
+            ClientRequest::signed(&self.signer, number, RequestKind::SealingKey, Bytes::new());
+        self.plane
+            .broadcast(Class::Consensus, &Bytes::from(ask.encode()));
+        let me = self.id();
+        let need = self.roster.group().f() + 1;
+        let quorum = self.roster.group().quorum();
+        let until = Instant::now() + self.options.retry;
+        let mut answers: Vec<(ClientSealingKey, std::collections::BTreeSet<NodeId>)> = Vec::new();
+        let mut answered = std::collections::BTreeSet::new();
+        while let Ok(Some(m)) = tokio::time::timeout_at(until.into(), self.inbox.recv()).await {
+            if !self.roster.contains(&m.from) {
+                continue;
+            }
+            let outcome = match ClientReply::decode(&m.payload) {
+                Ok(reply) if reply.number == number => reply.outcome,
+                _ => continue,
+            };
+            // One answer per replica: a key for this client, or "busy" (no key there).
+            if !answered.insert(m.from) {
+                continue;
+            }
+            if let Outcome::SealingKey(key) = outcome
+                && key.client() == me
+            {
+                match answers.iter_mut().find(|(k, _)| *k == key) {
+                    Some((_, by)) => {
+                        by.insert(m.from);
+                    }
+                    None => answers.push((key, std::collections::BTreeSet::from([m.from]))),
+                }
+            }
+            if answered.len() >= quorum {
+                break;
+            }
+        }
+        // (Keys for this client only; two matching keys of one epoch are one key.)
+        if let Some((key, _)) = answers
+            .into_iter()
+            .filter(|(_, by)| by.len() >= need)
+            .max_by_key(|(key, _)| key.epoch())
+        {
+            self.sealing_key = Some(key);
+            self.key_unavailable = None;
+            return self.sealing_key.clone();
+        }
+        metrics::counter!("securesmart_client_sealing_key_unavailable_total").increment(1);
+        self.key_unavailable = Some(Instant::now());
+        None
     }
 
     /// Has one replica seal `ask` (a [`RequestKind::Seal`] request numbered `number`): the

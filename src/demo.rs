@@ -134,8 +134,8 @@ async fn drive(
     let admin = Client::from_config(&ClientConfig::load(admin_file).map_err(setup)?)
         .await
         .map_err(setup)?;
-    // Every other load client marks its requests confidential: sealed with the group key
-    // by the replica that receives them, opened only at execution.
+    // Every other load client marks its requests confidential: sealed by the client with the
+    // key the replicas derive for it from the group key, opened only at execution.
     let mut handles = Vec::new();
     for (j, file) in client_files.iter().skip(1).take(clients).enumerate() {
         let config = ClientConfig::load(file).map_err(setup)?;
@@ -309,8 +309,8 @@ async fn drive(
         "group key   : MLS epochs per replica {group_epochs:?}, {rekeys} rotations (Update commits)"
     );
     println!(
-        "confidential: every other client's requests sealed with the group key in the log and \
-         journals, {} opened at execution; {} checkpoints sealed (state and reply cache); \
+        "confidential: every other client's requests sealed by the client (a key derived from \
+         the group key) in the log and journals, {} opened at execution; {} checkpoints sealed (state and reply cache); \
          across the replicas",
         sealed[0], sealed[1]
     );

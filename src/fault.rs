@@ -7,7 +7,9 @@
 //! - `flood`: sends its peers, every few milliseconds, consensus messages they can only hold:
 //!   prepares for ever later views, and 1 MiB pre-prepares of a far view it is the primary of;
 //! - `swap-sealed`: answers a client's request to seal a confidential operation with another
-//!   operation of the same length, sealed for the same client and number, and signed.
+//!   operation of the same length, sealed for the same client and number, and signed;
+//! - `wrong-sealing-key`: answers a client's request for its sealing key with a made-up key
+//!   of the epoch the honest replicas name.
 
 use std::time::Duration;
 
@@ -24,6 +26,8 @@ pub(crate) struct Faults {
     pub(crate) flood: bool,
     /// Seal another operation than the one a client asks to be sealed.
     pub(crate) swap_sealed: bool,
+    /// Hand clients made-up sealing keys.
+    pub(crate) wrong_sealing_key: bool,
 }
 
 impl Faults {
@@ -35,8 +39,9 @@ impl Faults {
             forge_commits: has("forge-commits"),
             flood: has("flood"),
             swap_sealed: has("swap-sealed"),
+            wrong_sealing_key: has("wrong-sealing-key"),
         };
-        if faults.forge_commits || faults.flood || faults.swap_sealed {
+        if faults.forge_commits || faults.flood || faults.swap_sealed || faults.wrong_sealing_key {
             tracing::warn!(
                 ?faults,
                 "fault injection: this replica misbehaves on purpose"

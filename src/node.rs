@@ -101,6 +101,7 @@ use crate::protocol::{
 use crate::replica_network::ReplicaNetwork;
 use crate::roster::{RosterChange, RosterLog};
 use crate::state::NodeState;
+use securesmart_membership::ClientSealingKey;
 
 /// The environment variable that must be `1` besides `[consensus] insecure_baseline` (two
 /// switches, one in the file and one in the process, for the bench's `baseline` mode).
@@ -1137,6 +1138,8 @@ impl Node {
                     signer: Arc::clone(&own.signer),
                     #[cfg(feature = "fault-injection")]
                     swap: faults.swap_sealed,
+                    #[cfg(feature = "fault-injection")]
+                    wrong_key: faults.wrong_sealing_key,
                 };
                 let intake = intake(
                     client_inbox,
@@ -1520,19 +1523,28 @@ struct Sealer {
     /// Test builds: seal another operation than the client's (see `crate::fault`).
     #[cfg(feature = "fault-injection")]
     swap: bool,
+    /// Test builds: hand clients made-up sealing keys (see `crate::fault`).
+    #[cfg(feature = "fault-injection")]
+    wrong_key: bool,
 }
 
 impl Sealer {
+    /// The epoch the replicated state says to seal in, if any.
+    fn epoch(&self) -> Result<u64, securesmart_membership::GroupError> {
+        let epoch = self.sealable.load(std::sync::atomic::Ordering::Relaxed);
+        if epoch == NO_EPOCH {
+            return Err(securesmart_membership::GroupError::NotMember);
+        }
+        Ok(epoch)
+    }
+
     fn seal(
         &self,
         client: &NodeId,
         number: u64,
         payload: &[u8],
     ) -> Result<Vec<u8>, securesmart_membership::GroupError> {
-        let epoch = self.sealable.load(std::sync::atomic::Ordering::Relaxed);
-        if epoch == NO_EPOCH {
-            return Err(securesmart_membership::GroupError::NotMember);
-        }
+        let epoch = self.epoch()?;
         #[cfg(feature = "fault-injection")]
         if self.swap {
             tracing::warn!("fault injection: sealing another operation than the client's");
@@ -1545,15 +1557,31 @@ impl Sealer {
         self.keys
             .seal_in(epoch, &confidential_context(client, number), payload)
     }
+
+    /// `client`'s sealing key of the epoch this replica seals in.
+    fn client_key(
+        &self,
+        client: &NodeId,
+    ) -> Result<ClientSealingKey, securesmart_membership::GroupError> {
+        let epoch = self.epoch()?;
+        #[cfg(feature = "fault-injection")]
+        if self.wrong_key {
+            tracing::warn!("fault injection: handing a client a made-up sealing key");
+            return Ok(ClientSealingKey::from_bytes(epoch, *client, rand::random()));
+        }
+        self.keys.client_key(epoch, client)
+    }
 }
 
 /// Per-client budgets of the work intake does without ordering: sealing (a closed-loop client
-/// seals one operation per request) and roster queries (a client asks when it falls behind).
+/// seals one operation per request), roster queries (a client asks when it falls behind) and
+/// sealing keys (a client asks once per group epoch, and after a refusal).
 struct Answered {
     seals: governor::DefaultKeyedRateLimiter<NodeId>,
     /// All clients' seals together: many clients cannot keep intake sealing either.
     all_seals: governor::DefaultDirectRateLimiter,
     rosters: governor::DefaultKeyedRateLimiter<NodeId>,
+    keys: governor::DefaultKeyedRateLimiter<NodeId>,
     checked: u64,
 }
 
@@ -1563,6 +1591,8 @@ const SEALS_PER_SEC: (u32, u32) = (2_000, 4_000);
 const ALL_SEALS_PER_SEC: (u32, u32) = (20_000, 40_000);
 /// Roster queries per client and second, and the burst.
 const ROSTER_QUERIES_PER_SEC: (u32, u32) = (20, 40);
+/// Sealing-key queries per client and second, and the burst.
+const KEY_QUERIES_PER_SEC: (u32, u32) = (20, 40);
 
 impl Answered {
     fn new() -> Self {
@@ -1576,22 +1606,27 @@ impl Answered {
             seals: governor::RateLimiter::keyed(quota(SEALS_PER_SEC)),
             all_seals: governor::RateLimiter::direct(quota(ALL_SEALS_PER_SEC)),
             rosters: governor::RateLimiter::keyed(quota(ROSTER_QUERIES_PER_SEC)),
+            keys: governor::RateLimiter::keyed(quota(KEY_QUERIES_PER_SEC)),
             checked: 0,
         }
     }
 
-    /// Whether `client` may have this request answered now (sealing, or a roster query).
+    /// Whether `client` may have this request answered now (sealing, a roster query, or a
+    /// sealing key).
     fn allows(&mut self, client: &NodeId, kind: RequestKind) -> bool {
         self.checked += 1;
         if self.checked.is_multiple_of(65_536) {
             // Forget clients that have been quiet (the maps stay bounded by the active ones).
             self.seals.retain_recent();
             self.rosters.retain_recent();
+            self.keys.retain_recent();
         }
-        if kind == RequestKind::Seal {
-            self.seals.check_key(client).is_ok() && self.all_seals.check().is_ok()
-        } else {
-            self.rosters.check_key(client).is_ok()
+        match kind {
+            RequestKind::Seal => {
+                self.seals.check_key(client).is_ok() && self.all_seals.check().is_ok()
+            }
+            RequestKind::SealingKey => self.keys.check_key(client).is_ok(),
+            _ => self.rosters.check_key(client).is_ok(),
         }
     }
 }
@@ -1622,13 +1657,32 @@ async fn intake(
             client_counter("replica_as_client");
             continue;
         }
-        if matches!(request.kind, RequestKind::Rosters | RequestKind::Seal)
-            && !answered.allows(&m.from, request.kind)
+        if matches!(
+            request.kind,
+            RequestKind::Rosters | RequestKind::Seal | RequestKind::SealingKey
+        ) && !answered.allows(&m.from, request.kind)
         {
             client_counter("over_budget");
-            if request.kind == RequestKind::Seal {
+            if request.kind != RequestKind::Rosters {
                 send_reply(&clients, m.from, request.number, roster, Outcome::Busy);
             }
+            continue;
+        }
+        if request.kind == RequestKind::SealingKey {
+            // The client's own key, to the client's own link (mutual TLS): no signature check.
+            // Without a sealable epoch here the client asks the others (it needs f + 1 alike).
+            let outcome = match sealer.client_key(&m.from) {
+                Ok(key) => {
+                    client_counter("sealing_key");
+                    Outcome::SealingKey(key)
+                }
+                Err(e) => {
+                    client_counter("no_group_key");
+                    tracing::debug!(error = %e, "cannot hand out a sealing key");
+                    Outcome::Busy
+                }
+            };
+            send_reply(&clients, m.from, request.number, roster, outcome);
             continue;
         }
         if request.kind == RequestKind::Rosters {
@@ -1728,7 +1782,7 @@ mod tests {
     }
 
     #[test]
-    fn one_client_flooding_roster_queries_or_seals_spends_only_its_own_budget() {
+    fn one_client_flooding_roster_queries_seals_or_key_queries_spends_only_its_own_budget() {
         let mut answered = Answered::new();
         let (flooder, other) = (NodeId::from_bytes([1; 32]), NodeId::from_bytes([2; 32]));
         let allowed = (0..1000)
@@ -1748,6 +1802,15 @@ mod tests {
             .count();
         assert!(seals < SEALS_PER_SEC.1 as usize + 1_000, "{seals} seals");
         assert!(answered.allows(&other, RequestKind::Seal));
+        // Sealing keys too (a client asks once per epoch and after a refusal).
+        let keys = (0..1000)
+            .filter(|_| answered.allows(&flooder, RequestKind::SealingKey))
+            .count();
+        assert!(
+            (KEY_QUERIES_PER_SEC.1 as usize..KEY_QUERIES_PER_SEC.1 as usize + 5).contains(&keys),
+            "{keys} key queries answered"
+        );
+        assert!(answered.allows(&other, RequestKind::SealingKey));
         // And many clients together get no more than the global budget.
         let mut answered = Answered::new();
         let many = (0..200_000u32)

@@ -25,7 +25,10 @@
 //! [`Submission`]: `0xA1 | public key [32] | signature [64] | envelope`; the ordering engine
 //! checks it before it orders anything (`securesmart_consensus::replica::Config::request_check`),
 //! so a request that is not its client's takes no sequence number and uses up no request
-//! number. A confidential operation is sealed by one replica for the client
+//! number. A confidential operation is sealed by the client itself with its key of the epoch
+//! ([`RequestKind::SealingKey`], answered with [`Outcome::SealingKey`]; the request is
+//! [`RequestKind::ClientSealed`], ordered as [`Ordered::ClientSealed`], the client's signature
+//! over the ciphertext), or by one replica for the client
 //! ([`RequestKind::Seal`], answered with [`Outcome::Sealed`] and the sealer's signature on it,
 //! [`SealerSignature`]); the client then signs the ciphertext and that signature together
 //! with a commitment to the plaintext ([`commitment`]: BLAKE3 of a random
@@ -36,6 +39,7 @@
 
 use bytes::Bytes;
 use ed25519_dalek::{Signer as _, SigningKey};
+use securesmart_membership::{ClientSealingKey, GroupError, SEALED_OVERHEAD};
 use securesmart_transport::wire::{Reader, WireError, Writer};
 use securesmart_transport::{Identity, NodeId};
 
@@ -146,6 +150,11 @@ pub enum SignedKind {
     /// A client's request that a replica seal a confidential operation for it (the signature
     /// covers the operation's commitment).
     Seal = 5,
+    /// A client's request for its sealing key (answered, not ordered).
+    SealingKey = 7,
+    /// A client's confidential application operation that it sealed itself with its
+    /// [`ClientSealingKey`]: the signature covers the ciphertext.
+    ClientSealed = 8,
 }
 
 /// A submitter's signature on a request (see the module doc).
@@ -334,6 +343,7 @@ impl Submission {
             // The client signs the ciphertext, with the commitment and the sealer's signature:
             // nobody can put another next to them.
             sealed @ Ordered::Sealed { .. } => (SignedKind::Sealed, sealed.encode().slice(1..)),
+            Ordered::ClientSealed(sealed) => (SignedKind::ClientSealed, sealed.clone()),
             other => (SignedKind::Internal, other.encode()),
         }
     }
@@ -521,6 +531,12 @@ pub enum RequestKind {
     /// request: the replica answers with the ciphertext ([`Outcome::Sealed`]) and orders
     /// nothing; the client then sends a [`RequestKind::Confidential`] request with it.
     Seal,
+    /// Hand out the client's sealing key of the epoch the replica seals in (the payload is
+    /// empty): answered with [`Outcome::SealingKey`] over the client's own link, not ordered.
+    SealingKey,
+    /// An application operation the client sealed itself with its [`ClientSealingKey`] (the
+    /// payload is the sealed operation; see [`Ordered::ClientSealed`]).
+    ClientSealed,
 }
 
 /// A replica's reply to a client.
@@ -557,6 +573,9 @@ pub enum Outcome {
         /// The sealed operation.
         sealed: Bytes,
     },
+    /// The answer to a [`RequestKind::SealingKey`] request: the client's key of the epoch the
+    /// replica seals in (encoded as epoch, client id and key).
+    SealingKey(ClientSealingKey),
 }
 
 impl RequestKind {
@@ -568,6 +587,8 @@ impl RequestKind {
             RequestKind::Confidential => SignedKind::Sealed,
             RequestKind::Rosters => SignedKind::Rosters,
             RequestKind::Seal => SignedKind::Seal,
+            RequestKind::SealingKey => SignedKind::SealingKey,
+            RequestKind::ClientSealed => SignedKind::ClientSealed,
         }
     }
 }
@@ -587,7 +608,11 @@ impl ClientRequest {
         let payload = match kind {
             RequestKind::Seal => prefixed(&rand::random::<[u8; NONCE_LEN]>()),
             RequestKind::Command => prefixed(&crate::node::unix_now().to_be_bytes()),
-            RequestKind::App | RequestKind::Rosters | RequestKind::Confidential => payload.clone(),
+            RequestKind::App
+            | RequestKind::Rosters
+            | RequestKind::Confidential
+            | RequestKind::SealingKey
+            | RequestKind::ClientSealed => payload.clone(),
         };
         let auth = match kind {
             RequestKind::Seal => signer.sign(number, kind.signed_kind(), &commitment(&payload)),
@@ -625,7 +650,9 @@ impl ClientRequest {
             RequestKind::App
             | RequestKind::Command
             | RequestKind::Rosters
-            | RequestKind::Confidential => self.payload.clone(),
+            | RequestKind::Confidential
+            | RequestKind::SealingKey
+            | RequestKind::ClientSealed => self.payload.clone(),
         };
         self.auth
             .verify(client, self.number, self.kind.signed_kind(), &body)
@@ -655,6 +682,26 @@ impl ClientRequest {
         )
     }
 
+    /// A confidential request the client seals itself: `plaintext` sealed with `key` (the
+    /// client's key of its epoch) for request `number` ([`confidential_context`]), and signed.
+    ///
+    /// # Errors
+    /// [`GroupError`] if the cipher fails.
+    pub fn client_sealed(
+        signer: &RequestSigner,
+        number: u64,
+        key: &ClientSealingKey,
+        plaintext: &[u8],
+    ) -> Result<Self, GroupError> {
+        let sealed = key.seal(&confidential_context(&key.client(), number), plaintext)?;
+        Ok(Self::signed(
+            signer,
+            number,
+            RequestKind::ClientSealed,
+            Bytes::from(sealed),
+        ))
+    }
+
     /// The submission a replica orders for it, with the client's signature: a membership
     /// command with the time the client signed, a confidential operation as the ciphertext
     /// beside its commitment. The engine checks the signature ([`Submission::verify`]).
@@ -678,7 +725,8 @@ impl ClientRequest {
                     _ => return None,
                 }
             }
-            RequestKind::Rosters | RequestKind::Seal => return None,
+            RequestKind::ClientSealed => Ordered::ClientSealed(self.payload),
+            RequestKind::Rosters | RequestKind::Seal | RequestKind::SealingKey => return None,
         };
         Some(Submission {
             auth: Some(self.auth),
@@ -697,6 +745,8 @@ impl ClientRequest {
                 RequestKind::Confidential => 2,
                 RequestKind::Rosters => 3,
                 RequestKind::Seal => 4,
+                RequestKind::SealingKey => 5,
+                RequestKind::ClientSealed => 6,
             })
             .raw(&self.auth.public_key)
             .raw(&self.auth.signature)
@@ -718,6 +768,8 @@ impl ClientRequest {
             2 => RequestKind::Confidential,
             3 => RequestKind::Rosters,
             4 => RequestKind::Seal,
+            5 => RequestKind::SealingKey,
+            6 => RequestKind::ClientSealed,
             other => {
                 return Err(WireError::Unknown {
                     what: "request kind",
@@ -733,6 +785,7 @@ impl ClientRequest {
         r.finish()?;
         if matches!(kind, RequestKind::Command | RequestKind::Rosters) && payload.len() < 8
             || kind == RequestKind::Confidential && payload.len() < COMMITMENT_LEN + Auth::LEN
+            || kind == RequestKind::ClientSealed && payload.len() < SEALED_OVERHEAD
         {
             return Err(WireError::Truncated);
         }
@@ -768,6 +821,12 @@ impl ClientReply {
             Outcome::Lost => {
                 w.u8(5);
             }
+            Outcome::SealingKey(key) => {
+                w.u8(6)
+                    .u64(key.epoch())
+                    .raw(key.client().as_bytes())
+                    .raw(key.secret_bytes());
+            }
         }
         w.buf
     }
@@ -790,6 +849,11 @@ impl ClientReply {
                 r.bytes("roster changes", MAX_PAYLOAD_BYTES)?,
             )),
             5 => Outcome::Lost,
+            6 => {
+                let epoch = r.u64()?;
+                let client = NodeId::from_bytes(r.array()?);
+                Outcome::SealingKey(ClientSealingKey::from_bytes(epoch, client, r.array()?))
+            }
             4 => Outcome::Sealed {
                 sealer: Auth {
                     public_key: r.array()?,
@@ -849,6 +913,11 @@ pub enum Ordered {
         /// The sealed plaintext.
         sealed: Bytes,
     },
+    /// A confidential application operation its client sealed itself, with its
+    /// [`ClientSealingKey`] of the epoch the sealed header names, the context binding it to
+    /// the client and request number ([`confidential_context`]); the client's signature covers
+    /// the ciphertext. Opened only at execution (`securesmart::state`).
+    ClientSealed(Bytes),
     /// A replica holds the group key of this epoch, made by the commit with this digest (it
     /// merged that commit, or joined with its Welcome). It settles an unsettled commit, and
     /// sealed requests of an epoch execute only once a quorum of the replicas said so (see
@@ -871,6 +940,13 @@ pub enum Ordered {
         digest: [u8; 32],
     },
 }
+
+/// First byte of the reply to an executed confidential request, before the application's
+/// result; a refused one is answered with nothing, so an empty result is not a refusal.
+pub const CONFIDENTIAL_EXECUTED: u8 = 1;
+
+/// First byte of an encoded [`Ordered::ClientSealed`].
+const CLIENT_SEALED_TAG: u8 = 10;
 
 /// Domain tag of the context a confidential request is sealed with.
 pub const CONFIDENTIAL_TAG: &[u8] = b"securesmart confidential request v1";
@@ -929,6 +1005,12 @@ impl Ordered {
                 out.push(9);
                 out.extend_from_slice(commitment);
                 sealer.write(&mut out);
+                out.extend_from_slice(sealed);
+                Bytes::from(out)
+            }
+            Ordered::ClientSealed(sealed) => {
+                let mut out = Vec::with_capacity(1 + sealed.len());
+                out.push(CLIENT_SEALED_TAG);
                 out.extend_from_slice(sealed);
                 Bytes::from(out)
             }
@@ -1042,6 +1124,7 @@ impl Ordered {
                     digest: digest.try_into().map_err(|_| WireError::Truncated)?,
                 })
             }
+            Some(&CLIENT_SEALED_TAG) => Ok(Ordered::ClientSealed(buf.slice(1..))),
             Some(other) => Err(WireError::Unknown {
                 what: "ordered request kind",
                 value: (*other).into(),
@@ -1169,6 +1252,68 @@ mod tests {
             SealerSignature::sign(&signer, client, number, &sealed),
             Bytes::from(sealed),
         )
+    }
+
+    #[test]
+    fn a_request_its_client_sealed_carries_one_signature_over_the_ciphertext() {
+        let (alice, mallory) = signers();
+        let key = ClientSealingKey::from_bytes(3, alice.id(), [7; 32]);
+        let request = ClientRequest::client_sealed(&alice, 11, &key, b"secret op").unwrap();
+        assert_eq!(
+            request.payload.len(),
+            b"secret op".len() + SEALED_OVERHEAD,
+            "ciphertext, no nonce or commitment"
+        );
+        assert!(!request.payload.windows(9).any(|w| w == b"secret op"));
+        assert_eq!(ClientRequest::decode(&request.encode()).unwrap(), request);
+        let submission = request.clone().into_submission().unwrap();
+        let Ordered::ClientSealed(sealed) = &submission.ordered else {
+            panic!("a client-sealed request")
+        };
+        assert_eq!(
+            key.open(sealed, &confidential_context(&alice.id(), 11))
+                .unwrap()
+                .plaintext,
+            b"secret op"
+        );
+        assert_eq!(
+            Ordered::decode(&submission.ordered.encode()).unwrap(),
+            submission.ordered
+        );
+        assert_eq!(submission.signatures(&alice.id(), 11).unwrap().len(), 1);
+        let check = request_check();
+        let ordered = |s: &Submission, client: NodeId| securesmart_consensus::message::Request {
+            client,
+            number: 11,
+            payload: s.encode(),
+        };
+        assert!(check.allows(&ordered(&submission, alice.id())));
+        // A faulty primary or forwarder swaps the ciphertext, or orders it in another name:
+        // refused before ordering.
+        let mut swapped = submission.clone();
+        let other = ClientRequest::client_sealed(&alice, 11, &key, b"other op").unwrap();
+        swapped.ordered = Ordered::ClientSealed(other.payload);
+        assert_eq!(
+            swapped.verify(&alice.id(), 11),
+            Err(AuthError::BadSignature)
+        );
+        assert!(!check.allows(&ordered(&swapped, alice.id())));
+        assert!(!check.allows(&ordered(&submission, mallory.id())));
+        // Too short to be sealed: does not decode.
+        let mut short = request.clone();
+        short.payload = Bytes::from_static(b"x");
+        assert!(ClientRequest::decode(&short.encode()).is_err());
+        // The key travels to its client in a reply, and its Debug hides it.
+        let reply = ClientReply {
+            number: 5,
+            roster: 1,
+            outcome: Outcome::SealingKey(key.clone()),
+        };
+        assert_eq!(ClientReply::decode(&reply.encode()).unwrap(), reply);
+        assert!(!format!("{reply:?}").contains("7, 7"));
+        let ask = ClientRequest::signed(&alice, 12, RequestKind::SealingKey, Bytes::new());
+        assert_eq!(ClientRequest::decode(&ask.encode()).unwrap(), ask);
+        assert!(ask.into_submission().is_none(), "answered, not ordered");
     }
 
     #[test]

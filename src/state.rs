@@ -73,8 +73,16 @@
 //! settlement round and cools it down.
 //!
 //! # Confidential requests
-//! A confidential request is ordered as [`Ordered::Sealed`]: the replica that received it sealed
-//! it with the group key, so the log, every journal and every state transfer hold ciphertext.
+//! A confidential request is ordered as [`Ordered::ClientSealed`] (its client sealed it with the
+//! key the replicas derive for it from the epoch's key, `PayloadKeys::client_key`) or as
+//! [`Ordered::Sealed`] (a replica sealed it for the client with the group key), so the log,
+//! every journal and every state transfer hold ciphertext. A client-sealed request follows the
+//! rule below, except that its sender must be the request's client (checked before opening),
+//! it carries no commitment (the client signed the ciphertext itself), and its epoch must be
+//! the one [`NodeState::sealable_epoch`] names at execution, so that clients move off an old
+//! epoch (one a removed replica holds) as soon as the replicas do (a client with an old key is
+//! refused and fetches the new one). What a client makes up under its key does not open at any replica
+//! holding the epoch: refused alike.
 //! It is opened here, at execution, with this node's [`PayloadKeys`]. Whether it executes must
 //! not depend on which keys a replica happens to hold, so the rule is a function of replicated
 //! state only:
@@ -148,6 +156,14 @@ const VERSION: u8 = 9;
 pub const COMMIT_HISTORY: usize = 8;
 /// A checkpoint whose state is in the clear.
 const CHECKPOINT_CLEAR: u8 = 0;
+/// Who sealed a confidential request.
+enum SealedBy<'a> {
+    /// A replica, for its client ([`Ordered::Sealed`]), with the client's commitment.
+    Replica(&'a [u8; 32]),
+    /// The client itself, with its sealing key ([`Ordered::ClientSealed`]).
+    Client,
+}
+
 /// A checkpoint whose state is sealed with the group key.
 const CHECKPOINT_SEALED: u8 = 1;
 /// Domain tag of the context a checkpoint is sealed with.
@@ -705,7 +721,7 @@ impl<S: StateMachine> NodeState<S> {
     }
 
     /// A sealed request: see the module doc for the rule.
-    fn sealed(&mut self, request: &Request, commitment: &[u8; 32], sealed: &[u8]) -> Bytes {
+    fn sealed(&mut self, request: &Request, sealed: &[u8], by: SealedBy<'_>) -> Bytes {
         let refused = |why: &'static str| {
             metrics::counter!("securesmart_node_sealed_refused_total", "why" => why).increment(1);
             tracing::debug!(client = ?request.client, why, "sealed request refused");
@@ -714,17 +730,32 @@ impl<S: StateMachine> NodeState<S> {
         let Ok((epoch, sealer)) = securesmart_membership::sealed_header(sealed) else {
             return refused("malformed");
         };
-        // Only a current replica may seal: a client, or a removed replica, that made up a
-        // ciphertext is refused here, before anyone tries to open it, so a replica that lacks
-        // some key cannot be made to lose its state by it. (The sealer's signature, bound to
-        // the sender the header names, is checked before ordering wherever no client channel
-        // vouches for the request; a faulty primary that orders a faulty client's made-up
-        // ciphertext, held byte for byte by the backups it sent it to, can name a correct
-        // sealer, which is no more than it could do by sealing in its own name.)
-        if !self.membership.replica_ids().contains(&sealer) {
+        let sealer_ok = match by {
+            // Only a current replica may seal for a client: a client, or a removed replica,
+            // that made up a ciphertext in a replica's name is refused here, before anyone
+            // tries to open it. (The sealer's signature, bound to the sender the header names,
+            // is checked before ordering wherever no client channel vouches for the request; a
+            // faulty primary that orders a faulty client's made-up ciphertext, held byte for
+            // byte by the backups it sent it to, can name a correct sealer, which is no more
+            // than it could do by sealing in its own name.)
+            SealedBy::Replica(_) => self.membership.replica_ids().contains(&sealer),
+            // A client seals in its own name only. What it makes up is refused alike at every
+            // replica that holds the epoch (it does not open); one that lacks the epoch's key
+            // loses its state, as it would for any confidential request of that epoch, which
+            // the epoch rule below keeps to replicas that did not acknowledge it.
+            SealedBy::Client => sealer == request.client,
+        };
+        if !sealer_ok {
             return refused("sealer");
         }
-        if !self.executes_sealed(epoch) {
+        // A client seals only in the epoch the replicas seal in now, so that clients leave an
+        // old epoch (one a removed replica holds) when the replicas do: a client that kept an
+        // old key is refused and fetches the new one.
+        let epoch_ok = match by {
+            SealedBy::Replica(_) => self.executes_sealed(epoch),
+            SealedBy::Client => self.executes_sealed(epoch) && self.sealable_epoch() == Some(epoch),
+        };
+        if !epoch_ok {
             return refused("epoch");
         }
         self.confidential = true;
@@ -732,20 +763,36 @@ impl<S: StateMachine> NodeState<S> {
             return Bytes::new();
         }
         let context = confidential_context(&request.client, request.number);
-        let opened = match &self.keys {
-            Some(keys) => keys.open(sealed, &context),
-            None => Err(GroupError::NotMember),
+        let opened = match (&self.keys, &by) {
+            (Some(keys), SealedBy::Replica(_)) => keys.open(sealed, &context),
+            (Some(keys), SealedBy::Client) => {
+                keys.open_from_client(sealed, &request.client, &context)
+            }
+            (None, _) => Err(GroupError::NotMember),
         };
         match opened {
             Ok(opened) => {
-                // The client signed a commitment to the nonce and operation; a faulty replica
-                // that sealed something else is caught here, alike at every replica.
                 let plaintext = Bytes::from(opened.plaintext);
-                if crate::protocol::commitment(&plaintext) != *commitment {
-                    return refused("commitment");
-                }
+                let operation = match by {
+                    // The client signed a commitment to the nonce and operation; a faulty
+                    // replica that sealed something else is caught here, alike at every
+                    // replica.
+                    SealedBy::Replica(commitment) => {
+                        if crate::protocol::commitment(&plaintext) != *commitment {
+                            return refused("commitment");
+                        }
+                        plaintext.slice(NONCE_LEN.min(plaintext.len())..)
+                    }
+                    // The client signed the ciphertext it sealed itself.
+                    SealedBy::Client => plaintext,
+                };
                 metrics::counter!("securesmart_node_sealed_opened_total").increment(1);
-                self.app_execute(request, plaintext.slice(NONCE_LEN.min(plaintext.len())..))
+                let result = self.app_execute(request, operation);
+                // Marked, so that an empty result is not taken for a refusal (empty).
+                let mut marked = Vec::with_capacity(1 + result.len());
+                marked.push(crate::protocol::CONFIDENTIAL_EXECUTED);
+                marked.extend_from_slice(&result);
+                Bytes::from(marked)
             }
             Err(GroupError::Tampered) => refused("does_not_open"),
             Err(e) => {
@@ -1127,7 +1174,10 @@ impl<S: StateMachine> StateMachine for NodeState<S> {
             && let Ok(Submission { ordered, .. }) = &submission
             && matches!(
                 ordered,
-                Ordered::App(_) | Ordered::Sealed { .. } | Ordered::Command { .. }
+                Ordered::App(_)
+                    | Ordered::Sealed { .. }
+                    | Ordered::ClientSealed(_)
+                    | Ordered::Command { .. }
             )
         {
             metrics::counter!("securesmart_node_revoked_requests_total").increment(1);
@@ -1145,7 +1195,8 @@ impl<S: StateMachine> StateMachine for NodeState<S> {
                 commitment,
                 sealer: _,
                 sealed,
-            }) => self.sealed(request, &commitment, &sealed),
+            }) => self.sealed(request, &sealed, SealedBy::Replica(&commitment)),
+            Ok(Ordered::ClientSealed(sealed)) => self.sealed(request, &sealed, SealedBy::Client),
             Ok(Ordered::KeyAck { epoch, commit }) => self.key_ack(request.client, epoch, commit),
             Ok(Ordered::CommitRefused(commit)) => self.commit_refused(request.client, commit),
             Ok(Ordered::Command { time, command }) => self.command(request.client, time, &command),
@@ -1556,6 +1607,14 @@ mod tests {
         }
     }
 
+    /// The key-value reply of an executed confidential request (marked as executed).
+    fn confidential_result(reply: &[u8]) -> KvReply {
+        let Some((&crate::protocol::CONFIDENTIAL_EXECUTED, result)) = reply.split_first() else {
+            panic!("not an executed confidential request: {reply:?}")
+        };
+        KvReply::decode(result).unwrap()
+    }
+
     fn sealed_put(keys: &PayloadKeys, client: NodeId, number: u64, value: &str) -> Request {
         let op = KvOp::Put {
             key: Bytes::from_static(b"k"),
@@ -1596,7 +1655,7 @@ mod tests {
         let mut holder = state().with_payload_keys(keys.clone());
         let honest = sealed_put(&keys, client, 1, "v");
         assert_eq!(
-            KvReply::decode(&holder.execute(&honest)).unwrap(),
+            confidential_result(&holder.execute(&honest)),
             KvReply::Value(None)
         );
     }
@@ -1634,7 +1693,7 @@ mod tests {
         holding.acks.insert(1, ids.iter().copied().collect());
         let again = sealed_put(&keys, client, 2, "v");
         assert_eq!(
-            KvReply::decode(&holding.execute(&again)).unwrap(),
+            confidential_result(&holding.execute(&again)),
             KvReply::Value(None)
         );
     }
@@ -1661,7 +1720,7 @@ mod tests {
                 .any(|w| w == b"secret-value")
         );
         assert_eq!(
-            KvReply::decode(&with_key.execute(&put)).unwrap(),
+            confidential_result(&with_key.execute(&put)),
             KvReply::Value(None)
         );
         assert!(with_key.state_known());
@@ -1723,6 +1782,178 @@ mod tests {
         };
         assert!(behind.execute(&ahead).is_empty());
         assert!(behind.state_known());
+    }
+
+    /// A confidential request `client` sealed itself with its key of `epoch` (unsigned: the
+    /// engine checks signatures, not the state).
+    fn client_sealed_put(
+        keys: &PayloadKeys,
+        epoch: u64,
+        client: NodeId,
+        number: u64,
+        value: &str,
+    ) -> Request {
+        let op = KvOp::Put {
+            key: Bytes::from_static(b"k"),
+            value: Bytes::from(value.to_owned()),
+        };
+        let key = keys.client_key(epoch, &client).unwrap();
+        let sealed = key
+            .seal(&confidential_context(&client, number), &op.encode())
+            .unwrap();
+        ordered(client, number, Ordered::ClientSealed(Bytes::from(sealed)))
+    }
+
+    /// An application whose every result is empty, counting what it executed.
+    #[derive(Default)]
+    struct Silent(u64);
+
+    impl StateMachine for Silent {
+        fn execute(&mut self, _: &Request) -> Bytes {
+            self.0 += 1;
+            Bytes::new()
+        }
+        fn snapshot(&self) -> Bytes {
+            Bytes::copy_from_slice(&self.0.to_be_bytes())
+        }
+        fn restore(
+            &mut self,
+            _: &[u8],
+        ) -> Result<(), securesmart_consensus::service::RestoreError> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn an_empty_result_of_a_confidential_request_is_not_taken_for_a_refusal() {
+        // A client reads an empty reply as the replicas' refusal and orders the operation
+        // again under a new number: for an application whose results are empty, an executed
+        // operation must not look like that, or it would execute several times.
+        let (_ca, _member, keys, client) = group_of_one();
+        let mut s = NodeState::new(four_replicas(), Vec::new(), Silent::default());
+        s.acks = state().acks;
+        let mut s = s.with_payload_keys(keys.clone());
+        let sealed = keys
+            .client_key(0, &client)
+            .unwrap()
+            .seal(&confidential_context(&client, 1), b"op")
+            .unwrap();
+        let reply = s.execute(&ordered(
+            client,
+            1,
+            Ordered::ClientSealed(Bytes::from(sealed)),
+        ));
+        assert_eq!(&reply[..], &[crate::protocol::CONFIDENTIAL_EXECUTED]);
+        assert_eq!(s.app.0, 1);
+        let mut renumbered = client_sealed_put(&keys, 0, client, 2, "v");
+        renumbered.number = 3;
+        assert!(s.execute(&renumbered).is_empty(), "a refusal is empty");
+        assert_eq!(s.app.0, 1);
+    }
+
+    #[test]
+    fn requests_clients_sealed_execute_and_made_up_ones_are_refused_alike() {
+        let (ca, mut member, keys, client) = group_of_one();
+        let mallory = ca.issue_role("mallory", Role::Client).unwrap().id();
+        let mut with_key = state().with_payload_keys(keys.clone());
+        let put = client_sealed_put(&keys, 0, client, 1, "secret-value");
+        assert!(
+            !put.payload
+                .windows(b"secret-value".len())
+                .any(|w| w == b"secret-value"),
+            "ciphertext in the log"
+        );
+        assert_eq!(
+            confidential_result(&with_key.execute(&put)),
+            KvReply::Value(None)
+        );
+        assert!(with_key.confidential, "checkpoints are sealed from now on");
+        let get = |s: &mut NodeState<KvStore>, number| {
+            let op = KvOp::Get { key: "k".into() };
+            s.execute(&ordered(
+                client,
+                number,
+                Ordered::App(Bytes::from(op.encode())),
+            ))
+        };
+        assert_eq!(
+            KvReply::decode(&get(&mut with_key, 2)).unwrap(),
+            KvReply::Value(Some(Bytes::from_static(b"secret-value")))
+        );
+
+        // Made up by the client (random bytes in a valid header), copied into Mallory's
+        // request, sealed by Mallory in the client's name with her own key, or sealed for
+        // another number: refused at every replica holding the key, and nobody loses state.
+        let mut made_up = client_sealed_put(&keys, 0, client, 3, "v");
+        let Ok(Ordered::ClientSealed(sealed)) = Ordered::decode(&made_up.payload) else {
+            panic!("a client-sealed request")
+        };
+        let mut junk = sealed.to_vec();
+        if let Some(last) = junk.last_mut() {
+            *last ^= 1;
+        }
+        made_up.payload = Ordered::ClientSealed(Bytes::from(junk)).encode();
+        let mut stolen = client_sealed_put(&keys, 0, client, 4, "v");
+        stolen.client = mallory;
+        let in_clients_name = {
+            let mallorys = keys.client_key(0, &mallory).unwrap();
+            let forged = securesmart_membership::ClientSealingKey::from_bytes(
+                0,
+                client,
+                *mallorys.secret_bytes(),
+            );
+            let sealed = forged
+                .seal(&confidential_context(&client, 5), b"\x00junk")
+                .unwrap();
+            ordered(client, 5, Ordered::ClientSealed(Bytes::from(sealed)))
+        };
+        // In another client's name it is refused before anyone tries to open it: a replica
+        // without the key does not lose its state over it.
+        let mut keyless = state();
+        assert!(keyless.execute(&stolen).is_empty());
+        assert!(keyless.state_known(), "refused, not lost");
+        let mut renumbered = client_sealed_put(&keys, 0, client, 6, "v");
+        renumbered.number = 7;
+        for bad in [&made_up, &stolen, &in_clients_name, &renumbered] {
+            let before = with_key.snapshot();
+            assert!(with_key.execute(bad).is_empty(), "refused");
+            assert!(with_key.state_known(), "not lost");
+            assert_eq!(with_key.snapshot(), before, "no effect");
+        }
+
+        // In an epoch the replicas no longer seal in: refused, keys or not (a replica removed
+        // since holds the old key). Epoch 1 is accepted for the replicas' own sealing, but
+        // once every replica holds epoch 2, clients must seal in 2.
+        for _ in 0..2 {
+            let p = member.propose_update().unwrap();
+            member.apply_commit(&p.commit, Duration::ZERO).unwrap();
+        }
+        let ids = with_key.membership().replica_ids();
+        with_key.group_epoch = 2;
+        for e in 1..=2 {
+            with_key.epoch_commits.insert(e, [e as u8; 32]);
+            with_key.acks.insert(e, ids.iter().copied().collect());
+        }
+        assert_eq!(with_key.sealable_epoch(), Some(2));
+        let old = client_sealed_put(&keys, 1, client, 8, "old epoch");
+        assert!(with_key.execute(&old).is_empty());
+        let mut keyless = state();
+        keyless.group_epoch = 2;
+        keyless.epoch_commits = with_key.epoch_commits.clone();
+        keyless.acks = with_key.acks.clone();
+        assert!(
+            keyless.execute(&old).is_empty(),
+            "the same verdict everywhere"
+        );
+        assert!(keyless.state_known());
+        let current = client_sealed_put(&keys, 2, client, 9, "new epoch");
+        assert_eq!(
+            confidential_result(&with_key.execute(&current)),
+            KvReply::Value(Some(Bytes::from_static(b"secret-value")))
+        );
+        // A replica without the key of the epoch it executes in cannot compute the state.
+        assert!(keyless.execute(&current).is_empty());
+        assert!(!keyless.state_known());
     }
 
     /// An ordered request of `client` with `ordered` as its payload.

@@ -808,6 +808,13 @@ async fn a_confidential_request_is_ciphertext_in_every_replica_log() {
         cl.get("card").await.unwrap(),
         Some(Bytes::from(secret.clone()))
     );
+    // The same, sealed by a replica instead of the client.
+    cl.set_replica_sealing(true);
+    assert_eq!(
+        cl.put("card", secret.clone()).await.unwrap(),
+        Some(Bytes::from(secret.clone()))
+    );
+    cl.set_replica_sealing(false);
     // Not confidential: in the clear in the log (the check below can see plaintext).
     cl.set_confidential(false);
     cl.put("public", "in-the-clear-value").await.unwrap();
@@ -826,7 +833,7 @@ async fn a_confidential_request_is_ciphertext_in_every_replica_log() {
     };
     for i in 0..4 {
         let records = journal(i, "journal-copy");
-        let (mut sealed, mut clear) = (0, 0);
+        let (mut sealed, mut client_sealed, mut clear) = (0, 0, 0);
         for r in &records {
             let proposals = match r {
                 Record::PrePrepare(s) => vec![&s.message],
@@ -844,13 +851,18 @@ async fn a_confidential_request_is_ciphertext_in_every_replica_log() {
                     );
                     match Submission::decode(&request.payload).map(|s| s.ordered) {
                         Ok(Ordered::Sealed { .. }) => sealed += 1,
+                        Ok(Ordered::ClientSealed(_)) => client_sealed += 1,
                         Ok(Ordered::App(p)) if contains(&p, b"in-the-clear-value") => clear += 1,
                         _ => {}
                     }
                 }
             }
         }
-        assert!(sealed > 0, "replica {i} logged no sealed request");
+        assert!(sealed > 0, "replica {i} logged no request a replica sealed");
+        assert!(
+            client_sealed > 0,
+            "replica {i} logged no request its client sealed"
+        );
         assert!(
             clear > 0,
             "replica {i} logged no plain request (the check sees nothing)"
@@ -1295,6 +1307,92 @@ async fn a_replica_that_forges_commits_and_floods_cannot_stop_the_others() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_handing_out_wrong_sealing_keys_cannot_block_confidential_requests() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let mut c = created("wrong-key", 1, |_| {}).await;
+    // The faulty replica hands every client that asks a made-up key of the right epoch; it
+    // orders and votes as usual.
+    let faulty = (0..4).max_by_key(|i| c.replicas[*i].id).unwrap();
+    for i in 0..4 {
+        if i == faulty {
+            c.start_with(
+                i,
+                &log_filter(),
+                &[("SECURESMART_FAULT", "wrong-sealing-key")],
+            )
+            .unwrap();
+        } else {
+            c.start(i, &log_filter()).unwrap();
+        }
+    }
+    wait_for_group_key(&c).await;
+    let result = async {
+        // Each new client fetches its key, so the faulty replica answers a dozen times; a
+        // client that took its key would have a request refused for each.
+        let mut prev = None;
+        for n in 0..12 {
+            let mut cl = client(&c, 0).await;
+            cl.set_confidential(true);
+            for m in 0..2 {
+                let value = Bytes::from(format!("v{n}.{m}"));
+                let got = cl
+                    .put("chain", value.clone())
+                    .await
+                    .map_err(|e| format!("confidential put {n}.{m}: {e}"))?;
+                if got != prev {
+                    return Err(format!("put {n}.{m} returned {got:?}, expected {prev:?}"));
+                }
+                prev = Some(value);
+            }
+            cl.close().await;
+        }
+        // Every request was sealed by its client with the key the honest replicas hand out:
+        // none failed to open (a refusal for its epoch is the group moving on meanwhile, as
+        // it does while it forms), and replicas sealed few if any.
+        let faulty_answers = metric_sum(
+            &scrape(c.replicas[faulty].metrics_addr).map_err(|e| e.to_string())?,
+            "securesmart_node_client_requests_total",
+            &["outcome=\"sealing_key\""],
+        );
+        if faulty_answers < 12.0 {
+            return Err(format!(
+                "the faulty replica handed out {faulty_answers} keys"
+            ));
+        }
+        let mut sealed_by_replicas = 0.0;
+        for i in 0..4 {
+            let metrics = scrape(c.replicas[i].metrics_addr).map_err(|e| e.to_string())?;
+            sealed_by_replicas += metric_sum(
+                &metrics,
+                "securesmart_node_client_requests_total",
+                &["outcome=\"sealed\""],
+            );
+            if i == faulty {
+                continue;
+            }
+            let unopened = metric_sum(
+                &metrics,
+                "securesmart_node_sealed_refused_total",
+                &["why=\"does_not_open\""],
+            );
+            if unopened != 0.0 {
+                return Err(format!(
+                    "replica {i} could not open {unopened} client-sealed requests"
+                ));
+            }
+        }
+        if sealed_by_replicas > 4.0 {
+            return Err(format!(
+                "replicas sealed {sealed_by_replicas} of 24 requests"
+            ));
+        }
+        Ok::<_, String>(())
+    }
+    .await;
+    or_dump(&c, result);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_that_seals_another_operation_cannot_change_or_block_confidential_requests() {
     let _one = ONE_AT_A_TIME.lock().await;
     let mut c = created("swapper", 1, |_| {}).await;
@@ -1313,6 +1411,7 @@ async fn a_replica_that_seals_another_operation_cannot_change_or_block_confident
     let result = async {
         let mut cl = client(&c, 0).await;
         cl.set_confidential(true);
+        cl.set_replica_sealing(true);
         // Each put returns the value before it: a swapped operation that executed, or a put
         // that executed twice, breaks the chain. Sealers rotate with the request number, so
         // the faulty one is asked first for about a quarter of them.

@@ -45,6 +45,12 @@
 //!   AES-GCM-SIV is built for this (RFC 8452, nonce-misuse resistance): a repeated nonce reveals
 //!   only that two sealed values are equal, which a shared digest reveals anyway.
 //!
+//! - [`PayloadKeys::client_key`] derives, per epoch and client, a key the client seals its own
+//!   confidential payloads with ([`ClientSealingKey`]): `BLAKE3-derive_key(CLIENT_KEY_CONTEXT,
+//!   payload key | client id)`. It is one-way, so a client learns neither the epoch's key nor
+//!   another client's; what it seals names it as sender and opens only with
+//!   [`PayloadKeys::open_from_client`] for that client.
+//!
 //! Sealed format: `version=1 u8 | epoch u64 | sender [32] | nonce [12] | ciphertext+tag`.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -418,7 +424,14 @@ impl PayloadKeys {
         context: &[u8],
         plaintext: &[u8],
     ) -> Result<Vec<u8>, GroupError> {
-        let sealed = self.seal_as(epoch, self.id, |_| rand::random(), context, plaintext)?;
+        let sealed = seal_with(
+            &self.cipher(epoch)?,
+            epoch,
+            self.id,
+            |_| rand::random(),
+            context,
+            plaintext,
+        )?;
         self.inner.write().map_err(key_lock)?.sealed_in_epoch += 1;
         Ok(sealed)
     }
@@ -443,7 +456,14 @@ impl PayloadKeys {
             nonce.copy_from_slice(&derived[..12]);
             nonce
         };
-        self.seal_as(epoch, GROUP_SENDER, derived_nonce, context, plaintext)
+        seal_with(
+            &self.cipher(epoch)?,
+            epoch,
+            GROUP_SENDER,
+            derived_nonce,
+            context,
+            plaintext,
+        )
     }
 
     /// The cipher of `epoch`'s key.
@@ -453,65 +473,212 @@ impl PayloadKeys {
         Aes256GcmSiv::new_from_slice(key.as_ref()).map_err(mls_err)
     }
 
-    /// Seals under `epoch`'s key in the name of `sender`, with the nonce `nonce` makes from the
-    /// AAD.
-    fn seal_as(
-        &self,
-        epoch: u64,
-        sender: NodeId,
-        nonce: impl FnOnce(&[u8]) -> [u8; 12],
-        context: &[u8],
-        plaintext: &[u8],
-    ) -> Result<Vec<u8>, GroupError> {
-        let cipher = self.cipher(epoch)?;
-        let aad = aad(epoch, &sender, context);
-        let nonce = nonce(&aad);
-        let ciphertext = cipher
-            .encrypt(
-                &Nonce::from(nonce),
-                Payload {
-                    msg: plaintext,
-                    aad: &aad,
-                },
-            )
-            .map_err(|_| GroupError::Mls("seal".into()))?;
-        let mut w = Writer::default();
-        w.u8(SEALED_VERSION)
-            .raw(&epoch.to_be_bytes())
-            .raw(sender.as_bytes())
-            .raw(&nonce)
-            .raw(&ciphertext);
-        Ok(w.buf)
-    }
-
     /// Opens a sealed payload with the key of the epoch it names, checking `context`.
     ///
     /// # Errors
     /// [`GroupError::Malformed`], [`GroupError::UnknownEpoch`] (e.g. a removed member and a new
     /// epoch, or an epoch older than the window), [`GroupError::Tampered`].
     pub fn open(&self, sealed: &[u8], context: &[u8]) -> Result<Opened, GroupError> {
-        let Sealed {
-            epoch,
-            sender,
-            nonce,
-            ciphertext,
-        } = parse_sealed(sealed)?;
-        let plaintext = self
-            .cipher(epoch)?
-            .decrypt(
-                &Nonce::from(nonce),
-                Payload {
-                    msg: ciphertext,
-                    aad: &aad(epoch, &sender, context),
-                },
-            )
-            .map_err(|_| GroupError::Tampered)?;
-        Ok(Opened {
-            epoch,
-            sender,
-            plaintext,
-        })
+        let parts = parse_sealed(sealed)?;
+        open_with(&self.cipher(parts.epoch)?, parts, context)
     }
+
+    /// The key `client` seals its own confidential payloads with in `epoch` (see
+    /// [`ClientSealingKey`]): `BLAKE3-derive_key(CLIENT_KEY_CONTEXT, epoch key | client id)`,
+    /// so that it tells the client nothing about the epoch's key or another client's key.
+    ///
+    /// # Errors
+    /// [`GroupError::UnknownEpoch`] if this member does not hold that epoch's key.
+    pub fn client_key(&self, epoch: u64, client: &NodeId) -> Result<ClientSealingKey, GroupError> {
+        let k = self.inner.read().map_err(key_lock)?;
+        let key = k.keys.get(&epoch).ok_or(GroupError::UnknownEpoch(epoch))?;
+        let mut h = blake3::Hasher::new_derive_key(CLIENT_KEY_CONTEXT);
+        h.update(key.as_ref()).update(client.as_bytes());
+        let derived = ClientSealingKey::from_bytes(epoch, *client, *h.finalize().as_bytes());
+        // The hasher's buffer holds the epoch key.
+        h.zeroize();
+        Ok(derived)
+    }
+
+    /// Opens a payload `client` sealed with its [`ClientSealingKey`] of the epoch the payload
+    /// names, checking `context`.
+    ///
+    /// # Errors
+    /// [`GroupError::Malformed`], [`GroupError::UnknownEpoch`], [`GroupError::Tampered`] (also
+    /// when the payload names another sender than `client`).
+    pub fn open_from_client(
+        &self,
+        sealed: &[u8],
+        client: &NodeId,
+        context: &[u8],
+    ) -> Result<Opened, GroupError> {
+        let parts = parse_sealed(sealed)?;
+        if parts.sender != *client {
+            return Err(GroupError::Tampered);
+        }
+        self.client_key(parts.epoch, client)?
+            .open_parts(parts, context)
+    }
+}
+
+/// BLAKE3 `derive_key` context of a client's sealing key ([`PayloadKeys::client_key`]).
+pub const CLIENT_KEY_CONTEXT: &str = "securesmart 2026-12-02 client sealing key v1";
+
+/// A client's key for sealing its own confidential payloads in one group epoch: the replicas
+/// derive it from the epoch's key ([`PayloadKeys::client_key`]) and hand it to the client over
+/// its mutual-TLS link, so that the client seals and no replica has to. Payloads it seals name
+/// the client as sender and open with [`PayloadKeys::open_from_client`] (same sealed format,
+/// AAD and cipher as the group's own). Zeroized when dropped; its `Debug` hides the key; `==`
+/// compares in constant time. What clients seal is under their own keys, so it does not count
+/// toward [`RotationPolicy`]'s payloads sealed in an epoch.
+#[derive(Clone)]
+pub struct ClientSealingKey {
+    epoch: u64,
+    client: NodeId,
+    key: Zeroizing<[u8; 32]>,
+}
+
+impl ClientSealingKey {
+    /// The key `key` of `client` in `epoch` (as a replica handed it out).
+    pub fn from_bytes(epoch: u64, client: NodeId, key: [u8; 32]) -> Self {
+        Self {
+            epoch,
+            client,
+            key: Zeroizing::new(key),
+        }
+    }
+
+    /// The group epoch it belongs to.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// The client it belongs to.
+    pub fn client(&self) -> NodeId {
+        self.client
+    }
+
+    /// The secret key bytes (to send to its client; never log them).
+    pub fn secret_bytes(&self) -> &[u8; 32] {
+        &self.key
+    }
+
+    fn cipher(&self) -> Result<Aes256GcmSiv, GroupError> {
+        Aes256GcmSiv::new_from_slice(self.key.as_ref()).map_err(mls_err)
+    }
+
+    /// Seals `plaintext` in the client's name, binding `context`, with a random nonce.
+    ///
+    /// # Errors
+    /// [`GroupError::Mls`] if the cipher fails.
+    pub fn seal(&self, context: &[u8], plaintext: &[u8]) -> Result<Vec<u8>, GroupError> {
+        seal_with(
+            &self.cipher()?,
+            self.epoch,
+            self.client,
+            |_| rand::random(),
+            context,
+            plaintext,
+        )
+    }
+
+    /// Opens what this key sealed, checking `context`.
+    ///
+    /// # Errors
+    /// [`GroupError::Malformed`], [`GroupError::UnknownEpoch`] for another epoch,
+    /// [`GroupError::Tampered`] (also for another sender).
+    pub fn open(&self, sealed: &[u8], context: &[u8]) -> Result<Opened, GroupError> {
+        let parts = parse_sealed(sealed)?;
+        if parts.epoch != self.epoch {
+            return Err(GroupError::UnknownEpoch(parts.epoch));
+        }
+        if parts.sender != self.client {
+            return Err(GroupError::Tampered);
+        }
+        self.open_parts(parts, context)
+    }
+
+    fn open_parts(&self, parts: Sealed<'_>, context: &[u8]) -> Result<Opened, GroupError> {
+        open_with(&self.cipher()?, parts, context)
+    }
+}
+
+impl PartialEq for ClientSealingKey {
+    fn eq(&self, other: &Self) -> bool {
+        // blake3::Hash compares in constant time.
+        self.epoch == other.epoch
+            && self.client == other.client
+            && blake3::Hash::from_bytes(*self.key) == blake3::Hash::from_bytes(*other.key)
+    }
+}
+
+impl Eq for ClientSealingKey {}
+
+impl std::fmt::Debug for ClientSealingKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientSealingKey")
+            .field("epoch", &self.epoch)
+            .field("client", &self.client)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Seals `plaintext` with `cipher` (the key of `epoch`) in the name of `sender`, with the nonce
+/// `nonce` makes from the AAD.
+fn seal_with(
+    cipher: &Aes256GcmSiv,
+    epoch: u64,
+    sender: NodeId,
+    nonce: impl FnOnce(&[u8]) -> [u8; 12],
+    context: &[u8],
+    plaintext: &[u8],
+) -> Result<Vec<u8>, GroupError> {
+    let aad = aad(epoch, &sender, context);
+    let nonce = nonce(&aad);
+    let ciphertext = cipher
+        .encrypt(
+            &Nonce::from(nonce),
+            Payload {
+                msg: plaintext,
+                aad: &aad,
+            },
+        )
+        .map_err(|_| GroupError::Mls("seal".into()))?;
+    let mut w = Writer::default();
+    w.u8(SEALED_VERSION)
+        .raw(&epoch.to_be_bytes())
+        .raw(sender.as_bytes())
+        .raw(&nonce)
+        .raw(&ciphertext);
+    Ok(w.buf)
+}
+
+/// Opens the parts of a sealed payload with `cipher` (the key of the epoch it names).
+fn open_with(
+    cipher: &Aes256GcmSiv,
+    parts: Sealed<'_>,
+    context: &[u8],
+) -> Result<Opened, GroupError> {
+    let Sealed {
+        epoch,
+        sender,
+        nonce,
+        ciphertext,
+    } = parts;
+    let plaintext = cipher
+        .decrypt(
+            &Nonce::from(nonce),
+            Payload {
+                msg: ciphertext,
+                aad: &aad(epoch, &sender, context),
+            },
+        )
+        .map_err(|_| GroupError::Tampered)?;
+    Ok(Opened {
+        epoch,
+        sender,
+        plaintext,
+    })
 }
 
 /// The epoch a sealed payload names, read without any key.
@@ -1752,6 +1919,88 @@ mod tests {
             nodes[4].member.seal(b"ctx", b"x"),
             Err(GroupError::NotMember)
         ));
+    }
+
+    #[test]
+    fn what_a_client_seals_with_its_key_opens_at_every_member_and_for_no_other_client() {
+        let ca = DevCa::new("mls ca").unwrap();
+        let mut nodes = group(&ca, 4);
+        let alice = NodeId::from_bytes([1; 32]);
+        let mallory = NodeId::from_bytes([2; 32]);
+        let epoch = nodes[0].member.epoch().unwrap();
+        let key = nodes[0]
+            .member
+            .payload_keys()
+            .client_key(epoch, &alice)
+            .unwrap();
+        // Every member derives the same key; other clients and epochs get other keys.
+        for n in &nodes[1..] {
+            assert_eq!(
+                n.member.payload_keys().client_key(epoch, &alice).unwrap(),
+                key
+            );
+        }
+        let keys = nodes[1].member.payload_keys();
+        assert_ne!(keys.client_key(epoch, &mallory).unwrap(), key);
+        assert_ne!(
+            keys.client_key(epoch, &alice).unwrap().secret_bytes(),
+            &[0; 32]
+        );
+        assert!(!format!("{key:?}").contains(&format!("{:?}", key.secret_bytes())));
+        let sealed = key.seal(b"ctx", b"operation").unwrap();
+        assert_eq!(sealed_header(&sealed).unwrap(), (epoch, alice));
+        for n in &nodes {
+            let opened = n
+                .member
+                .payload_keys()
+                .open_from_client(&sealed, &alice, b"ctx")
+                .unwrap();
+            assert_eq!(opened.plaintext, b"operation");
+            assert_eq!(opened.sender, alice);
+        }
+        assert_eq!(key.open(&sealed, b"ctx").unwrap().plaintext, b"operation");
+        // Not in another client's name, nor with another context; and a client's key is not
+        // the group's: what it seals does not open as the group's own payload.
+        assert!(matches!(
+            keys.open_from_client(&sealed, &mallory, b"ctx"),
+            Err(GroupError::Tampered)
+        ));
+        assert!(matches!(
+            keys.open_from_client(&sealed, &alice, b"other"),
+            Err(GroupError::Tampered)
+        ));
+        assert!(matches!(
+            keys.open(&sealed, b"ctx"),
+            Err(GroupError::Tampered)
+        ));
+        // Mallory's key, with Alice named in the header, does not open either.
+        let forged = ClientSealingKey::from_bytes(
+            epoch,
+            alice,
+            *keys.client_key(epoch, &mallory).unwrap().secret_bytes(),
+        )
+        .seal(b"ctx", b"in alice's name")
+        .unwrap();
+        assert!(matches!(
+            keys.open_from_client(&forged, &alice, b"ctx"),
+            Err(GroupError::Tampered)
+        ));
+        // After a rotation the old key still opens (the window), and the new one differs.
+        let p = nodes[1].member.propose_update().unwrap();
+        assert!(
+            order(&mut all(&mut nodes), &p.commit)
+                .iter()
+                .all(|r| r.is_ok())
+        );
+        let next = nodes[2].member.epoch().unwrap();
+        assert_ne!(next, epoch);
+        assert_ne!(keys.client_key(next, &alice).unwrap(), key);
+        assert_eq!(
+            keys.open_from_client(&sealed, &alice, b"ctx")
+                .unwrap()
+                .plaintext,
+            b"operation"
+        );
     }
 
     #[test]

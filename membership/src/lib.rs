@@ -47,10 +47,11 @@ pub mod trust_center;
 pub use enrollment::{EnrollError, Enrolled, EnrollmentServer, enroll};
 pub use epoch::{Applied, CommandRefusal, MIN_REPLICAS, Member, Membership, MembershipCommand};
 pub use group::{
-    COMMIT_DIGEST_CONTEXT, CREATION_DIGEST, CommitOutcome, CommitPolicy, GroupConfig, GroupError,
-    GroupMember, KEY_PACKAGE_DIGEST_CONTEXT, KEY_PACKAGE_MARGIN, KEY_PACKAGE_MARGIN_BEFORE,
-    MAX_MLS_MESSAGE_BYTES, Opened, PayloadKeys, Proposal, RotationPolicy, SEALED_OVERHEAD, Settled,
-    commit_digest, commit_epoch, key_package_digest, sealed_epoch, sealed_header,
+    CLIENT_KEY_CONTEXT, COMMIT_DIGEST_CONTEXT, CREATION_DIGEST, ClientSealingKey, CommitOutcome,
+    CommitPolicy, GroupConfig, GroupError, GroupMember, KEY_PACKAGE_DIGEST_CONTEXT,
+    KEY_PACKAGE_MARGIN, KEY_PACKAGE_MARGIN_BEFORE, MAX_MLS_MESSAGE_BYTES, Opened, PayloadKeys,
+    Proposal, RotationPolicy, SEALED_OVERHEAD, Settled, commit_digest, commit_epoch,
+    key_package_digest, sealed_epoch, sealed_header,
 };
 pub use securesmart_transport::wire::WireError;
 pub use trust_center::{
