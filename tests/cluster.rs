@@ -1306,26 +1306,54 @@ async fn a_replica_that_forges_commits_and_floods_cannot_stop_the_others() {
     result.unwrap();
 }
 
+/// Starts the four replicas of `c`, the one with the largest id with `fault`
+/// (`SECURESMART_FAULT`), and waits for the group key; the faulty one's index.
+async fn start_with_one_faulty(c: &mut LocalCluster, fault: &str) -> usize {
+    let faulty = (0..4).max_by_key(|i| c.replicas[*i].id).unwrap();
+    for i in 0..4 {
+        if i == faulty {
+            c.start_with(i, &log_filter(), &[("SECURESMART_FAULT", fault)])
+                .unwrap();
+        } else {
+            c.start(i, &log_filter()).unwrap();
+        }
+    }
+    wait_for_group_key(c).await;
+    faulty
+}
+
+/// `count` puts to one key, each of which must return the value before it (`prev`, then the
+/// put's own): a swapped operation that executed, or a put that executed twice, breaks the
+/// chain. `label` names the puts in errors.
+async fn put_chain(
+    cl: &mut Client,
+    prev: &mut Option<Bytes>,
+    label: &str,
+    count: usize,
+) -> Result<(), String> {
+    for m in 0..count {
+        let value = Bytes::from(format!("v{label}{m}"));
+        let got = cl
+            .put("chain", value.clone())
+            .await
+            .map_err(|e| format!("confidential put {label}{m}: {e}"))?;
+        if got != *prev {
+            return Err(format!(
+                "put {label}{m} returned {got:?}, expected {prev:?}"
+            ));
+        }
+        *prev = Some(value);
+    }
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_handing_out_wrong_sealing_keys_cannot_block_confidential_requests() {
     let _one = ONE_AT_A_TIME.lock().await;
     let mut c = created("wrong-key", 1, |_| {}).await;
     // The faulty replica hands every client that asks a made-up key of the right epoch; it
     // orders and votes as usual.
-    let faulty = (0..4).max_by_key(|i| c.replicas[*i].id).unwrap();
-    for i in 0..4 {
-        if i == faulty {
-            c.start_with(
-                i,
-                &log_filter(),
-                &[("SECURESMART_FAULT", "wrong-sealing-key")],
-            )
-            .unwrap();
-        } else {
-            c.start(i, &log_filter()).unwrap();
-        }
-    }
-    wait_for_group_key(&c).await;
+    let faulty = start_with_one_faulty(&mut c, "wrong-sealing-key").await;
     let result = async {
         // Each new client fetches its key, so the faulty replica answers a dozen times; a
         // client that took its key would have a request refused for each.
@@ -1333,17 +1361,7 @@ async fn a_replica_handing_out_wrong_sealing_keys_cannot_block_confidential_requ
         for n in 0..12 {
             let mut cl = client(&c, 0).await;
             cl.set_confidential(true);
-            for m in 0..2 {
-                let value = Bytes::from(format!("v{n}.{m}"));
-                let got = cl
-                    .put("chain", value.clone())
-                    .await
-                    .map_err(|e| format!("confidential put {n}.{m}: {e}"))?;
-                if got != prev {
-                    return Err(format!("put {n}.{m} returned {got:?}, expected {prev:?}"));
-                }
-                prev = Some(value);
-            }
+            put_chain(&mut cl, &mut prev, &format!("{n}."), 2).await?;
             cl.close().await;
         }
         // Every request was sealed by its client with the key the honest replicas hand out:
@@ -1398,35 +1416,14 @@ async fn a_replica_that_seals_another_operation_cannot_change_or_block_confident
     let mut c = created("swapper", 1, |_| {}).await;
     // The faulty replica seals, for every client that asks it, another operation than the
     // client's; it orders and votes as usual.
-    let faulty = (0..4).max_by_key(|i| c.replicas[*i].id).unwrap();
-    for i in 0..4 {
-        if i == faulty {
-            c.start_with(i, &log_filter(), &[("SECURESMART_FAULT", "swap-sealed")])
-                .unwrap();
-        } else {
-            c.start(i, &log_filter()).unwrap();
-        }
-    }
-    wait_for_group_key(&c).await;
+    let faulty = start_with_one_faulty(&mut c, "swap-sealed").await;
     let result = async {
         let mut cl = client(&c, 0).await;
         cl.set_confidential(true);
         cl.set_replica_sealing(true);
-        // Each put returns the value before it: a swapped operation that executed, or a put
-        // that executed twice, breaks the chain. Sealers rotate with the request number, so
-        // the faulty one is asked first for about a quarter of them.
-        let mut prev = None;
-        for n in 0..24 {
-            let value = Bytes::from(format!("v{n}"));
-            let got = cl
-                .put("chain", value.clone())
-                .await
-                .map_err(|e| format!("confidential put {n}: {e}"))?;
-            if got != prev {
-                return Err(format!("put {n} returned {got:?}, expected {prev:?}"));
-            }
-            prev = Some(value);
-        }
+        // Sealers rotate with the request number, so the faulty one is asked first for about
+        // a quarter of the puts.
+        put_chain(&mut cl, &mut None, "", 24).await?;
         cl.close().await;
         // The honest replicas refused what the faulty one sealed (it does not match the
         // client's commitment), and kept their state.
