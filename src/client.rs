@@ -26,11 +26,18 @@
 //!   ([`ClientSealingKey`], derived by the replicas from the group epoch's key for this client)
 //!   and signs the ciphertext ([`RequestKind::ClientSealed`]). It asks every replica for the key
 //!   ([`RequestKind::SealingKey`], over its TLS links) and takes the one f + 1 of them hand out
-//!   alike, so f faulty replicas cannot give it a wrong one. The replicas execute a
-//!   client-sealed request only in the epoch they seal in then; a refused one (the epoch moved
-//!   on) makes the client fetch the key again and try once more under a new number.
+//!   alike, so f faulty replicas cannot give it a wrong one; of the newest epoch they could
+//!   still agree on, so a faulty replica's genuine old key does not outvote the current one.
+//!   It counts answers only at its own roster: one naming a newer roster makes it follow the
+//!   changes and ask again, and following a roster, or [`ROSTER_TRUST`] without a quorum's
+//!   answer, drops the key, so that an idle client does not seal for an epoch a replica
+//!   removed since still holds. The replicas execute a client-sealed request only in the
+//!   epoch they seal in then; a refused one (the epoch moved on) makes the client fetch the
+//!   key again and try once more under a new number.
 //! - Without an agreed key (the group forming, a rotation in flight: it asks again after
-//!   `retry`), after a second refusal, or with [`Client::set_replica_sealing`], the client has
+//!   `retry`), after a second refusal (for `retry`), or with [`Client::set_replica_sealing`],
+//!   the client first confirms its roster if a quorum has not answered within
+//!   [`ROSTER_TRUST`] (the sealer sees the operation in the clear), and then has
 //!   one replica seal the operation (with a random nonce in front) with the group key
 //!   ([`RequestKind::Seal`]), and then sends every replica the ciphertext with its signature on
 //!   it and on the operation's commitment. A confidential request the replicas refuse (the
@@ -107,6 +114,9 @@ pub enum ClientError {
     /// The client's key cannot sign requests (requests are signed with Ed25519).
     #[error("the client's key is not an Ed25519 key")]
     UnsupportedKey,
+    /// The client plane closed.
+    #[error("the client plane closed")]
+    Closed,
     /// The replicas no longer keep the roster changes after this client's roster: it needs a
     /// configuration with a newer roster.
     #[error("roster too old: {0}")]
@@ -152,9 +162,10 @@ pub struct Client {
     options: ClientOptions,
     confidential: bool,
     signer: RequestSigner,
-    /// The sealing key f + 1 replicas handed out alike, while the replicas accept it.
-    sealing_key: Option<ClientSealingKey>,
-    /// When f + 1 replicas last could not agree on a key (asked again only after `retry`).
+    /// The sealing key f + 1 replicas handed out alike, and how fresh the roster is.
+    held: HeldKey,
+    /// When f + 1 replicas last could not agree on a key, or refused two requests sealed with
+    /// the ones they handed out (client sealing is tried again only after `retry`).
     key_unavailable: Option<Instant>,
     /// Have a replica seal every confidential request (the path before client sealing).
     replica_sealing: bool,
@@ -219,7 +230,7 @@ impl Client {
             options,
             confidential: false,
             signer,
-            sealing_key: None,
+            held: HeldKey::default(),
             key_unavailable: None,
             replica_sealing: false,
         })
@@ -324,11 +335,9 @@ impl Client {
         }
         // Sealed with the client's own key: with the key it holds, and once more with a fresh
         // one if the replicas refused it (the epoch they seal in moved on, or the key was
-        // wrong); then through a replica.
-        for _ in 0..2 {
-            if self.replica_sealing {
-                break;
-            }
+        // wrong); then through a replica, and through replicas for `retry` after two refusals.
+        let mut refused = 0;
+        while refused < 2 && !self.replica_sealing {
             let Some(key) = self.sealing_key().await else {
                 break;
             };
@@ -341,7 +350,11 @@ impl Client {
                 return Ok(result);
             }
             metrics::counter!("securesmart_client_sealed_refused_total").increment(1);
-            self.sealing_key = None;
+            self.held.refused();
+            refused += 1;
+            if refused == 2 {
+                self.key_unavailable = Some(Instant::now());
+            }
         }
         let mut tried = std::collections::BTreeSet::new();
         for _ in 0..self.roster.replicas().len().max(1) {
@@ -366,14 +379,15 @@ impl Client {
         ))
     }
 
-    /// The sealing key to use: the one held, or one that f + 1 replicas of the roster hand out
-    /// alike (one of them correct, so it is the key of an epoch a correct replica seals in),
-    /// of the newest such epoch among the answers of a quorum (so that a faulty replica with
-    /// a genuine old key and one correct replica a batch behind do not make it pick an epoch
-    /// the others moved past). `None` when they did not agree within `retry`; then it asks
-    /// again only `retry` later.
+    /// The sealing key to use: the one held while the roster is current (a quorum of it
+    /// answered within [`ROSTER_TRUST`]), or the one a round of key queries settles on
+    /// ([`KeyTally`]): f + 1 replicas of the roster, answering at it, hand it out alike. A
+    /// reply that names a newer roster makes the client follow it first and ask again, so
+    /// that no removed replica's answer counts and no key goes on being used past the roster
+    /// change. `None` when they did not agree within `retry`; then it asks again only `retry`
+    /// later.
     async fn sealing_key(&mut self) -> Option<ClientSealingKey> {
-        if let Some(key) = &self.sealing_key {
+        if let Some(key) = self.held.usable(Instant::now()) {
             return Some(key.clone());
         }
         if self
@@ -382,57 +396,67 @@ impl Client {
         {
             return None;
         }
-        self.number += 1;
-        let number = self.number;
-        let ask =
-            ClientRequest::signed(&self.signer, number, RequestKind::SealingKey, Bytes::new());
-        self.plane
-            .broadcast(Class::Consensus, &Bytes::from(ask.encode()));
         let me = self.id();
-        let need = self.roster.group().f() + 1;
-        let quorum = self.roster.group().quorum();
         let until = Instant::now() + self.options.retry;
-        let mut answers: Vec<(ClientSealingKey, std::collections::BTreeSet<NodeId>)> = Vec::new();
-        let mut answered = std::collections::BTreeSet::new();
-        while let Ok(Some(m)) = tokio::time::timeout_at(until.into(), self.inbox.recv()).await {
-            if !self.roster.contains(&m.from) {
-                continue;
-            }
-            let outcome = match ClientReply::decode(&m.payload) {
-                Ok(reply) if reply.number == number => reply.outcome,
-                _ => continue,
-            };
-            // One answer per replica: a key for this client, or "busy" (no key there).
-            if !answered.insert(m.from) {
-                continue;
-            }
-            if let Outcome::SealingKey(key) = outcome
-                && key.client() == me
-            {
-                match answers.iter_mut().find(|(k, _)| *k == key) {
-                    Some((_, by)) => {
-                        by.insert(m.from);
+        'query: loop {
+            self.number += 1;
+            let number = self.number;
+            let ask =
+                ClientRequest::signed(&self.signer, number, RequestKind::SealingKey, Bytes::new());
+            self.plane
+                .broadcast(Class::Consensus, &Bytes::from(ask.encode()));
+            let sent = Instant::now();
+            let mut tally = KeyTally::default();
+            let mut asked_rosters = false;
+            let mut answered_rosters = std::collections::BTreeSet::new();
+            while let Ok(Some(m)) = tokio::time::timeout_at(until.into(), self.inbox.recv()).await {
+                if !self.roster.contains(&m.from) {
+                    continue;
+                }
+                let reply = match ClientReply::decode(&m.payload) {
+                    Ok(reply) if reply.number == number => reply,
+                    _ => continue,
+                };
+                match reply.outcome {
+                    Outcome::SealingKey(key) if key.client() == me => {
+                        tally.answer(m.from, reply.roster, Some(key));
                     }
-                    None => answers.push((key, std::collections::BTreeSet::from([m.from]))),
+                    // One answer to the roster query per replica: moved, ask again at the new
+                    // roster (the answers so far were given at the old one).
+                    Outcome::Rosters(changes) if answered_rosters.insert(m.from) => {
+                        if matches!(self.follow(&changes), Ok(Followed::Moved)) {
+                            continue 'query;
+                        }
+                        continue;
+                    }
+                    // "Busy" (no key there), or a key for someone else.
+                    _ => tally.answer(m.from, reply.roster, None),
+                }
+                match tally.verdict(&self.roster, false) {
+                    KeyVerdict::Take(key) => return Some(self.hold(key, sent)),
+                    KeyVerdict::Behind if !asked_rosters => {
+                        asked_rosters = true;
+                        self.ask_rosters(number);
+                    }
+                    KeyVerdict::Unavailable => break,
+                    KeyVerdict::Behind | KeyVerdict::Wait => {}
                 }
             }
-            if answered.len() >= quorum {
-                break;
+            if let KeyVerdict::Take(key) = tally.verdict(&self.roster, true) {
+                return Some(self.hold(key, sent));
             }
-        }
-        // (Keys for this client only; two matching keys of one epoch are one key.)
-        if let Some((key, _)) = answers
-            .into_iter()
-            .filter(|(_, by)| by.len() >= need)
-            .max_by_key(|(key, _)| key.epoch())
-        {
-            self.sealing_key = Some(key);
-            self.key_unavailable = None;
-            return self.sealing_key.clone();
+            break;
         }
         metrics::counter!("securesmart_client_sealing_key_unavailable_total").increment(1);
         self.key_unavailable = Some(Instant::now());
         None
+    }
+
+    /// Holds `key`, which a quorum of the roster answered at it, to a query sent at `asked`.
+    fn hold(&mut self, key: ClientSealingKey, asked: Instant) -> ClientSealingKey {
+        self.key_unavailable = None;
+        self.held.take(key.clone(), asked);
+        key
     }
 
     /// Has one replica seal `ask` (a [`RequestKind::Seal`] request numbered `number`): the
@@ -452,18 +476,29 @@ impl Client {
         let ask = Bytes::from(ask.encode());
         let me = self.id();
         let deadline = Instant::now() + self.options.timeout;
-        let mut replicas: Vec<NodeId> = self.roster.replicas().keys().copied().collect();
-        let first = usize::try_from(number % (replicas.len().max(1) as u64)).unwrap_or_default();
-        replicas.rotate_left(first);
-        replicas.sort_by_key(|r| tried.contains(r));
+        let order = |roster: &Roster| {
+            let mut replicas: Vec<NodeId> = roster.replicas().keys().copied().collect();
+            let first =
+                usize::try_from(number % (replicas.len().max(1) as u64)).unwrap_or_default();
+            replicas.rotate_left(first);
+            replicas.sort_by_key(|r| tried.contains(r));
+            replicas
+        };
+        let mut replicas = order(&self.roster);
         for k in 0.. {
+            if Instant::now() >= deadline {
+                break;
+            }
+            // The sealer sees the operation in the clear: ask only replicas of a roster a
+            // quorum confirmed within ROSTER_TRUST (a replica removed since must not be asked).
+            if !self.held.roster_current(Instant::now()) {
+                self.confirm_roster(deadline).await?;
+                replicas = order(&self.roster);
+            }
             let Some(sealer_id) = replicas.get(k % replicas.len().max(1)) else {
                 break;
             };
             let sealer_id = *sealer_id;
-            if Instant::now() >= deadline {
-                break;
-            }
             // Never wait on one replica's queue: a replica that is down has a full one (the
             // client's broadcasts pile up there), and waiting would stall the client for good.
             if self
@@ -574,13 +609,13 @@ impl Client {
                         if reply.number == number && answered.insert(m.from) =>
                     {
                         match self.follow(&changes) {
-                            Ok(true) => {
+                            Ok(Followed::Moved) => {
                                 // The new replicas have not seen the request yet.
                                 self.plane.broadcast(Class::Consensus, &request);
                                 answered.clear();
                                 too_old.clear();
                             }
-                            Ok(false) => {}
+                            Ok(Followed::Current | Followed::Ignored) => {}
                             Err(e) => {
                                 too_old.insert(m.from, e);
                             }
@@ -590,6 +625,8 @@ impl Client {
                 }
                 match tally.verdict(&self.roster) {
                     Verdict::Accept(result) => {
+                        // (As of when it asked: no answer is older.)
+                        self.held.confirm(start);
                         metrics::histogram!("securesmart_client_latency_seconds")
                             .record(start.elapsed().as_secs_f64());
                         return Ok(result);
@@ -598,7 +635,7 @@ impl Client {
                         if asked.is_none_or(|at| at.elapsed() >= self.options.retry) {
                             asked = Some(Instant::now());
                             answered.clear();
-                            self.ask_rosters();
+                            self.ask_rosters(number);
                         }
                     }
                     Verdict::Wait => {}
@@ -619,7 +656,8 @@ impl Client {
     }
 
     /// Follows the certified roster changes the replicas hand out until one round of
-    /// answers (within `retry`) brings nothing newer, and returns the roster it trusts then.
+    /// answers (all of the roster's replicas, or those within `retry`) brings nothing newer,
+    /// and returns the roster it trusts then.
     ///
     /// # Errors
     /// [`ClientError::StaleRoster`] (from f + 1 replicas), or [`ClientError::Unreachable`]
@@ -627,25 +665,39 @@ impl Client {
     pub async fn refresh_roster(&mut self) -> Result<&Roster, ClientError> {
         loop {
             let before = self.roster.number();
-            self.ask_rosters();
-            let until = Instant::now() + self.options.retry;
+            // A number of its own: answers to an earlier query still queued do not count.
+            self.number += 1;
+            let number = self.number;
+            self.ask_rosters(number);
+            let asked = Instant::now();
+            let until = asked + self.options.retry;
             let mut answered = std::collections::HashSet::new();
+            // Those that answered at this roster with nothing newer.
+            let mut current = 0;
             let mut too_old = Vec::new();
-            while let Ok(Some(m)) = tokio::time::timeout_at(until.into(), self.inbox.recv()).await {
+            let all = self.roster.replicas().len();
+            while answered.len() < all {
+                let m = match tokio::time::timeout_at(until.into(), self.inbox.recv()).await {
+                    Ok(Some(m)) => m,
+                    Ok(None) => return Err(ClientError::Closed),
+                    Err(_) => break,
+                };
                 if !self.roster.contains(&m.from) || answered.contains(&m.from) {
                     continue;
                 }
                 // One answer per replica and round, to this query only.
                 if let Ok(ClientReply {
-                    number,
+                    number: n,
+                    roster,
                     outcome: Outcome::Rosters(changes),
-                    ..
                 }) = ClientReply::decode(&m.payload)
-                    && number == self.number
+                    && n == number
                 {
                     answered.insert(m.from);
-                    if let Err(e) = self.follow(&changes) {
-                        too_old.push(e);
+                    match self.follow(&changes) {
+                        Ok(Followed::Current) if roster <= before => current += 1,
+                        Ok(_) => {}
+                        Err(e) => too_old.push(e),
                     }
                 }
             }
@@ -656,37 +708,66 @@ impl Client {
                 {
                     return Err(ClientError::StaleRoster(e));
                 }
-                // Nothing newer, but only believed from f + 1 answers (one of them correct).
+                // Nothing newer, but only believed from f + 1 answers (one of them correct);
+                // current (for confidential requests) when a quorum answered at it with
+                // nothing newer, and none said the changes it needs are gone.
                 if answered.len() <= f {
                     return Err(ClientError::Unreachable {
                         reached: answered.len(),
                         needed: f + 1,
                     });
                 }
+                if current >= self.roster.group().quorum() && too_old.is_empty() {
+                    self.held.confirm(asked);
+                }
                 return Ok(&self.roster);
             }
         }
     }
 
-    /// Asks the replicas of its roster for the certified changes after it.
-    fn ask_rosters(&self) {
+    /// Refreshes the roster until a quorum of it answered at it (see [`ROSTER_TRUST`]), by
+    /// `deadline`.
+    ///
+    /// # Errors
+    /// [`ClientError::StaleRoster`] as [`Client::refresh_roster`], or
+    /// [`ClientError::Unreachable`] when no quorum answered by `deadline`.
+    async fn confirm_roster(&mut self, deadline: Instant) -> Result<(), ClientError> {
+        loop {
+            match self.refresh_roster().await.map(|_| ()) {
+                Ok(()) | Err(ClientError::Unreachable { .. }) => {}
+                Err(e) => return Err(e),
+            }
+            if self.held.roster_current(Instant::now()) {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(ClientError::Unreachable {
+                    reached: self.plane.connected_peers().len(),
+                    needed: self.roster.group().quorum(),
+                });
+            }
+        }
+    }
+
+    /// Asks the replicas of its roster for the certified changes after it, as query `number`
+    /// (the answers carry it).
+    fn ask_rosters(&self, number: u64) {
         let since = Bytes::copy_from_slice(&self.roster.number().to_be_bytes());
-        let query = ClientRequest::signed(&self.signer, self.number, RequestKind::Rosters, since);
+        let query = ClientRequest::signed(&self.signer, number, RequestKind::Rosters, since);
         self.plane
             .broadcast(Class::Consensus, &Bytes::from(query.encode()));
     }
 
     /// Moves to the newest roster that `changes` (a replica's answer) certify from the current
-    /// one; whether it moved. An answer that certifies nothing is ignored (a faulty replica
-    /// may send anything).
+    /// one. An answer that certifies nothing is ignored (a faulty replica may send anything).
     ///
     /// # Errors
     /// [`RosterError::TooOld`] when the answer says the changes it needs are gone: a hint
     /// only (unauthenticated), which the caller believes from f+1 replicas.
-    fn follow(&mut self, changes: &[u8]) -> Result<bool, RosterError> {
+    fn follow(&mut self, changes: &[u8]) -> Result<Followed, RosterError> {
         let Ok(changes) = RosterChange::decode_list(changes) else {
             metrics::counter!("securesmart_client_bad_replies_total").increment(1);
-            return Ok(false);
+            return Ok(Followed::Ignored);
         };
         let next = match crate::roster::follow(&self.roster, &changes) {
             Ok(next) => next,
@@ -694,17 +775,17 @@ impl Client {
             Err(e) => {
                 metrics::counter!("securesmart_client_bad_rosters_total").increment(1);
                 tracing::debug!(error = %e, "roster changes refused");
-                return Ok(false);
+                return Ok(Followed::Ignored);
             }
         };
         if next.number() <= self.roster.number() {
-            return Ok(false);
+            return Ok(Followed::Current);
         }
         let mut trust = self.plane.trust();
         trust.peers = next.client_addrs();
         if let Err(e) = self.plane.update_trust(trust) {
             tracing::warn!(error = %e, "cannot follow the new roster");
-            return Ok(false);
+            return Ok(Followed::Ignored);
         }
         metrics::counter!("securesmart_client_roster_changes_total").increment(1);
         tracing::info!(
@@ -714,7 +795,8 @@ impl Client {
             "following the replicas' new roster"
         );
         self.roster = next;
-        Ok(true)
+        self.held.roster_moved();
+        Ok(Followed::Moved)
     }
 
     /// Runs a key-value operation.
@@ -765,6 +847,135 @@ impl Client {
     /// Closes the connections.
     pub async fn close(self) {
         self.plane.shutdown().await;
+    }
+}
+
+/// What a replica's answer to a roster query did to the client's roster.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Followed {
+    /// It certified a newer roster, which the client follows now.
+    Moved,
+    /// It certified nothing newer.
+    Current,
+    /// It did not decode or certify, or the client could not follow it.
+    Ignored,
+}
+
+/// How long a client takes its roster for current after it sent the query or request that a
+/// quorum of it last answered at it.
+/// A confidential request after a longer silence first asks again (a key query, or a roster
+/// query before a replica seals), so that an idle client does not send what a removed
+/// replica could read: such a replica still holds the epoch key it was removed in.
+pub const ROSTER_TRUST: Duration = Duration::from_secs(2);
+
+/// A client's sealing key and when a quorum of its roster last answered at that roster.
+#[derive(Debug, Default)]
+struct HeldKey {
+    key: Option<ClientSealingKey>,
+    confirmed: Option<Instant>,
+}
+
+impl HeldKey {
+    /// The key, while the roster is current at `now`.
+    fn usable(&self, now: Instant) -> Option<&ClientSealingKey> {
+        self.key.as_ref().filter(|_| self.roster_current(now))
+    }
+
+    /// Whether a quorum of the roster answered at it within [`ROSTER_TRUST`] before `now`.
+    fn roster_current(&self, now: Instant) -> bool {
+        self.confirmed
+            .is_some_and(|at| now.saturating_duration_since(at) < ROSTER_TRUST)
+    }
+
+    /// A quorum of the roster answered at it at `now`.
+    fn confirm(&mut self, now: Instant) {
+        self.confirmed = Some(now);
+    }
+
+    /// Holds `key`, handed out by a quorum of the roster at `now`.
+    fn take(&mut self, key: ClientSealingKey, now: Instant) {
+        self.key = Some(key);
+        self.confirm(now);
+    }
+
+    /// The replicas refused a request sealed with the key: fetch another.
+    fn refused(&mut self) {
+        self.key = None;
+    }
+
+    /// The client follows a new roster: the key's epoch may be one a removed replica holds.
+    fn roster_moved(&mut self) {
+        self.key = None;
+        self.confirmed = None;
+    }
+}
+
+/// The answers to one sealing-key query, and which key they allow a client to take.
+#[derive(Debug, Default)]
+struct KeyTally {
+    /// Per replica: the roster it answered at, and the key it handed out (`None`: none).
+    answers: HashMap<NodeId, (u64, Option<ClientSealingKey>)>,
+}
+
+/// What a [`KeyTally`] allows.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum KeyVerdict {
+    /// A quorum of the roster answered at it, f + 1 of them (one correct) with this key, of
+    /// the newest epoch the others could still outvote.
+    Take(ClientSealingKey),
+    /// A replica of the roster answered at a newer roster: follow the changes first.
+    Behind,
+    /// Not enough answers yet.
+    Wait,
+    /// No key can reach f + 1 matching answers.
+    Unavailable,
+}
+
+impl KeyTally {
+    /// Records `replica`'s answer at roster `roster` (its first answer counts).
+    fn answer(&mut self, replica: NodeId, roster: u64, key: Option<ClientSealingKey>) {
+        self.answers.entry(replica).or_insert((roster, key));
+    }
+
+    /// What the answers allow a client that trusts `roster`; `done`: no more will come.
+    ///
+    /// Of the keys f + 1 replicas hand out alike it takes the newest epoch, and while a newer
+    /// epoch's key could still reach f + 1 with the replicas yet to answer, it waits for
+    /// them: a faulty replica with a genuine old key and one correct replica a batch behind
+    /// must not make it pick an epoch the others moved past (the replicas would refuse every
+    /// request sealed with it).
+    fn verdict(&self, roster: &Roster, done: bool) -> KeyVerdict {
+        let group = roster.group();
+        let ours = || self.answers.iter().filter(|(id, _)| roster.contains(id));
+        let current: Vec<Option<&ClientSealingKey>> = ours()
+            .filter(|(_, (r, _))| *r <= roster.number())
+            .map(|(_, (_, key))| key.as_ref())
+            .collect();
+        if current.len() < group.quorum() {
+            return match ours().map(|(_, (r, _))| *r).max() {
+                Some(newest) if newest > roster.number() => KeyVerdict::Behind,
+                _ if done => KeyVerdict::Unavailable,
+                _ => KeyVerdict::Wait,
+            };
+        }
+        let votes =
+            |key: &ClientSealingKey| current.iter().flatten().filter(|k| **k == key).count();
+        let best = current
+            .iter()
+            .flatten()
+            .filter(|k| votes(k) > group.f())
+            .max_by_key(|k| k.epoch());
+        let pending = roster.replicas().len().saturating_sub(ours().count());
+        // A key not seen yet, or a newer one seen, could still reach f + 1.
+        let newer_possible = pending > group.f()
+            || current.iter().flatten().any(|k| {
+                best.is_none_or(|b| k.epoch() > b.epoch()) && votes(k) + pending > group.f()
+            });
+        match best {
+            _ if newer_possible && !done => KeyVerdict::Wait,
+            Some(key) => KeyVerdict::Take((*key).clone()),
+            None => KeyVerdict::Unavailable,
+        }
     }
 }
 
@@ -942,5 +1153,124 @@ mod tests {
             t.verdict(&grown),
             Verdict::Accept(Bytes::from_static(b"good"))
         );
+    }
+
+    fn key(epoch: u64, byte: u8) -> ClientSealingKey {
+        ClientSealingKey::from_bytes(epoch, NodeId::from_bytes([9; 32]), [byte; 32])
+    }
+
+    #[test]
+    fn a_faulty_replica_with_an_old_key_and_a_lagging_one_do_not_pick_the_clients_epoch() {
+        let (ids, roster) = rosters();
+        let r = roster(0, &[0, 1, 2, 3]);
+        let (old, new) = (key(4, 1), key(5, 2));
+        let mut t = KeyTally::default();
+        // Replica 0 (faulty) hands out the genuine key of the epoch before, replica 1 (correct,
+        // a batch behind) too; replica 2 the epoch the replicas seal in. A quorum answered and
+        // the old key has f + 1 answers, but the new one can still reach f + 1: wait.
+        t.answer(ids[0], 0, Some(old.clone()));
+        t.answer(ids[1], 0, Some(old.clone()));
+        t.answer(ids[2], 0, Some(new.clone()));
+        assert_eq!(t.verdict(&r, false), KeyVerdict::Wait);
+        t.answer(ids[3], 0, Some(new.clone()));
+        assert_eq!(t.verdict(&r, false), KeyVerdict::Take(new.clone()));
+        // Replica 3 never answers: after the round the old key (f + 1, one correct) is used.
+        let mut t = KeyTally::default();
+        t.answer(ids[0], 0, Some(old.clone()));
+        t.answer(ids[1], 0, Some(old.clone()));
+        t.answer(ids[2], 0, Some(new.clone()));
+        assert_eq!(t.verdict(&r, true), KeyVerdict::Take(old.clone()));
+        // A made-up key of a far epoch from the faulty one does not hold the client up once the
+        // correct ones answered; a second answer from a replica does not count.
+        let mut t = KeyTally::default();
+        t.answer(ids[0], 0, Some(key(99, 7)));
+        t.answer(ids[0], 0, Some(new.clone()));
+        for i in [1, 2] {
+            t.answer(ids[i], 0, Some(new.clone()));
+        }
+        assert_eq!(
+            t.verdict(&r, false),
+            KeyVerdict::Wait,
+            "replica 3 may still agree"
+        );
+        t.answer(ids[3], 0, Some(new.clone()));
+        assert_eq!(t.verdict(&r, false), KeyVerdict::Take(new.clone()));
+        // Answers that cannot agree: no key.
+        let mut t = KeyTally::default();
+        for (i, b) in [(0, 1), (1, 2), (2, 3), (3, 4)] {
+            t.answer(ids[i], 0, Some(key(5, b)));
+        }
+        assert_eq!(t.verdict(&r, false), KeyVerdict::Unavailable);
+        let mut t = KeyTally::default();
+        for i in [0, 1, 2, 3] {
+            t.answer(ids[i], 0, None);
+        }
+        assert_eq!(t.verdict(&r, false), KeyVerdict::Unavailable);
+    }
+
+    #[test]
+    fn a_removed_replica_cannot_hand_a_client_on_its_old_roster_the_key_of_its_epoch() {
+        let (ids, roster) = rosters();
+        // Replica 3 was removed (roster 1: replicas 0, 1, 2, 4) and holds the key of the epoch
+        // it was removed in; replica 0 (faulty) answers with it at roster 0 too.
+        let old = roster(0, &[0, 1, 2, 3]);
+        let mut t = KeyTally::default();
+        t.answer(ids[3], 0, Some(key(4, 1)));
+        t.answer(ids[0], 0, Some(key(4, 1)));
+        assert_eq!(t.verdict(&old, false), KeyVerdict::Wait);
+        t.answer(ids[1], 1, Some(key(5, 2)));
+        assert_eq!(t.verdict(&old, false), KeyVerdict::Behind);
+        t.answer(ids[2], 1, Some(key(5, 2)));
+        assert_eq!(t.verdict(&old, false), KeyVerdict::Behind);
+        assert_eq!(
+            t.verdict(&old, true),
+            KeyVerdict::Behind,
+            "no key, even at the end"
+        );
+        // Replicas outside the roster count for nothing.
+        let mut t = KeyTally::default();
+        for i in [4, 5, 6] {
+            t.answer(ids[i], 0, Some(key(4, 1)));
+        }
+        assert_eq!(t.verdict(&old, true), KeyVerdict::Unavailable);
+    }
+
+    #[test]
+    fn a_held_key_is_given_up_when_the_roster_moves_or_has_not_been_confirmed_for_a_while() {
+        let t0 = Instant::now();
+        let mut held = HeldKey::default();
+        assert!(held.usable(t0).is_none());
+        held.take(key(4, 1), t0);
+        assert_eq!(held.usable(t0), Some(&key(4, 1)));
+        // An idle client asks again before it seals.
+        assert!(held.usable(t0 + ROSTER_TRUST).is_none());
+        // A busy one confirms the roster with every result.
+        held.confirm(t0 + ROSTER_TRUST);
+        assert_eq!(held.usable(t0 + ROSTER_TRUST), Some(&key(4, 1)));
+        // Following a new roster drops the key and the confirmation.
+        held.roster_moved();
+        assert!(held.usable(t0 + ROSTER_TRUST).is_none());
+        assert!(!held.roster_current(t0 + ROSTER_TRUST));
+        // A refusal drops the key, not the confirmation.
+        held.take(key(5, 2), t0);
+        held.refused();
+        assert!(held.usable(t0).is_none());
+        assert!(held.roster_current(t0));
+    }
+
+    #[test]
+    fn a_confidential_reply_is_a_result_only_with_the_executed_mark() {
+        let mark = crate::protocol::CONFIDENTIAL_EXECUTED;
+        assert_eq!(
+            confidential_result(&Bytes::from(vec![mark, b'o', b'k'])),
+            Some(Bytes::from_static(b"ok"))
+        );
+        // An empty result is a result; an empty reply, or anything else, is a refusal.
+        assert_eq!(
+            confidential_result(&Bytes::from(vec![mark])),
+            Some(Bytes::new())
+        );
+        assert_eq!(confidential_result(&Bytes::new()), None);
+        assert_eq!(confidential_result(&Bytes::from_static(b"ok")), None);
     }
 }

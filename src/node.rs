@@ -1573,15 +1573,18 @@ impl Sealer {
     }
 }
 
-/// Per-client budgets of the work intake does without ordering: sealing (a closed-loop client
-/// seals one operation per request), roster queries (a client asks when it falls behind) and
-/// sealing keys (a client asks once per group epoch, and after a refusal).
+/// Per-client budgets of the work intake does without ordering, and one for all clients
+/// together of each: sealing (a closed-loop client seals one operation per request), roster
+/// queries (a client asks when it falls behind) and sealing keys (a client asks once per
+/// group epoch, after a refusal, and after an idle spell).
 struct Answered {
     seals: governor::DefaultKeyedRateLimiter<NodeId>,
     /// All clients' seals together: many clients cannot keep intake sealing either.
     all_seals: governor::DefaultDirectRateLimiter,
     rosters: governor::DefaultKeyedRateLimiter<NodeId>,
+    all_rosters: governor::DefaultDirectRateLimiter,
     keys: governor::DefaultKeyedRateLimiter<NodeId>,
+    all_keys: governor::DefaultDirectRateLimiter,
     checked: u64,
 }
 
@@ -1591,8 +1594,14 @@ const SEALS_PER_SEC: (u32, u32) = (2_000, 4_000);
 const ALL_SEALS_PER_SEC: (u32, u32) = (20_000, 40_000);
 /// Roster queries per client and second, and the burst.
 const ROSTER_QUERIES_PER_SEC: (u32, u32) = (20, 40);
+/// Roster queries per second of all clients together, and the burst (an answer may carry
+/// many certified changes).
+const ALL_ROSTER_QUERIES_PER_SEC: (u32, u32) = (1_000, 2_000);
 /// Sealing-key queries per client and second, and the burst.
 const KEY_QUERIES_PER_SEC: (u32, u32) = (20, 40);
+/// Sealing-key queries per second of all clients together, and the burst (an idle client
+/// asks again after `securesmart::client::ROSTER_TRUST`).
+const ALL_KEY_QUERIES_PER_SEC: (u32, u32) = (5_000, 10_000);
 
 impl Answered {
     fn new() -> Self {
@@ -1606,14 +1615,17 @@ impl Answered {
             seals: governor::RateLimiter::keyed(quota(SEALS_PER_SEC)),
             all_seals: governor::RateLimiter::direct(quota(ALL_SEALS_PER_SEC)),
             rosters: governor::RateLimiter::keyed(quota(ROSTER_QUERIES_PER_SEC)),
+            all_rosters: governor::RateLimiter::direct(quota(ALL_ROSTER_QUERIES_PER_SEC)),
             keys: governor::RateLimiter::keyed(quota(KEY_QUERIES_PER_SEC)),
+            all_keys: governor::RateLimiter::direct(quota(ALL_KEY_QUERIES_PER_SEC)),
             checked: 0,
         }
     }
 
-    /// Whether `client` may have this request answered now (sealing, a roster query, or a
-    /// sealing key).
-    fn allows(&mut self, client: &NodeId, kind: RequestKind) -> bool {
+    /// Whether `client` (of `role`) may have this request answered now (sealing, a roster
+    /// query, or a sealing key). A replica's roster queries (a joiner's) spend only its own
+    /// budget, so that many clients cannot keep joiners from following the roster.
+    fn allows(&mut self, client: &NodeId, role: Role, kind: RequestKind) -> bool {
         self.checked += 1;
         if self.checked.is_multiple_of(65_536) {
             // Forget clients that have been quiet (the maps stay bounded by the active ones).
@@ -1625,8 +1637,13 @@ impl Answered {
             RequestKind::Seal => {
                 self.seals.check_key(client).is_ok() && self.all_seals.check().is_ok()
             }
-            RequestKind::SealingKey => self.keys.check_key(client).is_ok(),
-            _ => self.rosters.check_key(client).is_ok(),
+            RequestKind::SealingKey => {
+                self.keys.check_key(client).is_ok() && self.all_keys.check().is_ok()
+            }
+            _ => {
+                self.rosters.check_key(client).is_ok()
+                    && (role == Role::Replica || self.all_rosters.check().is_ok())
+            }
         }
     }
 }
@@ -1660,7 +1677,7 @@ async fn intake(
         if matches!(
             request.kind,
             RequestKind::Rosters | RequestKind::Seal | RequestKind::SealingKey
-        ) && !answered.allows(&m.from, request.kind)
+        ) && !answered.allows(&m.from, m.role, request.kind)
         {
             client_counter("over_budget");
             if request.kind != RequestKind::Rosters {
@@ -1786,43 +1803,65 @@ mod tests {
         let mut answered = Answered::new();
         let (flooder, other) = (NodeId::from_bytes([1; 32]), NodeId::from_bytes([2; 32]));
         let allowed = (0..1000)
-            .filter(|_| answered.allows(&flooder, RequestKind::Rosters))
+            .filter(|_| answered.allows(&flooder, Role::Client, RequestKind::Rosters))
             .count();
         assert!(
             (ROSTER_QUERIES_PER_SEC.1 as usize..ROSTER_QUERIES_PER_SEC.1 as usize + 5)
                 .contains(&allowed),
             "{allowed} roster queries answered"
         );
-        assert!(answered.allows(&other, RequestKind::Rosters));
+        assert!(answered.allows(&other, Role::Client, RequestKind::Rosters));
         // Seals have a budget of their own, much larger: a closed-loop client seals once per
         // request.
-        assert!(answered.allows(&flooder, RequestKind::Seal));
+        assert!(answered.allows(&flooder, Role::Client, RequestKind::Seal));
         let seals = (0..20_000)
-            .filter(|_| answered.allows(&flooder, RequestKind::Seal))
+            .filter(|_| answered.allows(&flooder, Role::Client, RequestKind::Seal))
             .count();
         assert!(seals < SEALS_PER_SEC.1 as usize + 1_000, "{seals} seals");
-        assert!(answered.allows(&other, RequestKind::Seal));
+        assert!(answered.allows(&other, Role::Client, RequestKind::Seal));
         // Sealing keys too (a client asks once per epoch and after a refusal).
         let keys = (0..1000)
-            .filter(|_| answered.allows(&flooder, RequestKind::SealingKey))
+            .filter(|_| answered.allows(&flooder, Role::Client, RequestKind::SealingKey))
             .count();
         assert!(
             (KEY_QUERIES_PER_SEC.1 as usize..KEY_QUERIES_PER_SEC.1 as usize + 5).contains(&keys),
             "{keys} key queries answered"
         );
-        assert!(answered.allows(&other, RequestKind::SealingKey));
-        // And many clients together get no more than the global budget.
-        let mut answered = Answered::new();
-        let many = (0..200_000u32)
-            .filter(|k| {
-                let mut id = [0u8; 32];
-                id[..4].copy_from_slice(&(k % 1000).to_be_bytes());
-                answered.allows(&NodeId::from_bytes(id), RequestKind::Seal)
-            })
-            .count();
-        assert!(
-            many < ALL_SEALS_PER_SEC.1 as usize + 20_000,
-            "{many} seals of all clients"
-        );
+        assert!(answered.allows(&other, Role::Client, RequestKind::SealingKey));
+        // And many clients together get no more than the global budgets (the burst, and the
+        // rate for as long as the loop took).
+        let id = |k: u32| {
+            let mut id = [0u8; 32];
+            id[..4].copy_from_slice(&(k % 10_000).to_be_bytes());
+            NodeId::from_bytes(id)
+        };
+        for (kind, (rate, burst)) in [
+            (RequestKind::Seal, ALL_SEALS_PER_SEC),
+            (RequestKind::SealingKey, ALL_KEY_QUERIES_PER_SEC),
+            (RequestKind::Rosters, ALL_ROSTER_QUERIES_PER_SEC),
+        ] {
+            let mut answered = Answered::new();
+            let start = std::time::Instant::now();
+            let many = (0..200_000u32)
+                .filter(|k| answered.allows(&id(*k), Role::Client, kind))
+                .count();
+            let bound = f64::from(burst) + f64::from(rate) * (start.elapsed().as_secs_f64() + 0.1);
+            assert!(
+                many >= burst as usize && (many as f64) < bound,
+                "{many} answers to all clients ({kind:?}), at most {bound}"
+            );
+            // With the budget spent, joiners (replicas) still follow the roster: a hundred of
+            // them at once, where the budget refills one a millisecond.
+            if kind == RequestKind::Rosters {
+                let spent = (0..10_000).find(|k| !answered.allows(&id(*k), Role::Client, kind));
+                assert!(spent.is_some(), "the global budget is spent");
+                let joiners = (0..100u8)
+                    .filter(|k| {
+                        answered.allows(&NodeId::from_bytes([*k + 100; 32]), Role::Replica, kind)
+                    })
+                    .count();
+                assert_eq!(joiners, 100);
+            }
+        }
     }
 }

@@ -45,17 +45,19 @@ use securesmart_transport::{Identity, NodeId};
 
 /// Largest request or reply payload.
 pub const MAX_PAYLOAD_BYTES: usize = 512 * 1024;
-/// [`ClientRequest`] format version.
-/// Client request format (3: a membership command carries the client's signed time; 4:
-/// roster queries, and the client seals through a replica and signs the ciphertext).
-const REQUEST_VERSION: u8 = 4;
+/// [`ClientRequest`] format version (3: a membership command carries the client's signed
+/// time; 4: roster queries, and the client seals through a replica and signs the ciphertext;
+/// 5: sealing-key queries and client-sealed requests).
+const REQUEST_VERSION: u8 = 5;
 /// Bytes of a confidential request's [`commitment`].
 pub const COMMITMENT_LEN: usize = 32;
 /// How far the signed time of a client's membership command may be from the clock of the
 /// replica that takes it (seconds); beyond it the replica refuses to order the command.
 pub const COMMAND_SKEW_SECS: u64 = 600;
-/// [`ClientReply`] format version (2: the roster, roster answers).
-const VERSION: u8 = 2;
+/// [`ClientReply`] format version (2: the roster, roster answers; 3: sealing keys, and the
+/// [`CONFIDENTIAL_EXECUTED`] mark in front of a confidential request's result, which a
+/// client of version 2 would take for the result's first byte).
+const VERSION: u8 = 3;
 /// BLAKE3 `derive_key` context of the digest a request's submitter signs.
 pub const REQUEST_SIGNATURE_TAG: &str = "securesmart 2026-11-26 request signature v1";
 /// First byte of a signed [`Submission`].
@@ -1299,6 +1301,12 @@ mod tests {
         );
         assert!(!check.allows(&ordered(&swapped, alice.id())));
         assert!(!check.allows(&ordered(&submission, mallory.id())));
+        // The same signature on the same ciphertext does not make it an application operation
+        // in the clear (the signature names what it signs).
+        let mut as_app = submission.clone();
+        as_app.ordered = Ordered::App(sealed.clone());
+        assert_eq!(as_app.verify(&alice.id(), 11), Err(AuthError::BadSignature));
+        assert!(!check.allows(&ordered(&as_app, alice.id())));
         // Too short to be sealed: does not decode.
         let mut short = request.clone();
         short.payload = Bytes::from_static(b"x");

@@ -150,8 +150,9 @@ use crate::roster::{Roster, RosterLog};
 /// Snapshot format (4: settled group commits; 5: administrators by certificate; 6: holders,
 /// creator and cool-downs by sequence number, #13; 7: the roster log; 8: no exemption of
 /// joiners from the epochs every replica must hold; 9: the replicas' votes for an
-/// administrator).
-const VERSION: u8 = 9;
+/// administrator; 10: cached replies to confidential requests carry the
+/// `CONFIDENTIAL_EXECUTED` mark, which a version 9 cache lacks).
+const VERSION: u8 = 10;
 /// Group commits a snapshot carries (see the module doc, "Checkpoints").
 pub const COMMIT_HISTORY: usize = 8;
 /// A checkpoint whose state is in the clear.

@@ -1449,3 +1449,128 @@ async fn a_replica_that_seals_another_operation_cannot_change_or_block_confident
     }
     result.unwrap();
 }
+
+/// A removed replica keeps the key of the epoch it was removed in, and clients idle since
+/// before the removal still list it in their roster. The removed replica's keys, at its
+/// address (a process of the attacker's that took its place), must get nothing from their
+/// next confidential requests: neither a request sealed with a key cached before the removal
+/// (a client that seals) nor the operation to seal or its sealed request (a client that has
+/// replicas seal). Each confirms its roster first (the key query or a roster query shows the
+/// newer one).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_clients_send_a_removed_replica_nothing_it_could_open() {
+    use securesmart::protocol::{ClientRequest, RequestKind};
+    let _one = ONE_AT_A_TIME.lock().await;
+    let mut c = created("idle-removed", 3, |o| o.replicas = 5).await;
+    for i in 0..5 {
+        c.start(i, &log_filter()).unwrap();
+    }
+    let removed = 4;
+    let mut admin = client(&c, 0).await;
+    let mut sealing = client(&c, 1).await;
+    sealing.set_confidential(true);
+    let mut replica_sealed = client(&c, 2).await;
+    replica_sealed.set_confidential(true);
+    replica_sealed.set_replica_sealing(true);
+    let result = async {
+        wait_for_group_key(&c).await;
+        // Both put once (the first holds its key then), then wait.
+        sealing
+            .put("k", "before")
+            .await
+            .map_err(|e| format!("first put: {e}"))?;
+        replica_sealed
+            .put("r", "before")
+            .await
+            .map_err(|e| format!("first replica-sealed put: {e}"))?;
+        let roster = admin.roster().number();
+        let remove = MembershipCommand::RemoveNode {
+            id: c.replicas[removed].id,
+        };
+        let verdict = admin.command(&remove).await.map_err(|e| e.to_string())?;
+        assert!(verdict.starts_with("ok"), "{verdict}");
+        wait_for(
+            "the removed replica to stop",
+            Duration::from_secs(60),
+            || !c.is_running(removed),
+        )
+        .await?;
+        // The replicas certified the roster without it.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while admin
+            .refresh_roster()
+            .await
+            .map_or(true, |r| r.number() == roster)
+        {
+            if Instant::now() > deadline {
+                return Err("the roster without the removed replica was not certified".into());
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        // The attacker's process, with the removed replica's certificate and key, at its
+        // client address.
+        let config = NodeConfig::load(&c.replicas[removed].config).map_err(|e| e.to_string())?;
+        let identity =
+            securesmart::config::load_identity(&config.node.certificate, &config.node.key)
+                .map_err(|e| e.to_string())?;
+        let trust =
+            securesmart::config::load_trust(&config.node.ca, None).map_err(|e| e.to_string())?;
+        let (spy, mut inbox) = Plane::client_listener(PlaneConfig::new(
+            identity,
+            c.replicas[removed].client_addr,
+            trust,
+        ))
+        .await
+        .map_err(|e| e.to_string())?;
+        let idle = [sealing.id(), replica_sealed.id()];
+        wait_for(
+            "the idle clients to reconnect to the removed replica's address",
+            Duration::from_secs(30),
+            || idle.iter().all(|id| spy.connected_peers().contains(id)),
+        )
+        .await?;
+        tokio::time::sleep(securesmart::client::ROSTER_TRUST).await;
+        let got = sealing
+            .put("k", "after")
+            .await
+            .map_err(|e| format!("put after the removal: {e}"))?;
+        assert_eq!(got.as_deref(), Some(&b"before"[..]));
+        let got = replica_sealed
+            .put("r", "after")
+            .await
+            .map_err(|e| format!("replica-sealed put after the removal: {e}"))?;
+        assert_eq!(got.as_deref(), Some(&b"before"[..]));
+        // What each client sent the removed replica: queries only.
+        let mut kinds: BTreeMap<_, Vec<RequestKind>> = BTreeMap::new();
+        while let Ok(Some(m)) = tokio::time::timeout(Duration::from_millis(500), inbox.recv()).await
+        {
+            if idle.contains(&m.from) {
+                let request = ClientRequest::decode(&m.payload)
+                    .map_err(|e| format!("the client sent something undecodable: {e}"))?;
+                kinds.entry(m.from).or_default().push(request.kind);
+            }
+        }
+        spy.shutdown().await;
+        let queries_only = |ks: &[RequestKind]| {
+            ks.iter()
+                .all(|k| matches!(k, RequestKind::SealingKey | RequestKind::Rosters))
+        };
+        for (id, expected) in idle
+            .iter()
+            .zip([RequestKind::SealingKey, RequestKind::Rosters])
+        {
+            let ks = kinds.get(id).map(Vec::as_slice).unwrap_or_default();
+            assert!(queries_only(ks), "the removed replica was sent {ks:?}");
+            assert!(
+                ks.contains(&expected),
+                "the client still reached the removed replica ({ks:?})"
+            );
+        }
+        Ok::<_, String>(())
+    }
+    .await;
+    or_dump(&c, result);
+    sealing.close().await;
+    replica_sealed.close().await;
+    admin.close().await;
+}

@@ -211,7 +211,7 @@ fn write_seeds() {
     order(&mut node, ids[1], 1, Ordered::CommitRefused(digest));
     {
         use securesmart::consensus::service::StateMachine;
-        write("node_input", "node_state_v7", &node.snapshot());
+        write("node_input", "node_state_v10", &node.snapshot());
     }
     write(
         "node_input",
@@ -293,6 +293,19 @@ fn write_seeds() {
         },
     };
     write("node_input", "client_reply_sealed", &sealed_reply.encode());
+    // Client sealing (request version 5, reply version 3): a key query, its answer, a
+    // client-sealed request.
+    let key = securesmart::membership::ClientSealingKey::from_bytes(3, b_id.id(), [5; 32]);
+    let key_query = ClientRequest::signed(&admin, 9, RequestKind::SealingKey, bytes::Bytes::new());
+    write("node_input", "client_key_query_v5", &key_query.encode());
+    let key_reply = securesmart::protocol::ClientReply {
+        number: 9,
+        roster: 1,
+        outcome: securesmart::protocol::Outcome::SealingKey(key.clone()),
+    };
+    write("node_input", "client_reply_key_v3", &key_reply.encode());
+    let client_sealed = ClientRequest::client_sealed(&admin, 10, &key, b"an operation").unwrap();
+    write("node_input", "client_sealed_v5", &client_sealed.encode());
 
     // Journal files: real segments written by the file journal.
     use securesmart::consensus::journal::{FileJournal, Journal, Record};

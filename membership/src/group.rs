@@ -1941,7 +1941,10 @@ mod tests {
             );
         }
         let keys = nodes[1].member.payload_keys();
-        assert_ne!(keys.client_key(epoch, &mallory).unwrap(), key);
+        assert_ne!(
+            keys.client_key(epoch, &mallory).unwrap().secret_bytes(),
+            key.secret_bytes()
+        );
         assert_ne!(
             keys.client_key(epoch, &alice).unwrap().secret_bytes(),
             &[0; 32]
@@ -1994,7 +1997,11 @@ mod tests {
         );
         let next = nodes[2].member.epoch().unwrap();
         assert_ne!(next, epoch);
-        assert_ne!(keys.client_key(next, &alice).unwrap(), key);
+        assert_ne!(
+            keys.client_key(next, &alice).unwrap().secret_bytes(),
+            key.secret_bytes(),
+            "a new epoch's key is not the old one's (not only another epoch number)"
+        );
         assert_eq!(
             keys.open_from_client(&sealed, &alice, b"ctx")
                 .unwrap()
