@@ -14,7 +14,9 @@ use crate::ca_cli::CliResult;
 
 #[derive(Debug, Subcommand)]
 pub(crate) enum NodeCommand {
-    /// Run a replica of the key-value store until SIGINT or SIGTERM.
+    /// Run a replica of the key-value store until SIGINT or SIGTERM. It runs one worker
+    /// thread per core, or `TOKIO_WORKER_THREADS` of them: replicas sharing a host run
+    /// faster with their share of its cores each.
     Run {
         /// Node configuration (TOML; see the `securesmart::config` docs).
         #[arg(long)]
