@@ -883,13 +883,14 @@ async fn cluster(
     let mut cluster = LocalCluster::create(&dir, &exe, &options)
         .await
         .map_err(setup)?;
-    let env: &[(&str, &str)] = if baseline {
-        &[(crate::node::INSECURE_BASELINE_ENV, "1")]
-    } else {
-        &[]
-    };
+    // Each replica process gets its share of the cores (see `cluster::replica_threads`).
+    let threads = crate::cluster::replica_threads(n).to_string();
+    let mut env = vec![("TOKIO_WORKER_THREADS", threads.as_str())];
+    if baseline {
+        env.push((crate::node::INSECURE_BASELINE_ENV, "1"));
+    }
     for i in 0..n {
-        cluster.start_with(i, &args.node_log, env).map_err(setup)?;
+        cluster.start_with(i, &args.node_log, &env).map_err(setup)?;
     }
     let deadline = Instant::now() + Duration::from_secs(90);
     loop {

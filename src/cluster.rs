@@ -8,9 +8,9 @@
 //! Keys are written with mode 0600 in PKCS#8 PEM (`openssl pkey -in replica0.key` reads them).
 //! Ports are picked by binding UDP port 0 on 127.0.0.1 and releasing it just before the nodes
 //! start (another process could take one in between; on a busy machine re-create the cluster).
-//! Each node process gets its share of the host's cores as runtime worker threads (tokio's
-//! `TOKIO_WORKER_THREADS`, which [`LocalCluster::start_with`]'s `env` can override), at
-//! least one.
+//! Node processes run tokio's default of one worker thread per core; [`replica_threads`]
+//! is their share of the host's cores, for `TOKIO_WORKER_THREADS` through
+//! [`LocalCluster::start_with`]'s `env` (the bench does so).
 
 use std::net::{SocketAddr, UdpSocket};
 use std::path::{Path, PathBuf};
@@ -85,7 +85,7 @@ pub struct LocalReplica {
 /// at least one each. (Measured with `securesmart bench` on 2 cores and 4 replicas: one
 /// thread each against two gave 14-29% more ops/s and about 19% less replica CPU per
 /// operation; see the README's benchmark section.)
-fn replica_threads(replicas: usize) -> usize {
+pub fn replica_threads(replicas: usize) -> usize {
     let cores = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
     (cores / replicas.max(1)).max(1)
 }
@@ -359,7 +359,6 @@ impl LocalCluster {
         log: &str,
         env: &[(&str, &str)],
     ) -> Result<(), ClusterError> {
-        let threads = replica_threads(self.replicas.len());
         let Some(r) = self.replicas.get_mut(i) else {
             return Ok(());
         };
@@ -376,7 +375,6 @@ impl LocalCluster {
             .args(["node", "run", "--config"])
             .arg(&r.config)
             .env("RUST_LOG", log)
-            .env("TOKIO_WORKER_THREADS", threads.to_string())
             .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
