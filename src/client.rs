@@ -660,8 +660,9 @@ impl Client {
     /// and returns the roster it trusts then.
     ///
     /// # Errors
-    /// [`ClientError::StaleRoster`] (from f + 1 replicas), or [`ClientError::Unreachable`]
-    /// when fewer than f + 1 replicas of its roster answered the last round.
+    /// [`ClientError::StaleRoster`] (from f + 1 replicas), [`ClientError::Unreachable`]
+    /// when fewer than f + 1 replicas of its roster answered the last round, or
+    /// [`ClientError::Closed`].
     pub async fn refresh_roster(&mut self) -> Result<&Roster, ClientError> {
         loop {
             let before = self.roster.number();
@@ -729,7 +730,7 @@ impl Client {
     /// `deadline`.
     ///
     /// # Errors
-    /// [`ClientError::StaleRoster`] as [`Client::refresh_roster`], or
+    /// [`ClientError::StaleRoster`] and [`ClientError::Closed`] as [`Client::refresh_roster`], or
     /// [`ClientError::Unreachable`] when no quorum answered by `deadline`.
     async fn confirm_roster(&mut self, deadline: Instant) -> Result<(), ClientError> {
         loop {
@@ -946,36 +947,69 @@ impl KeyTally {
     /// request sealed with it).
     fn verdict(&self, roster: &Roster, done: bool) -> KeyVerdict {
         let group = roster.group();
-        let ours = || self.answers.iter().filter(|(id, _)| roster.contains(id));
-        let current: Vec<Option<&ClientSealingKey>> = ours()
-            .filter(|(_, (r, _))| *r <= roster.number())
-            .map(|(_, (_, key))| key.as_ref())
-            .collect();
-        if current.len() < group.quorum() {
-            return match ours().map(|(_, (r, _))| *r).max() {
+        let seen = AtRoster::of(&self.answers, roster);
+        if seen.current.len() < group.quorum() {
+            return match seen.newest {
                 Some(newest) if newest > roster.number() => KeyVerdict::Behind,
                 _ if done => KeyVerdict::Unavailable,
                 _ => KeyVerdict::Wait,
             };
         }
-        let votes =
-            |key: &ClientSealingKey| current.iter().flatten().filter(|k| **k == key).count();
-        let best = current
-            .iter()
-            .flatten()
-            .filter(|k| votes(k) > group.f())
+        let best = seen
+            .values()
+            .filter(|k| seen.votes(k) > group.f())
             .max_by_key(|k| k.epoch());
-        let pending = roster.replicas().len().saturating_sub(ours().count());
+        let pending = roster.replicas().len().saturating_sub(seen.answered);
         // A key not seen yet, or a newer one seen, could still reach f + 1.
         let newer_possible = pending > group.f()
-            || current.iter().flatten().any(|k| {
-                best.is_none_or(|b| k.epoch() > b.epoch()) && votes(k) + pending > group.f()
+            || seen.values().any(|k| {
+                best.is_none_or(|b| k.epoch() > b.epoch()) && seen.votes(k) + pending > group.f()
             });
         match best {
             _ if newer_possible && !done => KeyVerdict::Wait,
             Some(key) => KeyVerdict::Take((*key).clone()),
             None => KeyVerdict::Unavailable,
         }
+    }
+}
+
+/// What the replicas of a roster answered, each at the roster it was at: a value, or none
+/// (what [`Tally`] and [`KeyTally`] count). Answers from outside the roster are left out.
+struct AtRoster<'a, T> {
+    /// The answers given at the roster or an older one (a quorum of them shows it current).
+    current: Vec<Option<&'a T>>,
+    /// How many of the roster's replicas answered, at any roster.
+    answered: usize,
+    /// The newest roster one of them answered at.
+    newest: Option<u64>,
+}
+
+impl<'a, T: PartialEq> AtRoster<'a, T> {
+    fn of(answers: &'a HashMap<NodeId, (u64, Option<T>)>, roster: &Roster) -> Self {
+        let ours: Vec<_> = answers
+            .iter()
+            .filter(|(id, _)| roster.contains(id))
+            .map(|(_, answer)| answer)
+            .collect();
+        Self {
+            current: ours
+                .iter()
+                .filter(|(r, _)| *r <= roster.number())
+                .map(|(_, value)| value.as_ref())
+                .collect(),
+            answered: ours.len(),
+            newest: ours.iter().map(|(r, _)| *r).max(),
+        }
+    }
+
+    /// The values among the current answers.
+    fn values(&self) -> impl Iterator<Item = &'a T> + '_ {
+        self.current.iter().flatten().copied()
+    }
+
+    /// How many current answers are `value`.
+    fn votes(&self, value: &T) -> usize {
+        self.values().filter(|v| *v == value).count()
     }
 }
 
@@ -1016,22 +1050,15 @@ impl Tally {
     /// What the replies allow a client that trusts `roster` to conclude.
     pub fn verdict(&self, roster: &Roster) -> Verdict {
         let group = roster.group();
-        let ours = || self.votes.iter().filter(|(id, _)| roster.contains(id));
-        let current: Vec<Option<&Bytes>> = ours()
-            .filter(|(_, (r, _))| *r <= roster.number())
-            .map(|(_, (_, result))| result.as_ref())
-            .collect();
+        let seen = AtRoster::of(&self.votes, roster);
         // A quorum answered at this roster (so it is current: the correct replicas of a
         // roster that changed name the newer one), and f + 1 of them (one correct) agree.
-        if current.len() >= group.quorum()
-            && let Some(result) = current
-                .iter()
-                .flatten()
-                .find(|r| current.iter().flatten().filter(|o| **o == **r).count() > group.f())
+        if seen.current.len() >= group.quorum()
+            && let Some(result) = seen.values().find(|r| seen.votes(r) > group.f())
         {
-            return Verdict::Accept((*result).clone());
+            return Verdict::Accept(result.clone());
         }
-        match ours().map(|(_, (r, _))| *r).max() {
+        match seen.newest {
             Some(newest) if newest > roster.number() => Verdict::Behind(newest),
             _ => Verdict::Wait,
         }

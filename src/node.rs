@@ -1578,14 +1578,38 @@ impl Sealer {
 /// queries (a client asks when it falls behind) and sealing keys (a client asks once per
 /// group epoch, after a refusal, and after an idle spell).
 struct Answered {
-    seals: governor::DefaultKeyedRateLimiter<NodeId>,
-    /// All clients' seals together: many clients cannot keep intake sealing either.
-    all_seals: governor::DefaultDirectRateLimiter,
-    rosters: governor::DefaultKeyedRateLimiter<NodeId>,
-    all_rosters: governor::DefaultDirectRateLimiter,
-    keys: governor::DefaultKeyedRateLimiter<NodeId>,
-    all_keys: governor::DefaultDirectRateLimiter,
+    seals: Budget,
+    rosters: Budget,
+    keys: Budget,
     checked: u64,
+}
+
+/// One kind of work's budget: each client's, and all clients' together (so that many
+/// clients cannot keep intake busy with it either).
+struct Budget {
+    each: governor::DefaultKeyedRateLimiter<NodeId>,
+    all: governor::DefaultDirectRateLimiter,
+}
+
+impl Budget {
+    /// Rates per second and bursts, per client and for all clients.
+    fn new(each: (u32, u32), all: (u32, u32)) -> Self {
+        let quota = |(rate, burst): (u32, u32)| {
+            governor::Quota::per_second(
+                std::num::NonZeroU32::new(rate).unwrap_or(std::num::NonZeroU32::MIN),
+            )
+            .allow_burst(std::num::NonZeroU32::new(burst).unwrap_or(std::num::NonZeroU32::MIN))
+        };
+        Self {
+            each: governor::RateLimiter::keyed(quota(each)),
+            all: governor::RateLimiter::direct(quota(all)),
+        }
+    }
+
+    /// Whether `client` may have one answered now; `own_only`: spending its own budget alone.
+    fn spend(&self, client: &NodeId, own_only: bool) -> bool {
+        self.each.check_key(client).is_ok() && (own_only || self.all.check().is_ok())
+    }
 }
 
 /// Seals per client and second, and the burst.
@@ -1605,19 +1629,10 @@ const ALL_KEY_QUERIES_PER_SEC: (u32, u32) = (5_000, 10_000);
 
 impl Answered {
     fn new() -> Self {
-        let quota = |(rate, burst): (u32, u32)| {
-            governor::Quota::per_second(
-                std::num::NonZeroU32::new(rate).unwrap_or(std::num::NonZeroU32::MIN),
-            )
-            .allow_burst(std::num::NonZeroU32::new(burst).unwrap_or(std::num::NonZeroU32::MIN))
-        };
         Self {
-            seals: governor::RateLimiter::keyed(quota(SEALS_PER_SEC)),
-            all_seals: governor::RateLimiter::direct(quota(ALL_SEALS_PER_SEC)),
-            rosters: governor::RateLimiter::keyed(quota(ROSTER_QUERIES_PER_SEC)),
-            all_rosters: governor::RateLimiter::direct(quota(ALL_ROSTER_QUERIES_PER_SEC)),
-            keys: governor::RateLimiter::keyed(quota(KEY_QUERIES_PER_SEC)),
-            all_keys: governor::RateLimiter::direct(quota(ALL_KEY_QUERIES_PER_SEC)),
+            seals: Budget::new(SEALS_PER_SEC, ALL_SEALS_PER_SEC),
+            rosters: Budget::new(ROSTER_QUERIES_PER_SEC, ALL_ROSTER_QUERIES_PER_SEC),
+            keys: Budget::new(KEY_QUERIES_PER_SEC, ALL_KEY_QUERIES_PER_SEC),
             checked: 0,
         }
     }
@@ -1629,21 +1644,14 @@ impl Answered {
         self.checked += 1;
         if self.checked.is_multiple_of(65_536) {
             // Forget clients that have been quiet (the maps stay bounded by the active ones).
-            self.seals.retain_recent();
-            self.rosters.retain_recent();
-            self.keys.retain_recent();
+            for budget in [&self.seals, &self.rosters, &self.keys] {
+                budget.each.retain_recent();
+            }
         }
         match kind {
-            RequestKind::Seal => {
-                self.seals.check_key(client).is_ok() && self.all_seals.check().is_ok()
-            }
-            RequestKind::SealingKey => {
-                self.keys.check_key(client).is_ok() && self.all_keys.check().is_ok()
-            }
-            _ => {
-                self.rosters.check_key(client).is_ok()
-                    && (role == Role::Replica || self.all_rosters.check().is_ok())
-            }
+            RequestKind::Seal => self.seals.spend(client, false),
+            RequestKind::SealingKey => self.keys.spend(client, false),
+            _ => self.rosters.spend(client, role == Role::Replica),
         }
     }
 }
