@@ -27,7 +27,10 @@
 //! catches up by state transfer and takes part from the switch on); a removed one stays admitted
 //! and keeps voting until the switch (the old group still counts on it), then is cut off and
 //! refused, and stops itself; a revoked one is refused at once (its certificate no longer
-//! verifies), which costs the old group one vote until the switch. A node whose certificate is
+//! verifies), which costs the old group one vote until the switch, and stops itself once no
+//! current replica keeps a link with it and a CRL of our CA that it holds (ordered, or its CRL
+//! file's) revokes the certificate it presents, whether or not it executed its own revocation
+//! (it may have been down, or behind, when that was ordered). A node whose certificate is
 //! not among the configured `[[replicas]]` starts as a joiner: it first asks those replicas,
 //! as a client, for the certified roster changes after the configured roster (`roster` in its
 //! `[node]` section) and takes the current roster's replicas as the ones it trusts (a joiner
@@ -293,8 +296,10 @@ struct Host {
     /// The renewed identity from the certificate file, until the membership orders its
     /// certificate (`RenewNode`): then both planes present it ([`Host::install_renewal`]).
     renewed: Arc<Mutex<Option<securesmart_transport::Identity>>>,
-    /// The certificate both planes present.
-    presented: Arc<Mutex<rustls::pki_types::CertificateDer<'static>>>,
+    /// The identity both planes present.
+    presented: Arc<Mutex<securesmart_transport::Identity>>,
+    /// The planes' limits (for the client that asks other replicas for the roster).
+    limits: securesmart_transport::Limits,
 }
 
 /// The replicated state's roster log as client intake sees it: published by the state task
@@ -394,6 +399,7 @@ impl Host {
             }
         }
         metrics::gauge!("securesmart_node_members").set(m.replicas() as f64);
+        metrics::gauge!("securesmart_node_leaving").set(leaving.len() as f64);
         metrics::gauge!("securesmart_node_revoked_certificates").set(m.revoked_count() as f64);
         metrics::gauge!("securesmart_node_membership_epoch").set(m.epoch() as f64);
     }
@@ -414,9 +420,10 @@ impl Host {
         let Some(file) = pending.as_ref().and_then(|i| i.chain().first().cloned()) else {
             return;
         };
+        let shown = presented.chain().first() == Some(&file);
         let ordered = m.members().get(&self.id).map(|mem| &mem.certificate);
         match ordered {
-            None if file == *presented => {
+            None if shown => {
                 *pending = None;
                 return;
             }
@@ -426,7 +433,7 @@ impl Host {
         let Some(identity) = pending.take() else {
             return;
         };
-        if file == *presented {
+        if shown {
             return;
         }
         for plane in [&self.replica_plane, &self.client_plane] {
@@ -440,7 +447,7 @@ impl Host {
                 }
             }
         }
-        *presented = file;
+        *presented = identity;
         metrics::counter!("securesmart_node_certificate_renewals_total").increment(1);
     }
 
@@ -464,19 +471,77 @@ impl Host {
         true
     }
 
-    /// Whether this replica, no longer a member, has lost its connections to every current
-    /// replica: they cut it off once the group without it took over (it may have missed the
-    /// checkpoint messages that would tell it so itself).
-    fn cut_off(&self, m: &Membership) -> bool {
-        if m.members().contains_key(&self.id) {
-            return false;
-        }
+    /// Whether this replica holds no link to any other current replica.
+    fn isolated(&self, m: &Membership) -> bool {
         let current = m.replica_ids();
         !self
             .replica_plane
             .connected_peers()
             .iter()
             .any(|p| current.contains(p))
+    }
+
+    /// Whether this replica, isolated, is out: no longer a member (the others cut it off once
+    /// the group without it took over; it may have missed the checkpoint messages that would
+    /// tell it so itself), or revoked by a CRL it holds (the others refuse it; it may not have
+    /// executed that CRL, having lagged behind or been down when it was ordered, and now never
+    /// will). A CRL is signed by our CA, so no peer can make a correct replica believe itself
+    /// revoked.
+    fn out(&self, m: &Membership) -> bool {
+        !m.members().contains_key(&self.id) || self.revoked()
+    }
+
+    /// Asks the client planes of `roster`'s replicas (this replica's certified roster) for
+    /// the certified changes after it, and answers whether they remove this replica. A member
+    /// that missed its own removal (down or behind when it executed, and refused by the others
+    /// since) learns it so, from changes that f + 1 replicas of each previous roster signed: no
+    /// f faulty replicas can make a correct one believe itself removed.
+    fn removal_check(&self, roster: crate::roster::Roster) -> tokio::task::JoinHandle<bool> {
+        let identity = self.presented.lock().ok().map(|i| i.clone());
+        let trust = self.client_plane.trust();
+        let options = crate::client::ClientOptions {
+            timeout: Duration::from_secs(5),
+            retry: Duration::from_millis(500),
+            limits: self.limits.clone(),
+            bind: None,
+        };
+        let id = self.id;
+        tokio::spawn(async move {
+            let Some(identity) = identity else {
+                return false;
+            };
+            let before = roster.number();
+            let mut client =
+                match crate::client::Client::connect(identity, trust, roster, options).await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "removal check: no replica reached");
+                        return false;
+                    }
+                };
+            let removed = match client.refresh_roster().await {
+                Ok(current) => current.number() > before && !current.contains(&id),
+                Err(e) => {
+                    tracing::debug!(error = %e, "removal check: no roster");
+                    false
+                }
+            };
+            client.close().await;
+            removed
+        })
+    }
+
+    /// Whether a CRL this node's planes use (the ordered one, or its file's when newer) revokes
+    /// the certificate it presents.
+    fn revoked(&self) -> bool {
+        let Ok(presented) = self.presented.lock() else {
+            return false;
+        };
+        let Some(cert) = presented.chain().first() else {
+            return false;
+        };
+        securesmart_transport::TrustState::new(self.replica_plane.trust())
+            .is_ok_and(|t| t.revokes(cert))
     }
 
     /// Takes a restored reply cache into the one intake answers retransmissions from.
@@ -535,6 +600,13 @@ struct GroupSide {
     /// The roster this replica last submitted its signature on, and when.
     roster_signed: Option<(u64, std::time::Instant)>,
 }
+
+/// Ticks (half a second each) a member stays without a link to any current replica before it
+/// asks the others' client planes whether the certified roster removed it.
+const REMOVAL_CHECK_TICKS: u32 = 10;
+
+/// How often an isolated member asks again.
+const REMOVAL_CHECK_EVERY: Duration = Duration::from_secs(20);
 
 /// How long a replica waits for its roster acknowledgement to be ordered before it submits it
 /// again.
@@ -630,7 +702,11 @@ async fn run_state<S: StateMachine>(
     group.key.pin_keys(0);
     host.update_trust(executor.app().membership(), &leaving);
     let mut tick = tokio::time::interval(Duration::from_millis(500));
-    let mut cut_off_ticks = 0u32;
+    // Ticks in a row without a link to any current replica, and the removal check asking
+    // the others' client planes (see `Host::removal_check`).
+    let mut isolated_ticks = 0u32;
+    let mut removal_check: Option<tokio::task::JoinHandle<bool>> = None;
+    let mut removal_checked: Option<std::time::Instant> = None;
     let mut trust_checked = std::time::Instant::now();
     // A joiner starts from the genesis membership, which does not name it: only a replica
     // that has been a member can find itself removed.
@@ -661,13 +737,30 @@ async fn run_state<S: StateMachine>(
                 pin_journal_keys(&mut group, &mut checkpoint_epochs, stable);
                 host.install_renewal(m);
                 was_member |= m.members().contains_key(&host.id);
-                cut_off_ticks = if was_member && host.cut_off(m) {
-                    cut_off_ticks + 1
+                isolated_ticks = if was_member && host.isolated(m) {
+                    isolated_ticks + 1
                 } else {
                     0
                 };
-                if cut_off_ticks >= 4 {
-                    tracing::warn!(stable, "removed, and cut off by every current replica; stopping");
+                // The revocation check parses the CRLs: only for a replica that is isolated.
+                if isolated_ticks >= 4 && host.out(m) {
+                    tracing::warn!(stable, "removed or revoked, and cut off by every current replica; stopping");
+                    return Ok(());
+                }
+                // Isolated for longer while a member in its own state: it may have missed its
+                // own removal. Its certified roster asks the others' client planes.
+                if isolated_ticks >= REMOVAL_CHECK_TICKS
+                    && removal_check.is_none()
+                    && removal_checked.is_none_or(|t| t.elapsed() >= REMOVAL_CHECK_EVERY)
+                {
+                    removal_checked = Some(std::time::Instant::now());
+                    removal_check =
+                        Some(host.removal_check(executor.app().rosters().certified().clone()));
+                }
+                if let Some(check) = removal_check.take_if(|c| c.is_finished())
+                    && check.await.unwrap_or(false)
+                {
+                    tracing::warn!(stable, "removed (as the certified roster says), and cut off by every current replica; stopping");
                     return Ok(());
                 }
                 continue;
@@ -864,11 +957,10 @@ impl Node {
                 .map_err(|e| NodeError::Metrics(e.to_string()))?;
         }
         let identity = load_identity(&n.certificate, &n.key)?;
-        let presented = identity
-            .chain()
-            .first()
-            .cloned()
-            .ok_or_else(|| ConfigError::Invalid("an empty certificate file".into()))?;
+        if identity.chain().is_empty() {
+            return Err(ConfigError::Invalid("an empty certificate file".into()).into());
+        }
+        let presented = identity.clone();
         let group_identity = identity.clone();
         let id = identity.id();
         let not_ed25519 =
@@ -998,7 +1090,7 @@ impl Node {
         }
         let (replica_plane, replica_inbox) = Plane::replica(replica_config).await?;
         let (client_plane, client_inbox) = Plane::client_listener(
-            PlaneConfig::new(identity, n.client_listen, trust).with_limits(limits),
+            PlaneConfig::new(identity, n.client_listen, trust).with_limits(limits.clone()),
         )
         .await?;
 
@@ -1065,6 +1157,7 @@ impl Node {
             crl_file_changed: Arc::new(AtomicBool::new(false)),
             renewed: Arc::default(),
             presented: Arc::new(Mutex::new(presented)),
+            limits,
         };
         let renewed = Arc::clone(&host.renewed);
         let identity_files = (n.certificate.clone(), n.key.clone());

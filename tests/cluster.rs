@@ -517,6 +517,103 @@ async fn a_replica_revoked_at_n_4_leaves_and_a_client_revoked_after_it_is_refuse
     bystander.close().await;
 }
 
+/// A replica revoked while it is down stops when it is back. The others executed the CRL and
+/// refuse it; its journal still names it a member, so it never executes its own removal; but
+/// the CRL file it reads (signed by our CA) revokes the certificate it presents, and no current
+/// replica keeps a link with it. (Before, it ran on for good, cut off and resubmitting the CRL;
+/// a replica that lagged behind the CRL's execution, in a view change say, was in the same
+/// place.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_revoked_while_it_is_down_stops_when_it_is_back() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let mut c = cluster("revokedown", 1).await;
+    let mut cl = client(&c, 0).await;
+    let victim = 3;
+    let result = async {
+        write_keys(&mut cl, "before", 4).await?;
+        c.kill(victim);
+        c.revoke(&c.replicas[victim].certificate)
+            .map_err(|e| e.to_string())?;
+        wait_for(
+            "the others to execute the CRL",
+            Duration::from_secs(30),
+            || {
+                (0..3).all(|i| {
+                    let metrics = scrape(c.replicas[i].metrics_addr).unwrap_or_default();
+                    metric_sum(&metrics, "securesmart_node_degraded", &[]) == 1.0
+                })
+            },
+        )
+        .await?;
+        write_keys(&mut cl, "revoked", 4).await?;
+        c.start(victim, &log_filter()).map_err(|e| e.to_string())?;
+        wait_for(
+            "the revoked replica to stop",
+            Duration::from_secs(30),
+            || !c.is_running(victim),
+        )
+        .await?;
+        write_keys(&mut cl, "after", 4).await?;
+        read_keys(&mut cl, "before", 4).await?;
+        Ok::<_, String>(())
+    }
+    .await;
+    or_dump(&c, result);
+    cl.close().await;
+}
+
+/// A replica removed while it is down stops when it is back. The others executed the removal,
+/// the group without it took over and they refuse it; its journal still names it a member, so
+/// it never executes its own removal. Cut off, it asks the others' client planes for the
+/// certified roster changes after its own, and those remove it. (Before, it ran on for good.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_removed_while_it_is_down_stops_when_it_is_back() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let mut c = created("removedown", 1, |o| o.replicas = 5).await;
+    for i in 0..5 {
+        c.start(i, &log_filter()).unwrap();
+    }
+    let removed = 4;
+    let mut admin = client(&c, 0).await;
+    let result = async {
+        write_keys(&mut admin, "before", 4).await?;
+        c.kill(removed);
+        let remove = MembershipCommand::RemoveNode {
+            id: c.replicas[removed].id,
+        };
+        let verdict = admin.command(&remove).await.map_err(|e| e.to_string())?;
+        assert!(verdict.starts_with("ok"), "{verdict}");
+        // Until the group without it took over at every other replica (requests move the
+        // checkpoints past the switch).
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let mut round = 0;
+        while !(0..4).all(|i| {
+            let metrics = scrape(c.replicas[i].metrics_addr).unwrap_or_default();
+            metric_sum(&metrics, "securesmart_node_members", &[]) == 4.0
+                && metric_sum(&metrics, "securesmart_node_leaving", &[]) == 0.0
+        }) {
+            if Instant::now() > deadline {
+                return Err("the group without the removed replica did not take over".into());
+            }
+            round += 1;
+            write_keys(&mut admin, &format!("moving{round}"), 8).await?;
+        }
+        c.start(removed, &log_filter()).map_err(|e| e.to_string())?;
+        wait_for(
+            "the removed replica to stop",
+            Duration::from_secs(60),
+            || !c.is_running(removed),
+        )
+        .await?;
+        write_keys(&mut admin, "after", 4).await?;
+        read_keys(&mut admin, "before", 4).await?;
+        Ok::<_, String>(())
+    }
+    .await;
+    or_dump(&c, result);
+    admin.close().await;
+}
+
 /// Renewal in place: a renewed certificate written over a running replica's file is ordered
 /// (`RenewNode`) and presented on new links that replace the old ones, so revoking the old
 /// certificate (superseded) afterwards cuts nothing: the replica is needed in the quorum and

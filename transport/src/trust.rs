@@ -220,6 +220,15 @@ impl TrustState {
             .map_err(refusal_of)
     }
 
+    /// Whether a CRL of this state revokes `cert` now: its chain to the configured CA verifies,
+    /// except that a CRL of that CA lists it. For a node to find out that its own certificate
+    /// is revoked (a CRL names nobody the CA did not sign, and only the CA signs CRLs).
+    pub fn revokes(&self, cert: &CertificateDer<'_>) -> bool {
+        let algs = rustls::crypto::ring::default_provider().signature_verification_algorithms;
+        self.verify_chain(&algs, cert, &[], UnixTime::now(), KeyUsage::client_auth())
+            == Err(Refusal::Revoked)
+    }
+
     /// Whether `info` may hold a connection on `plane` under this state (without the chain check).
     pub(crate) fn admits(&self, plane: PlaneKind, info: &CertInfo) -> Result<(), Refusal> {
         if self.config.blocked_ids.contains(&info.id) {
@@ -606,6 +615,11 @@ mod tests {
         cfg.crls = vec![ca.crl(&[&good.chain()[0]]).unwrap()];
         let revoked = TrustState::new(cfg.clone()).unwrap();
         assert_eq!(check(&revoked, &good), Err(Refusal::Revoked));
+        // What a node asks of its own certificate: only a CRL of our CA that lists it counts.
+        assert!(revoked.revokes(&good.chain()[0]));
+        assert!(!revoked.revokes(&client.chain()[0]));
+        assert!(!state.revokes(&good.chain()[0]));
+        assert!(!revoked.revokes(&foreign.chain()[0]));
 
         cfg.crls = vec![ca.crl(&[]).unwrap()];
         cfg.blocked_ids.insert(good.id());
