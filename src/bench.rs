@@ -883,9 +883,8 @@ async fn cluster(
     let mut cluster = LocalCluster::create(&dir, &exe, &options)
         .await
         .map_err(setup)?;
-    // Each replica process gets its share of the cores (see `cluster::replica_threads`).
-    let threads = crate::cluster::replica_threads(n).to_string();
-    let mut env = vec![("TOKIO_WORKER_THREADS", threads.as_str())];
+    // Each replica process gets its share of the cores (`cluster::replica_threads`).
+    let mut env = Vec::new();
     if baseline {
         env.push((crate::node::INSECURE_BASELINE_ENV, "1"));
     }

@@ -8,9 +8,9 @@
 //! Keys are written with mode 0600 in PKCS#8 PEM (`openssl pkey -in replica0.key` reads them).
 //! Ports are picked by binding UDP port 0 on 127.0.0.1 and releasing it just before the nodes
 //! start (another process could take one in between; on a busy machine re-create the cluster).
-//! Node processes run tokio's default of one worker thread per core; [`replica_threads`]
-//! is their share of the host's cores, for `TOKIO_WORKER_THREADS` through
-//! [`LocalCluster::start_with`]'s `env` (the bench does so).
+//! Each node process runs its share of the host's cores as tokio worker threads
+//! ([`replica_threads`], as `TOKIO_WORKER_THREADS`; an `env` of
+//! [`LocalCluster::start_with`] may set another number).
 
 use std::net::{SocketAddr, UdpSocket};
 use std::path::{Path, PathBuf};
@@ -359,6 +359,7 @@ impl LocalCluster {
         log: &str,
         env: &[(&str, &str)],
     ) -> Result<(), ClusterError> {
+        let threads = replica_threads(self.replicas.len()).to_string();
         let Some(r) = self.replicas.get_mut(i) else {
             return Ok(());
         };
@@ -375,6 +376,7 @@ impl LocalCluster {
             .args(["node", "run", "--config"])
             .arg(&r.config)
             .env("RUST_LOG", log)
+            .env("TOKIO_WORKER_THREADS", threads)
             .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
