@@ -29,6 +29,7 @@ pub mod config;
 pub mod demo;
 #[cfg(feature = "fault-injection")]
 mod fault;
+#[cfg(any(test, feature = "fuzzing"))]
 #[doc(hidden)]
 pub mod fuzzing;
 mod group_key;

@@ -93,6 +93,7 @@
 )]
 
 pub mod driver;
+#[cfg(any(test, feature = "fuzzing"))]
 #[doc(hidden)]
 pub mod fuzzing;
 mod hold;

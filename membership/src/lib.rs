@@ -38,6 +38,7 @@
 
 pub mod enrollment;
 pub mod epoch;
+#[cfg(any(test, feature = "fuzzing"))]
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod group;

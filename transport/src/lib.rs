@@ -99,6 +99,7 @@ mod stats;
 mod trust;
 pub mod wire;
 
+#[cfg(any(test, feature = "fuzzing"))]
 #[doc(hidden)]
 pub mod fuzzing;
 
