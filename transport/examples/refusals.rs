@@ -1,12 +1,12 @@
 //! Three replicas and a client on loopback: traffic, a foreign-CA refusal and a revocation.
 //!
-//! `cargo run --release --example transport_mesh`
+//! `cargo run --release -p securesmart-transport --example refusals`
 
 use std::time::Duration;
 
 use bytes::Bytes;
-use securesmart::transport::pki::DevCa;
-use securesmart::transport::{Class, Limits, Plane, PlaneConfig, Refusal, Role, TrustConfig};
+use securesmart_transport::pki::DevCa;
+use securesmart_transport::{Class, Limits, Plane, PlaneConfig, Refusal, Role, TrustConfig};
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
