@@ -672,18 +672,15 @@ impl Client {
             self.ask_rosters(number);
             let asked = Instant::now();
             let until = asked + self.options.retry;
-            let mut answered = std::collections::HashSet::new();
-            // Those that answered at this roster with nothing newer.
-            let mut current = 0;
-            let mut too_old = Vec::new();
+            let mut round = RosterRound::default();
             let all = self.roster.replicas().len();
-            while answered.len() < all {
+            while round.answered() < all {
                 let m = match tokio::time::timeout_at(until.into(), self.inbox.recv()).await {
                     Ok(Some(m)) => m,
                     Ok(None) => return Err(ClientError::Closed),
                     Err(_) => break,
                 };
-                if !self.roster.contains(&m.from) || answered.contains(&m.from) {
+                if !round.wants(&self.roster, &m.from) {
                     continue;
                 }
                 // One answer per replica and round, to this query only.
@@ -694,32 +691,18 @@ impl Client {
                 }) = ClientReply::decode(&m.payload)
                     && n == number
                 {
-                    answered.insert(m.from);
-                    match self.follow(&changes) {
-                        Ok(Followed::Current) if roster <= before => current += 1,
-                        Ok(_) => {}
-                        Err(e) => too_old.push(e),
-                    }
+                    let followed = self.follow(&changes);
+                    round.count(m.from, roster <= before, followed);
                 }
             }
             if self.roster.number() == before {
-                let f = self.roster.group().f();
-                if too_old.len() > f
-                    && let Some(e) = too_old.pop()
-                {
-                    return Err(ClientError::StaleRoster(e));
-                }
-                // Nothing newer, but only believed from f + 1 answers (one of them correct);
-                // current (for confidential requests) when a quorum answered at it with
-                // nothing newer, and none said the changes it needs are gone.
-                if answered.len() <= f {
-                    return Err(ClientError::Unreachable {
-                        reached: answered.len(),
-                        needed: f + 1,
-                    });
-                }
-                if current >= self.roster.group().quorum() && too_old.is_empty() {
-                    self.held.confirm(asked);
+                match round.standing(&self.roster) {
+                    RosterStanding::Stale(e) => return Err(ClientError::StaleRoster(e)),
+                    RosterStanding::Unreachable { reached, needed } => {
+                        return Err(ClientError::Unreachable { reached, needed });
+                    }
+                    RosterStanding::Confirmed => self.held.confirm(asked),
+                    RosterStanding::Believed => {}
                 }
                 return Ok(&self.roster);
             }
@@ -732,7 +715,7 @@ impl Client {
     /// # Errors
     /// [`ClientError::StaleRoster`] and [`ClientError::Closed`] as [`Client::refresh_roster`], or
     /// [`ClientError::Unreachable`] when no quorum answered by `deadline`.
-    async fn confirm_roster(&mut self, deadline: Instant) -> Result<(), ClientError> {
+    pub(crate) async fn confirm_roster(&mut self, deadline: Instant) -> Result<(), ClientError> {
         loop {
             match self.refresh_roster().await.map(|_| ()) {
                 Ok(()) | Err(ClientError::Unreachable { .. }) => {}
@@ -860,6 +843,89 @@ enum Followed {
     Current,
     /// It did not decode or certify, or the client could not follow it.
     Ignored,
+}
+
+/// Whether roster `now`, which a client on roster `before` followed, removes replica `id`:
+/// only when it is `confirmed` (a quorum of it answered at it with nothing newer, see
+/// [`Client::confirm_roster`]). A roster that f + 1 answers only believe may be one that a
+/// faulty replica and a lagging correct one still name while the others certified a newer one
+/// that adds `id` again. A quorum holds f + 1 correct replicas; a faulty primary can keep at
+/// most f correct ones behind the order, so one of them executed the newer change and names
+/// it (unless more than f correct ones lag on their own: then the verdict may come early).
+pub(crate) fn removes(id: &NodeId, before: u64, now: &Roster, confirmed: bool) -> bool {
+    confirmed && now.number() > before && !now.contains(id)
+}
+
+/// The answers to one round of roster queries, counted at the roster the round asked at.
+#[derive(Default)]
+struct RosterRound {
+    answered: std::collections::HashSet<NodeId>,
+    /// Those that answered at the roster with nothing newer.
+    current: usize,
+    /// Those that said the changes the client needs are gone.
+    too_old: Vec<RosterError>,
+}
+
+/// What a round of roster queries that certified nothing newer says of the client's roster.
+#[derive(Debug, PartialEq)]
+enum RosterStanding {
+    /// A quorum answered at it with nothing newer and none said the changes it needs are gone:
+    /// current (for confidential requests, and for a replica to find itself removed).
+    Confirmed,
+    /// At least f + 1 answered (one of them correct) and none certified anything newer: the
+    /// client goes on with it, but a faulty replica and a lagging correct one may be among
+    /// them.
+    Believed,
+    /// Fewer than f + 1 answered.
+    Unreachable { reached: usize, needed: usize },
+    /// More than f said the changes the client needs are gone.
+    Stale(RosterError),
+}
+
+impl RosterRound {
+    /// How many replicas answered.
+    fn answered(&self) -> usize {
+        self.answered.len()
+    }
+
+    /// Whether an answer from `from` counts: a replica of `roster` that has not answered yet.
+    fn wants(&self, roster: &Roster, from: &NodeId) -> bool {
+        roster.contains(from) && !self.answered.contains(from)
+    }
+
+    /// Counts `from`'s answer: whether it named the round's roster or an older one (`at`), and
+    /// what following its changes gave.
+    fn count(&mut self, from: NodeId, at: bool, followed: Result<Followed, RosterError>) {
+        if !self.answered.insert(from) {
+            return;
+        }
+        match followed {
+            Ok(Followed::Current) if at => self.current += 1,
+            Ok(_) => {}
+            Err(e) => self.too_old.push(e),
+        }
+    }
+
+    /// The roster's standing after the round (called when nothing newer was followed).
+    fn standing(mut self, roster: &Roster) -> RosterStanding {
+        let group = roster.group();
+        if self.too_old.len() > group.f()
+            && let Some(e) = self.too_old.pop()
+        {
+            return RosterStanding::Stale(e);
+        }
+        if self.answered.len() <= group.f() {
+            return RosterStanding::Unreachable {
+                reached: self.answered.len(),
+                needed: group.f() + 1,
+            };
+        }
+        if self.current >= group.quorum() && self.too_old.is_empty() {
+            RosterStanding::Confirmed
+        } else {
+            RosterStanding::Believed
+        }
+    }
 }
 
 /// How long a client takes its roster for current after it sent the query or request that a
@@ -1184,6 +1250,59 @@ mod tests {
 
     fn key(epoch: u64, byte: u8) -> ClientSealingKey {
         ClientSealingKey::from_bytes(epoch, NodeId::from_bytes([9; 32]), [byte; 32])
+    }
+
+    #[test]
+    fn a_replica_finds_itself_removed_only_from_a_roster_a_quorum_confirms() {
+        let (ids, roster) = rosters();
+        // Replica 4 was removed at roster 1 (replicas 0 to 3) and added again at roster 2.
+        // Replica 0 (faulty) names roster 1 as the newest, and so does replica 1 (correct, a
+        // batch behind): f + 1 answers with nothing newer believe roster 1, no quorum confirms it.
+        let one = roster(1, &[0, 1, 2, 3]);
+        let mut round = RosterRound::default();
+        round.count(ids[0], true, Ok(Followed::Current));
+        round.count(ids[1], true, Ok(Followed::Current));
+        round.count(ids[1], true, Ok(Followed::Current));
+        let standing = round.standing(&one);
+        assert_eq!(
+            standing,
+            RosterStanding::Believed,
+            "a second answer does not count"
+        );
+        let confirmed = standing == RosterStanding::Confirmed;
+        assert!(!removes(&ids[4], 0, &one, confirmed), "not removed");
+        // One answer that names a newer roster does not count toward the quorum either.
+        let mut round = RosterRound::default();
+        round.count(ids[0], true, Ok(Followed::Current));
+        round.count(ids[1], true, Ok(Followed::Current));
+        round.count(ids[2], false, Ok(Followed::Current));
+        assert_eq!(round.standing(&one), RosterStanding::Believed);
+        // A quorum at roster 1 with nothing newer: removed.
+        let mut round = RosterRound::default();
+        for i in [0, 1, 2] {
+            round.count(ids[i], true, Ok(Followed::Current));
+        }
+        let standing = round.standing(&one);
+        assert_eq!(standing, RosterStanding::Confirmed);
+        assert!(removes(
+            &ids[4],
+            0,
+            &one,
+            standing == RosterStanding::Confirmed
+        ));
+        // Confirmed, but naming the replica, or no newer than its own: not removed.
+        assert!(!removes(&ids[3], 0, &one, true));
+        assert!(!removes(&ids[4], 1, &one, true));
+        // Fewer than f + 1 answers: unreachable.
+        let mut round = RosterRound::default();
+        round.count(ids[0], true, Ok(Followed::Current));
+        assert_eq!(
+            round.standing(&one),
+            RosterStanding::Unreachable {
+                reached: 1,
+                needed: 2
+            }
+        );
     }
 
     #[test]

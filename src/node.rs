@@ -30,7 +30,11 @@
 //! verifies), which costs the old group one vote until the switch, and stops itself once no
 //! current replica keeps a link with it and a CRL of our CA that it holds (ordered, or its CRL
 //! file's) revokes the certificate it presents, whether or not it executed its own revocation
-//! (it may have been down, or behind, when that was ordered). A node whose certificate is
+//! (it may have been down, or behind, when that was ordered). A replica whose renewal (in its
+//! certificate file, valid under our CA) is not yet ordered in its own state presents that
+//! renewal instead of stopping. A replica that missed its own removal learns of it from the
+//! others' client planes, and believes it only from a roster that a quorum of that roster
+//! confirms, so f faulty replicas cannot stop a correct one. A node whose certificate is
 //! not among the configured `[[replicas]]` starts as a joiner: it first asks those replicas,
 //! as a client, for the certified roster changes after the configured roster (`roster` in its
 //! `[node]` section) and takes the current roster's replicas as the ones it trusts (a joiner
@@ -411,31 +415,41 @@ impl Host {
     /// with connections made with it. A node that is not a member (a joiner) has nothing to
     /// renew: it is added with the certificate it presents.
     fn install_renewal(&self, m: &Membership) {
-        let Ok(mut pending) = self.renewed.lock() else {
+        let Some(identity) = self.renewed.lock().ok().and_then(|p| p.clone()) else {
             return;
         };
-        let Ok(mut presented) = self.presented.lock() else {
+        let Some(file) = identity.chain().first() else {
             return;
         };
-        let Some(file) = pending.as_ref().and_then(|i| i.chain().first().cloned()) else {
-            return;
-        };
-        let shown = presented.chain().first() == Some(&file);
-        let ordered = m.members().get(&self.id).map(|mem| &mem.certificate);
-        match ordered {
-            None if shown => {
-                *pending = None;
-                return;
+        let shown = self.shown(file);
+        match m.members().get(&self.id).map(|mem| &mem.certificate) {
+            None if shown => {}
+            Some(c) if c == file => {
+                if !shown {
+                    self.present(&identity);
+                }
             }
-            Some(c) if *c == file => {}
             _ => return,
         }
-        let Some(identity) = pending.take() else {
-            return;
-        };
-        if shown {
-            return;
+        // Done with it (presented, or refused by a plane: then logged and counted once).
+        if let Ok(mut pending) = self.renewed.lock()
+            && pending.as_ref().and_then(|i| i.chain().first()) == Some(file)
+        {
+            *pending = None;
         }
+    }
+
+    /// Whether the replica plane presents `cert`.
+    fn shown(&self, cert: &rustls::pki_types::CertificateDer<'_>) -> bool {
+        self.presented
+            .lock()
+            .is_ok_and(|p| p.chain().first() == Some(cert))
+    }
+
+    /// Has both planes present `identity` and replace their links with connections made with
+    /// it; returns whether they do. [`Host::presented`] follows the replica plane (what the
+    /// revocation check looks at), even if the client plane then refuses it.
+    fn present(&self, identity: &securesmart_transport::Identity) -> bool {
         for plane in [&self.replica_plane, &self.client_plane] {
             match plane.renew_identity(identity.clone()) {
                 Ok(replacing) => tracing::info!(replacing, "presenting the renewed certificate"),
@@ -443,12 +457,17 @@ impl Host {
                     metrics::counter!("securesmart_node_certificate_reload_errors_total")
                         .increment(1);
                     tracing::error!(error = %e, "cannot present the renewed certificate");
-                    return;
+                    return false;
                 }
             }
+            if std::ptr::eq(plane, &self.replica_plane)
+                && let Ok(mut presented) = self.presented.lock()
+            {
+                *presented = identity.clone();
+            }
         }
-        *presented = identity;
         metrics::counter!("securesmart_node_certificate_renewals_total").increment(1);
+        true
     }
 
     /// Drops the leaving replicas once a checkpoint after their switch is stable (`stable`):
@@ -481,22 +500,60 @@ impl Host {
             .any(|p| current.contains(p))
     }
 
-    /// Whether this replica, isolated, is out: no longer a member (the others cut it off once
-    /// the group without it took over; it may have missed the checkpoint messages that would
-    /// tell it so itself), or revoked by a CRL it holds (the others refuse it; it may not have
-    /// executed that CRL, having lagged behind or been down when it was ordered, and now never
-    /// will). A CRL is signed by our CA, so no peer can make a correct replica believe itself
-    /// revoked.
-    fn out(&self, m: &Membership) -> bool {
-        !m.members().contains_key(&self.id) || self.revoked()
+    /// Whether this replica, isolated, is out, and why: no longer a member (the others cut it
+    /// off once the group without it took over; it may have missed the checkpoint messages
+    /// that would tell it so itself), or revoked by a CRL it holds (the others refuse it; it
+    /// may not have executed that CRL, having lagged behind or been down when it was ordered,
+    /// and now never will). A CRL is signed by our CA, so no peer can make a correct replica
+    /// believe itself revoked. A revoked certificate with a renewal pending is not out: the
+    /// others may have ordered the renewal, and the CRL that superseded the old certificate,
+    /// while this replica was behind; it presents the renewal instead
+    /// ([`Host::present_pending_renewal`]), and is out only when that is revoked too.
+    fn out(&self, m: &Membership) -> Option<&'static str> {
+        if !m.members().contains_key(&self.id) {
+            return Some("removed");
+        }
+        if self.revoked() && !self.present_pending_renewal() {
+            return Some("revoked");
+        }
+        None
+    }
+
+    /// Presents the certificate file's renewal ahead of its ordering, when the replica plane's
+    /// own check admits it (our CA's, valid now, not revoked); returns whether it does. For a
+    /// replica whose presented certificate is revoked: only the others' membership can hold
+    /// the renewal then, and they decide whether to admit it.
+    fn present_pending_renewal(&self) -> bool {
+        let Some(renewal) = self.renewed.lock().ok().and_then(|p| p.clone()) else {
+            return false;
+        };
+        let checked = securesmart_transport::TrustState::new(self.replica_plane.trust())
+            .map_err(|e| e.to_string())
+            .and_then(|t| {
+                t.verify_replica(renewal.chain(), rustls::pki_types::UnixTime::now())
+                    .map_err(|r| r.to_string())
+            });
+        if let Err(refusal) = checked {
+            tracing::warn!(%refusal, "the certificate presented is revoked and the renewal is refused too");
+            return false;
+        }
+        tracing::warn!(
+            "the certificate presented is revoked: presenting the renewal from the certificate file before it is ordered here"
+        );
+        self.present(&renewal)
     }
 
     /// Asks the client planes of `roster`'s replicas (this replica's certified roster) for
-    /// the certified changes after it, and answers whether they remove this replica. A member
-    /// that missed its own removal (down or behind when it executed, and refused by the others
-    /// since) learns it so, from changes that f + 1 replicas of each previous roster signed: no
-    /// f faulty replicas can make a correct one believe itself removed.
-    fn removal_check(&self, roster: crate::roster::Roster) -> tokio::task::JoinHandle<bool> {
+    /// the certified changes after it until a quorum of the newest one answered at it with
+    /// nothing newer ([`crate::client::removes`]), and answers whether that roster removes this
+    /// replica. A member that missed its own removal (down or behind when it executed, and
+    /// refused by the others since) learns it so. Each change carries the signatures of a
+    /// quorum of the roster before it, so this holds while fewer than a quorum of this
+    /// replica's certified roster are faulty, or were removed since with their keys in an
+    /// attacker's hands (the gap clients have too, see `SECURITY.md`). The query goes to this
+    /// replica's own client plane too (it is in the roster): its answer names only the roster
+    /// this replica already holds, so it can only count toward "not removed".
+    fn removal_check(&self, roster: crate::roster::Roster) -> RemovalCheck {
         let identity = self.presented.lock().ok().map(|i| i.clone());
         let trust = self.client_plane.trust();
         let options = crate::client::ClientOptions {
@@ -506,29 +563,33 @@ impl Host {
             bind: None,
         };
         let id = self.id;
-        tokio::spawn(async move {
+        RemovalCheck(tokio::spawn(async move {
             let Some(identity) = identity else {
-                return false;
+                return Removal::Unknown;
             };
             let before = roster.number();
             let mut client =
                 match crate::client::Client::connect(identity, trust, roster, options).await {
                     Ok(c) => c,
                     Err(e) => {
-                        tracing::debug!(error = %e, "removal check: no replica reached");
-                        return false;
+                        tracing::info!(error = %e, "removal check: no replica reached");
+                        return Removal::Unknown;
                     }
                 };
-            let removed = match client.refresh_roster().await {
-                Ok(current) => current.number() > before && !current.contains(&id),
+            let deadline = std::time::Instant::now() + REMOVAL_CHECK_TIME;
+            let removal = match client.confirm_roster(deadline).await {
+                Ok(()) if crate::client::removes(&id, before, client.roster(), true) => {
+                    Removal::Removed
+                }
+                Ok(()) => Removal::Member,
                 Err(e) => {
-                    tracing::debug!(error = %e, "removal check: no roster");
-                    false
+                    tracing::info!(error = %e, "removal check: no roster a quorum confirms");
+                    Removal::Unknown
                 }
             };
             client.close().await;
-            removed
-        })
+            removal
+        }))
     }
 
     /// Whether a CRL this node's planes use (the ordered one, or its file's when newer) revokes
@@ -600,6 +661,44 @@ struct GroupSide {
     /// The roster this replica last submitted its signature on, and when.
     roster_signed: Option<(u64, std::time::Instant)>,
 }
+
+/// What a removal check found ([`Host::removal_check`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Removal {
+    /// A roster a quorum confirms removes this replica.
+    Removed,
+    /// A roster a quorum confirms holds it.
+    Member,
+    /// No roster was confirmed in time (unreachable, too far behind, or still changing).
+    Unknown,
+}
+
+impl Removal {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Removed => "removed",
+            Self::Member => "member",
+            Self::Unknown => "unknown",
+        }
+    }
+}
+
+/// A removal check under way: aborted when dropped, so that no return path of the node loop
+/// leaves it running.
+struct RemovalCheck(tokio::task::JoinHandle<Removal>);
+
+impl Drop for RemovalCheck {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Ticks a member stays without a link to any current replica before it counts as isolated
+/// (logged, the `securesmart_node_isolated` gauge) and looks whether it is out.
+const ISOLATED_TICKS: u32 = 4;
+
+/// How long a removal check may take to find a roster a quorum confirms.
+const REMOVAL_CHECK_TIME: Duration = Duration::from_secs(10);
 
 /// Ticks (half a second each) a member stays without a link to any current replica before it
 /// asks the others' client planes whether the certified roster removed it.
@@ -705,7 +804,7 @@ async fn run_state<S: StateMachine>(
     // Ticks in a row without a link to any current replica, and the removal check asking
     // the others' client planes (see `Host::removal_check`).
     let mut isolated_ticks = 0u32;
-    let mut removal_check: Option<tokio::task::JoinHandle<bool>> = None;
+    let mut removal_check: Option<RemovalCheck> = None;
     let mut removal_checked: Option<std::time::Instant> = None;
     let mut trust_checked = std::time::Instant::now();
     // A joiner starts from the genesis membership, which does not name it: only a replica
@@ -742,26 +841,38 @@ async fn run_state<S: StateMachine>(
                 } else {
                     0
                 };
+                if isolated_ticks == ISOLATED_TICKS {
+                    tracing::info!(stable, "no link to any current replica");
+                }
+                metrics::gauge!("securesmart_node_isolated")
+                    .set(f64::from(u8::from(isolated_ticks >= ISOLATED_TICKS)));
                 // The revocation check parses the CRLs: only for a replica that is isolated.
-                if isolated_ticks >= 4 && host.out(m) {
-                    tracing::warn!(stable, "removed or revoked, and cut off by every current replica; stopping");
+                if isolated_ticks >= ISOLATED_TICKS
+                    && let Some(reason) = host.out(m)
+                {
+                    tracing::warn!(stable, reason, "out of the membership in its own state, and cut off by every current replica; stopping");
                     return Ok(());
                 }
                 // Isolated for longer while a member in its own state: it may have missed its
                 // own removal. Its certified roster asks the others' client planes.
-                if isolated_ticks >= REMOVAL_CHECK_TICKS
-                    && removal_check.is_none()
+                if isolated_ticks < REMOVAL_CHECK_TICKS {
+                    // Linked again: what a check under way finds no longer decides anything.
+                    removal_check = None;
+                } else if removal_check.is_none()
                     && removal_checked.is_none_or(|t| t.elapsed() >= REMOVAL_CHECK_EVERY)
                 {
                     removal_checked = Some(std::time::Instant::now());
                     removal_check =
                         Some(host.removal_check(executor.app().rosters().certified().clone()));
                 }
-                if let Some(check) = removal_check.take_if(|c| c.is_finished())
-                    && check.await.unwrap_or(false)
-                {
-                    tracing::warn!(stable, "removed (as the certified roster says), and cut off by every current replica; stopping");
-                    return Ok(());
+                if let Some(mut check) = removal_check.take_if(|c| c.0.is_finished()) {
+                    let found = (&mut check.0).await.unwrap_or(Removal::Unknown);
+                    metrics::counter!("securesmart_node_removal_checks_total", "outcome" => found.as_str())
+                        .increment(1);
+                    if found == Removal::Removed {
+                        tracing::warn!(stable, "removed (as a roster a quorum confirms says), and cut off by every current replica; stopping");
+                        return Ok(());
+                    }
                 }
                 continue;
             }

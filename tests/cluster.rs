@@ -664,6 +664,71 @@ async fn a_renewed_replica_replaces_its_links_and_its_old_certificate_can_be_rev
     cl.close().await;
 }
 
+/// Sends signal `name` (`STOP`, `CONT`) to replica `i`'s process.
+fn signal(c: &LocalCluster, i: usize, name: &str) -> Result<(), String> {
+    let pid = c.pid(i).ok_or(format!("replica {i} is not running"))?;
+    let status = std::process::Command::new("kill")
+        .args([format!("-{name}"), pid.to_string()])
+        .status()
+        .map_err(|e| e.to_string())?;
+    status
+        .success()
+        .then_some(())
+        .ok_or(format!("kill -{name} {pid}: {status}"))
+}
+
+/// A replica that was behind while its renewal was ordered (by an administrator) and its old
+/// certificate then revoked as superseded is refused by the others with the old one, and its
+/// own state still holds that one: it presents the renewal from its certificate file instead
+/// of stopping, catches up and is needed in the quorum. (Before, it found the certificate it
+/// presented revoked, cut off, and stopped.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_behind_its_own_renewal_presents_it_when_the_old_certificate_is_revoked() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let mut c = cluster("renewbehind", 1).await;
+    let mut admin = client(&c, 0).await;
+    let behind = (first_primary(&c) + 1) % 4;
+    let result = async {
+        write_keys(&mut admin, "before", 4).await?;
+        signal(&c, behind, "STOP")?;
+        // Until the others' links to it time out (10 s idle): on resume it holds no link, and
+        // nothing buffered in its socket brings it the renewal's batch.
+        tokio::time::sleep(Duration::from_secs(12)).await;
+        let old = c.renew(behind).map_err(|e| e.to_string())?;
+        let renewed =
+            load_certificate(&c.replicas[behind].certificate).map_err(|e| e.to_string())?;
+        let renew = MembershipCommand::RenewNode {
+            certificate: renewed.to_vec(),
+        };
+        let verdict = admin.command(&renew).await.map_err(|e| e.to_string())?;
+        assert!(verdict.starts_with("ok"), "{verdict}");
+        let others: Vec<usize> = (0..4).filter(|i| *i != behind).collect();
+        let epoch = |c: &LocalCluster, i: usize| c.metric(i, "securesmart_node_membership_epoch");
+        let renewed_in = others.iter().map(|i| epoch(&c, *i)).fold(0.0, f64::max);
+        c.supersede(&old).map_err(|e| e.to_string())?;
+        wait_for(
+            "the others to execute the CRL",
+            Duration::from_secs(30),
+            || others.iter().all(|i| epoch(&c, *i) > renewed_in),
+        )
+        .await?;
+        write_keys(&mut admin, "behind", 4).await?;
+        signal(&c, behind, "CONT")?;
+        // Cut off for a few ticks, then it presents the renewal and catches up.
+        tokio::time::sleep(Duration::from_secs(8)).await;
+        if !c.is_running(behind) {
+            return Err("the renewed replica stopped".into());
+        }
+        let top = executed(&c, others[0]);
+        needed_in_the_quorum(&mut c, &mut admin, behind, top, Duration::from_secs(60), 8).await?;
+        read_keys(&mut admin, "behind", 4).await?;
+        Ok::<_, String>(())
+    }
+    .await;
+    or_dump(&c, result);
+    admin.close().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_whole_cluster_restart_keeps_every_acknowledged_write() {
     let _one = ONE_AT_A_TIME.lock().await;
