@@ -845,15 +845,17 @@ enum Followed {
     Ignored,
 }
 
-/// Whether roster `now`, which a client on roster `before` followed, removes replica `id`:
-/// only when it is `confirmed` (a quorum of it answered at it with nothing newer, see
-/// [`Client::confirm_roster`]). A roster that f + 1 answers only believe may be one that a
-/// faulty replica and a lagging correct one still name while the others certified a newer one
-/// that adds `id` again. A quorum holds f + 1 correct replicas; a faulty primary can keep at
-/// most f correct ones behind the order, so one of them executed the newer change and names
-/// it (unless more than f correct ones lag on their own: then the verdict may come early).
-pub(crate) fn removes(id: &NodeId, before: u64, now: &Roster, confirmed: bool) -> bool {
-    confirmed && now.number() > before && !now.contains(id)
+/// Whether roster `now`, which a client on roster `before` followed and which a quorum of it
+/// confirmed ([`RosterStanding::Confirmed`], as [`Client::confirm_roster`] waits for), removes
+/// replica `id`. Only a confirmed roster may be asked: one that f + 1 answers only believe may
+/// be one that a faulty replica and a lagging correct one still name while the others
+/// certified a newer one that adds `id` again. A quorum holds f + 1 correct replicas; a faulty
+/// primary can keep at most f correct ones behind the order, so at least one of them has
+/// certified the newer change and names it (unless more than f correct ones lag on their own,
+/// or the newer change executed but its certificate is not ordered yet: then the verdict may
+/// come early; see `SECURITY.md`).
+pub(crate) fn removes(id: &NodeId, before: u64, now: &Roster) -> bool {
+    now.number() > before && !now.contains(id)
 }
 
 /// The answers to one round of roster queries, counted at the roster the round asked at.
@@ -869,8 +871,10 @@ struct RosterRound {
 /// What a round of roster queries that certified nothing newer says of the client's roster.
 #[derive(Debug, PartialEq)]
 enum RosterStanding {
-    /// A quorum answered at it with nothing newer and none said the changes it needs are gone:
-    /// current (for confidential requests, and for a replica to find itself removed).
+    /// A quorum answered at it with nothing newer (and at most f said the changes it needs are
+    /// gone: a faulty replica can say so for free, and a correct one far ahead would leave
+    /// more than f correct ones lagging): current (for confidential requests, and for a
+    /// replica to find itself removed).
     Confirmed,
     /// At least f + 1 answered (one of them correct) and none certified anything newer: the
     /// client goes on with it, but a faulty replica and a lagging correct one may be among
@@ -920,7 +924,7 @@ impl RosterRound {
                 needed: group.f() + 1,
             };
         }
-        if self.current >= group.quorum() && self.too_old.is_empty() {
+        if self.current >= group.quorum() {
             RosterStanding::Confirmed
         } else {
             RosterStanding::Believed
@@ -1269,8 +1273,6 @@ mod tests {
             RosterStanding::Believed,
             "a second answer does not count"
         );
-        let confirmed = standing == RosterStanding::Confirmed;
-        assert!(!removes(&ids[4], 0, &one, confirmed), "not removed");
         // One answer that names a newer roster does not count toward the quorum either.
         let mut round = RosterRound::default();
         round.count(ids[0], true, Ok(Followed::Current));
@@ -1282,17 +1284,26 @@ mod tests {
         for i in [0, 1, 2] {
             round.count(ids[i], true, Ok(Followed::Current));
         }
-        let standing = round.standing(&one);
-        assert_eq!(standing, RosterStanding::Confirmed);
-        assert!(removes(
-            &ids[4],
-            0,
-            &one,
-            standing == RosterStanding::Confirmed
-        ));
+        assert_eq!(round.standing(&one), RosterStanding::Confirmed);
+        assert!(removes(&ids[4], 0, &one));
+        // A faulty replica's free "the changes you need are gone" cannot veto a quorum that
+        // answered at the roster (else one replica would keep a removed one running).
+        let mut round = RosterRound::default();
+        for i in [0, 1, 2] {
+            round.count(ids[i], true, Ok(Followed::Current));
+        }
+        round.count(
+            ids[3],
+            true,
+            Err(RosterError::TooOld {
+                trusted: 1,
+                oldest: 9,
+            }),
+        );
+        assert_eq!(round.standing(&one), RosterStanding::Confirmed);
         // Confirmed, but naming the replica, or no newer than its own: not removed.
-        assert!(!removes(&ids[3], 0, &one, true));
-        assert!(!removes(&ids[4], 1, &one, true));
+        assert!(!removes(&ids[3], 0, &one));
+        assert!(!removes(&ids[4], 1, &one));
         // Fewer than f + 1 answers: unreachable.
         let mut round = RosterRound::default();
         round.count(ids[0], true, Ok(Followed::Current));

@@ -447,8 +447,9 @@ impl Host {
     }
 
     /// Has both planes present `identity` and replace their links with connections made with
-    /// it; returns whether they do. [`Host::presented`] follows the replica plane (what the
-    /// revocation check looks at), even if the client plane then refuses it.
+    /// it; returns whether the replica plane does. [`Host::presented`] follows the replica
+    /// plane (what the others and the revocation check look at), even if the client plane then
+    /// refuses it.
     fn present(&self, identity: &securesmart_transport::Identity) -> bool {
         for plane in [&self.replica_plane, &self.client_plane] {
             match plane.renew_identity(identity.clone()) {
@@ -457,7 +458,9 @@ impl Host {
                     metrics::counter!("securesmart_node_certificate_reload_errors_total")
                         .increment(1);
                     tracing::error!(error = %e, "cannot present the renewed certificate");
-                    return false;
+                    // The replica plane's certificate is the one that counts (for the others
+                    // and for the revocation check): presented if that plane took it.
+                    return !std::ptr::eq(plane, &self.replica_plane);
                 }
             }
             if std::ptr::eq(plane, &self.replica_plane)
@@ -519,22 +522,39 @@ impl Host {
         None
     }
 
-    /// Presents the certificate file's renewal ahead of its ordering, when the replica plane's
-    /// own check admits it (our CA's, valid now, not revoked); returns whether it does. For a
-    /// replica whose presented certificate is revoked: only the others' membership can hold
-    /// the renewal then, and they decide whether to admit it.
+    /// Presents the certificate file's renewal ahead of its ordering, when our CA issued it, no
+    /// CRL it holds revokes it, and it starts later than the certificate presented (a renewal
+    /// goes only forward, as `RenewNode` requires: an older certificate of the same key must
+    /// not dodge the CRL that names the newer one); returns whether it does. Its validity
+    /// dates are left to the others, which admit it or not: a clock far off here must not
+    /// stop a replica they admit. For a replica whose presented certificate is revoked: only
+    /// the others' membership can hold the renewal then.
     fn present_pending_renewal(&self) -> bool {
         let Some(renewal) = self.renewed.lock().ok().and_then(|p| p.clone()) else {
             return false;
         };
+        let presented = self.presented.lock().ok().map(|p| p.clone());
         let checked = securesmart_transport::TrustState::new(self.replica_plane.trust())
             .map_err(|e| e.to_string())
             .and_then(|t| {
-                t.verify_replica(renewal.chain(), rustls::pki_types::UnixTime::now())
-                    .map_err(|r| r.to_string())
+                let (Some(new), Some(old)) = (
+                    renewal.chain().first(),
+                    presented.as_ref().and_then(|p| p.chain().first()),
+                ) else {
+                    return Err("no certificate".to_owned());
+                };
+                t.issued(new).map_err(|r| r.to_string())?;
+                if t.revokes(new) {
+                    return Err("revoked too".to_owned());
+                }
+                match securesmart_membership::epoch::starts_later(new, old) {
+                    Ok(true) => Ok(()),
+                    Ok(false) => Err("it does not start later than the one presented".to_owned()),
+                    Err(e) => Err(e.to_string()),
+                }
             });
         if let Err(refusal) = checked {
-            tracing::warn!(%refusal, "the certificate presented is revoked and the renewal is refused too");
+            tracing::warn!(%refusal, "the certificate presented is revoked and the renewal is refused");
             return false;
         }
         tracing::warn!(
@@ -578,9 +598,7 @@ impl Host {
                 };
             let deadline = std::time::Instant::now() + REMOVAL_CHECK_TIME;
             let removal = match client.confirm_roster(deadline).await {
-                Ok(()) if crate::client::removes(&id, before, client.roster(), true) => {
-                    Removal::Removed
-                }
+                Ok(()) if crate::client::removes(&id, before, client.roster()) => Removal::Removed,
                 Ok(()) => Removal::Member,
                 Err(e) => {
                     tracing::info!(error = %e, "removal check: no roster a quorum confirms");
