@@ -39,8 +39,10 @@
 //! executes (other requests, empty batches) resets it, so a primary that orders everything but
 //! one request is replaced like one that orders nothing (PBFT restarts one timer whenever a
 //! batch executes, which lets such a primary censor forever). When a request's timer expires
-//! it is sent to the primary (which may never have received it) and its timer starts again;
-//! when it expires a second time the replica moves to view `v + 1`: it stops taking part in
+//! it is sent to the primary (which may never have received it) and its timer starts again.
+//! (While the primary's removal is ordered but not in effect yet, a backup sends it each
+//! client request at once: the clients, which follow the new roster, no longer send to it.)
+//! When it expires a second time the replica moves to view `v + 1`: it stops taking part in
 //! view `v` and broadcasts
 //! a signed view change with its stable checkpoint certificate and, for every slot above it, the
 //! prepared certificate of the highest view. A replica that sees `f + 1` view changes for higher
@@ -908,6 +910,16 @@ impl Replica {
         self.primary() == Some(self.id())
     }
 
+    /// Whether the primary of the current view leaves the group in a change already ordered
+    /// (the newest group, which takes over later, lacks it).
+    fn primary_leaving(&self) -> bool {
+        self.primary().is_some_and(|p| {
+            self.groups
+                .last_key_value()
+                .is_some_and(|(_, newest)| !newest.contains(&p))
+        })
+    }
+
     /// Whether this replica is in the group that runs view changes. A replica that has not
     /// joined yet (or has left) follows the log but starts no view changes.
     fn is_member(&self) -> bool {
@@ -1103,6 +1115,12 @@ impl Replica {
         } else {
             intake
         };
+        // A primary whose removal is ordered but not in effect yet still orders, but the
+        // clients that follow the new roster no longer send to it: a backup forwards their
+        // requests at once (checked first, as when a timer forwards them), or each would wait
+        // for its timer. The next expiry of that timer changes views.
+        let eager = !forwarded && self.active && !self.is_primary() && self.primary_leaving();
+        let intake = if eager { Intake::Check } else { intake };
         self.request_admissible(&request, forwarded, intake)?;
         if intake == Intake::Check && !self.request_valid(&request) {
             return Err(Ignored::Invalid);
@@ -1116,12 +1134,22 @@ impl Replica {
         self.arrivals += 1;
         self.timers
             .insert((self.now, self.arrivals, request.client, request.number));
+        if eager && let Some(primary) = self.primary() {
+            metrics::counter!("securesmart_consensus_eager_forwards_total").increment(1);
+            let message = self.signer.sign(Message::Forward {
+                requests: vec![request.clone()],
+            });
+            self.outputs.push_back(Output::Send {
+                to: primary,
+                message,
+            });
+        }
         self.waiting.insert(
             key,
             Held {
                 arrival: self.arrivals,
                 since: self.now,
-                forwarded: false,
+                forwarded: eager,
                 checked: intake != Intake::Vouched,
                 request,
             },
@@ -3698,6 +3726,48 @@ mod tests {
             c.log.iter().map(Vec::len).collect::<Vec<_>>()
         );
         assert!(c.replicas.iter().all(|r| r.view() == 0), "no view change");
+    }
+
+    /// The primary's removal is ordered but not in effect yet, and the clients, which follow
+    /// the new roster, send to the backups only: a backup forwards each request to the
+    /// primary at once, so that it is ordered long before a timer would have forwarded it
+    /// (one closed-loop client crawled at one request per forward timer: the demo's read-back
+    /// in CI timed out), and no view changes.
+    #[test]
+    fn a_leaving_primary_gets_the_requests_its_clients_no_longer_send_it() {
+        let mut c = Cluster::new(4, |cfg| cfg.propose_when_idle = true);
+        c.submit(1, 1);
+        c.settle();
+        assert!(c.log.iter().all(|l| l.len() == 1));
+        let without_primary: Vec<NodeId> = c.replicas[1..].iter().map(Replica::id).collect();
+        for r in &mut c.replicas {
+            r.reconfigure(without_primary.clone(), 1).unwrap();
+        }
+        assert_eq!(
+            c.replicas[1].primary(),
+            Some(c.replicas[0].id()),
+            "still the primary"
+        );
+        let request = Request {
+            client: NodeId::from_bytes([2; 32]),
+            number: 1,
+            payload: Bytes::from_static(b"put"),
+        };
+        for i in 1..4 {
+            c.replicas[i]
+                .handle_authenticated_request(request.clone(), c.now)
+                .unwrap();
+            c.drain(i);
+        }
+        // view_change_timeout is 100 ms in these tests.
+        c.run_for(Duration::from_millis(20));
+        assert!(
+            c.log.iter().all(|l| l.len() == 2),
+            "ordered without waiting for a timer: {:?}",
+            c.log.iter().map(Vec::len).collect::<Vec<_>>()
+        );
+        assert!(c.replicas.iter().all(|r| r.view() == 0), "no view change");
+        assert_agree(&c, &[0, 1, 2, 3]);
     }
 
     #[test]
