@@ -1961,7 +1961,7 @@ async fn intake(
         // The connection's certificate proves that these bytes are the client's (mutual TLS),
         // so intake checks no signature: the engine checks a request's signature where no
         // channel vouches for it (when it proposes it, a backup when it does not hold it
-        // byte for byte, and when it times out here; see
+        // byte for byte, when it times out here or goes at once to a leaving primary; see
         // `Replica::handle_authenticated_request`).
         if request
             .command_time()

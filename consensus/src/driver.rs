@@ -161,7 +161,8 @@ impl Submitter {
 
     /// Submits a client request that arrived over its client's own authenticated channel,
     /// exactly these bytes: the core checks it with
-    /// [`crate::replica::Config::request_check`] only when it proposes it or its timer expires
+    /// [`crate::replica::Config::request_check`] only when it proposes it, its timer expires or
+    /// it forwards it at once to a leaving primary
     /// ([`crate::replica::Replica::handle_authenticated_request`]).
     ///
     /// # Errors

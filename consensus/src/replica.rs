@@ -40,8 +40,9 @@
 //! one request is replaced like one that orders nothing (PBFT restarts one timer whenever a
 //! batch executes, which lets such a primary censor forever). When a request's timer expires
 //! it is sent to the primary (which may never have received it) and its timer starts again.
-//! (While the primary's removal is ordered but not in effect yet, a backup sends it each
-//! client request at once: the clients, which follow the new roster, no longer send to it.)
+//! (While the primary's removal is ordered but not in effect yet, `f + 1` backups send it each
+//! client request at once, and the next expiry changes views: the clients, which follow the
+//! new roster, no longer send to it.)
 //! When it expires a second time the replica moves to view `v + 1`: it stops taking part in
 //! view `v` and broadcasts
 //! a signed view change with its stable checkpoint certificate and, for every slot above it, the
@@ -388,10 +389,12 @@ struct Held {
     arrival: u64,
     /// When its timer started: when it arrived, or when it was forwarded to the primary.
     since: Duration,
-    /// Its first timeout passed and it went to the primary; the next one changes views.
+    /// Its first timeout passed and it went to the primary (or it went at once, to a leaving
+    /// primary); the next one changes views.
     forwarded: bool,
     /// It passed [`Config::request_check`] here (a request from its client's authenticated
-    /// channel is checked only when it is proposed or times out).
+    /// channel is checked only when it is proposed, times out, or goes at once to a leaving
+    /// primary).
     checked: bool,
     request: Request,
 }
@@ -910,14 +913,37 @@ impl Replica {
         self.primary() == Some(self.id())
     }
 
-    /// Whether the primary of the current view leaves the group in a change already ordered
-    /// (the newest group, which takes over later, lacks it).
-    fn primary_leaving(&self) -> bool {
-        self.primary().is_some_and(|p| {
-            self.groups
-                .last_key_value()
-                .is_some_and(|(_, newest)| !newest.contains(&p))
-        })
+    /// Whether this replica sends the primary each client request as it arrives: the primary
+    /// of the current view leaves the group in a change already ordered (the newest group
+    /// lacks it) and still owns the next slot to execute here, and this replica is one of the
+    /// `f + 1` backups after it in the group's order that stay in the newest group (the
+    /// clients, which follow the new roster, send to those; one of them is correct, and all
+    /// `n - 1` would send it `n - 1` copies of each request).
+    fn forwards_eagerly(&self) -> bool {
+        let (Some(primary), Some((_, newest))) = (self.primary(), self.groups.last_key_value())
+        else {
+            return false;
+        };
+        if newest.contains(&primary)
+            || self.group_at(self.executed + 1).primary(self.view) != Some(primary)
+        {
+            return false;
+        }
+        let group = self.group();
+        let n = group.members.len();
+        let Some(p) = group.members.iter().position(|m| *m == primary) else {
+            return false;
+        };
+        let me = self.id();
+        group
+            .members
+            .iter()
+            .cycle()
+            .skip(p + 1)
+            .take(n.saturating_sub(1))
+            .filter(|m| newest.contains(m))
+            .take(group.f() + 1)
+            .any(|m| *m == me)
     }
 
     /// Whether this replica is in the group that runs view changes. A replica that has not
@@ -1078,8 +1104,8 @@ impl Replica {
     /// these bytes). It is held without [`Config::request_check`]; the check runs, in a batch,
     /// only where no channel vouches for it to the others or where a refusal saves work: when
     /// this replica proposes it as primary (so a correct primary proposes only requests that
-    /// every correct replica accepts, whether it holds them or checks them), and when its
-    /// timer first expires (so a request that fails is dropped instead of being forwarded or
+    /// every correct replica accepts, whether it holds them or checks them), when it goes at
+    /// once to a leaving primary, and when its timer first expires (so a request that fails is dropped instead of being forwarded or
     /// changing views). A backup that holds it byte for byte prepares it without a check.
     ///
     /// # Errors
@@ -1116,10 +1142,10 @@ impl Replica {
             intake
         };
         // A primary whose removal is ordered but not in effect yet still orders, but the
-        // clients that follow the new roster no longer send to it: a backup forwards their
+        // clients that follow the new roster no longer send to it: f + 1 backups forward their
         // requests at once (checked first, as when a timer forwards them), or each would wait
         // for its timer. The next expiry of that timer changes views.
-        let eager = !forwarded && self.active && !self.is_primary() && self.primary_leaving();
+        let eager = !forwarded && self.active && self.forwards_eagerly();
         let intake = if eager { Intake::Check } else { intake };
         self.request_admissible(&request, forwarded, intake)?;
         if intake == Intake::Check && !self.request_valid(&request) {
@@ -2115,6 +2141,7 @@ impl Replica {
             return;
         }
         let was_primary = self.is_primary();
+        let primary_before = self.primary();
         if self
             .snapshots
             .get(&seq)
@@ -2143,6 +2170,15 @@ impl Replica {
         }
         self.next_seq = self.next_seq.max(seq);
         self.persist_stable();
+        if self.primary() != primary_before {
+            // A group change handed the view to another primary: as in a new view, every held
+            // request's timer starts again from its first stage (what went to the leaving
+            // primary at once must not change views when that primary's slots ran out).
+            self.timer_floor = self.now;
+            for held in self.waiting.values_mut() {
+                held.forwarded = false;
+            }
+        }
         if self.active && self.is_primary() && !was_primary {
             // A group change made this replica the primary of the current view.
             self.rebuild_queue(&std::collections::BTreeSet::new());
@@ -3748,6 +3784,16 @@ mod tests {
             Some(c.replicas[0].id()),
             "still the primary"
         );
+        let forwards = std::rc::Rc::new(std::cell::Cell::new([0usize; 3]));
+        let seen = std::rc::Rc::clone(&forwards);
+        c.cut = Box::new(move |from, _, m| {
+            if matches!(m, Message::Forward { .. }) && (1..4).contains(&from) {
+                let mut n = seen.get();
+                n[from - 1] += 1;
+                seen.set(n);
+            }
+            false
+        });
         let request = Request {
             client: NodeId::from_bytes([2; 32]),
             number: 1,
@@ -3767,6 +3813,84 @@ mod tests {
             c.log.iter().map(Vec::len).collect::<Vec<_>>()
         );
         assert!(c.replicas.iter().all(|r| r.view() == 0), "no view change");
+        assert_agree(&c, &[0, 1, 2, 3]);
+        assert_eq!(
+            forwards.get(),
+            [1, 1, 0],
+            "f + 1 backups forward, once each"
+        );
+    }
+
+    /// Two replicas leave, the primary and the backup after it: the clients reach neither, so
+    /// the forwarders are the f + 1 backups after the primary that stay. With one of them
+    /// faulty (it forwards nothing) the other still brings each request to the primary at
+    /// once. (Counted from the whole group, the leaving backup would be one of the two.)
+    #[test]
+    fn the_forwarders_to_a_leaving_primary_are_backups_the_clients_still_reach() {
+        let mut c = Cluster::new(5, |cfg| cfg.propose_when_idle = true);
+        c.submit(1, 1);
+        c.settle();
+        let staying: Vec<NodeId> = c.replicas[2..].iter().map(Replica::id).collect();
+        for r in &mut c.replicas {
+            r.reconfigure(staying.clone(), 1).unwrap();
+        }
+        c.cut = Box::new(|from, _, m| from == 2 && matches!(m, Message::Forward { .. }));
+        let request = Request {
+            client: NodeId::from_bytes([2; 32]),
+            number: 1,
+            payload: Bytes::from_static(b"put"),
+        };
+        for i in 2..5 {
+            c.replicas[i]
+                .handle_authenticated_request(request.clone(), c.now)
+                .unwrap();
+            c.drain(i);
+        }
+        c.run_for(Duration::from_millis(20));
+        assert!(
+            c.log.iter().all(|l| l.len() == 2),
+            "ordered at once: {:?}",
+            c.log.iter().map(Vec::len).collect::<Vec<_>>()
+        );
+        assert_agree(&c, &[0, 1, 2, 3, 4]);
+    }
+
+    /// A leaving primary that ignores the requests the backups send it at once is replaced
+    /// after one timeout (a request from its own clients would have had two). With f = 1 the
+    /// f + 1 forwarders' view changes take the others along; with a larger f, up to f - 1 of
+    /// the forwarders may be faulty, and the others follow at their own second expiry.
+    #[test]
+    fn a_leaving_primary_that_ignores_forwarded_requests_is_replaced_after_one_timeout() {
+        let mut c = Cluster::new(4, |cfg| cfg.propose_when_idle = true);
+        c.submit(1, 1);
+        c.settle();
+        let without_primary: Vec<NodeId> = c.replicas[1..].iter().map(Replica::id).collect();
+        for r in &mut c.replicas {
+            r.reconfigure(without_primary.clone(), 1).unwrap();
+        }
+        c.cut = Box::new(|_, to, m| to == 0 && matches!(m, Message::Forward { .. }));
+        let request = Request {
+            client: NodeId::from_bytes([2; 32]),
+            number: 1,
+            payload: Bytes::from_static(b"put"),
+        };
+        for i in 1..4 {
+            c.replicas[i]
+                .handle_authenticated_request(request.clone(), c.now)
+                .unwrap();
+            c.drain(i);
+        }
+        // view_change_timeout is 100 ms: two of them would be 200 ms.
+        c.run_for(Duration::from_millis(160));
+        assert!(
+            c.replicas[1..].iter().all(|r| r.view() >= 1),
+            "the backups left the leaving primary's view"
+        );
+        assert!(
+            c.log[1..].iter().all(|l| l.len() == 2),
+            "ordered in the next view: {:?}",
+            c.log.iter().map(Vec::len).collect::<Vec<_>>()
+        );
         assert_agree(&c, &[0, 1, 2, 3]);
     }
 
