@@ -3674,6 +3674,22 @@ mod tests {
             }
         }
 
+        /// A client request that reaches the replicas `to` only, over the client's channel (as
+        /// from a client that follows a roster without the others).
+        fn request_to(&mut self, to: std::ops::Range<usize>) {
+            let request = Request {
+                client: NodeId::from_bytes([2; 32]),
+                number: 1,
+                payload: Bytes::from_static(b"put"),
+            };
+            for i in to {
+                self.replicas[i]
+                    .handle_authenticated_request(request.clone(), self.now)
+                    .unwrap();
+                self.drain(i);
+            }
+        }
+
         /// Advances time in 1 ms steps, delivering everything after each.
         fn run_for(&mut self, d: Duration) {
             let end = self.now + d;
@@ -3764,6 +3780,20 @@ mod tests {
         assert!(c.replicas.iter().all(|r| r.view() == 0), "no view change");
     }
 
+    /// A cluster of `n` that executed one request and ordered the removal of its first
+    /// `leaving` replicas (the primary among them), not in effect yet.
+    fn leaving_cluster(n: usize, leaving: usize) -> Cluster {
+        let mut c = Cluster::new(n, |cfg| cfg.propose_when_idle = true);
+        c.submit(1, 1);
+        c.settle();
+        assert!(c.log.iter().all(|l| l.len() == 1));
+        let staying: Vec<NodeId> = c.replicas[leaving..].iter().map(Replica::id).collect();
+        for r in &mut c.replicas {
+            r.reconfigure(staying.clone(), 1).unwrap();
+        }
+        c
+    }
+
     /// The primary's removal is ordered but not in effect yet, and the clients, which follow
     /// the new roster, send to the backups only: a backup forwards each request to the
     /// primary at once, so that it is ordered long before a timer would have forwarded it
@@ -3771,14 +3801,7 @@ mod tests {
     /// in CI timed out), and no view changes.
     #[test]
     fn a_leaving_primary_gets_the_requests_its_clients_no_longer_send_it() {
-        let mut c = Cluster::new(4, |cfg| cfg.propose_when_idle = true);
-        c.submit(1, 1);
-        c.settle();
-        assert!(c.log.iter().all(|l| l.len() == 1));
-        let without_primary: Vec<NodeId> = c.replicas[1..].iter().map(Replica::id).collect();
-        for r in &mut c.replicas {
-            r.reconfigure(without_primary.clone(), 1).unwrap();
-        }
+        let mut c = leaving_cluster(4, 1);
         assert_eq!(
             c.replicas[1].primary(),
             Some(c.replicas[0].id()),
@@ -3794,17 +3817,7 @@ mod tests {
             }
             false
         });
-        let request = Request {
-            client: NodeId::from_bytes([2; 32]),
-            number: 1,
-            payload: Bytes::from_static(b"put"),
-        };
-        for i in 1..4 {
-            c.replicas[i]
-                .handle_authenticated_request(request.clone(), c.now)
-                .unwrap();
-            c.drain(i);
-        }
+        c.request_to(1..4);
         // view_change_timeout is 100 ms in these tests.
         c.run_for(Duration::from_millis(20));
         assert!(
@@ -3827,25 +3840,9 @@ mod tests {
     /// once. (Counted from the whole group, the leaving backup would be one of the two.)
     #[test]
     fn the_forwarders_to_a_leaving_primary_are_backups_the_clients_still_reach() {
-        let mut c = Cluster::new(5, |cfg| cfg.propose_when_idle = true);
-        c.submit(1, 1);
-        c.settle();
-        let staying: Vec<NodeId> = c.replicas[2..].iter().map(Replica::id).collect();
-        for r in &mut c.replicas {
-            r.reconfigure(staying.clone(), 1).unwrap();
-        }
+        let mut c = leaving_cluster(5, 2);
         c.cut = Box::new(|from, _, m| from == 2 && matches!(m, Message::Forward { .. }));
-        let request = Request {
-            client: NodeId::from_bytes([2; 32]),
-            number: 1,
-            payload: Bytes::from_static(b"put"),
-        };
-        for i in 2..5 {
-            c.replicas[i]
-                .handle_authenticated_request(request.clone(), c.now)
-                .unwrap();
-            c.drain(i);
-        }
+        c.request_to(2..5);
         c.run_for(Duration::from_millis(20));
         assert!(
             c.log.iter().all(|l| l.len() == 2),
@@ -3861,25 +3858,9 @@ mod tests {
     /// the forwarders may be faulty, and the others follow at their own second expiry.
     #[test]
     fn a_leaving_primary_that_ignores_forwarded_requests_is_replaced_after_one_timeout() {
-        let mut c = Cluster::new(4, |cfg| cfg.propose_when_idle = true);
-        c.submit(1, 1);
-        c.settle();
-        let without_primary: Vec<NodeId> = c.replicas[1..].iter().map(Replica::id).collect();
-        for r in &mut c.replicas {
-            r.reconfigure(without_primary.clone(), 1).unwrap();
-        }
+        let mut c = leaving_cluster(4, 1);
         c.cut = Box::new(|_, to, m| to == 0 && matches!(m, Message::Forward { .. }));
-        let request = Request {
-            client: NodeId::from_bytes([2; 32]),
-            number: 1,
-            payload: Bytes::from_static(b"put"),
-        };
-        for i in 1..4 {
-            c.replicas[i]
-                .handle_authenticated_request(request.clone(), c.now)
-                .unwrap();
-            c.drain(i);
-        }
+        c.request_to(1..4);
         // view_change_timeout is 100 ms: two of them would be 200 ms.
         c.run_for(Duration::from_millis(160));
         assert!(
