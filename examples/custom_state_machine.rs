@@ -12,6 +12,7 @@
 //! process (a real deployment runs one per machine, see `securesmart node run`).
 
 use bytes::Bytes;
+use securesmart::base::wire::{Reader, Writer};
 use securesmart::client::Client;
 use securesmart::cluster::{LocalCluster, LocalClusterOptions};
 use securesmart::config::{ClientConfig, NodeConfig};
@@ -19,7 +20,6 @@ use securesmart::consensus::message::Request;
 use securesmart::consensus::service::{RestoreError, StateMachine};
 use securesmart::node::Node;
 use securesmart::transport::NodeId;
-use securesmart::transport::wire::{Reader, Writer};
 use std::collections::BTreeMap;
 
 /// Counters by client. Execution must be deterministic: the same requests in the same order

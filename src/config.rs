@@ -508,7 +508,7 @@ pub fn load_peers(entries: &[ReplicaEntry]) -> Result<BTreeMap<NodeId, Peer>, Co
             path: e.certificate.clone(),
             message,
         };
-        let id = NodeId::from_certificate(&certificate).map_err(|e| pki(e.to_string()))?;
+        let id = securesmart_transport::node_id(&certificate).map_err(|e| pki(e.to_string()))?;
         let key =
             ed25519_public_key(&certificate).ok_or_else(|| pki("not an Ed25519 key".into()))?;
         let peer = Peer {

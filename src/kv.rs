@@ -34,9 +34,9 @@
 use std::collections::BTreeMap;
 
 use bytes::Bytes;
+use securesmart_base::wire::{Reader, WireError, Writer};
 use securesmart_consensus::message::Request;
 use securesmart_consensus::service::{RestoreError, StateMachine};
-use securesmart_transport::wire::{Reader, WireError, Writer};
 
 /// Largest key.
 pub const MAX_KEY_BYTES: usize = 1024;

@@ -1,6 +1,7 @@
 //! SecureSMART-rs: a security architecture for Byzantine-fault-tolerant replication.
 //!
 //! This facade re-exports the layers; the `securesmart` binary (CLI) lives beside it.
+//! - [`base`]: node ids, the wire codec, the quorum rule, domain-separation tags, secret keys.
 //! - [`transport`]: authenticated QUIC channels, rate limits, address validation, blocklists.
 //! - [`membership`]: trust center, membership epochs, MLS group key.
 //! - [`consensus`]: the PBFT ordering engine, its traits, driver and simulator.
@@ -18,6 +19,7 @@
     allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)
 )]
 
+pub use securesmart_base as base;
 pub use securesmart_consensus as consensus;
 pub use securesmart_membership as membership;
 pub use securesmart_transport as transport;

@@ -1107,7 +1107,10 @@ impl Node {
             metrics::gauge!("securesmart_node_insecure_baseline").set(1.0);
             Signer::unsigned(id)
         } else {
-            Signer::new(&identity).ok_or_else(not_ed25519)?
+            identity
+                .ed25519_seed()
+                .map(|seed| Signer::from_seed(&seed))
+                .ok_or_else(not_ed25519)?
         };
         let request_signer = RequestSigner::new(&identity).ok_or_else(not_ed25519)?;
         let trust = load_trust(&n.ca, n.crl.as_deref())?;
@@ -1200,7 +1203,7 @@ impl Node {
         let mut admins = Vec::new();
         for path in &n.admins {
             let cert = load_certificate(path)?;
-            NodeId::from_certificate(&cert).map_err(|e| ConfigError::Pki {
+            securesmart_transport::node_id(&cert).map_err(|e| ConfigError::Pki {
                 path: path.clone(),
                 message: e.to_string(),
             })?;
@@ -1314,7 +1317,7 @@ impl Node {
         let mut tasks_faulty = Vec::new();
         #[cfg(feature = "fault-injection")]
         if faults.flood
-            && let Some(flood_signer) = Signer::new(&group_identity)
+            && let Some(flood_signer) = group_identity.ed25519_seed().map(|s| Signer::from_seed(&s))
         {
             tasks_faulty.push(tokio::spawn(crate::fault::flood(
                 replica_plane.clone(),

@@ -8,7 +8,6 @@ use securesmart::config::{ClientConfig, NodeConfig, load_certificate};
 use securesmart::kv::KvStore;
 use securesmart::membership::MembershipCommand;
 use securesmart::node::Node;
-use securesmart::transport::NodeId;
 
 use crate::ca_cli::CliResult;
 
@@ -151,7 +150,7 @@ pub(crate) async fn client(args: ClientArgs) -> CliResult {
         }
         ClientOp::RemoveReplica { certificate } => {
             let cert = load_certificate(&certificate).map_err(|e| e.to_string())?;
-            let id = NodeId::from_certificate(&cert).map_err(|e| e.to_string())?;
+            let id = securesmart_transport::node_id(&cert).map_err(|e| e.to_string())?;
             let command = MembershipCommand::RemoveNode { id };
             client.command(&command).await.map(|v| Some(v.into()))
         }
@@ -171,7 +170,7 @@ pub(crate) async fn client(args: ClientArgs) -> CliResult {
         }
         ClientOp::RemoveAdmin { certificate } => {
             let cert = load_certificate(&certificate).map_err(|e| e.to_string())?;
-            let id = NodeId::from_certificate(&cert).map_err(|e| e.to_string())?;
+            let id = securesmart_transport::node_id(&cert).map_err(|e| e.to_string())?;
             let command = MembershipCommand::RemoveAdmin { id };
             client.command(&command).await.map(|v| Some(v.into()))
         }

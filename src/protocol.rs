@@ -39,8 +39,8 @@
 
 use bytes::Bytes;
 use ed25519_dalek::{Signer as _, SigningKey};
+use securesmart_base::wire::{Reader, WireError, Writer};
 use securesmart_membership::{ClientSealingKey, GroupError, SEALED_OVERHEAD};
-use securesmart_transport::wire::{Reader, WireError, Writer};
 use securesmart_transport::{Identity, NodeId};
 
 /// Largest request or reply payload.
@@ -59,16 +59,16 @@ pub const COMMAND_SKEW_SECS: u64 = 600;
 /// client of version 2 would take for the result's first byte).
 const VERSION: u8 = 3;
 /// BLAKE3 `derive_key` context of the digest a request's submitter signs.
-pub const REQUEST_SIGNATURE_TAG: &str = "securesmart 2026-11-26 request signature v1";
+pub const REQUEST_SIGNATURE_TAG: &str = securesmart_base::tags::service::REQUEST_SIGNATURE;
 /// First byte of a signed [`Submission`].
 const SIGNED_TAG: u8 = 0xA1;
 /// BLAKE3 `derive_key` context of a confidential request's [`commitment`].
-pub const COMMITMENT_TAG: &str = "securesmart 2026-11-26 confidential commitment v1";
+pub const COMMITMENT_TAG: &str = securesmart_base::tags::service::CONFIDENTIAL_COMMITMENT;
 /// Bytes of the nonce in front of a confidential request's operation.
 pub const NONCE_LEN: usize = 32;
 
 /// BLAKE3 `derive_key` context of what a replica signs when it seals an operation for a client.
-pub const SEALER_SIGNATURE_TAG: &str = "securesmart 2026-12-01 sealer signature v1";
+pub const SEALER_SIGNATURE_TAG: &str = securesmart_base::tags::service::SEALER_SIGNATURE;
 
 /// A replica's signature on what it sealed for a client's request: the client id, the request
 /// number and the sealed bytes (whose header names the replica as sender), so that only a
@@ -951,7 +951,8 @@ pub const CONFIDENTIAL_EXECUTED: u8 = 1;
 const CLIENT_SEALED_TAG: u8 = 10;
 
 /// Domain tag of the context a confidential request is sealed with.
-pub const CONFIDENTIAL_TAG: &[u8] = b"securesmart confidential request v1";
+pub const CONFIDENTIAL_TAG: &[u8] =
+    securesmart_base::tags::service::CONFIDENTIAL_REQUEST.as_bytes();
 
 /// The context a confidential request of `client` numbered `number` is sealed with: a sealed
 /// payload copied into another client's request, or another request number, does not open.

@@ -38,15 +38,15 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::SocketAddr;
 
 use rustls::pki_types::CertificateDer;
+use securesmart_base::wire::{Reader, WireError, Writer};
 use securesmart_consensus::view_change::Group;
 use securesmart_membership::Membership;
-use securesmart_transport::wire::{Reader, WireError, Writer};
 use securesmart_transport::{NodeId, Role};
 
 use crate::protocol::{Auth, AuthError, Ordered, Submission};
 
 /// BLAKE3 `derive_key` context of [`Roster::digest`].
-pub const ROSTER_TAG: &str = "securesmart 2026-12-01 roster v1";
+pub const ROSTER_TAG: &str = securesmart_base::tags::service::ROSTER;
 /// Changes the replicated state keeps (a client further behind needs a new configuration).
 pub const KEPT_CHANGES: usize = 32;
 /// Changes in one answer to a client's query (it asks again from where it got).
@@ -158,7 +158,7 @@ impl Roster {
         for _ in 0..n {
             let certificate =
                 CertificateDer::from(r.bytes("certificate", MAX_CERT_BYTES)?.to_vec());
-            let id = NodeId::from_certificate(&certificate)
+            let id = securesmart_transport::node_id(&certificate)
                 .map_err(|_| WireError::Invalid("roster certificate"))?;
             let entry = RosterEntry {
                 certificate,

@@ -135,6 +135,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use bytes::Bytes;
 use rustls::pki_types::UnixTime;
+use securesmart_base::wire::{Reader, Writer};
 use securesmart_consensus::message::{Request, Seq};
 use securesmart_consensus::service::{RestoreError, StateMachine};
 use securesmart_membership::{
@@ -142,7 +143,6 @@ use securesmart_membership::{
     PayloadKeys,
 };
 use securesmart_transport::NodeId;
-use securesmart_transport::wire::{Reader, Writer};
 
 use crate::protocol::{NONCE_LEN, Ordered, Submission, confidential_context};
 use crate::roster::{Roster, RosterLog};
@@ -168,7 +168,7 @@ enum SealedBy<'a> {
 /// A checkpoint whose state is sealed with the group key.
 const CHECKPOINT_SEALED: u8 = 1;
 /// Domain tag of the context a checkpoint is sealed with.
-pub const CHECKPOINT_TAG: &[u8] = b"securesmart sealed checkpoint v1";
+pub const CHECKPOINT_TAG: &[u8] = securesmart_base::tags::service::SEALED_CHECKPOINT.as_bytes();
 
 /// The context a checkpoint's state is sealed with: the domain tag and its sequence number.
 fn checkpoint_context(seq: Seq) -> Vec<u8> {
@@ -377,7 +377,7 @@ impl<S: StateMachine> NodeState<S> {
         let admins = admins
             .into_iter()
             .filter_map(|c| {
-                let id = NodeId::from_certificate(&c).ok()?;
+                let id = securesmart_transport::node_id(&c).ok()?;
                 Some((id, Bytes::copy_from_slice(c.as_ref())))
             })
             .collect();
@@ -1066,7 +1066,7 @@ impl<S: StateMachine> NodeState<S> {
             MembershipCommand::RemoveNode { id } if *id == client => true,
             // A replica renews its own certificate (the same key: the same id).
             MembershipCommand::RenewNode { certificate }
-                if NodeId::from_certificate(&rustls::pki_types::CertificateDer::from(
+                if securesmart_transport::node_id(&rustls::pki_types::CertificateDer::from(
                     certificate.as_slice(),
                 ))
                 .is_ok_and(|id| id == client) =>
@@ -1385,7 +1385,7 @@ impl Public {
                 "administrator",
                 securesmart_membership::epoch::MAX_CERT_BYTES,
             )?;
-            let id = NodeId::from_certificate(&rustls::pki_types::CertificateDer::from(cert))
+            let id = securesmart_transport::node_id(&rustls::pki_types::CertificateDer::from(cert))
                 .map_err(|e| RestoreError::Malformed(format!("administrator: {e}")))?;
             admins.insert(id, Bytes::copy_from_slice(cert));
         }

@@ -54,7 +54,10 @@ async fn replicas_order_over_quic_and_survive_losing_the_primary() {
     let mut handles = Vec::new();
     for (i, (id, (plane, inbox))) in ids.iter().zip(planes).enumerate() {
         handles.push(plane.clone());
-        let replica = Replica::new(config.clone(), Signer::new(id).unwrap());
+        let replica = Replica::new(
+            config.clone(),
+            Signer::from_seed(&id.ed25519_seed().unwrap()),
+        );
         let network = ReplicaNetwork::new(plane, inbox);
         let (mut pbft, _task) = Pbft::spawn(replica, ring.clone(), network, Limits::default());
         submitters.push(pbft.submitter());

@@ -96,7 +96,7 @@ fn write_seeds() {
     write("sealed_open", "empty", b"");
 
     use securesmart::consensus::message::{Digest, Message, Request, Signer, batch_digest};
-    let signer = Signer::new(&a_id).unwrap();
+    let signer = Signer::from_seed(&a_id.ed25519_seed().unwrap());
     let batch = vec![Request {
         client: b_id.id(),
         number: 1,

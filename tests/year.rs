@@ -57,7 +57,7 @@ struct Holder {
 
 impl Holder {
     fn id(&self) -> NodeId {
-        NodeId::from_certificate(&self.cert).unwrap()
+        securesmart_transport::node_id(&self.cert).unwrap()
     }
 }
 

@@ -11,7 +11,7 @@ use std::future::Future;
 use std::time::Duration;
 
 use bytes::Bytes;
-use securesmart_transport::NodeId;
+use securesmart_base::NodeId;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 

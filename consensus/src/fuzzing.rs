@@ -12,9 +12,8 @@ thread_local! {
     /// A key ring with one replica (whose key the fuzzer does not have).
     // invariant: a fixture from constants; no fuzz input reaches these expect calls.
     static RING: KeyRing = {
-        let ca = securesmart_transport::pki::DevCa::new("fuzz CA").expect("CA");
-        let node = ca.issue_role("r0", securesmart_transport::Role::Replica).expect("node");
-        KeyRing::new([(node.id(), node.ed25519_public().expect("Ed25519"))])
+        let node = crate::message::Signer::named("fuzz r0");
+        KeyRing::new([(node.id(), node.public_key().expect("Ed25519"))])
     };
 }
 
@@ -37,14 +36,13 @@ const PART_BYTES: usize = 16;
 thread_local! {
     /// Four replica identities whose keys the fuzzer "holds" (it plays Byzantine replicas).
     // invariant: a fixture from constants; no fuzz input reaches these expect calls.
-    static GROUP: (Vec<crate::message::Signer>, KeyRing, Vec<securesmart_transport::NodeId>) = {
-        let ca = securesmart_transport::pki::DevCa::new("fuzz group CA").expect("CA");
-        let ids: Vec<_> = (0..4)
-            .map(|i| ca.issue_role(&format!("r{i}"), securesmart_transport::Role::Replica).expect("id"))
-            .collect();
-        let ring = KeyRing::new(ids.iter().map(|i| (i.id(), i.ed25519_public().expect("key"))));
-        let signers = ids.iter().map(|i| crate::message::Signer::new(i).expect("signer")).collect();
-        (signers, ring, ids.iter().map(|i| i.id()).collect())
+    static GROUP: (Vec<crate::message::Signer>, KeyRing, Vec<securesmart_base::NodeId>) = {
+        let signers: Vec<_> =
+            (0..4).map(|i| crate::message::Signer::named(&format!("fuzz r{i}"))).collect();
+        let ring =
+            KeyRing::new(signers.iter().map(|s| (s.id(), s.public_key().expect("key"))));
+        let ids = signers.iter().map(crate::message::Signer::id).collect();
+        (signers, ring, ids)
     };
 }
 

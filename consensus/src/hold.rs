@@ -9,7 +9,7 @@
 
 use std::collections::BTreeMap;
 
-use securesmart_transport::NodeId;
+use securesmart_base::NodeId;
 
 use crate::message::{Message, Verified, View};
 
@@ -138,14 +138,9 @@ mod tests {
     use super::*;
     use crate::message::{Request, Signer, batch_digest};
     use bytes::Bytes;
-    use securesmart_transport::Role;
-    use securesmart_transport::pki::DevCa;
 
     fn signers(n: usize) -> Vec<Signer> {
-        let ca = DevCa::new("hold CA").unwrap();
-        (0..n)
-            .map(|i| Signer::new(&ca.issue_role(&format!("r{i}"), Role::Replica).unwrap()).unwrap())
-            .collect()
+        (0..n).map(|i| Signer::named(&format!("r{i}"))).collect()
     }
 
     fn prepare(s: &Signer, view: View, seq: u64) -> Verified {

@@ -59,16 +59,17 @@ use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
-use securesmart_transport::wire::{Reader, WireError, Writer};
+use securesmart_base::wire::{Reader, WireError, Writer};
 
 use crate::message::{
-    Certificate, Limits, Message, Seq, Signed, View, read_certs, read_list, write_certs, write_list,
+    Certificate, Kind, Limits, Message, Seq, Signed, View, read_certs, read_list, write_certs,
+    write_list,
 };
 #[cfg(doc)]
 use crate::replica::Output;
 
 /// BLAKE3 `derive_key` context of the frame checksum.
-pub const FRAME_CONTEXT: &str = "securesmart 2026-11-26 consensus journal frame v1";
+pub const FRAME_CONTEXT: &str = securesmart_base::tags::consensus::JOURNAL_FRAME;
 /// Record format version. Version 2: state digests cover a snapshot's part digests, and the
 /// consensus messages inside records are version 2.
 const VERSION: u8 = 2;
@@ -177,7 +178,11 @@ impl Record {
                 Record::PrePrepare(s)
             }
             tag @ (4 | 5) => {
-                let vote = if tag == 4 { 2 } else { 3 };
+                let vote = if tag == 4 {
+                    Kind::Prepare
+                } else {
+                    Kind::Commit
+                };
                 let mut certs = read_certs(&mut r, limits, &[vote])?;
                 match (certs.pop(), certs.is_empty()) {
                     (Some(c), true) if tag == 4 => Record::Prepared(c),
@@ -191,7 +196,7 @@ impl Record {
                 }
             }
             6 => {
-                let checkpoint = read_list(&mut r, limits, &[4])?;
+                let checkpoint = read_list(&mut r, limits, &[Kind::Checkpoint])?;
                 let snapshot =
                     Bytes::copy_from_slice(r.bytes("snapshot", limits.max_snapshot_bytes)?);
                 Record::Stable {
@@ -669,20 +674,10 @@ fn sync_dir(dir: &Path) -> Result<(), JournalError> {
 mod tests {
     use super::*;
     use crate::message::{Digest, Request, Signer, batch_digest};
-    use securesmart_transport::pki::DevCa;
-    use securesmart_transport::{NodeId, Role};
+    use securesmart_base::NodeId;
 
     fn signer(i: u8) -> Signer {
-        static SIGNERS: std::sync::OnceLock<Vec<Signer>> = std::sync::OnceLock::new();
-        let all = SIGNERS.get_or_init(|| {
-            let ca = DevCa::new("journal CA").unwrap();
-            (0..4)
-                .map(|i| {
-                    Signer::new(&ca.issue_role(&format!("r{i}"), Role::Replica).unwrap()).unwrap()
-                })
-                .collect()
-        });
-        Signer::new_from(&all[usize::from(i)])
+        Signer::named(&format!("r{i}"))
     }
 
     fn pre_prepare(seq: Seq) -> Signed {

@@ -65,18 +65,17 @@
 //! use securesmart_consensus::replica::{Config, Replica};
 //! use securesmart_consensus::service::{Executor, StateMachine};
 //! use securesmart_consensus::sim::{Chain, Scenario, Sim};
-//! use securesmart_transport::{pki::DevCa, Role};
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
-//! // Signed messages verify only through a key ring of members.
-//! let ca = DevCa::new("doc CA")?;
-//! let node = ca.issue_role("r0", Role::Replica)?;
-//! let signer = Signer::new(&node).ok_or("not Ed25519")?;
-//! let ring = KeyRing::new([(node.id(), node.ed25519_public().ok_or("no key")?)]);
+//! // A replica signs with its certificate's Ed25519 key (here a seed of our own); its id is
+//! // that key's node id. Signed messages verify only through a key ring of members.
+//! let signer = Signer::from_seed(&[7; 32]);
+//! let id = signer.id();
+//! let ring = KeyRing::new([(id, signer.public_key().ok_or("no key")?)]);
 //! let signed = signer.sign(Message::Prepare { view: 0, seq: 1, digest: Digest([7; 32]) });
-//! assert_eq!(ring.verify(signed)?.sender(), node.id());
+//! assert_eq!(ring.verify(signed)?.sender(), id);
 //!
 //! // A core is created from the group's configuration and this replica's signer.
-//! let replica = Replica::new(Config::new(vec![node.id()]), signer);
+//! let replica = Replica::new(Config::new(vec![id]), signer);
 //! assert_eq!(replica.executed(), 0);
 //!
 //! // Four replicas, one of them an equivocating primary, over a simulated network.

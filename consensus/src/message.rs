@@ -18,69 +18,18 @@ use std::collections::BTreeMap;
 
 use bytes::Bytes;
 use ed25519_dalek::{Signature, Signer as _, SigningKey, VerifyingKey};
-use securesmart_transport::wire::{Reader, WireError, Writer};
-use securesmart_transport::{Identity, NodeId};
-use zeroize::Zeroizing;
+use securesmart_base::NodeId;
+use securesmart_base::wire::{Decode as _, Reader, WireError, Writer};
 
 /// A view number.
 pub type View = u64;
 /// A sequence number.
 pub type Seq = u64;
 
-/// Domain-separation contexts (BLAKE3 `derive_key`), one per hashed or signed value.
-pub mod domain {
-    /// Digest of a client request.
-    pub const REQUEST: &str = "securesmart 2026-11-24 consensus request v1";
-    /// Digest of a batch (over its request digests).
-    pub const BATCH: &str = "securesmart 2026-11-24 consensus batch v1";
-    /// Signed pre-prepare.
-    pub const PRE_PREPARE: &str = "securesmart 2026-11-24 consensus pre-prepare v1";
-    /// Signed prepare.
-    pub const PREPARE: &str = "securesmart 2026-11-24 consensus prepare v1";
-    /// Signed commit.
-    pub const COMMIT: &str = "securesmart 2026-11-24 consensus commit v1";
-    /// Signed checkpoint.
-    pub const CHECKPOINT: &str = "securesmart 2026-11-24 consensus checkpoint v1";
-    /// Signed view change.
-    pub const VIEW_CHANGE: &str = "securesmart 2026-11-24 consensus view-change v1";
-    /// Signed new view.
-    pub const NEW_VIEW: &str = "securesmart 2026-11-24 consensus new-view v1";
-    /// Signed state-transfer request.
-    pub const FETCH_STATE: &str = "securesmart 2026-11-24 consensus fetch-state v1";
-    /// Signed state-transfer reply (a checkpoint's certificate and its snapshot's parts).
-    pub const STATE: &str = "securesmart 2026-12-01 consensus state v2";
-    /// Digest of a replica state snapshot (the value a checkpoint signs), over its parts'
-    /// digests.
-    pub const STATE_DIGEST: &str = "securesmart 2026-12-01 consensus state digest v2";
-    /// Digest of one part of a state snapshot.
-    pub const STATE_PART: &str = "securesmart 2026-12-01 consensus state part v1";
-    /// Signed request for one part of a state snapshot.
-    pub const FETCH_PART: &str = "securesmart 2026-12-01 consensus fetch-part v1";
-    /// Signed reply with one part of a state snapshot.
-    pub const PART: &str = "securesmart 2026-12-01 consensus part v1";
-    /// Requests a replica forwards to others (signed over their batch digest).
-    pub const FORWARD: &str = "securesmart 2026-11-26 consensus forward v1";
-
-    /// Every context above (each must be distinct; the precomputed hashers are built from
-    /// this list, so it is the one place a new context is registered).
-    pub const ALL: &[&str] = &[
-        REQUEST,
-        BATCH,
-        PRE_PREPARE,
-        PREPARE,
-        COMMIT,
-        CHECKPOINT,
-        VIEW_CHANGE,
-        NEW_VIEW,
-        FETCH_STATE,
-        STATE,
-        STATE_DIGEST,
-        STATE_PART,
-        FETCH_PART,
-        PART,
-        FORWARD,
-    ];
-}
+/// Domain-separation contexts (BLAKE3 `derive_key`), one per hashed or signed value: this
+/// layer's part of the registry in [`securesmart_base::tags`] (its `ALL` list builds the
+/// precomputed hashers, so a context registered there is precomputed here).
+pub use securesmart_base::tags::consensus as domain;
 
 /// A BLAKE3 hasher in `derive_key` mode for `context`, from a precomputed state (deriving the
 /// context key costs a hash of its own, on every message otherwise). Gives exactly what
@@ -285,20 +234,50 @@ pub enum Message {
     },
 }
 
+securesmart_base::wire_tags! {
+    /// The kind of a [`Message`]: its tag on the wire, the one table that encoding and
+    /// decoding share.
+    pub enum Kind: "message kind" {
+        /// [`Message::PrePrepare`].
+        PrePrepare = 1,
+        /// [`Message::Prepare`].
+        Prepare = 2,
+        /// [`Message::Commit`].
+        Commit = 3,
+        /// [`Message::Checkpoint`].
+        Checkpoint = 4,
+        /// [`Message::ViewChange`].
+        ViewChange = 5,
+        /// [`Message::NewView`].
+        NewView = 6,
+        /// [`Message::FetchState`].
+        FetchState = 7,
+        /// [`Message::State`].
+        State = 8,
+        /// [`Message::Forward`].
+        Forward = 9,
+        /// [`Message::FetchPart`].
+        FetchPart = 10,
+        /// [`Message::Part`].
+        Part = 11,
+    }
+}
+
 impl Message {
-    fn tag(&self) -> u8 {
+    /// The message's kind.
+    pub fn kind(&self) -> Kind {
         match self {
-            Message::PrePrepare { .. } => 1,
-            Message::Prepare { .. } => 2,
-            Message::Commit { .. } => 3,
-            Message::Checkpoint { .. } => 4,
-            Message::ViewChange { .. } => 5,
-            Message::NewView { .. } => 6,
-            Message::FetchState { .. } => 7,
-            Message::State { .. } => 8,
-            Message::Forward { .. } => 9,
-            Message::FetchPart { .. } => 10,
-            Message::Part { .. } => 11,
+            Message::PrePrepare { .. } => Kind::PrePrepare,
+            Message::Prepare { .. } => Kind::Prepare,
+            Message::Commit { .. } => Kind::Commit,
+            Message::Checkpoint { .. } => Kind::Checkpoint,
+            Message::ViewChange { .. } => Kind::ViewChange,
+            Message::NewView { .. } => Kind::NewView,
+            Message::FetchState { .. } => Kind::FetchState,
+            Message::State { .. } => Kind::State,
+            Message::Forward { .. } => Kind::Forward,
+            Message::FetchPart { .. } => Kind::FetchPart,
+            Message::Part { .. } => Kind::Part,
         }
     }
 
@@ -511,12 +490,10 @@ impl Default for Limits {
     }
 }
 
-const TOP_LEVEL: &[u8] = &[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11];
-
 pub(crate) fn read_list(
     r: &mut Reader<'_>,
     limits: &Limits,
-    allowed: &[u8],
+    allowed: &[Kind],
 ) -> Result<Vec<Signed>, WireError> {
     let n = read_count(r, limits)?;
     let mut out = Vec::with_capacity(n.min(64));
@@ -557,13 +534,13 @@ fn read_batch(r: &mut Reader<'_>, limits: &Limits) -> Result<Vec<Request>, WireE
 pub(crate) fn read_certs(
     r: &mut Reader<'_>,
     limits: &Limits,
-    votes: &[u8],
+    votes: &[Kind],
 ) -> Result<Vec<Certificate>, WireError> {
     let n = read_count(r, limits)?;
     let mut out = Vec::with_capacity(n.min(64));
     for _ in 0..n {
         let inner = r.bytes("nested message", usize::MAX)?;
-        let proposal = Signed::decode_kinds(inner, limits, &[1])?;
+        let proposal = Signed::decode_kinds(inner, limits, &[Kind::PrePrepare])?;
         let votes = read_list(r, limits, votes)?;
         out.push(Certificate { proposal, votes });
     }
@@ -592,7 +569,7 @@ impl Signed {
         w.u8(VERSION)
             .raw(self.sender.as_bytes())
             .raw(&self.signature)
-            .u8(self.message.tag());
+            .u8(self.message.kind().tag());
         self.message.header(&mut w);
         if let Message::PrePrepare { batch, .. } | Message::Forward { requests: batch } =
             &self.message
@@ -610,31 +587,31 @@ impl Signed {
     /// # Errors
     /// [`WireError`] saying what is wrong.
     pub fn decode(buf: &[u8], limits: &Limits) -> Result<Self, WireError> {
-        Self::decode_kinds(buf, limits, TOP_LEVEL)
+        Self::decode_kinds(buf, limits, Kind::ALL)
     }
 
     /// Decodes a message whose kind tag is one of `allowed` (nested messages allow fewer kinds,
     /// which also bounds the nesting depth at two).
-    fn decode_kinds(buf: &[u8], limits: &Limits, allowed: &[u8]) -> Result<Self, WireError> {
+    fn decode_kinds(buf: &[u8], limits: &Limits, allowed: &[Kind]) -> Result<Self, WireError> {
         let mut r = Reader::new(buf);
         r.version(VERSION)?;
         let sender = NodeId::from_bytes(r.array()?);
         let signature = r.array()?;
-        let tag = r.u8()?;
-        if !allowed.contains(&tag) {
+        let kind = Kind::decode(&mut r)?;
+        if !allowed.contains(&kind) {
             return Err(WireError::Unknown {
                 what: "message kind here",
-                value: tag.into(),
+                value: kind.tag().into(),
             });
         }
         let u64_of = |r: &mut Reader<'_>| r.array().map(u64::from_be_bytes);
-        let message = match tag {
-            1..=3 => {
+        let message = match kind {
+            Kind::PrePrepare | Kind::Prepare | Kind::Commit => {
                 let view = u64_of(&mut r)?;
                 let seq = u64_of(&mut r)?;
                 let digest = Digest(r.array()?);
-                match tag {
-                    1 => {
+                match kind {
+                    Kind::PrePrepare => {
                         let batch = read_batch(&mut r, limits)?;
                         Message::PrePrepare {
                             view,
@@ -643,29 +620,29 @@ impl Signed {
                             batch,
                         }
                     }
-                    2 => Message::Prepare { view, seq, digest },
+                    Kind::Prepare => Message::Prepare { view, seq, digest },
                     _ => Message::Commit { view, seq, digest },
                 }
             }
-            4 => Message::Checkpoint {
+            Kind::Checkpoint => Message::Checkpoint {
                 seq: u64_of(&mut r)?,
                 state: Digest(r.array()?),
             },
-            5 => Message::ViewChange {
+            Kind::ViewChange => Message::ViewChange {
                 view: u64_of(&mut r)?,
                 stable: u64_of(&mut r)?,
-                checkpoint: read_list(&mut r, limits, &[4])?,
-                prepared: read_certs(&mut r, limits, &[2])?,
+                checkpoint: read_list(&mut r, limits, &[Kind::Checkpoint])?,
+                prepared: read_certs(&mut r, limits, &[Kind::Prepare])?,
             },
-            6 => Message::NewView {
+            Kind::NewView => Message::NewView {
                 view: u64_of(&mut r)?,
-                view_changes: read_list(&mut r, limits, &[5])?,
-                pre_prepares: read_list(&mut r, limits, &[1])?,
+                view_changes: read_list(&mut r, limits, &[Kind::ViewChange])?,
+                pre_prepares: read_list(&mut r, limits, &[Kind::PrePrepare])?,
             },
-            7 => Message::FetchState {
+            Kind::FetchState => Message::FetchState {
                 seq: u64_of(&mut r)?,
             },
-            9 => {
+            Kind::Forward => {
                 let digest = Digest(r.array()?);
                 let requests = read_batch(&mut r, limits)?;
                 if batch_digest(&requests) != digest {
@@ -676,8 +653,8 @@ impl Signed {
                 }
                 Message::Forward { requests }
             }
-            8 => Message::State {
-                checkpoint: read_list(&mut r, limits, &[4])?,
+            Kind::State => Message::State {
+                checkpoint: read_list(&mut r, limits, &[Kind::Checkpoint])?,
                 parts: {
                     let n = read_bounded(&mut r, "parts", limits.max_list)?;
                     (0..n)
@@ -685,25 +662,19 @@ impl Signed {
                         .collect::<Result<_, _>>()?
                 },
                 snapshot: Bytes::copy_from_slice(r.bytes("snapshot", limits.max_snapshot_bytes)?),
-                committed: read_certs(&mut r, limits, &[3])?,
+                committed: read_certs(&mut r, limits, &[Kind::Commit])?,
             },
-            10 => Message::FetchPart {
+            Kind::FetchPart => Message::FetchPart {
                 seq: u64_of(&mut r)?,
                 state: Digest(r.array()?),
                 index: r.u32()?,
             },
-            11 => Message::Part {
+            Kind::Part => Message::Part {
                 seq: u64_of(&mut r)?,
                 state: Digest(r.array()?),
                 index: r.u32()?,
                 bytes: Bytes::copy_from_slice(r.bytes("part", limits.max_snapshot_bytes)?),
             },
-            other => {
-                return Err(WireError::Unknown {
-                    what: "message kind",
-                    value: other.into(),
-                });
-            }
         };
         r.finish()?;
         Ok(Self {
@@ -773,13 +744,29 @@ impl std::fmt::Debug for Signer {
 }
 
 impl Signer {
-    /// A signer with the identity's Ed25519 key; `None` if the key is not Ed25519.
-    pub fn new(identity: &Identity) -> Option<Self> {
-        let seed: Zeroizing<[u8; 32]> = identity.ed25519_seed()?;
-        Some(Self {
-            id: identity.id(),
-            key: Some(SigningKey::from_bytes(&seed)),
-        })
+    /// A signer with the Ed25519 key of `seed` (the certificate key's seed, e.g. from the
+    /// transport's `Identity::ed25519_seed`); its id is the key's [`NodeId::from_ed25519`],
+    /// the id of a certificate with that key.
+    pub fn from_seed(seed: &[u8; 32]) -> Self {
+        let key = SigningKey::from_bytes(seed);
+        Self {
+            id: NodeId::from_ed25519(key.verifying_key().as_bytes()),
+            key: Some(key),
+        }
+    }
+
+    /// A signer whose key derives from `name` alone: anyone who knows the name holds the key.
+    /// For the simulator, tests and fuzz fixtures only.
+    pub(crate) fn named(name: &str) -> Self {
+        Self::from_seed(&blake3::derive_key(
+            securesmart_base::tags::consensus::NAMED_TEST_KEY,
+            name.as_bytes(),
+        ))
+    }
+
+    /// The raw Ed25519 public key (for a [`KeyRing`]); `None` for an unsigned signer.
+    pub fn public_key(&self) -> Option<[u8; 32]> {
+        self.key.as_ref().map(|k| k.verifying_key().to_bytes())
     }
 
     /// A signer that does not sign (all-zero signatures), for measuring what signing costs.
@@ -1008,16 +995,11 @@ impl KeyRing {
 mod tests {
     use super::*;
     use proptest::prelude::*;
-    use securesmart_transport::Role;
-    use securesmart_transport::pki::DevCa;
 
     fn setup(n: usize) -> (Vec<Signer>, KeyRing) {
-        let ca = DevCa::new("msg CA").unwrap();
-        let ids: Vec<Identity> = (0..n)
-            .map(|i| ca.issue_role(&format!("r{i}"), Role::Replica).unwrap())
-            .collect();
-        let ring = KeyRing::new(ids.iter().map(|i| (i.id(), i.ed25519_public().unwrap())));
-        (ids.iter().map(|i| Signer::new(i).unwrap()).collect(), ring)
+        let signers: Vec<Signer> = (0..n).map(|i| Signer::named(&format!("r{i}"))).collect();
+        let ring = KeyRing::new(signers.iter().map(|s| (s.id(), s.public_key().unwrap())));
+        (signers, ring)
     }
 
     fn request(n: u64) -> Request {
@@ -1062,7 +1044,7 @@ mod tests {
         let mut bad_sig = signed;
         bad_sig.signature[5] ^= 1;
         assert_eq!(ring.verify(bad_sig), Err(VerifyError::BadSignature));
-        let outsider = setup(1).0.remove(0);
+        let outsider = Signer::named("outsider");
         let stranger = outsider.sign(Message::Checkpoint {
             seq: 1,
             state: Digest([1; 32]),

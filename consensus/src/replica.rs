@@ -7,7 +7,7 @@
 //!
 //! # Quorums
 //! With n replicas, f = (n - 1) / 3 (at least 1 for n >= 2, so that a group shrunk below four
-//! stays safe against one fault; see [`securesmart_transport::quorum`]) and a quorum is
+//! stays safe against one fault; see [`securesmart_base::quorum`]) and a quorum is
 //! q = ceil((n + f + 1) / 2)
 //! ([`Group::quorum`]): any two quorums share f + 1 replicas. Below, "2f + 1" means q and
 //! "2f" means q - 1; they are equal when n = 3f + 1, and differ while members join and leave
@@ -108,7 +108,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::Duration;
 
 use bytes::Bytes;
-use securesmart_transport::NodeId;
+use securesmart_base::NodeId;
 
 use crate::hold::{Hold, HoldLimits, Refused};
 use crate::journal::Record;
@@ -245,9 +245,9 @@ impl Config {
         }
     }
 
-    /// Faults tolerated by the initial group ([`securesmart_transport::quorum::faults`]).
+    /// Faults tolerated by the initial group ([`securesmart_base::quorum::faults`]).
     pub fn f(&self) -> usize {
-        securesmart_transport::quorum::faults(self.replicas.len())
+        securesmart_base::quorum::faults(self.replicas.len())
     }
 }
 
@@ -3097,8 +3097,6 @@ mod tests {
     use crate::message::{KeyRing, Limits};
     use crate::service::Executor;
     use crate::sim::Chain;
-    use securesmart_transport::Role;
-    use securesmart_transport::pki::DevCa;
 
     type Filter = Box<dyn Fn(usize, usize, &Message) -> bool>;
 
@@ -3443,8 +3441,7 @@ mod tests {
         });
         assert_eq!(r.admissible(&fine), Ok(()));
         // From outside every known group.
-        let ca = DevCa::new("outsider CA").unwrap();
-        let outsider = Signer::new(&ca.issue_role("x", Role::Replica).unwrap()).unwrap();
+        let outsider = Signer::named("outsider");
         let stranger = outsider.sign(Message::FetchState { seq: 1 });
         assert_eq!(r.admissible(&stranger), Err(Ignored::NotMember));
     }
@@ -3483,9 +3480,8 @@ mod tests {
 
     #[test]
     fn a_replica_outside_the_group_sets_no_request_timer() {
-        let ca = DevCa::new("x").unwrap();
         let c = Cluster::new(4, |_| {});
-        let outsider = Signer::new(&ca.issue_role("joiner", Role::Replica).unwrap()).unwrap();
+        let outsider = Signer::named("joiner");
         let mut joiner = Replica::new(c.replicas[0].config.clone(), outsider);
         let r = Request {
             client: NodeId::from_bytes([1; 32]),
@@ -3573,19 +3569,16 @@ mod tests {
 
     impl Cluster {
         fn new(n: usize, tune: impl Fn(&mut Config)) -> Self {
-            let ca = DevCa::new("unit CA").unwrap();
-            let ids: Vec<_> = (0..n)
-                .map(|i| ca.issue_role(&format!("r{i}"), Role::Replica).unwrap())
-                .collect();
-            let ring = KeyRing::new(ids.iter().map(|i| (i.id(), i.ed25519_public().unwrap())));
-            let mut cfg = config(ids.iter().map(|i| i.id()).collect());
+            let signers: Vec<Signer> = (0..n).map(|i| Signer::named(&format!("r{i}"))).collect();
+            let ring = KeyRing::new(signers.iter().map(|s| (s.id(), s.public_key().unwrap())));
+            let mut cfg = config(signers.iter().map(Signer::id).collect());
             tune(&mut cfg);
             Cluster {
-                replicas: ids
+                replicas: signers
                     .iter()
-                    .map(|i| Replica::new(cfg.clone(), Signer::new(i).unwrap()))
+                    .map(|s| Replica::new(cfg.clone(), Signer::new_from(s)))
                     .collect(),
-                signers: ids.iter().map(|i| Signer::new(i).unwrap()).collect(),
+                signers,
                 ring,
                 inbox: VecDeque::new(),
                 log: vec![Vec::new(); n],
@@ -4711,8 +4704,7 @@ mod tests {
     #[test]
     fn messages_outside_the_view_window_or_group_are_ignored() {
         let c = Cluster::new(4, |_| {});
-        let ca = DevCa::new("x").unwrap();
-        let outsider = Signer::new(&ca.issue_role("x", Role::Replica).unwrap()).unwrap();
+        let outsider = Signer::named("x");
         let mut r = Replica::new(
             c.replicas[0].config.clone(),
             Signer::new_from(&c.signers[2]),

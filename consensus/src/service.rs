@@ -12,8 +12,8 @@ use std::collections::BTreeMap;
 use std::future::Future;
 
 use bytes::Bytes;
-use securesmart_transport::NodeId;
-use securesmart_transport::wire::{Reader, WireError, Writer};
+use securesmart_base::NodeId;
+use securesmart_base::wire::{Reader, WireError, Writer};
 
 use crate::message::{Request, Seq};
 

@@ -21,7 +21,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use securesmart_transport::NodeId;
+use securesmart_base::NodeId;
 
 use crate::message::{
     Digest, KeyRing, Limits, Message, Request, Seq, Signed, Signer, batch_digest,
@@ -243,7 +243,7 @@ impl StateMachine for Chain {
     }
 
     fn restore(&mut self, snapshot: &[u8]) -> Result<(), RestoreError> {
-        let mut r = securesmart_transport::wire::Reader::new(snapshot);
+        let mut r = securesmart_base::wire::Reader::new(snapshot);
         let count = u64::from_be_bytes(r.array()?);
         let hash = r.array()?;
         r.finish()?;
@@ -449,7 +449,10 @@ const TAG_LEN: usize = 16;
 /// the client id, which the sim's clients and the replicas' check use, and a faulty replica
 /// does not.
 fn client_tag(client: &NodeId, number: u64, body: &[u8]) -> [u8; TAG_LEN] {
-    let key = blake3::derive_key("securesmart sim client key", client.as_bytes());
+    let key = blake3::derive_key(
+        securesmart_base::tags::consensus::SIM_CLIENT_KEY,
+        client.as_bytes(),
+    );
     let mut h = blake3::Hasher::new_keyed(&key);
     h.update(&number.to_be_bytes());
     h.update(body);
@@ -583,9 +586,6 @@ pub struct Sim {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum SimError {
-    /// Identities could not be made.
-    #[error("identities: {0}")]
-    Identity(String),
     /// Unsigned runs need the `insecure-unsigned` feature.
     #[error("unsigned runs need the insecure-unsigned feature")]
     UnsignedUnavailable,
@@ -1369,7 +1369,6 @@ impl Sim {
 }
 
 fn identities(n: usize, signatures: bool) -> Result<(Vec<Signer>, KeyRing, Vec<NodeId>), SimError> {
-    let err = |e: &dyn std::fmt::Display| SimError::Identity(e.to_string());
     if !signatures {
         #[cfg(feature = "insecure-unsigned")]
         {
@@ -1382,33 +1381,15 @@ fn identities(n: usize, signatures: bool) -> Result<(Vec<Signer>, KeyRing, Vec<N
         #[cfg(not(feature = "insecure-unsigned"))]
         return Err(SimError::UnsignedUnavailable);
     }
-    thread_local! {
-        static CA: Option<securesmart_transport::pki::DevCa> =
-            securesmart_transport::pki::DevCa::new("sim CA").ok();
-        static IDS: std::cell::RefCell<Vec<securesmart_transport::Identity>> =
-            const { std::cell::RefCell::new(Vec::new()) };
-    }
-    // Issuing certificates is the slow part of a short run: reuse them across runs.
-    let identities = IDS.with(|cache| {
-        let mut cache = cache.borrow_mut();
-        while cache.len() < n {
-            let i = cache.len();
-            let id = CA.with(|ca| {
-                ca.as_ref()
-                    .ok_or_else(|| err(&"no CA"))?
-                    .issue_role(&format!("r{i}"), securesmart_transport::Role::Replica)
-                    .map_err(|e| err(&e))
-            })?;
-            cache.push(id);
-        }
-        Ok::<_, SimError>(cache.iter().take(n).cloned().collect::<Vec<_>>())
-    })?;
-    let mut signers = Vec::new();
-    let mut keys = Vec::new();
-    for id in &identities {
-        signers.push(Signer::new(id).ok_or_else(|| err(&"not Ed25519"))?);
-        keys.push((id.id(), id.ed25519_public().ok_or_else(|| err(&"no key"))?));
-    }
-    let ids = identities.iter().map(|i| i.id()).collect();
+    // Keys derived from the replica's index: the same ids in every run and process, so that a
+    // seed gives the same trace anywhere.
+    let signers: Vec<Signer> = (0..n)
+        .map(|i| Signer::named(&format!("sim r{i}")))
+        .collect();
+    let keys = signers
+        .iter()
+        .filter_map(|s| Some((s.id(), s.public_key()?)))
+        .collect::<Vec<_>>();
+    let ids = signers.iter().map(Signer::id).collect();
     Ok((signers, KeyRing::new(keys), ids))
 }

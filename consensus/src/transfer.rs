@@ -28,7 +28,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use securesmart_transport::NodeId;
+use securesmart_base::NodeId;
 
 use crate::message::{Digest, Seq};
 use crate::view_change::part_digest;

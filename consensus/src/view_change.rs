@@ -7,7 +7,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use bytes::Bytes;
-use securesmart_transport::NodeId;
+use securesmart_base::NodeId;
 
 use crate::message::{
     Certificate, Digest, Message, Request, Seq, Signed, View, batch_digest, domain,
@@ -21,10 +21,10 @@ pub struct Group {
 }
 
 impl Group {
-    /// Faults tolerated ([`securesmart_transport::quorum::faults`]: (n - 1) / 3, at least 1
+    /// Faults tolerated ([`securesmart_base::quorum::faults`]: (n - 1) / 3, at least 1
     /// for n >= 2).
     pub fn f(&self) -> usize {
-        securesmart_transport::quorum::faults(self.members.len())
+        securesmart_base::quorum::faults(self.members.len())
     }
 
     /// A quorum: ceil((n + f + 1) / 2), so that any two quorums share at least f + 1 replicas
@@ -32,7 +32,7 @@ impl Group {
     /// n = 3f + 1; for other sizes (n = 5, 6, ... while members join and leave) 2f + 1 would
     /// not intersect safely.
     pub fn quorum(&self) -> usize {
-        securesmart_transport::quorum::quorum(self.members.len())
+        securesmart_base::quorum::quorum(self.members.len())
     }
 
     /// Matching prepares (from distinct backups) that, with the pre-prepare, prepare a slot:
@@ -266,7 +266,7 @@ impl Snapshot {
         groups: &BTreeMap<Seq, Vec<NodeId>>,
         last_executed: &BTreeMap<NodeId, u64>,
     ) -> Vec<u8> {
-        let mut w = securesmart_transport::wire::Writer::default();
+        let mut w = securesmart_base::wire::Writer::default();
         w.u8(SNAPSHOT_VERSION);
         w.u32(u32::try_from(groups.len()).unwrap_or(u32::MAX));
         for (from, members) in groups {
@@ -285,13 +285,13 @@ impl Snapshot {
 
     /// The full snapshot: the core part, then the application's bytes (length-prefixed).
     pub(crate) fn join(core: &[u8], app: &[u8]) -> Bytes {
-        let mut w = securesmart_transport::wire::Writer::default();
+        let mut w = securesmart_base::wire::Writer::default();
         w.raw(core).bytes(app);
         Bytes::from(w.buf)
     }
 
-    pub(crate) fn decode(buf: &[u8]) -> Result<Self, securesmart_transport::wire::WireError> {
-        use securesmart_transport::wire::{Reader, WireError};
+    pub(crate) fn decode(buf: &[u8]) -> Result<Self, securesmart_base::wire::WireError> {
+        use securesmart_base::wire::{Reader, WireError};
         let mut r = Reader::new(buf);
         r.version(SNAPSHOT_VERSION)?;
         let u64_of = |r: &mut Reader<'_>| r.array().map(u64::from_be_bytes);

@@ -9,13 +9,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
+use securesmart_base::NodeId;
 use securesmart_consensus::driver::{Network, Pbft};
 use securesmart_consensus::message::{KeyRing, Limits, Request, Signer};
 use securesmart_consensus::replica::{Config, Replica};
 use securesmart_consensus::service::{Executor, Reply, serve};
 use securesmart_consensus::sim::Chain;
-use securesmart_transport::pki::DevCa;
-use securesmart_transport::{NodeId, Role};
 use tokio::sync::mpsc;
 
 type Wires = Arc<Mutex<BTreeMap<NodeId, mpsc::UnboundedSender<(NodeId, Bytes)>>>>;
@@ -63,12 +62,10 @@ impl Network for ChannelNet {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drivers_order_requests_and_change_view_on_their_own_timers() {
-    let ca = DevCa::new("driver CA").unwrap();
-    let ids: Vec<_> = (0..4)
-        .map(|i| ca.issue_role(&format!("r{i}"), Role::Replica).unwrap())
-        .collect();
-    let ring = KeyRing::new(ids.iter().map(|i| (i.id(), i.ed25519_public().unwrap())));
-    let mut config = Config::new(ids.iter().map(|i| i.id()).collect());
+    let signers: Vec<Signer> = (1..=4u8).map(|i| Signer::from_seed(&[i; 32])).collect();
+    let ring = KeyRing::new(signers.iter().map(|s| (s.id(), s.public_key().unwrap())));
+    let mut config = Config::new(signers.iter().map(Signer::id).collect());
+    let first_primary = signers[0].id();
     config.view_change_timeout = Duration::from_millis(300);
     config.checkpoint_interval = 4;
     config.window = 8;
@@ -76,16 +73,16 @@ async fn drivers_order_requests_and_change_view_on_their_own_timers() {
     let down = Arc::new(Mutex::new(None));
     let mut engines = Vec::new();
     let (reply_tx, mut replies) = mpsc::unbounded_channel::<(usize, Reply)>();
-    for (i, id) in ids.iter().enumerate() {
+    for (i, signer) in signers.into_iter().enumerate() {
         let (tx, inbox) = mpsc::unbounded_channel();
-        wires.lock().unwrap().insert(id.id(), tx);
+        wires.lock().unwrap().insert(signer.id(), tx);
         let net = ChannelNet {
-            me: id.id(),
+            me: signer.id(),
             wires: wires.clone(),
             inbox,
             down: down.clone(),
         };
-        let replica = Replica::new(config.clone(), Signer::new(id).unwrap());
+        let replica = Replica::new(config.clone(), signer);
         let (mut pbft, _task) = Pbft::spawn(replica, ring.clone(), net, Limits::default());
         // The application runs on the engine through the generic `serve` loop; requests
         // reach the engine through its submitter.
@@ -106,7 +103,7 @@ async fn drivers_order_requests_and_change_view_on_their_own_timers() {
     for number in 1..=30u64 {
         if number == 11 {
             // Cut off the primary of view 0: the others must change view to go on.
-            *down.lock().unwrap() = Some(ids[0].id());
+            *down.lock().unwrap() = Some(first_primary);
         }
         let request = Request {
             client,

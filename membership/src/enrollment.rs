@@ -38,7 +38,7 @@ use securesmart_transport::{Identity, NodeId};
 use zeroize::Zeroizing;
 
 use crate::trust_center::{TrustCenter, TrustCenterError, key_and_csr};
-use securesmart_transport::wire::{Reader, WireError, Writer};
+use securesmart_base::wire::{Reader, WireError, Writer};
 
 /// ALPN of the enrollment endpoint.
 pub const ALPN_ENROLL: &[u8] = b"securesmart-enroll/1";

@@ -31,7 +31,7 @@ use std::net::{Ipv6Addr, SocketAddr};
 use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, UnixTime};
 use securesmart_transport::{CertInfo, NodeId, Role, TrustConfig, TrustState};
 
-use securesmart_transport::wire::{Reader, WireError, Writer};
+use securesmart_base::wire::{Reader, WireError, Writer};
 
 /// The fewest replicas a membership may have (n = 3f + 1 with f >= 1).
 pub const MIN_REPLICAS: usize = 4;
@@ -278,16 +278,16 @@ impl Membership {
         self.replicas() < MIN_REPLICAS
     }
 
-    /// Faults tolerated ([`securesmart_transport::quorum::faults`]: (n - 1) / 3, and at
+    /// Faults tolerated ([`securesmart_base::quorum::faults`]: (n - 1) / 3, and at
     /// least 1 for n >= 2, so that a group a CRL shrank stays safe against one fault).
     pub fn f(&self) -> usize {
-        securesmart_transport::quorum::faults(self.replicas())
+        securesmart_base::quorum::faults(self.replicas())
     }
 
     /// Quorum size: ceil((n + f + 1) / 2), the smallest size whose any two sets share f + 1
     /// replicas (2f + 1 when n = 3f + 1; the ordering layer uses the same rule).
     pub fn quorum(&self) -> usize {
-        securesmart_transport::quorum::quorum(self.replicas())
+        securesmart_base::quorum::quorum(self.replicas())
     }
 
     /// Replies a client needs: f + 1.
@@ -713,10 +713,11 @@ impl Membership {
             let key_package = r.bytes("key package", MAX_KEY_PACKAGE_BYTES)?.to_vec();
             let replica_addr = r.addr()?;
             let client_addr = r.addr()?;
-            let id = NodeId::from_certificate(&certificate).map_err(|_| WireError::Unknown {
-                what: "member certificate",
-                value: 0,
-            })?;
+            let id =
+                securesmart_transport::node_id(&certificate).map_err(|_| WireError::Unknown {
+                    what: "member certificate",
+                    value: 0,
+                })?;
             members.insert(
                 id,
                 Member {
@@ -1015,7 +1016,8 @@ mod tests {
         let mut m = genesis(&mut fx, 4);
         let now = UnixTime::now();
         let client = issue(&mut fx.ca, "client.example", RoleName::Client);
-        let client_id = NodeId::from_certificate(&CertificateDer::from(client.clone())).unwrap();
+        let client_id =
+            securesmart_transport::node_id(&CertificateDer::from(client.clone())).unwrap();
         let revoke = |certs: Vec<Vec<u8>>| MembershipCommand::RevokeCertificates {
             certificates: certs,
         };
@@ -1079,7 +1081,7 @@ mod tests {
             .collect();
         members.push(member(old.certificate.to_vec(), 7010));
         let mut m = Membership::genesis(fx.ca.ca_certificate(), members, UnixTime::now()).unwrap();
-        let id = NodeId::from_certificate(&old.certificate).unwrap();
+        let id = securesmart_transport::node_id(&old.certificate).unwrap();
         let pair = rcgen::KeyPair::from_pem(&key).unwrap();
         let again = rcgen::CertificateParams::new(names.to_vec())
             .unwrap()

@@ -79,18 +79,18 @@ use zeroize::{Zeroize, Zeroizing};
 use crate::epoch::Membership;
 
 use crate::store::{self, Faults};
-use securesmart_transport::wire::{Reader, WireError, Writer};
+use securesmart_base::wire::{Reader, WireError, Writer};
 
 /// The MLS ciphersuite of the group.
 pub const CIPHERSUITE: Ciphersuite = Ciphersuite::MLS_128_DHKEMX25519_AES128GCM_SHA256_Ed25519;
 /// MLS exporter label of the payload key.
-pub const EXPORTER_LABEL: &str = "securesmart payload key";
+pub const EXPORTER_LABEL: &str = securesmart_base::tags::membership::PAYLOAD_EXPORTER_LABEL;
 /// BLAKE3 `derive_key` context of the payload key (versioned).
-pub const PAYLOAD_KEY_CONTEXT: &str = "securesmart 2026-11-24 payload key v1";
+pub const PAYLOAD_KEY_CONTEXT: &str = securesmart_base::tags::membership::PAYLOAD_KEY;
 /// Domain tag at the start of every sealed payload's AAD.
-pub const SEALED_AAD_TAG: &[u8] = b"securesmart sealed payload v1";
+pub const SEALED_AAD_TAG: &[u8] = securesmart_base::tags::membership::SEALED_PAYLOAD.as_bytes();
 /// BLAKE3 `derive_key` context of the nonce of [`PayloadKeys::seal_shared`].
-pub const SHARED_NONCE_CONTEXT: &str = "securesmart 2026-11-26 shared-seal nonce v1";
+pub const SHARED_NONCE_CONTEXT: &str = securesmart_base::tags::membership::SHARED_SEAL_NONCE;
 /// The sender named by [`PayloadKeys::seal_shared`]: the group, not one member.
 pub const GROUP_SENDER: NodeId = NodeId::from_bytes([0; 32]);
 /// Most epoch keys a member keeps, pinned or not.
@@ -104,11 +104,11 @@ pub const MAX_MLS_MESSAGE_BYTES: usize = 1024 * 1024;
 /// State-file format version (2: the digest of the commit that made the current epoch).
 const STATE_VERSION: u8 = 2;
 /// BLAKE3 `derive_key` context of [`commit_digest`].
-pub const COMMIT_DIGEST_CONTEXT: &str = "securesmart 2026-12-01 group commit digest v1";
+pub const COMMIT_DIGEST_CONTEXT: &str = securesmart_base::tags::membership::COMMIT_DIGEST;
 /// The digest that stands for the epoch a group was created in (no commit made it).
 pub const CREATION_DIGEST: [u8; 32] = [0; 32];
 /// BLAKE3 `derive_key` context of [`key_package_digest`].
-pub const KEY_PACKAGE_DIGEST_CONTEXT: &str = "securesmart 2026-12-01 key package digest v1";
+pub const KEY_PACKAGE_DIGEST_CONTEXT: &str = securesmart_base::tags::membership::KEY_PACKAGE_DIGEST;
 /// A key package is used only if its lifetime began at least this long before the committer's
 /// clock and ends at least [`KEY_PACKAGE_MARGIN`] after it, so that members whose clocks are
 /// off by less judge it alike (openmls checks the lifetime against each member's own clock;
@@ -522,7 +522,7 @@ impl PayloadKeys {
 }
 
 /// BLAKE3 `derive_key` context of a client's sealing key ([`PayloadKeys::client_key`]).
-pub const CLIENT_KEY_CONTEXT: &str = "securesmart 2026-12-02 client sealing key v1";
+pub const CLIENT_KEY_CONTEXT: &str = securesmart_base::tags::membership::CLIENT_SEALING_KEY;
 
 /// A client's key for sealing its own confidential payloads in one group epoch: the replicas
 /// derive it from the epoch's key ([`PayloadKeys::client_key`]) and hand it to the client over
@@ -1021,7 +1021,7 @@ impl GroupMember {
                 "its lifetime does not cover half an hour before now and a day after".into(),
             ));
         }
-        let expected = NodeId::from_certificate(certificate)
+        let expected = securesmart_transport::node_id(certificate)
             .map_err(|e| GroupError::KeyPackageMismatch(e.to_string()))?;
         let leaf = kp.leaf_node();
         if member_id(leaf.credential()) != Some(expected) {

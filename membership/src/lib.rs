@@ -54,7 +54,7 @@ pub use group::{
     Proposal, RotationPolicy, SEALED_OVERHEAD, Settled, commit_digest, commit_epoch,
     key_package_digest, sealed_epoch, sealed_header,
 };
-pub use securesmart_transport::wire::WireError;
+pub use securesmart_base::wire::WireError;
 pub use trust_center::{
     EnrollmentRefusal, Issued, IssuedRecord, Reason, RevokeTarget, RoleName, TrustCenter,
     TrustCenterError, check_csr, key_and_csr,

@@ -45,7 +45,7 @@ use zeroize::Zeroizing;
 use crate::store::{self, Faults};
 
 /// Domain-separation context of enrollment-token hashes.
-pub const TOKEN_CONTEXT: &str = "securesmart 2026-11-24 enrollment token v1";
+pub const TOKEN_CONTEXT: &str = securesmart_base::tags::membership::ENROLLMENT_TOKEN;
 /// Default validity of issued certificates.
 pub const DEFAULT_CERT_VALIDITY: Duration = Duration::from_secs(90 * 24 * 3600);
 /// Default validity of a CRL (its next-update time).
@@ -1513,8 +1513,11 @@ mod tests {
         };
         let one = sign(&mut ca, "a").unwrap();
         let two = sign(&mut ca, "b").unwrap();
-        let id = NodeId::from_certificate(&one.certificate).unwrap();
-        assert_eq!(id, NodeId::from_certificate(&two.certificate).unwrap());
+        let id = securesmart_transport::node_id(&one.certificate).unwrap();
+        assert_eq!(
+            id,
+            securesmart_transport::node_id(&two.certificate).unwrap()
+        );
         ca.revoke(&RevokeTarget::NodeId(id), Reason::KeyCompromise)
             .unwrap();
         assert!(
@@ -1619,7 +1622,7 @@ mod tests {
             let (_k, csr) = key_and_csr(&[name.into()]).unwrap();
             issued.push(ca.sign_csr(&csr_der(&csr), &token).unwrap());
         }
-        let by_id = NodeId::from_certificate(&issued[1].certificate).unwrap();
+        let by_id = securesmart_transport::node_id(&issued[1].certificate).unwrap();
         ca.revoke(&RevokeTarget::NodeId(by_id), Reason::KeyCompromise)
             .unwrap();
         assert!(matches!(

@@ -25,9 +25,6 @@ pub enum IdentityError {
     /// A file could not be read.
     #[error("cannot read {0}: {1}")]
     Io(String, #[source] std::io::Error),
-    /// A node id is not 64 hex characters.
-    #[error("a node id is 64 hex characters")]
-    BadNodeId,
 }
 
 /// A framing violation on a stream.

@@ -1,4 +1,4 @@
-//! Node identities: [`NodeId`], [`Role`] and the [`Identity`] (certificate chain and private key) a
+//! Node identities: [`node_id`] of a certificate, [`Role`] and the [`Identity`] (certificate chain and private key) a
 //! node presents in its TLS handshakes.
 //!
 //! The role travels in the certificate as a URI subject alternative name, exactly one of
@@ -8,13 +8,14 @@
 
 use std::fmt;
 use std::path::Path;
-use std::str::FromStr;
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use x509_parser::extensions::GeneralName;
 use x509_parser::prelude::{FromDer, X509Certificate};
 use zeroize::Zeroizing;
+
+use securesmart_base::NodeId;
 
 use crate::error::IdentityError;
 
@@ -48,87 +49,12 @@ pub fn is_enrollment_service(cert: &CertificateDer<'_>) -> bool {
     uris.contains(&SERVICE_URI_ENROLLMENT) && !uris.iter().any(|u| Role::from_uri(u).is_some())
 }
 
-/// A node's identity: BLAKE3 of its certificate's DER-encoded SubjectPublicKeyInfo.
-#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct NodeId([u8; 32]);
-
-impl NodeId {
-    /// Length of a node id in bytes.
-    pub const LEN: usize = 32;
-
-    /// The id of a SubjectPublicKeyInfo (DER).
-    pub fn from_spki(spki_der: &[u8]) -> Self {
-        Self(*blake3::hash(spki_der).as_bytes())
-    }
-
-    /// The id of a raw Ed25519 public key (the id of its SubjectPublicKeyInfo, RFC 8410), as
-    /// [`NodeId::from_certificate`] gives for a certificate with that key.
-    pub fn from_ed25519(public_key: &[u8; 32]) -> Self {
-        const PREFIX: [u8; 12] = [
-            0x30, 0x2a, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x03, 0x21, 0x00,
-        ];
-        let mut spki = [0u8; 44];
-        spki[..12].copy_from_slice(&PREFIX);
-        spki[12..].copy_from_slice(public_key);
-        Self::from_spki(&spki)
-    }
-
-    /// The id of the key in a DER certificate.
-    ///
-    /// # Errors
-    /// [`IdentityError::Certificate`] when the certificate does not parse.
-    pub fn from_certificate(cert: &CertificateDer<'_>) -> Result<Self, IdentityError> {
-        Ok(CertInfo::parse(cert)?.id)
-    }
-
-    /// Wraps raw bytes (for decoders of ids carried in messages).
-    pub const fn from_bytes(bytes: [u8; 32]) -> Self {
-        Self(bytes)
-    }
-
-    /// The raw bytes.
-    pub const fn as_bytes(&self) -> &[u8; 32] {
-        &self.0
-    }
-
-    /// Full lower-case hex (64 characters).
-    pub fn to_hex(&self) -> String {
-        self.0.iter().map(|b| format!("{b:02x}")).collect()
-    }
-}
-
-impl fmt::Display for NodeId {
-    /// The first 8 bytes in hex: enough to tell nodes apart in logs.
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for b in self.0.iter().take(8) {
-            write!(f, "{b:02x}")?;
-        }
-        Ok(())
-    }
-}
-
-impl fmt::Debug for NodeId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "NodeId({self})")
-    }
-}
-
-impl FromStr for NodeId {
-    type Err = IdentityError;
-
-    /// Parses the 64-character hex form of [`NodeId::to_hex`].
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let s = s.as_bytes();
-        if s.len() != 64 {
-            return Err(IdentityError::BadNodeId);
-        }
-        let mut out = [0u8; 32];
-        for (byte, pair) in out.iter_mut().zip(s.chunks_exact(2)) {
-            let hex = std::str::from_utf8(pair).map_err(|_| IdentityError::BadNodeId)?;
-            *byte = u8::from_str_radix(hex, 16).map_err(|_| IdentityError::BadNodeId)?;
-        }
-        Ok(Self(out))
-    }
+/// The [`NodeId`] of the key in a DER certificate (BLAKE3 of its SubjectPublicKeyInfo).
+///
+/// # Errors
+/// [`IdentityError::Certificate`] when the certificate does not parse.
+pub fn node_id(cert: &CertificateDer<'_>) -> Result<NodeId, IdentityError> {
+    Ok(CertInfo::parse(cert)?.id)
 }
 
 /// What a node may do, as its certificate says.
@@ -370,16 +296,6 @@ impl fmt::Debug for Identity {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn node_id_hex_round_trip() {
-        let id = NodeId::from_spki(b"some key");
-        let back: NodeId = id.to_hex().parse().unwrap();
-        assert_eq!(id, back);
-        assert_eq!(id.to_string().len(), 16);
-        assert!("zz".parse::<NodeId>().is_err());
-        assert!("g".repeat(64).parse::<NodeId>().is_err());
-    }
 
     #[test]
     fn the_id_of_a_raw_ed25519_key_is_the_certificate_id() {

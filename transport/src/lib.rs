@@ -94,10 +94,8 @@ mod frame;
 mod identity;
 pub mod pki;
 mod plane;
-pub mod quorum;
 mod stats;
 mod trust;
-pub mod wire;
 
 #[cfg(any(test, feature = "fuzzing"))]
 #[doc(hidden)]
@@ -111,10 +109,13 @@ pub use frame::{
     Class, FRAME_HEADER_BYTES, FrameDecoder, MAX_FRAME_BYTES_LIMIT, encode_frame, frame_header,
 };
 pub use identity::{
-    CertInfo, Identity, NodeId, ROLE_URI_CLIENT, ROLE_URI_REPLICA, Role, SERVICE_URI_ENROLLMENT,
-    ed25519_public_key, is_enrollment_service,
+    CertInfo, Identity, ROLE_URI_CLIENT, ROLE_URI_REPLICA, Role, SERVICE_URI_ENROLLMENT,
+    ed25519_public_key, is_enrollment_service, node_id,
 };
 pub use plane::{Inbox, Message, Plane, PlaneConfig};
+/// Node ids live in the foundation crate (an ordering engine names nodes without this
+/// crate); re-exported here because every plane speaks of them.
+pub use securesmart_base::NodeId;
 pub use stats::StatsSnapshot;
 pub use trust::{TrustConfig, TrustState};
 

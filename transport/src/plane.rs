@@ -23,9 +23,10 @@ use crate::close_code;
 use crate::config::{Limits, RetryPolicy};
 use crate::error::{DropReason, PeerError, Refusal, SendError, TransportError};
 use crate::frame::{Class, FrameDecoder, frame_header};
-use crate::identity::{CertInfo, Identity, NodeId};
+use crate::identity::{CertInfo, Identity};
 use crate::stats::{PlaneStats, StatsSnapshot};
 use crate::trust::{PeerVerifier, PlaneKind, TrustConfig, TrustHandle, TrustState};
+use securesmart_base::NodeId;
 
 /// TLS server name sent when dialling; peers are identified by node id, not by this name.
 const SERVER_NAME: &str = "securesmart";
@@ -734,7 +735,7 @@ impl Plane {
 }
 
 /// BLAKE3 `derive_key` context of the QUIC stateless-reset key.
-pub(crate) const RESET_KEY_CONTEXT: &str = "securesmart 2026-11-26 quic stateless reset key v1";
+pub(crate) const RESET_KEY_CONTEXT: &str = securesmart_base::tags::transport::STATELESS_RESET_KEY;
 
 /// The key behind QUIC stateless-reset tokens, derived from the node's private key (per plane
 /// kind). Because a restarted node derives the same key, it can reset the connections of its

@@ -25,8 +25,9 @@ use webpki::{
 };
 
 use crate::error::{Refusal, TransportError};
-use crate::identity::{CertInfo, NodeId, Role};
+use crate::identity::{CertInfo, Role};
 use crate::stats::PlaneStats;
+use securesmart_base::NodeId;
 
 /// What a plane trusts. Build one, hand it to the plane, replace it at runtime with
 /// `Plane::update_trust`.
@@ -440,7 +441,7 @@ impl PeerVerifier {
             Ok(_) => Ok(()),
             Err(reason) => {
                 self.stats.refused(reason);
-                let id = NodeId::from_certificate(end_entity).ok();
+                let id = crate::node_id(end_entity).ok();
                 tracing::warn!(plane = self.plane.as_str(), peer = ?id, %reason, "certificate refused");
                 Err(rustls_error_of(reason))
             }

@@ -7,7 +7,7 @@
 //! of them correct); a client needs f + 1 matching replies.
 //!
 //! ```
-//! use securesmart_transport::quorum::{faults, quorum, reply_quorum};
+//! use securesmart_base::quorum::{faults, quorum, reply_quorum};
 //! assert_eq!((faults(4), quorum(4), reply_quorum(4)), (1, 3, 2));
 //! assert_eq!((faults(3), quorum(3)), (1, 3)); // degraded: every replica is needed
 //! assert_eq!((faults(7), quorum(7)), (2, 5));
