@@ -515,30 +515,32 @@ pub struct ClientRequest {
     pub auth: Auth,
 }
 
-/// What a [`ClientRequest`] carries.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum RequestKind {
-    /// An application operation.
-    App,
-    /// A membership command (`securesmart_membership::MembershipCommand`), for administrators.
-    Command,
-    /// An application operation the replicas keep sealed with the group key: in the log, in
-    /// their journals and in state transfer it is ciphertext (see [`Ordered::Sealed`]).
-    Confidential,
-    /// A query of the certified roster changes after the roster whose number is the payload
-    /// (a big-endian u64): answered by the replica from its replicated state, not ordered
-    /// (see `securesmart::roster`).
-    Rosters,
-    /// Seal this confidential operation (nonce and operation) for the request number of the
-    /// request: the replica answers with the ciphertext ([`Outcome::Sealed`]) and orders
-    /// nothing; the client then sends a [`RequestKind::Confidential`] request with it.
-    Seal,
-    /// Hand out the client's sealing key of the epoch the replica seals in (the payload is
-    /// empty): answered with [`Outcome::SealingKey`] over the client's own link, not ordered.
-    SealingKey,
-    /// An application operation the client sealed itself with its [`ClientSealingKey`] (the
-    /// payload is the sealed operation; see [`Ordered::ClientSealed`]).
-    ClientSealed,
+securesmart_base::wire_tags! {
+    /// What a [`ClientRequest`] carries (its tag on the wire, the one table that encoding
+    /// and decoding share).
+    pub enum RequestKind: "request kind" {
+        /// An application operation.
+        App = 0,
+        /// A membership command (`securesmart_membership::MembershipCommand`), for administrators.
+        Command = 1,
+        /// An application operation the replicas keep sealed with the group key: in the log, in
+        /// their journals and in state transfer it is ciphertext (see [`Ordered::Sealed`]).
+        Confidential = 2,
+        /// A query of the certified roster changes after the roster whose number is the payload
+        /// (a big-endian u64): answered by the replica from its replicated state, not ordered
+        /// (see `securesmart::roster`).
+        Rosters = 3,
+        /// Seal this confidential operation (nonce and operation) for the request number of the
+        /// request: the replica answers with the ciphertext ([`Outcome::Sealed`]) and orders
+        /// nothing; the client then sends a [`RequestKind::Confidential`] request with it.
+        Seal = 4,
+        /// Hand out the client's sealing key of the epoch the replica seals in (the payload is
+        /// empty): answered with [`Outcome::SealingKey`] over the client's own link, not ordered.
+        SealingKey = 5,
+        /// An application operation the client sealed itself with its [`ClientSealingKey`] (the
+        /// payload is the sealed operation; see [`Ordered::ClientSealed`]).
+        ClientSealed = 6,
+    }
 }
 
 /// A replica's reply to a client.
@@ -741,15 +743,7 @@ impl ClientRequest {
         let mut w = Writer::default();
         w.u8(REQUEST_VERSION)
             .raw(&self.number.to_be_bytes())
-            .u8(match self.kind {
-                RequestKind::App => 0,
-                RequestKind::Command => 1,
-                RequestKind::Confidential => 2,
-                RequestKind::Rosters => 3,
-                RequestKind::Seal => 4,
-                RequestKind::SealingKey => 5,
-                RequestKind::ClientSealed => 6,
-            })
+            .u8(self.kind.tag())
             .raw(&self.auth.public_key)
             .raw(&self.auth.signature)
             .bytes(&self.payload);
@@ -764,21 +758,7 @@ impl ClientRequest {
         let mut r = Reader::new(buf);
         r.version(REQUEST_VERSION)?;
         let number = u64::from_be_bytes(r.array()?);
-        let kind = match r.u8()? {
-            0 => RequestKind::App,
-            1 => RequestKind::Command,
-            2 => RequestKind::Confidential,
-            3 => RequestKind::Rosters,
-            4 => RequestKind::Seal,
-            5 => RequestKind::SealingKey,
-            6 => RequestKind::ClientSealed,
-            other => {
-                return Err(WireError::Unknown {
-                    what: "request kind",
-                    value: other.into(),
-                });
-            }
-        };
+        let kind = RequestKind::from_tag(r.u8()?)?;
         let auth = Auth {
             public_key: r.array()?,
             signature: r.array()?,
@@ -1606,6 +1586,10 @@ mod tests {
 
     #[test]
     fn messages_round_trip_and_bad_ones_are_errors() {
+        // The request kinds' wire numbers, which clients of every version send: pinned.
+        let tags: Vec<u8> = RequestKind::ALL.iter().map(|k| k.tag()).collect();
+        assert_eq!(tags, (0..7).collect::<Vec<u8>>());
+        assert!(RequestKind::from_tag(7).is_err());
         let (alice, _) = signers();
         let req = ClientRequest::signed(&alice, 7, RequestKind::Command, Bytes::from_static(b"op"));
         assert_eq!(ClientRequest::decode(&req.encode()), Ok(req.clone()));

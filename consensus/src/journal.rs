@@ -82,6 +82,25 @@ const FRAME_HEADER: usize = 4 + CHECKSUM_BYTES;
 /// (about 0.1 ms instead of 0.3 ms per sync here).
 const PREALLOCATE: u64 = 256 * 1024;
 
+securesmart_base::wire_tags! {
+    /// The kind of a [`Record`]: its tag on the wire, the one table that encoding and
+    /// decoding share.
+    pub enum RecordKind: "journal record" {
+        /// [`Record::ViewChange`].
+        ViewChange = 1,
+        /// [`Record::EnteredView`].
+        EnteredView = 2,
+        /// [`Record::PrePrepare`].
+        PrePrepare = 3,
+        /// [`Record::Prepared`].
+        Prepared = 4,
+        /// [`Record::Committed`].
+        Committed = 5,
+        /// [`Record::Stable`].
+        Stable = 6,
+    }
+}
+
 /// Something a replica must remember across a crash (see the module doc).
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
@@ -123,33 +142,36 @@ impl Record {
         !matches!(self, Record::PrePrepare(_) | Record::Committed(_))
     }
 
+    /// The record's kind (its tag on the wire).
+    pub fn kind(&self) -> RecordKind {
+        match self {
+            Record::ViewChange(_) => RecordKind::ViewChange,
+            Record::EnteredView(_) => RecordKind::EnteredView,
+            Record::PrePrepare(_) => RecordKind::PrePrepare,
+            Record::Prepared(_) => RecordKind::Prepared,
+            Record::Committed(_) => RecordKind::Committed,
+            Record::Stable { .. } => RecordKind::Stable,
+        }
+    }
+
     /// Encodes the record.
     pub fn encode(&self) -> Vec<u8> {
         let mut w = Writer::default();
-        w.u8(VERSION);
+        w.u8(VERSION).u8(self.kind().tag());
         match self {
-            Record::ViewChange(v) => {
-                w.u8(1).raw(&v.to_be_bytes());
-            }
-            Record::EnteredView(v) => {
-                w.u8(2).raw(&v.to_be_bytes());
+            Record::ViewChange(v) | Record::EnteredView(v) => {
+                w.raw(&v.to_be_bytes());
             }
             Record::PrePrepare(s) => {
-                w.u8(3).bytes(&s.encode());
+                w.bytes(&s.encode());
             }
-            Record::Prepared(c) => {
-                w.u8(4);
-                write_certs(&mut w, std::slice::from_ref(c));
-            }
-            Record::Committed(c) => {
-                w.u8(5);
+            Record::Prepared(c) | Record::Committed(c) => {
                 write_certs(&mut w, std::slice::from_ref(c));
             }
             Record::Stable {
                 checkpoint,
                 snapshot,
             } => {
-                w.u8(6);
                 write_list(&mut w, checkpoint);
                 w.bytes(snapshot);
             }
@@ -164,10 +186,11 @@ impl Record {
     pub fn decode(buf: &[u8], limits: &Limits) -> Result<Self, WireError> {
         let mut r = Reader::new(buf);
         r.version(VERSION)?;
-        let record = match r.u8()? {
-            1 => Record::ViewChange(u64::from_be_bytes(r.array()?)),
-            2 => Record::EnteredView(u64::from_be_bytes(r.array()?)),
-            3 => {
+        let kind = RecordKind::from_tag(r.u8()?)?;
+        let record = match kind {
+            RecordKind::ViewChange => Record::ViewChange(u64::from_be_bytes(r.array()?)),
+            RecordKind::EnteredView => Record::EnteredView(u64::from_be_bytes(r.array()?)),
+            RecordKind::PrePrepare => {
                 let s = Signed::decode(r.bytes("pre-prepare", usize::MAX)?, limits)?;
                 if !matches!(s.message, Message::PrePrepare { .. }) {
                     return Err(WireError::Unknown {
@@ -177,15 +200,16 @@ impl Record {
                 }
                 Record::PrePrepare(s)
             }
-            tag @ (4 | 5) => {
-                let vote = if tag == 4 {
+            RecordKind::Prepared | RecordKind::Committed => {
+                let prepared = kind == RecordKind::Prepared;
+                let vote = if prepared {
                     Kind::Prepare
                 } else {
                     Kind::Commit
                 };
                 let mut certs = read_certs(&mut r, limits, &[vote])?;
                 match (certs.pop(), certs.is_empty()) {
-                    (Some(c), true) if tag == 4 => Record::Prepared(c),
+                    (Some(c), true) if prepared => Record::Prepared(c),
                     (Some(c), true) => Record::Committed(c),
                     _ => {
                         return Err(WireError::Unknown {
@@ -195,7 +219,7 @@ impl Record {
                     }
                 }
             }
-            6 => {
+            RecordKind::Stable => {
                 let checkpoint = read_list(&mut r, limits, &[Kind::Checkpoint])?;
                 let snapshot =
                     Bytes::copy_from_slice(r.bytes("snapshot", limits.max_snapshot_bytes)?);
@@ -203,12 +227,6 @@ impl Record {
                     checkpoint,
                     snapshot,
                 }
-            }
-            other => {
-                return Err(WireError::Unknown {
-                    what: "journal record",
-                    value: other.into(),
-                });
             }
         };
         r.finish()?;
@@ -694,21 +712,30 @@ mod tests {
         })
     }
 
-    fn committed(seq: Seq) -> Record {
+    /// The certificate of the pre-prepare at `seq`: three prepares or three commits.
+    fn certificate(seq: Seq, prepares: bool) -> Certificate {
         let proposal = pre_prepare(seq);
         let digest = proposal.message.digest().unwrap_or(Digest([0; 32]));
-        Record::Committed(Certificate {
+        let vote = |i| {
+            let (view, seq) = (0, seq);
+            signer(i).sign(if prepares {
+                Message::Prepare { view, seq, digest }
+            } else {
+                Message::Commit { view, seq, digest }
+            })
+        };
+        Certificate {
             proposal,
-            votes: (1..4)
-                .map(|i| {
-                    signer(i).sign(Message::Commit {
-                        view: 0,
-                        seq,
-                        digest,
-                    })
-                })
-                .collect(),
-        })
+            votes: (1..4).map(vote).collect(),
+        }
+    }
+
+    fn committed(seq: Seq) -> Record {
+        Record::Committed(certificate(seq, false))
+    }
+
+    fn prepared(seq: Seq) -> Record {
+        Record::Prepared(certificate(seq, true))
     }
 
     fn stable(seq: Seq) -> Record {
@@ -738,11 +765,24 @@ mod tests {
             Record::ViewChange(3),
             Record::EnteredView(4),
             Record::PrePrepare(pre_prepare(5)),
+            prepared(6),
             committed(6),
             stable(8),
         ] {
-            assert_eq!(Record::decode(&r.encode(), &limits), Ok(r));
+            let bytes = r.encode();
+            // The kind's tag follows the version byte.
+            assert_eq!(bytes.get(1), Some(&r.kind().tag()));
+            assert_eq!(Record::decode(&bytes, &limits), Ok(r));
         }
+        // The wire numbers of journals already on disk: pinned.
+        let tags: Vec<u8> = RecordKind::ALL.iter().map(|k| k.tag()).collect();
+        assert_eq!(tags, (1..=6).collect::<Vec<u8>>());
+        // A prepared certificate is not read back as a committed one, nor the reverse.
+        let mut swapped = prepared(6).encode();
+        if let Some(tag) = swapped.get_mut(1) {
+            *tag = RecordKind::Committed.tag();
+        }
+        assert!(Record::decode(&swapped, &limits).is_err());
         let mut bad = committed(1).encode();
         bad.push(0);
         assert!(Record::decode(&bad, &limits).is_err());
