@@ -61,6 +61,27 @@ pub struct Member {
     pub key_package: Vec<u8>,
 }
 
+securesmart_base::wire_tags! {
+    /// The kind of a [`MembershipCommand`]: its tag on the wire, the one table that encoding
+    /// and decoding share.
+    pub enum CommandKind: "command" {
+        /// [`MembershipCommand::AddNode`].
+        AddNode = 1,
+        /// [`MembershipCommand::RemoveNode`].
+        RemoveNode = 2,
+        /// [`MembershipCommand::UpdateCrl`].
+        UpdateCrl = 3,
+        /// [`MembershipCommand::RevokeCertificates`].
+        RevokeCertificates = 4,
+        /// [`MembershipCommand::AddAdmin`].
+        AddAdmin = 5,
+        /// [`MembershipCommand::RemoveAdmin`].
+        RemoveAdmin = 6,
+        /// [`MembershipCommand::RenewNode`].
+        RenewNode = 7,
+    }
+}
+
 /// A change of membership, as ordered by the ordering layer.
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
@@ -769,10 +790,23 @@ impl Membership {
 }
 
 impl MembershipCommand {
+    /// The command's kind (its tag on the wire).
+    pub fn kind(&self) -> CommandKind {
+        match self {
+            MembershipCommand::AddNode { .. } => CommandKind::AddNode,
+            MembershipCommand::RemoveNode { .. } => CommandKind::RemoveNode,
+            MembershipCommand::UpdateCrl { .. } => CommandKind::UpdateCrl,
+            MembershipCommand::RevokeCertificates { .. } => CommandKind::RevokeCertificates,
+            MembershipCommand::AddAdmin { .. } => CommandKind::AddAdmin,
+            MembershipCommand::RemoveAdmin { .. } => CommandKind::RemoveAdmin,
+            MembershipCommand::RenewNode { .. } => CommandKind::RenewNode,
+        }
+    }
+
     /// Encodes the command (version 1).
     pub fn encode(&self) -> Vec<u8> {
         let mut w = Writer::default();
-        w.u8(COMMAND_VERSION);
+        w.u8(COMMAND_VERSION).u8(self.kind().tag());
         match self {
             MembershipCommand::AddNode {
                 certificate,
@@ -780,30 +814,30 @@ impl MembershipCommand {
                 replica_addr,
                 client_addr,
             } => {
-                w.u8(1).bytes(certificate).bytes(key_package);
+                w.bytes(certificate).bytes(key_package);
                 w.addr(replica_addr);
                 w.addr(client_addr);
             }
             MembershipCommand::RemoveNode { id } => {
-                w.u8(2).raw(id.as_bytes());
+                w.raw(id.as_bytes());
             }
             MembershipCommand::UpdateCrl { crl } => {
-                w.u8(3).bytes(crl);
+                w.bytes(crl);
             }
             MembershipCommand::RevokeCertificates { certificates } => {
-                w.u8(4).count(certificates.len());
+                w.count(certificates.len());
                 for c in certificates {
                     w.bytes(c);
                 }
             }
             MembershipCommand::AddAdmin { certificate } => {
-                w.u8(5).bytes(certificate);
+                w.bytes(certificate);
             }
             MembershipCommand::RemoveAdmin { id } => {
-                w.u8(6).raw(id.as_bytes());
+                w.raw(id.as_bytes());
             }
             MembershipCommand::RenewNode { certificate } => {
-                w.u8(7).bytes(certificate);
+                w.bytes(certificate);
             }
         }
         w.buf
@@ -816,41 +850,35 @@ impl MembershipCommand {
     pub fn decode(buf: &[u8]) -> Result<Self, WireError> {
         let mut r = Reader::new(buf);
         r.version(COMMAND_VERSION)?;
-        let cmd = match r.u8()? {
-            1 => MembershipCommand::AddNode {
+        let cmd = match CommandKind::from_tag(r.u8()?)? {
+            CommandKind::AddNode => MembershipCommand::AddNode {
                 certificate: r.bytes("certificate", MAX_CERT_BYTES)?.to_vec(),
                 key_package: r.bytes("key package", MAX_KEY_PACKAGE_BYTES)?.to_vec(),
                 replica_addr: r.addr()?,
                 client_addr: r.addr()?,
             },
-            2 => MembershipCommand::RemoveNode {
+            CommandKind::RemoveNode => MembershipCommand::RemoveNode {
                 id: NodeId::from_bytes(r.array()?),
             },
-            3 => MembershipCommand::UpdateCrl {
+            CommandKind::UpdateCrl => MembershipCommand::UpdateCrl {
                 crl: r.bytes("crl", MAX_CRL_BYTES)?.to_vec(),
             },
-            4 => {
+            CommandKind::RevokeCertificates => {
                 let n = r.count("revoked certificates", MAX_CERTS_PER_COMMAND)?;
                 let certificates = (0..n)
                     .map(|_| r.bytes("certificate", MAX_CERT_BYTES).map(<[u8]>::to_vec))
                     .collect::<Result<_, _>>()?;
                 MembershipCommand::RevokeCertificates { certificates }
             }
-            5 => MembershipCommand::AddAdmin {
+            CommandKind::AddAdmin => MembershipCommand::AddAdmin {
                 certificate: r.bytes("certificate", MAX_CERT_BYTES)?.to_vec(),
             },
-            6 => MembershipCommand::RemoveAdmin {
+            CommandKind::RemoveAdmin => MembershipCommand::RemoveAdmin {
                 id: NodeId::from_bytes(r.array()?),
             },
-            7 => MembershipCommand::RenewNode {
+            CommandKind::RenewNode => MembershipCommand::RenewNode {
                 certificate: r.bytes("certificate", MAX_CERT_BYTES)?.to_vec(),
             },
-            tag => {
-                return Err(WireError::Unknown {
-                    what: "command",
-                    value: tag.into(),
-                });
-            }
         };
         r.finish()?;
         Ok(cmd)
@@ -1417,9 +1445,29 @@ mod tests {
                 id: NodeId::from_bytes([3; 32]),
             },
             MembershipCommand::UpdateCrl { crl: vec![9; 100] },
+            MembershipCommand::RevokeCertificates {
+                certificates: vec![vec![1; 10], vec![2; 20]],
+            },
+            MembershipCommand::AddAdmin {
+                certificate: vec![4; 30],
+            },
+            MembershipCommand::RemoveAdmin {
+                id: NodeId::from_bytes([5; 32]),
+            },
+            MembershipCommand::RenewNode {
+                certificate: vec![6; 30],
+            },
         ];
+        // The commands' wire numbers, in logs and journals already written: pinned.
+        let tags: Vec<u8> = CommandKind::ALL.iter().map(|k| k.tag()).collect();
+        assert_eq!(tags, (1..=7).collect::<Vec<u8>>());
         for c in &cmds {
             let bytes = c.encode();
+            assert_eq!(
+                bytes.get(1),
+                Some(&c.kind().tag()),
+                "the kind follows the version"
+            );
             assert_eq!(MembershipCommand::decode(&bytes).as_ref(), Ok(c));
             for cut in 0..bytes.len() {
                 assert!(

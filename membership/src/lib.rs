@@ -46,7 +46,9 @@ mod store;
 pub mod trust_center;
 
 pub use enrollment::{EnrollError, Enrolled, EnrollmentServer, enroll};
-pub use epoch::{Applied, CommandRefusal, MIN_REPLICAS, Member, Membership, MembershipCommand};
+pub use epoch::{
+    Applied, CommandKind, CommandRefusal, MIN_REPLICAS, Member, Membership, MembershipCommand,
+};
 pub use group::{
     CLIENT_KEY_CONTEXT, COMMIT_DIGEST_CONTEXT, CREATION_DIGEST, ClientSealingKey, CommitOutcome,
     CommitPolicy, GroupConfig, GroupError, GroupMember, KEY_PACKAGE_DIGEST_CONTEXT,
