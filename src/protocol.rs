@@ -554,6 +554,25 @@ pub struct ClientReply {
     pub outcome: Outcome,
 }
 
+securesmart_base::wire_tags! {
+    /// The kind of an [`Outcome`]: its tag on the wire, the one table that encoding and
+    /// decoding share.
+    pub enum OutcomeKind: "reply outcome" {
+        /// [`Outcome::Executed`].
+        Executed = 1,
+        /// [`Outcome::Busy`].
+        Busy = 2,
+        /// [`Outcome::Rosters`].
+        Rosters = 3,
+        /// [`Outcome::Sealed`].
+        Sealed = 4,
+        /// [`Outcome::Lost`].
+        Lost = 5,
+        /// [`Outcome::SealingKey`].
+        SealingKey = 6,
+    }
+}
+
 /// The body of a [`ClientReply`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Outcome {
@@ -780,32 +799,40 @@ impl ClientRequest {
     }
 }
 
+impl Outcome {
+    /// The outcome's kind (its tag on the wire).
+    pub fn kind(&self) -> OutcomeKind {
+        match self {
+            Outcome::Executed(_) => OutcomeKind::Executed,
+            Outcome::Busy => OutcomeKind::Busy,
+            Outcome::Rosters(_) => OutcomeKind::Rosters,
+            Outcome::Sealed { .. } => OutcomeKind::Sealed,
+            Outcome::Lost => OutcomeKind::Lost,
+            Outcome::SealingKey(_) => OutcomeKind::SealingKey,
+        }
+    }
+}
+
 impl ClientReply {
     /// Encodes the reply.
     pub fn encode(&self) -> Vec<u8> {
         let mut w = Writer::default();
-        w.u8(VERSION).u64(self.number).u64(self.roster);
+        w.u8(VERSION)
+            .u64(self.number)
+            .u64(self.roster)
+            .u8(self.outcome.kind().tag());
         match &self.outcome {
-            Outcome::Executed(result) => {
-                w.u8(1).bytes(result);
+            Outcome::Executed(result) | Outcome::Rosters(result) => {
+                w.bytes(result);
             }
-            Outcome::Busy => {
-                w.u8(2);
-            }
-            Outcome::Rosters(changes) => {
-                w.u8(3).bytes(changes);
-            }
+            Outcome::Busy | Outcome::Lost => {}
             Outcome::Sealed { sealer, sealed } => {
                 let mut auth = Vec::with_capacity(Auth::LEN);
                 sealer.write(&mut auth);
-                w.u8(4).raw(&auth).bytes(sealed);
-            }
-            Outcome::Lost => {
-                w.u8(5);
+                w.raw(&auth).bytes(sealed);
             }
             Outcome::SealingKey(key) => {
-                w.u8(6)
-                    .u64(key.epoch())
+                w.u64(key.epoch())
                     .raw(key.client().as_bytes())
                     .raw(key.secret_bytes());
             }
@@ -822,33 +849,27 @@ impl ClientReply {
         r.version(VERSION)?;
         let number = r.u64()?;
         let roster = r.u64()?;
-        let outcome = match r.u8()? {
-            1 => Outcome::Executed(Bytes::copy_from_slice(
+        let outcome = match OutcomeKind::from_tag(r.u8()?)? {
+            OutcomeKind::Executed => Outcome::Executed(Bytes::copy_from_slice(
                 r.bytes("result", MAX_PAYLOAD_BYTES)?,
             )),
-            2 => Outcome::Busy,
-            3 => Outcome::Rosters(Bytes::copy_from_slice(
+            OutcomeKind::Busy => Outcome::Busy,
+            OutcomeKind::Rosters => Outcome::Rosters(Bytes::copy_from_slice(
                 r.bytes("roster changes", MAX_PAYLOAD_BYTES)?,
             )),
-            5 => Outcome::Lost,
-            6 => {
+            OutcomeKind::Lost => Outcome::Lost,
+            OutcomeKind::SealingKey => {
                 let epoch = r.u64()?;
                 let client = NodeId::from_bytes(r.array()?);
                 Outcome::SealingKey(ClientSealingKey::from_bytes(epoch, client, r.array()?))
             }
-            4 => Outcome::Sealed {
+            OutcomeKind::Sealed => Outcome::Sealed {
                 sealer: Auth {
                     public_key: r.array()?,
                     signature: r.array()?,
                 },
                 sealed: Bytes::copy_from_slice(r.bytes("sealed operation", MAX_PAYLOAD_BYTES)?),
             },
-            other => {
-                return Err(WireError::Unknown {
-                    what: "reply outcome",
-                    value: other.into(),
-                });
-            }
         };
         r.finish()?;
         Ok(Self {
@@ -1590,6 +1611,8 @@ mod tests {
         let tags: Vec<u8> = RequestKind::ALL.iter().map(|k| k.tag()).collect();
         assert_eq!(tags, (0..7).collect::<Vec<u8>>());
         assert!(RequestKind::from_tag(7).is_err());
+        let tags: Vec<u8> = OutcomeKind::ALL.iter().map(|k| k.tag()).collect();
+        assert_eq!(tags, (1..=6).collect::<Vec<u8>>());
         let (alice, _) = signers();
         let req = ClientRequest::signed(&alice, 7, RequestKind::Command, Bytes::from_static(b"op"));
         assert_eq!(ClientRequest::decode(&req.encode()), Ok(req.clone()));
@@ -1609,6 +1632,8 @@ mod tests {
             };
             assert_eq!(ClientReply::decode(&reply.encode()), Ok(reply.clone()));
             let bytes = reply.encode();
+            // After the version, the number and the roster.
+            assert_eq!(bytes.get(17), Some(&reply.outcome.kind().tag()));
             for cut in 0..bytes.len() {
                 assert!(ClientReply::decode(&bytes[..cut]).is_err());
             }
