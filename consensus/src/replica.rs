@@ -1071,16 +1071,19 @@ impl Replica {
             .collect();
         self.check_held(&keys);
         // (`keys` are in arrival order.)
-        let held: Vec<&Held> = keys.iter().filter_map(|k| self.waiting.get(k)).collect();
-        let messages: Vec<Signed> = held
-            .chunks(max)
-            .take(FORWARD_BATCHES)
-            .map(|chunk| {
-                let requests = chunk.iter().map(|h| h.request.clone()).collect();
-                self.signer.sign(Message::Forward { requests })
-            })
+        let requests: Vec<Request> = keys
+            .iter()
+            .filter_map(|k| self.waiting.get(k).map(|h| h.request.clone()))
             .collect();
-        for message in messages {
+        self.forward_to(primary, &requests);
+    }
+
+    /// Sends `requests` to `primary` in signed forwards of at most `max_batch` each.
+    fn forward_to(&mut self, primary: NodeId, requests: &[Request]) {
+        for chunk in requests.chunks(self.config.max_batch.max(1)) {
+            let message = self.signer.sign(Message::Forward {
+                requests: chunk.to_vec(),
+            });
             self.outputs.push_back(Output::Send {
                 to: primary,
                 message,
@@ -1105,8 +1108,9 @@ impl Replica {
     /// only where no channel vouches for it to the others or where a refusal saves work: when
     /// this replica proposes it as primary (so a correct primary proposes only requests that
     /// every correct replica accepts, whether it holds them or checks them), when it goes at
-    /// once to a leaving primary, and when its timer first expires (so a request that fails is dropped instead of being forwarded or
-    /// changing views). A backup that holds it byte for byte prepares it without a check.
+    /// once to a leaving primary, and when its timer first expires (so a request that fails is
+    /// dropped instead of being forwarded or changing views). A backup that holds it byte for
+    /// byte prepares it without a check.
     ///
     /// # Errors
     /// As [`Replica::handle_request`], but never [`Ignored::Invalid`].
@@ -1162,13 +1166,7 @@ impl Replica {
             .insert((self.now, self.arrivals, request.client, request.number));
         if eager && let Some(primary) = self.primary() {
             metrics::counter!("securesmart_consensus_eager_forwards_total").increment(1);
-            let message = self.signer.sign(Message::Forward {
-                requests: vec![request.clone()],
-            });
-            self.outputs.push_back(Output::Send {
-                to: primary,
-                message,
-            });
+            self.forward_to(primary, std::slice::from_ref(&request));
         }
         self.waiting.insert(
             key,
@@ -1423,15 +1421,7 @@ impl Replica {
             }
         }
         if let Some(primary) = self.primary().filter(|p| *p != self.id()) {
-            for chunk in requests.chunks(self.config.max_batch.max(1)) {
-                let message = self.signer.sign(Message::Forward {
-                    requests: chunk.to_vec(),
-                });
-                self.outputs.push_back(Output::Send {
-                    to: primary,
-                    message,
-                });
-            }
+            self.forward_to(primary, &requests);
         }
     }
 
@@ -2140,8 +2130,8 @@ impl Replica {
         if seq <= self.low {
             return;
         }
-        let was_primary = self.is_primary();
         let primary_before = self.primary();
+        let was_primary = primary_before == Some(self.id());
         if self
             .snapshots
             .get(&seq)
